@@ -1,0 +1,3 @@
+from cryocaps.cli.main import main
+
+main()

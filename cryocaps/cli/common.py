@@ -1,0 +1,232 @@
+"""What every command shares: options, logging, error handling, progress, console.
+
+Nothing here imports torch, scipy or matplotlib: ``cryocaps --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from cryocaps.errors import CryocapsError
+
+console = Console(stderr=True, highlight=False)
+stdout_console = Console(highlight=False)
+log = logging.getLogger("cryocaps")
+
+# --- options shared by commands (declare with these types) -----------------
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only print warnings and errors.")]
+Verbose = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Print debug messages and full tracebacks.")
+]
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="Torch device: auto (CUDA if available, else CPU), cpu, cuda, cuda:1 … [default: auto]",
+    ),
+]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed (numpy, torch, python). [default: 0]")]
+VoxelSize = Annotated[
+    float | None,
+    typer.Option(
+        "--voxel-size-angstrom",
+        help="Voxel size in Å, overriding the MRC header (needed when the header says 0).",
+    ),
+]
+ClassesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--classes",
+        help="Class table classes.csv (label,name,radius_angstrom[,template]).",
+    ),
+]
+RadiusOption = Annotated[
+    float | None,
+    typer.Option("--radius-angstrom", help="Particle radius in Å for a single-class run (instead of --classes)."),
+]
+
+_state = {"verbose": False, "quiet": False}
+
+
+def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """Configure the ``cryocaps`` logger once per process (rich handler on stderr)."""
+    from rich.logging import RichHandler
+
+    _state["verbose"] = _state["verbose"] or verbose
+    _state["quiet"] = quiet and not verbose
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    root = logging.getLogger("cryocaps")
+    root.setLevel(level)
+    if not any(isinstance(h, RichHandler) for h in root.handlers):
+        handler = RichHandler(
+            console=console, show_time=False, show_path=False, markup=False, rich_tracebacks=False
+        )
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+        root.propagate = False
+    for handler in root.handlers:
+        handler.setLevel(level)
+
+
+def is_quiet() -> bool:
+    return _state["quiet"]
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one red line and exit."""
+    console.print(f"[bold red]Error:[/] {_escape(message)}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text.replace("\n", " "))
+
+
+def handle_errors(function: Callable) -> Callable:
+    """Turn :class:`CryocapsError` into one red line and exit code 2 (traceback with --verbose)."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except CryocapsError as error:
+            if _state["verbose"]:
+                console.print_exception()
+            fail(str(error), 2)
+        except KeyboardInterrupt:
+            console.print("[yellow]Interrupted.[/]")
+            raise typer.Exit(130) from None
+        except MemoryError:
+            fail("out of memory; try a smaller --batch-size or --patch-size", 1)
+
+    return wrapper
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["cryocaps", *sys.argv[1:]])
+
+
+def progress_enabled() -> bool:
+    return console.is_terminal and not _state["quiet"] and not os.environ.get("CI")
+
+
+@contextlib.contextmanager
+def progress(description: str, total: int | None) -> Iterator[Callable[..., None]]:
+    """A rich progress bar; yields ``advance(n=1, **fields)``. Silent off a terminal."""
+    if not progress_enabled():
+        yield lambda *a, **k: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(description, total=total, info="")
+
+        def advance(n: int = 1, info: str | None = None, total: int | None = None) -> None:
+            if total is not None:
+                bar.update(task, total=total)
+            bar.update(task, advance=n, **({"info": info} if info is not None else {}))
+
+        yield advance
+
+
+def track(items: Iterable, description: str, total: int | None = None) -> Iterator:
+    """Iterate with a progress bar (silent off a terminal)."""
+    items = list(items) if total is None and not hasattr(items, "__len__") else items
+    total = total if total is not None else len(items)  # type: ignore[arg-type]
+    with progress(description, total) as advance:
+        for item in items:
+            yield item
+            advance()
+
+
+def resolve_device(name: str = "auto") -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'; validates explicit names."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CryocapsError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise CryocapsError(f"--device {name!r}: not a torch device (use auto, cpu, cuda, cuda:N)") from None
+    return name
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(seed)
+
+
+def print_table(title: str, columns: list[str], rows: list[list], to_stdout: bool = True) -> None:
+    """A rich table (on stdout by default, so it can be captured)."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*[_format(v) for v in row])
+    (stdout_console if to_stdout else console).print(table)
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def collect_mrc_files(paths: list[Path], flag: str = "input") -> list[Path]:
+    """Expand folders into their MRC files (sorted); check every file exists."""
+    from cryocaps.io.volumes import MRC_SUFFIXES
+
+    files: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in MRC_SUFFIXES and p.is_file())
+            if not found:
+                raise CryocapsError(f"{flag} {path}: folder holds no .mrc/.rec/.map files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CryocapsError(f"{flag} {path}: no such file or folder")
+    return files

@@ -1,0 +1,302 @@
+"""MRC volumes: read into a :class:`Tomogram` (z, y, x) with voxel size, write atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from cryocaps.errors import CryocapsError
+from cryocaps.io.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+MRC_SUFFIXES = (".mrc", ".rec", ".map", ".mrcs", ".st", ".ali")
+WRITE_DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "int16": np.int16,
+}
+
+
+@dataclass
+class Tomogram:
+    """A 3D volume with its geometry.
+
+    Attributes
+    ----------
+    data : (Z, Y, X) array (possibly a read-only memory map)
+    voxel_size_angstrom : float, > 0
+    origin_angstrom : (x, y, z) origin from the MRC header, in Å
+    name : tomogram name (file stem), used to match particle lists
+    path : file it was read from, if any
+    """
+
+    data: np.ndarray
+    voxel_size_angstrom: float
+    origin_angstrom: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    name: str = ""
+    path: Path | None = None
+    _mrc: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def info(self) -> TomogramInfo:
+        return TomogramInfo(self.name, self.shape, self.voxel_size_angstrom, self.origin_angstrom)
+
+    def close(self) -> None:
+        if self._mrc is not None:
+            self._mrc.close()
+            self._mrc = None
+
+
+@dataclass(frozen=True)
+class TomogramInfo:
+    """Geometry of a tomogram without its voxels (from an MRC header or a tomograms.star)."""
+
+    name: str
+    shape: tuple[int, int, int]  # (z, y, x)
+    voxel_size_angstrom: float
+    origin_angstrom: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+def tomogram_name(path: str | os.PathLike) -> str:
+    """Name used to match a tomogram with particles: the file name without MRC suffix."""
+    name = Path(path).name
+    for suffix in MRC_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def _open(path: Path, mmap: bool, header_only: bool = False):
+    opener = mrcfile.mmap if mmap else mrcfile.open
+    if header_only:
+        opener = mrcfile.open
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            return opener(path, mode="r", header_only=header_only) if header_only else opener(path, mode="r")
+    except (ValueError, RuntimeWarning) as strict_error:
+        try:
+            with warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                if header_only:
+                    mrc = mrcfile.open(path, mode="r", permissive=True, header_only=True)
+                else:
+                    mrc = opener(path, mode="r", permissive=True)
+        except Exception as error:  # noqa: BLE001 - anything mrcfile throws is a bad file
+            raise CryocapsError(f"{path}: not a readable MRC file ({error})") from error
+        if mrc.data is None and not header_only:
+            mrc.close()
+            raise CryocapsError(f"{path}: not a readable MRC file ({strict_error})")
+        log.warning("%s: non-standard MRC header (%s); read permissively", path, strict_error)
+        return mrc
+    except OSError as error:
+        raise CryocapsError(f"{path}: cannot read ({error.strerror or error})") from error
+
+
+def _voxel_size(mrc, path: Path, override: float | None) -> float:
+    if override is not None:
+        if not override > 0:
+            raise CryocapsError(f"--voxel-size-angstrom must be > 0, got {override}")
+        return float(override)
+    size = mrc.voxel_size
+    values = [float(size.x), float(size.y), float(size.z)]
+    if not all(np.isfinite(values)) or min(values) <= 0:
+        raise CryocapsError(
+            f"{path}: voxel size in the MRC header is {values[0]:g} Å; "
+            "give it with --voxel-size-angstrom"
+        )
+    if max(values) - min(values) > 1e-3 * max(values):
+        log.warning("%s: anisotropic voxel size %s Å; using x = %g", path, values, values[0])
+    return values[0]
+
+
+def _origin(mrc) -> tuple[float, float, float]:
+    origin = mrc.header.origin
+    return (float(origin.x), float(origin.y), float(origin.z))
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CryocapsError(f"{path}: no such file")
+    if path.is_dir():
+        raise CryocapsError(f"{path}: is a folder, expected an MRC file")
+    return path
+
+
+def read_tomogram(
+    path: str | os.PathLike,
+    *,
+    mmap: bool = False,
+    voxel_size_angstrom: float | None = None,
+    check_finite: bool = True,
+    allow_stack: bool = False,
+) -> Tomogram:
+    """Read a 3D MRC file.
+
+    Parameters
+    ----------
+    path : MRC file
+    mmap : memory-map the voxels instead of reading them (for large tomograms)
+    voxel_size_angstrom : use this voxel size instead of the header's
+    check_finite : refuse volumes that contain NaN/inf (checked on a sample when mmap)
+    allow_stack : accept a 4D volume stack (C, Z, Y, X), e.g. a probability map
+
+    Returns
+    -------
+    Tomogram with data (Z, Y, X) in the file's dtype.
+    """
+    path = _check_path(path)
+    mrc = _open(path, mmap)
+    try:
+        data = mrc.data
+        if data is None:
+            raise CryocapsError(f"{path}: MRC file has no data")
+        ok_ndim = data.ndim == 3 or (allow_stack and data.ndim == 4)
+        if not ok_ndim or min(data.shape[-3:]) < 2:
+            raise CryocapsError(f"{path}: expected a 3D volume, got shape {tuple(data.shape)}")
+        if data.dtype.kind == "c":
+            raise CryocapsError(f"{path}: complex MRC data is not supported")
+        voxel = _voxel_size(mrc, path, voxel_size_angstrom)
+        origin = _origin(mrc)
+        if check_finite and data.dtype.kind == "f":
+            sample = data[:: max(1, data.shape[0] // 16)] if mmap else data
+            if not np.isfinite(sample).all():
+                raise CryocapsError(f"{path}: volume contains NaN or infinite values")
+        if not mmap:
+            data = np.array(data)
+            mrc.close()
+            mrc = None
+    except BaseException:
+        if mrc is not None:
+            mrc.close()
+        raise
+    return Tomogram(data, voxel, origin, tomogram_name(path), path, _mrc=mrc)
+
+
+def read_info(path: str | os.PathLike, voxel_size_angstrom: float | None = None) -> TomogramInfo:
+    """Shape (z, y, x), voxel size and origin of an MRC file, reading only its header."""
+    path = _check_path(path)
+    mrc = _open(path, mmap=False, header_only=True)
+    try:
+        header = mrc.header
+        nz = int(header.nz)
+        if int(header.ispg) >= 401 and 0 < int(header.mz) < nz:
+            nz = int(header.mz)  # a volume stack: geometry of one volume
+        shape = (nz, int(header.ny), int(header.nx))
+        if min(shape) < 2:
+            raise CryocapsError(f"{path}: expected a 3D volume, got shape {shape}")
+        voxel = _voxel_size(mrc, path, voxel_size_angstrom)
+        return TomogramInfo(tomogram_name(path), shape, voxel, _origin(mrc))
+    finally:
+        mrc.close()
+
+
+def write_volume(
+    path: str | os.PathLike,
+    data: np.ndarray,
+    voxel_size_angstrom: float,
+    *,
+    origin_angstrom: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> Path:
+    """Write a (Z, Y, X) volume (or (C, Z, Y, X) stack) to MRC atomically.
+
+    ``dtype`` is one of float32, float16, int8, uint8, int16. The voxel size
+    and origin go into the header. Existing files are refused unless
+    ``overwrite``.
+    """
+    if dtype not in WRITE_DTYPES:
+        raise CryocapsError(f"unsupported MRC dtype {dtype!r}; use one of {sorted(WRITE_DTYPES)}")
+    if not voxel_size_angstrom > 0:
+        raise CryocapsError(f"{path}: voxel size must be > 0, got {voxel_size_angstrom}")
+    array = np.ascontiguousarray(data, dtype=WRITE_DTYPES[dtype])
+    if dtype == "uint8" and (array.size == 0 or array.max() < 128):
+        # mrcfile widens uint8 to uint16 (mode 6); label values fit signed bytes (mode 0).
+        array = array.view(np.int8)
+    if array.ndim == 4:
+        array = array.reshape(-1, *array.shape[2:])  # MRC volume stack: C*Z sections
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(array)
+            mrc.voxel_size = voxel_size_angstrom
+            mrc.header.origin = origin_angstrom
+            if data.ndim == 4:  # volume stack: nz = C*Z sections, mz = Z per volume
+                mrc.header.ispg = 401
+                mrc.header.mz = data.shape[1]
+    return Path(path)
+
+
+class MrcVolumeWriter:
+    """Write a large volume section by section into a new MRC file, renamed into place on close.
+
+    Use as a context manager; ``writer.data`` is a writable memory map of shape
+    (Z, Y, X) (or (C, Z, Y, X)) whose pages are flushed to disk as they fill, so
+    writing slab by slab does not keep the whole volume in memory.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        shape: tuple[int, ...],
+        voxel_size_angstrom: float,
+        *,
+        origin_angstrom: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        dtype: str = "uint8",
+        overwrite: bool = False,
+    ):
+        if dtype not in WRITE_DTYPES:
+            raise CryocapsError(f"unsupported MRC dtype {dtype!r}")
+        self.path = Path(path)
+        self.shape = tuple(int(s) for s in shape)
+        self.voxel_size_angstrom = voxel_size_angstrom
+        self.origin_angstrom = origin_angstrom
+        self.dtype = dtype
+        self.overwrite = overwrite
+        self._context = None
+        self._mrc = None
+
+    def __enter__(self) -> MrcVolumeWriter:
+        self._context = atomic_path(self.path, overwrite=self.overwrite)
+        tmp = self._context.__enter__()
+        mrc_shape = self.shape if len(self.shape) == 3 else (self.shape[0] * self.shape[1], *self.shape[2:])
+        mrc = mrcfile.new_mmap(tmp, shape=mrc_shape, mrc_mode=_mode(self.dtype), overwrite=True)
+        mrc.voxel_size = self.voxel_size_angstrom
+        mrc.header.origin = self.origin_angstrom
+        if len(self.shape) == 4:  # volume stack: nz = C*Z sections, mz = Z per volume
+            mrc.header.ispg = 401
+            mrc.header.mz = self.shape[1]
+        self._mrc = mrc
+        return self
+
+    @property
+    def data(self) -> np.ndarray:
+        data = self._mrc.data
+        return data.reshape(self.shape) if len(self.shape) == 4 else data
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._mrc.update_header_stats()
+            self._mrc.close()
+        finally:
+            self._context.__exit__(exc_type, exc, tb)
+
+
+def _mode(dtype: str) -> int:
+    # uint8 label maps are stored as MRC mode 0 (8-bit); labels must be < 128.
+    return {"int8": 0, "int16": 1, "float32": 2, "float16": 12, "uint8": 0}[dtype]
