@@ -79,6 +79,17 @@ def tomogram_name(path: str | os.PathLike) -> str:
     return Path(path).stem
 
 
+OUTPUT_SUFFIXES = ("_labels", "_probs", "_score")
+
+
+def base_tomogram_name(name: str) -> str:
+    """Tomogram name behind an output map: ``TS_01_labels`` -> ``TS_01``."""
+    for suffix in OUTPUT_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def _open(path: Path, mmap: bool, header_only: bool = False):
     opener = mrcfile.mmap if mmap else mrcfile.open
     if header_only:
