@@ -52,3 +52,124 @@ def class_weights_from_frequencies(voxel_counts, max_weight: float = 50.0) -> to
     weights = weights.clamp(max=max_weight)
     weights = weights / weights.mean()
     return weights.float()
+
+
+def margin_loss(
+    lengths: torch.Tensor,
+    targets: torch.Tensor,
+    class_weights: torch.Tensor | None = None,
+    m_plus: float = 0.9,
+    m_minus: float = 0.1,
+    down_weight: float = 0.5,
+) -> torch.Tensor:
+    """Capsule margin loss (Sabour et al. 2017), per voxel, averaged over voxels.
+
+    ``L = sum_k w_k [T_k max(0, m+ - |v_k|)² + λ (1 - T_k) max(0, |v_k| - m-)²] / sum_k w_k``
+    with m+ 0.9, m- 0.1, λ 0.5, and all ``w_k`` = 1 without class weights (then
+    the sum over classes is not divided by K, as in Sabour et al.).
+
+    Parameters
+    ----------
+    lengths : (B, K, *S) capsule lengths in [0, 1)
+    targets : (B, K, *S) class membership in [0, 1] (one-hot, or the fraction of
+        each class in a down-sampled block)
+    class_weights : (K,) or None
+    """
+    lengths = lengths.float()
+    targets = targets.to(lengths.dtype)
+    present = targets * F.relu(m_plus - lengths) ** 2
+    absent = down_weight * (1 - targets) * F.relu(lengths - m_minus) ** 2
+    per_class = present + absent
+    if class_weights is None:
+        per_voxel = per_class.sum(dim=1)
+    else:
+        shape = (1, -1) + (1,) * (lengths.dim() - 2)
+        weights = class_weights.to(lengths).view(shape)
+        per_voxel = (weights * per_class).sum(dim=1) / weights.sum()
+    return per_voxel.mean()
+
+
+def block_class_fractions(labels: torch.Tensor, n_classes: int, factor: int) -> torch.Tensor:
+    """(B, D, H, W) labels -> (B, K, D/f, H/f, W/f): fraction of each class in every f³ block.
+
+    The soft targets of the margin loss on a capsule grid ``factor`` times coarser
+    than the labels.
+    """
+    one_hot = F.one_hot(labels, num_classes=n_classes).movedim(-1, 1).float()
+    if factor == 1:
+        return one_hot
+    return F.avg_pool3d(one_hot, kernel_size=factor, stride=factor)
+
+
+def reconstruction_target(images: torch.Tensor) -> torch.Tensor:
+    """Input patches min-max scaled to [0, 1] per patch: the reconstruction target."""
+    flat = images.float().flatten(1)
+    low = flat.min(dim=1).values.view(-1, *([1] * (images.dim() - 1)))
+    high = flat.max(dim=1).values.view(-1, *([1] * (images.dim() - 1)))
+    return (images.float() - low) / (high - low).clamp_min(1e-6)
+
+
+def weighted_reconstruction_loss(
+    reconstruction_logits: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Class-weighted binary cross-entropy between the reconstruction and the input.
+
+    The reconstruction branch predicts the input patch scaled to [0, 1]
+    (``reconstruction_target``); each voxel's cross-entropy is weighted by the
+    class weight of its label, so the rare particle voxels dominate as the
+    foreground mask does in 3D-UCaps' masked reconstruction loss. Without
+    ``class_weights`` they come from the batch's voxel frequencies
+    (``class_weights_from_frequencies``).
+
+    Parameters
+    ----------
+    reconstruction_logits : (B, 1, D, H, W) pre-sigmoid reconstruction
+    images : (B, 1, D, H, W) input patches
+    labels : (B, D, H, W) int64 labels in [0, K)
+    class_weights : (K,) or None
+    """
+    if class_weights is None:
+        n_classes = int(labels.max()) + 1
+        class_weights = class_weights_from_frequencies(torch.bincount(labels.flatten(), minlength=n_classes))
+    weights = class_weights.to(reconstruction_logits.device, torch.float32)[labels].unsqueeze(1)
+    target = reconstruction_target(images)
+    bce = F.binary_cross_entropy_with_logits(reconstruction_logits.float(), target, reduction="none")
+    return (weights * bce).sum() / weights.sum().clamp_min(1e-12)
+
+
+# Weights of the 3D-UCaps training loss, from the 3D-UCaps reference training
+# setup: the segmentation loss (Dice + cross-entropy) at weight 1, the margin
+# loss on the class capsules and the reconstruction loss at 0.1 each.
+MARGIN_LOSS_WEIGHT = 0.1
+RECONSTRUCTION_LOSS_WEIGHT = 0.1
+
+
+def ucaps_loss(
+    logits: torch.Tensor,
+    lengths: torch.Tensor,
+    reconstruction_logits: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    class_weights: torch.Tensor | None = None,
+    margin_weight: float = MARGIN_LOSS_WEIGHT,
+    reconstruction_weight: float = RECONSTRUCTION_LOSS_WEIGHT,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The 3D-UCaps training loss.
+
+    ``dice + ce + margin_weight · margin + reconstruction_weight · reconstruction``:
+    soft Dice + (weighted) cross-entropy on the segmentation logits (B, K, D, H, W);
+    margin loss on the class-capsule lengths (B, K, D/f, H/f, W/f) against the
+    fraction of each class in every f³ block; class-weighted cross-entropy of
+    the input reconstruction (B, 1, D, H, W).
+    """
+    factor = labels.shape[-1] // lengths.shape[-1]
+    targets = block_class_fractions(labels, logits.shape[1], factor)
+    segmentation, parts = dice_ce_loss(logits, labels, class_weights)
+    margin = margin_loss(lengths, targets, class_weights)
+    reconstruction = weighted_reconstruction_loss(reconstruction_logits, images, labels, class_weights)
+    loss = segmentation + margin_weight * margin + reconstruction_weight * reconstruction
+    parts = {**parts, "margin": float(margin.detach()), "reconstruction": float(reconstruction.detach())}
+    return loss, parts
