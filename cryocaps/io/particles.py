@@ -2,17 +2,20 @@
 
 Canonical table (pandas DataFrame), one row per particle:
 
-    tomo        tomogram name (matches the MRC file stem)
+    tomo        tomogram name (matches the MRC file stem / rlnTomoName)
     class_name  class name (or class number as text when no class table is given)
     x, y, z     position in voxels of the named tomogram, 0-based, voxel centre = integer
     score       confidence (NaN when unknown)
     rot, tilt, psi  optional, degrees, RELION ZYZ convention
 
-(STUB: only CSV is implemented so far; the other formats are being written.)
+Each format is one module in :mod:`cryocaps.io.formats` with a reader and a
+writer, registered in :data:`READERS` / :data:`WRITERS`. The input format is
+detected from the file (extension, STAR blocks and columns).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,47 +23,283 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cryocaps.classes import ClassTable
 from cryocaps.errors import CryocapsError
+from cryocaps.io.files import atomic_path, check_writable
+from cryocaps.io.formats import dynamo, relion, stopgap, table_csv
+from cryocaps.io.formats.context import ANGLE_COLUMNS, CANONICAL_COLUMNS, XYZ, Geometry
+from cryocaps.io.formats.star import loop_blocks, read_star
+from cryocaps.io.volumes import MRC_SUFFIXES, TomogramInfo, read_info
 
-CANONICAL_COLUMNS = ["tomo", "class_name", "x", "y", "z", "score"]
-ANGLE_COLUMNS = ["rot", "tilt", "psi"]
-FORMATS = ("relion5", "relion4", "relion3", "stopgap", "dynamo", "csv")
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ANGLE_COLUMNS",
+    "CANONICAL_COLUMNS",
+    "FORMATS",
+    "detect_format",
+    "empty_table",
+    "format_from_extension",
+    "read_particles",
+    "tomogram_infos",
+    "write_particles",
+    "convert_particles",
+]
+
+READERS = {
+    "relion5": relion.read_relion5,
+    "relion4": relion.read_relion4,
+    "relion3": relion.read_relion3,
+    "stopgap": stopgap.read_stopgap,
+    "dynamo": dynamo.read_dynamo,
+    "csv": table_csv.read_csv,
+}
+WRITERS = {
+    "relion5": relion.write_relion5,
+    "relion4": relion.write_relion4,
+    "relion3": relion.write_relion3,
+    "stopgap": stopgap.write_stopgap,
+    "dynamo": dynamo.write_dynamo,
+    "csv": table_csv.write_csv,
+}
+FORMATS = tuple(READERS)
+EXTENSIONS = {".star": "relion5", ".tbl": "dynamo", ".csv": "csv"}
 
 
 def empty_table() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=float if c in "xyzscore" else str) for c in CANONICAL_COLUMNS})
+    return pd.DataFrame(
+        {c: pd.Series(dtype=float if c in ("x", "y", "z", "score") else object) for c in CANONICAL_COLUMNS}
+    )
 
 
+# --- format detection -------------------------------------------------------------
+def detect_format(path: str | os.PathLike) -> str:
+    """The format of a particle file, from its extension and content."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix == ".tbl":
+        return "dynamo"
+    head = _head(path)
+    if suffix == ".star" or "data_" in head or "loop_" in head:
+        blocks = read_star(path)
+        if "stopgap_motivelist" in blocks:
+            return "stopgap"
+        return relion.detect_version(blocks, path)
+    first = next((line for line in head.splitlines() if line.strip()), "")
+    if not first:
+        raise CryocapsError(f"{path}: empty file")
+    if "," in first and "tomo" in first:
+        return "csv"
+    try:
+        [dynamo.parse_number(token) for token in first.split()]
+        return "dynamo"
+    except ValueError:
+        pass
+    raise CryocapsError(
+        f"{path}: unknown particle file format (expected .star, .tbl or .csv with tomo,x,y,z columns)"
+    )
+
+
+def _head(path: Path, n_bytes: int = 4096) -> str:
+    try:
+        with open(path, errors="replace") as handle:
+            return handle.read(n_bytes)
+    except OSError as error:
+        raise CryocapsError(f"{path}: cannot read ({error.strerror or error})") from error
+
+
+def format_from_extension(path: str | os.PathLike) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in EXTENSIONS:
+        raise CryocapsError(
+            f"{path}: cannot tell the output format from the extension {suffix or '(none)'!r}; "
+            f"give --format ({', '.join(FORMATS)})"
+        )
+    return EXTENSIONS[suffix]
+
+
+# --- reading -------------------------------------------------------------------
 def read_particles(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     *,
-    tomograms=None,
-    classes=None,
+    tomograms: Sequence[TomogramInfo] | None = None,
+    classes: ClassTable | None = None,
     coords_pixel_size_angstrom: float | None = None,
 ) -> pd.DataFrame:
-    """Read one or more particle files into the canonical table."""
+    """Read one or more particle files (any supported format) into the canonical table.
+
+    Parameters
+    ----------
+    paths : particle file(s); the format of each is detected from its content
+    tomograms : geometry of the tomograms (see :func:`tomogram_infos`); needed for
+        RELION 5 centred coordinates, for STOPGAP/Dynamo tomogram numbers, and to
+        turn pixel coordinates of another pixel size into tomogram voxels
+    classes : class table; class numbers in the files become its class names
+    coords_pixel_size_angstrom : pixel size of the coordinates in RELION 3/4,
+        STOPGAP and Dynamo files (overrides rlnTomoTiltSeriesPixelSize)
+
+    Returns
+    -------
+    DataFrame with columns tomo, class_name, x, y, z, score (+ rot, tilt, psi)
+    """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    if not paths:
+        raise CryocapsError("no particle files given")
+    geometry = Geometry(list(tomograms or []), classes, coords_pixel_size_angstrom)
     frames = []
     for path in paths:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise CryocapsError(f"{path}: no such particle file")
-        frame = pd.read_csv(path, dtype={"tomo": str, "class_name": str})
-        missing = [c for c in ("tomo", "x", "y", "z") if c not in frame.columns]
-        if missing:
-            raise CryocapsError(f"{path}: missing column(s) {', '.join(missing)}")
-        if "class_name" not in frame:
-            frame["class_name"] = "1"
-        if "score" not in frame:
-            frame["score"] = np.nan
+        if path.is_dir():
+            raise CryocapsError(f"{path}: is a folder, expected a particle file")
+        format = detect_format(path)
+        frame = READERS[format](path, geometry)
+        log.debug("%s: %d particles read as %s", path, len(frame), format)
+        _warn_outside(frame, geometry, path)
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+    table = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    if any(c in table.columns for c in ANGLE_COLUMNS):
+        table[ANGLE_COLUMNS] = table.reindex(columns=ANGLE_COLUMNS).fillna(0.0)
+    return table
 
 
-def write_particles(table: pd.DataFrame, path, *, format: str | None = None, overwrite: bool = False, **_):
-    from cryocaps.io.files import atomic_path
+def _warn_outside(table: pd.DataFrame, geometry: Geometry, path: Path) -> None:
+    """Warn (and keep the rows) when particles lie outside their tomogram."""
+    for name, rows in table.groupby("tomo", sort=False):
+        info = geometry.tomogram(name)
+        if info is None:
+            continue
+        size_xyz = np.array(info.shape[::-1], dtype=float)
+        positions = rows[XYZ].to_numpy(dtype=float)
+        outside = ((positions < -0.5) | (positions > size_xyz - 0.5)).any(axis=1)
+        if outside.any():
+            log.warning(
+                "%s: %d of %d particles lie outside tomogram %s (size x,y,z %s); kept",
+                path, int(outside.sum()), len(rows), name, "x".join(str(s) for s in info.shape[::-1]),
+            )
 
+
+# --- writing -------------------------------------------------------------------
+def write_particles(
+    table: pd.DataFrame,
+    path: str | os.PathLike,
+    *,
+    format: str | None = None,
+    tomograms: Sequence[TomogramInfo] | None = None,
+    classes: ClassTable | None = None,
+    coords_pixel_size_angstrom: float | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the canonical table as ``format`` (None: from the extension) atomically.
+
+    RELION 5 needs the tomograms' sizes and voxel sizes; RELION 3/4, STOPGAP and
+    Dynamo write pixels of ``coords_pixel_size_angstrom`` when given (else the
+    tomograms' own voxels); class names are numbered through ``classes``.
+    """
+    path = Path(path)
+    format = format or format_from_extension(path)
+    if format not in WRITERS:
+        raise CryocapsError(f"--format {format!r}: unknown format; use one of {', '.join(FORMATS)}")
+    missing = [c for c in ("tomo", "class_name", *XYZ) if c not in table.columns]
+    if missing:
+        raise CryocapsError(f"particle table lacks column(s) {', '.join(missing)}")
+    geometry = Geometry(list(tomograms or []), classes, coords_pixel_size_angstrom)
+    table = table.reset_index(drop=True)
+    if "score" not in table:
+        table = table.assign(score=np.nan)
     with atomic_path(path, overwrite=overwrite) as tmp:
-        table.to_csv(tmp, index=False)
-    return Path(path)
+        WRITERS[format](table, tmp, geometry, target=path)
+    return path
+
+
+def convert_particles(
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    format: str | None = None,
+    tomograms: Sequence[TomogramInfo] | None = None,
+    classes: ClassTable | None = None,
+    coords_pixel_size_angstrom: float | None = None,
+    overwrite: bool = False,
+) -> pd.DataFrame:
+    """Read particle files and write them as one file of another format; returns the table."""
+    output = Path(output)
+    format = format or format_from_extension(output)
+    if format not in WRITERS:
+        raise CryocapsError(f"--format {format!r}: unknown format; use one of {', '.join(FORMATS)}")
+    check_writable(output, overwrite)
+    table = read_particles(
+        inputs, tomograms=tomograms, classes=classes, coords_pixel_size_angstrom=coords_pixel_size_angstrom
+    )
+    write_particles(
+        table,
+        output,
+        format=format,
+        tomograms=tomograms,
+        classes=classes,
+        coords_pixel_size_angstrom=coords_pixel_size_angstrom,
+        overwrite=overwrite,
+    )
+    return table
+
+
+# --- tomogram geometry -------------------------------------------------------------
+TOMOGRAMS_STAR_COLUMNS = ["rlnTomoName", "rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ", "rlnTomoTiltSeriesPixelSize"]
+
+
+def tomogram_infos(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[TomogramInfo]:
+    """Geometry (name, shape zyx, voxel size) from MRC files, folders of them, or a RELION 5 tomograms.star.
+
+    A tomograms.star gives sizes at bin 1 (``rlnTomoSizeX/Y/Z``, pixel size
+    ``rlnTomoTiltSeriesPixelSize``); the tomogram's voxel size is that pixel size
+    times ``rlnTomoTomogramBinning`` and its size in voxels the bin-1 size divided
+    by the binning.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    infos: list[TomogramInfo] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MRC_SUFFIXES)
+            if not files:
+                raise CryocapsError(f"--tomograms {path}: folder holds no .mrc/.rec/.map files")
+            infos.extend(read_info(f) for f in files)
+        elif not path.exists():
+            raise CryocapsError(f"--tomograms {path}: no such file or folder")
+        elif path.suffix.lower() == ".star":
+            infos.extend(_tomograms_star(path))
+        else:
+            infos.append(read_info(path))
+    names = [info.name for info in infos]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise CryocapsError(f"--tomograms: tomogram name(s) given twice: {', '.join(duplicates)}")
+    return infos
+
+
+def _tomograms_star(path: Path) -> list[TomogramInfo]:
+    from cryocaps.io.formats.context import clean_tomogram_name, require_columns
+
+    loops = loop_blocks(read_star(path))
+    frame = loops.get("global")
+    if frame is None:
+        frame = next((f for f in loops.values() if "rlnTomoSizeX" in f.columns), None)
+    if frame is None:
+        raise CryocapsError(
+            f"{path}: not a RELION 5 tomograms.star: no data_global block with rlnTomoSizeX/Y/Z"
+        )
+    require_columns(frame, TOMOGRAMS_STAR_COLUMNS, path, "RELION 5 tomograms.star")
+    infos = []
+    for row in frame.itertuples(index=False):
+        binning = float(getattr(row, "rlnTomoTomogramBinning", 1.0) or 1.0)
+        size_xyz = [float(row.rlnTomoSizeX), float(row.rlnTomoSizeY), float(row.rlnTomoSizeZ)]
+        pixel = float(row.rlnTomoTiltSeriesPixelSize)
+        if not (pixel > 0 and binning > 0 and min(size_xyz) > 0):
+            raise CryocapsError(f"{path}: tomogram {row.rlnTomoName}: sizes, pixel size and binning must be > 0")
+        shape = tuple(int(round(s / binning)) for s in size_xyz[::-1])
+        infos.append(TomogramInfo(clean_tomogram_name(row.rlnTomoName), shape, pixel * binning))
+    return infos

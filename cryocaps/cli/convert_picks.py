@@ -1,0 +1,111 @@
+"""Convert particle lists between RELION 5/4/3 STAR, STOPGAP motivelists, Dynamo tables and CSV.
+
+The input format is detected from each file; --format (or the output's extension:
+.star = relion5, .tbl = dynamo, .csv = csv) names the output format. Positions,
+angles, classes, scores and tomogram names are kept. Writes run.json beside OUT.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cryocaps.cli.common import (
+    ClassesOption,
+    Overwrite,
+    Quiet,
+    Verbose,
+    command_line,
+    is_quiet,
+    print_table,
+    setup_logging,
+)
+from cryocaps.errors import CryocapsError
+
+FORMAT_NAMES = ("relion5", "relion4", "relion3", "stopgap", "dynamo", "csv")
+
+
+def command(
+    picks: Annotated[
+        list[Path],
+        typer.Argument(help="Particle files (.star RELION 3/4/5 or STOPGAP, .tbl Dynamo, .csv), any mix."),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output particle file.")],
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="Output format: relion5, relion4, relion3, stopgap, dynamo or csv. "
+            "[default: from the extension of -o: .star relion5, .tbl dynamo, .csv csv]",
+        ),
+    ] = None,
+    tomograms: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--tomograms",
+            help="Tomogram MRC files, folders of them, or a RELION 5 tomograms.star (repeatable): sizes and "
+            "voxel sizes for RELION 5 centred Å coordinates, names for STOPGAP/Dynamo tomogram numbers. "
+            "[default: none]",
+        ),
+    ] = None,
+    classes: ClassesOption = None,
+    coords_pixel_size_angstrom: Annotated[
+        float | None,
+        typer.Option(
+            "--coords-pixel-size-angstrom",
+            help="Pixel size (Å) of the coordinates in RELION 3/4, STOPGAP and Dynamo files, read and "
+            "written; converted to the voxels of --tomograms. [default: rlnTomoTiltSeriesPixelSize "
+            "for RELION 4, else the tomograms' own voxels]",
+        ),
+    ] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    setup_logging(quiet, verbose)
+    from cryocaps.classes import read_classes
+    from cryocaps.io.particles import convert_particles, tomogram_infos
+    from cryocaps.runinfo import write_run_json
+
+    started = time.time()
+    if format is not None and format not in FORMAT_NAMES:
+        raise CryocapsError(f"--format {format!r}: unknown format; use one of {', '.join(FORMAT_NAMES)}")
+    for path in picks:
+        if not path.exists():
+            raise CryocapsError(f"{path}: no such particle file")
+    class_table = read_classes(classes) if classes is not None else None
+    infos = tomogram_infos(tomograms) if tomograms else None
+    table = convert_particles(
+        picks,
+        output,
+        format=format,
+        tomograms=infos,
+        classes=class_table,
+        coords_pixel_size_angstrom=coords_pixel_size_angstrom,
+        overwrite=overwrite,
+    )
+    counts = table.groupby(["tomo", "class_name"], sort=True).size()
+    write_run_json(
+        output.parent,
+        command=command_line(),
+        inputs=[*picks, *(tomograms or []), *([classes] if classes else [])],
+        outputs=[output],
+        parameters={
+            "format": format or output.suffix,
+            "coords_pixel_size_angstrom": coords_pixel_size_angstrom,
+        },
+        timings={"total": round(time.time() - started, 3)},
+        results={
+            "particles": len(table),
+            "per_tomogram_class": [
+                {"tomo": tomo, "class_name": name, "particles": int(n)} for (tomo, name), n in counts.items()
+            ],
+        },
+        started=started,
+    )
+    if not is_quiet():
+        rows = [[tomo, name, int(n)] for (tomo, name), n in counts.items()]
+        print_table(f"{len(table)} particles -> {output}", ["tomogram", "class", "particles"], rows)
