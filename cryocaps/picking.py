@@ -1,0 +1,508 @@
+"""Label maps and probability maps -> particle coordinates.
+
+Three ways to turn a segmentation into one pick per particle, chosen with
+``method``:
+
+``components`` (default)
+    connected components of each class; components big enough to hold several
+    particles are split by a watershed on their distance transform, so touching
+    particles give one pick each. Pick = centroid of the (split) component.
+``meanshift``
+    flat-kernel mean shift on the class's voxel coordinates (bandwidth = class
+    radius, seeds on a grid of bins, voxels subsampled on a regular grid so the
+    cost does not grow with the number of foreground voxels squared).
+    Pick = mode of the cluster (as DeepFinder does).
+``peaks``
+    non-maximum suppression (max-pooling) of the class probability map, or of
+    the smoothed class mask when there are no probabilities, with a minimum
+    distance between picks taken from the class radius.
+
+Every pick gets a size (voxels of its class assigned to it) and a score: the
+mean class probability over those voxels, else the mean of the per-voxel
+score map, else the size. Picks smaller than ``min_size_fraction`` of the
+class's sphere volume, or scoring below ``min_score``, are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from cryocaps.classes import ClassTable, ParticleClass
+from cryocaps.errors import CryocapsError
+from cryocaps.io.particles import CANONICAL_COLUMNS
+from cryocaps.io.volumes import TomogramInfo, base_tomogram_name, read_tomogram, tomogram_name
+
+log = logging.getLogger(__name__)
+
+METHODS = ("components", "meanshift", "peaks")
+DEFAULT_METHOD = "components"
+DEFAULT_MIN_SIZE_FRACTION = 0.25
+# Largest number of voxel coordinates mean shift clusters per class; more are subsampled on a grid.
+MEANSHIFT_MAX_POINTS = 200_000
+STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+@dataclass
+class _Pick:
+    z: float
+    y: float
+    x: float
+    size: float
+    score: float
+
+
+def sphere_volume_voxels(radius_voxels: float) -> float:
+    """Volume of a sphere of ``radius_voxels``, in voxels."""
+    return 4.0 / 3.0 * math.pi * radius_voxels**3
+
+
+def pick_particles(
+    label_map: np.ndarray,
+    classes: ClassTable,
+    voxel_size_angstrom: float,
+    probabilities: np.ndarray | None = None,
+    *,
+    scores: np.ndarray | None = None,
+    method: str = DEFAULT_METHOD,
+    min_size_fraction: float = DEFAULT_MIN_SIZE_FRACTION,
+    min_score: float | None = None,
+    tomo_name: str = "",
+    progress: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Find one pick per particle in a label map.
+
+    Parameters
+    ----------
+    label_map : (Z, Y, X) integer array, 0 = background, else a class label
+    classes : class table; only its classes are picked (other labels are ignored)
+    voxel_size_angstrom : voxel size of the map, Å (turns class radii into voxels)
+    probabilities : optional (C, Z, Y, X) class probabilities, channel = label
+        (channel 0 = background); gives the pick scores and, for ``peaks``, the map
+        whose maxima are the picks
+    scores : optional (Z, Y, X) per-voxel confidence, used for scores when there
+        are no probabilities
+    method : "components", "meanshift" or "peaks"
+    min_size_fraction : drop picks with fewer voxels than this fraction of the
+        class's sphere volume (4/3 π r³)
+    min_score : drop picks scoring below this (None keeps all)
+    tomo_name : value of the ``tomo`` column
+    progress : called with a class name as each class is done
+
+    Returns
+    -------
+    Particle table with the canonical columns (``tomo, class_name, x, y, z,
+    score``, voxels) plus ``size_voxels``, sorted by class then descending score.
+    """
+    if method not in METHODS:
+        raise CryocapsError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    if label_map.ndim != 3:
+        raise CryocapsError(f"label map must be 3D (Z, Y, X), got shape {label_map.shape}")
+    if not voxel_size_angstrom > 0:
+        raise CryocapsError(f"voxel size must be > 0 Å, got {voxel_size_angstrom}")
+    if min_size_fraction < 0:
+        raise CryocapsError(f"--min-size-fraction must be >= 0, got {min_size_fraction}")
+    label_map = _as_labels(label_map)
+    if probabilities is not None:
+        _check_probabilities(probabilities, label_map.shape, classes)
+    if scores is not None and scores.shape != label_map.shape:
+        raise CryocapsError(f"score map shape {scores.shape} differs from label map shape {label_map.shape}")
+
+    rows = []
+    for particle_class in classes:
+        radius = particle_class.radius_voxels(voxel_size_angstrom)
+        weights = _weight_map(particle_class, probabilities, scores)
+        mask = label_map == particle_class.label
+        if mask.any():
+            picks = _PICKERS[method](mask, radius, weights)
+        else:
+            picks = []
+        min_size = min_size_fraction * sphere_volume_voxels(radius)
+        for pick in picks:
+            if pick.size < min_size:
+                continue
+            score = pick.score if weights is not None else pick.size
+            if min_score is not None and score < min_score:
+                continue
+            rows.append(
+                {
+                    "tomo": tomo_name,
+                    "class_name": particle_class.name,
+                    "x": pick.x,
+                    "y": pick.y,
+                    "z": pick.z,
+                    "score": float(score),
+                    "size_voxels": float(pick.size),
+                }
+            )
+        if progress is not None:
+            progress(particle_class.name)
+    table = pd.DataFrame(rows, columns=[*CANONICAL_COLUMNS, "size_voxels"])
+    table = table.astype({"x": float, "y": float, "z": float, "score": float, "size_voxels": float})
+    order = {name: i for i, name in enumerate(classes.names)}
+    table = table.sort_values(
+        ["class_name", "score"], key=lambda s: s.map(order) if s.name == "class_name" else -s
+    )
+    return table.reset_index(drop=True)
+
+
+def _as_labels(label_map: np.ndarray) -> np.ndarray:
+    # Label maps are stored as signed 8-bit MRC and read back as int8: view as unsigned.
+    array = np.asarray(label_map)
+    if array.dtype == np.int8:
+        return array.view(np.uint8)
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+            raise CryocapsError("label map holds non-integer values; expected class labels 0..127")
+        return array.astype(np.int16)
+    return array
+
+
+def _check_probabilities(probabilities: np.ndarray, shape: tuple, classes: ClassTable) -> None:
+    if probabilities.ndim != 4 or tuple(probabilities.shape[1:]) != tuple(shape):
+        raise CryocapsError(
+            f"probability map shape {tuple(probabilities.shape)} does not fit label map {tuple(shape)}; "
+            "expected (C, Z, Y, X)"
+        )
+    if probabilities.shape[0] < classes.n_labels:
+        raise CryocapsError(
+            f"probability map has {probabilities.shape[0]} channels but the class table needs "
+            f"{classes.n_labels} (background + labels up to {classes.n_labels - 1})"
+        )
+
+
+def _weight_map(particle_class: ParticleClass, probabilities, scores):
+    if probabilities is not None:
+        return probabilities[particle_class.label]
+    return scores
+
+
+def _mean_weight(weights, index) -> float:
+    if weights is None:
+        return float("nan")
+    values = np.asarray(weights[index], dtype=np.float32)
+    return float(values.mean()) if values.size else float("nan")
+
+
+# --- components -------------------------------------------------------------
+
+
+def _pick_components(mask: np.ndarray, radius: float, weights) -> list[_Pick]:
+    labelled, count = ndimage.label(mask)
+    if count == 0:
+        return []
+    sizes = np.bincount(labelled[mask], minlength=count + 1)
+    expected = sphere_volume_voxels(radius)
+    # Components far smaller than a particle are noise; skip them before the per-component work.
+    keep_min = max(1.0, 0.1 * expected)
+    picks: list[_Pick] = []
+    for index, box in enumerate(ndimage.find_objects(labelled), start=1):
+        if box is None or sizes[index] < keep_min:
+            continue
+        component = labelled[box] == index
+        extent = max(s.stop - s.start for s in box)
+        if sizes[index] > 1.2 * expected or extent > 2.4 * radius:
+            segments, n_segments = _split_touching(component, radius)
+        else:
+            segments, n_segments = component.astype(np.int32), 1
+        offset = np.array([s.start for s in box], dtype=float)
+        crop_weights = weights[box] if weights is not None else None
+        for segment in range(1, n_segments + 1):
+            where = np.nonzero(segments == segment)
+            if len(where[0]) == 0:
+                continue
+            centre = np.array([w.mean() for w in where]) + offset
+            picks.append(_Pick(*centre, len(where[0]), _mean_weight(crop_weights, where)))
+    return picks
+
+
+def _split_touching(component: np.ndarray, radius: float) -> tuple[np.ndarray, int]:
+    """Watershed of one component on its distance transform, one basin per particle centre."""
+    padded = np.pad(component, 1)
+    distance = ndimage.distance_transform_edt(padded)
+    # A particle centre is a distance maximum within ~half a radius, deep enough inside the blob
+    # that ridges of irregular shapes do not count.
+    window = 2 * max(1, int(round(0.5 * radius))) + 1
+    peaks = (distance == ndimage.maximum_filter(distance, size=window)) & (
+        distance >= max(1.0, 0.5 * distance.max())
+    )
+    markers, n_markers = ndimage.label(peaks, structure=STRUCTURE_26)
+    if n_markers <= 1:
+        return component.astype(np.int32), 1
+    markers = _merge_close_markers(markers, n_markers, distance, 0.8 * radius)
+    n_markers = int(markers.max())
+    if n_markers <= 1:
+        return component.astype(np.int32), 1
+    segments = _flood(markers, distance, padded)
+    return segments[1:-1, 1:-1, 1:-1], n_markers
+
+
+def _flood(markers: np.ndarray, distance: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Marker-controlled watershed of ``-distance`` inside ``mask``, by flooding in levels.
+
+    Levels go from the deepest voxels outwards in half-voxel steps; at each level the
+    labelled basins grow (6-connected) into the voxels of that level until they meet,
+    so the borders between particles fall on the necks of the distance map.
+    (scipy.ndimage.watershed_ift does not place borders on the necks, hence this.)
+    """
+    labels = markers.astype(np.int32)
+    cross = ndimage.generate_binary_structure(3, 1)
+    levels = np.unique(np.floor(distance[mask] * 2) / 2)[::-1]
+    for level in levels:
+        allowed = mask & (distance >= level) & (labels == 0)
+        while allowed.any():
+            grown = ndimage.grey_dilation(labels, footprint=cross)
+            new = allowed & (grown > 0)
+            if not new.any():
+                break
+            labels[new] = grown[new]
+            allowed &= ~new
+    return labels
+
+
+def _merge_close_markers(markers: np.ndarray, count: int, distance: np.ndarray, min_separation: float) -> np.ndarray:
+    """Relabel markers so that peaks closer than ``min_separation`` become one (the deeper wins)."""
+    index = np.arange(1, count + 1)
+    centres = np.array(ndimage.center_of_mass(markers > 0, markers, index))
+    depth = np.asarray(ndimage.maximum(distance, markers, index))
+    kept = _suppress_close(centres, depth, min_separation)
+    lookup = np.zeros(count + 1, dtype=np.int32)
+    lookup[index[kept]] = np.arange(1, len(kept) + 1)
+    return lookup[markers]
+
+
+def _suppress_close(centres: np.ndarray, strength: np.ndarray, min_separation: float) -> np.ndarray:
+    """Indices of points kept by greedy non-maximum suppression (strongest first)."""
+    order = np.argsort(-strength, kind="stable")
+    tree = cKDTree(centres)
+    suppressed = np.zeros(len(centres), dtype=bool)
+    kept = []
+    for i in order:
+        if suppressed[i]:
+            continue
+        kept.append(i)
+        suppressed[tree.query_ball_point(centres[i], min_separation)] = True
+    return np.array(sorted(kept), dtype=int)
+
+
+# --- mean shift -------------------------------------------------------------
+
+
+def _pick_meanshift(mask: np.ndarray, radius: float, weights) -> list[_Pick]:
+    box = _bounding_box(mask)
+    mask = mask[box]
+    offset = np.array([s.start for s in box], dtype=float)
+    count = int(np.count_nonzero(mask))
+    # Subsample on a regular grid: keeps the cost bounded while leaving each particle
+    # with enough points (at least ~2 per radius) for its mode.
+    # ~3 samples per radius find a sphere's mode as well as every voxel does.
+    step = max(1, int(radius // 3))
+    if count / step**3 > MEANSHIFT_MAX_POINTS:
+        step = int(math.ceil((count / MEANSHIFT_MAX_POINTS) ** (1 / 3)))
+    sub = mask[::step, ::step, ::step]
+    points = np.argwhere(sub).astype(float) * step
+    if len(points) == 0:
+        return []
+    centres, strength = _mean_shift(points, bandwidth=max(radius, 1.0))
+    assignment = cKDTree(centres).query(points)[1]
+    sizes = np.bincount(assignment, minlength=len(centres)) * step**3
+    crop_weights = weights[box] if weights is not None else None
+    picks = []
+    for k, centre in enumerate(centres):
+        members = points[assignment == k].astype(int)
+        score = _mean_weight(crop_weights, tuple(members.T)) if len(members) else float("nan")
+        picks.append(_Pick(*(centre + offset), float(sizes[k]), score))
+    return picks
+
+
+def _mean_shift(points: np.ndarray, bandwidth: float, max_iterations: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Flat-kernel mean shift seeded on a grid of bins; returns (modes, points within bandwidth)."""
+    tree = cKDTree(points)
+    seeds = np.unique(np.round(points / bandwidth).astype(np.int64), axis=0).astype(float) * bandwidth
+    counts = np.zeros(len(seeds))
+    active = np.ones(len(seeds), dtype=bool)
+    for _ in range(max_iterations):
+        # All moving seeds at once: a sparse (seeds x points) neighbourhood matrix gives the means.
+        moving = np.nonzero(active)[0]
+        neighbours = cKDTree(seeds[moving]).sparse_distance_matrix(tree, bandwidth, output_type="coo_matrix")
+        neighbours.data[:] = 1.0
+        neighbours = neighbours.tocsr()
+        counts[moving] = np.asarray(neighbours.sum(axis=1)).ravel()
+        inside = counts[moving] > 0
+        means = np.asarray(neighbours[inside] @ points) / counts[moving][inside, None]
+        shift = np.abs(means - seeds[moving[inside]]).max(axis=1)
+        seeds[moving[inside]] = means
+        active[moving[~inside]] = False
+        active[moving[inside][shift < 1e-3 * bandwidth]] = False
+        if not active.any():
+            break
+    alive = counts > 0
+    seeds, counts = seeds[alive], counts[alive]
+    kept = _suppress_close(seeds, counts, bandwidth)
+    return seeds[kept], counts[kept]
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    box = ndimage.find_objects(mask.astype(np.uint8))
+    return box[0] if box and box[0] is not None else tuple(slice(0, 0) for _ in mask.shape)
+
+
+# --- peaks ------------------------------------------------------------------
+
+
+def _pick_peaks(mask: np.ndarray, radius: float, weights) -> list[_Pick]:
+    margin = int(math.ceil(radius)) + 2
+    box = tuple(
+        slice(max(0, s.start - margin), min(n, s.stop + margin))
+        for s, n in zip(_bounding_box(mask), mask.shape, strict=True)
+    )
+    mask = mask[box]
+    offset = np.array([s.start for s in box], dtype=float)
+    crop_weights = np.asarray(weights[box], dtype=np.float32) if weights is not None else None
+    sigma = max(0.5, radius / 3.0)
+    if crop_weights is not None:
+        field = ndimage.gaussian_filter(np.where(mask, crop_weights, 0.0).astype(np.float32), sigma)
+    else:
+        field = ndimage.gaussian_filter(mask.astype(np.float32), sigma)
+    min_distance = max(1, int(round(0.8 * radius)))
+    peaks = (field == ndimage.maximum_filter(field, size=2 * min_distance + 1)) & mask
+    peaks &= field > 0.25 * field[mask].max()
+    labelled, count = ndimage.label(peaks, structure=STRUCTURE_26)  # plateaus -> one peak
+    if count == 0:
+        return []
+    index = np.arange(1, count + 1)
+    centres = np.array(ndimage.center_of_mass(peaks, labelled, index))
+    heights = np.asarray(ndimage.maximum(field, labelled, index))
+    kept = _suppress_close(centres, heights, min_distance)
+    centres = centres[kept]
+    # Each class voxel belongs to its nearest peak (within 1.5 radii): sizes and scores.
+    voxels = np.argwhere(mask)
+    distance, nearest = cKDTree(centres).query(voxels, distance_upper_bound=1.5 * radius + 1)
+    inside = np.isfinite(distance)
+    voxels, nearest = voxels[inside], nearest[inside]
+    sizes = np.bincount(nearest, minlength=len(centres))
+    picks = []
+    for k, centre in enumerate(centres):
+        members = voxels[nearest == k]
+        score = _mean_weight(crop_weights, tuple(members.T)) if len(members) else float("nan")
+        picks.append(_Pick(*(centre + offset), float(sizes[k]), score))
+    return picks
+
+
+_PICKERS = {"components": _pick_components, "meanshift": _pick_meanshift, "peaks": _pick_peaks}
+
+
+# --- files ------------------------------------------------------------------
+
+
+def find_classes_beside(label_paths: Sequence[Path]) -> Path | None:
+    """``classes.csv`` in the folder of the first label map (or its parent), if there is one."""
+    for path in label_paths[:1]:
+        for folder in (Path(path).parent, Path(path).parent.parent):
+            candidate = folder / "classes.csv"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def companion_path(label_path: Path, kind: str) -> Path | None:
+    """``<tomo>_probs.mrc`` / ``<tomo>_score.mrc`` beside ``<tomo>_labels.mrc``, if present."""
+    label_path = Path(label_path)
+    base = base_tomogram_name(tomogram_name(label_path))
+    candidate = label_path.with_name(f"{base}_{kind}{label_path.suffix}")
+    return candidate if candidate.is_file() and candidate != label_path else None
+
+
+def pick_files(
+    label_paths: Sequence[str | os.PathLike],
+    classes: ClassTable,
+    *,
+    method: str = DEFAULT_METHOD,
+    min_size_fraction: float = DEFAULT_MIN_SIZE_FRACTION,
+    min_score: float | None = None,
+    use_probabilities: bool = True,
+    voxel_size_angstrom: float | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[pd.DataFrame, list[TomogramInfo], list[Path]]:
+    """Pick every label map file (``<tomo>_labels.mrc``), with its ``_probs``/``_score`` companions.
+
+    Returns the particle table (``tomo`` = tomogram name without the ``_labels``
+    suffix), the tomograms' geometry (for writers that need sizes) and the files read.
+    """
+    tables, infos, inputs = [], [], []
+    for path in map(Path, label_paths):
+        name = tomogram_name(path)
+        if name.endswith(("_probs", "_score")):
+            raise CryocapsError(f"{path}: give the label map (<tomo>_labels.mrc), not a probability/score map")
+        label_tomogram = read_tomogram(path, voxel_size_angstrom=voxel_size_angstrom)
+        if label_tomogram.data.dtype.kind == "f":
+            log.warning("%s: floating-point label map; expected uint8 labels", path)
+        tomo = base_tomogram_name(name)
+        inputs.append(path)
+        probabilities = scores = None
+        if use_probabilities:
+            probs_path = companion_path(path, "probs")
+            score_path = companion_path(path, "score")
+            if probs_path is not None:
+                probabilities = read_tomogram(probs_path, allow_stack=True, mmap=True, check_finite=False).data
+                if probabilities.ndim != 4:
+                    raise CryocapsError(f"{probs_path}: expected a (C, Z, Y, X) probability stack")
+                inputs.append(probs_path)
+            elif score_path is not None:
+                scores = read_tomogram(score_path, mmap=True, check_finite=False).data
+                inputs.append(score_path)
+        try:
+            table = pick_particles(
+                label_tomogram.data,
+                classes,
+                label_tomogram.voxel_size_angstrom,
+                probabilities,
+                scores=scores,
+                method=method,
+                min_size_fraction=min_size_fraction,
+                min_score=min_score,
+                tomo_name=tomo,
+            )
+        except CryocapsError as error:
+            raise CryocapsError(f"{path}: {error}") from None
+        tables.append(table)
+        infos.append(
+            TomogramInfo(
+                tomo, label_tomogram.shape, label_tomogram.voxel_size_angstrom, label_tomogram.origin_angstrom
+            )
+        )
+        if progress is not None:
+            progress(tomo)
+    names = [info.name for info in infos]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise CryocapsError(f"several label maps for tomogram(s) {', '.join(duplicates)}; give each tomogram once")
+    return pd.concat(tables, ignore_index=True), infos, inputs
+
+
+def summary_by_class(picks: pd.DataFrame, classes: ClassTable) -> pd.DataFrame:
+    """Picks per class: count, tomograms, median score and size."""
+    rows = []
+    for name in classes.names:
+        subset = picks[picks["class_name"] == name]
+        rows.append(
+            {
+                "class_name": name,
+                "picks": len(subset),
+                "tomograms": subset["tomo"].nunique(),
+                "median_score": float(subset["score"].median()) if len(subset) else float("nan"),
+                "median_size_voxels": float(subset["size_voxels"].median())
+                if "size_voxels" in subset and len(subset)
+                else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows)
