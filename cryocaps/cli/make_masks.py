@@ -1,0 +1,136 @@
+"""Make training label maps from particle coordinates: one map per tomogram.
+
+Writes OUT_DIR/<tomo>_labels.mrc with the tomogram's shape, voxel size and
+origin (uint8, 0 = background, class labels from the class table; float16
+(C, Z, Y, X) soft targets with --shape gaussian), OUT_DIR/classes.csv (the
+class table used, for train) and OUT_DIR/run.json. Coordinates may be RELION
+3/4/5 STAR, STOPGAP motivelists, Dynamo .tbl or CSV; particles are matched
+to tomograms by name. Only the tomograms' headers are read.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cryocaps.cli.common import (
+    ClassesOption,
+    Overwrite,
+    Quiet,
+    RadiusOption,
+    Verbose,
+    command_line,
+    print_table,
+    progress,
+    setup_logging,
+)
+
+
+def command(
+    coordinates: Annotated[
+        list[Path],
+        typer.Argument(help="Particle files (.star, .tbl, .csv) in any supported format.", show_default=False),
+    ],
+    tomograms: Annotated[
+        list[Path],
+        typer.Option(
+            "--tomograms",
+            "-t",
+            help="Tomograms (MRC files, folders of them, or a RELION 5 tomograms.star); only headers are read. "
+            "Repeat for several.",
+            show_default=False,
+        ),
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).", show_default=False)],
+    classes_path: ClassesOption = None,
+    radius_angstrom: RadiusOption = None,
+    radius_scale: Annotated[
+        float,
+        typer.Option("--radius-scale", help="Multiply every class radius by this factor (no unit). [default: 1.0]"),
+    ] = 1.0,
+    shape: Annotated[
+        str,
+        typer.Option(
+            "--shape",
+            help="sphere (solid, radius from the class table), gaussian (float16 soft targets exp(-d²/2σ²), "
+            "σ = radius/2, cut at 3σ) or template (the class's density map from classes.csv, rotated by the "
+            "particle's RELION angles and thresholded). [default: sphere]",
+        ),
+    ] = "sphere",
+    template_threshold: Annotated[
+        float,
+        typer.Option(
+            "--template-threshold",
+            help="With --shape template: inside where the density exceeds this fraction of the template's "
+            "maximum (0-1). [default: 0.2]",
+        ),
+    ] = 0.2,
+    coords_pixel_size_angstrom: Annotated[
+        float | None,
+        typer.Option(
+            "--coords-pixel-size-angstrom",
+            help="Pixel size in Å of the coordinates in RELION 3/4, STOPGAP and Dynamo files, when it is not "
+            "the tomograms' voxel size (e.g. bin-1 coordinates). [default: from the file, else the tomograms']",
+            show_default=False,
+        ),
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Stop with an error when particles lie outside their tomogram. [default: off]")
+    ] = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    setup_logging(quiet, verbose)
+    from cryocaps.classes import load_class_table
+    from cryocaps.io.particles import tomogram_infos
+    from cryocaps.masks import make_masks
+    from cryocaps.runinfo import write_run_json
+
+    started = time.time()
+    classes = load_class_table(classes_path, radius_angstrom)
+    infos = tomogram_infos(tomograms)
+    with progress("Drawing masks", len(infos)) as advance:
+        summary = make_masks(
+            coordinates,
+            infos,
+            classes,
+            out_dir,
+            single_class=classes_path is None,
+            shape=shape,
+            radius_scale=radius_scale,
+            coords_pixel_size_angstrom=coords_pixel_size_angstrom,
+            template_threshold=template_threshold,
+            strict=strict,
+            overwrite=overwrite,
+            progress=advance,
+        )
+    parameters = {
+        "classes": str(classes_path) if classes_path else None,
+        "radius_angstrom": radius_angstrom,
+        "radius_scale": radius_scale,
+        "shape": shape,
+        "template_threshold": template_threshold if shape == "template" else None,
+        "coords_pixel_size_angstrom": coords_pixel_size_angstrom,
+        "strict": strict,
+        "command_line": command_line(),
+    }
+    write_run_json(
+        out_dir,
+        command="make-masks",
+        inputs=[*coordinates, *tomograms],
+        outputs=summary["outputs"],
+        parameters=parameters,
+        timings={"total": round(time.time() - started, 3)},
+        results=summary,
+        started=started,
+    )
+    if not quiet:
+        print_table(
+            f"Label maps ({shape}, {summary['voxel_size_angstrom']:g} Å voxels)",
+            ["class", "label", "particles", "voxels"],
+            [[name, c["label"], c["particles"], c["voxels"]] for name, c in summary["classes"].items()],
+        )
