@@ -486,3 +486,20 @@ def test_class_names_need_a_class_table_to_be_numbered(tmp_path, picks):
     with pytest.raises(CryocapsError, match="--classes"):
         write_particles(picks, tmp_path / "m.tbl")
     assert not (tmp_path / "m.tbl").exists()
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_empty_lists_round_trip(tmp_path, format):
+    from cryocaps.io.particles import empty_table
+
+    suffix = {"dynamo": ".tbl", "csv": ".csv"}.get(format, ".star")  # an empty file shows no format
+    path = write_particles(empty_table(), tmp_path / f"empty{suffix}", format=format, tomograms=TOMOGRAMS)
+    back = read_particles(path, tomograms=TOMOGRAMS)
+    assert len(back) == 0 and list(back.columns[:6]) == ["tomo", "class_name", "x", "y", "z", "score"]
+
+
+def test_non_finite_positions_are_not_written(tmp_path, picks):
+    picks.loc[3, "x"] = np.nan
+    with pytest.raises(CryocapsError, match="non-finite"):
+        write_particles(picks, tmp_path / "p.csv")
+    assert not (tmp_path / "p.csv").exists()

@@ -89,7 +89,7 @@ def detect_format(path: str | os.PathLike) -> str:
         return relion.detect_version(blocks, path)
     first = next((line for line in head.splitlines() if line.strip()), "")
     if not first:
-        raise CryocapsError(f"{path}: empty file")
+        raise CryocapsError(f"{path}: empty file (no particles and no format to detect)")
     if "," in first and "tomo" in first:
         return "csv"
     try:
@@ -209,6 +209,8 @@ def write_particles(
         raise CryocapsError(f"particle table lacks column(s) {', '.join(missing)}")
     geometry = Geometry(list(tomograms or []), classes, coords_pixel_size_angstrom)
     table = table.reset_index(drop=True)
+    if not np.isfinite(table[XYZ].to_numpy(dtype=float)).all():
+        raise CryocapsError(f"{path}: particle table has missing or non-finite x, y, z")
     if "score" not in table:
         table = table.assign(score=np.nan)
     with atomic_path(path, overwrite=overwrite) as tmp:

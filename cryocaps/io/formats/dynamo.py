@@ -9,12 +9,16 @@ kept) and positions ending in .5 are read as they are.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 
 from cryocaps.errors import CryocapsError
 from cryocaps.io.formats.angles import dynamo_to_relion, relion_to_dynamo
 from cryocaps.io.formats.context import XYZ, Geometry, canonical_frame, table_angles, table_scores
+
+log = logging.getLogger(__name__)
 
 MIN_COLUMNS = 26
 N_COLUMNS = 35
@@ -44,7 +48,8 @@ def read_table(path) -> np.ndarray:
                     f"{path}: line {line_number} is not a row of numbers; not a Dynamo table"
                 ) from None
     if not rows:
-        raise CryocapsError(f"{path}: empty Dynamo table")
+        log.warning("%s: empty Dynamo table (no particles)", path)
+        return np.zeros((0, N_COLUMNS))
     widths = {len(r) for r in rows}
     if len(widths) > 1:
         raise CryocapsError(f"{path}: rows have different numbers of columns ({sorted(widths)})")
