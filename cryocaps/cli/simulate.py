@@ -1,0 +1,232 @@
+"""Simulate tomograms with ground truth: particles, tilt series, CTF, noise, WBP.
+
+Writes OUT_DIR/tomograms/tomo_NN.mrc, OUT_DIR/labels/tomo_NN.mrc (uint8 class
+labels), OUT_DIR/particles.csv (+ RELION 5 / STOPGAP lists when available),
+OUT_DIR/classes.csv and OUT_DIR/run.json. Particles are the built-in classes
+(globule ~35 Å, barrel ~60 Å, dumbbell ~95 Å, ribosome-like ~125 Å radius) or
+the density maps / atomic models in --structures DIR. Orientations are RELION
+ZYZ angles (rot, tilt, psi): a particle is its class density rotated by
+RELION's matrix A(rot, tilt, psi). SNR is the variance of the CTF-modulated
+particle projections over the variance of the added noise.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cryocaps.cli.common import (
+    Overwrite,
+    Quiet,
+    Seed,
+    command_line,
+    console,
+    print_table,
+    progress,
+    setup_logging,
+)
+from cryocaps.errors import CryocapsError
+
+
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise CryocapsError(
+            f"--shape {text!r}: expected three integers Z,Y,X, e.g. 64,128,128"
+        ) from None
+    if len(values) != 3:
+        raise CryocapsError(f"--shape {text!r}: expected three integers Z,Y,X, e.g. 64,128,128")
+    return values  # type: ignore[return-value]
+
+
+def command(
+    out_dir: Annotated[Path, typer.Argument(help="Output folder (created if missing).")],
+    n_tomograms: Annotated[
+        int, typer.Option("--n-tomograms", help="Number of tomograms. [default: 2]")
+    ] = 2,
+    shape: Annotated[
+        str,
+        typer.Option(
+            "--shape",
+            help="Tomogram size in voxels, Z,Y,X (Z along the beam). [default: 64,128,128]",
+        ),
+    ] = "64,128,128",
+    voxel_size_angstrom: Annotated[
+        float,
+        typer.Option(
+            "--voxel-size-angstrom", help="Voxel (and detector pixel) size in Å. [default: 10]"
+        ),
+    ] = 10.0,
+    structures: Annotated[
+        Path | None,
+        typer.Option(
+            "--structures",
+            help="Folder of density maps (.mrc/.map, any voxel size) and atomic models (.pdb/.cif, .gz ok); "
+            "one class per name (1bxn_10A.mrc and 1bxn.pdb.gz are both class 1bxn). [default: built-in classes]",
+        ),
+    ] = None,
+    classes_from: Annotated[
+        str | None,
+        typer.Option(
+            "--classes-from",
+            help="Comma-separated class names to use, e.g. 1bxn,3gl1,4v4r (or globule,ribosome). [default: all]",
+        ),
+    ] = None,
+    prefer: Annotated[
+        str,
+        typer.Option(
+            "--prefer",
+            help="When a class has both: use its map (maps) or its atomic model (models). [default: maps]",
+        ),
+    ] = "maps",
+    snr: Annotated[
+        float,
+        typer.Option(
+            "--snr",
+            help="Signal-to-noise ratio of the tilt images: variance of the CTF-modulated "
+            "particle projections / noise variance. [default: 0.4]",
+        ),
+    ] = 0.4,
+    tilt_range_deg: Annotated[
+        float,
+        typer.Option(
+            "--tilt-range-deg",
+            help="Tilts from -T to +T degrees, tilt axis Y; in (0, 90]. [default: 60]",
+        ),
+    ] = 60.0,
+    tilt_step_deg: Annotated[
+        float, typer.Option("--tilt-step-deg", help="Tilt increment in degrees. [default: 3]")
+    ] = 3.0,
+    defocus_um: Annotated[
+        float, typer.Option("--defocus-um", help="Underfocus in µm (positive). [default: 3]")
+    ] = 3.0,
+    voltage_kv: Annotated[
+        float, typer.Option("--voltage-kv", help="Acceleration voltage in kV. [default: 300]")
+    ] = 300.0,
+    cs_mm: Annotated[
+        float, typer.Option("--cs-mm", help="Spherical aberration in mm. [default: 2.7]")
+    ] = 2.7,
+    amplitude_contrast: Annotated[
+        float,
+        typer.Option("--amplitude-contrast", help="Amplitude contrast fraction. [default: 0.07]"),
+    ] = 0.07,
+    n_particles: Annotated[
+        int | None,
+        typer.Option(
+            "--n-particles",
+            help="Particles per tomogram, split evenly over the classes. [default: from --crowding]",
+        ),
+    ] = None,
+    crowding: Annotated[
+        float,
+        typer.Option(
+            "--crowding",
+            help="Fraction of the slab volume filled by particle envelope spheres, 0-0.4. [default: 0.1]",
+        ),
+    ] = 0.1,
+    slab_thickness_angstrom: Annotated[
+        float | None,
+        typer.Option(
+            "--slab-thickness-angstrom",
+            help="Sample (ice) thickness in Å; particles stay inside it. "
+            "[default: 80% of the box height]",
+        ),
+    ] = None,
+    label_shape: Annotated[
+        str,
+        typer.Option(
+            "--label-shape",
+            help="Label maps as spheres of each class radius (sphere) or the particle "
+            "envelopes (template). [default: sphere]",
+        ),
+    ] = "sphere",
+    distractors: Annotated[
+        bool,
+        typer.Option(
+            "--distractors/--no-distractors",
+            help="Add gold beads on the slab surfaces and, in about half "
+            "of the tomograms, a membrane sheet (both labelled background). [default: on]",
+        ),
+    ] = True,
+    preview: Annotated[
+        bool,
+        typer.Option(
+            "--preview", help="Also write OUT_DIR/preview_<tomo>.png (central XY and XZ slices)."
+        ),
+    ] = False,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    setup_logging(quiet=quiet)
+    from cryocaps.runinfo import write_run_json
+    from cryocaps.simulate import (
+        SimulationParameters,
+        check_parameters,
+        load_templates,
+        simulate_dataset,
+    )
+
+    started = time.time()
+    params = SimulationParameters(
+        n_tomograms=n_tomograms,
+        shape=_parse_shape(shape),
+        voxel_size_angstrom=voxel_size_angstrom,
+        snr=snr,
+        tilt_range_deg=tilt_range_deg,
+        tilt_step_deg=tilt_step_deg,
+        defocus_um=defocus_um,
+        voltage_kv=voltage_kv,
+        cs_mm=cs_mm,
+        amplitude_contrast=amplitude_contrast,
+        n_particles=n_particles,
+        crowding=crowding,
+        slab_thickness_angstrom=slab_thickness_angstrom,
+        label_shape=label_shape,
+        distractors=distractors,
+        seed=seed,
+    )
+    check_parameters(params)
+    if prefer not in ("maps", "models"):
+        raise CryocapsError(f"--prefer {prefer!r}: use maps or models")
+    names = [n.strip() for n in classes_from.split(",") if n.strip()] if classes_from else None
+    templates = load_templates(voxel_size_angstrom, structures, names, prefer)
+    with progress("Simulating", total=n_tomograms) as advance:
+        summary = simulate_dataset(
+            out_dir,
+            templates,
+            params,
+            overwrite=overwrite,
+            preview=preview,
+            progress=lambda info: advance(info=info),
+        )
+    write_run_json(
+        out_dir,
+        command=command_line(),
+        inputs=[structures] if structures else [],
+        outputs=summary["outputs"],
+        parameters=summary["parameters"]
+        | {"structures": structures, "classes_from": names, "prefer": prefer},
+        seed=seed,
+        timings={"total": time.time() - started},
+        results={k: summary[k] for k in ("classes", "class_sources", "tomograms", "n_particles")},
+    )
+    if not quiet:
+        counts = {c["name"]: 0 for c in summary["classes"]}
+        for details in summary["tomograms"].values():
+            for name, n in details["per_class"].items():
+                counts[name] += n
+        rows = [
+            [c["label"], c["name"], c["radius_angstrom"], counts[c["name"]]]
+            for c in summary["classes"]
+        ]
+        print_table(
+            f"{n_tomograms} tomogram(s) in {out_dir}",
+            ["label", "class", "radius Å", "particles"],
+            rows,
+        )
+        console.print(f"Done in {time.time() - started:.1f} s")
