@@ -209,3 +209,12 @@ def test_class_names_to_numbered_format_need_classes(run_cli, project):
     result = run_cli("convert-picks", named, "-o", project / "o.tbl")
     assert_one_line_error(result, "ribosome", "--classes")
     assert not (project / "o.tbl").exists()
+
+
+def test_many_tomograms_summarised_per_class(run_cli, real_files, tmp_path):
+    out = tmp_path / "b4.csv"
+    result = run_cli("convert-picks", real_files / "dynamo" / "cryocat_b4_26col.tbl", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "1343 particles" in result.output and "70" in result.output  # one class row: 70 tomograms
+    table = pd.read_csv(out, dtype={"tomo": str})
+    assert len(table) == 1343 and table["tomo"].nunique() == 70

@@ -503,3 +503,9 @@ def test_non_finite_positions_are_not_written(tmp_path, picks):
     with pytest.raises(CryocapsError, match="non-finite"):
         write_particles(picks, tmp_path / "p.csv")
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_label_maps_stand_in_for_their_tomograms(tmp_path, picks):
+    labels = [TomogramInfo(f"{t.name}_labels", t.shape, t.voxel_size_angstrom) for t in TOMOGRAMS]
+    path = write_particles(picks, tmp_path / "p.star", tomograms=labels, classes=CLASSES)
+    assert_same_picks(picks, read_particles(path, tomograms=TOMOGRAMS, classes=CLASSES))

@@ -25,6 +25,7 @@ from cryocaps.cli.common import (
 )
 from cryocaps.errors import CryocapsError
 
+MAX_SUMMARY_ROWS = 20
 FORMAT_NAMES = ("relion5", "relion4", "relion3", "stopgap", "dynamo", "csv")
 
 
@@ -106,6 +107,13 @@ def command(
         },
         started=started,
     )
-    if not is_quiet():
+    if is_quiet():
+        return
+    title = f"{len(table)} particles -> {output}"
+    if len(counts) <= MAX_SUMMARY_ROWS:
         rows = [[tomo, name, int(n)] for (tomo, name), n in counts.items()]
-        print_table(f"{len(table)} particles -> {output}", ["tomogram", "class", "particles"], rows)
+        print_table(title, ["tomogram", "class", "particles"], rows)
+    else:  # many tomograms: one row per class
+        per_class = table.groupby("class_name", sort=True)
+        rows = [[name, rows["tomo"].nunique(), len(rows)] for name, rows in per_class]
+        print_table(title, ["class", "tomograms", "particles"], rows)

@@ -18,7 +18,7 @@ import pandas as pd
 
 from cryocaps.classes import ClassTable
 from cryocaps.errors import CryocapsError
-from cryocaps.io.volumes import TomogramInfo
+from cryocaps.io.volumes import TomogramInfo, base_tomogram_name
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ class Geometry:
         if px is not None and not (np.isfinite(px) and px > 0):
             raise CryocapsError(f"--coords-pixel-size-angstrom must be > 0, got {px}")
         self._by_name = {info.name: info for info in self.tomograms}
+        for info in self.tomograms:  # label/probability maps given as tomograms: TS_01_labels -> TS_01
+            self._by_name.setdefault(base_tomogram_name(info.name), info)
 
     # --- tomograms -------------------------------------------------------
     def tomogram(self, name: str) -> TomogramInfo | None:
