@@ -68,12 +68,13 @@ def command(
 ) -> None:
     setup_logging(quiet, verbose)
     from cryocaps.classes import read_classes
-    from cryocaps.io.particles import convert_particles, tomogram_infos
+    from cryocaps.io.particles import convert_particles, format_from_extension, tomogram_infos
     from cryocaps.runinfo import write_run_json
 
     started = time.time()
     if format is not None and format not in FORMAT_NAMES:
         raise CryocapsError(f"--format {format!r}: unknown format; use one of {', '.join(FORMAT_NAMES)}")
+    format = format or format_from_extension(output)
     for path in picks:
         if not path.exists():
             raise CryocapsError(f"{path}: no such particle file")
@@ -95,7 +96,7 @@ def command(
         inputs=[*picks, *(tomograms or []), *([classes] if classes else [])],
         outputs=[output],
         parameters={
-            "format": format or output.suffix,
+            "format": format,
             "coords_pixel_size_angstrom": coords_pixel_size_angstrom,
         },
         timings={"total": round(time.time() - started, 3)},
