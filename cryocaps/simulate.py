@@ -55,7 +55,6 @@ __all__ = [
     "SimulationParameters",
     "SimulatedTomogram",
     "check_parameters",
-    "draw_sphere_labels",
     "load_templates",
     "project_tilt_series",
     "random_orientations",
@@ -330,36 +329,6 @@ def _place(
 # --- rendering -----------------------------------------------------------------
 
 
-def draw_sphere_labels(
-    labels: np.ndarray,
-    centres_zyx: np.ndarray,
-    radii_voxels: Sequence[float],
-    values: Sequence[int],
-) -> np.ndarray:
-    """Paint label spheres into ``labels`` (in place) and return it.
-
-    Parameters
-    ----------
-    labels : (Z, Y, X) integer array
-    centres_zyx : (N, 3) sphere centres in voxels (may be fractional)
-    radii_voxels : (N,) sphere radii in voxels (a voxel is inside when its centre is)
-    values : (N,) label value of each sphere
-    """
-    shape = np.array(labels.shape)
-    for centre, radius, value in zip(
-        np.asarray(centres_zyx, float), radii_voxels, values, strict=True
-    ):
-        low = np.maximum(np.floor(centre - radius).astype(int), 0)
-        high = np.minimum(np.ceil(centre + radius).astype(int) + 1, shape)
-        if (high <= low).any():
-            continue
-        z, y, x = np.ogrid[low[0] : high[0], low[1] : high[1], low[2] : high[2]]
-        inside = (z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 <= radius**2
-        block = labels[low[0] : high[0], low[1] : high[1], low[2] : high[2]]
-        block[inside] = value
-    return labels
-
-
 def rotate_density(density: np.ndarray, angles: np.ndarray, shifts_zyx: np.ndarray) -> np.ndarray:
     """Copies of a centred cube rotated to RELION ``angles`` and shifted by sub-voxel amounts.
 
@@ -439,8 +408,10 @@ def _render(
                         labels, copy >= template.envelope_level, corner, mode="paint", value=k + 1
                     )
     if params.label_shape == "sphere":
-        radii = [templates[k].radius_voxels for k in classes]
-        draw_sphere_labels(labels, centres, radii, classes + 1)
+        from cryocaps.masks import draw_spheres
+
+        radii = np.array([templates[k].radius_voxels for k in classes])
+        labels = draw_spheres(params.shape, centres, classes + 1, radii)
     return volume, labels
 
 
@@ -775,9 +746,16 @@ def tomogram_names(n: int) -> list[str]:
     return [f"tomo_{i + 1:0{width}d}" for i in range(n)]
 
 
+PARTICLE_FILES = {  # file name -> format of cryocaps.io.particles
+    "particles.csv": "csv",
+    "particles.star": "relion5",
+    "particles_stopgap.star": "stopgap",
+}
+
+
 def output_paths(out_dir: Path, n_tomograms: int, preview: bool = False) -> list[Path]:
     names = tomogram_names(n_tomograms)
-    paths = [out_dir / "particles.csv", out_dir / "classes.csv"]
+    paths = [out_dir / name for name in PARTICLE_FILES] + [out_dir / "tomograms.star", out_dir / "classes.csv"]
     paths += [out_dir / "tomograms" / f"{n}.mrc" for n in names]
     paths += [out_dir / "labels" / f"{n}.mrc" for n in names]
     if preview:
@@ -797,11 +775,12 @@ def simulate_dataset(
     """Simulate ``params.n_tomograms`` tomograms and write them with their ground truth.
 
     Writes ``tomograms/<name>.mrc``, ``labels/<name>.mrc``, ``particles.csv``,
+    ``particles.star`` (RELION 5) with ``tomograms.star``, ``particles_stopgap.star``,
     ``classes.csv`` (and ``preview_<name>.png`` with ``preview``) into
     ``out_dir``; returns a summary (paths, counts, timings) for run.json.
     """
     from cryocaps.io.particles import write_particles
-    from cryocaps.io.volumes import write_volume
+    from cryocaps.io.volumes import TomogramInfo, write_volume
 
     out_dir = Path(out_dir)
     check_parameters(params)
@@ -851,9 +830,14 @@ def simulate_dataset(
         if progress is not None:
             progress(f"{name}: {result.details['n_particles']} particles")
     particles = pd.concat(tables, ignore_index=True)
-    outputs.append(
-        write_particles(particles, out_dir / "particles.csv", format="csv", overwrite=overwrite)
-    )
+    infos = [TomogramInfo(name, params.shape, params.voxel_size_angstrom) for name in details]
+    for file_name, format in PARTICLE_FILES.items():
+        outputs.append(
+            write_particles(
+                particles, out_dir / file_name, format=format, tomograms=infos, classes=table, overwrite=overwrite
+            )
+        )
+    outputs.append(write_tomograms_star(out_dir / "tomograms.star", infos, params, overwrite=overwrite))
     outputs.append(write_classes(table, out_dir / "classes.csv", overwrite=True))
     return {
         "outputs": [str(p) for p in outputs],
@@ -863,6 +847,34 @@ def simulate_dataset(
         "n_particles": len(particles),
         "parameters": asdict(params),
     }
+
+
+def write_tomograms_star(
+    path: Path, infos: Sequence, params: SimulationParameters, overwrite: bool = False
+) -> Path:
+    """A RELION 5 ``tomograms.star`` (data_global) for the simulated tomograms (binning 1)."""
+    from cryocaps.io.files import atomic_path
+    from cryocaps.io.formats.star import write_star
+
+    frame = pd.DataFrame(
+        {
+            "rlnTomoName": [info.name for info in infos],
+            "rlnVoltage": params.voltage_kv,
+            "rlnSphericalAberration": params.cs_mm,
+            "rlnAmplitudeContrast": params.amplitude_contrast,
+            "rlnMicrographOriginalPixelSize": params.voxel_size_angstrom,
+            "rlnTomoHand": 1.0,
+            "rlnTomoTiltSeriesPixelSize": params.voxel_size_angstrom,
+            "rlnTomoSizeX": [info.shape[2] for info in infos],
+            "rlnTomoSizeY": [info.shape[1] for info in infos],
+            "rlnTomoSizeZ": [info.shape[0] for info in infos],
+            "rlnTomoTomogramBinning": 1.0,
+            "rlnTomoReconstructedTomogram": [f"tomograms/{info.name}.mrc" for info in infos],
+        }
+    )
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        write_star({"global": frame}, tmp)
+    return path
 
 
 def write_preview(
