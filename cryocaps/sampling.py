@@ -1,0 +1,319 @@
+"""Training patches: where particles are, which patches to cut, and how to augment them.
+
+A :class:`TrainingVolume` is a memory-mapped tomogram with its label map and
+normalisation statistics; :class:`ParticleSet` lists particle centres (from
+the label map's connected components or from a coordinate file).
+:class:`PatchSampler` draws class-balanced batches of patches centred on
+particles (with jitter) plus random background patches, and augments them
+with transformations that keep the missing wedge where it is. All randomness
+comes from the sampler's own numpy generator, whose state is saved in
+checkpoints so a resumed run draws the same patches.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from cryocaps.preprocess import apply_normalization
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingVolume:
+    """One tomogram and its label map, both (Z, Y, X), possibly memory maps.
+
+    ``label_map`` values are class labels (0 = background); ``stats`` are the
+    tomogram's :func:`cryocaps.preprocess.normalization_stats`.
+    """
+
+    name: str
+    data: np.ndarray
+    label_map: np.ndarray
+    stats: dict
+    voxel_size_angstrom: float
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+
+@dataclass
+class ParticleSet:
+    """Particle centres: ``volume`` (N,) index into the volume list, ``label`` (N,), ``zyx`` (N, 3) voxels."""
+
+    volume: np.ndarray
+    label: np.ndarray
+    zyx: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def subset(self, mask: np.ndarray) -> ParticleSet:
+        return ParticleSet(self.volume[mask], self.label[mask], self.zyx[mask])
+
+    @classmethod
+    def empty(cls) -> ParticleSet:
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3), np.int64))
+
+    @classmethod
+    def concat(cls, parts: list[ParticleSet]) -> ParticleSet:
+        parts = [p for p in parts if len(p)] or [cls.empty()]
+        return cls(
+            np.concatenate([p.volume for p in parts]),
+            np.concatenate([p.label for p in parts]),
+            np.concatenate([p.zyx for p in parts]),
+        )
+
+    def counts(self) -> dict[int, int]:
+        labels, counts = np.unique(self.label, return_counts=True)
+        return {int(a): int(b) for a, b in zip(labels, counts, strict=True)}
+
+
+def particles_from_label_map(
+    label_map: np.ndarray, volume_index: int, labels: list[int]
+) -> ParticleSet:
+    """One particle per connected component of each label (centre of its bounding box)."""
+    from scipy import ndimage
+
+    array = np.asarray(label_map)
+    parts = []
+    for label in labels:
+        components, n = ndimage.label(array == label)
+        if n == 0:
+            continue
+        boxes = ndimage.find_objects(components)
+        centres = np.array(
+            [[(s.start + s.stop - 1) // 2 for s in box] for box in boxes], dtype=np.int64
+        )
+        parts.append(ParticleSet(np.full(n, volume_index), np.full(n, label), centres))
+        del components
+    return ParticleSet.concat(parts)
+
+
+def split_particles(
+    particles: ParticleSet, *, val_fraction: float, fold: tuple[int, int] | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (train, val) over ``particles``, stratified by class.
+
+    With ``fold=(k, K)`` (k 1-based) each class is dealt into K folds and fold k
+    is validation; otherwise ``val_fraction`` of each class (leaving at least
+    one particle of every class for training) is validation.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 7919]))
+    val = np.zeros(len(particles), dtype=bool)
+    for label in np.unique(particles.label):
+        index = np.flatnonzero(particles.label == label)
+        index = index[rng.permutation(len(index))]
+        if fold is not None:
+            k, n_folds = fold
+            val[index[(k - 1) :: n_folds]] = True
+        else:
+            n_val = min(len(index) - 1, int(round(val_fraction * len(index))))
+            val[index[: max(0, n_val)]] = True
+    return ~val, val
+
+
+@dataclass
+class Augmentation:
+    """Patch augmentation that respects the missing wedge (tilt axis along Y).
+
+    The three 180° rotations (about Z, Y and X) map the wedge onto itself and
+    keep the particles' handedness, so they are always on. ``mirror`` adds
+    single-axis flips (also wedge-preserving, but they turn each particle into
+    its mirror image). ``rot90`` adds 90° rotations about Z, which move the
+    tilt axis from Y to X and so the wedge; off unless asked. Intensity:
+    scale in [1 - s, 1 + s], offset in [-o, o] (normalised units) and added
+    Gaussian noise with sigma up to ``noise``.
+    """
+
+    rotate180: bool = True
+    mirror: bool = False
+    rot90: bool = False
+    intensity: bool = True
+    scale: float = 0.1
+    offset: float = 0.1
+    noise: float = 0.1
+
+    def __call__(self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+        flips = []
+        if self.rotate180:
+            # identity or a 180° rotation about Z, Y or X: an even number of axis flips
+            flips = [(), (1, 2), (0, 2), (0, 1)][int(rng.integers(4))]
+        if self.mirror and rng.random() < 0.5:
+            axis = int(rng.integers(3))
+            flips = tuple(sorted(set(flips) ^ {axis}))
+        if flips:
+            image = np.flip(image, flips)
+            labels = np.flip(labels, flips)
+        if self.rot90 and rng.random() < 0.5:
+            image = np.rot90(image, 1, axes=(1, 2))
+            labels = np.rot90(labels, 1, axes=(1, 2))
+        image = np.ascontiguousarray(image)
+        labels = np.ascontiguousarray(labels)
+        if self.intensity:
+            scale = 1 + rng.uniform(-self.scale, self.scale)
+            offset = rng.uniform(-self.offset, self.offset)
+            sigma = rng.uniform(0, self.noise)
+            image = image * np.float32(scale) + np.float32(offset)
+            if sigma > 0:
+                image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(sigma)
+        return image, labels
+
+
+def extract_patch(volume: TrainingVolume, corner: tuple[int, int, int], size: int):
+    """Normalised image (P, P, P) float32 and labels (P, P, P) int64 at ``corner`` (z, y, x)."""
+    z, y, x = corner
+    region = (slice(z, z + size), slice(y, y + size), slice(x, x + size))
+    image = apply_normalization(volume.data[region], volume.stats)
+    labels = np.asarray(volume.label_map[region]).astype(np.int64)
+    return image, labels
+
+
+def centred_corner(centre, shape, size: int, offset=(0, 0, 0)) -> tuple[int, int, int]:
+    """Corner of a ``size``³ patch centred on ``centre`` + ``offset``, moved inside ``shape``."""
+    return tuple(
+        int(np.clip(int(c) + int(o) - size // 2, 0, s - size))
+        for c, o, s in zip(centre, offset, shape, strict=True)
+    )
+
+
+class PatchSampler:
+    """Draw training batches: class-balanced particle patches plus random background patches.
+
+    Parameters
+    ----------
+    volumes : training volumes (patches are cut from these)
+    particles : particle centres to sample around (``volume`` indexes ``volumes``)
+    background_volumes : indices of volumes to cut background patches from
+    patch_size : patch side in voxels
+    background_fraction : probability that a patch is placed at random
+    jitter_voxels : particle patches are shifted by up to this many voxels per axis
+    augmentation : applied to every patch (None: no augmentation)
+    seed : seeds the sampler's own generator (give each process its own)
+    """
+
+    def __init__(
+        self,
+        volumes: list[TrainingVolume],
+        particles: ParticleSet,
+        background_volumes: list[int],
+        patch_size: int,
+        *,
+        background_fraction: float,
+        jitter_voxels: int,
+        augmentation: Augmentation | None,
+        seed: int | np.random.SeedSequence,
+    ):
+        self.volumes = volumes
+        self.particles = particles
+        self.patch_size = int(patch_size)
+        self.background_fraction = float(background_fraction)
+        self.jitter_voxels = int(jitter_voxels)
+        self.augmentation = augmentation
+        self.rng = np.random.default_rng(seed)
+        self.class_labels = sorted(set(particles.label.tolist()))
+        self._by_class = {
+            label: np.flatnonzero(particles.label == label) for label in self.class_labels
+        }
+        self.background_volumes = list(background_volumes)
+        sizes = np.array(
+            [np.prod(volumes[i].shape) for i in self.background_volumes], dtype=np.float64
+        )
+        self._background_p = sizes / sizes.sum() if len(sizes) else None
+
+    # --- state for checkpoints -------------------------------------------------
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+    # --- drawing ---------------------------------------------------------------
+    def _background_corner(self) -> tuple[int, tuple[int, int, int]]:
+        index = self.background_volumes[
+            int(self.rng.choice(len(self.background_volumes), p=self._background_p))
+        ]
+        shape = self.volumes[index].shape
+        corner = tuple(int(self.rng.integers(0, s - self.patch_size + 1)) for s in shape)
+        return index, corner
+
+    def _particle_corner(self) -> tuple[int, tuple[int, int, int]]:
+        label = self.class_labels[int(self.rng.integers(len(self.class_labels)))]  # class-balanced
+        members = self._by_class[label]
+        particle = int(members[int(self.rng.integers(len(members)))])
+        index = int(self.particles.volume[particle])
+        offset = self.rng.integers(-self.jitter_voxels, self.jitter_voxels + 1, size=3)
+        corner = centred_corner(
+            self.particles.zyx[particle], self.volumes[index].shape, self.patch_size, offset
+        )
+        return index, corner
+
+    def next_location(self) -> tuple[int, tuple[int, int, int]]:
+        use_background = self._background_p is not None and (
+            not self.class_labels or self.rng.random() < self.background_fraction
+        )
+        return self._background_corner() if use_background else self._particle_corner()
+
+    def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """A batch: images (B, 1, P, P, P) float32 and labels (B, P, P, P) int64."""
+        size = self.patch_size
+        images = np.empty((batch_size, 1, size, size, size), dtype=np.float32)
+        labels = np.empty((batch_size, size, size, size), dtype=np.int64)
+        for i in range(batch_size):
+            index, corner = self.next_location()
+            image, label = extract_patch(self.volumes[index], corner, size)
+            if self.augmentation is not None:
+                image, label = self.augmentation(image, label, self.rng)
+            images[i, 0] = image
+            labels[i] = label
+        return images, labels
+
+
+def validation_locations(
+    volumes: list[TrainingVolume],
+    particles: ParticleSet,
+    background_volumes: list[int],
+    patch_size: int,
+    *,
+    background_fraction: float,
+    max_patches: int,
+    seed: int,
+) -> list[tuple[int, tuple[int, int, int]]]:
+    """A fixed list of validation patch locations (volume index, corner).
+
+    One patch centred on each validation particle (at most an equal share of
+    ``max_patches`` per class), plus random background patches in the
+    proportion ``background_fraction``.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 104729]))
+    labels = sorted(set(particles.label.tolist()))
+    use_background = bool(background_volumes) and background_fraction > 0
+    particle_share = max_patches * (1 - background_fraction) if use_background else max_patches
+    per_class = max(1, int(particle_share) // max(1, len(labels)))
+    locations = []
+    for label in labels:
+        members = np.flatnonzero(particles.label == label)
+        members = members[rng.permutation(len(members))[:per_class]]
+        for particle in sorted(members.tolist()):
+            index = int(particles.volume[particle])
+            corner = centred_corner(particles.zyx[particle], volumes[index].shape, patch_size)
+            locations.append((index, corner))
+    if use_background:
+        if background_fraction >= 1 or not locations:
+            n_background = max_patches
+        else:
+            n_background = int(
+                round(len(locations) * background_fraction / (1 - background_fraction))
+            )
+        sizes = np.array([np.prod(volumes[i].shape) for i in background_volumes], dtype=np.float64)
+        for _ in range(n_background):
+            index = background_volumes[
+                int(rng.choice(len(background_volumes), p=sizes / sizes.sum()))
+            ]
+            corner = tuple(int(rng.integers(0, s - patch_size + 1)) for s in volumes[index].shape)
+            locations.append((index, corner))
+    return locations

@@ -1,0 +1,435 @@
+"""cryocaps train: data checks, patch sampling, augmentation, loop, checkpoints, exact resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryocaps.errors import CryocapsError
+from cryocaps.io.volumes import write_volume
+from cryocaps.sampling import (
+    Augmentation,
+    ParticleSet,
+    PatchSampler,
+    TrainingVolume,
+    split_particles,
+)
+
+TINY_UNET = ["--model", "unet", "--model-option", "widths=4,4,4"]
+TINY_OPTIONS = {"widths": [4, 4, 4]}
+SHAPE = (24, 40, 40)
+VOXEL = 10.0
+
+
+def _make_dataset(folder: Path, n_tomograms: int = 2, seed: int = 0) -> Path:
+    """Tomograms with dark spheres of two classes (radius 3 and 5 voxels) and their label maps."""
+    rng = np.random.default_rng(seed)
+    (folder / "tomograms").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    zz, yy, xx = np.indices(SHAPE)
+    for t in range(n_tomograms):
+        volume = rng.normal(0, 0.5, SHAPE).astype(np.float32)
+        label_map = np.zeros(SHAPE, np.uint8)
+        grid = [(z, y, x) for z in (7, 16) for y in (8, 20, 32) for x in (8, 20, 32)]
+        order = rng.permutation(len(grid))
+        for k, index in enumerate(order[:8]):
+            label, radius = (1, 3) if k % 2 == 0 else (2, 5)
+            z, y, x = grid[index]
+            inside = (zz - z) ** 2 + (yy - y) ** 2 + (xx - x) ** 2 <= radius**2
+            volume[inside] -= 2.0
+            label_map[inside & (label_map == 0)] = label
+        write_volume(folder / "tomograms" / f"tomo_{t}.mrc", volume, VOXEL)
+        write_volume(folder / "labels" / f"tomo_{t}_labels.mrc", label_map, VOXEL, dtype="uint8")
+    (folder / "classes.csv").write_text("label,name,radius_angstrom\n1,small,30\n2,large,50\n")
+    return folder
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    return _make_dataset(tmp_path / "data")
+
+
+def _config(dataset: Path, out_dir: Path, **overrides):
+    from cryocaps.training import TrainConfig
+
+    settings = dict(
+        tomograms=[dataset / "tomograms"],
+        labels=[dataset / "labels"],
+        out_dir=out_dir,
+        model="unet",
+        model_options=TINY_OPTIONS,
+        patch_size=16,
+        batch_size=2,
+        epochs=2,
+        steps_per_epoch=3,
+        max_val_patches=8,
+        seed=3,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+# --- sampler, split and augmentation -----------------------------------------------
+
+
+def _volume(shape=(20, 30, 30)) -> TrainingVolume:
+    data = np.zeros(shape, np.float32)
+    labels = np.zeros(shape, np.uint8)
+    return TrainingVolume("v", data, labels, {"low": -1, "high": 1, "mean": 0, "std": 1}, 10.0)
+
+
+def test_sampler_is_class_balanced_and_centred():
+    volume = _volume()
+    centres = [(10, 5, 5)] * 9 + [(10, 20, 22)]  # class 1 nine times more common than class 2
+    volume.label_map[10, 5, 5] = 1
+    volume.label_map[10, 20, 22] = 2
+    particles = ParticleSet(np.zeros(10, np.int64), np.array([1] * 9 + [2]), np.array(centres))
+    sampler = PatchSampler(
+        [volume],
+        particles,
+        [0],
+        8,
+        background_fraction=0.0,
+        jitter_voxels=0,
+        augmentation=None,
+        seed=1,
+    )
+    _, labels = sampler.sample(400)
+    centre_values = labels[:, 4, 4, 4]  # patches centred on the particle when it fits
+    counts = np.bincount(centre_values, minlength=3)
+    assert counts[0] == 0
+    assert 150 < counts[2] < 250  # rare class drawn about half the time
+
+
+def test_sampler_background_fraction_and_state_roundtrip():
+    volume = _volume()
+    particles = ParticleSet(np.zeros(1, np.int64), np.array([1]), np.array([[10, 15, 15]]))
+    sampler = PatchSampler(
+        [volume],
+        particles,
+        [0],
+        8,
+        background_fraction=0.25,
+        jitter_voxels=2,
+        augmentation=None,
+        seed=5,
+    )
+    state = sampler.state()
+    locations = [sampler.next_location()[1] for _ in range(800)]
+    near = sum(
+        all(abs(c + 4 - p) <= 2 for c, p in zip(corner, (10, 15, 15), strict=True))
+        for corner in locations
+    )
+    assert 0.68 < near / 800 < 0.82  # ~75% particle patches (a few random ones land near too)
+    sampler.set_state(state)
+    assert [sampler.next_location()[1] for _ in range(800)] == locations
+
+
+def test_augmentation_keeps_wedge_axes_and_handedness():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(6, 6, 6)).astype(np.float32)
+    labels = (image > 0).astype(np.int64)
+    allowed = [np.flip(image, axes) if axes else image for axes in [(), (1, 2), (0, 2), (0, 1)]]
+    augment = Augmentation(intensity=False)
+    seen = set()
+    for _ in range(40):
+        out, out_labels = augment(image, labels, rng)
+        match = [i for i, a in enumerate(allowed) if np.array_equal(out, a)]
+        assert len(match) == 1, "not a 180° rotation about Z, Y or X"
+        assert np.array_equal(out_labels, (out > 0).astype(np.int64))  # labels move with the image
+        seen.add(match[0])
+    assert seen == {0, 1, 2, 3}
+    rot = Augmentation(intensity=False, rotate180=False, rot90=True)
+    outs = [rot(image, labels, rng)[0] for _ in range(20)]
+    assert any(np.array_equal(o, np.rot90(image, 1, axes=(1, 2))) for o in outs)
+
+
+def test_split_is_stratified_and_folds_partition():
+    labels = np.array([1] * 12 + [2] * 6 + [3])
+    particles = ParticleSet(
+        np.zeros(len(labels), np.int64), labels, np.zeros((len(labels), 3), np.int64)
+    )
+    train, val = split_particles(particles, val_fraction=0.17, fold=None, seed=0)
+    assert np.bincount(labels[val], minlength=4).tolist() == [
+        0,
+        2,
+        1,
+        0,
+    ]  # class 3 stays in training
+    assert not (train & val).any()
+    folds = [
+        split_particles(particles, val_fraction=0.17, fold=(k, 6), seed=0)[1] for k in range(1, 7)
+    ]
+    assert np.array_equal(np.sum(folds, axis=0), np.ones(len(labels)))
+
+
+def test_plot_learning_curve(tmp_path):
+    from cryocaps.plots_training import plot_learning_curve
+
+    frame = pd.DataFrame(
+        {
+            "epoch": [1, 2],
+            "train_loss": [1.0, 0.5],
+            "val_loss": [1.1, 0.7],
+            "dice_a": [0.1, 0.4],
+            "mean_dice": [0.1, 0.4],
+        }
+    )
+    frame.to_csv(tmp_path / "metrics.csv", index=False)
+    path = plot_learning_curve(tmp_path / "metrics.csv", tmp_path / "curve.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- the command -------------------------------------------------------------------
+
+
+def test_train_cli_writes_model_metrics_and_run_json(run_cli, dataset, tmp_path):
+    from cryocaps.modelfile import load_model
+
+    out = tmp_path / "run"
+    result = run_cli(
+        "train",
+        "--tomograms",
+        dataset / "tomograms",
+        "--labels",
+        dataset / "labels",
+        "-o",
+        out,
+        *TINY_UNET,
+        "--patch-size",
+        "16",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        "3",
+        "--max-val-patches",
+        "8",
+    )
+    assert result.exit_code == 0, result.output
+    for name in (
+        "config.json",
+        "model.pt",
+        "checkpoint_last.pt",
+        "checkpoint_best.pt",
+        "learning_curve.png",
+    ):
+        assert (out / name).is_file(), name
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["epoch"].tolist() == [1, 2]
+    assert {
+        "train_loss",
+        "val_loss",
+        "dice_small",
+        "dice_large",
+        "mean_dice",
+        "lr",
+        "seconds",
+    } <= set(metrics)
+    assert metrics[["dice_small", "dice_large"]].stack().between(0, 1).all()
+    run = json.loads((out / "run.json").read_text())
+    assert run["results"]["world_size"] == 1
+    assert run["results"]["steps_done"] == 6
+    assert run["results"]["samples_per_second"] > 0
+    model, config = load_model(out)
+    assert config["patch_size"] == 16 and config["voxel_size_angstrom"] == VOXEL
+    assert [c["name"] for c in config["classes"]] == ["small", "large"]
+    assert config["normalization"]["method"] == "percentile_zscore"
+    assert model.config["widths"] == [4, 4, 4]
+    # a second run into the same folder is refused
+    again = run_cli(
+        "train", "-t", dataset / "tomograms", "-l", dataset / "labels", "-o", out, *TINY_UNET
+    )
+    assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_resume_after_signal_matches_uninterrupted_run(dataset, tmp_path):
+    from cryocaps.training import train
+
+    full = train(_config(dataset, tmp_path / "full", epochs=3))
+    assert full["stopped"] == "completed"
+
+    calls = {"n": 0}
+
+    def interrupt_at_step_4(n=1, info=None, total=None):
+        if n == 1:  # one call per step (the first call, n=0, sets the total)
+            calls["n"] += 1
+            if calls["n"] == 4:  # mid-epoch 2
+                os.kill(os.getpid(), signal.SIGINT)
+
+    part = train(_config(dataset, tmp_path / "part", epochs=3), progress=interrupt_at_step_4)
+    assert part["stopped"] == "SIGINT"
+    assert (part["epochs_done"], part["steps_in_partial_epoch"]) == (1, 1)
+    resumed = train(_config(dataset, tmp_path / "part", epochs=3, resume=True))
+    assert resumed["steps_done"] == 9 and resumed["steps_this_run"] == 5
+    a = pd.read_csv(tmp_path / "full" / "metrics.csv")
+    b = pd.read_csv(tmp_path / "part" / "metrics.csv")
+    columns = ["train_loss", "val_loss", "dice_small", "dice_large"]
+    np.testing.assert_allclose(b[columns].to_numpy(), a[columns].to_numpy(), rtol=1e-5)
+
+
+def test_max_minutes_stops_with_a_usable_model(dataset, tmp_path):
+    from cryocaps.modelfile import load_model
+    from cryocaps.training import train
+
+    result = train(_config(dataset, tmp_path / "run", epochs=50, max_minutes=1e-4))
+    assert result["stopped"] == "max_minutes"
+    assert result["steps_done"] == 1
+    load_model(tmp_path / "run")  # weights saved although no epoch finished
+    resumed = train(_config(dataset, tmp_path / "run", epochs=1, resume=True))
+    assert resumed["steps_done"] == 3 and resumed["epochs_done"] == 1
+
+
+# --- bad input: exit 2 and one line --------------------------------------------------
+
+
+def _relabel(dataset: Path, name: str, data: np.ndarray, voxel: float = VOXEL) -> None:
+    write_volume(dataset / "labels" / name, data, voxel, dtype="uint8", overwrite=True)
+
+
+def _bad(run_cli, dataset, out, *extra):
+    result = run_cli(
+        "train",
+        "-t",
+        dataset / "tomograms",
+        "-l",
+        dataset / "labels",
+        "-o",
+        out,
+        *TINY_UNET,
+        "--patch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        *extra,
+    )
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output  # one line (INFO lines may come before it)
+    return errors[0]
+
+
+def test_bad_shape(run_cli, dataset, tmp_path):
+    _relabel(dataset, "tomo_1_labels.mrc", np.zeros((24, 40, 38), np.uint8))
+    assert "shape" in _bad(run_cli, dataset, tmp_path / "o")
+
+
+def test_bad_voxel_size(run_cli, dataset, tmp_path):
+    from cryocaps.io.volumes import read_tomogram
+
+    labels = np.asarray(read_tomogram(dataset / "labels" / "tomo_1_labels.mrc").data)
+    _relabel(dataset, "tomo_1_labels.mrc", labels, voxel=12.0)
+    assert "voxel size" in _bad(run_cli, dataset, tmp_path / "o")
+
+
+def test_label_above_class_table(run_cli, dataset, tmp_path):
+    from cryocaps.io.volumes import read_tomogram
+
+    labels = np.asarray(read_tomogram(dataset / "labels" / "tomo_0_labels.mrc").data).copy()
+    labels[0, 0, 0] = 5
+    _relabel(dataset, "tomo_0_labels.mrc", labels)
+    assert "label value 5" in _bad(run_cli, dataset, tmp_path / "o")
+
+
+def test_class_without_particles(run_cli, dataset, tmp_path):
+    (dataset / "classes.csv").write_text(
+        "label,name,radius_angstrom\n1,small,30\n2,large,50\n3,absent,40\n"
+    )
+    assert "absent" in _bad(run_cli, dataset, tmp_path / "o")
+
+
+def test_patch_larger_than_tomogram(run_cli, dataset, tmp_path):
+    assert "larger than tomogram" in _bad(run_cli, dataset, tmp_path / "o", "--patch-size", "32")
+
+
+def test_tomogram_without_label_map(run_cli, dataset, tmp_path):
+    (dataset / "labels" / "tomo_1_labels.mrc").unlink()
+    assert "no label map" in _bad(run_cli, dataset, tmp_path / "o")
+
+
+def test_resume_without_checkpoint(run_cli, dataset, tmp_path):
+    assert "no checkpoint" in _bad(run_cli, dataset, tmp_path / "o", "--resume")
+
+
+def test_resume_with_another_model(run_cli, dataset, tmp_path):
+    from cryocaps.training import train
+
+    train(_config(dataset, tmp_path / "o", epochs=1, steps_per_epoch=1))
+    output = _bad(run_cli, dataset, tmp_path / "o", "--resume", "--model-option", "widths=4,4,8")
+    assert "options" in output
+
+
+def test_bad_settings(run_cli, dataset, tmp_path):
+    assert "--fold" in _bad(run_cli, dataset, tmp_path / "o", "--fold", "7/6")
+    assert "--model-option" in _bad(run_cli, dataset, tmp_path / "o", "--model-option", "depth=3")
+    assert "--val-tomograms" in _bad(run_cli, dataset, tmp_path / "o", "--val-tomograms", "nope")
+
+
+def test_whole_tomogram_holdout(dataset, tmp_path):
+    from cryocaps.training import prepare_data
+
+    data = prepare_data(_config(dataset, tmp_path / "o", val_tomograms=["tomo_1"]))
+    assert set(data.train_particles.volume.tolist()) == {0}
+    assert set(data.val_particles.volume.tolist()) == {1}
+    assert data.val_volumes == [1]
+    with pytest.raises(CryocapsError):
+        prepare_data(_config(dataset, tmp_path / "o", val_tomograms=["tomo_0", "tomo_1"]))
+
+
+# --- distributed ---------------------------------------------------------------------
+
+
+def test_torchrun_two_processes(dataset, tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "localhost:0",
+        "-m",
+        "cryocaps",
+        "train",
+        "-t",
+        str(dataset / "tomograms"),
+        "-l",
+        str(dataset / "labels"),
+        "-o",
+        str(out),
+        *TINY_UNET,
+        "--patch-size",
+        "16",
+        "--batch-size",
+        "1",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--max-val-patches",
+        "4",
+        "--quiet",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["results"]["world_size"] == 2
+    assert run["results"]["steps_done"] == 2
+    assert len(pd.read_csv(out / "metrics.csv")) == 1
+    assert not list(out.glob("*.part"))
