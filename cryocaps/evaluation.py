@@ -19,9 +19,12 @@ no particles. F-beta = (1 + b²) TP / ((1 + b²) TP + b² FN + FP).
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -380,61 +383,105 @@ def pick_precision_recall(matching: Matching) -> dict[str, dict]:
 # --- voxel level ------------------------------------------------------------
 
 
+class VoxelScores:
+    """Accumulates voxel-level counts (and probability histograms) over label-map pairs.
+
+    Dice/F1 per class between predicted and true label maps and, when probabilities
+    are added, the voxel precision-recall curve over ``n_bins`` probability bins
+    (exact for float16 maps at 2048 bins, up to ties inside a bin).
+    """
+
+    def __init__(self, classes: ClassTable, n_bins: int = 2048):
+        self.classes = classes
+        self.n_bins = n_bins
+        self.counts = {c.name: np.zeros(3, dtype=np.int64) for c in classes}  # tp, fp, fn
+        self.total = 0
+        self.histograms: dict[str, np.ndarray] | None = None  # name -> (2, n_bins): positives, negatives
+        self.without_probabilities = 0
+
+    def add(self, label_pred: np.ndarray, label_true: np.ndarray, probabilities: np.ndarray | None = None) -> None:
+        """Add one tomogram: (Z, Y, X) label maps, optional (C, Z, Y, X) probabilities (channel = label)."""
+        if label_pred.shape != label_true.shape:
+            raise CryocapsError(
+                f"label maps differ in shape: predicted {label_pred.shape}, true {label_true.shape}"
+            )
+        pred, true = _labels(label_pred), _labels(label_true)
+        if probabilities is not None:
+            if probabilities.ndim != 4 or tuple(probabilities.shape[1:]) != pred.shape:
+                raise CryocapsError(
+                    f"probability map shape {probabilities.shape} does not fit labels {pred.shape}"
+                )
+            if probabilities.shape[0] < self.classes.n_labels:
+                raise CryocapsError(
+                    f"probability map has {probabilities.shape[0]} channels; need {self.classes.n_labels}"
+                )
+            if self.histograms is None:
+                self.histograms = {c.name: np.zeros((2, self.n_bins), dtype=np.int64) for c in self.classes}
+        else:
+            self.without_probabilities += 1
+        self.total += pred.size
+        for particle_class in self.classes:
+            in_pred = pred == particle_class.label
+            in_true = true == particle_class.label
+            tp = int(np.count_nonzero(in_pred & in_true))
+            self.counts[particle_class.name] += [
+                tp,
+                int(np.count_nonzero(in_pred)) - tp,
+                int(np.count_nonzero(in_true)) - tp,
+            ]
+            if probabilities is not None:
+                self.histograms[particle_class.name] += _histograms(
+                    probabilities[particle_class.label], in_true, self.n_bins
+                )
+
+    def result(self) -> dict:
+        """{"classes": {name: {dice, precision, recall, tp_voxels, fp_voxels, fn_voxels,
+        positive_fraction[, auprc, auprc_baseline]}}, "macro": {dice[, auprc, auprc_baseline]}}.
+
+        AUPRC is reported only when every tomogram came with probabilities; its chance
+        level (a random score) is the positive fraction, as in the paper.
+        """
+        with_auprc = self.histograms is not None and self.without_probabilities == 0
+        classes = {}
+        for name, (tp, fp, fn) in self.counts.items():
+            entry = {
+                "dice": fbeta_score(tp, fp, fn, 1.0),
+                "precision": tp / (tp + fp) if tp + fp else 0.0,
+                "recall": tp / (tp + fn) if tp + fn else 0.0,
+                "tp_voxels": int(tp),
+                "fp_voxels": int(fp),
+                "fn_voxels": int(fn),
+                "positive_fraction": (tp + fn) / self.total if self.total else 0.0,
+            }
+            if with_auprc:
+                entry["auprc"] = _histogram_auprc(*self.histograms[name])
+                entry["auprc_baseline"] = entry["positive_fraction"]
+            classes[name] = entry
+        macro = {"dice": float(np.mean([e["dice"] for e in classes.values()]))}
+        if with_auprc:
+            macro["auprc"] = float(np.mean([e["auprc"] for e in classes.values()]))
+            macro["auprc_baseline"] = float(np.mean([e["auprc_baseline"] for e in classes.values()]))
+        return {"classes": classes, "macro": macro}
+
+
 def voxel_metrics(
     label_pred: np.ndarray,
     label_true: np.ndarray,
     classes: ClassTable,
     probabilities: np.ndarray | None = None,
-    n_bins: int = 2048,
 ) -> dict:
     """Voxel-level Dice/F1 per class, and voxel AUPRC with its chance level given probabilities.
 
     Parameters
     ----------
     label_pred, label_true : (Z, Y, X) label maps (0 = background)
-    probabilities : optional (C, Z, Y, X), channel = label; the precision-recall curve
-        is computed over ``n_bins`` probability bins (exact for float16 maps at the
-        default 2048 bins up to ties inside a bin)
+    probabilities : optional (C, Z, Y, X), channel = label
 
-    Returns {"classes": {name: {dice, precision, recall, tp_voxels, fp_voxels,
-    fn_voxels, positive_fraction[, auprc, auprc_baseline]}}, "macro": {dice[, auprc]}}.
+    Returns the dict of :meth:`VoxelScores.result`.
     """
-    if label_pred.shape != label_true.shape:
-        raise CryocapsError(f"label maps differ in shape: predicted {label_pred.shape}, true {label_true.shape}")
-    pred = _labels(label_pred)
-    true = _labels(label_true)
-    if probabilities is not None:
-        if probabilities.ndim != 4 or probabilities.shape[1:] != pred.shape:
-            raise CryocapsError(f"probability map shape {probabilities.shape} does not fit labels {pred.shape}")
-        if probabilities.shape[0] < classes.n_labels:
-            raise CryocapsError(f"probability map has {probabilities.shape[0]} channels; need {classes.n_labels}")
-    result = {}
-    total = pred.size
-    for particle_class in classes:
-        label = particle_class.label
-        in_pred = pred == label
-        in_true = true == label
-        tp = int(np.count_nonzero(in_pred & in_true))
-        fp = int(np.count_nonzero(in_pred)) - tp
-        fn = int(np.count_nonzero(in_true)) - tp
-        entry = {
-            "dice": fbeta_score(tp, fp, fn, 1.0),
-            "precision": tp / (tp + fp) if tp + fp else 0.0,
-            "recall": tp / (tp + fn) if tp + fn else 0.0,
-            "tp_voxels": tp,
-            "fp_voxels": fp,
-            "fn_voxels": fn,
-            "positive_fraction": (tp + fn) / total,
-        }
-        if probabilities is not None:
-            entry["auprc"] = _binned_auprc(probabilities[label], in_true, n_bins)
-            entry["auprc_baseline"] = entry["positive_fraction"]
-        result[particle_class.name] = entry
-    macro = {"dice": float(np.mean([e["dice"] for e in result.values()]))}
-    if probabilities is not None:
-        macro["auprc"] = float(np.mean([e["auprc"] for e in result.values()]))
-        macro["auprc_baseline"] = float(np.mean([e["auprc_baseline"] for e in result.values()]))
-    return {"classes": result, "macro": macro}
+    scores = VoxelScores(classes)
+    scores.add(label_pred, label_true, probabilities)
+    return scores.result()
 
 
 def _labels(array: np.ndarray) -> np.ndarray:
@@ -442,22 +489,288 @@ def _labels(array: np.ndarray) -> np.ndarray:
     return array.view(np.uint8) if array.dtype == np.int8 else array
 
 
-def _binned_auprc(probability: np.ndarray, positive: np.ndarray, n_bins: int) -> float:
-    positives = np.zeros(n_bins, dtype=np.int64)
-    negatives = np.zeros(n_bins, dtype=np.int64)
+def _histograms(probability: np.ndarray, positive: np.ndarray, n_bins: int) -> np.ndarray:
+    counts = np.zeros((2, n_bins), dtype=np.int64)
     for z in range(0, probability.shape[0], 16):  # slabs: memory stays small for big maps
         values = np.asarray(probability[z : z + 16], dtype=np.float32)
         bins = np.clip((values * n_bins).astype(np.int64), 0, n_bins - 1)
         truth = positive[z : z + 16]
-        positives += np.bincount(bins[truth], minlength=n_bins)
-        negatives += np.bincount(bins[~truth], minlength=n_bins)
+        counts[0] += np.bincount(bins[truth], minlength=n_bins)
+        counts[1] += np.bincount(bins[~truth], minlength=n_bins)
+    return counts
+
+
+def _histogram_auprc(positives: np.ndarray, negatives: np.ndarray) -> float:
     n_positive = int(positives.sum())
     if n_positive == 0:
         return 0.0
     # Highest bin first: each bin is one threshold.
     tp = np.cumsum(positives[::-1])
     fp = np.cumsum(negatives[::-1])
-    nonempty = (tp + fp) > 0
-    precision = np.where(nonempty, tp / np.maximum(tp + fp, 1), 0.0)
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
     recall = tp / n_positive
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def evaluate_label_files(
+    predicted: Sequence[str | os.PathLike],
+    true: Sequence[str | os.PathLike],
+    classes: ClassTable,
+    *,
+    use_probabilities: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict, list[str]]:
+    """Voxel scores of predicted label maps against true ones, paired by tomogram name.
+
+    ``<tomo>_labels.mrc`` pairs with ``<tomo>.mrc`` or ``<tomo>_labels.mrc``;
+    ``<tomo>_probs.mrc`` beside a predicted map adds voxel AUPRC. Returns
+    (:meth:`VoxelScores.result`, tomogram names scored).
+    """
+    from cryocaps.io.volumes import base_tomogram_name, read_tomogram, tomogram_name
+    from cryocaps.picking import companion_path
+
+    def by_name(paths, flag):
+        table = {}
+        for path in map(Path, paths):
+            name = base_tomogram_name(tomogram_name(path))
+            if name in table:
+                raise CryocapsError(f"{flag}: two label maps for tomogram {name!r}: {table[name]} and {path}")
+            table[name] = path
+        return table
+
+    predicted_maps = by_name(predicted, "--labels-pred")
+    true_maps = by_name(true, "--labels-true")
+    common = sorted(set(predicted_maps) & set(true_maps))
+    if not common:
+        raise CryocapsError(
+            "--labels-pred and --labels-true share no tomogram: predicted "
+            f"{_few(predicted_maps)}, true {_few(true_maps)}"
+        )
+    for name in sorted(set(predicted_maps) ^ set(true_maps)):
+        log.warning("tomogram %s has no %s label map; skipped", name,
+                    "true" if name in predicted_maps else "predicted")
+    scores = VoxelScores(classes)
+    for name in common:
+        pred = read_tomogram(predicted_maps[name])
+        true_map = read_tomogram(true_maps[name])
+        if abs(pred.voxel_size_angstrom - true_map.voxel_size_angstrom) > 1e-3 * true_map.voxel_size_angstrom:
+            log.warning(
+                "%s: voxel size %g Å differs from %s (%g Å)", predicted_maps[name], pred.voxel_size_angstrom,
+                true_maps[name], true_map.voxel_size_angstrom,
+            )
+        probabilities = None
+        probs_path = companion_path(predicted_maps[name], "probs") if use_probabilities else None
+        if probs_path is not None:
+            probabilities = read_tomogram(
+                probs_path, allow_stack=True, mmap=True, check_finite=False,
+                voxel_size_angstrom=pred.voxel_size_angstrom,
+            ).data
+        try:
+            scores.add(pred.data, true_map.data, probabilities)
+        except CryocapsError as error:
+            raise CryocapsError(f"{predicted_maps[name]}: {error}") from None
+        if progress is not None:
+            progress(name)
+    return scores.result(), common
+
+
+# --- files and reports --------------------------------------------------------
+
+
+def read_pick_file(path: str | os.PathLike, **read_options) -> pd.DataFrame:
+    """Read a particle file; an empty file (0 bytes or no rows) is an empty table, with a warning."""
+    from cryocaps.io.particles import empty_table, read_particles
+
+    path = Path(path)
+    if path.is_file() and not path.read_bytes()[:4096].strip():
+        log.warning("%s is empty: no picks, so every particle counts as missed (F1 = 0)", path)
+        return empty_table()
+    table = read_particles(path, **read_options)
+    if table.empty:
+        log.warning("%s holds no particles: every particle counts as missed (F1 = 0)", path)
+    return table
+
+
+def evaluate_files(
+    picks_path: str | os.PathLike,
+    truth_path: str | os.PathLike,
+    classes: ClassTable,
+    *,
+    voxel_size_angstrom: float | None = None,
+    tomograms=None,
+    tolerance_fraction: float = 0.5,
+    beta: float = 1.0,
+    coords_pixel_size_angstrom: float | None = None,
+) -> tuple[dict, Matching]:
+    """Read a pick file and a truth file (any format) and score them (see :func:`evaluate_picks`).
+
+    The voxel size that turns class radii into voxels is ``voxel_size_angstrom`` when
+    given, else each tomogram's own from ``tomograms`` (list of TomogramInfo).
+    Returns (scores dict, :class:`Matching`).
+    """
+    if voxel_size_angstrom is None and not tomograms:
+        raise CryocapsError(
+            "need the voxel size to turn class radii (Å) into voxels: give --voxel-size-angstrom "
+            "or the tomograms with --tomograms"
+        )
+    options = {
+        "tomograms": tomograms,
+        "classes": classes,
+        "coords_pixel_size_angstrom": coords_pixel_size_angstrom,
+    }
+    picks = read_pick_file(picks_path, **options)
+    truth = read_particles_checked(truth_path, options)
+    voxel_sizes = (
+        voxel_size_angstrom
+        if voxel_size_angstrom is not None
+        else {info.name: info.voxel_size_angstrom for info in tomograms}
+    )
+    try:
+        matching = match_picks(picks, truth, classes, voxel_sizes, tolerance_fraction)
+    except CryocapsError as error:
+        raise CryocapsError(f"{picks_path} vs {truth_path}: {error}") from None
+    return summarize(matching, beta), matching
+
+
+def read_particles_checked(path, options: dict) -> pd.DataFrame:
+    from cryocaps.io.particles import read_particles
+
+    table = read_particles(path, **options)
+    if table.empty:
+        log.warning("%s holds no true particles: every pick counts as a false positive", path)
+    return table
+
+
+def overlay_panels(
+    volume: np.ndarray,
+    matching: Matching,
+    tomo: str,
+    voxel_size_angstrom: float,
+    n_slices: int = 3,
+) -> list[tuple[np.ndarray, list, str]]:
+    """Slabs of a tomogram with its picks and particles as circles, for :func:`plots.plot_overlay`.
+
+    The slabs are centred on the quartiles of the particles' z (spread over the
+    tomogram when it has none) and average a few slices (half the smallest class
+    radius each side). A particle is drawn on a slab when its sphere cuts the
+    slab's centre plane, with the radius of that cross-section: picks as true or
+    false positives, missed particles as false negatives.
+    """
+    from cryocaps.plots import Circle
+
+    picks = matching.picks[matching.picks["tomo"] == tomo]
+    truth = matching.truth[matching.truth["tomo"] == tomo]
+    radii = {c.name: c.radius_voxels(voxel_size_angstrom) for c in matching.classes}
+    depth = volume.shape[0]
+    reference = truth if len(truth) else picks
+    quantiles = (np.arange(1, n_slices + 1) / (n_slices + 1))
+    if len(reference):
+        centres = np.quantile(reference["z"].to_numpy(), quantiles)
+    else:
+        centres = quantiles * depth
+    half = max(1, int(round(min(radii.values()) / 2)))
+    show_class = len(matching.classes) > 1
+    panels = []
+    for z in sorted({int(np.clip(round(c), 0, depth - 1)) for c in centres}):
+        low, high = max(0, z - half), min(depth, z + half + 1)
+        image = np.asarray(volume[low:high], dtype=np.float32).mean(axis=0)
+        circles = []
+        for frame in (picks, truth[truth["status"] == "fn"]):  # status: tp/fp for picks, fn for misses
+            for row in frame.itertuples(index=False):
+                radius = radii[row.class_name]
+                dz = abs(row.z - z)
+                if dz >= radius:
+                    continue
+                section = max(1.5, float(np.sqrt(radius**2 - dz**2)))
+                circles.append(Circle(row.x, row.y, section, row.status, row.class_name if show_class else ""))
+        counts = {k: sum(c.outcome == k for c in circles) for k in ("tp", "fp", "fn")}
+        title = f"z = {z} (mean of z {low}-{high - 1}): {counts['tp']} TP, {counts['fp']} FP, {counts['fn']} FN"
+        panels.append((image, circles, title))
+    return panels
+
+
+REPORT_FILES = ("report.json", "confusion.csv", "pr_curve.png", "matches.csv")
+
+
+def write_report(
+    report_dir: str | os.PathLike,
+    scores: dict,
+    matching: Matching,
+    *,
+    parameters: dict | None = None,
+    overlays: Sequence[str | os.PathLike] = (),
+    overlay_voxel_size_angstrom: float | None = None,
+    n_slices: int = 3,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write report.json, confusion.csv, pr_curve.png, matches.csv and overlay_<tomo>.png.
+
+    ``overlays`` are tomogram MRC files whose picks are drawn (``overlay_<name>.png``).
+    Existing files are refused unless ``overwrite``. Returns the files written.
+    """
+    from cryocaps.io.files import check_writable, write_text_atomic
+    from cryocaps.io.volumes import read_tomogram, tomogram_name
+    from cryocaps.plots import plot_overlay, plot_precision_recall
+
+    report_dir = Path(report_dir)
+    overlay_names = [f"overlay_{tomogram_name(p)}.png" for p in overlays]
+    for name in (*REPORT_FILES, *overlay_names):
+        check_writable(report_dir / name, overwrite)
+    curves = pick_precision_recall(matching)
+    confusion = confusion_table(matching)
+    report = {
+        **scores,
+        "auprc": {name: curve["auprc"] for name, curve in curves.items()},
+        "confusion": {row: {col: int(v) for col, v in values.items()} for row, values in confusion.iterrows()},
+        "per_tomogram": _per_tomogram(matching),
+        "parameters": parameters or {},
+    }
+    written = [
+        write_text_atomic(report_dir / "report.json", json.dumps(report, indent=2) + "\n"),
+        write_text_atomic(report_dir / "confusion.csv", confusion.to_csv()),
+        plot_precision_recall(curves, report_dir / "pr_curve.png"),
+        write_text_atomic(report_dir / "matches.csv", _matches_csv(matching)),
+    ]
+    for path, name in zip(overlays, overlay_names, strict=True):
+        tomogram = read_tomogram(path, mmap=True, voxel_size_angstrom=overlay_voxel_size_angstrom)
+        try:
+            tomo = tomogram_name(path)
+            if tomo not in set(matching.truth["tomo"]) | set(matching.picks["tomo"]):
+                raise CryocapsError(
+                    f"--overlay {path}: tomogram {tomo!r} has no picks or particles "
+                    f"(tomograms: {_few(set(matching.truth['tomo']))})"
+                )
+            panels = overlay_panels(tomogram.data, matching, tomo, tomogram.voxel_size_angstrom, n_slices)
+        finally:
+            tomogram.close()
+        title = f"{tomo}: picks against truth (tolerance {matching.tolerance_fraction:g} × radius)"
+        written.append(plot_overlay(panels, report_dir / name, title=title))
+    return written
+
+
+def _per_tomogram(matching: Matching) -> dict:
+    result = {}
+    for tomo in sorted(set(matching.truth["tomo"]) | set(matching.picks["tomo"])):
+        picks = matching.picks[matching.picks["tomo"] == tomo]
+        truth = matching.truth[matching.truth["tomo"] == tomo]
+        tp = int((picks["status"] == "tp").sum())
+        fp = len(picks) - tp
+        fn = int((truth["status"] == "fn").sum())
+        result[tomo] = {"tp": tp, "fp": fp, "fn": fn, "f1": fbeta_score(tp, fp, fn)}
+    return result
+
+
+def _matches_csv(matching: Matching) -> str:
+    """Every pick and every missed particle, one row each, with its outcome."""
+    columns = ["tomo", "class_name", "x", "y", "z", "score"]
+    picks = matching.picks[columns].assign(
+        source="pick",
+        outcome=matching.picks["status"],
+        distance=matching.picks["distance"],
+        duplicate=matching.picks["duplicate"],
+        confused_with=matching.picks["confused_with"],
+    )
+    missed = matching.truth[matching.truth["status"] == "fn"][columns].assign(
+        source="truth", outcome="fn", distance=np.nan, duplicate=False, confused_with=""
+    )
+    return pd.concat([picks, missed], ignore_index=True).to_csv(index=False, float_format="%.3f")

@@ -1,0 +1,189 @@
+"""Turn label maps into particle picks (one pick per particle), in any particle format.
+
+Reads <tomo>_labels.mrc maps (files or folders) and, when present beside them,
+<tomo>_probs.mrc (class probabilities) or <tomo>_score.mrc for the pick scores.
+Methods: components (connected components, touching particles split by a
+distance-transform watershed; the default, most accurate on noisy segmentations),
+meanshift (bandwidth = class radius) and peaks (non-maximum suppression of the
+probability map). Picks smaller than --min-size-fraction of the class's sphere
+volume, or scoring below --min-score, are dropped. Classes come from --classes,
+else classes.csv beside the maps. Writes run.json beside OUT.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cryocaps.cli.common import (
+    ClassesOption,
+    Overwrite,
+    Quiet,
+    RadiusOption,
+    Verbose,
+    VoxelSize,
+    collect_mrc_files,
+    command_line,
+    is_quiet,
+    print_table,
+    progress,
+    setup_logging,
+)
+from cryocaps.errors import CryocapsError
+
+FORMAT_NAMES = ("relion5", "relion4", "relion3", "stopgap", "dynamo", "csv")
+METHOD_NAMES = ("components", "meanshift", "peaks")
+
+
+def command(
+    maps: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Label maps <tomo>_labels.mrc, or folders of them (a folder's *_labels.mrc files, "
+            "else all its MRC files)."
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output particle file (.star, .tbl, .csv).")],
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="Output format: relion5, relion4, relion3, stopgap, dynamo or csv. "
+            "[default: from the extension of -o: .star relion5, .tbl dynamo, .csv csv]",
+        ),
+    ] = None,
+    method: Annotated[
+        str,
+        typer.Option("--method", help="Picking method: components, meanshift or peaks. [default: components]"),
+    ] = "components",
+    classes: ClassesOption = None,
+    radius_angstrom: RadiusOption = None,
+    min_size_fraction: Annotated[
+        float,
+        typer.Option(
+            "--min-size-fraction",
+            help="Drop picks with fewer voxels than this fraction of the class's sphere volume "
+            "(4/3 pi r^3). [default: 0.25]",
+        ),
+    ] = 0.25,
+    min_score: Annotated[
+        float | None,
+        typer.Option(
+            "--min-score",
+            help="Drop picks scoring below this (mean class probability 0-1 with probability maps, "
+            "else the size in voxels). [default: keep all]",
+        ),
+    ] = None,
+    use_probabilities: Annotated[
+        bool,
+        typer.Option(
+            "--probabilities/--no-probabilities",
+            help="Use <tomo>_probs.mrc / <tomo>_score.mrc beside the label maps for scores. [default: on]",
+        ),
+    ] = True,
+    voxel_size_angstrom: VoxelSize = None,
+    coords_pixel_size_angstrom: Annotated[
+        float | None,
+        typer.Option(
+            "--coords-pixel-size-angstrom",
+            help="Write RELION 3/4, STOPGAP and Dynamo coordinates in pixels of this size (Å). "
+            "[default: the label maps' voxels]",
+        ),
+    ] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    setup_logging(quiet, verbose)
+    from cryocaps.classes import load_class_table
+    from cryocaps.io.files import check_writable
+    from cryocaps.io.particles import write_particles
+    from cryocaps.picking import find_classes_beside, pick_files, summary_by_class
+    from cryocaps.runinfo import write_run_json
+
+    started = time.time()
+    if format is not None and format not in FORMAT_NAMES:
+        raise CryocapsError(f"--format {format!r}: unknown format; use one of {', '.join(FORMAT_NAMES)}")
+    if method not in METHOD_NAMES:
+        raise CryocapsError(f"--method {method!r}: use one of {', '.join(METHOD_NAMES)}")
+    label_paths = _label_maps(maps, collect_mrc_files)
+    if classes is None and radius_angstrom is None:
+        classes = find_classes_beside(label_paths)
+        if classes is None:
+            raise CryocapsError(
+                "no class table: give --classes classes.csv (or --radius-angstrom for one class); "
+                f"none found beside {label_paths[0]}"
+            )
+    class_table = load_class_table(classes, radius_angstrom)
+    check_writable(output, overwrite)
+
+    with progress("Picking", total=len(label_paths)) as advance:
+        picks, infos, inputs = pick_files(
+            label_paths,
+            class_table,
+            method=method,
+            min_size_fraction=min_size_fraction,
+            min_score=min_score,
+            use_probabilities=use_probabilities,
+            voxel_size_angstrom=voxel_size_angstrom,
+            progress=lambda tomo: advance(info=tomo),
+        )
+    picking_seconds = time.time() - started
+    write_particles(
+        picks,
+        output,
+        format=format,
+        tomograms=infos,
+        classes=class_table,
+        coords_pixel_size_angstrom=coords_pixel_size_angstrom,
+        overwrite=overwrite,
+    )
+    summary = summary_by_class(picks, class_table)
+    write_run_json(
+        output.parent,
+        command=command_line(),
+        inputs=[*inputs, *([classes] if classes else [])],
+        outputs=[output],
+        parameters={
+            "method": method,
+            "min_size_fraction": min_size_fraction,
+            "min_score": min_score,
+            "format": format or output.suffix,
+            "use_probabilities": use_probabilities,
+            "classes": class_table.to_records(),
+        },
+        timings={"picking": round(picking_seconds, 3), "total": round(time.time() - started, 3)},
+        results={"picks": len(picks), "per_class": summary.to_dict(orient="records")},
+        started=started,
+    )
+    if not is_quiet():
+        rows = [
+            [r.class_name, int(r.picks), int(r.tomograms), r.median_score, r.median_size_voxels]
+            for r in summary.itertuples()
+        ]
+        print_table(
+            f"{len(picks)} picks from {len(label_paths)} map(s) -> {output}",
+            ["class", "picks", "tomograms", "median score", "median size (voxels)"],
+            rows,
+        )
+
+
+def _label_maps(maps: list[Path], collect) -> list[Path]:
+    """Files as given; from a folder its *_labels maps (else every MRC file in it)."""
+    from cryocaps.io.volumes import tomogram_name
+
+    paths: list[Path] = []
+    for path in maps:
+        if path.is_dir():
+            found = collect([path], "MAPS")
+            labels = [p for p in found if tomogram_name(p).endswith("_labels")]
+            others = [p for p in found if not tomogram_name(p).endswith(("_probs", "_score"))]
+            paths.extend(labels or others)
+        else:
+            paths.extend(collect([path], "MAPS"))
+    if not paths:
+        raise CryocapsError(f"no label maps found in {', '.join(map(str, maps))}")
+    return paths

@@ -1,0 +1,266 @@
+"""Score picks against ground truth: per-class TP/FP/FN, precision, recall, F1, F-beta.
+
+Picks and true particles (any particle format) are matched one to one per
+tomogram and class (Hungarian algorithm) within --tolerance-fraction x the
+class radius. Picks on a particle of another class count as class confusions.
+--json prints {"classes": ..., "macro": ..., "micro": ...} alone on stdout.
+-o REPORT_DIR writes report.json, confusion.csv, pr_curve.png (precision-recall
+over pick scores, AUPRC in the legend), matches.csv, overlay PNGs (--overlay)
+and run.json. With --labels-pred/--labels-true instead of PICKS TRUTH: voxel
+Dice per class and, with <tomo>_probs.mrc beside the predicted maps, voxel AUPRC
+next to its chance level (the positive fraction).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cryocaps.cli.common import (
+    ClassesOption,
+    Overwrite,
+    Quiet,
+    RadiusOption,
+    Verbose,
+    VoxelSize,
+    collect_mrc_files,
+    command_line,
+    is_quiet,
+    print_table,
+    setup_logging,
+    stdout_console,
+)
+from cryocaps.errors import CryocapsError
+
+
+def command(
+    picks: Annotated[Path | None, typer.Argument(help="Picks to score (.star, .tbl, .csv).")] = None,
+    truth: Annotated[Path | None, typer.Argument(help="Ground-truth particles (.star, .tbl, .csv).")] = None,
+    classes: ClassesOption = None,
+    radius_angstrom: RadiusOption = None,
+    tolerance_fraction: Annotated[
+        float,
+        typer.Option(
+            "--tolerance-fraction",
+            help="A pick matches a particle within this fraction of the class radius. [default: 0.5]",
+        ),
+    ] = 0.5,
+    beta: Annotated[
+        float,
+        typer.Option("--beta", help="beta of the F-beta score (the CZII challenge uses 4). [default: 1]"),
+    ] = 1.0,
+    report_dir: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Report folder for report.json, PNGs and CSVs. [default: none]"),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the scores as JSON on stdout (nothing else). [default: off]")
+    ] = False,
+    voxel_size_angstrom: VoxelSize = None,
+    tomograms: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--tomograms",
+            help="Tomogram MRC files, folders of them, or a RELION 5 tomograms.star (repeatable): voxel "
+            "sizes (class radii in voxels), sizes for RELION 5 coordinates. [default: none]",
+        ),
+    ] = None,
+    coords_pixel_size_angstrom: Annotated[
+        float | None,
+        typer.Option(
+            "--coords-pixel-size-angstrom",
+            help="Pixel size (Å) of the coordinates in RELION 3/4, STOPGAP and Dynamo files. "
+            "[default: rlnTomoTiltSeriesPixelSize for RELION 4, else the tomograms' voxels]",
+        ),
+    ] = None,
+    overlay: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--overlay",
+            help="Tomogram MRC to draw picks on (repeatable): REPORT_DIR/overlay_<tomo>.png with true "
+            "positives, false positives and misses circled. Needs -o. [default: none]",
+        ),
+    ] = None,
+    overlay_slices: Annotated[
+        int, typer.Option("--overlay-slices", help="Slabs per overlay figure. [default: 3]")
+    ] = 3,
+    labels_pred: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--labels-pred",
+            help="Predicted label maps (files or folders; repeatable) for voxel-level scores. [default: none]",
+        ),
+    ] = None,
+    labels_true: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--labels-true",
+            help="True label maps (files or folders; repeatable), paired by tomogram name. [default: none]",
+        ),
+    ] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    setup_logging(quiet, verbose)
+    from cryocaps.classes import load_class_table
+    from cryocaps.picking import find_classes_beside
+    from cryocaps.runinfo import write_run_json
+
+    started = time.time()
+    voxel_mode = bool(labels_pred or labels_true)
+    if voxel_mode:
+        if picks is not None or truth is not None:
+            raise CryocapsError("give either PICKS TRUTH or --labels-pred/--labels-true, not both")
+        if not labels_pred or not labels_true:
+            raise CryocapsError("voxel scores need both --labels-pred and --labels-true")
+        if overlay:
+            raise CryocapsError("--overlay draws picks: it needs PICKS TRUTH, not label maps")
+    elif picks is None or truth is None:
+        raise CryocapsError("give PICKS and TRUTH particle files (or --labels-pred and --labels-true)")
+    if overlay and report_dir is None:
+        raise CryocapsError("--overlay writes PNGs into the report folder: give -o REPORT_DIR")
+    if not tolerance_fraction > 0:
+        raise CryocapsError(f"--tolerance-fraction must be > 0, got {tolerance_fraction}")
+    if not beta > 0:
+        raise CryocapsError(f"--beta must be > 0, got {beta}")
+    if overlay_slices < 1:
+        raise CryocapsError(f"--overlay-slices must be >= 1, got {overlay_slices}")
+
+    if classes is None and radius_angstrom is None:
+        near = [labels_true[0]] if voxel_mode else [truth, picks]
+        classes = find_classes_beside(near)
+        if classes is None:
+            raise CryocapsError(
+                f"no class table: give --classes classes.csv (or --radius-angstrom); none found beside {near[0]}"
+            )
+    class_table = load_class_table(classes, radius_angstrom)
+    parameters = {
+        "tolerance_fraction": tolerance_fraction,
+        "beta": beta,
+        "voxel_size_angstrom": voxel_size_angstrom,
+        "classes": class_table.to_records(),
+    }
+    if voxel_mode:
+        _voxel_scores(labels_pred, labels_true, class_table, as_json, report_dir, parameters, started, overwrite)
+        return
+
+    from cryocaps.evaluation import evaluate_files, write_report
+    from cryocaps.io.particles import tomogram_infos
+
+    infos = tomogram_infos(tomograms) if tomograms else None
+    if overlay and infos is None and voxel_size_angstrom is None:
+        infos = tomogram_infos(overlay)  # the overlay tomograms give the voxel size
+    for path in (picks, truth):
+        if not path.exists():
+            raise CryocapsError(f"{path}: no such particle file")
+    scores, matching = evaluate_files(
+        picks,
+        truth,
+        class_table,
+        voxel_size_angstrom=voxel_size_angstrom,
+        tomograms=infos,
+        tolerance_fraction=tolerance_fraction,
+        beta=beta,
+        coords_pixel_size_angstrom=coords_pixel_size_angstrom,
+    )
+    if report_dir is not None:
+        written = write_report(
+            report_dir,
+            scores,
+            matching,
+            parameters=parameters,
+            overlays=overlay or [],
+            overlay_voxel_size_angstrom=voxel_size_angstrom,
+            n_slices=overlay_slices,
+            overwrite=overwrite,
+        )
+        write_run_json(
+            report_dir,
+            command=command_line(),
+            inputs=[picks, truth, *(tomograms or []), *(overlay or []), *([classes] if classes else [])],
+            outputs=written,
+            parameters=parameters,
+            timings={"total": round(time.time() - started, 3)},
+            results={"macro": scores["macro"], "micro": scores["micro"]},
+            started=started,
+        )
+    if as_json:
+        typer.echo(json.dumps(scores))
+        return
+    if not is_quiet():
+        _print_scores(scores, beta)
+        if report_dir is not None:
+            stdout_console.print(f"Report written to {report_dir}")
+
+
+def _print_scores(scores: dict, beta: float) -> None:
+    with_fbeta = beta != 1.0
+    columns = ["class", "picks", "truth", "TP", "FP", "FN", "precision", "recall", "F1"]
+    columns += [f"F{beta:g}"] if with_fbeta else []
+    columns += ["duplicates", "confused"]
+    rows = []
+    for name, entry in scores["classes"].items():
+        values = [entry[k] if entry[k] is not None else "-" for k in ("precision", "recall", "f1", "fbeta")]
+        row = [name, entry["n_picks"], entry["n_truth"], entry["tp"], entry["fp"], entry["fn"], *values[:3]]
+        row += [values[3]] if with_fbeta else []
+        rows.append(row + [entry["duplicates"], entry["confused"]])
+    for label in ("macro", "micro"):
+        entry = scores[label]
+        counts = [entry["tp"], entry["fp"], entry["fn"]] if label == "micro" else ["", "", ""]
+        row = [f"{label} mean", "", "", *counts, entry["precision"], entry["recall"], entry["f1"]]
+        row += [entry["fbeta"]] if with_fbeta else []
+        rows.append(row + ["", ""])
+    print_table("Particle picking scores", columns, rows)
+
+
+def _voxel_scores(labels_pred, labels_true, class_table, as_json, report_dir, parameters, started, overwrite) -> None:
+    from cryocaps.evaluation import evaluate_label_files
+    from cryocaps.io.files import check_writable, write_text_atomic
+    from cryocaps.io.volumes import tomogram_name
+    from cryocaps.runinfo import write_run_json
+
+    predicted = collect_mrc_files(labels_pred, "--labels-pred")
+    predicted = [p for p in predicted if not tomogram_name(p).endswith(("_probs", "_score"))]
+    true = collect_mrc_files(labels_true, "--labels-true")
+    if report_dir is not None:
+        check_writable(report_dir / "voxel_report.json", overwrite)
+    scores, names = evaluate_label_files(predicted, true, class_table)
+    if report_dir is not None:
+        report = write_text_atomic(
+            report_dir / "voxel_report.json",
+            json.dumps({**scores, "tomograms": names, "parameters": parameters}, indent=2) + "\n",
+        )
+        write_run_json(
+            report_dir,
+            command=command_line(),
+            inputs=[*predicted, *true],
+            outputs=[report],
+            parameters=parameters,
+            timings={"total": round(time.time() - started, 3)},
+            results=scores["macro"],
+            started=started,
+        )
+    if as_json:
+        typer.echo(json.dumps(scores))
+        return
+    if is_quiet():
+        return
+    with_auprc = "auprc" in scores["macro"]
+    columns = ["class", "Dice", "precision", "recall", "true voxels", "positive fraction"]
+    columns += ["AUPRC", "AUPRC chance"] if with_auprc else []
+    rows = []
+    for name, entry in scores["classes"].items():
+        row = [name, entry["dice"], entry["precision"], entry["recall"], entry["tp_voxels"] + entry["fn_voxels"],
+               f"{entry['positive_fraction']:.2e}"]
+        row += [entry["auprc"], f"{entry['auprc_baseline']:.2e}"] if with_auprc else []
+        rows.append(row)
+    macro = scores["macro"]
+    row = ["macro mean", macro["dice"], "", "", "", ""]
+    row += [macro["auprc"], f"{macro['auprc_baseline']:.2e}"] if with_auprc else []
+    rows.append(row)
+    print_table(f"Voxel scores over {len(names)} tomogram(s)", columns, rows)

@@ -1,0 +1,157 @@
+"""Figures as PNG files: precision-recall curves, tomogram overlays of picks.
+
+Each function is independent: it takes plain data (arrays, dicts), draws one
+figure with matplotlib's non-interactive Agg backend and writes it atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Colours that stay apart for colour-blind readers and on a grey tomogram.
+OUTCOME_STYLE = {
+    "tp": {"color": "#00e05a", "linestyle": "-", "label": "true positive"},
+    "fp": {"color": "#ff2d55", "linestyle": "-", "label": "false positive"},
+    "fn": {"color": "#ffd400", "linestyle": "--", "label": "missed (false negative)"},
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: str | os.PathLike, dpi: int) -> Path:
+    from cryocaps.io.files import atomic_path
+
+    path = Path(path)
+    with atomic_path(path, overwrite=True) as tmp:
+        figure.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
+    return path
+
+
+def plot_precision_recall(
+    curves: Mapping[str, Mapping],
+    path: str | os.PathLike,
+    *,
+    title: str = "Precision-recall over pick scores",
+    dpi: int = 130,
+) -> Path:
+    """Step curves of precision against recall, one per class, AUPRC in the legend.
+
+    Parameters
+    ----------
+    curves : {class name: {"precision": array, "recall": array, "auprc": float}}
+        (as :func:`cryocaps.evaluation.pick_precision_recall` returns)
+    path : PNG to write (replaced if it exists)
+    """
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5.6, 4.8))
+    for name, curve in curves.items():
+        recall = np.asarray(curve["recall"], dtype=float)
+        precision = np.asarray(curve["precision"], dtype=float)
+        label = f"{name} (AUPRC {curve['auprc']:.3f})"
+        if len(recall) == 0:
+            axes.plot([], [], label=f"{name} (no picks or no particles)")
+            continue
+        # Start at recall 0 with the first precision, as average precision counts it.
+        axes.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", linewidth=1.8, label=label)
+        axes.plot(recall[-1], precision[-1], "o", color=axes.lines[-1].get_color(), markersize=4)
+    axes.set_xlim(0, 1.02)
+    axes.set_ylim(0, 1.02)
+    axes.set_xlabel("recall")
+    axes.set_ylabel("precision")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower left", fontsize=9, framealpha=0.9)
+    path = _save(figure, path, dpi)
+    plt.close(figure)
+    return path
+
+
+@dataclass
+class Circle:
+    """One particle on an overlay: centre (x, y) and radius in pixels of the image."""
+
+    x: float
+    y: float
+    radius: float
+    outcome: str  # "tp", "fp" or "fn"
+    label: str = ""
+
+
+def plot_overlay(
+    panels: Sequence[tuple[np.ndarray, Sequence[Circle], str]],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    dpi: int = 110,
+    label_circles: bool = True,
+) -> Path:
+    """Tomogram slices side by side with particles circled by outcome (like the paper's Figs. 6-7).
+
+    Parameters
+    ----------
+    panels : [(image (Y, X), circles, panel title)], e.g. one per Z slice or slab
+    path : PNG to write (replaced if it exists)
+    title : figure title
+    label_circles : write each circle's ``label`` (e.g. its class) beside it
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Circle as CirclePatch
+
+    plt = _pyplot()
+    n = len(panels)
+    height, width = panels[0][0].shape
+    panel_width = 6.0
+    panel_height = panel_width * height / width
+    figure, axes_list = plt.subplots(1, n, figsize=(panel_width * n, panel_height + 1.0), squeeze=False)
+    for axes, (image, circles, panel_title) in zip(axes_list[0], panels, strict=True):
+        low, high = np.percentile(image, [1, 99]) if image.size else (0, 1)
+        axes.imshow(image, cmap="gray", vmin=low, vmax=high if high > low else low + 1, origin="lower")
+        for circle in circles:
+            style = OUTCOME_STYLE[circle.outcome]
+            axes.add_patch(
+                CirclePatch(
+                    (circle.x, circle.y),
+                    circle.radius,
+                    fill=False,
+                    edgecolor=style["color"],
+                    linestyle=style["linestyle"],
+                    linewidth=1.6,
+                )
+            )
+            if label_circles and circle.label:
+                axes.text(
+                    circle.x + circle.radius * 0.75,
+                    circle.y + circle.radius * 0.75,
+                    circle.label,
+                    color=style["color"],
+                    fontsize=7,
+                    clip_on=True,
+                )
+        axes.set_title(panel_title, fontsize=10)
+        axes.set_xlabel("x (voxels)")
+        axes.set_ylabel("y (voxels)")
+        axes.set_xlim(-0.5, image.shape[1] - 0.5)
+        axes.set_ylim(-0.5, image.shape[0] - 0.5)
+    handles = [
+        Line2D([], [], color=s["color"], linestyle=s["linestyle"], linewidth=2, label=s["label"])
+        for s in OUTCOME_STYLE.values()
+    ]
+    figure.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=10)
+    if title:
+        figure.suptitle(title, fontsize=12)
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    path = _save(figure, path, dpi)
+    plt.close(figure)
+    return path
