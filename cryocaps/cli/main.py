@@ -6,11 +6,24 @@ import importlib
 from typing import Annotated
 
 import typer
+import typer.core
 
 from cryocaps import __version__
 from cryocaps.cli.common import handle_errors, setup_logging
 
+class _Group(typer.core.TyperGroup):
+    """Options whose help already states "[default: …]" do not get Typer's second copy."""
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        for param in getattr(command, "params", []):
+            if "[default:" in (getattr(param, "help", None) or ""):
+                param.show_default = False
+        return command
+
+
 app = typer.Typer(
+    cls=_Group,
     name="cryocaps",
     help=(
         "Find macromolecules in cryo-electron tomograms with capsule-network (3D-UCaps) "
