@@ -244,11 +244,11 @@ def write_volume(
     with atomic_path(path, overwrite=overwrite) as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(array)
-            mrc.voxel_size = voxel_size_angstrom
-            mrc.header.origin = origin_angstrom
             if data.ndim == 4:  # volume stack: nz = C*Z sections, mz = Z per volume
                 mrc.header.ispg = 401
                 mrc.header.mz = data.shape[1]
+            mrc.voxel_size = voxel_size_angstrom  # after mz: the cell size is voxel size x mz
+            mrc.header.origin = origin_angstrom
     return Path(path)
 
 
@@ -286,11 +286,11 @@ class MrcVolumeWriter:
         tmp = self._context.__enter__()
         mrc_shape = self.shape if len(self.shape) == 3 else (self.shape[0] * self.shape[1], *self.shape[2:])
         mrc = mrcfile.new_mmap(tmp, shape=mrc_shape, mrc_mode=_mode(self.dtype), overwrite=True)
-        mrc.voxel_size = self.voxel_size_angstrom
-        mrc.header.origin = self.origin_angstrom
         if len(self.shape) == 4:  # volume stack: nz = C*Z sections, mz = Z per volume
             mrc.header.ispg = 401
             mrc.header.mz = self.shape[1]
+        mrc.voxel_size = self.voxel_size_angstrom  # after mz: the cell size is voxel size x mz
+        mrc.header.origin = self.origin_angstrom
         self._mrc = mrc
         return self
 

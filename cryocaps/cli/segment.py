@@ -1,0 +1,211 @@
+"""Segment tomograms with a trained model (sliding window, bounded memory).
+
+Writes OUT_DIR/<tomo>_labels.mrc (uint8, 0 = background), with --probabilities
+OUT_DIR/<tomo>_probs.mrc (float16 volume stack (C, Z, Y, X), C = classes incl.
+background), with --score OUT_DIR/<tomo>_score.mrc (float16, highest foreground
+probability), plus OUT_DIR/classes.csv (from the model) and OUT_DIR/run.json
+(timings, voxels/s, peak memory). Tomograms whose outputs already exist are
+skipped unless --overwrite. The input is memory-mapped and written slab by
+slab: memory does not grow with the tomogram's depth.
+
+Many tomograms on a cluster: --shard I/N runs the I-th of N disjoint shares
+(I from 0). In a SLURM array, `--shard $SLURM_ARRAY_TASK_ID/N` works for both
+--array=0-(N-1) and --array=1-N: the index is counted from the array's first
+task, and the array must have N tasks. Each shard writes run_shard-I-of-N.json.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cryocaps.cli.common import (
+    Device,
+    Overwrite,
+    Quiet,
+    Verbose,
+    collect_mrc_files,
+    command_line,
+    console,
+    print_table,
+    progress,
+    setup_logging,
+)
+from cryocaps.errors import CryocapsError
+
+
+def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int] | None:
+    """``"I/N"`` -> (0-based index, N); SLURM array ids are counted from the array's first task."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(-?\d+)\s*/\s*(-?\d+)\s*", text)
+    if not match:
+        raise CryocapsError(f"--shard {text!r}: expected I/N, e.g. 0/4 (I from 0 to N-1)")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1:
+        raise CryocapsError(f"--shard {text}: N must be at least 1")
+    task_id, task_min, task_max = (environ.get(f"SLURM_ARRAY_TASK_{k}") for k in ("ID", "MIN", "MAX"))
+    if task_id is not None and task_min is not None and task_max is not None and str(index) == task_id.strip():
+        step = int(environ.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
+        n_tasks = (int(task_max) - int(task_min)) // step + 1
+        if n_tasks != count:
+            raise CryocapsError(
+                f"--shard {text}: the SLURM array has {n_tasks} tasks ({task_min}-{task_max}) but N is {count}; "
+                f"use --array=0-{count - 1} or make N match"
+            )
+        index = (index - int(task_min)) // step
+    if not 0 <= index < count:
+        raise CryocapsError(f"--shard {text}: I must be from 0 to {count - 1} (shards are counted from 0)")
+    return index, count
+
+
+def command(
+    tomograms: Annotated[
+        list[Path], typer.Argument(help="Tomograms to segment (MRC files or folders of them).", show_default=False)
+    ],
+    model_path: Annotated[
+        Path, typer.Option("--model", "-m", help="Trained model folder (config.json + model.pt).", show_default=False)
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).", show_default=False)],
+    patch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--patch-size",
+            help="Window side in voxels (a multiple of the model's size multiple: unet 4, ucaps 8); "
+            "shrunk to fit small volumes. [default: the larger of 96 and the training patch]",
+            show_default=False,
+        ),
+    ] = None,
+    overlap: Annotated[
+        int | None,
+        typer.Option(
+            "--overlap",
+            help="Voxels shared by neighbouring windows, below the patch size (the paper used 25). [default: 16]",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass. [default: 1]")] = 1,
+    blending: Annotated[
+        str, typer.Option("--blending", help="Window blending: gaussian or mean. [default: gaussian]")
+    ] = "gaussian",
+    probabilities: Annotated[
+        bool,
+        typer.Option("--probabilities", help="Also write <tomo>_probs.mrc, float16 (C, Z, Y, X). [default: off]"),
+    ] = False,
+    score: Annotated[
+        bool,
+        typer.Option("--score", help="Also write <tomo>_score.mrc, highest foreground probability. [default: off]"),
+    ] = False,
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta",
+            help="Average 4 orientations (identity, 180° about Z, Y, X: keep wedge and hand); 4x slower. [default: off]",
+        ),
+    ] = False,
+    bf16: Annotated[
+        bool,
+        typer.Option("--bf16", help="bfloat16 autocast on CPU (faster on CPUs with AMX/AVX512-BF16). [default: off]"),
+    ] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            help="Run only share I of N (I from 0 to N-1), e.g. --shard $SLURM_ARRAY_TASK_ID/8. [default: all]",
+            show_default=False,
+        ),
+    ] = None,
+    ignore_voxel_size: Annotated[
+        bool,
+        typer.Option(
+            "--ignore-voxel-size", help="Segment even if the voxel size is >5% off the model's. [default: off]"
+        ),
+    ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", help="CPU threads for torch. [default: the CPUs available]", show_default=False),
+    ] = None,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    setup_logging(quiet, verbose)
+    started = time.time()
+    shard_index = parse_shard(shard)
+    files = collect_mrc_files(tomograms, "TOMOGRAMS")
+    if threads is not None and threads < 1:
+        raise CryocapsError(f"--threads {threads}: must be at least 1")
+
+    from cryocaps.cli.common import resolve_device
+    from cryocaps.inference import segment_files
+    from cryocaps.runinfo import peak_rss_bytes, write_run_json
+
+    device = resolve_device(device)
+    with progress("Segmenting", None) as advance:
+        summary = segment_files(
+            files,
+            model_path,
+            out_dir,
+            shard=shard_index,
+            patch_size=patch_size,
+            overlap=overlap,
+            batch_size=batch_size,
+            blending=blending,
+            probabilities=probabilities,
+            score=score,
+            tta=tta,
+            bf16=bf16,
+            device=device,
+            threads=threads,
+            overwrite=overwrite,
+            ignore_voxel_size=ignore_voxel_size,
+            progress=advance,
+        )
+    results, skipped = summary["tomograms"], summary["skipped"]
+    if skipped:
+        console.print(f"Skipped {len(skipped)} tomogram(s) already segmented in {out_dir} (--overwrite to redo).")
+    seconds = sum(r["seconds"]["total"] for r in results)
+    voxels = sum(r["voxels"] for r in results)
+    run_name = "run.json" if shard_index is None else f"run_shard-{shard_index[0]}-of-{shard_index[1]}.json"
+    write_run_json(
+        out_dir,
+        command=command_line(),
+        inputs=[r["tomogram"] for r in results],
+        outputs=[p for r in results for p in r["outputs"].values()],
+        parameters={
+            "model": str(model_path),
+            "model_name": summary["model_name"],
+            "patch_size": summary["patch_size"],
+            "overlap": summary["overlap"],
+            "batch_size": batch_size,
+            "blending": blending,
+            "tta": tta,
+            "bf16": bf16,
+            "device": device,
+            "shard": list(shard_index) if shard_index else None,
+        },
+        timings={"segment": round(seconds, 3), "wall": round(time.time() - started, 3)},
+        results={
+            "tomograms": results,
+            "skipped": skipped,
+            "voxels_per_second": round(voxels / seconds, 1) if seconds else None,
+            "peak_rss_bytes": peak_rss_bytes(),
+        },
+        started=started,
+        name=run_name,
+    )
+    if results:
+        rows = [
+            [Path(r["tomogram"]).name, "x".join(map(str, r["shape"])), r["seconds"]["total"], r["voxels_per_second"] / 1e6]
+            for r in results
+        ]
+        print_table(f"Segmented into {out_dir}", ["tomogram", "shape (z x y x x)", "seconds", "Mvoxel/s"], rows)
+    elif not skipped:
+        console.print("No tomograms to segment in this shard.")
+

@@ -1,0 +1,373 @@
+"""Sliding-window segmentation: blending, geometry, bounded-memory streaming, files, CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cryocaps.errors import CryocapsError  # noqa: E402
+from cryocaps.inference import (  # noqa: E402
+    TTA_FLIPS,
+    ProbabilityPredictor,
+    axis_weights,
+    plan_axis,
+    plan_windows,
+    reflect_indices,
+    segment_tomogram,
+    select_shard,
+    sliding_window,
+)
+from cryocaps.io.volumes import read_tomogram, write_volume  # noqa: E402
+
+CLASSES = [
+    {"label": 1, "name": "ribosome", "radius_angstrom": 60.0},
+    {"label": 2, "name": "proteasome", "radius_angstrom": 40.0},
+]
+NORMALIZATION = {"method": "percentile_zscore", "clip_percentiles": [0.5, 99.5]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The test machine is shared: one thread avoids OpenMP threads waiting on each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pointwise(x):
+    """A model whose output at a voxel depends only on that voxel: any misplaced window shows."""
+    return torch.cat([x, 2 * x + 1, x * x], dim=1)
+
+
+def random_conv_model(seed=0):
+    """A context-dependent model (two 3x3x3 convolutions, zero padding): window borders matter."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(3, 2, 3, padding=1)
+    ).eval()
+    return model
+
+
+def reference_blend(volume, predictor, patch, overlap, size_multiple=1, blending="gaussian"):
+    """All-in-memory blending: pad the whole volume, accumulate every window, no streaming."""
+    plans = plan_windows(volume.shape, patch, overlap, size_multiple)
+    padded = volume[
+        np.ix_(*(reflect_indices(p.lattice_start, p.lattice_start + p.lattice_length, p.size) for p in plans))
+    ]
+    weights = [axis_weights(p, blending) for p in plans]
+    total = None
+    for k, j, i in itertools.product(*(range(p.n_windows) for p in plans)):
+        corner = [p.starts[n] - p.lattice_start for p, n in zip(plans, (k, j, i), strict=True)]
+        window = padded[tuple(slice(c, c + p.patch) for c, p in zip(corner, plans, strict=True))]
+        with torch.inference_mode():
+            values = predictor(torch.from_numpy(np.ascontiguousarray(window))[None, None])[0].numpy()
+        weight = weights[0][k][:, None, None] * weights[1][j][:, None] * weights[2][i]
+        if total is None:
+            total = np.zeros((values.shape[0], *padded.shape), np.float64)
+        total[(slice(None), *(slice(c, c + p.patch) for c, p in zip(corner, plans, strict=True)))] += weight * values
+    crop = tuple(slice(-p.lattice_start, -p.lattice_start + p.size) for p in plans)
+    return total[(slice(None), *crop)]
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("size", [2, 7, 31, 32, 33, 100, 161])
+@pytest.mark.parametrize("patch,overlap,multiple", [(16, 4, 4), (32, 25, 8), (24, 0, 4), (12, 6, 1)])
+def test_plan_covers_the_volume_with_margins(size, patch, overlap, multiple):
+    plan = plan_axis(size, patch, overlap, multiple)
+    margin = -(-overlap // 2)
+    assert plan.patch % multiple == 0 and plan.patch <= patch
+    assert plan.starts[0] <= -margin
+    assert plan.starts[-1] + plan.patch >= size + margin
+    assert all(b - a == plan.patch - overlap for a, b in itertools.pairwise(plan.starts))
+    weights = axis_weights(plan, "gaussian")
+    coverage = np.zeros(plan.lattice_length)
+    for n, start in enumerate(plan.starts):
+        coverage[start - plan.lattice_start : start - plan.lattice_start + plan.patch] += weights[n]
+    np.testing.assert_allclose(coverage, 1.0, rtol=1e-6)
+
+
+def test_patch_larger_than_volume_gives_one_fitted_window():
+    plan = plan_axis(10, 64, 8, 4)
+    assert plan.n_windows == 1
+    assert plan.patch == 20  # 10 + 2 x 4 margin = 18, rounded up to a multiple of 4
+    assert plan.starts == (-5,)  # centred
+
+
+@pytest.mark.parametrize(
+    "patch,overlap,message",
+    [(16, 16, "--overlap 16"), (16, -1, "--overlap -1"), (18, 4, "--patch-size 18"), ((16, 16), 4, "--patch-size")],
+)
+def test_bad_window_settings_are_refused(patch, overlap, message):
+    with pytest.raises(CryocapsError, match=message):
+        sliding_window(np.zeros((20, 20, 20), np.float32), pointwise, patch, overlap, size_multiple=4)
+
+
+def test_reflect_indices_mirror_without_repeating_the_edge():
+    assert reflect_indices(-3, 8, 5).tolist() == [3, 2, 1, 0, 1, 2, 3, 4, 3, 2, 1]
+    assert set(reflect_indices(-40, 40, 3).tolist()) == {0, 1, 2}
+
+
+# --------------------------------------------------------------------------- blending
+
+
+@pytest.mark.parametrize("blending", ["gaussian", "mean"])
+def test_constant_model_gives_a_constant_map(blending):
+    volume = np.random.default_rng(1).normal(size=(23, 41, 37)).astype(np.float32)
+
+    def constant(x):
+        return torch.tensor([0.2, 0.5, 0.3]).view(1, 3, 1, 1, 1).expand(x.shape[0], 3, *x.shape[2:])
+
+    out = sliding_window(volume, constant, 16, 6, size_multiple=4, blending=blending, batch_size=3)
+    assert out.shape == (3, 23, 41, 37)
+    np.testing.assert_allclose(out, np.broadcast_to([[[[0.2]]], [[[0.5]]], [[[0.3]]]], out.shape), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape,patch,overlap,blending",
+    [
+        ((23, 41, 37), 16, 6, "gaussian"),
+        ((17, 9, 30), (8, 12, 16), (3, 5, 7), "mean"),
+        ((33, 20, 21), 12, 9, "gaussian"),  # overlap more than half the patch
+        ((19, 19, 19), 8, 0, "gaussian"),  # no overlap
+        ((5, 6, 7), 64, 25, "gaussian"),  # patch larger than the volume
+    ],
+)
+def test_position_coded_volume_comes_back_without_seams(shape, patch, overlap, blending):
+    # Each voxel holds a distinct value; a pointwise model must return exactly f(value)
+    # everywhere, so any window placed or weighted wrongly shows up as a seam.
+    volume = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) / np.prod(shape)
+    out = sliding_window(volume, pointwise, patch, overlap, size_multiple=4, blending=blending, batch_size=2)
+    np.testing.assert_allclose(out, pointwise(torch.from_numpy(volume)[None, None])[0].numpy(), atol=2e-6)
+
+
+@pytest.mark.parametrize("overlap", [4, 10])
+def test_streaming_matches_all_in_memory_blending(overlap):
+    volume = np.random.default_rng(2).normal(size=(29, 26, 35)).astype(np.float32)
+    model = random_conv_model()
+    streamed = sliding_window(volume, model, 12, overlap, batch_size=4)
+    reference = reference_blend(volume, model, 12, overlap)
+    np.testing.assert_allclose(streamed, reference, atol=1e-5)
+    # The windows really do disagree near their borders: blending is doing work here.
+    single = sliding_window(volume, model, 12, 0, blending="mean")
+    assert np.abs(single - streamed).max() > 1e-3
+
+
+def test_streamed_blocks_tile_the_volume_once_in_z_order():
+    volume = np.zeros((30, 22, 18), np.float32)
+    hits = np.zeros(volume.shape, np.int32)
+    starts = []
+
+    def write(region, values):
+        assert values.shape[1:] == hits[region].shape
+        hits[region] += 1
+        starts.append(region[0].start)
+
+    assert sliding_window(volume, pointwise, 12, 4, write=write) is None
+    assert (hits == 1).all()
+    assert starts == sorted(starts)
+
+
+def test_tta_rotations_keep_the_wedge_and_the_hand():
+    # Every augmentation flips no axis or exactly two (a 180° rotation): the hand is kept,
+    # and sign changes of kx, ky, kz keep a wedge about the Y axis.
+    assert TTA_FLIPS[0] == () and all(len(dims) == 2 for dims in TTA_FLIPS[1:])
+    assert {frozenset(d) for d in TTA_FLIPS[1:]} == {frozenset(p) for p in itertools.combinations((2, 3, 4), 2)}
+    volume = np.random.default_rng(3).normal(size=(16, 16, 16)).astype(np.float32)
+    model = random_conv_model(1)
+    plain = sliding_window(volume, ProbabilityPredictor(model, channels_last=False), 16, 4)
+    averaged = sliding_window(volume, ProbabilityPredictor(model, tta=True, channels_last=False), 16, 4)
+    x = torch.from_numpy(volume)[None, None]
+    with torch.inference_mode():
+        expected = sum(torch.softmax(model(x.flip(d)), 1).flip(d) for d in TTA_FLIPS) / 4
+    plan = plan_windows(volume.shape, 16, 4)
+    assert all(p.n_windows == 2 for p in plan)
+    np.testing.assert_allclose(averaged.sum(0), 1.0, atol=1e-5)
+    assert np.abs(averaged - plain).max() > 1e-4  # the rotations do change the prediction
+    interior = (slice(None), slice(6, 10), slice(6, 10), slice(6, 10))
+    # Away from window borders both equal the whole-volume prediction (up to blending).
+    assert np.abs(averaged[interior] - expected[0].numpy()[interior]).max() < 0.05
+
+
+# --------------------------------------------------------------------------- whole tomograms
+
+
+def save_tiny_unet(folder, voxel_size=10.0, seed=0):
+    from cryocaps.modelfile import save_model
+    from cryocaps.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model("unet", 3, widths=(4, 4, 4))
+    for parameter in model.parameters():  # larger weights: predictions vary across the volume
+        parameter.data.mul_(3)
+    metadata = {"classes": CLASSES, "voxel_size_angstrom": voxel_size, "patch_size": 16, "normalization": NORMALIZATION}
+    save_model(folder, model, metadata)
+    return folder
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    return save_tiny_unet(tmp_path / "model")
+
+
+def write_tomogram(path, shape, voxel_size=10.0, seed=0, origin=(0.0, 0.0, 0.0)):
+    data = np.random.default_rng(seed).normal(size=shape).astype(np.float32) * 3 + 7
+    write_volume(path, data, voxel_size, origin_angstrom=origin)
+    return path
+
+
+def test_segment_tomogram_writes_slabs_equal_to_in_memory(tmp_path, tiny_model):
+    from cryocaps.inference import normalization_transform
+    from cryocaps.modelfile import load_model
+
+    tomo = write_tomogram(tmp_path / "TS_01.mrc", (27, 22, 19), origin=(5.0, 6.0, 7.0))
+    model, config = load_model(tiny_model)
+    result = segment_tomogram(
+        model, config, tomo, tmp_path / "out", patch_size=12, overlap=4, probabilities=True, score=True
+    )
+    assert result["windows"] == 4 * 3 * 3 and result["shape"] == [27, 22, 19]
+    labels = read_tomogram(result["outputs"]["labels"])
+    probs = read_tomogram(result["outputs"]["probabilities"], allow_stack=True)
+    score = read_tomogram(result["outputs"]["score"])
+    for volume in (labels, probs, score):
+        assert volume.voxel_size_angstrom == pytest.approx(10.0)
+        assert volume.origin_angstrom == pytest.approx((5.0, 6.0, 7.0))
+    assert probs.data.dtype == np.float16 and probs.data.shape == (3, 27, 22, 19)
+
+    volume = read_tomogram(tomo).data
+    expected = sliding_window(
+        volume, ProbabilityPredictor(model), 12, 4, size_multiple=4, transform=normalization_transform(volume, config)
+    )
+    np.testing.assert_allclose(probs.data.astype(np.float32), expected, atol=1e-3)
+    label_data = labels.data.astype(np.uint8)
+    clear = np.sort(expected, axis=0)[-1] - np.sort(expected, axis=0)[-2] > 1e-2
+    assert np.array_equal(label_data[clear], expected.argmax(0)[clear])
+    assert len(np.unique(label_data)) > 1  # a real test: the tiny network predicts several classes
+    np.testing.assert_allclose(score.data.astype(np.float32), expected[1:].max(0), atol=1e-3)
+    assert (tmp_path / "out" / "classes.csv").read_text().splitlines()[1].startswith("1,ribosome")
+
+
+def test_segment_tomogram_refuses_existing_outputs(tmp_path, tiny_model):
+    from cryocaps.modelfile import load_model
+
+    tomo = write_tomogram(tmp_path / "a.mrc", (10, 12, 12))
+    model, config = load_model(tiny_model)
+    segment_tomogram(model, config, tomo, tmp_path / "out", patch_size=16, overlap=4)
+    with pytest.raises(CryocapsError, match="--overwrite"):
+        segment_tomogram(model, config, tomo, tmp_path / "out", patch_size=16, overlap=4)
+
+
+@pytest.mark.parametrize("n_files,count", [(7, 3), (4, 4), (2, 5), (10, 1)])
+def test_shards_are_disjoint_and_cover_all_inputs(tmp_path, n_files, count):
+    files = [tmp_path / f"t{n:02d}.mrc" for n in range(n_files)]
+    shards = [select_shard(files, index, count) for index in range(count)]
+    assert sorted(p for shard in shards for p in shard) == sorted(files)
+    shuffled = list(reversed(files))
+    assert [select_shard(shuffled, index, count) for index in range(count)] == shards
+
+
+def test_shard_parsing_and_slurm_arrays():
+    from cryocaps.cli.segment import parse_shard
+
+    assert parse_shard("2/4", {}) == (2, 4)
+    assert parse_shard(None, {}) is None
+    for bad in ("4/4", "-1/4", "1/0", "a/b", "3"):
+        with pytest.raises(CryocapsError, match="--shard"):
+            parse_shard(bad, {})
+    one_based = {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "4"}
+    assert parse_shard("4/4", one_based) == (3, 4)
+    assert parse_shard("1/4", one_based | {"SLURM_ARRAY_TASK_ID": "1"}) == (0, 4)
+    zero_based = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "3"}
+    assert parse_shard("3/4", zero_based) == (3, 4)
+    with pytest.raises(CryocapsError, match="SLURM array has 4 tasks"):
+        parse_shard("3/5", zero_based)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_end_to_end_with_shards_and_skipping(tmp_path, tiny_model, run_cli):
+    tomos = tmp_path / "tomos"
+    tomos.mkdir()
+    for n, shape in enumerate([(13, 21, 18), (16, 16, 16), (9, 30, 11)]):
+        write_tomogram(tomos / f"TS_{n}.mrc", shape, seed=n)
+    out = tmp_path / "out"
+    common = ["-m", tiny_model, "-o", out, "--patch-size", "16", "--overlap", "4", "--threads", "1"]
+    done = set()
+    for index in range(2):
+        result = run_cli("segment", tomos, *common, "--shard", f"{index}/2", "--score")
+        assert result.exit_code == 0, result.output
+        record = json.loads((out / f"run_shard-{index}-of-2.json").read_text())
+        names = {p.split("/")[-1] for p in record["inputs"] for p in [p["path"]]}
+        assert names and not names & done
+        done |= names
+        assert record["results"]["tomograms"][0]["voxels_per_second"] > 0
+        assert record["peak_rss_bytes"] > 0
+    assert done == {"TS_0.mrc", "TS_1.mrc", "TS_2.mrc"}
+    for n in range(3):
+        labels = read_tomogram(out / f"TS_{n}_labels.mrc")
+        assert labels.shape == read_tomogram(tomos / f"TS_{n}.mrc").shape
+        assert (out / f"TS_{n}_score.mrc").exists()
+    assert (out / "classes.csv").exists()
+
+    before = (out / "TS_0_labels.mrc").stat().st_mtime_ns
+    result = run_cli("segment", tomos, *common, "--score")
+    assert result.exit_code == 0 and "Skipped 3" in result.output
+    assert (out / "TS_0_labels.mrc").stat().st_mtime_ns == before
+    result = run_cli("segment", tomos / "TS_0.mrc", *common, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (out / "TS_0_labels.mrc").stat().st_mtime_ns != before
+    assert json.loads((out / "run.json").read_text())["parameters"]["overlap"] == [4, 4, 4]
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+def test_cli_refuses_a_tomogram_at_another_voxel_size(tmp_path, tiny_model, run_cli):
+    tomo = write_tomogram(tmp_path / "binned.mrc", (12, 12, 12), voxel_size=10.6)
+    result = run_cli("segment", tomo, "-m", tiny_model, "-o", tmp_path / "out", "--threads", "1")
+    assert_one_line_error(result, "cryocaps preprocess", "--voxel-size-angstrom 10", "--ignore-voxel-size")
+    assert not (tmp_path / "out" / "binned_labels.mrc").exists()
+    close = write_tomogram(tmp_path / "close.mrc", (12, 12, 12), voxel_size=10.4)  # 4% off: accepted
+    result = run_cli("segment", close, "-m", tiny_model, "-o", tmp_path / "out", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    result = run_cli("segment", tomo, "-m", tiny_model, "-o", tmp_path / "out", "--ignore-voxel-size", "--threads", "1")
+    assert result.exit_code == 0, result.output
+
+
+def test_cli_missing_or_corrupt_model(tmp_path, tiny_model, run_cli):
+    tomo = write_tomogram(tmp_path / "t.mrc", (12, 12, 12))
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli("segment", tomo, "-m", tmp_path / "nope", "-o", out), "nope")
+    (tiny_model / "model.pt").write_bytes(b"not a torch file")
+    assert_one_line_error(run_cli("segment", tomo, "-m", tiny_model, "-o", out), "model.pt")
+    (tiny_model / "config.json").write_text("{broken")
+    assert_one_line_error(run_cli("segment", tomo, "-m", tiny_model, "-o", out), "config.json")
+    assert not out.exists() or not any(out.glob("*.mrc"))
+
+
+@pytest.mark.parametrize(
+    "options,fragment",
+    [
+        (["--overlap", "16", "--patch-size", "16"], "--overlap 16"),
+        (["--patch-size", "18"], "--patch-size 18"),
+        (["--shard", "2/2"], "--shard 2/2"),
+        (["--batch-size", "0"], "--batch-size 0"),
+    ],
+)
+def test_cli_bad_options(tmp_path, tiny_model, run_cli, options, fragment):
+    tomo = write_tomogram(tmp_path / "t.mrc", (12, 12, 12))
+    result = run_cli("segment", tomo, "-m", tiny_model, "-o", tmp_path / "out", "--threads", "1", *options)
+    assert_one_line_error(result, fragment)
