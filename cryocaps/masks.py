@@ -390,6 +390,12 @@ def plan_masks(
         path = out_dir / f"{info.name}_labels.mrc"
         check_writable(path, overwrite)
         plans.append(MaskPlan(info, rows[~outside], int(outside.sum()), path))
+    total = sum(len(plan.particles) for plan in plans) + total_outside
+    if total_outside > total / 2:
+        raise CryocapsError(
+            f"{total_outside} of {total} particles lie outside their tomograms: coordinates in other "
+            "units? give their pixel size with --coords-pixel-size-angstrom"
+        )
     return plans, {"unknown_tomograms": unknown, "particles_outside": total_outside}
 
 

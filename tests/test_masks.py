@@ -246,6 +246,7 @@ def _bad_cases(root, particles):
     (root / "empty.csv").write_text("tomo,class_name,x,y,z,score\n")
     particles.assign(class_name="ghost").to_csv(root / "ghost.csv", index=False)
     particles.assign(x=particles.x * 20, y=particles.y * 20, z=particles.z * 20).to_csv(root / "angstrom.csv", index=False)
+    particles.assign(x=[100.0, 100.0, 40.0, 100.0, 35.0]).to_csv(root / "bin1.csv", index=False)  # 3 of 5 outside
     write_volume(root / "other" / "TS_01.mrc", np.zeros((30, 48, 56), np.float32), 10.0)
     write_volume(root / "other" / "TS_02.mrc", np.zeros((30, 48, 56), np.float32), 5.0)
     classes = ["--classes", root / "classes.csv"]
@@ -256,6 +257,7 @@ def _bad_cases(root, particles):
         "voxel size mismatch": (["particles.csv", "-t", root / "other", *classes], "voxel sizes differ"),
         "empty file": (["empty.csv", *tomos, *classes], "no particles"),
         "wrong units": (["angstrom.csv", *tomos, *classes], "--coords-pixel-size-angstrom"),
+        "mostly outside": (["bin1.csv", *tomos, *classes], "3 of 5 particles lie outside"),
         "missing tomogram": (["particles.csv", "-t", root / "nope.mrc", *classes], "nope.mrc"),
         "missing coordinates": (["nope.star", *tomos, *classes], "nope.star"),
         "no template": (["particles.csv", *tomos, "--radius-angstrom", "30", "--shape", "template"], "template"),
@@ -271,6 +273,7 @@ def _bad_cases(root, particles):
         "voxel size mismatch",
         "empty file",
         "wrong units",
+        "mostly outside",
         "missing tomogram",
         "missing coordinates",
         "no template",
