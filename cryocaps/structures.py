@@ -607,13 +607,12 @@ def load_structure_templates(
             if names:  # asked for by name: that is an error
                 raise
             failures.append(str(error))
-            log.warning("skipping %s", error)
             continue
         log.debug("%s: %s, radius %.0f Å", name, path.name, templates[-1].radius_angstrom)
     if not templates:
-        raise CryocapsError(
-            f"--structures {folder}: no readable density map or atomic model ({failures[0] if failures else ''})"
-        )
+        raise CryocapsError(f"--structures {folder}: no readable density map or atomic model ({failures[0]})")
+    for failure in failures:
+        log.warning("skipping %s", failure)
     return templates
 
 
