@@ -186,11 +186,20 @@ def draw_gaussians(
     return paint_particles(shape, centres, labels, GAUSSIAN_REACH_SIGMAS * sigmas, _everywhere, values)
 
 
-def soft_targets(label_map: np.ndarray, value_map: np.ndarray, n_labels: int, channel: int) -> np.ndarray:
-    """One channel of the (C, Z, Y, X) soft targets: background = 1 - particle value."""
+def soft_targets(label_map: np.ndarray, value_map: np.ndarray, channel: int) -> np.ndarray:
+    """One channel of the (C, Z, Y, X) soft targets (float16): background = 1 - particle value."""
     if channel == 0:
-        return (1.0 - value_map.astype(np.float32)).astype(np.float16)
+        return np.float16(1.0) - value_map
     return np.where(label_map == channel, value_map, np.float16(0))
+
+
+def label_counts(label_map: np.ndarray, n_labels: int) -> np.ndarray:
+    """Voxels per label (n_labels,), counted slab by slab (no full-size int64 copy)."""
+    counts = np.zeros(n_labels, np.int64)
+    step = max(1, 2**22 // max(1, label_map[0].size))
+    for start in range(0, label_map.shape[0], step):
+        counts += np.bincount(label_map[start : start + step].ravel(), minlength=n_labels)[:n_labels]
+    return counts
 
 
 # --- templates ---------------------------------------------------------------------
@@ -483,12 +492,15 @@ def make_masks(
             with MrcVolumeWriter(
                 plan.path, (n_labels, *plan.info.shape), voxel_size, dtype="float16", **geometry
             ) as writer:
+                step = max(1, 2**22 // label_map[0].size)
                 for channel in range(n_labels):
-                    writer.data[channel] = soft_targets(label_map, value_map, n_labels, channel)
+                    for start in range(0, label_map.shape[0], step):
+                        part = slice(start, start + step)
+                        writer.data[channel, part] = soft_targets(label_map[part], value_map[part], channel)
             del value_map
         else:
             write_volume(plan.path, label_map, voxel_size, dtype="uint8", **geometry)
-        counts = np.bincount(label_map.ravel(), minlength=classes.n_labels)
+        counts = label_counts(label_map, classes.n_labels)
         for c in classes:
             per_class[c.name]["particles"] += int((labels == c.label).sum())
             per_class[c.name]["voxels"] += int(counts[c.label])
