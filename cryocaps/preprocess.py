@@ -248,6 +248,17 @@ def check_preprocess_options(
             f"--highpass-angstrom {highpass_angstrom:g} must be larger than --lowpass-angstrom "
             f"{lowpass_angstrom:g} (both are resolutions in Å)"
         )
+    nyquist_angstrom = 2.0 * out_voxel
+    if highpass_angstrom is not None and highpass_angstrom <= nyquist_angstrom:
+        raise CryocapsError(
+            f"--highpass-angstrom {highpass_angstrom:g} is at or beyond the Nyquist resolution "
+            f"({nyquist_angstrom:g} Å at {out_voxel:g} Å voxels) and would remove everything; use a larger value"
+        )
+    if lowpass_angstrom is not None and lowpass_angstrom <= nyquist_angstrom:
+        log.warning(
+            "%s: --lowpass-angstrom %g is finer than the Nyquist resolution (%g Å): little or no effect",
+            source, lowpass_angstrom, nyquist_angstrom,
+        )
     return float(out_voxel)
 
 

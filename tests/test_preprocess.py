@@ -139,6 +139,7 @@ def test_cli_upsampling_needs_permission(tmp_path, run_cli):
         (["--voxel-size-angstrom", "-3"], "--voxel-size-angstrom"),
         (["--lowpass-angstrom", "60", "--highpass-angstrom", "40"], "--highpass-angstrom"),
         (["--lowpass-angstrom", "0"], "--lowpass-angstrom"),
+        (["--voxel-size-angstrom", "10", "--highpass-angstrom", "15"], "Nyquist"),
     ],
 )
 def test_cli_bad_options(tmp_path, run_cli, args, expected):
