@@ -287,8 +287,14 @@ def write_objl_csv(objl: list[dict], path: Path, tomo: str) -> None:
         writer.writerow(["tomo", "label", "x", "y", "z", "cluster_size"])
         for obj in objl:
             writer.writerow(
-                [tomo, int(obj["label"]), float(obj["x"]), float(obj["y"]), float(obj["z"]),
-                 int(obj["cluster_size"])]
+                [
+                    tomo,
+                    int(obj["label"]),
+                    float(obj["x"]),
+                    float(obj["y"]),
+                    float(obj["z"]),
+                    int(obj["cluster_size"]),
+                ]
             )
     os.replace(tmp, path)
 
@@ -317,12 +323,19 @@ def cluster(args) -> None:
     if present and present != list(range(1, len(present) + 1)):
         # Cluster.launch counts votes for labels 1..(number of labels present),
         # so a missing lower label shifts every vote: record it, do not patch it.
-        notes.append(f"labels present {present} are not 1..{len(present)}: DeepFinder's Cluster "
-                     "assigns only labels 1..N, so some objects may carry a wrong class")
+        notes.append(
+            f"labels present {present} are not 1..{len(present)}: DeepFinder's Cluster "
+            "assigns only labels 1..N, so some objects may carry a wrong class"
+        )
     write_json(
         out.with_suffix(".json"),
-        {"objects": len(objl), "labels_present": present, "cluster_seconds": seconds,
-         "radius_voxels": int(args.radius_voxels), "notes": notes},
+        {
+            "objects": len(objl),
+            "labels_present": present,
+            "cluster_seconds": seconds,
+            "radius_voxels": int(args.radius_voxels),
+            "notes": notes,
+        },
     )
 
 
@@ -374,19 +387,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True)
     p.add_argument("--n-classes", type=int, required=True, help="classes including background")
     p.add_argument("--out", required=True, help="label map .mrc")
-    p.add_argument("--patch-size", type=int, default=160, help="default 160 (its example), shrunk to fit")
+    p.add_argument(
+        "--patch-size", type=int, default=160, help="default 160 (its example), shrunk to fit"
+    )
     p.set_defaults(run=segment)
 
     p = sub.add_parser("cluster", help="Cluster.launch (MeanShift) -> object list")
     p.add_argument("--labelmap", required=True)
     p.add_argument("--radius-voxels", type=int, required=True, help="cluster radius (voxels)")
     p.add_argument("--tomo", required=True, help="tomogram name written in the CSV")
-    p.add_argument("--out", required=True, help="object list .xml (a .csv and .json are written beside)")
+    p.add_argument(
+        "--out", required=True, help="object list .xml (a .csv and .json are written beside)"
+    )
     p.set_defaults(run=cluster)
 
     p = sub.add_parser("filter", help="objl.above_thr_per_class")
     p.add_argument("--objl", required=True)
-    p.add_argument("--thresholds", required=True, help='minimum cluster size per label, "1=50,2=20"')
+    p.add_argument(
+        "--thresholds", required=True, help='minimum cluster size per label, "1=50,2=20"'
+    )
     p.add_argument("--tomo", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(run=filter_objects)

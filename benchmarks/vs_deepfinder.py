@@ -1,0 +1,867 @@
+"""cryocaps side by side with DeepFinder 0.2.1: same data, same budget, same matcher.
+
+Run with the Python that has cryocaps installed (``benchmarks/vs_deepfinder.sh``
+does that). One run:
+
+1. makes (or reuses) the DeepFinder venv ``benchmarks/.venv-deepfinder`` with
+   ``cryoet-deepfinder==0.2.1`` (TensorFlow 2.13, numpy < 1.24);
+2. measures the machine's conv3d ceiling with a small torch probe (start and end);
+3. per data set, ``cryocaps simulate`` makes 5 tomograms: 3 for training, 1 for
+   validation (both tools get it: cryocaps as ``--val-tomograms``, DeepFinder as
+   its ``valid/`` folder and to choose its per-class cluster-size thresholds),
+   1 held out for the test;
+4. trains each tool for the same wall-clock budget, segments the test tomogram
+   (each tool in its own process, timed whole, peak RSS from ``wait4``), turns
+   the label map into picks (cryocaps ``cluster-picks`` defaults; DeepFinder
+   ``Cluster`` MeanShift + thresholds), and scores both with
+   ``cryocaps.evaluation.evaluate_picks``;
+5. writes ``benchmarks/results/vs_deepfinder.json`` and the section between
+   ``<!-- vs_deepfinder:start -->`` and ``<!-- vs_deepfinder:end -->`` of
+   ``benchmarks/RESULTS.md`` (the rest of that file is kept).
+
+``--quick`` checks the plumbing in minutes (2-minute budgets, small tomograms,
+one data set); its numbers say nothing about either tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VENV = HERE / ".venv-deepfinder"
+DRIVER = HERE / "deepfinder_driver.py"
+RESULTS_JSON = HERE / "results" / "vs_deepfinder.json"
+RESULTS_MD = HERE / "RESULTS.md"
+START_MARK = "<!-- vs_deepfinder:start -->"
+END_MARK = "<!-- vs_deepfinder:end -->"
+
+# What pip installs into the DeepFinder venv. 0.2.1 pins tensorflow==2.13.0rc0
+# (wheels for CPython 3.8-3.11); numpy 1.24 removed np.int, which it still uses.
+DEEPFINDER_REQUIREMENTS = ["cryoet-deepfinder==0.2.1", "numpy<1.24"]
+DEEPFINDER_PACKAGES = ["cryoet-deepfinder", "tensorflow", "keras", "numpy", "scikit-learn"]
+
+STRUCTURES = Path("/work/shared/data/structures")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def data_sets(args) -> dict[str, dict]:
+    """Name -> ``cryocaps simulate`` options for each data set of this run."""
+    shape = "48,96,96" if args.quick else args.shape
+    sets = {
+        "procedural": {
+            "description": f"built-in procedural classes, SNR {args.snr}",
+            "options": ["--shape", shape, "--snr", str(args.snr)],
+        },
+        "structures": {
+            "description": f"{', '.join(args.structure_classes)} from {args.structures}, SNR {args.structures_snr}",
+            "options": [
+                "--shape",
+                shape,
+                "--snr",
+                str(args.structures_snr),
+                "--structures",
+                str(args.structures),
+                *[item for name in args.structure_classes for item in ("--classes-from", name)],
+            ],
+        },
+    }
+    return {name: sets[name] for name in args.datasets}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-clock training budget per tool and data set, minutes [default: 12; 2 with --quick]",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="plumbing check: 2-minute budgets, 48x96x96 tomograms, procedural data only",
+    )
+    parser.add_argument(
+        "--models",
+        default="ucaps,unet",
+        help="cryocaps models, comma-separated [default: ucaps,unet]",
+    )
+    parser.add_argument(
+        "--datasets",
+        default=None,
+        help="procedural,structures [default: both; procedural with --quick]",
+    )
+    parser.add_argument(
+        "--shape", default="64,160,160", help="tomogram shape Z,Y,X in voxels [default: 64,160,160]"
+    )
+    parser.add_argument("--snr", type=float, default=0.4, help="procedural set SNR [default: 0.4]")
+    parser.add_argument(
+        "--structures",
+        type=Path,
+        default=STRUCTURES,
+        help=f"folder of PDB/maps for the second set [default: {STRUCTURES}]",
+    )
+    parser.add_argument(
+        "--structure-classes",
+        default="3gl1,1bxn,4d8q",
+        help="structure names for the second set (a small one first) [default: 3gl1,1bxn,4d8q]",
+    )
+    parser.add_argument(
+        "--structures-snr", type=float, default=0.2, help="structures set SNR [default: 0.2]"
+    )
+    parser.add_argument(
+        "--df-batch-size", type=int, default=2, help="DeepFinder batch size [default: 2]"
+    )
+    parser.add_argument(
+        "--df-patch-size",
+        type=int,
+        default=48,
+        help="DeepFinder training patch, voxels [default: 48, its parameter file]",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for simulate and both tools [default: 0]"
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=HERE / "work" / "vs_deepfinder",
+        help="scratch folder (git-ignored) [default: benchmarks/work/vs_deepfinder]",
+    )
+    parser.add_argument(
+        "--fresh-data", action="store_true", help="simulate again even if the data exist"
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help="do not touch RESULTS.md / results JSON"
+    )
+    args = parser.parse_args(argv)
+    if args.minutes is None:
+        args.minutes = 2.0 if args.quick else 12.0
+    if args.datasets is None:
+        args.datasets = "procedural" if args.quick else "procedural,structures"
+    args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.structure_classes = [c.strip() for c in args.structure_classes.split(",") if c.strip()]
+    unknown = [d for d in args.datasets if d not in ("procedural", "structures")]
+    if unknown:
+        parser.error(f"--datasets: unknown {unknown}; use procedural, structures")
+    return args
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def run_measured(
+    cmd: list[str], log_path: Path, *, env: dict | None = None, check: bool = True
+) -> dict:
+    """Run ``cmd`` to completion; wall time and this child's own peak RSS (``wait4``)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    code = os.waitstatus_to_exitcode(status)
+    process.returncode = code  # reaped by wait4 above
+    if check and code != 0:
+        tail = log_path.read_text().splitlines()[-15:]
+        raise RuntimeError(
+            f"exit {code}: {shlex.join(cmd)}\n  see {log_path}\n  " + "\n  ".join(tail)
+        )
+    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {
+        "wall_seconds": wall,
+        "peak_rss_bytes": int(peak),
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "exit_code": code,
+    }
+
+
+def cryocaps_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "cryocaps", *[str(a) for a in args]]
+
+
+def driver_cmd(*args) -> list[str]:
+    return [str(VENV / "bin" / "python"), str(DRIVER), *[str(a) for a in args]]
+
+
+def say(message: str) -> None:
+    print(f"[{dt.datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- DeepFinder venv
+
+
+def venv_python_ok() -> bool:
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        return False
+    probe = "import numpy; import deepfinder.utils.objl, tensorflow; print('ok')"
+    done = subprocess.run(
+        [str(python), "-c", probe],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    return done.returncode == 0 and "ok" in done.stdout
+
+
+def base_python_for_tensorflow() -> str:
+    """A CPython 3.9-3.11 (TensorFlow 2.13 has no wheels for newer ones)."""
+    if (3, 9) <= sys.version_info[:2] <= (3, 11):
+        return sys.executable
+    for name in ("python3.11", "python3.10", "python3.9"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise SystemExit("no Python 3.9-3.11 found for the DeepFinder venv (TensorFlow 2.13 needs one)")
+
+
+def ensure_deepfinder_venv(work: Path) -> dict:
+    """Create or reuse the DeepFinder venv; return the installed versions."""
+    if not venv_python_ok():
+        say(f"installing {' '.join(DEEPFINDER_REQUIREMENTS)} into {VENV} (~2.3 GB)")
+        if VENV.exists():
+            shutil.rmtree(VENV)
+        subprocess.run([base_python_for_tensorflow(), "-m", "venv", str(VENV)], check=True)
+        pip = [str(VENV / "bin" / "python"), "-m", "pip"]
+        run_measured([*pip, "install", "--upgrade", "pip"], work / "logs" / "venv_pip.log")
+        run_measured(
+            [*pip, "install", *DEEPFINDER_REQUIREMENTS], work / "logs" / "venv_install.log"
+        )
+        if not venv_python_ok():
+            raise SystemExit(
+                f"DeepFinder venv {VENV} does not import deepfinder; see {work / 'logs'}"
+            )
+    probe = (
+        "import importlib.metadata as m, json, platform; "
+        f"print(json.dumps({{p: m.version(p) for p in {DEEPFINDER_PACKAGES!r}}} | "
+        "{'python': platform.python_version()}))"
+    )
+    done = subprocess.run(
+        [str(VENV / "bin" / "python"), "-c", probe], capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout)
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    try:
+        info["cpu_count_available"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    info["load_average_at_start"] = list(os.getloadavg())
+    import torch
+
+    import cryocaps
+
+    info["torch"] = torch.__version__
+    info["torch_threads"] = torch.get_num_threads()
+    info["cryocaps"] = cryocaps.__version__
+    return info
+
+
+def conv3d_probe(seconds: float = 3.0) -> dict:
+    """GFLOP/s of a 3x3x3, 32->32 channel conv3d on a 48³ float32 block (best of several)."""
+    import torch
+
+    x = torch.randn(1, 32, 48, 48, 48)
+    conv = torch.nn.Conv3d(32, 32, 3, padding=1, bias=False)
+    flops = 2 * 27 * 32 * 32 * 48**3
+    best = float("inf")
+    with torch.inference_mode():
+        conv(x)  # warm-up: oneDNN picks its kernels
+        deadline = time.perf_counter() + seconds
+        runs = 0
+        while time.perf_counter() < deadline or runs < 3:
+            start = time.perf_counter()
+            conv(x)
+            best = min(best, time.perf_counter() - start)
+            runs += 1
+    return {
+        "gflops_per_second": flops / best / 1e9,
+        "best_seconds": best,
+        "runs": runs,
+        "threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
+    }
+
+
+# --------------------------------------------------------------------------- data
+
+
+def simulate(name: str, spec: dict, args, folder: Path) -> dict:
+    """``cryocaps simulate`` 5 tomograms (reused when the same options made them)."""
+    options = ["--n-tomograms", "5", "--seed", str(args.seed), *spec["options"]]
+    stamp = folder / "simulate_options.json"
+    if (
+        folder.exists()
+        and not args.fresh_data
+        and stamp.exists()
+        and json.loads(stamp.read_text()) == options
+    ):
+        say(f"{name}: reusing simulated data in {folder}")
+    else:
+        if folder.exists():
+            shutil.rmtree(folder)
+        say(f"{name}: cryocaps simulate {' '.join(options)}")
+        run_measured(
+            cryocaps_cmd("simulate", folder, *options), folder.parent / "logs" / "simulate.log"
+        )
+        stamp.write_text(json.dumps(options))
+    tomograms = sorted((folder / "tomograms").glob("*.mrc"))
+    if len(tomograms) != 5:
+        raise SystemExit(f"{folder}/tomograms: expected 5 tomograms, found {len(tomograms)}")
+    labels = [folder / "labels" / t.name for t in tomograms]
+    missing = [str(p) for p in labels if not p.exists()]
+    if missing:
+        raise SystemExit(f"simulate wrote no label map {missing[0]}")
+    particles = folder / "particles.csv"
+    if not particles.exists():
+        raise SystemExit(f"simulate wrote no {particles}")
+    return {
+        "options": options,
+        "description": spec["description"],
+        "train": tomograms[:3],
+        "train_labels": labels[:3],
+        "valid": tomograms[3],
+        "valid_labels": labels[3],
+        "test": tomograms[4],
+        "classes_csv": folder / "classes.csv",
+        "particles": particles,
+    }
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def load_truth(data: dict):
+    from cryocaps.classes import read_classes
+    from cryocaps.io.particles import read_particles
+
+    classes = read_classes(data["classes_csv"])
+    truth = read_particles([data["particles"]], classes=classes)
+    return classes, truth
+
+
+def voxel_size(tomogram: Path) -> float:
+    from cryocaps.io.volumes import read_info
+
+    return float(read_info(tomogram).voxel_size_angstrom)
+
+
+def score(picks, truth, classes, tomogram: Path) -> dict:
+    """Particle F1 per class on one tomogram with the shared matcher."""
+    from cryocaps.evaluation import evaluate_picks
+
+    name = tomogram.stem
+    truth = truth[truth["tomo"].astype(str) == name]
+    picks = picks[picks["tomo"].astype(str) == name]
+    result = evaluate_picks(picks, truth, classes, voxel_size(tomogram))
+    per_class = {c: e["f1"] for c, e in result["classes"].items() if e["f1"] is not None}
+    return {
+        "f1_per_class": per_class,
+        "macro_f1": result["macro"]["f1"],
+        "worst_class_f1": min(per_class.values()) if per_class else None,
+        "detail": result,
+    }
+
+
+def deepfinder_picks(csv_path: Path, classes):
+    """DeepFinder object-list CSV (label numbers) -> cryocaps particle table."""
+    import pandas as pd
+
+    table = pd.read_csv(csv_path)
+    table["class_name"] = [classes.name_of(int(label)) for label in table["label"]]
+    table["score"] = table["cluster_size"].astype(float)
+    return table[["tomo", "class_name", "x", "y", "z", "score", "cluster_size"]]
+
+
+def choose_thresholds(valid_picks, truth, classes, tomogram: Path) -> dict[int, int]:
+    """Per class, the minimum cluster size that maximises validation F1 (ties: the smaller)."""
+    from cryocaps.evaluation import evaluate_picks
+
+    name = tomogram.stem
+    truth = truth[truth["tomo"].astype(str) == name]
+    thresholds = {}
+    for particle_class in classes:
+        own = valid_picks[valid_picks["class_name"] == particle_class.name]
+        best_threshold, best_f1 = 1, -1.0
+        for threshold in sorted({1, *(int(s) for s in own["cluster_size"])}):
+            kept = own[own["cluster_size"] >= threshold]
+            result = evaluate_picks(kept, truth, classes, voxel_size(tomogram))
+            f1 = result["classes"][particle_class.name]["f1"] or 0.0
+            if f1 > best_f1:
+                best_threshold, best_f1 = threshold, f1
+        thresholds[particle_class.label] = best_threshold
+    return thresholds
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def read_training_log(run_dir: Path) -> dict:
+    """Steps and seconds per step of a ``cryocaps train`` run, from its run.json / metrics.csv."""
+    summary = {}
+    run_json = run_dir / "run.json"
+    if run_json.exists():
+        info = json.loads(run_json.read_text())
+        results = info.get("results", {}) or {}
+        for key in (
+            "steps",
+            "optimizer_steps",
+            "epochs",
+            "stop_reason",
+            "seconds_per_step",
+            "samples_per_second",
+            "train_seconds",
+            "best_epoch",
+            "best_val_loss",
+        ):
+            if key in results:
+                summary[key] = results[key]
+        parameters = info.get("parameters", {}) or {}
+        for key in ("batch_size", "patch_size", "steps_per_epoch"):
+            if key in parameters:
+                summary[key] = parameters[key]
+    metrics = run_dir / "metrics.csv"
+    if metrics.exists() and "steps" not in summary:
+        import pandas as pd
+
+        frame = pd.read_csv(metrics)
+        if "step" in frame:
+            summary["steps"] = int(frame["step"].max())
+    return summary
+
+
+def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth) -> dict:
+    if folder.exists():
+        shutil.rmtree(folder)
+    run_dir, seg_dir, picks_path = folder / "model", folder / "segment", folder / "picks.csv"
+    logs = folder / "logs"
+    say(f"cryocaps {model}: train {args.minutes:g} min")
+    train = run_measured(
+        cryocaps_cmd(
+            "train",
+            "--tomograms",
+            *data["train"],
+            data["valid"],
+            "--labels",
+            *data["train_labels"],
+            data["valid_labels"],
+            "--val-tomograms",
+            data["valid"].stem,
+            "--classes",
+            data["classes_csv"],
+            "-o",
+            run_dir,
+            "--model",
+            model,
+            "--max-minutes",
+            args.minutes,
+            "--seed",
+            args.seed,
+        ),
+        logs / "train.log",
+    )
+    train |= read_training_log(run_dir)
+    if (
+        train.get("seconds_per_step")
+        and "samples_per_second" not in train
+        and train.get("batch_size")
+    ):
+        train["samples_per_second"] = train["batch_size"] / train["seconds_per_step"]
+
+    say(f"cryocaps {model}: segment {data['test'].name}")
+    segment = run_measured(
+        cryocaps_cmd("segment", data["test"], "--model", run_dir, "-o", seg_dir),
+        logs / "segment.log",
+    )
+    label_map = seg_dir / f"{data['test'].stem}_labels.mrc"
+    say(f"cryocaps {model}: cluster-picks")
+    pick = run_measured(
+        cryocaps_cmd(
+            "cluster-picks", label_map, "-o", picks_path, "--classes", data["classes_csv"]
+        ),
+        logs / "cluster_picks.log",
+    )
+    from cryocaps.io.particles import read_particles
+
+    picks = read_particles([picks_path], classes=classes)
+    return {
+        "tool": f"cryocaps {model}",
+        "train": train,
+        "segment": segment,
+        "pick": pick,
+        "n_picks": len(picks),
+        **score(picks, truth, classes, data["test"]),
+    }
+
+
+def run_deepfinder(data: dict, args, folder: Path, classes, truth) -> dict:
+    import pandas as pd
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    logs = folder / "logs"
+    folder.mkdir(parents=True)
+    voxel = voxel_size(data["test"])
+    n_classes = classes.n_labels
+    if [c.label for c in classes] != list(range(1, n_classes)):
+        raise SystemExit(f"{data['classes_csv']}: DeepFinder needs labels 1..K without gaps")
+    radii = {c.label: c.radius_angstrom / voxel for c in classes}
+    # DeepFinder's Cluster takes one radius for all classes: their mean, whole voxels.
+    cluster_radius = max(1, round(sum(radii.values()) / len(radii)))
+
+    particles = truth.copy()
+    particles["label"] = [classes.by_name(name).label for name in particles["class_name"]]
+    particles_csv = folder / "particles_labels.csv"
+    particles[["tomo", "label", "x", "y", "z"]].to_csv(particles_csv, index=False)
+    dataset = folder / "dataset"
+    say("DeepFinder: targets (TargetBuilder spheres) and object lists")
+    prepare = run_measured(
+        driver_cmd(
+            "prepare",
+            "--particles",
+            particles_csv,
+            "--radii-voxels",
+            ",".join(f"{label}={r:.3f}" for label, r in radii.items()),
+            "--train",
+            *data["train"],
+            "--valid",
+            data["valid"],
+            "--dataset",
+            dataset,
+        ),
+        logs / "prepare.log",
+    )
+
+    say(f"DeepFinder: train {args.minutes:g} min")
+    train = run_measured(
+        driver_cmd(
+            "train",
+            "--dataset",
+            dataset,
+            "--n-classes",
+            n_classes,
+            "--out",
+            folder / "model",
+            "--minutes",
+            args.minutes,
+            "--batch-size",
+            args.df_batch_size,
+            "--patch-size",
+            args.df_patch_size,
+            "--seed",
+            args.seed,
+        ),
+        logs / "train.log",
+    )
+    train |= json.loads((folder / "model" / "train.json").read_text())
+    weights = folder / "model" / "net_weights_FINAL.h5"
+
+    objls = {}
+    segments = {}
+    clusters = {}
+    for role in ("valid", "test"):
+        tomogram = data[role]
+        say(f"DeepFinder: segment {role} tomogram {tomogram.name}")
+        label_map = folder / "segment" / f"{tomogram.stem}_labelmap.mrc"
+        segments[role] = run_measured(
+            driver_cmd(
+                "segment",
+                "--tomogram",
+                tomogram,
+                "--weights",
+                weights,
+                "--n-classes",
+                n_classes,
+                "--out",
+                label_map,
+            ),
+            logs / f"segment_{role}.log",
+        )
+        segments[role] |= json.loads(label_map.with_suffix(".json").read_text())
+        say(f"DeepFinder: cluster {role} tomogram (MeanShift, radius {cluster_radius} voxels)")
+        objl = folder / "picks" / f"{tomogram.stem}_objl_raw.xml"
+        clusters[role] = run_measured(
+            driver_cmd(
+                "cluster",
+                "--labelmap",
+                label_map,
+                "--radius-voxels",
+                cluster_radius,
+                "--tomo",
+                tomogram.stem,
+                "--out",
+                objl,
+            ),
+            logs / f"cluster_{role}.log",
+        )
+        clusters[role] |= json.loads(objl.with_suffix(".json").read_text())
+        objls[role] = objl
+
+    valid_picks = deepfinder_picks(objls["valid"].with_suffix(".csv"), classes)
+    thresholds = choose_thresholds(valid_picks, truth, classes, data["valid"])
+    say(f"DeepFinder: cluster-size thresholds from validation {thresholds}")
+    filtered = folder / "picks" / f"{data['test'].stem}_objl_thr.xml"
+    run_measured(
+        driver_cmd(
+            "filter",
+            "--objl",
+            objls["test"],
+            "--tomo",
+            data["test"].stem,
+            "--out",
+            filtered,
+            "--thresholds",
+            ",".join(f"{label}={t}" for label, t in thresholds.items()),
+        ),
+        logs / "filter.log",
+    )
+    picks = deepfinder_picks(filtered.with_suffix(".csv"), classes)
+    raw_test = score(
+        deepfinder_picks(objls["test"].with_suffix(".csv"), classes), truth, classes, data["test"]
+    )
+    return {
+        "tool": "DeepFinder 0.2.1",
+        "prepare": prepare,
+        "train": train,
+        "segment": segments["test"],
+        "segment_valid": segments["valid"],
+        "pick": clusters["test"],
+        "pick_valid": clusters["valid"],
+        "cluster_radius_voxels": cluster_radius,
+        "thresholds": {classes.by_label(label).name: t for label, t in thresholds.items()},
+        "macro_f1_without_thresholds": raw_test["macro_f1"],
+        "n_picks": len(picks),
+        **score(pd.DataFrame(picks), truth, classes, data["test"]),
+    }
+
+
+def add_rates(entry: dict, voxels: int) -> None:
+    seg = entry["segment"]
+    seg["voxels"] = voxels
+    seg["voxels_per_second"] = voxels / seg["wall_seconds"]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(value, spec: str = ".2f", unit: str = "") -> str:
+    if value is None:
+        return "–"
+    return f"{value:{spec}}{unit}"
+
+
+def gib(n_bytes) -> str:
+    return "–" if n_bytes is None else f"{n_bytes / 2**30:.2f} GiB"
+
+
+# Rows of the side-by-side table: (label, how to read the cell from a tool's entry).
+TABLE_ROWS = [
+    ("macro F1", lambda e: fmt(e["macro_f1"])),
+    ("worst-class F1", lambda e: fmt(e["worst_class_f1"])),
+    ("picks on test", lambda e: str(e["n_picks"])),
+    ("training steps", lambda e: str(e["train"].get("steps", "–"))),
+    (
+        "batch × patch",
+        lambda e: f"{e['train'].get('batch_size', '?')} × {e['train'].get('patch_size', '?')}³",
+    ),
+    ("s / step", lambda e: fmt(e["train"].get("seconds_per_step"))),
+    ("samples / s", lambda e: fmt(e["train"].get("samples_per_second"))),
+    ("train process wall", lambda e: fmt(e["train"]["wall_seconds"], ".0f", " s")),
+    ("train peak RSS", lambda e: gib(e["train"]["peak_rss_bytes"])),
+    ("segment wall (whole process)", lambda e: fmt(e["segment"]["wall_seconds"], ".1f", " s")),
+    ("segment CPU time (user+sys)", lambda e: fmt(e["segment"]["cpu_seconds"], ".1f", " s")),
+    ("segment voxels / s", lambda e: fmt(e["segment"]["voxels_per_second"] / 1e3, ".1f", " k")),
+    ("segment peak RSS", lambda e: gib(e["segment"]["peak_rss_bytes"])),
+    ("picking wall (whole process)", lambda e: fmt(e["pick"]["wall_seconds"], ".1f", " s")),
+    ("picking peak RSS", lambda e: gib(e["pick"]["peak_rss_bytes"])),
+]
+
+
+def comparison_rows(tools: dict) -> list[str]:
+    """Markdown rows, one column per tool; per-class F1 rows after the worst-class row."""
+    class_names = sorted({c for entry in tools.values() for c in entry.get("f1_per_class", {})})
+    per_class = [(f"F1 {c}", lambda e, c=c: fmt(e["f1_per_class"].get(c))) for c in class_names]
+    rows = TABLE_ROWS[:2] + per_class + TABLE_ROWS[2:]
+    lines = []
+    for label, cell in rows:
+        cells = []
+        for entry in tools.values():
+            try:
+                cells.append(cell(entry))
+            except (KeyError, TypeError):
+                cells.append("–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown_section(report: dict) -> str:
+    machine = report["machine"]
+    probe = report["conv3d_probe"]
+    lines = [
+        START_MARK,
+        "## cryocaps vs DeepFinder 0.2.1 (`benchmarks/vs_deepfinder.py`)",
+        "",
+        f"Run {report['finished']} UTC{' — QUICK MODE: plumbing check only, numbers mean nothing' if report['settings']['quick'] else ''}.",
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {machine.get('cpu_model', '?')}, {machine.get('cpu_count_available', machine['cpu_count'])} "
+        f"CPU cores, {machine.get('memory_gib', '?')} GiB, {machine['platform']}; torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), DeepFinder {report['deepfinder_versions'].get('cryoet-deepfinder')} "
+        f"with TensorFlow {report['deepfinder_versions'].get('tensorflow')}. Load average at start "
+        f"{', '.join(f'{v:.1f}' for v in machine['load_average_at_start'])}.",
+        f"conv3d ceiling (torch, 3³ 32→32 ch on 48³, best run): "
+        f"{probe['start']['gflops_per_second']:.0f} GFLOP/s at start, {probe['end']['gflops_per_second']:.0f} GFLOP/s at end.",
+        "",
+        f"Same data and budget for every tool: `cryocaps simulate` 5 tomograms (3 train, 1 validation "
+        f"given to both, 1 test), {report['settings']['minutes']:g} min wall-clock training each, "
+        "the test tomogram scored by `cryocaps.evaluation.evaluate_picks` (tolerance 0.5 × class radius). "
+        "cryocaps: CLI defaults (`train --max-minutes`, `segment`, `cluster-picks`). DeepFinder: "
+        f"TargetBuilder spheres, Train (patch {report['settings']['df_patch_size']}, batch "
+        f"{report['settings']['df_batch_size']}, bootstrap, Lrnd 13), Segment, Cluster (MeanShift), per-class "
+        "cluster-size thresholds chosen on the validation tomogram. Segmentation and picking are timed as whole "
+        "processes (imports and file I/O included); peak RSS is that process's own.",
+        "",
+    ]
+    for name, dataset in report["datasets"].items():
+        tools = dataset["tools"]
+        names = list(tools)
+        lines += [
+            f"### {name}: {dataset['description']}",
+            "",
+            f"Test tomogram {dataset['test_shape_zyx']} voxels; options `{' '.join(dataset['simulate_options'])}`.",
+            "",
+        ]
+        lines.append("| | " + " | ".join(tools[t]["tool"] for t in names) + " |")
+        lines.append("|---" * (len(names) + 1) + "|")
+        lines += comparison_rows(tools)
+        lines.append("")
+        df = tools.get("deepfinder")
+        if df:
+            lines.append(
+                f"DeepFinder thresholds (min cluster size, voxels): {df['thresholds']}; macro F1 "
+                f"without them {fmt(df['macro_f1_without_thresholds'])}; cluster radius "
+                f"{df['cluster_radius_voxels']} voxels; Segment patch {df['segment'].get('patch_size')}."
+            )
+            notes = df["pick"].get("notes") or []
+            lines += [f"Note: {n}" for n in notes]
+            lines.append("")
+    lines += ["Raw numbers: `benchmarks/results/vs_deepfinder.json`.", END_MARK]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(report: dict) -> None:
+    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS_JSON.with_name(RESULTS_JSON.name + ".part")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    os.replace(tmp, RESULTS_JSON)
+
+    section = markdown_section(report)
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n\n"
+    if START_MARK in text and END_MARK in text:
+        head, rest = text.split(START_MARK, 1)
+        tail = rest.split(END_MARK, 1)[1]
+        text = head + section.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    tmp = RESULTS_MD.with_name(RESULTS_MD.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, RESULTS_MD)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    report = {
+        "command": shlex.join(
+            ["benchmarks/vs_deepfinder.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    report["deepfinder_versions"] = ensure_deepfinder_venv(args.work)
+    say(f"DeepFinder venv ready: {report['deepfinder_versions']}")
+    report["machine"] = machine_info()
+    report["conv3d_probe"] = {"start": conv3d_probe()}
+    say(f"conv3d probe: {report['conv3d_probe']['start']['gflops_per_second']:.0f} GFLOP/s")
+
+    report["datasets"] = {}
+    for name, spec in data_sets(args).items():
+        folder = args.work / name
+        data = simulate(name, spec, args, folder / "data")
+        classes, truth = load_truth(data)
+        from cryocaps.io.volumes import read_info
+
+        info = read_info(data["test"])
+        voxels = int(info.shape[0] * info.shape[1] * info.shape[2])
+        tools = {}
+        tools["deepfinder"] = run_deepfinder(data, args, folder / "deepfinder", classes, truth)
+        add_rates(tools["deepfinder"], voxels)
+        for model in args.models:
+            key = f"cryocaps-{model}"
+            tools[key] = run_cryocaps(model, data, args, folder / key, classes, truth)
+            add_rates(tools[key], voxels)
+        report["datasets"][name] = {
+            "description": spec["description"],
+            "simulate_options": data["options"],
+            "test_tomogram": data["test"].name,
+            "test_shape_zyx": list(info.shape),
+            "classes": classes.to_records(),
+            "tools": tools,
+        }
+        for key, entry in tools.items():
+            say(
+                f"{name} {key}: macro F1 {fmt(entry['macro_f1'])}, worst {fmt(entry['worst_class_f1'])}, "
+                f"segment {entry['segment']['wall_seconds']:.1f} s"
+            )
+
+    report["conv3d_probe"]["end"] = conv3d_probe()
+    report["finished"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    report["total_seconds"] = time.time() - started
+    if not args.no_write:
+        write_results(report)
+        say(f"wrote {RESULTS_JSON} and the vs_deepfinder section of {RESULTS_MD}")
+    else:
+        print(markdown_section(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
