@@ -207,9 +207,10 @@ def train(args) -> None:
     trainer.net.save(str(weights))
 
     steps = len(observer.step_seconds)
-    # The first step includes graph tracing; the rate is taken over the others.
-    steady = observer.step_seconds[1:] or observer.step_seconds
-    seconds_per_step = sum(steady) / len(steady) if steady else None
+    # All steps, the first (graph tracing) included, as cryocaps counts its own;
+    # validation and history plots at epoch ends are left out of the step times.
+    seconds_per_step = sum(observer.step_seconds) / steps if steps else None
+    steady = observer.step_seconds[1:]
     write_json(
         out / "train.json",
         {
@@ -222,6 +223,7 @@ def train(args) -> None:
             "step_seconds_total": sum(observer.step_seconds),
             "seconds_per_step": seconds_per_step,
             "samples_per_second": args.batch_size / seconds_per_step if seconds_per_step else None,
+            "seconds_per_step_after_first": sum(steady) / len(steady) if steady else None,
             "batch_size": args.batch_size,
             "patch_size": args.patch_size,
             "steps_per_epoch": args.steps_per_epoch,

@@ -73,7 +73,8 @@ def data_sets(args) -> dict[str, dict]:
                 str(args.structures_snr),
                 "--structures",
                 str(args.structures),
-                *[item for name in args.structure_classes for item in ("--classes-from", name)],
+                "--classes-from",
+                ",".join(args.structure_classes),
             ],
         },
     }
@@ -188,6 +189,11 @@ def run_measured(
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "exit_code": code,
     }
+
+
+def repeat(flag: str, values) -> list:
+    """``--flag a --flag b``: how cryocaps takes several values for one option."""
+    return [item for value in values for item in (flag, value)]
 
 
 def cryocaps_cmd(*args) -> list[str]:
@@ -437,19 +443,19 @@ def read_training_log(run_dir: Path) -> dict:
     if run_json.exists():
         info = json.loads(run_json.read_text())
         results = info.get("results", {}) or {}
-        for key in (
-            "steps",
-            "optimizer_steps",
-            "epochs",
-            "stop_reason",
-            "seconds_per_step",
-            "samples_per_second",
-            "train_seconds",
-            "best_epoch",
-            "best_val_loss",
-        ):
+        names = {
+            "steps_done": "steps",
+            "epochs_done": "epochs_done",
+            "stopped": "stopped",
+            "seconds_per_step": "seconds_per_step",
+            "samples_per_second": "samples_per_second",
+            "best_epoch": "best_epoch",
+            "best_val_loss": "best_val_loss",
+            "best_mean_dice": "best_mean_val_dice",
+        }
+        for key, name in names.items():
             if key in results:
-                summary[key] = results[key]
+                summary[name] = results[key]
         parameters = info.get("parameters", {}) or {}
         for key in ("batch_size", "patch_size", "steps_per_epoch"):
             if key in parameters:
@@ -473,12 +479,8 @@ def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth) -> 
     train = run_measured(
         cryocaps_cmd(
             "train",
-            "--tomograms",
-            *data["train"],
-            data["valid"],
-            "--labels",
-            *data["train_labels"],
-            data["valid_labels"],
+            *repeat("--tomograms", [*data["train"], data["valid"]]),
+            *repeat("--labels", [*data["train_labels"], data["valid_labels"]]),
             "--val-tomograms",
             data["valid"].stem,
             "--classes",
