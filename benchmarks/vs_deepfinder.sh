@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# cryocaps side by side with DeepFinder 0.2.1 (see benchmarks/vs_deepfinder.py --help).
+#   benchmarks/vs_deepfinder.sh --quick          # plumbing check, ~15 min on 2 cores
+#   benchmarks/vs_deepfinder.sh                  # full run: 12-min budgets, 2 data sets
+# PYTHON: the interpreter with cryocaps installed [default: python3 on PATH].
+# The DeepFinder venv (benchmarks/.venv-deepfinder, ~2.3 GB) is made on first use.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${PYTHON:-python3}"
+if ! "$python" -c "import cryocaps" 2>/dev/null; then
+    echo "vs_deepfinder.sh: $python cannot import cryocaps; set PYTHON=/path/to/venv/bin/python" >&2
+    exit 2
+fi
+cd "$here/.."
+exec "$python" "$here/vs_deepfinder.py" "$@"
