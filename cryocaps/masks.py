@@ -220,21 +220,26 @@ def relion_sampling_matrices(angles_deg: np.ndarray) -> np.ndarray:
 class Template:
     """A class's density map at the tomogram's voxel size, thresholded.
 
-    density : (Z, Y, X) float32; its centre is voxel (Z//2, Y//2, X//2) (RELION's box centre)
+    density : (Z, Y, X) float32
     threshold : density value above which a voxel is inside the particle
+    centre_zyx : the particle's centre in voxels of ``density``; default
+        (Z//2, Y//2, X//2), RELION's box centre
     reach_voxels : distance from the centre to the farthest inside voxel (+1)
     """
 
     density: np.ndarray
     threshold: float
+    centre_zyx: np.ndarray | None = None
     reach_voxels: float = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.centre_zyx is None:
+            self.centre_zyx = np.array(self.density.shape) // 2
+        self.centre_zyx = np.asarray(self.centre_zyx, dtype=float)
         inside = np.argwhere(self.density > self.threshold)
         if len(inside) == 0:
             raise CryocapsError("template is empty at this threshold; lower --template-threshold")
-        centre = np.array(self.density.shape) // 2
-        self.reach_voxels = float(np.sqrt(((inside - centre) ** 2).sum(axis=1).max())) + 1.0
+        self.reach_voxels = float(np.sqrt(((inside - self.centre_zyx) ** 2).sum(axis=1).max())) + 1.0
 
 
 def load_template(
@@ -253,15 +258,18 @@ def load_template(
         raise CryocapsError(f"--template-threshold must be between 0 and 1, got {threshold_fraction}")
     tomogram = read_tomogram(particle_class.template)
     density = tomogram.data.astype(np.float32)
+    centre = np.array(density.shape) // 2
     if abs(tomogram.voxel_size_angstrom - voxel_size_angstrom) > VOXEL_SIZE_TOLERANCE * voxel_size_angstrom:
+        # Fourier rescaling keeps voxel 0 in place, so the box centre moves to centre * ratio.
         density = fourier_rescale(density, tomogram.voxel_size_angstrom, voxel_size_angstrom)
+        centre = centre * tomogram.voxel_size_angstrom / voxel_size_angstrom
     peak = float(density.max())
     if not peak > 0:
         raise CryocapsError(
             f"{particle_class.template}: template has no positive density (particles should be bright); "
             "invert it first"
         )
-    return Template(density, threshold_fraction * peak)
+    return Template(density, threshold_fraction * peak, centre)
 
 
 def draw_templates(
@@ -294,8 +302,7 @@ def draw_templates(
         xyz = np.stack([dx.ravel(), dy.ravel(), dz.ravel()])
         sampled_xyz = matrices[i] @ xyz
         template = templates[i]
-        centre_zyx = np.array(template.density.shape) // 2
-        coordinates = sampled_xyz[::-1] + centre_zyx[:, None]
+        coordinates = sampled_xyz[::-1] + template.centre_zyx[:, None]
         density = map_coordinates(template.density, coordinates, order=1, mode="constant", cval=0.0)
         return (density > template.threshold).reshape(dz.shape)
 

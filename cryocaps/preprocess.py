@@ -72,8 +72,8 @@ def _round_half_up(value: float) -> int:
 def _exact_length(n_in: int, ratio: float) -> tuple[int, int]:
     """Padded input length and matching output length whose ratio is exactly ``ratio``.
 
-    Padding the input by a few voxels (at most 20 %, with its mean value)
-    makes the output voxel exactly the requested size; when no such padding
+    Padding the input by a few voxels (at most 20 %, a linear ramp from its
+    last plane back to its first) makes the output voxel exactly the requested size; when no such padding
     exists the output voxel differs from the request by at most half a voxel
     over the whole axis (see :func:`effective_voxel_sizes`).
     """
@@ -101,18 +101,17 @@ def _slab_step(shape, axis: int) -> tuple[int, int]:
     return cut_axis, max(1, _SLAB_BYTES // (8 * max(1, plane)))
 
 
-def _rescale_axis(data: np.ndarray, axis: int, ratio: float, n_final: int, mean: float) -> np.ndarray:
+def _rescale_axis(data: np.ndarray, axis: int, ratio: float, n_final: int) -> np.ndarray:
     """Fourier-rescale ``data`` along one axis by ``ratio``; returns float32 with ``n_final`` samples there."""
     from scipy import fft
 
     n_in = data.shape[axis]
     n_padded, n_out = _exact_length(n_in, ratio)
     keep = (min(n_padded, n_out) + 1) // 2  # bins 0..keep-1: |k| < min/2
-    # Spectrum of the padding's step: subtracting mean x box makes the padding equal to the mean.
-    box = fft.rfft(np.ones(n_in, np.float32), n=n_padded, norm="forward")[:keep]
-    view = [None] * data.ndim
-    view[axis] = slice(None)
-    box = box[tuple(view)]
+    view = [1] * data.ndim
+    view[axis] = -1
+    # Padding ramps linearly from the last plane back to the first, so the periodic signal has no step.
+    ramp = (np.arange(1, n_padded - n_in + 1, dtype=np.float32) / (n_padded - n_in + 1)).reshape(view)
 
     out_shape = list(data.shape)
     out_shape[axis] = n_final
@@ -123,16 +122,20 @@ def _rescale_axis(data: np.ndarray, axis: int, ratio: float, n_final: int, mean:
         index[cut_axis] = slice(start, start + step)
         index = tuple(index)
         slab = np.asarray(data[index], dtype=np.float32)
-        spectrum = fft.rfft(slab, n=n_padded, axis=axis, norm="forward")
+        if n_padded > n_in:
+            first = np.take(slab, [0], axis=axis)
+            last = np.take(slab, [n_in - 1], axis=axis)
+            slab = np.concatenate([slab, last + (first - last) * ramp], axis=axis)
+        spectrum = fft.rfft(slab, axis=axis, norm="forward")
+        del slab
         crop = [slice(None)] * data.ndim
         crop[axis] = slice(0, keep)
-        kept = spectrum[tuple(crop)] - np.complex64(mean) * box
-        del spectrum
+        kept = spectrum[tuple(crop)]
         resampled = fft.irfft(kept, n=n_out, axis=axis, norm="forward")
-        resampled += np.float32(mean)
+        del spectrum, kept
         take = [slice(None)] * data.ndim
-        take[axis] = slice(0, min(n_out, n_final))
-        out[index] = resampled[tuple(take)]  # n_final <= n_out always
+        take[axis] = slice(0, n_final)  # n_final <= n_out always
+        out[index] = resampled[tuple(take)]
     return out
 
 
@@ -155,11 +158,10 @@ def fourier_rescale(
     """
     ratio = voxel_size_angstrom / target_voxel_size_angstrom
     final_shape = rescaled_shape(data.shape, voxel_size_angstrom, target_voxel_size_angstrom)
-    mean = normalization_stats(data)["mean"]
     volume = data
     del data
     for axis in (2, 1, 0):  # x first: contiguous, and the volume shrinks soonest
-        volume = _rescale_axis(volume, axis, ratio, final_shape[axis], mean)
+        volume = _rescale_axis(volume, axis, ratio, final_shape[axis])
         if release_input is not None:
             release_input()
             release_input = None

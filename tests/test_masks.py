@@ -303,3 +303,21 @@ def test_drawing_touches_only_boxes_around_particles():
     label_map = draw_spheres(shape, centres, rng.integers(1, 4, 500), rng.uniform(3, 8, 500))
     assert time.perf_counter() - started < 5.0  # ~0.1 s here; a full-volume pass per particle takes minutes
     assert all(label_map[tuple(np.round(c).astype(int))] > 0 for c in centres)
+
+
+def test_template_at_another_voxel_size_stays_centred(tmp_path):
+    from cryocaps.classes import ParticleClass
+    from cryocaps.masks import load_template
+
+    zz, yy, xx = np.indices((31, 31, 31))
+    squared = ((zz - 15) ** 2 + (yy - 15) ** 2 + (xx - 15) ** 2) * 5.0**2  # Å², 5 Å voxels
+    density = np.exp(-squared / (2 * 25.0**2)).astype(np.float32)  # half maximum at 29.4 Å
+    write_volume(tmp_path / "ball.mrc", density, 5.0)
+    template = load_template(ParticleClass(1, "ball", 30.0, tmp_path / "ball.mrc"), 7.0, 0.5)
+    assert template.density.shape == (22, 22, 22)  # 31 * 5 / 7 = 22.1
+    np.testing.assert_allclose(template.centre_zyx, [15 * 5 / 7] * 3)
+    label_map = draw_templates((31, 31, 31), [[15, 15, 15]], [1], [template], [[0, 0, 0]])
+    inside = np.argwhere(label_map == 1)
+    np.testing.assert_allclose(inside.mean(axis=0), [15, 15, 15], atol=0.15)
+    radius_voxels = 25.0 * np.sqrt(2 * np.log(2)) / 7.0
+    assert len(inside) == pytest.approx(4 / 3 * np.pi * radius_voxels**3, rel=0.15)

@@ -156,3 +156,17 @@ def test_cli_missing_file_and_same_folder(tmp_path, run_cli):
     source = _tomogram(tmp_path / "TS_01.mrc", shape=(8, 10, 12))
     result = run_cli("preprocess", source, "-o", tmp_path, "--overwrite")
     assert result.exit_code == 2 and "replace the input" in result.output
+
+
+@pytest.mark.parametrize("target", [10.8, 8.1])
+def test_rescaling_keeps_physical_positions(target):
+    """A smooth blob stays at the same place in Å: voxel 0 does not move (origin unchanged)."""
+    voxel, shape = 5.4, (32, 40, 48)
+    centre_angstrom = np.array([80.0, 101.0, 133.0])  # z, y, x
+    grid = np.indices(shape, dtype=np.float64) * voxel
+    blob = np.exp(-sum((grid[a] - centre_angstrom[a]) ** 2 for a in range(3)) / (2 * 12.0**2)).astype(np.float32)
+    out = fourier_rescale(blob, voxel, target).astype(np.float64)
+    positions = np.indices(out.shape, dtype=np.float64) * target
+    weights = np.clip(out, 0, None)
+    centroid = np.array([(positions[a] * weights).sum() / weights.sum() for a in range(3)])
+    np.testing.assert_allclose(centroid, centre_angstrom, atol=0.2)
