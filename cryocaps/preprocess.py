@@ -148,7 +148,7 @@ def fourier_rescale(
     ``shape * voxel_size / target`` rounded half up. ``data`` may be a memory map of any
     real dtype: it is read slab by slab. Peak memory is about the input as
     float32 plus 1.5x the larger of input and output (measured: 1.6x the
-    float32 input for 2x binning of a 200x512x512 tomogram, 2.0x for 5.4 to
+    float32 input for 2x binning of a 200x512x512 tomogram, 1.8x for 5.4 to
     7.3 Å, beyond the interpreter's own ~125 MB). ``release_input()``, if
     given, is called as soon as ``data`` has been read (after the first axis).
 
