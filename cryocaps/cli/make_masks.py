@@ -49,7 +49,10 @@ def command(
     radius_angstrom: RadiusOption = None,
     radius_scale: Annotated[
         float,
-        typer.Option("--radius-scale", help="Multiply every class radius by this factor (no unit). [default: 1.0]"),
+        typer.Option(
+            "--radius-scale",
+            help="Multiply every class radius by this factor (no unit; sphere and gaussian shapes). [default: 1.0]",
+        ),
     ] = 1.0,
     shape: Annotated[
         str,
