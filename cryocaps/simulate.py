@@ -541,7 +541,8 @@ class _Shear:
             block = F.pad(
                 volume[:, y0 : y0 + step], (self.offset, self.length - self.n_shear - self.offset)
             )
-            spectrum = torch.fft.rfft(block, dim=-1).permute(2, 1, 0)  # (K, y, S)
+            # bmm is ~50x faster on contiguous operands than on permuted views
+            spectrum = torch.fft.rfft(block, dim=-1).permute(2, 1, 0).contiguous()  # (K, y, S)
             summed = torch.bmm(spectrum, self.phase).permute(2, 1, 0)  # (T, y, K)
             sheared = torch.fft.irfft(summed, n=self.length, dim=-1)
             out[:, y0 : y0 + step] = _interpolate_last(sheared, positions, valid) * scale
@@ -561,7 +562,7 @@ class _Shear:
         step = self.rows_per_chunk()
         for y0 in range(0, projections.shape[1], step):
             spread = _interpolate_last(projections[:, y0 : y0 + step], positions, valid)
-            spectrum = torch.fft.rfft(spread, dim=-1).permute(2, 1, 0)  # (K, y, T)
+            spectrum = torch.fft.rfft(spread, dim=-1).permute(2, 1, 0).contiguous()  # (K, y, T)
             summed = torch.bmm(spectrum, phase).permute(2, 1, 0)  # (S, y, K)
             full = torch.fft.irfft(summed, n=self.length, dim=-1)
             out[:, y0 : y0 + step] = full[..., self.offset : self.offset + self.n_shear]
