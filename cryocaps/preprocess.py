@@ -366,7 +366,14 @@ def preprocess_files(
     plans = []
     seen = {}
     for path in map(Path, paths):
-        info = read_info(path, input_voxel_size_angstrom)
+        try:
+            info = read_info(path, input_voxel_size_angstrom)
+        except CryocapsError as error:
+            if "voxel size in the MRC header" not in str(error):
+                raise
+            raise CryocapsError(
+                f"{path}: the MRC header gives no voxel size; give it with --input-voxel-size-angstrom"
+            ) from None
         out_voxel = check_preprocess_options(
             info.voxel_size_angstrom,
             target_voxel_size_angstrom,

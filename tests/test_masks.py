@@ -321,3 +321,23 @@ def test_template_at_another_voxel_size_stays_centred(tmp_path):
     np.testing.assert_allclose(inside.mean(axis=0), [15, 15, 15], atol=0.15)
     radius_voxels = 25.0 * np.sqrt(2 * np.log(2)) / 7.0
     assert len(inside) == pytest.approx(4 / 3 * np.pi * radius_voxels**3, rel=0.15)
+
+
+def test_cli_voxel_size_for_headers_without_one(tmp_path, run_cli):
+    import mrcfile
+
+    with mrcfile.new(tmp_path / "TS_01.mrc") as mrc:
+        mrc.set_data(np.zeros((20, 24, 28), np.float32))
+        mrc.voxel_size = 0.0
+    csv = tmp_path / "p.csv"
+    csv.write_text("tomo,class_name,x,y,z\nTS_01,1,14,12,10\n")
+    result = run_cli("make-masks", csv, "-t", tmp_path / "TS_01.mrc", "-o", tmp_path / "out", "--radius-angstrom", "40")
+    assert result.exit_code == 2 and "--voxel-size-angstrom" in result.output
+    result = run_cli(
+        "make-masks", csv, "-t", tmp_path / "TS_01.mrc", "-o", tmp_path / "out", "--radius-angstrom", "40",
+        "--voxel-size-angstrom", "10",
+    )
+    assert result.exit_code == 0, result.output
+    label_map = read_tomogram(tmp_path / "out" / "TS_01_labels.mrc")
+    assert label_map.voxel_size_angstrom == pytest.approx(10.0)
+    assert np.count_nonzero(label_map.data) == np.count_nonzero(draw_spheres((20, 24, 28), [[10, 12, 14]], [1], [4.0]))

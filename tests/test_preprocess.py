@@ -170,3 +170,17 @@ def test_rescaling_keeps_physical_positions(target):
     weights = np.clip(out, 0, None)
     centroid = np.array([(positions[a] * weights).sum() / weights.sum() for a in range(3)])
     np.testing.assert_allclose(centroid, centre_angstrom, atol=0.2)
+
+
+def test_cli_header_without_voxel_size(tmp_path, run_cli):
+    import mrcfile
+
+    path = tmp_path / "TS_01.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(np.random.default_rng(0).normal(size=(8, 10, 12)).astype(np.float32))
+        mrc.voxel_size = 0.0
+    result = run_cli("preprocess", path, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "--input-voxel-size-angstrom" in result.output
+    result = run_cli("preprocess", path, "-o", tmp_path / "out", "--input-voxel-size-angstrom", "5")
+    assert result.exit_code == 0, result.output
+    assert read_tomogram(tmp_path / "out" / "TS_01.mrc").voxel_size_angstrom == pytest.approx(5.0)

@@ -22,6 +22,7 @@ from cryocaps.cli.common import (
     Quiet,
     RadiusOption,
     Verbose,
+    VoxelSize,
     command_line,
     print_table,
     progress,
@@ -80,6 +81,7 @@ def command(
             show_default=False,
         ),
     ] = None,
+    voxel_size_angstrom: VoxelSize = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Stop with an error when particles lie outside their tomogram. [default: off]")
     ] = False,
@@ -89,13 +91,12 @@ def command(
 ) -> None:
     setup_logging(quiet, verbose)
     from cryocaps.classes import load_class_table
-    from cryocaps.io.particles import tomogram_infos
-    from cryocaps.masks import make_masks
+    from cryocaps.masks import make_masks, tomogram_geometry
     from cryocaps.runinfo import write_run_json
 
     started = time.time()
     classes = load_class_table(classes_path, radius_angstrom)
-    infos = tomogram_infos(tomograms)
+    infos = tomogram_geometry(tomograms, voxel_size_angstrom)
     with progress("Drawing masks", len(infos)) as advance:
         summary = make_masks(
             coordinates,
@@ -118,6 +119,7 @@ def command(
         "shape": shape,
         "template_threshold": template_threshold if shape == "template" else None,
         "coords_pixel_size_angstrom": coords_pixel_size_angstrom,
+        "voxel_size_angstrom": voxel_size_angstrom,
         "strict": strict,
         "command_line": command_line(),
     }
