@@ -341,3 +341,21 @@ def test_cli_voxel_size_for_headers_without_one(tmp_path, run_cli):
     label_map = read_tomogram(tmp_path / "out" / "TS_01_labels.mrc")
     assert label_map.voxel_size_angstrom == pytest.approx(10.0)
     assert np.count_nonzero(label_map.data) == np.count_nonzero(draw_spheres((20, 24, 28), [[10, 12, 14]], [1], [4.0]))
+
+
+def test_overlapping_templates_match_brute_force():
+    rng = np.random.default_rng(7)
+    shape = (24, 26, 28)
+    template = Template(_arm_template(), 0.5)
+    centres = rng.uniform(4, np.array(shape) - 4, size=(8, 3))
+    angles = rng.uniform(-180, 180, size=(8, 3))
+    labels = np.arange(1, 9)
+    label_map = draw_templates(shape, centres, labels, [template] * 8, angles)
+    # reference: each particle drawn alone, then every voxel to the nearest covering centre
+    alone = np.stack([draw_templates(shape, [c], [1], [template], [a]) > 0 for c, a in zip(centres, angles, strict=True)])
+    grid = np.indices(shape).reshape(3, -1).T
+    distance = np.sqrt(((grid[:, None, :] - centres[None]) ** 2).sum(-1)).T.reshape(8, *shape)
+    owner = np.where(alone, distance, np.inf).argmin(axis=0)
+    expected = np.where(alone.any(axis=0), labels[owner], 0)
+    assert alone.sum() > np.count_nonzero(expected)  # the shapes do overlap
+    np.testing.assert_array_equal(label_map, expected)
