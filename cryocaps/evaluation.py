@@ -221,7 +221,7 @@ def _label_false_positives(picks, truth, classes, voxel_size_angstrom, tolerance
 
 def _few(names, limit: int = 5) -> str:
     names = sorted(names)
-    text = ", ".join(names[:limit])
+    text = ", ".join(repr(n) for n in names[:limit])
     return text + (f" … ({len(names)} in all)" if len(names) > limit else "") if names else "(none)"
 
 

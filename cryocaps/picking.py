@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("components", "meanshift", "peaks")
 DEFAULT_METHOD = "components"
-DEFAULT_MIN_SIZE_FRACTION = 0.25
+DEFAULT_MIN_SIZE_FRACTION = 0.2
 # Largest number of voxel coordinates mean shift clusters per class; more are subsampled on a grid.
 MEANSHIFT_MAX_POINTS = 200_000
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
@@ -122,11 +122,8 @@ def pick_particles(
         radius = particle_class.radius_voxels(voxel_size_angstrom)
         weights = _weight_map(particle_class, probabilities, scores)
         mask = label_map == particle_class.label
-        if mask.any():
-            picks = _PICKERS[method](mask, radius, weights)
-        else:
-            picks = []
         min_size = min_size_fraction * sphere_volume_voxels(radius)
+        picks = _PICKERS[method](mask, radius, weights, min_size) if mask.any() else []
         for pick in picks:
             if pick.size < min_size:
                 continue
@@ -196,17 +193,15 @@ def _mean_weight(weights, index) -> float:
 # --- components -------------------------------------------------------------
 
 
-def _pick_components(mask: np.ndarray, radius: float, weights) -> list[_Pick]:
+def _pick_components(mask: np.ndarray, radius: float, weights, min_size: float) -> list[_Pick]:
     labelled, count = ndimage.label(mask)
     if count == 0:
         return []
     sizes = np.bincount(labelled[mask], minlength=count + 1)
     expected = sphere_volume_voxels(radius)
-    # Components far smaller than a particle are noise; skip them before the per-component work.
-    keep_min = max(1.0, 0.1 * expected)
     picks: list[_Pick] = []
     for index, box in enumerate(ndimage.find_objects(labelled), start=1):
-        if box is None or sizes[index] < keep_min:
+        if box is None or sizes[index] < min_size:  # too small for even one pick
             continue
         component = labelled[box] == index
         extent = max(s.stop - s.start for s in box)
@@ -297,14 +292,13 @@ def _suppress_close(centres: np.ndarray, strength: np.ndarray, min_separation: f
 # --- mean shift -------------------------------------------------------------
 
 
-def _pick_meanshift(mask: np.ndarray, radius: float, weights) -> list[_Pick]:
+def _pick_meanshift(mask: np.ndarray, radius: float, weights, min_size: float) -> list[_Pick]:
     box = _bounding_box(mask)
     mask = mask[box]
     offset = np.array([s.start for s in box], dtype=float)
     count = int(np.count_nonzero(mask))
-    # Subsample on a regular grid: keeps the cost bounded while leaving each particle
-    # with enough points (at least ~2 per radius) for its mode.
-    # ~3 samples per radius find a sphere's mode as well as every voxel does.
+    # Subsample on a regular grid: ~3 samples per radius find a sphere's mode as well as
+    # every voxel does, and the number of points (hence the cost) stays bounded.
     step = max(1, int(radius // 3))
     if count / step**3 > MEANSHIFT_MAX_POINTS:
         step = int(math.ceil((count / MEANSHIFT_MAX_POINTS) ** (1 / 3)))
@@ -314,14 +308,23 @@ def _pick_meanshift(mask: np.ndarray, radius: float, weights) -> list[_Pick]:
         return []
     centres, strength = _mean_shift(points, bandwidth=max(radius, 1.0))
     assignment = cKDTree(centres).query(points)[1]
-    sizes = np.bincount(assignment, minlength=len(centres)) * step**3
     crop_weights = weights[box] if weights is not None else None
-    picks = []
-    for k, centre in enumerate(centres):
-        members = points[assignment == k].astype(int)
-        score = _mean_weight(crop_weights, tuple(members.T)) if len(members) else float("nan")
-        picks.append(_Pick(*(centre + offset), float(sizes[k]), score))
-    return picks
+    sizes, scores = _cluster_stats(assignment, len(centres), points.astype(np.intp), crop_weights)
+    return [
+        _Pick(*(centre + offset), float(size * step**3), score)
+        for centre, size, score in zip(centres, sizes, scores, strict=True)
+    ]
+
+
+def _cluster_stats(assignment: np.ndarray, n_clusters: int, voxels: np.ndarray, weights):
+    """Per cluster: number of voxels and mean weight at them (NaN without weights)."""
+    sizes = np.bincount(assignment, minlength=n_clusters).astype(float)
+    if weights is None:
+        return sizes, np.full(n_clusters, np.nan)
+    values = np.asarray(weights[tuple(voxels.T)], dtype=np.float64)
+    sums = np.bincount(assignment, weights=values, minlength=n_clusters)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sizes, sums / sizes
 
 
 def _mean_shift(points: np.ndarray, bandwidth: float, max_iterations: int = 100) -> tuple[np.ndarray, np.ndarray]:
@@ -359,7 +362,7 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
 # --- peaks ------------------------------------------------------------------
 
 
-def _pick_peaks(mask: np.ndarray, radius: float, weights) -> list[_Pick]:
+def _pick_peaks(mask: np.ndarray, radius: float, weights, min_size: float) -> list[_Pick]:
     margin = int(math.ceil(radius)) + 2
     box = tuple(
         slice(max(0, s.start - margin), min(n, s.stop + margin))
@@ -379,23 +382,26 @@ def _pick_peaks(mask: np.ndarray, radius: float, weights) -> list[_Pick]:
     labelled, count = ndimage.label(peaks, structure=STRUCTURE_26)  # plateaus -> one peak
     if count == 0:
         return []
-    index = np.arange(1, count + 1)
-    centres = np.array(ndimage.center_of_mass(peaks, labelled, index))
-    heights = np.asarray(ndimage.maximum(field, labelled, index))
-    kept = _suppress_close(centres, heights, min_distance)
-    centres = centres[kept]
-    # Each class voxel belongs to its nearest peak (within 1.5 radii): sizes and scores.
-    voxels = np.argwhere(mask)
+    # Peak statistics from the peak voxels only (few), not from whole-volume label sweeps.
+    peak_voxels = np.argwhere(peaks)
+    peak_ids = labelled[peaks] - 1
+    members = np.bincount(peak_ids, minlength=count)
+    centres = np.stack([np.bincount(peak_ids, weights=peak_voxels[:, a], minlength=count) for a in range(3)], 1)
+    centres /= members[:, None]
+    heights = np.full(count, -np.inf)
+    np.maximum.at(heights, peak_ids, field[peaks])
+    centres = centres[_suppress_close(centres, heights, min_distance)]
+    # Each class voxel belongs to its nearest peak (within 1.5 radii): sizes and scores,
+    # counted on a grid of ~3 voxels per radius as for mean shift.
+    step = max(1, int(radius // 3))
+    voxels = np.argwhere(mask[::step, ::step, ::step]) * step
     distance, nearest = cKDTree(centres).query(voxels, distance_upper_bound=1.5 * radius + 1)
     inside = np.isfinite(distance)
-    voxels, nearest = voxels[inside], nearest[inside]
-    sizes = np.bincount(nearest, minlength=len(centres))
-    picks = []
-    for k, centre in enumerate(centres):
-        members = voxels[nearest == k]
-        score = _mean_weight(crop_weights, tuple(members.T)) if len(members) else float("nan")
-        picks.append(_Pick(*(centre + offset), float(sizes[k]), score))
-    return picks
+    sizes, scores = _cluster_stats(nearest[inside], len(centres), voxels[inside], crop_weights)
+    return [
+        _Pick(*(centre + offset), float(size * step**3), score)
+        for centre, size, score in zip(centres, sizes, scores, strict=True)
+    ]
 
 
 _PICKERS = {"components": _pick_components, "meanshift": _pick_meanshift, "peaks": _pick_peaks}

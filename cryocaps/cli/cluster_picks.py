@@ -66,9 +66,9 @@ def command(
         typer.Option(
             "--min-size-fraction",
             help="Drop picks with fewer voxels than this fraction of the class's sphere volume "
-            "(4/3 pi r^3). [default: 0.25]",
+            "(4/3 pi r^3). [default: 0.2]",
         ),
-    ] = 0.25,
+    ] = 0.2,
     min_score: Annotated[
         float | None,
         typer.Option(

@@ -1,0 +1,247 @@
+"""cluster-picks: label maps made from particle lists give the particles back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryocaps.classes import ClassTable, ParticleClass, write_classes
+from cryocaps.errors import CryocapsError
+from cryocaps.evaluation import evaluate_picks
+from cryocaps.io.volumes import write_volume
+from cryocaps.masks import draw_spheres
+from cryocaps.picking import METHODS, pick_particles, sphere_volume_voxels
+
+VOXEL = 10.0
+SHAPE = (36, 64, 64)
+
+
+@pytest.fixture
+def classes() -> ClassTable:
+    # radii 3, 4.5 and 6 voxels at 10 Å
+    return ClassTable(
+        [ParticleClass(1, "small", 30.0), ParticleClass(2, "medium", 45.0), ParticleClass(3, "large", 60.0)]
+    )
+
+
+def _particles(classes: ClassTable, touching: bool, seed: int = 0) -> pd.DataFrame:
+    """Particles on a loose grid; with ``touching``, every other one has a partner touching it."""
+    rng = np.random.default_rng(seed)
+    names = classes.names
+    radius = {name: classes.by_name(name).radius_angstrom / VOXEL for name in names}
+    rows = []
+    grid = [(z, y, x) for z in (9, 26) for y in (10, 32, 54) for x in (10, 32, 54)]
+    for k, position in enumerate(grid):
+        name = names[k % len(names)]
+        centre = np.array(position) + rng.integers(-1, 2, 3)
+        rows.append((name, *centre))
+        if touching and k % 2 == 0:
+            partner = names[(k + 1) % len(names)]
+            # Partner along x or y at the sum of the radii (rounded): the spheres touch.
+            offset = np.zeros(3, dtype=int)
+            offset[2 if k % 4 == 0 else 1] = round(radius[name] + radius[partner])
+            rows.append((partner, *(centre + offset)))
+    table = pd.DataFrame(rows, columns=["class_name", "z", "y", "x"])
+    table["tomo"] = "tomo_1"
+    table["score"] = 1.0
+    inside = np.all((table[["z", "y", "x"]].to_numpy() >= 0) & (table[["z", "y", "x"]].to_numpy() < SHAPE), axis=1)
+    return table[inside].reset_index(drop=True)
+
+
+def _label_map(table: pd.DataFrame, classes: ClassTable) -> np.ndarray:
+    labels = [classes.by_name(n).label for n in table["class_name"]]
+    radii = [classes.by_name(n).radius_angstrom / VOXEL for n in table["class_name"]]
+    return draw_spheres(SHAPE, table[["z", "y", "x"]].to_numpy(float), labels, radii)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("touching", [False, True])
+def test_perfect_maps_give_every_particle_back(classes, method, touching):
+    truth = _particles(classes, touching)
+    label_map = _label_map(truth, classes)
+    picks = pick_particles(label_map, classes, VOXEL, method=method, tomo_name="tomo_1")
+    scores = evaluate_picks(picks, truth, classes, VOXEL, tolerance_fraction=0.5)
+    for name, entry in scores["classes"].items():
+        assert entry["f1"] >= 0.95, (method, touching, name, entry)
+    assert list(picks.columns[:6]) == ["tomo", "class_name", "x", "y", "z", "score"]
+    assert (picks["tomo"] == "tomo_1").all()
+
+
+def test_touching_particles_are_split_and_centred(classes):
+    truth = _particles(classes, touching=True)
+    assert len(truth) > 15
+    picks = pick_particles(_label_map(truth, classes), classes, VOXEL, method="components")
+    assert len(picks) == len(truth)
+    for name in classes.names:
+        # Particles cut by the volume's border have off-centre centroids: check the whole ones.
+        radius = classes.by_name(name).radius_angstrom / VOXEL
+        theirs = truth[truth["class_name"] == name][["z", "y", "x"]].to_numpy(float)
+        whole = np.all((theirs >= radius) & (theirs <= np.array(SHAPE) - 1 - radius), axis=1)
+        mine = picks[picks["class_name"] == name][["z", "y", "x"]].to_numpy()
+        distances = np.linalg.norm(theirs[whole][:, None] - mine[None], axis=2).min(axis=1)
+        assert whole.sum() >= 4 and distances.max() < 0.75, (name, distances)
+
+
+def test_scores_are_mean_probability_or_size(classes):
+    truth = pd.DataFrame({"class_name": ["small", "large"], "z": [10, 20], "y": [15, 40], "x": [15, 40]})
+    label_map = _label_map(truth, classes)
+    probabilities = np.zeros((4, *SHAPE), dtype=np.float16)
+    probabilities[1][label_map == 1] = 0.75
+    probabilities[3][label_map == 3] = 0.5
+    with_probs = pick_particles(label_map, classes, VOXEL, probabilities)
+    assert with_probs.set_index("class_name")["score"].to_dict() == pytest.approx({"small": 0.75, "large": 0.5})
+    by_size = pick_particles(label_map, classes, VOXEL)
+    sizes = {name: float(np.count_nonzero(label_map == classes.by_name(name).label)) for name in ("small", "large")}
+    assert by_size.set_index("class_name")["score"].to_dict() == sizes
+
+
+def test_size_and_score_filters(classes):
+    truth = pd.DataFrame({"class_name": ["large"], "z": [18], "y": [30], "x": [30]})
+    label_map = _label_map(truth, classes)
+    label_map[5, 5, 5:8] = 3  # a 3-voxel speck of the large class
+    picks = pick_particles(label_map, classes, VOXEL, min_size_fraction=0.15)
+    assert len(picks) == 1
+    kept_speck = pick_particles(label_map, classes, VOXEL, min_size_fraction=0.0)
+    assert len(kept_speck) == 2
+    sphere = np.count_nonzero(label_map == 3) - 3
+    assert sphere == pytest.approx(sphere_volume_voxels(6.0), rel=0.1)
+    assert len(pick_particles(label_map, classes, VOXEL, min_size_fraction=0.0, min_score=sphere + 1)) == 0
+
+
+def test_noisy_segmentation_default_method(classes):
+    """Speckle noise, eroded and fragmented particles, false blobs: still one pick per particle."""
+    rng = np.random.default_rng(3)
+    truth = _particles(classes, touching=True, seed=3)
+    label_map = _label_map(truth, classes)
+    # Ragged boundaries: flip a fifth of the surface voxels to background.
+    from scipy import ndimage
+
+    surface = (label_map > 0) & ~ndimage.binary_erosion(label_map > 0)
+    label_map[surface & (rng.random(SHAPE) < 0.2)] = 0
+    # Speckle of random classes over the background and a few small false blobs.
+    speckle = rng.random(SHAPE) < 0.01
+    label_map[speckle] = rng.integers(1, 4, speckle.sum())
+    for z, y, x in rng.integers(4, 30, (4, 3)):
+        label_map[z : z + 2, y : y + 2, x : x + 2] = 2
+    picks = pick_particles(label_map, classes, VOXEL, tomo_name="tomo_1")
+    scores = evaluate_picks(picks, truth, classes, VOXEL)
+    assert scores["macro"]["f1"] >= 0.9, scores
+    assert scores["micro"]["recall"] >= 0.95, scores
+
+
+def test_int8_label_maps_and_unknown_labels(classes):
+    truth = pd.DataFrame({"class_name": ["medium"], "z": [18], "y": [30], "x": [30]})
+    label_map = _label_map(truth, classes).view(np.int8)  # as read back from MRC mode 0
+    label_map = label_map.copy()
+    label_map[2:6, 2:6, 2:6] = 9  # a label the class table does not know: ignored
+    picks = pick_particles(label_map, classes, VOXEL)
+    assert picks[["x", "y", "z"]].to_numpy().round().tolist() == [[30, 30, 18]]
+
+
+def test_bad_arguments(classes):
+    label_map = np.zeros(SHAPE, np.uint8)
+    with pytest.raises(CryocapsError, match="--method"):
+        pick_particles(label_map, classes, VOXEL, method="dbscan")
+    with pytest.raises(CryocapsError, match="channels"):
+        pick_particles(label_map, classes, VOXEL, np.zeros((2, *SHAPE), np.float16))
+    with pytest.raises(CryocapsError, match="shape"):
+        pick_particles(label_map, classes, VOXEL, np.zeros((4, 4, 4, 4), np.float16))
+    empty = pick_particles(label_map, classes, VOXEL)
+    assert empty.empty and list(empty.columns[:6]) == ["tomo", "class_name", "x", "y", "z", "score"]
+
+
+# --- command line -------------------------------------------------------------
+
+
+@pytest.fixture
+def segmentation(tmp_path, classes):
+    """OUT/<tomo>_labels.mrc + <tomo>_probs.mrc for two tomograms, classes.csv beside them."""
+    folder = tmp_path / "seg"
+    truths = []
+    for k, tomo in enumerate(["TS_01", "TS_02"]):
+        truth = _particles(classes, touching=True, seed=k)
+        truth["tomo"] = tomo
+        label_map = _label_map(truth, classes)
+        probabilities = np.zeros((4, *SHAPE), dtype=np.float32)
+        for label in range(4):
+            probabilities[label] = np.where(label_map == label, 0.9, 0.1 / 3)
+        write_volume(folder / f"{tomo}_labels.mrc", label_map, VOXEL, dtype="uint8")
+        write_volume(folder / f"{tomo}_probs.mrc", probabilities, VOXEL, dtype="float16")
+        truths.append(truth)
+    write_classes(classes, folder / "classes.csv")
+    return folder, pd.concat(truths, ignore_index=True)
+
+
+def test_cli_relion5_output(run_cli, segmentation, classes, tmp_path):
+    import starfile
+
+    from cryocaps.io.particles import read_particles, tomogram_infos
+
+    folder, truth = segmentation
+    out = tmp_path / "picks" / "picks.star"
+    result = run_cli("cluster-picks", folder, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "picks" in result.output and "large" in result.output
+    star = starfile.read(out)
+    particles = star["particles"] if isinstance(star, dict) else star
+    for column in ("rlnTomoName", "rlnCenteredCoordinateXAngst", "rlnCenteredCoordinateZAngst", "rlnClassNumber"):
+        assert column in particles.columns
+    assert set(particles["rlnTomoName"]) == {"TS_01", "TS_02"}
+    assert (out.parent / "run.json").is_file()
+    # The file round-trips to the right voxels and scores are the mean probability.
+    infos = tomogram_infos(sorted(folder.glob("*_labels.mrc")))
+    infos = [type(i)(i.name.removesuffix("_labels"), i.shape, i.voxel_size_angstrom) for i in infos]
+    picks = read_particles(out, tomograms=infos, classes=classes)
+    scores = evaluate_picks(picks, truth, classes, VOXEL)
+    assert scores["micro"]["f1"] == 1.0
+    assert picks["score"].to_numpy() == pytest.approx(0.9, abs=2e-3)
+
+
+def test_cli_stopgap_and_methods(run_cli, segmentation, classes, tmp_path):
+    from cryocaps.io.particles import read_particles
+
+    folder, truth = segmentation
+    out = tmp_path / "picks_stopgap.star"
+    maps = sorted(folder.glob("*_labels.mrc"))
+    result = run_cli(
+        "cluster-picks", *maps, "-o", out, "--format", "stopgap", "--method", "meanshift",
+        "--classes", folder / "classes.csv",
+    )
+    assert result.exit_code == 0, result.output
+    assert "data_stopgap_motivelist" in out.read_text()
+    picks = read_particles(out, classes=classes)
+    assert len(picks) == len(truth)
+    csv_out = tmp_path / "picks.csv"
+    result = run_cli("cluster-picks", *maps, "-o", csv_out, "--method", "peaks", "--no-probabilities")
+    assert result.exit_code == 0, result.output
+    picks = pd.read_csv(csv_out)
+    assert len(picks) == len(truth)
+    assert picks["score"].min() > 50  # sizes in voxels without probabilities
+
+
+def test_cli_bad_inputs(run_cli, segmentation, tmp_path):
+    folder, _ = segmentation
+    label_path = folder / "TS_01_labels.mrc"
+    out = tmp_path / "picks.csv"
+    cases = [
+        (["cluster-picks", folder / "TS_01_probs.mrc", "-o", out], "label map"),
+        (["cluster-picks", label_path, "-o", out, "--method", "dbscan"], "--method"),
+        (["cluster-picks", label_path, "-o", out, "--format", "pdb"], "--format"),
+        (["cluster-picks", tmp_path / "missing.mrc", "-o", out], "missing.mrc"),
+        (["cluster-picks", label_path, "-o", out, "--classes", tmp_path / "nope.csv"], "nope.csv"),
+    ]
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    (lonely / "TS_09_labels.mrc").write_bytes(label_path.read_bytes())
+    cases.append((["cluster-picks", lonely, "-o", out], "--classes"))
+    for args, expected in cases:
+        result = run_cli(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert expected in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+    assert not out.exists()
+    out.write_text("keep me")
+    result = run_cli("cluster-picks", label_path, "-o", out)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert out.read_text() == "keep me"
