@@ -15,7 +15,8 @@ One tomogram (arrays are (z, y, x), one voxel size ``v`` Å throughout):
    tilt axis along Y; tilt θ sees the point (x, z) (from the centre) at
    detector position ``u = x cos θ + z sin θ``. Computed by shearing in
    Fourier space (exact sub-voxel shifts) and summing: no loop over voxels.
-4. **CTF** per tilt image (voltage, Cs, amplitude contrast, defocus); with
+4. **CTF** per tilt image (voltage, Cs, amplitude contrast, defocus), with
+   the defocus gradient of a tilted specimen across the tilt axis; with
    underfocus the protein comes out dark, as in real data.
 5. **Noise**: white Gaussian noise added to each tilt image. The SNR is the
    variance of the CTF-modulated projections of the particles alone (all tilt
@@ -639,28 +640,60 @@ def electron_wavelength_angstrom(voltage_kv: float) -> float:
 
 
 def ctf_2d(
-    shape: tuple[int, int], voxel_size_angstrom: float, params: SimulationParameters
+    shape: tuple[int, int],
+    voxel_size_angstrom: float,
+    params: SimulationParameters,
+    defocus_angstrom: float | None = None,
 ) -> np.ndarray:
     """CTF on the rfft2 grid of a (Y, X) image; negative at low frequency (dark protein).
 
     CTF(k) = -(sqrt(1 - A^2) sin chi + A cos chi),
-    chi = pi lambda df k^2 - pi/2 Cs lambda^3 k^4, df > 0 underfocus.
+    chi = pi lambda df k^2 - pi/2 Cs lambda^3 k^4, df > 0 underfocus
+    (``defocus_angstrom``, default ``params.defocus_um``).
     """
     wavelength = electron_wavelength_angstrom(params.voltage_kv)
     ky = np.fft.fftfreq(shape[0], d=voxel_size_angstrom)[:, None]
     kx = np.fft.rfftfreq(shape[1], d=voxel_size_angstrom)[None, :]
     k2 = kx**2 + ky**2
-    defocus = params.defocus_um * 1e4
+    defocus = params.defocus_um * 1e4 if defocus_angstrom is None else defocus_angstrom
     cs = params.cs_mm * 1e7
     chi = np.pi * wavelength * defocus * k2 - 0.5 * np.pi * cs * wavelength**3 * k2**2
     amplitude = params.amplitude_contrast
     return (-(np.sqrt(1 - amplitude**2) * np.sin(chi) + amplitude * np.cos(chi))).astype(np.float32)
 
 
-def apply_ctf(images: np.ndarray, ctf: np.ndarray) -> np.ndarray:
-    """Multiply each (Y, X) image of a (T, Y, X) stack by ``ctf`` in Fourier space."""
-    spectrum = np.fft.rfft2(images, axes=(-2, -1))
-    return np.fft.irfft2(spectrum * ctf, s=images.shape[-2:], axes=(-2, -1)).astype(np.float32)
+def apply_ctf(images: np.ndarray, tilts_deg: Sequence[float], params: SimulationParameters) -> np.ndarray:
+    """The CTF of each tilt image of a (T, Y, X) stack, defocus varying across the tilt axis.
+
+    A specimen tilted by θ is nearer to focus on one side of the tilt axis:
+    column u (Å from the axis) has defocus ``df + u tan θ``. Each image is
+    filtered at a few defocus values (phase steps of at most 0.25 rad at
+    Nyquist) and the columns blended linearly between them.
+    """
+    voxel = params.voxel_size_angstrom
+    n_tilts, ny, nx = images.shape
+    nyquist = 0.5 / voxel
+    step = 0.25 / (np.pi * electron_wavelength_angstrom(params.voltage_kv) * nyquist**2)
+    u_angstrom = (np.arange(nx) - (nx - 1) / 2) * voxel
+    columns = np.arange(nx)
+    out = np.empty_like(images, dtype=np.float32)
+    for t, tilt in enumerate(tilts_deg):
+        spectrum = np.fft.rfft2(images[t])
+        defocus = params.defocus_um * 1e4 + u_angstrom * np.tan(np.deg2rad(tilt))
+        low, high = float(defocus.min()), float(defocus.max())
+        n_levels = int(np.ceil((high - low) / step)) + 1 if high - low > 1e-3 else 1
+        levels = np.linspace(low, high, n_levels)
+        filtered = np.stack(
+            [np.fft.irfft2(spectrum * ctf_2d((ny, nx), voxel, params, d), s=(ny, nx)) for d in levels]
+        )
+        if n_levels == 1:
+            out[t] = filtered[0]
+            continue
+        position = (defocus - low) / (high - low) * (n_levels - 1)
+        base = np.clip(np.floor(position).astype(int), 0, n_levels - 2)
+        weight = (position - base)[None, :]
+        out[t] = (1 - weight) * filtered[base, :, columns].T + weight * filtered[base + 1, :, columns].T
+    return out
 
 
 # --- one tomogram --------------------------------------------------------------
@@ -694,11 +727,10 @@ def simulate_tomogram(
 
     tilts = tilt_angles(params.tilt_range_deg, params.tilt_step_deg)
     step = time.perf_counter()
-    ctf = ctf_2d(params.shape[1:], params.voxel_size_angstrom, params)
-    signal = apply_ctf(project_tilt_series(particles_volume, tilts), ctf)
+    signal = apply_ctf(project_tilt_series(particles_volume, tilts), tilts, params)
     signal_variance = float(signal.var())
     if clutter.any():
-        signal += apply_ctf(project_tilt_series(clutter, tilts), ctf)
+        signal += apply_ctf(project_tilt_series(clutter, tilts), tilts, params)
     if not signal_variance > 0:  # no particles: scale the noise to the clutter, or to 1
         signal_variance = float(signal.var()) or 1.0
     noise_sigma = math.sqrt(signal_variance / params.snr)
