@@ -114,7 +114,8 @@ def prepare(args) -> None:
             for row in rows:
                 if row["tomo"] != name:
                     continue
-                coord = (float(row["z"]), float(row["y"]), float(row["x"]))
+                # 0-based voxel centres are integers; TargetBuilder truncates with int(), so round first.
+                coord = tuple(float(round(float(row[axis]))) for axis in ("z", "y", "x"))
                 ol.add_obj(objl, label=int(row["label"]), coord=coord)
             if not objl:
                 sys.exit(f"--particles: no particle for tomogram {name!r}")
