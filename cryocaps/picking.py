@@ -373,9 +373,9 @@ def _pick_peaks(mask: np.ndarray, radius: float, weights, min_size: float) -> li
     crop_weights = np.asarray(weights[box], dtype=np.float32) if weights is not None else None
     sigma = max(0.5, radius / 3.0)
     if crop_weights is not None:
-        field = ndimage.gaussian_filter(np.where(mask, crop_weights, 0.0).astype(np.float32), sigma)
+        field = ndimage.gaussian_filter(np.where(mask, crop_weights, 0.0).astype(np.float32), sigma, truncate=2.5)
     else:
-        field = ndimage.gaussian_filter(mask.astype(np.float32), sigma)
+        field = ndimage.gaussian_filter(mask.astype(np.float32), sigma, truncate=2.5)
     min_distance = max(1, int(round(0.8 * radius)))
     peaks = (field == ndimage.maximum_filter(field, size=2 * min_distance + 1)) & mask
     peaks &= field > 0.25 * field[mask].max()
@@ -453,18 +453,22 @@ def pick_files(
         if label_tomogram.data.dtype.kind == "f":
             log.warning("%s: floating-point label map; expected uint8 labels", path)
         tomo = base_tomogram_name(name)
+        voxel = label_tomogram.voxel_size_angstrom
         inputs.append(path)
         probabilities = scores = None
         if use_probabilities:
             probs_path = companion_path(path, "probs")
             score_path = companion_path(path, "score")
             if probs_path is not None:
-                probabilities = read_tomogram(probs_path, allow_stack=True, mmap=True, check_finite=False).data
+                # The map's own geometry is the label map's (a stack's header may say otherwise in z).
+                probabilities = read_tomogram(
+                    probs_path, allow_stack=True, mmap=True, check_finite=False, voxel_size_angstrom=voxel
+                ).data
                 if probabilities.ndim != 4:
                     raise CryocapsError(f"{probs_path}: expected a (C, Z, Y, X) probability stack")
                 inputs.append(probs_path)
             elif score_path is not None:
-                scores = read_tomogram(score_path, mmap=True, check_finite=False).data
+                scores = read_tomogram(score_path, mmap=True, check_finite=False, voxel_size_angstrom=voxel).data
                 inputs.append(score_path)
         try:
             table = pick_particles(

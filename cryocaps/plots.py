@@ -136,7 +136,7 @@ def plot_overlay(
                     circle.y + circle.radius * 0.75,
                     circle.label,
                     color=style["color"],
-                    fontsize=7,
+                    fontsize=8,
                     clip_on=True,
                 )
         axes.set_title(panel_title, fontsize=10)

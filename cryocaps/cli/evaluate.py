@@ -30,7 +30,6 @@ from cryocaps.cli.common import (
     collect_mrc_files,
     command_line,
     is_quiet,
-    print_table,
     setup_logging,
     stdout_console,
 )
@@ -200,22 +199,45 @@ def command(
 
 def _print_scores(scores: dict, beta: float) -> None:
     with_fbeta = beta != 1.0
-    columns = ["class", "picks", "truth", "TP", "FP", "FN", "precision", "recall", "F1"]
-    columns += [f"F{beta:g}"] if with_fbeta else []
-    columns += ["duplicates", "confused"]
+    columns = ["class", "TP", "FP", "FN", "prec", "recall", "F1", *([f"F{beta:g}"] if with_fbeta else []), "dup", "conf"]
     rows = []
     for name, entry in scores["classes"].items():
         values = [entry[k] if entry[k] is not None else "-" for k in ("precision", "recall", "f1", "fbeta")]
-        row = [name, entry["n_picks"], entry["n_truth"], entry["tp"], entry["fp"], entry["fn"], *values[:3]]
-        row += [values[3]] if with_fbeta else []
-        rows.append(row + [entry["duplicates"], entry["confused"]])
+        rows.append(
+            [name, entry["tp"], entry["fp"], entry["fn"], *values[:3], *(values[3:] if with_fbeta else []),
+             entry["duplicates"], entry["confused"]]
+        )
     for label in ("macro", "micro"):
         entry = scores[label]
         counts = [entry["tp"], entry["fp"], entry["fn"]] if label == "micro" else ["", "", ""]
-        row = [f"{label} mean", "", "", *counts, entry["precision"], entry["recall"], entry["f1"]]
-        row += [entry["fbeta"]] if with_fbeta else []
-        rows.append(row + ["", ""])
-    print_table("Particle picking scores", columns, rows)
+        rows.append(
+            [label, *counts, entry["precision"], entry["recall"], entry["f1"],
+             *([entry["fbeta"]] if with_fbeta else []), "", ""]
+        )
+    _compact_table(
+        f"Particle picking scores (match within {_tolerance_text(scores)}; "
+        "dup = duplicate picks, conf = picks on another class)",
+        columns,
+        rows,
+        rule_before=len(scores["classes"]),
+    )
+
+
+def _tolerance_text(scores: dict) -> str:
+    return ", ".join(f"{name} {entry['tolerance_angstrom']:g} Å" for name, entry in scores["classes"].items())
+
+
+def _compact_table(title: str, columns: list[str], rows: list[list], rule_before: int | None = None) -> None:
+    """A narrow rich table on stdout (fits 80 columns for a handful of classes)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for k, row in enumerate(rows):
+        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row], end_section=k + 1 == rule_before)
+    stdout_console.print(table)
 
 
 def _voxel_scores(labels_pred, labels_true, class_table, as_json, report_dir, parameters, started, overwrite) -> None:
@@ -251,8 +273,8 @@ def _voxel_scores(labels_pred, labels_true, class_table, as_json, report_dir, pa
     if is_quiet():
         return
     with_auprc = "auprc" in scores["macro"]
-    columns = ["class", "Dice", "precision", "recall", "true voxels", "positive fraction"]
-    columns += ["AUPRC", "AUPRC chance"] if with_auprc else []
+    columns = ["class", "Dice", "prec", "recall", "true voxels", "pos. fraction"]
+    columns += ["AUPRC", "chance"] if with_auprc else []
     rows = []
     for name, entry in scores["classes"].items():
         row = [name, entry["dice"], entry["precision"], entry["recall"], entry["tp_voxels"] + entry["fn_voxels"],
@@ -260,7 +282,7 @@ def _voxel_scores(labels_pred, labels_true, class_table, as_json, report_dir, pa
         row += [entry["auprc"], f"{entry['auprc_baseline']:.2e}"] if with_auprc else []
         rows.append(row)
     macro = scores["macro"]
-    row = ["macro mean", macro["dice"], "", "", "", ""]
+    row = ["macro", macro["dice"], "", "", "", ""]
     row += [macro["auprc"], f"{macro['auprc_baseline']:.2e}"] if with_auprc else []
     rows.append(row)
-    print_table(f"Voxel scores over {len(names)} tomogram(s)", columns, rows)
+    _compact_table(f"Voxel scores over {len(names)} tomogram(s)", columns, rows, rule_before=len(rows) - 1)
