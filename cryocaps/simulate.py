@@ -666,7 +666,8 @@ def apply_ctf(images: np.ndarray, tilts_deg: Sequence[float], params: Simulation
     """The CTF of each tilt image of a (T, Y, X) stack, defocus varying across the tilt axis.
 
     A specimen tilted by θ is nearer to focus on one side of the tilt axis:
-    column u (Å from the axis) has defocus ``df + u tan θ``. Each image is
+    column u (Å from the axis) has defocus ``df + u tan θ`` (at most half the
+    specimen's width times sin θ away from ``df``). Each image is
     filtered at a few defocus values (phase steps of at most 0.25 rad at
     Nyquist) and the columns blended linearly between them.
     """
@@ -679,7 +680,10 @@ def apply_ctf(images: np.ndarray, tilts_deg: Sequence[float], params: Simulation
     out = np.empty_like(images, dtype=np.float32)
     for t, tilt in enumerate(tilts_deg):
         spectrum = np.fft.rfft2(images[t])
-        defocus = params.defocus_um * 1e4 + u_angstrom * np.tan(np.deg2rad(tilt))
+        # (no farther from focus than the specimen's ends: bounded near 90°)
+        reach = abs(np.sin(np.deg2rad(tilt))) * nx * voxel / 2
+        offset = np.clip(u_angstrom * np.tan(np.deg2rad(tilt)), -reach, reach)
+        defocus = params.defocus_um * 1e4 + offset
         low, high = float(defocus.min()), float(defocus.max())
         n_levels = int(np.ceil((high - low) / step)) + 1 if high - low > 1e-3 else 1
         levels = np.linspace(low, high, n_levels)
@@ -923,6 +927,8 @@ def write_preview(
 
     nz, ny, nx = tomogram.shape
     low, high = np.percentile(tomogram, [1, 99])
+    top = max(9, int(labels.max()))
+    label_colours = "tab10" if top <= 9 else "tab20"
     xy, xz = tomogram[nz // 2], tomogram[:, ny // 2]
     width = 12
     figure, axes = plt.subplots(
@@ -934,11 +940,11 @@ def write_preview(
     )
     axes[0, 0].imshow(xy, cmap="gray", vmin=low, vmax=high)
     axes[0, 0].set_title(f"{title}: XY slice z={nz // 2}")
-    axes[0, 1].imshow(labels[nz // 2], cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+    axes[0, 1].imshow(labels[nz // 2], cmap=label_colours, vmin=0, vmax=top, interpolation="nearest")
     axes[0, 1].set_title("labels, same slice")
     axes[1, 0].imshow(xz, cmap="gray", vmin=low, vmax=high)
     axes[1, 0].set_title(f"XZ slice y={ny // 2} (tilt axis Y: wedge along Z)")
-    axes[1, 1].imshow(labels[:, ny // 2], cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+    axes[1, 1].imshow(labels[:, ny // 2], cmap=label_colours, vmin=0, vmax=top, interpolation="nearest")
     for axis in axes.ravel():
         axis.set_xticks([])
         axis.set_yticks([])

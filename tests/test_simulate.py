@@ -375,3 +375,13 @@ def test_existing_outputs_need_overwrite(simulated, run_cli):
     result = run_cli("simulate", simulated, *TINY, "--seed", "3")
     _one_line_error(result)
     assert "--overwrite" in result.output
+
+
+def test_full_tilt_range_and_no_particles(tmp_path, run_cli):
+    """±90° (the near-90° tilts take the other projection path) and an empty sample both work."""
+    result = run_cli("simulate", tmp_path / "out", *TINY, "--tilt-range-deg", "90", "--tilt-step-deg", "10",
+                     "--n-particles", "0")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    tomogram = _read(tmp_path / "out" / "tomograms" / "tomo_01.mrc")
+    assert np.isfinite(tomogram).all() and tomogram.std() == pytest.approx(1.0, rel=1e-3)
+    assert len(pd.read_csv(tmp_path / "out" / "particles.csv")) == 0
