@@ -394,10 +394,11 @@ def _render(
     """Particle density volume (protein = 1) and the label map."""
     volume = np.zeros(params.shape, dtype=np.float32)
     labels = np.zeros(params.shape, dtype=np.uint8)
-    batch = 64
     for k, template in enumerate(templates):
         members = np.flatnonzero(classes == k)
         half = (template.density.shape[0] - 1) // 2
+        # rotate in batches of at most ~8 M voxels (the sampling grid is 3 floats per voxel)
+        batch = int(np.clip(8_000_000 // template.density.size, 1, 64))
         for start in range(0, len(members), batch):
             chosen = members[start : start + batch]
             whole = np.round(centres[chosen]).astype(int)
@@ -720,7 +721,7 @@ def simulate_tomogram(
     angles = random_orientations(rng, len(centres))
     if n_missing:
         log.warning(
-            "%s: %d particles did not fit (try a lower --crowding); placed %d",
+            "%s: %d particles did not fit (lower --crowding or --n-particles, or use a larger --shape); placed %d",
             name,
             n_missing,
             len(centres),
