@@ -883,7 +883,15 @@ def simulate_dataset(
         "class_sources": {t.name: t.source for t in templates},
         "tomograms": details,
         "n_particles": len(particles),
-        "parameters": asdict(params),
+        "parameters": asdict(params) | {"slab_thickness_voxels": params.slab_voxels},
+        "conventions": {
+            "snr": "variance of the CTF-modulated projections of the particles alone (all tilt "
+            "images, whole detector) / variance of the added white noise",
+            "angles": "RELION ZYZ rot, tilt, psi in degrees: a particle is its class density "
+            "rotated by A = Euler_angles2matrix(rot, tilt, psi), particle(x) = density(A.T x)",
+            "tilt_axis": "Y; tilt θ sees (x, z) from the centre at detector u = x cos θ + z sin θ",
+            "contrast": "protein dark (CTF with underfocus); tomograms standardised to mean 0, std 1",
+        },
     }
 
 

@@ -214,7 +214,7 @@ def command(
         | {"structures": structures, "classes_from": names, "prefer": prefer},
         seed=seed,
         timings={"total": time.time() - started},
-        results={k: summary[k] for k in ("classes", "class_sources", "tomograms", "n_particles")},
+        results={k: summary[k] for k in ("classes", "class_sources", "tomograms", "n_particles", "conventions")},
     )
     if not quiet:
         counts = {c["name"]: 0 for c in summary["classes"]}
