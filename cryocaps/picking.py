@@ -470,6 +470,7 @@ def pick_files(
             elif score_path is not None:
                 scores = read_tomogram(score_path, mmap=True, check_finite=False, voxel_size_angstrom=voxel).data
                 inputs.append(score_path)
+        _warn_unknown_labels(label_tomogram.data, classes, path)
         try:
             table = pick_particles(
                 label_tomogram.data,
@@ -497,6 +498,18 @@ def pick_files(
     if duplicates:
         raise CryocapsError(f"several label maps for tomogram(s) {', '.join(duplicates)}; give each tomogram once")
     return pd.concat(tables, ignore_index=True), infos, inputs
+
+
+def _warn_unknown_labels(label_map: np.ndarray, classes: ClassTable, path: Path) -> None:
+    counts = np.bincount(np.asarray(label_map).view(np.uint8).ravel() if label_map.dtype.itemsize == 1
+                         else np.asarray(label_map, dtype=np.int64).ravel().clip(0))
+    known = {0, *(c.label for c in classes)}
+    unknown = [label for label in np.nonzero(counts)[0] if label not in known]
+    if unknown:
+        log.warning(
+            "%s: label(s) %s are not in the class table %s and are ignored (labels there: %s)",
+            path, ", ".join(map(str, unknown)), classes.source, ", ".join(str(c.label) for c in classes),
+        )
 
 
 def summary_by_class(picks: pd.DataFrame, classes: ClassTable) -> pd.DataFrame:

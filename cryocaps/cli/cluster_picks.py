@@ -28,6 +28,7 @@ from cryocaps.cli.common import (
     collect_mrc_files,
     command_line,
     is_quiet,
+    log,
     print_table,
     progress,
     setup_logging,
@@ -132,6 +133,11 @@ def command(
             progress=lambda tomo: advance(info=tomo),
         )
     picking_seconds = time.time() - started
+    if picks.empty:
+        log.warning(
+            "no particles found: the maps hold no blob of a listed class larger than "
+            "--min-size-fraction %g of its sphere; writing an empty particle file", min_size_fraction
+        )
     write_particles(
         picks,
         output,
@@ -160,8 +166,11 @@ def command(
         started=started,
     )
     if not is_quiet():
+        def shown(value: float):
+            return "-" if value != value else value  # NaN: no picks
+
         rows = [
-            [r.class_name, int(r.picks), int(r.tomograms), r.median_score, r.median_size_voxels]
+            [r.class_name, int(r.picks), int(r.tomograms), shown(r.median_score), shown(r.median_size_voxels)]
             for r in summary.itertuples()
         ]
         print_table(
