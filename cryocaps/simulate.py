@@ -827,6 +827,11 @@ def simulate_dataset(
     existing = [p for p in planned if p.exists()]
     if existing and not overwrite:
         raise CryocapsError(f"{existing[0]} exists; pass --overwrite to replace it")
+    stale = sorted(
+        (set((out_dir / "tomograms").glob("*.mrc")) | set((out_dir / "labels").glob("*.mrc"))) - set(planned)
+    )
+    if stale:
+        log.warning("%s holds %d MRC file(s) this run does not write, e.g. %s", out_dir, len(stale), stale[0])
     table = class_table(templates)
     seeds = np.random.SeedSequence(params.seed).spawn(params.n_tomograms)
     outputs, tables, details = [], [], {}
