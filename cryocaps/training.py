@@ -519,6 +519,9 @@ class _StopFlag:
             signal.signal(signum, handler)
 
 
+RUN_OUTPUTS = (METRICS_NAME, LAST_CHECKPOINT, BEST_CHECKPOINT, "model.pt", "config.json", CURVE_NAME)
+
+
 def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     outputs = [METRICS_NAME, LAST_CHECKPOINT, "model.pt", "config.json"]
     if out_dir.exists() and not out_dir.is_dir():
@@ -589,7 +592,7 @@ def _write_metrics(out_dir: Path, rows: list[dict]) -> None:
     import pandas as pd
 
     from cryocaps.io.files import write_text_atomic
-    from cryocaps.plots_training import plot_learning_curve
+    from cryocaps.plots import plot_learning_curve
 
     frame = pd.DataFrame(rows)
     write_text_atomic(out_dir / METRICS_NAME, frame.to_csv(index=False, float_format="%.6g"))
@@ -631,8 +634,7 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
     if device == "cpu":
         torch.set_num_threads(threads)
     _check_settings(config)
-    if dist.is_main:
-        _check_out_dir(config.out_dir, config.resume, config.overwrite)
+    _check_out_dir(config.out_dir, config.resume, config.overwrite)  # every rank, so all fail together
     checkpoint = load_checkpoint(config.out_dir / LAST_CHECKPOINT) if config.resume else None
 
     data = prepare_data(config)
@@ -653,6 +655,9 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
         )
     if checkpoint is not None:
         _check_checkpoint(checkpoint, config, model, data)
+    elif config.overwrite and dist.is_main:
+        for name in RUN_OUTPUTS:  # a previous run's files must not mix with this one's
+            (config.out_dir / name).unlink(missing_ok=True)
     model.to(device)
 
     jitter = config.patch_size // 4 if config.jitter_voxels is None else config.jitter_voxels

@@ -172,7 +172,7 @@ def test_split_is_stratified_and_folds_partition():
 
 
 def test_plot_learning_curve(tmp_path):
-    from cryocaps.plots_training import plot_learning_curve
+    from cryocaps.plots import plot_learning_curve
 
     frame = pd.DataFrame(
         {
