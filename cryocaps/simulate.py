@@ -22,7 +22,7 @@ One tomogram (arrays are (z, y, x), one voxel size ``v`` Å throughout):
    variance of the CTF-modulated projections of the particles alone (all tilt
    images, whole detector) divided by the variance of the added noise.
 6. **Reconstruction** by weighted back-projection (ramp filter with a soft
-   cut-off at 0.35 cycles/pixel), the exact adjoint of step 3. The missing
+   cut-off at 0.35 cycles/pixel) along the rays of step 3. The missing
    wedge, its streaks and the CTF fringes all come from the physics.
 
 The tomogram is finally standardised (zero mean, unit standard deviation).

@@ -385,3 +385,21 @@ def test_full_tilt_range_and_no_particles(tmp_path, run_cli):
     tomogram = _read(tmp_path / "out" / "tomograms" / "tomo_01.mrc")
     assert np.isfinite(tomogram).all() and tomogram.std() == pytest.approx(1.0, rel=1e-3)
     assert len(pd.read_csv(tmp_path / "out" / "particles.csv")) == 0
+
+
+def test_ctf_is_dark_at_low_frequency_and_follows_the_defocus_gradient():
+    from cryocaps.simulate import apply_ctf, ctf_2d
+
+    params = SimulationParameters(voxel_size_angstrom=10.0)
+    ctf = ctf_2d((64, 64), 10.0, params)
+    assert ctf[0, 0] == pytest.approx(-params.amplitude_contrast, abs=1e-6)  # dark protein
+    assert ctf[0, 1] < -0.1  # first lobe negative too
+    images = np.random.default_rng(0).standard_normal((2, 64, 64)).astype(np.float32)
+    filtered = apply_ctf(images, [0.0, 60.0], params)
+    single = np.fft.irfft2(np.fft.rfft2(images[0]) * ctf, s=(64, 64))
+    np.testing.assert_allclose(filtered[0], single, atol=1e-5)
+    # at 60° the last column is 31.5 voxels * 10 Å * tan 60° further from focus
+    far = ctf_2d((64, 64), 10.0, params, params.defocus_um * 1e4 + 315.0 * np.tan(np.pi / 3))
+    edge = np.fft.irfft2(np.fft.rfft2(images[1]) * far, s=(64, 64))
+    np.testing.assert_allclose(filtered[1][:, -1], edge[:, -1], atol=1e-5)
+    assert np.abs(filtered[1][:, 0] - edge[:, 0]).max() > 0.1
