@@ -667,8 +667,8 @@ def apply_ctf(images: np.ndarray, tilts_deg: Sequence[float], params: Simulation
     """The CTF of each tilt image of a (T, Y, X) stack, defocus varying across the tilt axis.
 
     A specimen tilted by θ is nearer to focus on one side of the tilt axis:
-    column u (Å from the axis) has defocus ``df + u tan θ`` (at most half the
-    specimen's width times sin θ away from ``df``). Each image is
+    column u (Å from the axis) has defocus ``df + u tan θ`` (but no farther from
+    ``df`` than the deepest point of the box, so that it stays finite near 90°). Each image is
     filtered at a few defocus values (phase steps of at most 0.25 rad at
     Nyquist) and the columns blended linearly between them.
     """
@@ -681,8 +681,9 @@ def apply_ctf(images: np.ndarray, tilts_deg: Sequence[float], params: Simulation
     out = np.empty_like(images, dtype=np.float32)
     for t, tilt in enumerate(tilts_deg):
         spectrum = np.fft.rfft2(images[t])
-        # (no farther from focus than the specimen's ends: bounded near 90°)
-        reach = abs(np.sin(np.deg2rad(tilt))) * nx * voxel / 2
+        # bounded by the deepest point of the box at this tilt (finite near 90°)
+        theta = np.deg2rad(tilt)
+        reach = (abs(np.sin(theta)) * nx + abs(np.cos(theta)) * params.shape[0]) * voxel / 2
         offset = np.clip(u_angstrom * np.tan(np.deg2rad(tilt)), -reach, reach)
         defocus = params.defocus_um * 1e4 + offset
         low, high = float(defocus.min()), float(defocus.max())

@@ -396,11 +396,11 @@ def test_ctf_is_dark_at_low_frequency_and_follows_the_defocus_gradient():
     # first lobe (peak at chi = pi/2, k = 1/sqrt(2 lambda df) ~ 1/34 Å = index 19) negative too
     assert (ctf[0, :20] < 0).all() and ctf[0, 19] < -0.9
     images = np.random.default_rng(0).standard_normal((2, 64, 64)).astype(np.float32)
-    filtered = apply_ctf(images, [0.0, 60.0], params)
+    filtered = apply_ctf(images, [0.0, 30.0], params)
     single = np.fft.irfft2(np.fft.rfft2(images[0]) * ctf, s=(64, 64))
     np.testing.assert_allclose(filtered[0], single, atol=1e-5)
-    # at 60° the last column is 31.5 voxels * 10 Å * tan 60° further from focus
-    far = ctf_2d((64, 64), 10.0, params, params.defocus_um * 1e4 + 315.0 * np.tan(np.pi / 3))
+    # at 30° the last column is 31.5 voxels * 10 Å * tan 30° further from focus
+    far = ctf_2d((64, 64), 10.0, params, params.defocus_um * 1e4 + 315.0 * np.tan(np.pi / 6))
     edge = np.fft.irfft2(np.fft.rfft2(images[1]) * far, s=(64, 64))
     np.testing.assert_allclose(filtered[1][:, -1], edge[:, -1], atol=1e-5)
-    assert np.abs(filtered[1][:, 0] - edge[:, 0]).max() > 0.1
+    assert np.abs(filtered[1][:, 0] - edge[:, 0]).max() > 0.02  # the other side differs
