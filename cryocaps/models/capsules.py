@@ -14,9 +14,13 @@ capsules o) weight the votes, ``s[o] = sum_i c[i, o] u[i, o] + b[o]``,
 ``v[o] = squash(s[o])``, and the logits of ``c`` grow by the agreement
 ``<u[i, o], v[o]>`` for the next iteration.
 
-All votes come from one ``conv3d`` call; routing is elementwise products and
-reductions over small axes of that tensor. The routing iterations are the
-only Python loop.
+All votes come from one ``conv3d`` call (channels-last, so oneDNN's fast
+path runs it); one copy puts them voxel-major, (B, D, H, W, O, I, A), where
+every (voxel, output capsule) owns a small I x A matrix, and each routing
+iteration is two batched mat-vec products (``bmm``) plus elementwise work on
+tensors I or A times smaller than the votes. The routing iterations are the
+only Python loop. Routing reads the votes, the layer's largest tensor, about
+five times, so it is bound by memory bandwidth rather than arithmetic.
 """
 
 from __future__ import annotations
@@ -35,15 +39,16 @@ __all__ = [
 ]
 
 
-def squash(s: torch.Tensor, dim: int = 2, eps: float = 1e-7) -> torch.Tensor:
+def squash(s: torch.Tensor, dim: int = 2, eps: float = 1e-12) -> torch.Tensor:
     """Squash non-linearity: ``v = |s|² / (1 + |s|²) · s / |s|`` along ``dim``.
 
     Keeps the direction of ``s`` and maps its length into [0, 1): short
-    vectors shrink towards 0, long ones approach length 1.
+    vectors shrink towards 0, long ones approach length 1. Written as
+    ``s · |s| / (1 + |s|²)`` (no division by |s|); ``eps`` only keeps the
+    gradient of a zero vector finite.
     """
     squared_norm = (s * s).sum(dim=dim, keepdim=True)
-    scale = squared_norm / (1 + squared_norm) * torch.rsqrt(squared_norm + eps)
-    return s * scale
+    return s * (torch.sqrt(squared_norm.clamp_min(eps)) / (1 + squared_norm))
 
 
 def capsule_lengths(capsules: torch.Tensor) -> torch.Tensor:
@@ -62,40 +67,68 @@ def dynamic_routing(
     Parameters
     ----------
     votes : (B, I, O, A, *S) votes of I input capsule types for O output capsule
-        types of A atoms at every position of the spatial grid S
+        types of A atoms at every position of the spatial grid S (any strides)
     bias : (O, A) added to the weighted sum of votes, or None
     iterations : number of routing iterations (>= 1; 1 = plain average of the votes)
-    return_coupling : also return the final coupling coefficients (B, I, O, 1, *S),
+    return_coupling : also return the final coupling coefficients (B, I, O, *S),
         which sum to 1 over O
 
     Returns
     -------
     (B, O, A, *S) output capsules (squashed), and the coupling coefficients if asked.
     """
+    # Voxel-major layout (B, *S, O, I, A): every (voxel, output capsule) owns a
+    # small I x A matrix of votes, and routing is two batched mat-vec products.
+    order = (0, *range(4, votes.dim()), 2, 1, 3)
+    voxel_major = votes.permute(order).contiguous()
+    capsules, coupling = route_voxel_major(voxel_major, bias, iterations)
+    capsules = capsules.movedim(-2, 1).movedim(-1, 2)  # (B, *S, O, A) -> (B, O, A, *S)
+    if not return_coupling:
+        return capsules
+    return capsules, coupling.movedim(-1, 1).movedim(-1, 2)  # (B, *S, O, I) -> (B, I, O, *S)
+
+
+def route_voxel_major(votes: torch.Tensor, bias: torch.Tensor | None, iterations: int = 3):
+    """Dynamic routing on votes laid out (B, *S, O, I, A), contiguous.
+
+    Returns the output capsules (B, *S, O, A) and the final coupling
+    coefficients (B, *S, O, I) (softmax over O). All work is batched matrix
+    products over the B·S·O small (I x A) vote matrices and elementwise
+    operations on tensors I or A times smaller than the votes.
+    """
     if iterations < 1:
         raise ValueError(f"routing needs at least one iteration, got {iterations}")
-    n_out = votes.shape[2]
-    spatial = votes.dim() - 4
-    bias_view = None if bias is None else bias.view(*bias.shape, *([1] * spatial)).to(votes.dtype)
-    # Iteration 1 has uniform coupling 1/O: a sum, no multiplication by c needed.
-    coupling = None
+    *grid, n_out, n_in, n_atoms = votes.shape
+    matrices = votes.view(-1, n_in, n_atoms)  # (N, I, A) with N = B·S·O
+    by_voxel = (-1, n_out, n_in)
+    bias = None if bias is None else bias.to(votes.dtype)
+    # Routing logits and coupling in at least float32, also under bf16 autocast.
+    logit_dtype = torch.promote_types(votes.dtype, torch.float32)
     logits = None
-    s = votes.sum(dim=1) * (1.0 / n_out)
+    coupling = None
+    # Iteration 1 has uniform coupling 1/O: the weighted sum is a plain sum.
+    s = matrices.sum(dim=1) * (1.0 / n_out)  # (N, A)
     for iteration in range(iterations):
         if iteration > 0:
-            coupling = torch.softmax(logits, dim=2).to(votes.dtype)
-            s = (coupling * votes).sum(dim=1)
-        if bias_view is not None:
-            s = s + bias_view
-        v = squash(s, dim=2)
+            coupling = torch.softmax(logits, dim=1)  # (B·S, O, I), over the output capsules
+            s = torch.bmm(coupling.to(votes.dtype).view(-1, 1, n_in), matrices).view(-1, n_atoms)
+        s = s.view(-1, n_out, n_atoms)
+        if bias is not None:
+            s = s + bias
+        v = squash(s, dim=-1)  # (B·S, O, A)
         if iteration + 1 < iterations:
-            agreement = (votes * v.unsqueeze(1)).sum(dim=3, keepdim=True).float()
+            agreement = (
+                torch.bmm(matrices, v.reshape(-1, n_atoms, 1)).view(by_voxel).to(logit_dtype)
+            )
             logits = agreement if logits is None else logits + agreement
-    if return_coupling:
-        if coupling is None:
-            coupling = torch.full_like(votes[:, :, :, :1], 1.0 / n_out)
-        return v, coupling
-    return v
+    if coupling is None:
+        coupling = torch.full(
+            (matrices.shape[0] // n_out, n_out, n_in),
+            1.0 / n_out,
+            dtype=logit_dtype,
+            device=votes.device,
+        )
+    return v.view(*grid, n_out, n_atoms), coupling.view(*grid, n_out, n_in)
 
 
 class _CapsuleLayer(nn.Module):
@@ -116,6 +149,8 @@ class _CapsuleLayer(nn.Module):
         share_weights: bool = True,
     ):
         super().__init__()
+        if routing_iterations < 1:
+            raise ValueError(f"routing needs at least one iteration, got {routing_iterations}")
         self.in_capsules = int(in_capsules)
         self.in_atoms = int(in_atoms)
         self.out_capsules = int(out_capsules)
@@ -123,41 +158,74 @@ class _CapsuleLayer(nn.Module):
         self.routing_iterations = int(routing_iterations)
         self.share_weights = bool(share_weights)
         if padding is None:
-            padding = (kernel_size - 1) // 2 if not self.transposed else 0
+            padding = 0 if self.transposed else (kernel_size - 1) // 2
         groups = 1 if share_weights else in_capsules
-        in_channels = in_atoms if share_weights else in_capsules * in_atoms
-        out_channels = out_capsules * out_atoms * (1 if share_weights else in_capsules)
+        in_channels = in_atoms * groups
+        out_channels = out_capsules * out_atoms * groups
         conv = nn.ConvTranspose3d if self.transposed else nn.Conv3d
         self.conv = conv(
-            in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups, bias=False
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            groups=groups,
+            bias=False,
         )
         # Scale the kernels so that at the first routing pass (coupling 1/O,
         # independent votes) the summed vote s is about as long as an input
         # capsule: |s|^2 ~ I/O^2 * A_out * k^3 * std^2 * |x|^2.
-        std = out_capsules / math.sqrt(in_capsules * out_atoms * kernel_size**3)
+        taps = kernel_size**3 if not self.transposed else (kernel_size // stride) ** 3
+        std = out_capsules / math.sqrt(in_capsules * out_atoms * max(taps, 1))
         nn.init.normal_(self.conv.weight, std=std)
         # A small positive bias, as in SegCaps / 3D-UCaps.
         self.bias = nn.Parameter(torch.full((out_capsules, out_atoms), 0.1))
 
-    def votes(self, capsules: torch.Tensor) -> torch.Tensor:
-        """(B, I, A_in, D, H, W) -> (B, I, O, A_out, D', H', W') from one convolution."""
-        if capsules.dim() != 6 or capsules.shape[1:3] != (self.in_capsules, self.in_atoms):
+    def voxel_major_votes(self, capsules: torch.Tensor) -> torch.Tensor:
+        """(B, I, A_in, D, H, W) -> votes (B, D', H', W', O, I, A_out), contiguous.
+
+        One (grouped) convolution over channels-last input; its output is
+        (B·I, D', H', W', O·A) or (B, D', H', W', I·O·A) in memory, which one
+        permuting copy turns into the routing layout.
+        """
+        if capsules.dim() != 6 or tuple(capsules.shape[1:3]) != (self.in_capsules, self.in_atoms):
             raise ValueError(
                 f"expected capsules (B, {self.in_capsules}, {self.in_atoms}, D, H, W), got {tuple(capsules.shape)}"
             )
         batch, spatial = capsules.shape[0], capsules.shape[3:]
+        channels_last = torch.channels_last_3d
         if self.share_weights:
             flat = capsules.reshape(batch * self.in_capsules, self.in_atoms, *spatial)
         else:
             flat = capsules.reshape(batch, self.in_capsules * self.in_atoms, *spatial)
-        out = self.conv(flat)
-        return out.reshape(batch, self.in_capsules, self.out_capsules, self.out_atoms, *out.shape[2:])
+        out = self.conv(flat.contiguous(memory_format=channels_last))
+        grid = out.shape[2:]
+        out = out.permute(0, 2, 3, 4, 1)  # channels-last memory: a free view
+        n_in, n_out, n_atoms = self.in_capsules, self.out_capsules, self.out_atoms
+        if self.share_weights:  # (B, I, *S, O, A) -> (B, *S, O, I, A)
+            out = out.reshape(batch, n_in, *grid, n_out, n_atoms).permute(0, 2, 3, 4, 5, 1, 6)
+        else:  # (B, *S, I, O, A) -> (B, *S, O, I, A)
+            out = out.reshape(batch, *grid, n_in, n_out, n_atoms).transpose(-3, -2)
+        return out.contiguous()
+
+    def votes(self, capsules: torch.Tensor) -> torch.Tensor:
+        """(B, I, A_in, D, H, W) -> votes (B, I, O, A_out, D', H', W') (a strided view)."""
+        return self.voxel_major_votes(capsules).permute(0, 5, 4, 6, 1, 2, 3)
 
     def forward(self, capsules: torch.Tensor, return_coupling: bool = False):
-        """(B, I, A_in, D, H, W) -> (B, O, A_out, D', H', W') squashed capsules."""
-        return dynamic_routing(
-            self.votes(capsules), self.bias, self.routing_iterations, return_coupling=return_coupling
+        """(B, I, A_in, D, H, W) -> (B, O, A_out, D', H', W') squashed capsules.
+
+        The output is a strided view of a (B, D', H', W', O, A_out) tensor, so
+        that ``flatten(1, 2)`` of it is a channels-last feature map. With
+        ``return_coupling`` also the coupling coefficients (B, I, O, D', H', W').
+        """
+        capsules, coupling = route_voxel_major(
+            self.voxel_major_votes(capsules), self.bias, self.routing_iterations
         )
+        capsules = capsules.permute(0, 4, 5, 1, 2, 3)
+        if return_coupling:
+            return capsules, coupling.permute(0, 5, 4, 1, 2, 3)
+        return capsules
 
     def extra_repr(self) -> str:
         return (

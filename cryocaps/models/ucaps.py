@@ -61,7 +61,9 @@ PRIMARY_CAPSULES = 16
 PRIMARY_ATOMS = 4
 
 
-def _conv_bn_act(in_channels: int, out_channels: int, kernel_size: int, activation: nn.Module) -> nn.Sequential:
+def _conv_bn_act(
+    in_channels: int, out_channels: int, kernel_size: int, activation: nn.Module
+) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
         nn.BatchNorm3d(out_channels),
@@ -97,7 +99,9 @@ class UCaps3D(nn.Module):
     ):
         super().__init__()
         if variant not in VARIANTS:
-            raise CryocapsError(f"unknown 3D-UCaps variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+            raise CryocapsError(
+                f"unknown 3D-UCaps variant {variant!r}; choose one of {', '.join(VARIANTS)}"
+            )
         if int(routing_iterations) < 1:
             raise CryocapsError(f"routing_iterations must be at least 1, got {routing_iterations}")
         n_classes = int(n_classes)
@@ -111,7 +115,10 @@ class UCaps3D(nn.Module):
             "margin_loss_weight": float(margin_loss_weight),
             "reconstruction_loss_weight": float(reconstruction_loss_weight),
         }
-        layers = [(n_classes if caps == "K" else caps, atoms, stride) for caps, atoms, stride in _ENCODERS[variant]]
+        layers = [
+            (n_classes if caps == "K" else caps, atoms, stride)
+            for caps, atoms, stride in _ENCODERS[variant]
+        ]
         self.size_multiple = 1
         for _, _, stride in layers:
             self.size_multiple *= stride
@@ -122,7 +129,9 @@ class UCaps3D(nn.Module):
             _conv_bn_act(16, 32, 5, nn.ReLU(inplace=True)),
             _conv_bn_act(32, 64, 5, nn.Tanh()),
         )
-        self.primary_capsules = ConvCapsule3d(1, 64, PRIMARY_CAPSULES, PRIMARY_ATOMS, routing_iterations=1)
+        self.primary_capsules = ConvCapsule3d(
+            1, 64, PRIMARY_CAPSULES, PRIMARY_ATOMS, routing_iterations=1
+        )
         self.encoder = nn.ModuleList()
         in_caps, in_atoms = PRIMARY_CAPSULES, PRIMARY_ATOMS
         for caps, atoms, stride in layers:
@@ -140,11 +149,15 @@ class UCaps3D(nn.Module):
             )
             in_caps, in_atoms = caps, atoms
 
-        skip_channels = [layers[i][0] * layers[i][1] for i in self.skips] + [PRIMARY_CAPSULES * PRIMARY_ATOMS]
+        skip_channels = [layers[i][0] * layers[i][1] for i in self.skips] + [
+            PRIMARY_CAPSULES * PRIMARY_ATOMS
+        ]
         self.up = nn.ModuleList()
         self.decode = nn.ModuleList()
         channels = n_classes * layers[-1][1]
-        for (up_channels, conv_channels), skip in zip(_DECODER[variant], skip_channels, strict=True):
+        for (up_channels, conv_channels), skip in zip(
+            _DECODER[variant], skip_channels, strict=True
+        ):
             self.up.append(nn.ConvTranspose3d(channels, up_channels, 2, stride=2))
             channels = up_channels + skip
             if conv_channels is not None:
@@ -158,6 +171,7 @@ class UCaps3D(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv3d(128, 1, 1),
         )
+        self.to(memory_format=torch.channels_last_3d)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != 1:
@@ -176,6 +190,9 @@ class UCaps3D(nn.Module):
         the pre-sigmoid input reconstruction (B, 1, D, H, W).
         """
         self._check_input(x)
+        # Channels-last activations: oneDNN's fast (AMX/AVX-512) convolution path,
+        # and the capsule layers' vote layout (see capsules.py).
+        x = x.contiguous(memory_format=torch.channels_last_3d)
         primary = self.primary_capsules(self.features(x).unsqueeze(1))
         capsules = primary
         encoded = []

@@ -1,0 +1,359 @@
+"""Networks: capsule layers, 3D-UCaps, the U-Net baseline, their losses and the model file."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from cryocaps.errors import CryocapsError
+from cryocaps.modelfile import load_model, save_model
+from cryocaps.models import create_model
+from cryocaps.models.capsules import (
+    ConvCapsule3d,
+    ConvTransposeCapsule3d,
+    dynamic_routing,
+    squash,
+)
+from cryocaps.models.losses import (
+    block_class_fractions,
+    dice_ce_loss,
+    margin_loss,
+    reconstruction_target,
+    soft_dice_loss,
+    ucaps_loss,
+    weighted_reconstruction_loss,
+)
+
+METADATA = {
+    "classes": [{"label": 1, "name": "ribosome", "radius_angstrom": 120.0}],
+    "voxel_size_angstrom": 10.0,
+    "patch_size": 16,
+    "normalization": {"method": "percentile_zscore", "clip_percentiles": [0.5, 99.5]},
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_one_thread():
+    """Seeded, single-threaded torch: on a shared 2-core machine OpenMP threads that
+    spin-wait for each other make small kernels tens of times slower."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------- capsule layers
+
+
+def test_squash_shrinks_length_below_one_and_keeps_direction():
+    s = torch.randn(4, 5, 8, 3) * torch.tensor([0.01, 1.0, 100.0]).view(1, 1, 1, 3)
+    v = squash(s, dim=2)
+    lengths = v.norm(dim=2)
+    assert torch.all(lengths < 1)
+    cosine = torch.nn.functional.cosine_similarity(s, v, dim=2)
+    assert torch.allclose(cosine, torch.ones_like(cosine), atol=1e-5)
+    # |s| = 1 -> |v| = 1 / 2; |s| = 3 -> 9 / 10; zero stays zero (no NaN)
+    unit = torch.tensor([[0.6, 0.8], [3.0, 0.0], [0.0, 0.0]])
+    assert torch.allclose(squash(unit, dim=1).norm(dim=1), torch.tensor([0.5, 0.9, 0.0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("share_weights", [True, False])
+def test_coupling_coefficients_sum_to_one_over_output_capsules(share_weights):
+    layer = ConvCapsule3d(3, 4, 5, 6, stride=2, routing_iterations=3, share_weights=share_weights)
+    capsules, coupling = layer(torch.randn(2, 3, 4, 6, 6, 6), return_coupling=True)
+    assert capsules.shape == (2, 5, 6, 3, 3, 3)
+    assert coupling.shape == (2, 3, 5, 3, 3, 3)
+    assert torch.all(coupling >= 0)
+    assert torch.allclose(coupling.sum(dim=2), torch.ones(2, 3, 3, 3, 3), atol=1e-5)
+    # after routing the coupling is no longer uniform: agreement moved it
+    assert coupling.std() > 1e-3
+
+
+def _reference_capsule_layer(layer: ConvCapsule3d, capsules: np.ndarray) -> np.ndarray:
+    """Votes and routing voxel by voxel, capsule by capsule, in plain numpy loops."""
+    weight = layer.conv.weight.detach().double().numpy()
+    bias = layer.bias.detach().double().numpy()
+    n_in, n_out, atoms = layer.in_capsules, layer.out_capsules, layer.out_atoms
+    kernel, stride, pad = layer.conv.kernel_size[0], layer.conv.stride[0], layer.conv.padding[0]
+    batch, _, in_atoms, depth, height, width = capsules.shape
+    padded = np.pad(capsules, [(0, 0)] * 3 + [(pad, pad)] * 3)
+    out_shape = [(side + 2 * pad - kernel) // stride + 1 for side in (depth, height, width)]
+    result = np.zeros((batch, n_out, atoms, *out_shape))
+    for b, z, y, x in itertools.product(range(batch), *(range(n) for n in out_shape)):
+        votes = np.zeros((n_in, n_out, atoms))
+        for i, o, a in itertools.product(range(n_in), range(n_out), range(atoms)):
+            row = (i * n_out + o) * atoms + a if not layer.share_weights else o * atoms + a
+            for kz, ky, kx in itertools.product(range(kernel), repeat=3):
+                pixel = padded[b, i, :, z * stride + kz, y * stride + ky, x * stride + kx]
+                votes[i, o, a] += float(np.dot(weight[row, :, kz, ky, kx], pixel))
+        logits = np.zeros((n_in, n_out))
+        for iteration in range(layer.routing_iterations):
+            coupling = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+            for o in range(n_out):
+                s = sum(coupling[i, o] * votes[i, o] for i in range(n_in)) + bias[o]
+                norm2 = float(np.dot(s, s))
+                v = s * norm2 / (1 + norm2) / math.sqrt(norm2)
+                result[b, o, :, z, y, x] = v
+                if iteration + 1 < layer.routing_iterations:
+                    for i in range(n_in):
+                        logits[i, o] += float(np.dot(votes[i, o], v))
+    return result
+
+
+@pytest.mark.parametrize(
+    "share_weights, stride, iterations", [(True, 1, 3), (True, 2, 3), (False, 2, 3), (False, 1, 1)]
+)
+def test_vectorised_capsule_layer_matches_plain_reference(share_weights, stride, iterations):
+    layer = ConvCapsule3d(
+        2, 3, 3, 4, stride=stride, routing_iterations=iterations, share_weights=share_weights
+    ).double()
+    capsules = torch.randn(2, 2, 3, 4, 4, 4, dtype=torch.float64)
+    expected = _reference_capsule_layer(layer, capsules.numpy())
+    with torch.no_grad():
+        got = layer(capsules).numpy()
+        via_votes = dynamic_routing(layer.votes(capsules), layer.bias, iterations).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(via_votes, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_transposed_capsule_layer_upsamples():
+    layer = ConvTransposeCapsule3d(3, 4, 2, 5, kernel_size=2, stride=2)
+    out = layer(torch.randn(1, 3, 4, 2, 3, 4))
+    assert out.shape == (1, 2, 5, 4, 6, 8)
+    assert torch.all(out.norm(dim=2) < 1)
+
+
+# --------------------------------------------------------------------- networks
+
+
+@pytest.mark.parametrize("variant, side", [("6layer", 32), ("2layer", 32), ("2layer", 20)])
+def test_ucaps_output_shapes(variant, side):
+    model = create_model("ucaps", 3, variant=variant).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(1, 1, side, side, side))
+        assert logits.shape == (1, 3, side, side, side)
+        logits2, lengths, reconstruction = model(torch.randn(2, 1, 16, 24, 32), auxiliary=True)
+    factor = 8 if variant == "6layer" else 4
+    assert logits2.shape == (2, 3, 16, 24, 32)
+    assert lengths.shape == (2, 3, 16 // factor, 24 // factor, 32 // factor)
+    assert torch.all((lengths >= 0) & (lengths < 1))
+    assert reconstruction.shape == (2, 1, 16, 24, 32)
+    assert model.size_multiple == factor
+
+
+def test_64_cubed_patches_keep_their_shape():
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        assert create_model("unet", 2).eval()(x).shape == (1, 2, 64, 64, 64)
+        # the capsule network through the bf16 path that segmentation uses on CPU
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = create_model("ucaps", 2).eval()(x)
+    assert logits.shape == (1, 2, 64, 64, 64)
+    assert torch.isfinite(logits.float()).all()
+
+
+def test_ucaps_rejects_bad_sizes_and_options():
+    model = create_model("ucaps", 2).eval()
+    with pytest.raises(CryocapsError, match="multiples of 8"):
+        model(torch.randn(1, 1, 16, 16, 20))
+    with pytest.raises(CryocapsError, match=r"\(B, 1, D, H, W\)"):
+        model(torch.randn(1, 2, 16, 16, 16))
+    with pytest.raises(CryocapsError, match="variant"):
+        create_model("ucaps", 2, variant="9layer")
+    with pytest.raises(CryocapsError, match="at least 2 classes"):
+        create_model("ucaps", 1)
+
+
+@pytest.mark.parametrize(
+    "name, options, low, high",
+    [
+        ("ucaps", {}, 2.8e6, 3.6e6),
+        ("ucaps", {"variant": "2layer"}, 0.8e6, 1.3e6),
+        ("unet", {}, 0.85e6, 0.95e6),
+    ],
+)
+def test_parameter_counts(name, options, low, high):
+    for n_classes in (2, 4):
+        model = create_model(name, n_classes, **options)
+        count = sum(p.numel() for p in model.parameters())
+        assert low <= count <= high, (name, n_classes, count)
+
+
+def test_config_rebuilds_the_same_network():
+    model = create_model("ucaps", 4, variant="2layer", routing_iterations=2, share_weights=False)
+    options = dict(model.config)
+    rebuilt = create_model("ucaps", options.pop("n_classes"), **options)
+    assert rebuilt.config == model.config
+    rebuilt.load_state_dict(model.state_dict())  # same parameter names and shapes
+
+
+# ----------------------------------------------------------------------- losses
+
+
+def test_margin_loss_hand_computed():
+    # one voxel, two classes: class 0 present with length 0.95 (no cost), class 1
+    # absent with length 0.5: 0.5 * (0.5 - 0.1)^2 = 0.08
+    lengths = torch.tensor([[[0.95], [0.5]]])
+    targets = torch.tensor([[[1.0], [0.0]]])
+    assert margin_loss(lengths, targets).item() == pytest.approx(0.08)
+    # second voxel: class 0 present but short (0.6): (0.9 - 0.6)^2 = 0.09; class 1 absent at 0.05: 0
+    lengths = torch.tensor([[[0.95, 0.6], [0.5, 0.05]]])
+    targets = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    assert margin_loss(lengths, targets).item() == pytest.approx((0.08 + 0.09) / 2)
+    # class weights (1, 3): voxel 1 -> 3 * 0.08 / 4, voxel 2 -> 0.09 / 4
+    weighted = margin_loss(lengths, targets, class_weights=torch.tensor([1.0, 3.0]))
+    assert weighted.item() == pytest.approx((0.24 / 4 + 0.09 / 4) / 2)
+
+
+def test_block_class_fractions():
+    labels = torch.zeros(1, 2, 2, 4, dtype=torch.long)
+    labels[0, 0, 0, :2] = 1  # 3 of the 8 voxels of the first 2x2x2 block
+    labels[0, 1, 1, 0] = 1
+    fractions = block_class_fractions(labels, 2, 2)
+    assert fractions.shape == (1, 2, 1, 1, 2)
+    assert fractions[0, :, 0, 0, 0].tolist() == pytest.approx([5 / 8, 3 / 8])
+    assert fractions[0, :, 0, 0, 1].tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_soft_dice_and_cross_entropy_hand_computed():
+    logits = torch.zeros(1, 2, 1, 1, 2)  # softmax 1/2 everywhere
+    labels = torch.tensor([[[[0, 1]]]])
+    # per class: intersection 0.5, totals 1 + 1 -> (2 * 0.5 + 1) / (2 + 1) = 2/3
+    assert soft_dice_loss(logits, labels).item() == pytest.approx(1 / 3)
+    loss, parts = dice_ce_loss(logits, labels)
+    assert parts["ce"] == pytest.approx(math.log(2))
+    assert loss.item() == pytest.approx(1 / 3 + math.log(2))
+
+
+def test_weighted_reconstruction_loss_hand_computed():
+    images = torch.tensor([-1.0, 1.0, 0.0]).view(1, 1, 1, 1, 3)  # target 0, 1, 0.5
+    assert reconstruction_target(images).flatten().tolist() == pytest.approx([0.0, 1.0, 0.5])
+    labels = torch.tensor([0, 1, 1]).view(1, 1, 1, 3)
+    logits = torch.zeros(1, 1, 1, 1, 3)  # predicts 0.5 everywhere: BCE = ln 2 for every target
+    weights = torch.tensor([1.0, 4.0])
+    loss = weighted_reconstruction_loss(logits, images, labels, weights)
+    assert loss.item() == pytest.approx(math.log(2))
+    # a confident wrong voxel of the heavy class dominates: BCE(0 vs target 1) at logit -3
+    logits = torch.tensor([0.0, -3.0, 0.0]).view(1, 1, 1, 1, 3)
+    bce = [math.log(2), math.log1p(math.exp(3.0)), math.log(2)]
+    expected = (1 * bce[0] + 4 * bce[1] + 4 * bce[2]) / 9
+    assert weighted_reconstruction_loss(logits, images, labels, weights).item() == pytest.approx(
+        expected
+    )
+
+
+def test_ucaps_loss_combines_parts_with_documented_weights():
+    model = create_model("ucaps", 2).train()
+    images = torch.randn(1, 1, 16, 16, 16)
+    labels = (torch.rand(1, 16, 16, 16) > 0.8).long()
+    logits, lengths, reconstruction = model(images, auxiliary=True)
+    loss, parts = ucaps_loss(logits, lengths, reconstruction, images, labels)
+    expected = parts["dice"] + parts["ce"] + 0.1 * parts["margin"] + 0.1 * parts["reconstruction"]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert set(parts) == {"dice", "ce", "margin", "reconstruction"}
+
+
+def _fixed_batch(side: int = 16):
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 1, side, side, side, generator=generator) * 0.3
+    labels = torch.zeros(2, side, side, side, dtype=torch.long)
+    zz, yy, xx = torch.meshgrid(*(torch.arange(side),) * 3, indexing="ij")
+    ball = (zz - 8) ** 2 + (yy - 8) ** 2 + (xx - 8) ** 2 <= 16
+    labels[0][ball] = 1
+    labels[1][(zz - 6) ** 2 + (yy - 9) ** 2 + (xx - 7) ** 2 <= 9] = 2
+    images[:, 0][labels > 0] -= 1.5
+    return images, labels
+
+
+@pytest.mark.parametrize("name", ["ucaps", "unet"])
+def test_optimiser_steps_reduce_every_loss(name):
+    images, labels = _fixed_batch()
+    model = create_model(name, 3).train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
+    history = []
+    for _ in range(8):
+        optimiser.zero_grad()
+        loss, parts = model.compute_loss(images, labels)
+        loss.backward()
+        optimiser.step()
+        history.append({"loss": float(loss), **parts})
+    for part in history[0]:
+        assert history[-1][part] < history[0][part], (part, [h[part] for h in history])
+
+
+# ------------------------------------------------------------------- model file
+
+
+@pytest.mark.parametrize(
+    "name, options", [("ucaps", {}), ("ucaps", {"variant": "2layer"}), ("unet", {})]
+)
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, name, options):
+    model = create_model(name, 3, **options)
+    images, labels = _fixed_batch()
+    model.train()
+    model.compute_loss(images, labels)  # move the batch-norm running statistics off their defaults
+    model.eval()
+    save_model(tmp_path / "model", model, METADATA)
+    loaded, config = load_model(tmp_path / "model")
+    assert config["model"] == name and config["voxel_size_angstrom"] == 10.0
+    assert not loaded.training
+    with torch.no_grad():
+        assert torch.equal(model(images), loaded(images))
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/cryocaps_model_exploit",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_malicious_pickle_is_rejected_without_running(tmp_path):
+    import os
+
+    folder = save_model(tmp_path / "model", create_model("unet", 2), METADATA)
+    marker = "/tmp/cryocaps_model_exploit"
+    if os.path.exists(marker):
+        os.remove(marker)
+    torch.save({"state": _Exploit()}, folder / "model.pt")
+    with pytest.raises(CryocapsError, match="not a valid cryocaps weights file"):
+        load_model(folder)
+    assert not os.path.exists(marker)
+    (folder / "model.pt").write_bytes(pickle.dumps(_Exploit()))
+    with pytest.raises(CryocapsError):
+        load_model(folder)
+    assert not os.path.exists(marker)
+
+
+def test_random_bytes_and_foreign_files_are_rejected(tmp_path):
+    folder = save_model(tmp_path / "model", create_model("ucaps", 2, variant="2layer"), METADATA)
+    weights = (folder / "model.pt").read_bytes()
+    (folder / "model.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(CryocapsError, match="not a valid cryocaps weights file"):
+        load_model(folder)
+    (folder / "model.pt").write_bytes(weights)
+    config = json.loads((folder / "config.json").read_text())
+
+    (folder / "config.json").write_text(json.dumps({"model_type": "tf.keras", "layers": []}))
+    with pytest.raises(CryocapsError, match="not a cryocaps model config"):
+        load_model(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CryocapsError, match="corrupt model config"):
+        load_model(folder)
+    # weights that belong to another architecture
+    (folder / "config.json").write_text(
+        json.dumps({**config, "options": {**config["options"], "variant": "6layer"}})
+    )
+    with pytest.raises(CryocapsError, match="do not fit"):
+        load_model(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "model": "resnet"}))
+    with pytest.raises(CryocapsError, match="unknown model"):
+        load_model(folder)
