@@ -348,15 +348,13 @@ def rotate_density(density: np.ndarray, angles: np.ndarray, shifts_zyx: np.ndarr
 
     size = density.shape[0]
     half = (size - 1) / 2
-    matrices = torch.from_numpy(
-        relion_euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
-    ).float()
-    axis = torch.arange(size, dtype=torch.float32) - half
-    z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
-    local = torch.stack([x, y, z], dim=-1).reshape(1, -1, 3)  # (1, B^3, xyz)
-    shifts = torch.from_numpy(np.ascontiguousarray(shifts_zyx[:, ::-1])).float().reshape(-1, 1, 3)
-    sample = torch.bmm(local - shifts, matrices)  # row-vector form of A.T @ (r - shift)
-    grid = (sample / half).reshape(len(angles), size, size, size, 3)
+    transposed = relion_euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2]).transpose(0, 2, 1)
+    shifts_xyz = np.asarray(shifts_zyx, dtype=np.float64)[:, ::-1]
+    # affine_grid works in coordinates normalised by ``half``: g = A.T r - A.T shift / half
+    affine = np.concatenate([transposed, -(transposed @ shifts_xyz[:, :, None]) / half], axis=2)
+    grid = F.affine_grid(
+        torch.from_numpy(affine).float(), [len(angles), 1, size, size, size], align_corners=True
+    )
     source = (
         torch.from_numpy(np.ascontiguousarray(density))
         .float()[None, None]
