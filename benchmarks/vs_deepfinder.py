@@ -423,7 +423,9 @@ def choose_thresholds(valid_picks, truth, classes, tomogram: Path) -> dict[int, 
     for particle_class in classes:
         own = valid_picks[valid_picks["class_name"] == particle_class.name]
         best_threshold, best_f1 = 1, -1.0
-        for threshold in sorted({1, *(int(s) for s in own["cluster_size"])}):
+        # "Keep sizes >= s + 1" for each size s seen: every distinct outcome, each at
+        # its smallest threshold, so ties keep the most clusters.
+        for threshold in sorted({1, *(int(s) + 1 for s in own["cluster_size"])}):
             kept = own[own["cluster_size"] >= threshold]
             result = evaluate_picks(kept, truth, classes, voxel_size(tomogram))
             f1 = result["classes"][particle_class.name]["f1"] or 0.0
@@ -744,7 +746,8 @@ def markdown_section(report: dict) -> str:
         f"CPU cores, {machine.get('memory_gib', '?')} GiB, {machine['platform']}; torch {machine['torch']} "
         f"({machine['torch_threads']} threads), DeepFinder {report['deepfinder_versions'].get('cryoet-deepfinder')} "
         f"with TensorFlow {report['deepfinder_versions'].get('tensorflow')}. Load average at start "
-        f"{', '.join(f'{v:.1f}' for v in machine['load_average_at_start'])}.",
+        f"{', '.join(f'{v:.1f}' for v in machine['load_average_at_start'])}, at end "
+        f"{', '.join(f'{v:.1f}' for v in machine.get('load_average_at_end', []))} (1, 5, 15 min).",
         f"conv3d ceiling (torch, 3³ 32→32 ch on 48³, best run): "
         f"{probe['start']['gflops_per_second']:.0f} GFLOP/s at start, {probe['end']['gflops_per_second']:.0f} GFLOP/s at end.",
         "",
@@ -855,6 +858,7 @@ def main(argv=None) -> int:
             )
 
     report["conv3d_probe"]["end"] = conv3d_probe()
+    report["machine"]["load_average_at_end"] = list(os.getloadavg())
     report["finished"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     report["total_seconds"] = time.time() - started
     if not args.no_write:
