@@ -116,8 +116,8 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--structure-classes",
-        default="3gl1,1bxn,4d8q",
-        help="structure names for the second set (a small one first) [default: 3gl1,1bxn,4d8q]",
+        default="3gl1,1bxn,1qvr",
+        help="structure names for the second set (a small one first) [default: 3gl1,1bxn,1qvr]",
     )
     parser.add_argument(
         "--structures-snr", type=float, default=0.2, help="structures set SNR [default: 0.2]"
