@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +99,8 @@ def match_picks(
     classes: ClassTable,
     voxel_size_angstrom: float | Mapping[str, float],
     tolerance_fraction: float = 0.5,
+    *,
+    tomograms: Collection[str] | None = None,
 ) -> Matching:
     """Match picks to true particles one to one (see module docstring).
 
@@ -108,10 +110,12 @@ def match_picks(
     classes : class table; class values are mapped with ``ClassTable.name_of``
     voxel_size_angstrom : one voxel size for all tomograms, or {tomo: voxel size}, Å
     tolerance_fraction : match distance limit as a fraction of the class radius
+    tomograms : score only these tomograms (None: every tomogram of ``truth``)
 
     Only tomograms present in ``truth`` are scored; picks in other tomograms are
-    dropped with a warning. Raises CryocapsError when picks and truth (both
-    non-empty) share no tomogram.
+    dropped with a warning, and the particles of a truth tomogram without picks
+    all count as missed (with a warning). Raises CryocapsError when picks and
+    truth (both non-empty) share no tomogram.
     """
     from scipy.optimize import linear_sum_assignment
     from scipy.sparse import coo_matrix
@@ -122,6 +126,15 @@ def match_picks(
         raise CryocapsError(f"--tolerance-fraction must be > 0, got {tolerance_fraction}")
     picks = _canonical(picks, classes, "picks")
     truth = _canonical(truth, classes, "truth")
+    if tomograms is not None:
+        chosen = set(map(str, tomograms))
+        if not chosen & (set(truth["tomo"]) | set(picks["tomo"])):
+            raise CryocapsError(
+                f"none of the tomograms {_few(chosen)} has picks or true particles "
+                f"(truth names {_few(set(truth['tomo']))})"
+            )
+        picks = picks[picks["tomo"].isin(chosen)].reset_index(drop=True)
+        truth = truth[truth["tomo"].isin(chosen)].reset_index(drop=True)
     truth_tomos = set(truth["tomo"])
     pick_tomos = set(picks["tomo"])
     if len(picks) and len(truth) and not truth_tomos & pick_tomos:
@@ -133,6 +146,12 @@ def match_picks(
     if outside and len(truth):
         log.warning("ignoring picks in %d tomogram(s) without truth: %s", len(outside), _few(outside))
         picks = picks[picks["tomo"].isin(truth_tomos)].reset_index(drop=True)
+    unpicked = truth_tomos - pick_tomos
+    if unpicked and len(picks):
+        log.warning(
+            "no picks in %d tomogram(s) of the truth (%s): their particles count as missed",
+            len(unpicked), _few(unpicked),
+        )
 
     pick_truth = np.full(len(picks), -1, dtype=np.int64)
     pick_distance = np.full(len(picks), np.nan)
@@ -281,14 +300,18 @@ def evaluate_picks(
     voxel_size_angstrom: float | Mapping[str, float],
     tolerance_fraction: float = 0.5,
     beta: float = 1.0,
+    *,
+    tomograms: Collection[str] | None = None,
 ) -> dict:
     """Particle-level scores of ``picks`` against ``truth`` (what ``evaluate --json`` prints).
+
+    ``tomograms`` limits the scoring to these tomogram names (see :func:`match_picks`).
 
     Returns {"classes": {name: {tp, fp, fn, n_picks, n_truth, precision, recall, f1,
     fbeta, duplicates, confused, tolerance_angstrom}}, "macro": {precision, recall,
     f1, fbeta, beta, n_classes}, "micro": {tp, fp, fn, precision, recall, f1, fbeta, beta}}.
     """
-    matching = match_picks(picks, truth, classes, voxel_size_angstrom, tolerance_fraction)
+    matching = match_picks(picks, truth, classes, voxel_size_angstrom, tolerance_fraction, tomograms=tomograms)
     return summarize(matching, beta)
 
 
@@ -605,8 +628,8 @@ def evaluate_files(
     """Read a pick file and a truth file (any format) and score them (see :func:`evaluate_picks`).
 
     The voxel size that turns class radii into voxels is ``voxel_size_angstrom`` when
-    given, else each tomogram's own from ``tomograms`` (list of TomogramInfo).
-    Returns (scores dict, :class:`Matching`).
+    given, else each tomogram's own from ``tomograms`` (list of TomogramInfo). Given
+    ``tomograms``, only those tomograms are scored. Returns (scores dict, :class:`Matching`).
     """
     if voxel_size_angstrom is None and not tomograms:
         raise CryocapsError(
@@ -626,7 +649,8 @@ def evaluate_files(
         else {info.name: info.voxel_size_angstrom for info in tomograms}
     )
     try:
-        matching = match_picks(picks, truth, classes, voxel_sizes, tolerance_fraction)
+        names = [info.name for info in tomograms] if tomograms else None
+        matching = match_picks(picks, truth, classes, voxel_sizes, tolerance_fraction, tomograms=names)
     except CryocapsError as error:
         raise CryocapsError(f"{picks_path} vs {truth_path}: {error}") from None
     return summarize(matching, beta), matching

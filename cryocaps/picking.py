@@ -197,27 +197,77 @@ def _pick_components(mask: np.ndarray, radius: float, weights, min_size: float) 
     labelled, count = ndimage.label(mask)
     if count == 0:
         return []
-    sizes = np.bincount(labelled[mask], minlength=count + 1)
+    # Centroid, size and mean weight of every component at once (no per-component loop) ...
+    flat = np.flatnonzero(mask)
+    ids = labelled.ravel()[flat]
+    sizes = np.bincount(ids, minlength=count + 1).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centres = np.stack(
+            [np.bincount(ids, weights=axis, minlength=count + 1) for axis in np.unravel_index(flat, mask.shape)],
+            axis=1,
+        ) / sizes[:, None]
+        scores = (
+            np.bincount(ids, weights=np.asarray(weights).ravel()[flat].astype(np.float64), minlength=count + 1)
+            / sizes
+            if weights is not None
+            else np.full(count + 1, np.nan)
+        )
+    del flat, ids
+    # ... then components that may hold several particles are split, one loop turn each.
     expected = sphere_volume_voxels(radius)
-    picks: list[_Pick] = []
+    split: list[_Pick] = []
+    was_split = set()
     for index, box in enumerate(ndimage.find_objects(labelled), start=1):
-        if box is None or sizes[index] < min_size:  # too small for even one pick
+        if box is None or sizes[index] < 0.6 * expected:
             continue
-        component = labelled[box] == index
         extent = max(s.stop - s.start for s in box)
-        if sizes[index] > 1.2 * expected or extent > 2.4 * radius:
-            segments, n_segments = _split_touching(component, radius)
-        else:
-            segments, n_segments = component.astype(np.int32), 1
+        if sizes[index] <= 1.2 * expected and extent <= 2.4 * radius:
+            continue
+        segments, n_segments = _split_touching(labelled[box] == index, radius)
+        if n_segments == 1:
+            continue
+        was_split.add(index)
         offset = np.array([s.start for s in box], dtype=float)
         crop_weights = weights[box] if weights is not None else None
         for segment in range(1, n_segments + 1):
             where = np.nonzero(segments == segment)
-            if len(where[0]) == 0:
-                continue
-            centre = np.array([w.mean() for w in where]) + offset
-            picks.append(_Pick(*centre, len(where[0]), _mean_weight(crop_weights, where)))
-    return picks
+            if len(where[0]):
+                centre = np.array([w.mean() for w in where]) + offset
+                split.append(_Pick(*centre, len(where[0]), _mean_weight(crop_weights, where)))
+    # Specks far below the size limit are dropped now; fragments near it may still merge.
+    whole = [
+        _Pick(*centres[i], sizes[i], scores[i])
+        for i in range(1, count + 1)
+        if sizes[i] >= 0.25 * min_size and i not in was_split
+    ]
+    return _merge_fragments(whole + split, radius)
+
+
+def _merge_fragments(picks: list[_Pick], radius: float) -> list[_Pick]:
+    """Merge picks closer than one radius: pieces of one particle broken up by a noisy segmentation.
+
+    Two whole particles cannot be that close (they would overlap by more than half), so
+    only fragments merge; the merged pick is their size-weighted centroid.
+    """
+    if len(picks) < 2:
+        return picks
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    centres = np.array([(p.z, p.y, p.x) for p in picks])
+    pairs = cKDTree(centres).query_pairs(radius, output_type="ndarray")
+    if len(pairs) == 0:
+        return picks
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(picks),) * 2)
+    n_groups, group = connected_components(graph, directed=False)
+    sizes = np.array([p.size for p in picks], dtype=float)
+    scores = np.array([p.score for p in picks], dtype=float)
+    total = np.bincount(group, weights=sizes, minlength=n_groups)
+    merged_centres = np.stack(
+        [np.bincount(group, weights=sizes * centres[:, a], minlength=n_groups) for a in range(3)], axis=1
+    ) / total[:, None]
+    merged_scores = np.bincount(group, weights=sizes * scores, minlength=n_groups) / total
+    return [_Pick(*merged_centres[g], total[g], merged_scores[g]) for g in range(n_groups)]
 
 
 def _split_touching(component: np.ndarray, radius: float) -> tuple[np.ndarray, int]:

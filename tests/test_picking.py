@@ -245,3 +245,13 @@ def test_cli_bad_inputs(run_cli, segmentation, tmp_path):
     result = run_cli("cluster-picks", label_path, "-o", out)
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert out.read_text() == "keep me"
+
+
+def test_fragments_of_one_particle_give_one_pick(classes):
+    truth = pd.DataFrame({"class_name": ["large"], "z": [18], "y": [30], "x": [30]})
+    label_map = _label_map(truth, classes)
+    label_map[:, :, 29] = 0  # a gap through the middle: two half-spheres
+    label_map[:, 33, :] = 0  # and another: four quarters
+    picks = pick_particles(label_map, classes, VOXEL, method="components")
+    assert len(picks) == 1
+    assert picks[["x", "y", "z"]].to_numpy()[0] == pytest.approx([30, 30, 18], abs=1.0)
