@@ -21,6 +21,7 @@ import gzip
 import logging
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -456,15 +457,16 @@ def read_density_map(path: str | os.PathLike, voxel_size_angstrom: float) -> np.
     import mrcfile
 
     path = Path(path)
-    try:
-        if path.name.lower().endswith(".gz"):
-            with gzip.open(path, "rb") as raw, mrcfile.open(_spool(raw), permissive=True) as mrc:
-                data, source_voxel = np.array(mrc.data, dtype=np.float32), float(mrc.voxel_size.x)
-        else:
+    try:  # (mrcfile reads gzipped maps too)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a bad header is reported below, once
             with mrcfile.open(path, permissive=True) as mrc:
-                data, source_voxel = np.array(mrc.data, dtype=np.float32), float(mrc.voxel_size.x)
+                data = None if mrc.data is None else np.array(mrc.data, dtype=np.float32)
+                source_voxel = float(mrc.voxel_size.x)
     except Exception as error:  # noqa: BLE001 - anything mrcfile raises means unreadable
         raise CryocapsError(f"{path}: not a readable MRC density map ({error})") from error
+    if data is None:
+        raise CryocapsError(f"{path}: not a readable MRC density map (no data block)")
     if data is None or data.ndim != 3 or min(data.shape) < 2:
         raise CryocapsError(f"{path}: expected a 3D density map")
     if not np.isfinite(data).all():
@@ -485,15 +487,6 @@ def read_density_map(path: str | os.PathLike, voxel_size_angstrom: float) -> np.
         raise CryocapsError(f"{path}: density map is empty after resampling")
     envelope = data >= ENVELOPE_FRACTION * data.max()
     return (data * (MAP_ENVELOPE_MEAN / data[envelope].mean())).astype(np.float32)
-
-
-def _spool(raw):
-    import tempfile
-
-    spool = tempfile.NamedTemporaryFile(suffix=".mrc")  # noqa: SIM115 - lives with the open map
-    spool.write(raw.read())
-    spool.flush()
-    return spool.name
 
 
 def resample(data: np.ndarray, from_voxel: float, to_voxel: float) -> np.ndarray:
@@ -557,8 +550,10 @@ def _map_voxel_size(path: Path) -> float:
     import mrcfile
 
     try:
-        with mrcfile.open(path, header_only=True, permissive=True) as mrc:
-            return float(mrc.voxel_size.x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+                return float(mrc.voxel_size.x)
     except Exception:  # noqa: BLE001 - unreadable header: rank it last
         return float("nan")
 

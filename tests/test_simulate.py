@@ -299,9 +299,10 @@ def test_structures_folder_with_model_and_map(tmp_path, run_cli):
     (folder / "tiny.pdb").write_text(TINY_PDB)
     # a map at 5 Å voxels of an off-centre blob: resampled to 10 Å and centred
     blob = _blob_cube(32, [((2.0, -1.0, 3.0), 1.0)], sigma=4.0)
-    with mrcfile.new(folder / "blob_5A.mrc") as mrc:
+    with mrcfile.new(tmp_path / "blob_5A.mrc") as mrc:
         mrc.set_data(blob)
         mrc.voxel_size = 5.0
+    (folder / "blob_5A.mrc.gz").write_bytes(gzip.compress((tmp_path / "blob_5A.mrc").read_bytes()))
     templates = load_structure_templates(folder, 10.0)
     assert [t.name for t in templates] == ["blob", "tiny"]
     blob_template = templates[0]
