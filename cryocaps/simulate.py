@@ -68,7 +68,7 @@ __all__ = [
 
 GOLD_RADIUS_ANGSTROM = 50.0  # 10 nm fiducials
 GOLD_DENSITY = 6.0  # relative to protein (capped: real gold is denser still)
-GOLD_PER_SQUARE_MICRON = 2.0
+GOLD_PER_SQUARE_MICRON = 15.0  # typical fiducial density; at least one bead per tomogram
 MEMBRANE_LEAFLET_OFFSET_ANGSTROM = 20.0  # head groups +-20 Å from the mid-plane
 MEMBRANE_LEAFLET_SIGMA_ANGSTROM = 5.0
 MEMBRANE_DENSITY = 0.5  # head groups: excess density over ice about half that of protein
