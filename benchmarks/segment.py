@@ -1,0 +1,201 @@
+"""Speed of ``cryocaps segment`` on CPU, for both networks, against DeepFinder's 69 s.
+
+    python benchmarks/segment.py [--shape 64,160,160] [--models unet,ucaps]
+                                 [--variants default,bf16] [--threads 2] [--json OUT.json]
+
+For each model (freshly initialised at its paper size: speed does not depend
+on the weights) and each variant, runs the whole ``cryocaps segment`` command
+in a subprocess on one simulated tomogram (default 64 x 160 x 160, the size
+DeepFinder's Segment took 69 s for on this 2-core machine), and reports:
+
+- wall time of the whole process (start-up, model load, normalisation,
+  inference, writing) and the speed-up over DeepFinder's 69 s;
+- output voxels per second (from the command's run.json);
+- useful FLOPs per output voxel: the network's FLOPs per window voxel
+  (counted by torch's FlopCounterMode, a multiply-add = 2 FLOPs);
+- the overlap overhead: voxels computed per output voxel (windows x window
+  volume / volume, including the mirror margins);
+- achieved GFLOP/s = useful FLOPs x overhead x voxels / inference seconds;
+- the conv3d ceiling measured in the same run: a 32 -> 32 channel 3x3x3
+  convolution on a 64^3 block, float32 and bfloat16, channels-last;
+- peak RSS of the segment process.
+
+Variants: ``default`` (CLI defaults), ``bf16`` (--bf16), ``paper`` (64^3
+windows, 25-voxel overlap, as the paper), ``nocl`` is not offered: channels-last
+is always on. The CPU of the machine the numbers were taken on may be shared:
+the load average before and after is printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEEPFINDER_SECONDS = 69.0  # DeepFinder 0.2.1 Segment, 64 x 160 x 160, this machine (DESIGN.md)
+VARIANTS = {
+    "default": [],
+    "bf16": ["--bf16"],
+    "paper": ["--patch-size", "64", "--overlap", "25"],
+    "paper-bf16": ["--patch-size", "64", "--overlap", "25", "--bf16"],
+    "big": ["--patch-size", "128"],
+    "big-bf16": ["--patch-size", "128", "--bf16"],
+}
+CLASSES = [
+    {"label": n, "name": f"class{n}", "radius_angstrom": 50.0} for n in (1, 2, 3)
+]
+
+
+def conv3d_ceiling(threads: int) -> dict:
+    """GFLOP/s of a dense 3x3x3 convolution (32 -> 32 channels, 64^3), fp32 and bf16, channels-last."""
+    import torch
+
+    torch.set_num_threads(threads)
+    conv = torch.nn.Conv3d(32, 32, 3, padding=1).eval().to(memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 32, 64, 64, 64).contiguous(memory_format=torch.channels_last_3d)
+    flops = 2 * 27 * 32 * 32 * 64**3
+    result = {}
+    for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            conv(x)
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                conv(x)
+                times.append(time.perf_counter() - start)
+        result[name] = round(flops / min(times) / 1e9, 1)
+    return result
+
+
+def flops_per_voxel(model, patch) -> float:
+    """Network FLOPs per window voxel at window side ``patch`` (z, y, x)."""
+    import math
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 1, *patch)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / math.prod(patch)
+
+
+def make_inputs(folder: Path, shape, models) -> tuple[Path, dict]:
+    import numpy as np
+
+    from cryocaps.io.volumes import write_volume
+    from cryocaps.modelfile import save_model
+    from cryocaps.models import create_model
+
+    rng = np.random.default_rng(0)
+    tomogram = folder / "tomo.mrc"
+    write_volume(tomogram, rng.normal(size=shape).astype(np.float32), 10.0)
+    model_dirs = {}
+    for name in models:
+        model = create_model(name, len(CLASSES) + 1)
+        metadata = {
+            "classes": CLASSES,
+            "voxel_size_angstrom": 10.0,
+            "patch_size": 64,
+            "normalization": {"method": "percentile_zscore", "clip_percentiles": [0.5, 99.5]},
+        }
+        model_dirs[name] = save_model(folder / name, model, metadata)
+    return tomogram, model_dirs
+
+
+def run_segment(tomogram: Path, model_dir: Path, out_dir: Path, options: list[str], threads: int) -> dict:
+    command = [
+        sys.executable, "-m", "cryocaps", "segment", str(tomogram), "--model", str(model_dir),
+        "-o", str(out_dir), "--threads", str(threads), "--quiet", *options,
+    ]
+    start = time.perf_counter()
+    completed = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if completed.returncode != 0:
+        raise SystemExit(f"segment failed: {' '.join(command)}\n{completed.stderr}")
+    record = json.loads((out_dir / "run.json").read_text())
+    result = record["results"]["tomograms"][0]
+    return {"wall_seconds": round(wall, 2), "result": result, "peak_rss_bytes": record["results"]["peak_rss_bytes"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="64,160,160", help="tomogram shape z,y,x [64,160,160]")
+    parser.add_argument("--models", default="unet,ucaps", help="models to time [unet,ucaps]")
+    parser.add_argument("--variants", default="default,bf16", help=f"of {','.join(VARIANTS)} [default,bf16]")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads [all]")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    shape = tuple(int(s) for s in args.shape.split(","))
+    models = [m for m in args.models.split(",") if m]
+    variants = [v for v in args.variants.split(",") if v]
+
+    import math
+
+    from cryocaps.modelfile import load_model
+
+    load_before = os.getloadavg()
+    ceiling = conv3d_ceiling(args.threads)
+    print(f"conv3d ceiling (32->32, 3^3, 64^3, channels-last): {ceiling} GFLOP/s", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cryocaps-bench-") as tmp:
+        tomogram, model_dirs = make_inputs(Path(tmp), shape, models)
+        for name in models:
+            model, _ = load_model(model_dirs[name])
+            for variant in variants:
+                out_dir = Path(tmp) / f"out-{name}-{variant}"
+                run = run_segment(tomogram, model_dirs[name], out_dir, VARIANTS[variant], args.threads)
+                result = run["result"]
+                useful = flops_per_voxel(model, result["patch_size"])
+                voxels = math.prod(shape)
+                seconds = result["seconds"]["inference"]
+                row = {
+                    "model": name,
+                    "variant": variant,
+                    "shape": list(shape),
+                    "patch_size": result["patch_size"],
+                    "overlap": result["overlap"],
+                    "windows": result["windows"],
+                    "wall_seconds": run["wall_seconds"],
+                    "inference_seconds": seconds,
+                    "speedup_vs_deepfinder": round(DEEPFINDER_SECONDS / run["wall_seconds"], 2),
+                    "voxels_per_second": result["voxels_per_second"],
+                    "useful_kflop_per_voxel": round(useful / 1e3, 1),
+                    "overlap_overhead": result["overhead"],
+                    "achieved_gflop_per_second": round(useful * result["overhead"] * voxels / seconds / 1e9, 1),
+                    "peak_rss_gib": round(run["peak_rss_bytes"] / 2**30, 2),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    summary = {
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "conv3d_ceiling_gflop_per_second": ceiling,
+        "deepfinder_segment_seconds": DEEPFINDER_SECONDS,
+        "runs": rows,
+    }
+    print(
+        f"load average before {summary['load_average_before']}, after {summary['load_average_after']} "
+        f"on {os.cpu_count()} CPUs (a shared machine slows every number here)"
+    )
+    header = "model  variant     wall s  x DeepFinder  Mvox/s  kFLOP/vox  overhead  GFLOP/s  peak GiB"
+    print(header)
+    for r in rows:
+        print(
+            f"{r['model']:6s} {r['variant']:10s} {r['wall_seconds']:7.1f} {r['speedup_vs_deepfinder']:12.2f} "
+            f"{r['voxels_per_second'] / 1e6:7.3f} {r['useful_kflop_per_voxel']:10.0f} {r['overlap_overhead']:9.2f} "
+            f"{r['achieved_gflop_per_second']:8.1f} {r['peak_rss_gib']:9.2f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
