@@ -172,6 +172,7 @@ def plot_learning_curve(metrics, png_path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
+    from matplotlib.ticker import MaxNLocator
 
     from cryocaps.io.files import atomic_path
 
@@ -197,6 +198,8 @@ def plot_learning_curve(metrics, png_path: str | os.PathLike) -> Path:
     dice_axes.set_ylabel("validation Dice")
     dice_axes.set_ylim(0, 1)
     dice_axes.set_title("Validation Dice")
+    for axes in (loss_axes, dice_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     if dice_columns:
         dice_axes.legend(fontsize="small")
     figure.tight_layout()

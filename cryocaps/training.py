@@ -592,11 +592,12 @@ def _write_metrics(out_dir: Path, rows: list[dict]) -> None:
     import pandas as pd
 
     from cryocaps.io.files import write_text_atomic
-    from cryocaps.plots import plot_learning_curve
 
     frame = pd.DataFrame(rows)
     write_text_atomic(out_dir / METRICS_NAME, frame.to_csv(index=False, float_format="%.6g"))
     try:
+        from cryocaps.plots import plot_learning_curve
+
         plot_learning_curve(frame, out_dir / CURVE_NAME)
     except Exception as error:  # noqa: BLE001 - a plotting failure must not lose the run
         log.warning("could not draw %s: %s", CURVE_NAME, error)
