@@ -6,7 +6,11 @@ Three ways to turn a segmentation into one pick per particle, chosen with
 ``components`` (default)
     connected components of each class; components big enough to hold several
     particles are split by a watershed on their distance transform, so touching
-    particles give one pick each. Pick = centroid of the (split) component.
+    particles give one pick each, and pieces closer than one radius (a particle
+    broken up by a noisy segmentation) are merged. Pick = centroid of the voxels.
+    On synthetic noisy segmentations (touching particles, ragged and fragmented
+    blobs, false blobs, class mix-ups) it scored the best macro F1 of the three
+    and is the fastest.
 ``meanshift``
     flat-kernel mean shift on the class's voxel coordinates (bandwidth = class
     radius, seeds on a grid of bins, voxels subsampled on a regular grid so the
@@ -294,14 +298,14 @@ def _split_touching(component: np.ndarray, radius: float) -> tuple[np.ndarray, i
 def _flood(markers: np.ndarray, distance: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Marker-controlled watershed of ``-distance`` inside ``mask``, by flooding in levels.
 
-    Levels go from the deepest voxels outwards in half-voxel steps; at each level the
+    Levels go from the deepest voxels outwards in one-voxel steps; at each level the
     labelled basins grow (6-connected) into the voxels of that level until they meet,
     so the borders between particles fall on the necks of the distance map.
     (scipy.ndimage.watershed_ift does not place borders on the necks, hence this.)
     """
     labels = markers.astype(np.int32)
     cross = ndimage.generate_binary_structure(3, 1)
-    levels = np.unique(np.floor(distance[mask] * 2) / 2)[::-1]
+    levels = np.unique(np.floor(distance[mask]))[::-1]
     for level in levels:
         allowed = mask & (distance >= level) & (labels == 0)
         while allowed.any():

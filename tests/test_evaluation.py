@@ -110,6 +110,14 @@ def test_per_tomogram_matching_and_voxel_sizes(classes):
     assert evaluate_picks(picks, truth, classes, {"A": 5.0, "B": 10.0})["micro"]["tp"] == 2
     with pytest.raises(CryocapsError, match="no voxel size"):
         evaluate_picks(picks, truth, classes, {"A": 5.0})
+    # Scoring a chosen tomogram only: B's particles are neither found nor missed.
+    only_a = evaluate_picks(picks, truth, classes, VOXEL, tomograms=["A"])["micro"]
+    assert (only_a["tp"], only_a["fp"], only_a["fn"]) == (0, 1, 1)
+    # A truth tomogram without picks: all its particles are missed.
+    missed = evaluate_picks(picks[picks["tomo"] == "B"], truth, classes, VOXEL)["micro"]
+    assert (missed["tp"], missed["fp"], missed["fn"]) == (1, 0, 1)
+    with pytest.raises(CryocapsError, match="none of the tomograms"):
+        evaluate_picks(picks, truth, classes, VOXEL, tomograms=["C"])
 
 
 def test_class_numbers_and_absent_classes(classes, truth):
