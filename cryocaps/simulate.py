@@ -193,11 +193,20 @@ def load_templates(
     return load_structure_templates(structures, voxel_size_angstrom, names=names, prefer=prefer)
 
 
-def class_table(templates: Sequence[ParticleTemplate]) -> ClassTable:
-    """Labels 1..K in template order, radii measured from the densities."""
+def class_table(templates: Sequence[ParticleTemplate], with_templates: bool = False) -> ClassTable:
+    """Labels 1..K in template order, radii measured from the densities.
+
+    With ``with_templates`` each class names its density map ``templates/<name>.mrc``
+    (relative to classes.csv), for ``make-masks --shape template``.
+    """
     return ClassTable(
         [
-            ParticleClass(k + 1, t.name, round(t.radius_angstrom, 1))
+            ParticleClass(
+                k + 1,
+                t.name,
+                round(t.radius_angstrom, 1),
+                Path("templates", f"{t.name}.mrc") if with_templates else None,
+            )
             for k, t in enumerate(templates)
         ],
         "simulated classes",
@@ -790,9 +799,12 @@ PARTICLE_FILES = {  # file name -> format of cryocaps.io.particles
 }
 
 
-def output_paths(out_dir: Path, n_tomograms: int, preview: bool = False) -> list[Path]:
+def output_paths(
+    out_dir: Path, n_tomograms: int, preview: bool = False, class_names: Sequence[str] = ()
+) -> list[Path]:
     names = tomogram_names(n_tomograms)
     paths = [out_dir / name for name in PARTICLE_FILES] + [out_dir / "tomograms.star", out_dir / "classes.csv"]
+    paths += [out_dir / "templates" / f"{name}.mrc" for name in class_names]
     paths += [out_dir / "tomograms" / f"{n}.mrc" for n in names]
     paths += [out_dir / "labels" / f"{n}.mrc" for n in names]
     if preview:
@@ -813,7 +825,7 @@ def simulate_dataset(
 
     Writes ``tomograms/<name>.mrc``, ``labels/<name>.mrc``, ``particles.csv``,
     ``particles.star`` (RELION 5) with ``tomograms.star``, ``particles_stopgap.star``,
-    ``classes.csv`` (and ``preview_<name>.png`` with ``preview``) into
+    ``templates/<class>.mrc`` (each class's density), ``classes.csv`` (and ``preview_<name>.png`` with ``preview``) into
     ``out_dir``; returns a summary (paths, counts, timings) for run.json.
     """
     from cryocaps.io.particles import write_particles
@@ -822,7 +834,7 @@ def simulate_dataset(
     out_dir = Path(out_dir)
     check_parameters(params)
     check_box(params, templates)
-    planned = output_paths(out_dir, params.n_tomograms, preview)
+    planned = output_paths(out_dir, params.n_tomograms, preview, [t.name for t in templates])
     existing = [p for p in planned if p.exists()]
     if existing and not overwrite:
         raise CryocapsError(f"{existing[0]} exists; pass --overwrite to replace it")
@@ -831,7 +843,7 @@ def simulate_dataset(
     )
     if stale:
         log.warning("%s holds %d MRC file(s) this run does not write, e.g. %s", out_dir, len(stale), stale[0])
-    table = class_table(templates)
+    table = class_table(templates, with_templates=True)
     seeds = np.random.SeedSequence(params.seed).spawn(params.n_tomograms)
     outputs, tables, details = [], [], {}
     for name, seed in zip(tomogram_names(params.n_tomograms), seeds, strict=True):
@@ -880,6 +892,15 @@ def simulate_dataset(
             )
         )
     outputs.append(write_tomograms_star(out_dir / "tomograms.star", infos, params, overwrite=overwrite))
+    for template in templates:
+        outputs.append(
+            write_volume(
+                out_dir / "templates" / f"{template.name}.mrc",
+                template.density,
+                params.voxel_size_angstrom,
+                overwrite=overwrite,
+            )
+        )
     outputs.append(write_classes(table, out_dir / "classes.csv", overwrite=True))
     return {
         "outputs": [str(p) for p in outputs],

@@ -55,6 +55,7 @@ def test_writes_every_output(simulated):
     for name in [
         "tomograms/tomo_01.mrc", "labels/tomo_01.mrc", "particles.csv", "particles.star",
         "tomograms.star", "particles_stopgap.star", "classes.csv", "run.json", "preview_tomo_01.png",
+        "templates/globule.mrc", "templates/ribosome.mrc",
     ]:  # fmt: skip
         assert (simulated / name).is_file(), name
     with mrcfile.open(simulated / "tomograms" / "tomo_01.mrc") as mrc:
@@ -62,7 +63,7 @@ def test_writes_every_output(simulated):
         assert float(mrc.voxel_size.x) == pytest.approx(20.0)
     assert (simulated / "preview_tomo_01.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     classes = pd.read_csv(simulated / "classes.csv")
-    assert list(classes.columns) == ["label", "name", "radius_angstrom"]
+    assert list(classes.columns) == ["label", "name", "radius_angstrom", "template"]
     assert list(classes.name) == ["globule", "barrel", "dumbbell", "ribosome"]
     radii = dict(zip(classes.name, classes.radius_angstrom, strict=True))
     assert 25 <= radii["globule"] <= 45  # the small class: ~35 Å
@@ -84,6 +85,17 @@ def test_particle_files_agree(simulated):
         assert list(table.class_name) == list(reference.class_name)
         columns = ["x", "y", "z", "rot", "tilt", "psi"]
         np.testing.assert_allclose(table[columns].to_numpy(float), reference[columns].to_numpy(float), atol=1e-3)
+
+
+def test_class_templates_work_for_make_masks(simulated):
+    from cryocaps.classes import read_classes
+    from cryocaps.masks import load_template
+
+    for particle_class in read_classes(simulated / "classes.csv"):
+        template = load_template(particle_class, 20.0, threshold_fraction=0.5)
+        assert template.density.shape[0] % 2 == 1  # centre on a voxel
+        # the envelope radius in classes.csv is measured on the same density
+        assert template.reach_voxels - 1 == pytest.approx(particle_class.radius_angstrom / 20 - 0.5, abs=0.1)
 
 
 def test_label_at_each_particle_centre_is_its_class(simulated):
@@ -405,3 +417,25 @@ def test_ctf_is_dark_at_low_frequency_and_follows_the_defocus_gradient():
     edge = np.fft.irfft2(np.fft.rfft2(images[1]) * far, s=(64, 64))
     np.testing.assert_allclose(filtered[1][:, -1], edge[:, -1], atol=1e-5)
     assert np.abs(filtered[1][:, 0] - edge[:, 0]).max() > 0.02  # the other side differs
+
+
+def test_template_labels_agree_with_make_masks():
+    """make-masks draws the same envelopes from the table's RELION angles: one angle convention."""
+    from cryocaps.masks import Template, draw_templates
+
+    templates = builtin_templates(20.0, ["barrel", "ribosome"])
+    params = SimulationParameters(shape=(32, 56, 56), voxel_size_angstrom=20.0, n_particles=6, label_shape="template",
+                                  distractors=False)  # fmt: skip
+    result = simulate_tomogram(templates, params, np.random.default_rng(4))
+    by_name = {t.name: (k + 1, Template(t.density, t.envelope_level)) for k, t in enumerate(templates)}
+    table = result.particles
+    drawn = draw_templates(
+        params.shape,
+        table[["z", "y", "x"]].to_numpy(float),
+        np.array([by_name[n][0] for n in table.class_name]),
+        [by_name[n][1] for n in table.class_name],
+        table[["rot", "tilt", "psi"]].to_numpy(float),
+    )
+    either = (drawn > 0) | (result.labels > 0)
+    assert either.sum() > 100
+    assert (drawn == result.labels)[either].mean() > 0.98

@@ -2,8 +2,9 @@
 
 Writes OUT_DIR/tomograms/tomo_NN.mrc, OUT_DIR/labels/tomo_NN.mrc (uint8 class
 labels), OUT_DIR/particles.star (RELION 5, with tomograms.star),
-OUT_DIR/particles.csv, OUT_DIR/particles_stopgap.star,
-OUT_DIR/classes.csv and OUT_DIR/run.json. Particles are the built-in classes
+OUT_DIR/particles.csv, OUT_DIR/particles_stopgap.star, OUT_DIR/classes.csv
+(label, name, radius measured from the density, template), the class densities
+OUT_DIR/templates/<class>.mrc and OUT_DIR/run.json. Particles are the built-in classes
 (globule ~35 Å, barrel ~60 Å, dumbbell ~95 Å, ribosome-like ~125 Å radius) or
 the density maps / atomic models in --structures DIR. Orientations are RELION
 ZYZ angles (rot, tilt, psi): a particle is its class density rotated by
