@@ -123,6 +123,26 @@ def test_vectorised_capsule_layer_matches_plain_reference(share_weights, stride,
     np.testing.assert_allclose(via_votes, expected, rtol=1e-9, atol=1e-12)
 
 
+def test_routing_gradients():
+    votes = torch.randn(1, 3, 2, 4, 2, 2, 1, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    # full back-propagation through the routing iterations is exact
+    assert torch.autograd.gradcheck(
+        lambda u, b: dynamic_routing(u, b, 3, full_gradient=True), (votes, bias)
+    )
+    # default: the coupling is held fixed; same forward, gradient of the final weighted sum
+    out, coupling = dynamic_routing(votes, bias, 3, return_coupling=True)
+    full = dynamic_routing(votes, bias, 3, full_gradient=True)
+    assert torch.allclose(out, full)
+    (grad,) = torch.autograd.grad(out.sum(), votes)
+    fixed = coupling.detach().unsqueeze(3)  # (B, I, O, 1, *S)
+    s = (fixed * votes).sum(dim=1) + bias.view(1, 2, 4, 1, 1, 1)
+    (expected,) = torch.autograd.grad(squash(s, dim=2).sum(), votes)
+    assert torch.allclose(grad, expected)
+    (full_grad,) = torch.autograd.grad(full.sum(), votes)
+    assert not torch.allclose(grad, full_grad)
+
+
 def test_transposed_capsule_layer_upsamples():
     layer = ConvTransposeCapsule3d(3, 4, 2, 5, kernel_size=2, stride=2)
     out = layer(torch.randn(1, 3, 4, 2, 3, 4))
@@ -187,7 +207,14 @@ def test_parameter_counts(name, options, low, high):
 
 
 def test_config_rebuilds_the_same_network():
-    model = create_model("ucaps", 4, variant="2layer", routing_iterations=2, share_weights=False)
+    model = create_model(
+        "ucaps",
+        4,
+        variant="2layer",
+        routing_iterations=2,
+        share_weights=False,
+        full_routing_gradient=True,
+    )
     options = dict(model.config)
     rebuilt = create_model("ucaps", options.pop("n_classes"), **options)
     assert rebuilt.config == model.config
@@ -272,10 +299,12 @@ def _fixed_batch(side: int = 16):
     return images, labels
 
 
-@pytest.mark.parametrize("name", ["ucaps", "unet"])
-def test_optimiser_steps_reduce_every_loss(name):
+@pytest.mark.parametrize(
+    "name, options", [("ucaps", {}), ("ucaps", {"full_routing_gradient": True}), ("unet", {})]
+)
+def test_optimiser_steps_reduce_every_loss(name, options):
     images, labels = _fixed_batch()
-    model = create_model(name, 3).train()
+    model = create_model(name, 3, **options).train()
     optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
     history = []
     for _ in range(8):

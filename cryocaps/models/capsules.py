@@ -35,6 +35,8 @@ __all__ = [
     "ConvTransposeCapsule3d",
     "capsule_lengths",
     "dynamic_routing",
+    "reuse_freed_memory",
+    "route_voxel_major",
     "squash",
 ]
 
@@ -61,6 +63,7 @@ def dynamic_routing(
     bias: torch.Tensor | None,
     iterations: int = 3,
     return_coupling: bool = False,
+    full_gradient: bool = False,
 ):
     """Routing by agreement over the votes of a convolutional capsule layer.
 
@@ -72,6 +75,8 @@ def dynamic_routing(
     iterations : number of routing iterations (>= 1; 1 = plain average of the votes)
     return_coupling : also return the final coupling coefficients (B, I, O, *S),
         which sum to 1 over O
+    full_gradient : back-propagate through the routing iterations too (see
+        ``route_voxel_major``)
 
     Returns
     -------
@@ -81,46 +86,59 @@ def dynamic_routing(
     # small I x A matrix of votes, and routing is two batched mat-vec products.
     order = (0, *range(4, votes.dim()), 2, 1, 3)
     voxel_major = votes.permute(order).contiguous()
-    capsules, coupling = route_voxel_major(voxel_major, bias, iterations)
+    capsules, coupling = route_voxel_major(voxel_major, bias, iterations, full_gradient)
     capsules = capsules.movedim(-2, 1).movedim(-1, 2)  # (B, *S, O, A) -> (B, O, A, *S)
     if not return_coupling:
         return capsules
     return capsules, coupling.movedim(-1, 1).movedim(-1, 2)  # (B, *S, O, I) -> (B, I, O, *S)
 
 
-def route_voxel_major(votes: torch.Tensor, bias: torch.Tensor | None, iterations: int = 3):
+def route_voxel_major(
+    votes: torch.Tensor,
+    bias: torch.Tensor | None,
+    iterations: int = 3,
+    full_gradient: bool = False,
+):
     """Dynamic routing on votes laid out (B, *S, O, I, A), contiguous.
 
     Returns the output capsules (B, *S, O, A) and the final coupling
     coefficients (B, *S, O, I) (softmax over O). All work is batched matrix
     products over the B·S·O small (I x A) vote matrices and elementwise
     operations on tensors I or A times smaller than the votes.
+
+    With ``full_gradient=False`` the routing iterations that only refine the
+    coupling coefficients run without autograd: gradients reach the votes
+    through the final weighted sum, with the coupling held fixed (the
+    stop-gradient routing of common CapsNet implementations). Training is then
+    about as fast as a forward pass plus one vote-sized product; the forward
+    values are the same either way.
     """
     if iterations < 1:
         raise ValueError(f"routing needs at least one iteration, got {iterations}")
     *grid, n_out, n_in, n_atoms = votes.shape
     matrices = votes.view(-1, n_in, n_atoms)  # (N, I, A) with N = B·S·O
-    by_voxel = (-1, n_out, n_in)
     bias = None if bias is None else bias.to(votes.dtype)
     # Routing logits and coupling in at least float32, also under bf16 autocast.
     logit_dtype = torch.promote_types(votes.dtype, torch.float32)
-    logits = None
-    coupling = None
-    # Iteration 1 has uniform coupling 1/O: the weighted sum is a plain sum.
-    s = matrices.sum(dim=1) * (1.0 / n_out)  # (N, A)
-    for iteration in range(iterations):
-        if iteration > 0:
-            coupling = torch.softmax(logits, dim=1)  # (B·S, O, I), over the output capsules
-            s = torch.bmm(coupling.to(votes.dtype).view(-1, 1, n_in), matrices).view(-1, n_atoms)
+
+    def capsules_from(coupling: torch.Tensor | None) -> torch.Tensor:
+        """Squashed weighted sum of the votes, (B·S, O, A); uniform coupling 1/O if None."""
+        if coupling is None:  # a plain sum: no product needed
+            s = matrices.sum(dim=1) * (1.0 / n_out)
+        else:
+            s = torch.bmm(coupling.to(votes.dtype).view(-1, 1, n_in), matrices)
         s = s.view(-1, n_out, n_atoms)
-        if bias is not None:
-            s = s + bias
-        v = squash(s, dim=-1)  # (B·S, O, A)
-        if iteration + 1 < iterations:
-            agreement = (
-                torch.bmm(matrices, v.reshape(-1, n_atoms, 1)).view(by_voxel).to(logit_dtype)
-            )
-            logits = agreement if logits is None else logits + agreement
+        return squash(s if bias is None else s + bias, dim=-1)
+
+    coupling = None
+    logits = None
+    with torch.set_grad_enabled(full_gradient and torch.is_grad_enabled()):
+        for _ in range(iterations - 1):
+            v = capsules_from(coupling)
+            agreement = torch.bmm(matrices, v.reshape(-1, n_atoms, 1)).view(-1, n_out, n_in)
+            logits = agreement.to(logit_dtype) if logits is None else logits + agreement
+            coupling = torch.softmax(logits, dim=1)  # over the output capsules
+    v = capsules_from(coupling)
     if coupling is None:
         coupling = torch.full(
             (matrices.shape[0] // n_out, n_out, n_in),
@@ -147,8 +165,10 @@ class _CapsuleLayer(nn.Module):
         padding: int | None = None,
         routing_iterations: int = 3,
         share_weights: bool = True,
+        full_gradient: bool = False,
     ):
         super().__init__()
+        self.full_gradient = bool(full_gradient)
         if routing_iterations < 1:
             raise ValueError(f"routing needs at least one iteration, got {routing_iterations}")
         self.in_capsules = int(in_capsules)
@@ -220,7 +240,7 @@ class _CapsuleLayer(nn.Module):
         ``return_coupling`` also the coupling coefficients (B, I, O, D', H', W').
         """
         capsules, coupling = route_voxel_major(
-            self.voxel_major_votes(capsules), self.bias, self.routing_iterations
+            self.voxel_major_votes(capsules), self.bias, self.routing_iterations, self.full_gradient
         )
         capsules = capsules.permute(0, 4, 5, 1, 2, 3)
         if return_coupling:
@@ -249,6 +269,8 @@ class ConvCapsule3d(_CapsuleLayer):
     routing_iterations : dynamic-routing iterations (1 = average of the votes)
     share_weights : one transform for all input capsule types (True) or one
         per input type (a grouped convolution, I times the parameters)
+    full_gradient : back-propagate through all routing iterations (False: only
+        through the final weighted sum, coupling held fixed; same forward)
     """
 
 
@@ -264,3 +286,29 @@ class ConvTransposeCapsule3d(_CapsuleLayer):
 
     def __init__(self, *args, kernel_size: int = 2, stride: int = 2, **kwargs):
         super().__init__(*args, kernel_size=kernel_size, stride=stride, **kwargs)
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's malloc keep freed large blocks for reuse; True if applied.
+
+    By default glibc serves every allocation above 32 MB with a fresh ``mmap``
+    and returns it with ``munmap`` when freed, so each new vote tensor (tens to
+    hundreds of MB) is page-faulted in again: measured here, that doubles or
+    triples the cost of an elementwise pass over it. Serving all blocks from the
+    heap and not trimming it keeps freed memory mapped for the next batch;
+    peak memory is unchanged, but the process does not hand memory back to the
+    system until it exits. A process-wide setting: call it once from a
+    command, not from library code. No effect (False) off Linux/glibc.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))

@@ -81,6 +81,9 @@ class UCaps3D(nn.Module):
     routing_iterations : dynamic-routing iterations of the encoder capsule layers
     share_weights : one vote transform per output capsule type shared by all
         input types (True, ~3 M parameters) or one per input type (False)
+    full_routing_gradient : back-propagate through every routing iteration
+        (False: through the final weighted sum only, coupling held fixed —
+        same outputs, a training step several times cheaper)
     margin_loss_weight, reconstruction_loss_weight : weights of the auxiliary
         losses next to Dice + cross-entropy (weight 1)
     """
@@ -94,6 +97,7 @@ class UCaps3D(nn.Module):
         variant: str = "6layer",
         routing_iterations: int = 3,
         share_weights: bool = True,
+        full_routing_gradient: bool = False,
         margin_loss_weight: float = MARGIN_LOSS_WEIGHT,
         reconstruction_loss_weight: float = RECONSTRUCTION_LOSS_WEIGHT,
     ):
@@ -112,6 +116,7 @@ class UCaps3D(nn.Module):
             "variant": variant,
             "routing_iterations": int(routing_iterations),
             "share_weights": bool(share_weights),
+            "full_routing_gradient": bool(full_routing_gradient),
             "margin_loss_weight": float(margin_loss_weight),
             "reconstruction_loss_weight": float(reconstruction_loss_weight),
         }
@@ -145,6 +150,7 @@ class UCaps3D(nn.Module):
                     stride=stride,
                     routing_iterations=routing_iterations,
                     share_weights=share_weights,
+                    full_gradient=full_routing_gradient,
                 )
             )
             in_caps, in_atoms = caps, atoms

@@ -1,0 +1,300 @@
+"""Speed of the two networks on this machine's CPU, next to what a plain conv3d reaches.
+
+For 3D-UCaps and the DeepFinder U-Net at 64³ and 32³ patches, in fp32 and
+under bf16 autocast: parameters, FLOPs of one forward and one training step
+(``torch.utils.flop_counter.FlopCounterMode``: convolutions and matrix
+products; elementwise work is not counted), forward (eval, no_grad) and
+forward+backward (training loss + backward) time per patch, and the GFLOP/s
+they reach. In the same run it measures the ceiling — a plain 64→64 3×3×3
+conv3d on a 32³ map — and a memory-copy bandwidth, then breaks the capsule
+layers of 3D-UCaps down into their vote convolution and their routing.
+
+    python benchmarks/models.py                 # ~1-2 min: 64³ and 32³, fp32 and bf16
+    python benchmarks/models.py --sizes 32 --repeats 3
+
+Prints markdown tables and writes benchmarks/results/models.json. Times are
+the best of ``--repeats`` runs after one warm-up (wall clock, batch 1); on a
+machine shared with other jobs they are noisy — the load average before and
+after the run is recorded with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+# OpenMP threads that spin while waiting for each other are ruinous when other
+# jobs share the cores (measured: small kernels 10-40x slower); the runtime reads
+# this before torch starts. Override with OMP_WAIT_POLICY=ACTIVE on an idle machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cryocaps.models import create_model  # noqa: E402
+from cryocaps.models.capsules import reuse_freed_memory  # noqa: E402
+
+N_CLASSES = 4  # background + 3 particle classes, as in the paper's multi-class runs
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def autocast(dtype):
+    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+
+
+def best_time(fn, repeats: int) -> float:
+    """Best wall-clock seconds of ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def ceiling(repeats: int) -> dict:
+    """GFLOP/s of a plain conv3d (64→64, 3³, 32³ map, channels-last) and copy GB/s."""
+    conv = torch.nn.Conv3d(64, 64, 3, padding=1, bias=False).to(
+        memory_format=torch.channels_last_3d
+    )
+    x = torch.randn(1, 64, 32, 32, 32).contiguous(memory_format=torch.channels_last_3d)
+    x_first = x.contiguous()
+    flops = count_flops(lambda: conv(x))
+    result = {"conv": "Conv3d(64, 64, 3) on (1, 64, 32, 32, 32)"}
+    with torch.no_grad():
+        for name, dtype in DTYPES.items():
+            with autocast(dtype):
+                seconds = best_time(lambda: conv(x), repeats + 1)
+                seconds_first = best_time(lambda: conv(x_first), repeats + 1)
+            result[f"{name}_gflops"] = flops / seconds / 1e9
+            result[f"{name}_channels_first_gflops"] = flops / seconds_first / 1e9
+    big = torch.randn(64 * 2**20 // 4)  # 64 MB
+    seconds = best_time(big.clone, repeats + 1)
+    result["copy_gbytes_per_s"] = 2 * big.numel() * 4 / seconds / 1e9  # read + write
+    return result
+
+
+def network_rows(name: str, size: int, repeats: int) -> list[dict]:
+    model = create_model(name, N_CLASSES)
+    params = sum(p.numel() for p in model.parameters())
+    x = torch.randn(1, 1, size, size, size)
+    labels = torch.randint(0, N_CLASSES, (1, size, size, size))
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        loss, _ = model.compute_loss(x, labels)
+        loss.backward()
+
+    model.eval()
+    forward_flops = count_flops(forward)
+    model.train()
+    train_flops = count_flops(train_step)
+    rows = []
+    for dtype_name, dtype in DTYPES.items():
+        with autocast(dtype):
+            model.eval()
+            forward_s = best_time(forward, repeats)
+            model.train()
+            train_s = best_time(train_step, repeats)
+        rows.append(
+            {
+                "network": name,
+                "patch": size,
+                "dtype": dtype_name,
+                "params": params,
+                "params_m": params / 1e6,
+                "forward_gflop": forward_flops / 1e9,
+                "train_step_gflop": train_flops / 1e9,
+                "forward_s": forward_s,
+                "train_step_s": train_s,
+                "forward_gflops": forward_flops / forward_s / 1e9,
+                "train_step_gflops": train_flops / train_s / 1e9,
+            }
+        )
+        print(
+            f"  {name} {size}³ {dtype_name}: forward {forward_s:.3f} s, train step {train_s:.3f} s",
+            flush=True,
+        )
+    return rows
+
+
+def capsule_rows(size: int, repeats: int) -> list[dict]:
+    """Each capsule layer of 3D-UCaps: vote convolution vs routing, forward, no_grad."""
+    model = create_model("ucaps", N_CLASSES).eval()
+    x = torch.randn(1, 1, size, size, size).contiguous(memory_format=torch.channels_last_3d)
+    rows = []
+    with torch.no_grad():
+        for dtype_name, dtype in DTYPES.items():
+            with autocast(dtype):
+                capsules = model.features(x).unsqueeze(1)
+                for index, layer in enumerate([model.primary_capsules, *model.encoder]):
+                    votes = layer.voxel_major_votes(capsules)
+                    vote_flops = count_flops(
+                        lambda layer=layer, c=capsules: layer.voxel_major_votes(c)
+                    )
+                    total_flops = count_flops(lambda layer=layer, c=capsules: layer(c))
+                    vote_s = best_time(
+                        lambda layer=layer, c=capsules: layer.voxel_major_votes(c), repeats
+                    )
+                    total_s = best_time(lambda layer=layer, c=capsules: layer(c), repeats)
+                    routing_s = max(total_s - vote_s, 1e-9)
+                    # routing reads the votes 1 + 2 (iterations - 1) times: a sum, then
+                    # an agreement and a weighted-sum bmm per further iteration
+                    passes = 1 + 2 * (layer.routing_iterations - 1)
+                    vote_bytes = votes.numel() * votes.element_size()
+                    rows.append(
+                        {
+                            "dtype": dtype_name,
+                            "layer": "primary" if index == 0 else f"caps{index}",
+                            "shape": layer.extra_repr().split(", kernel")[0],
+                            "votes_mb": vote_bytes / 1e6,
+                            "vote_gflop": vote_flops / 1e9,
+                            "routing_gflop": (total_flops - vote_flops) / 1e9,
+                            "vote_s": vote_s,
+                            "routing_s": routing_s,
+                            "layer_gflops": total_flops / total_s / 1e9,
+                            "vote_conv_gflops": vote_flops / vote_s / 1e9,
+                            "routing_gbytes_per_s": passes * vote_bytes / routing_s / 1e9,
+                        }
+                    )
+                    capsules = layer(capsules)
+    return rows
+
+
+def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |"]
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(format(row[key], fmt) for _, key, fmt in columns) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[64, 32], help="patch sides (default 64 32)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="timed runs per measurement (default 2)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--no-malloc-reuse",
+        action="store_true",
+        help="keep glibc's default of unmapping freed large blocks (default: reuse them)",
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "models.json")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    malloc_reuse = False if args.no_malloc_reuse else reuse_freed_memory()
+    torch.manual_seed(0)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+
+    print("ceiling ...", flush=True)
+    ceiling_result = ceiling(args.repeats)
+    rows = []
+    for size in args.sizes:
+        for name in ("unet", "ucaps"):
+            rows.extend(network_rows(name, size, args.repeats))
+    print("capsule layers ...", flush=True)
+    capsules = capsule_rows(max(args.sizes), args.repeats)
+
+    result = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+            "malloc_reuse": malloc_reuse,
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+            "seconds": time.perf_counter() - started,
+        },
+        "ceiling": ceiling_result,
+        "networks": rows,
+        "capsule_layers_patch": max(args.sizes),
+        "capsule_layers": capsules,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print()
+    print(
+        f"Ceiling (plain conv3d 64→64, 3³, 32³, channels-last): fp32 {ceiling_result['fp32_gflops']:.0f} GFLOP/s, "
+        f"bf16 {ceiling_result['bf16_gflops']:.0f} GFLOP/s (channels-first: "
+        f"{ceiling_result['fp32_channels_first_gflops']:.0f} / {ceiling_result['bf16_channels_first_gflops']:.0f}); "
+        f"copy {ceiling_result['copy_gbytes_per_s']:.1f} GB/s"
+    )
+    print()
+    print(
+        markdown(
+            rows,
+            [
+                ("network", "network", "s"),
+                ("patch", "patch", "d"),
+                ("dtype", "dtype", "s"),
+                ("params (M)", "params_m", ".2f"),
+                ("GFLOP fwd", "forward_gflop", ".1f"),
+                ("fwd s/patch", "forward_s", ".3f"),
+                ("fwd GFLOP/s", "forward_gflops", ".0f"),
+                ("GFLOP train step", "train_step_gflop", ".1f"),
+                ("fwd+bwd s/patch", "train_step_s", ".3f"),
+                ("fwd+bwd GFLOP/s", "train_step_gflops", ".0f"),
+            ],
+        )
+    )
+    print()
+    print(f"Capsule layers of 3D-UCaps, {max(args.sizes)}³ patch, forward:")
+    print()
+    print(
+        markdown(
+            capsules,
+            [
+                ("dtype", "dtype", "s"),
+                ("layer", "layer", "s"),
+                ("capsules", "shape", "s"),
+                ("votes MB", "votes_mb", ".0f"),
+                ("vote GFLOP", "vote_gflop", ".2f"),
+                ("routing GFLOP", "routing_gflop", ".2f"),
+                ("vote conv + layout s", "vote_s", ".3f"),
+                ("routing s", "routing_s", ".3f"),
+                ("vote conv GFLOP/s", "vote_conv_gflops", ".0f"),
+                ("layer GFLOP/s", "layer_gflops", ".0f"),
+                ("routing GB/s", "routing_gbytes_per_s", ".1f"),
+            ],
+        )
+    )
+    print()
+    print(
+        f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after "
+        f"({os.cpu_count()} CPUs); {time.perf_counter() - started:.0f} s; wrote {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
