@@ -740,6 +740,13 @@ def write_report(
     overlay_names = [f"overlay_{tomogram_name(p)}.png" for p in overlays]
     for name in (*REPORT_FILES, *overlay_names):
         check_writable(report_dir / name, overwrite)
+    scored = set(matching.truth["tomo"]) | set(matching.picks["tomo"])
+    for path in overlays:
+        if tomogram_name(path) not in scored:
+            raise CryocapsError(
+                f"--overlay {path}: tomogram {tomogram_name(path)!r} has no scored picks or particles "
+                f"(tomograms: {_few(scored)})"
+            )
     curves = pick_precision_recall(matching)
     confusion = confusion_table(matching)
     report = {
@@ -757,13 +764,8 @@ def write_report(
     ]
     for path, name in zip(overlays, overlay_names, strict=True):
         tomogram = read_tomogram(path, mmap=True, voxel_size_angstrom=overlay_voxel_size_angstrom)
+        tomo = tomogram_name(path)
         try:
-            tomo = tomogram_name(path)
-            if tomo not in set(matching.truth["tomo"]) | set(matching.picks["tomo"]):
-                raise CryocapsError(
-                    f"--overlay {path}: tomogram {tomo!r} has no picks or particles "
-                    f"(tomograms: {_few(set(matching.truth['tomo']))})"
-                )
             panels = overlay_panels(tomogram.data, matching, tomo, tomogram.voxel_size_angstrom, n_slices)
         finally:
             tomogram.close()

@@ -282,10 +282,13 @@ def test_cli_voxel_scores(run_cli, tmp_path):
     write_classes(classes, tmp_path / "classes.csv")
     result = run_cli(
         "evaluate", "--labels-pred", tmp_path / "pred", "--labels-true", tmp_path / "true",
-        "--classes", tmp_path / "classes.csv", "--json",
+        "--classes", tmp_path / "classes.csv", "--json", "-o", tmp_path / "voxel_report",
     )
     assert result.exit_code == 0, result.output
     scores = json.loads(result.stdout)
+    saved = json.loads((tmp_path / "voxel_report" / "voxel_report.json").read_text())
+    assert saved["classes"] == scores["classes"] and saved["tomograms"] == ["TS_01"]
+    assert (tmp_path / "voxel_report" / "run.json").is_file()
     assert scores["classes"]["a"]["dice"] == pytest.approx(2 * 18 / (18 + 27))
     assert scores["classes"]["a"]["auprc"] == pytest.approx(1.0)
     assert scores["classes"]["a"]["auprc_baseline"] == pytest.approx(27 / 512)
@@ -325,3 +328,35 @@ def test_cli_bad_inputs(run_cli, files, tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert expected in result.output, (args, result.output)
         assert "Traceback" not in result.output
+
+
+def test_overlay_panels_circle_outcomes(classes, truth):
+    from cryocaps.evaluation import overlay_panels
+
+    picks = _table([("ribo", 10.5, 10, 10, 0.9), ("ribo", 90, 30, 11, 0.5)])  # a hit and a false alarm
+    matching = match_picks(picks, truth, classes, VOXEL)
+    volume = np.zeros((20, 64, 100), np.float32)
+    panels = overlay_panels(volume, matching, "TS_01", VOXEL, n_slices=1)
+    assert len(panels) == 1
+    image, circles, title = panels[0]
+    assert image.shape == (64, 100) and "z = 10" in title
+    outcomes = sorted((c.outcome, round(c.x), round(c.y)) for c in circles)
+    # Particles within a radius of z = 10: every truth particle (z = 10) and both picks.
+    assert outcomes == sorted(
+        [("tp", 10, 10), ("fp", 90, 30), ("fn", 30, 10), ("fn", 50, 10), ("fn", 70, 10), ("fn", 10, 40), ("fn", 40, 40)]
+    )
+    radii = {(c.outcome, round(c.x)): c.radius for c in circles}
+    assert radii[("fn", 30)] == pytest.approx(4.0)  # ribosome radius in the plane of its centre
+    assert radii[("fp", 90)] == pytest.approx(np.sqrt(16 - 1))  # cut 1 voxel off its centre
+
+
+def test_cli_overlay_of_unknown_tomogram_writes_nothing(run_cli, files, tmp_path):
+    other = tmp_path / "TS_77.mrc"
+    write_volume(other, np.zeros((8, 16, 16), np.float32), VOXEL)
+    report = tmp_path / "report"
+    result = run_cli(
+        "evaluate", files / "picks.csv", files / "truth.csv", "--voxel-size-angstrom", VOXEL,
+        "-o", report, "--overlay", other,
+    )
+    assert result.exit_code == 2 and "TS_77" in result.output
+    assert not report.exists() or not any(report.iterdir())
