@@ -3,8 +3,8 @@
 Reads <tomo>_labels.mrc maps (files or folders) and, when present beside them,
 <tomo>_probs.mrc (class probabilities) or <tomo>_score.mrc for the pick scores.
 Methods: components (connected components, touching particles split by a
-distance-transform watershed; the default, most accurate on noisy segmentations),
-meanshift (bandwidth = class radius) and peaks (non-maximum suppression of the
+distance-transform watershed, fragments of one particle merged; the default,
+most accurate on noisy synthetic segmentations), meanshift (bandwidth = class radius) and peaks (non-maximum suppression of the
 probability map). Picks smaller than --min-size-fraction of the class's sphere
 volume, or scoring below --min-score, are dropped. Classes come from --classes,
 else classes.csv beside the maps. Writes run.json beside OUT.

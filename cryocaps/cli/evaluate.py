@@ -65,7 +65,8 @@ def command(
         typer.Option(
             "--tomograms",
             help="Tomogram MRC files, folders of them, or a RELION 5 tomograms.star (repeatable): voxel "
-            "sizes (class radii in voxels), sizes for RELION 5 coordinates. [default: none]",
+            "sizes (class radii in voxels), sizes for RELION 5 coordinates; only these tomograms are "
+            "scored. [default: none: every tomogram of TRUTH]",
         ),
     ] = None,
     coords_pixel_size_angstrom: Annotated[
