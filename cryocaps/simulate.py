@@ -735,15 +735,19 @@ def simulate_tomogram(
             len(centres),
         )
     particles_volume, labels = _render(params, templates, centres, classes, angles)
-    clutter = _render_distractors(params.shape, distractors, params.voxel_size_angstrom, slab)
+    has_clutter = len(distractors.bead_centres) > 0 or distractors.membrane is not None
+    clutter = (
+        _render_distractors(params.shape, distractors, params.voxel_size_angstrom, slab) if has_clutter else None
+    )
     timings["render"] = time.perf_counter() - started
 
     tilts = tilt_angles(params.tilt_range_deg, params.tilt_step_deg)
     step = time.perf_counter()
     signal = apply_ctf(project_tilt_series(particles_volume, tilts), tilts, params)
     signal_variance = float(signal.var())
-    if clutter.any():
+    if clutter is not None:
         signal += apply_ctf(project_tilt_series(clutter, tilts), tilts, params)
+        del clutter
     if not signal_variance > 0:  # no particles: scale the noise to the clutter, or to 1
         signal_variance = float(signal.var()) or 1.0
     noise_sigma = math.sqrt(signal_variance / params.snr)

@@ -534,7 +534,8 @@ def find_structures(folder: str | os.PathLike) -> dict[str, list[Path]]:
     """Structure files in ``folder`` grouped by class name (sorted by name)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CryocapsError(f"--structures {folder}: no such folder")
+        what = "not a folder" if folder.exists() else "no such folder"
+        raise CryocapsError(f"--structures {folder}: {what} (give a folder of maps and models)")
     groups: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and (_is_map(path) or _is_model(path)):
