@@ -7,9 +7,10 @@ validates (loss and per-class Dice on fixed patches), appends a row to
 ``metrics.csv``, redraws ``learning_curve.png``, saves the best model
 (``config.json`` + ``model.pt``, loadable by ``segment``) and writes
 ``checkpoint_last.pt`` / ``checkpoint_best.pt`` (weights, optimiser, epoch,
-step, all random states). SIGINT/SIGTERM and ``max_minutes`` stop after the
-current step with a checkpoint, so ``resume`` continues exactly where it
-stopped. Under ``torchrun`` (WORLD_SIZE > 1) it runs DistributedDataParallel,
+step, all random states). SIGINT/SIGTERM stop after the current step with a
+checkpoint, so ``resume`` continues exactly where it stopped; ``max_minutes``
+ends the current epoch early when the time left would not cover another step
+and a validation, so the last weights are validated (and kept if best). Under ``torchrun`` (WORLD_SIZE > 1) it runs DistributedDataParallel,
 each process with its own sampler stream; only rank 0 writes files.
 """
 
@@ -519,7 +520,14 @@ class _StopFlag:
             signal.signal(signum, handler)
 
 
-RUN_OUTPUTS = (METRICS_NAME, LAST_CHECKPOINT, BEST_CHECKPOINT, "model.pt", "config.json", CURVE_NAME)
+RUN_OUTPUTS = (
+    METRICS_NAME,
+    LAST_CHECKPOINT,
+    BEST_CHECKPOINT,
+    "model.pt",
+    "config.json",
+    CURVE_NAME,
+)
 
 
 def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -548,7 +556,12 @@ def _validate(
     dist,
     n_labels,
 ):
-    """Mean validation loss and per-label hard Dice (intersection, total) over this rank's patches."""
+    """Mean validation loss and per-label hard Dice over the validation patches (all ranks).
+
+    The loss is the model's own (``compute_loss``); the Dice uses the logits
+    of the forward pass that loss ran (caught with a forward hook), so each
+    patch goes through the network once.
+    """
     import torch
 
     loss_sum = torch.zeros(1, dtype=torch.float64)
@@ -556,26 +569,36 @@ def _validate(
     intersection = torch.zeros(n_labels, dtype=torch.float64)
     total = torch.zeros(n_labels, dtype=torch.float64)
     mine = locations[dist.rank :: dist.world_size]
+    captured: dict = {}
+    hook = model.register_forward_hook(
+        lambda module, args, output: captured.__setitem__("output", output)
+    )
     model.eval()
-    with torch.no_grad():
-        for start in range(0, len(mine), batch_size):
-            batch = [
-                extract_patch(volumes[i], corner, patch_size)
-                for i, corner in mine[start : start + batch_size]
-            ]
-            images = torch.from_numpy(np.stack([b[0] for b in batch])[:, None]).to(device)
-            labels = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
-            with autocast():
-                loss, _ = model.compute_loss(images, labels, class_weights)
-                logits = model(images)
-            loss_sum += float(loss) * len(batch)
-            n_patches += len(batch)
-            predicted = logits.argmax(1)
-            for label in range(n_labels):
-                p, t = predicted == label, labels == label
-                intersection[label] += float((p & t).sum())
-                total[label] += float(p.sum() + t.sum())
-    model.train()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(mine), batch_size):
+                batch = [
+                    extract_patch(volumes[i], corner, patch_size)
+                    for i, corner in mine[start : start + batch_size]
+                ]
+                images = torch.from_numpy(np.stack([b[0] for b in batch])[:, None]).to(device)
+                labels = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
+                captured.clear()
+                with autocast():
+                    loss, _ = model.compute_loss(images, labels, class_weights)
+                    logits = _logits_from(captured.get("output"), images.shape, n_labels)
+                    if logits is None:  # the loss ran no forward we can read: run one
+                        logits = model(images)
+                loss_sum += float(loss) * len(batch)
+                n_patches += len(batch)
+                predicted = logits.argmax(1)
+                for label in range(n_labels):
+                    p, t = predicted == label, labels == label
+                    intersection[label] += float((p & t).sum())
+                    total[label] += float(p.sum() + t.sum())
+    finally:
+        hook.remove()
+        model.train()
     if dist.active:
         import torch.distributed as tdist
 
@@ -586,6 +609,16 @@ def _validate(
         total > 0, 2 * intersection / total.clamp_min(1), torch.full_like(total, float("nan"))
     )
     return val_loss, dice.tolist()
+
+
+def _logits_from(output, image_shape, n_labels: int):
+    """(B, K, D, H, W) logits from a caught forward output (a tensor, or a tuple led by the logits)."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    expected = (image_shape[0], n_labels, *image_shape[2:])
+    if output is None or not hasattr(output, "shape") or tuple(output.shape) != expected:
+        return None
+    return output
 
 
 def _write_metrics(out_dir: Path, rows: list[dict]) -> None:
@@ -635,7 +668,9 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
     if device == "cpu":
         torch.set_num_threads(threads)
     _check_settings(config)
-    _check_out_dir(config.out_dir, config.resume, config.overwrite)  # every rank, so all fail together
+    _check_out_dir(
+        config.out_dir, config.resume, config.overwrite
+    )  # every rank, so all fail together
     checkpoint = load_checkpoint(config.out_dir / LAST_CHECKPOINT) if config.resume else None
 
     data = prepare_data(config)
@@ -836,16 +871,21 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
                 # stop on a signal, or when the time left would not cover one more step and a validation
                 reason = stop_flag.signal_name
                 if reason is None and budget is not None:
-                    needed = step_seconds + last_val_seconds + 5
+                    val_seconds = last_val_seconds or _first_validation_estimate(
+                        len(val_locations) / dist.world_size, config.batch_size, step_seconds
+                    )
+                    needed = step_seconds + val_seconds + 5
                     if time.time() - run_start + needed > budget:
                         reason = "max_minutes"
                 reason = _agree_on_stop(reason, dist)
                 if reason is not None:
                     stopped = reason
                     break
-            if step_in_epoch < config.steps_per_epoch:  # stopped mid-epoch: checkpoint below
+            if step_in_epoch < config.steps_per_epoch and stopped != "max_minutes":
+                # a signal mid-epoch: checkpoint this exact point below (resume continues it)
                 epoch_seconds = time.time() - epoch_start
                 break
+            # out of time mid-epoch: the epoch ends early, so the last weights are validated
 
             # end of epoch: validate, record, checkpoint
             val_start = time.time()
@@ -865,7 +905,12 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
             train_loss = _mean_over_ranks(epoch_loss_sum / max(1, epoch_loss_count), dist)
             lr = optimizer.param_groups[0]["lr"]
             class_dice = [dice[label] for label in label_of]
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss}
+            row = {
+                "epoch": epoch + 1,
+                "steps": step_in_epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+            }
             row |= {f"dice_{name}": d for name, d in zip(names, class_dice, strict=True)}
             row |= {
                 "mean_dice": float(np.nanmean(class_dice))
@@ -1017,6 +1062,11 @@ def _check_checkpoint(checkpoint: dict, config: TrainConfig, model, data: Traini
         raise CryocapsError(
             f"{where}: checkpoint used --patch-size {checkpoint.get('patch_size')}, not {config.patch_size}"
         )
+
+
+def _first_validation_estimate(n_patches: float, batch_size: int, step_seconds: float) -> float:
+    """Seconds a validation may take before one was timed: a forward is ~1/3 of a training step."""
+    return math.ceil(n_patches / batch_size) * step_seconds / 3
 
 
 def _agree_on_stop(reason: str | None, dist: Distributed) -> str | None:

@@ -284,9 +284,11 @@ def test_max_minutes_stops_with_a_usable_model(dataset, tmp_path):
     result = train(_config(dataset, tmp_path / "run", epochs=50, max_minutes=1e-4))
     assert result["stopped"] == "max_minutes"
     assert result["steps_done"] == 1
-    load_model(tmp_path / "run")  # weights saved although no epoch finished
-    resumed = train(_config(dataset, tmp_path / "run", epochs=1, resume=True))
-    assert resumed["steps_done"] == 3 and resumed["epochs_done"] == 1
+    assert result["epochs_done"] == 1  # the epoch ended early and was validated
+    load_model(tmp_path / "run")
+    resumed = train(_config(dataset, tmp_path / "run", epochs=2, resume=True))
+    assert resumed["steps_done"] == 4 and resumed["epochs_done"] == 2
+    assert pd.read_csv(tmp_path / "run" / "metrics.csv")["steps"].tolist() == [1, 3]
 
 
 # --- bad input: exit 2 and one line --------------------------------------------------

@@ -202,7 +202,7 @@ def command(
         float | None,
         typer.Option(
             "--max-minutes",
-            help="Stop cleanly (checkpoint saved) before this many minutes of wall time.",
+            help="Wall-time budget in minutes: the epoch running out of time ends early, is validated and checkpointed, and training stops.",
         ),
     ] = None,
     resume: Annotated[
