@@ -40,6 +40,7 @@ from cryocaps.models.losses import (
     RECONSTRUCTION_LOSS_WEIGHT,
     ucaps_loss,
 )
+from cryocaps.models.unet import pointwise_conv
 
 VARIANTS = ("6layer", "2layer")
 
@@ -214,11 +215,13 @@ class UCaps3D(nn.Module):
             conv = next(decode, None)
             if conv is not None:
                 features = conv(features)
-        logits = self.head(features)
+        logits = pointwise_conv(self.head, features)
         if not auxiliary:
             return logits
         lengths = capsule_lengths(capsules)
-        reconstruction = self.reconstruct(features)
+        hidden = torch.relu(pointwise_conv(self.reconstruct[0], features))
+        hidden = torch.relu(pointwise_conv(self.reconstruct[2], hidden))
+        reconstruction = pointwise_conv(self.reconstruct[4], hidden)
         return logits, lengths, reconstruction
 
     def compute_loss(self, images, labels, class_weights=None):

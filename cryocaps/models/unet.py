@@ -24,6 +24,19 @@ def _conv_block(in_channels: int, out_channels: int, n: int, batch_norm: bool) -
     return nn.Sequential(*layers)
 
 
+def pointwise_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 1×1×1 convolution, as a matrix product over the voxels.
+
+    Same parameters and result; on CPU, oneDNN's backward of a 1×1×1
+    convolution with few output channels is an order of magnitude slower than
+    the matrix product. The output has ``x``'s channels-last memory layout.
+    """
+    out = nn.functional.linear(
+        x.permute(0, 2, 3, 4, 1), conv.weight.flatten(1).to(x.dtype), conv.bias
+    )
+    return out.permute(0, 4, 1, 2, 3)
+
+
 class UNet3D(nn.Module):
     """DeepFinder-style 3D U-Net.
 
@@ -50,15 +63,19 @@ class UNet3D(nn.Module):
         self.up1 = nn.ConvTranspose3d(w2, w2, 2, stride=2)
         self.dec1 = _conv_block(w2 + w1, w1, 2, batch_norm)
         self.head = nn.Conv3d(w1, n_classes, 1)
+        # Channels-last weights and activations: oneDNN's fast convolution path
+        # (measured 2x faster forward under bf16 autocast on AVX-512/AMX CPUs).
+        self.to(memory_format=torch.channels_last_3d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, D, H, W) -> (B, K, D, H, W) logits; D, H, W multiples of 4."""
+        x = x.contiguous(memory_format=torch.channels_last_3d)
         e1 = self.enc1(x)
         e2 = self.enc2(self.pool(e1))
         b = self.bottom(self.pool(e2))
         d2 = self.dec2(torch.cat([self.up2(b), e2], dim=1))
         d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
-        return self.head(d1)
+        return pointwise_conv(self.head, d1)
 
     def compute_loss(self, images, labels, class_weights=None):
         """Dice + cross-entropy on the segmentation; returns (loss, parts)."""
