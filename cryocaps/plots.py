@@ -56,7 +56,8 @@ def plot_precision_recall(
     """
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(5.6, 4.8))
-    for name, curve in curves.items():
+    styles = ("-", "--", "-.", ":")  # curves often coincide at precision 1: keep each visible
+    for k, (name, curve) in enumerate(curves.items()):
         recall = np.asarray(curve["recall"], dtype=float)
         precision = np.asarray(curve["precision"], dtype=float)
         label = f"{name} (AUPRC {curve['auprc']:.3f})"
@@ -64,7 +65,10 @@ def plot_precision_recall(
             axes.plot([], [], label=f"{name} (no picks or no particles)")
             continue
         # Start at recall 0 with the first precision, as average precision counts it.
-        axes.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", linewidth=1.8, label=label)
+        axes.step(
+            np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", linewidth=1.8,
+            linestyle=styles[k % len(styles)], label=label,
+        )
         axes.plot(recall[-1], precision[-1], "o", color=axes.lines[-1].get_color(), markersize=4)
     axes.set_xlim(0, 1.02)
     axes.set_ylim(0, 1.02)
