@@ -715,9 +715,8 @@ TABLE_ROWS = [
 ]
 
 
-def comparison_rows(tools: dict) -> list[str]:
+def comparison_rows(tools: dict, class_names: list[str]) -> list[str]:
     """Markdown rows, one column per tool; per-class F1 rows after the worst-class row."""
-    class_names = sorted({c for entry in tools.values() for c in entry.get("f1_per_class", {})})
     per_class = [(f"F1 {c}", lambda e, c=c: fmt(e["f1_per_class"].get(c))) for c in class_names]
     rows = TABLE_ROWS[:2] + per_class + TABLE_ROWS[2:]
     lines = []
@@ -747,7 +746,8 @@ def markdown_section(report: dict) -> str:
         f"({machine['torch_threads']} threads), DeepFinder {report['deepfinder_versions'].get('cryoet-deepfinder')} "
         f"with TensorFlow {report['deepfinder_versions'].get('tensorflow')}. Load average at start "
         f"{', '.join(f'{v:.1f}' for v in machine['load_average_at_start'])}, at end "
-        f"{', '.join(f'{v:.1f}' for v in machine.get('load_average_at_end', []))} (1, 5, 15 min).",
+        f"{', '.join(f'{v:.1f}' for v in machine.get('load_average_at_end', [float('nan')] * 3))} "
+        "(1, 5, 15 min).",
         f"conv3d ceiling (torch, 3³ 32→32 ch on 48³, best run): "
         f"{probe['start']['gflops_per_second']:.0f} GFLOP/s at start, {probe['end']['gflops_per_second']:.0f} GFLOP/s at end.",
         "",
@@ -772,7 +772,7 @@ def markdown_section(report: dict) -> str:
         ]
         lines.append("| | " + " | ".join(tools[t]["tool"] for t in names) + " |")
         lines.append("|---" * (len(names) + 1) + "|")
-        lines += comparison_rows(tools)
+        lines += comparison_rows(tools, [c["name"] for c in dataset["classes"]])
         lines.append("")
         df = tools.get("deepfinder")
         if df:
