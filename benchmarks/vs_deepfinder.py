@@ -773,6 +773,9 @@ def markdown_section(report: dict) -> str:
         lines.append("| | " + " | ".join(tools[t]["tool"] for t in names) + " |")
         lines.append("|---" * (len(names) + 1) + "|")
         lines += comparison_rows(tools, [c["name"] for c in dataset["classes"]])
+        for entry in tools.values():
+            if "error" in entry:
+                lines.append(f"\n{entry['tool']} FAILED: `{entry['error'].splitlines()[0]}`")
         lines.append("")
         df = tools.get("deepfinder")
         if df:
@@ -811,6 +814,8 @@ def write_results(report: dict) -> None:
 
 
 def main(argv=None) -> int:
+    from cryocaps.errors import CryocapsError
+
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -837,12 +842,6 @@ def main(argv=None) -> int:
         info = read_info(data["test"])
         voxels = int(info.shape[0] * info.shape[1] * info.shape[2])
         tools = {}
-        tools["deepfinder"] = run_deepfinder(data, args, folder / "deepfinder", classes, truth)
-        add_rates(tools["deepfinder"], voxels)
-        for model in args.models:
-            key = f"cryocaps-{model}"
-            tools[key] = run_cryocaps(model, data, args, folder / key, classes, truth)
-            add_rates(tools[key], voxels)
         report["datasets"][name] = {
             "description": spec["description"],
             "simulate_options": data["options"],
@@ -851,11 +850,23 @@ def main(argv=None) -> int:
             "classes": classes.to_records(),
             "tools": tools,
         }
-        for key, entry in tools.items():
-            say(
-                f"{name} {key}: macro F1 {fmt(entry['macro_f1'])}, worst {fmt(entry['worst_class_f1'])}, "
-                f"segment {entry['segment']['wall_seconds']:.1f} s"
-            )
+        runs = [("deepfinder", "DeepFinder 0.2.1", run_deepfinder, ())]
+        runs += [(f"cryocaps-{m}", f"cryocaps {m}", run_cryocaps, (m,)) for m in args.models]
+        for key, label, run, extra in runs:
+            try:
+                tools[key] = run(*extra, data, args, folder / key, classes, truth)
+                add_rates(tools[key], voxels)
+                say(
+                    f"{name} {key}: macro F1 {fmt(tools[key]['macro_f1'])}, "
+                    f"worst {fmt(tools[key]['worst_class_f1'])}, "
+                    f"segment {tools[key]['segment']['wall_seconds']:.1f} s"
+                )
+            except (RuntimeError, OSError, ValueError, KeyError, CryocapsError) as error:
+                # One tool failing must not throw away an hour of the others' numbers.
+                tools[key] = {"tool": label, "error": str(error)}
+                say(f"{name} {key}: FAILED: {error}")
+            partial = args.work / "partial_results.json"
+            partial.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
     report["conv3d_probe"]["end"] = conv3d_probe()
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
