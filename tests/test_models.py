@@ -143,6 +143,15 @@ def test_routing_gradients():
     assert not torch.allclose(grad, full_grad)
 
 
+@pytest.mark.parametrize("share_weights", [True, False])
+def test_capsule_layer_gradients_with_full_routing_gradient(share_weights):
+    layer = ConvCapsule3d(
+        2, 3, 2, 2, stride=2, share_weights=share_weights, full_gradient=True
+    ).double()
+    capsules = torch.randn(1, 2, 3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (capsules,))
+
+
 def test_transposed_capsule_layer_upsamples():
     layer = ConvTransposeCapsule3d(3, 4, 2, 5, kernel_size=2, stride=2)
     out = layer(torch.randn(1, 3, 4, 2, 3, 4))

@@ -98,6 +98,7 @@ def route_voxel_major(
     bias: torch.Tensor | None,
     iterations: int = 3,
     full_gradient: bool = False,
+    vote_sum: torch.Tensor | None = None,
 ):
     """Dynamic routing on votes laid out (B, *S, O, I, A), contiguous.
 
@@ -112,6 +113,11 @@ def route_voxel_major(
     stop-gradient routing of common CapsNet implementations). Training is then
     about as fast as a forward pass plus one vote-sized product; the forward
     values are the same either way.
+
+    ``vote_sum`` (B, *S, O, A), if given, is the sum of the votes over the input
+    capsules, used by the first iteration (uniform coupling) instead of a pass
+    over the votes; a shared-weight layer gets it cheaply as one convolution of
+    the summed input capsules.
     """
     if iterations < 1:
         raise ValueError(f"routing needs at least one iteration, got {iterations}")
@@ -123,8 +129,13 @@ def route_voxel_major(
 
     def capsules_from(coupling: torch.Tensor | None) -> torch.Tensor:
         """Squashed weighted sum of the votes, (B·S, O, A); uniform coupling 1/O if None."""
-        if coupling is None:  # a plain sum: no product needed
-            s = matrices.sum(dim=1) * (1.0 / n_out)
+        if coupling is None:  # uniform coupling: a plain sum, no product needed
+            if vote_sum is not None:
+                s = vote_sum.reshape(-1, n_atoms) * (1.0 / n_out)
+            elif n_in == 1:
+                s = matrices.view(-1, n_atoms) * (1.0 / n_out)
+            else:
+                s = matrices.sum(dim=1) * (1.0 / n_out)
         else:
             s = torch.bmm(coupling.to(votes.dtype).view(-1, 1, n_in), matrices)
         s = s.view(-1, n_out, n_atoms)
@@ -239,8 +250,17 @@ class _CapsuleLayer(nn.Module):
         that ``flatten(1, 2)`` of it is a channels-last feature map. With
         ``return_coupling`` also the coupling coefficients (B, I, O, D', H', W').
         """
+        votes = self.voxel_major_votes(capsules)
+        vote_sum = None
+        if self.share_weights and self.in_capsules > 1:
+            # sum_i W * x_i = W * sum_i x_i: the first routing pass from a conv I times smaller
+            with torch.set_grad_enabled(
+                torch.is_grad_enabled() and (self.full_gradient or self.routing_iterations == 1)
+            ):
+                summed = capsules.sum(dim=1).contiguous(memory_format=torch.channels_last_3d)
+                vote_sum = self.conv(summed).permute(0, 2, 3, 4, 1)
         capsules, coupling = route_voxel_major(
-            self.voxel_major_votes(capsules), self.bias, self.routing_iterations, self.full_gradient
+            votes, self.bias, self.routing_iterations, self.full_gradient, vote_sum
         )
         capsules = capsules.permute(0, 4, 5, 1, 2, 3)
         if return_coupling:

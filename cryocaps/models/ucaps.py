@@ -72,6 +72,18 @@ def _conv_bn_act(
     )
 
 
+def _concat_channels_last(*maps: torch.Tensor) -> torch.Tensor:
+    """Concatenate (B, C_k, D, H, W) maps along channels into a channels-last map.
+
+    ``torch.cat`` of channels-last maps may return a channels-first result
+    through a slow strided copy; concatenating the (B, D, H, W, C) views along
+    their last axis writes the channels-last result directly.
+    """
+    dtype = maps[0].dtype
+    voxel_major = [m.to(dtype).permute(0, 2, 3, 4, 1) for m in maps]
+    return torch.cat(voxel_major, dim=-1).permute(0, 4, 1, 2, 3)
+
+
 class UCaps3D(nn.Module):
     """3D-UCaps capsule U-Net for volumetric segmentation.
 
@@ -211,7 +223,7 @@ class UCaps3D(nn.Module):
         features = capsules.flatten(1, 2)
         decode = iter(self.decode)
         for up, skip in zip(self.up, skips, strict=True):
-            features = torch.cat([up(features), skip.flatten(1, 2).to(features.dtype)], dim=1)
+            features = _concat_channels_last(up(features), skip.flatten(1, 2))
             conv = next(decode, None)
             if conv is not None:
                 features = conv(features)
