@@ -9,8 +9,8 @@ they reach. In the same run it measures the ceiling — a plain 64→64 3×3×3
 conv3d on a 32³ map — and a memory-copy bandwidth, then breaks the capsule
 layers of 3D-UCaps down into their vote convolution and their routing.
 
-    python benchmarks/models.py                 # ~1-2 min: 64³ and 32³, fp32 and bf16
-    python benchmarks/models.py --sizes 32 --repeats 3
+    python benchmarks/models.py                 # ~1-2 min on 2 idle cores: 64³ and 32³, fp32 and bf16
+    python benchmarks/models.py --repeats 3     # steadier numbers, ~3x longer
 
 Prints markdown tables and writes benchmarks/results/models.json. Times are
 the best of ``--repeats`` runs after one warm-up (wall clock, batch 1); on a
@@ -50,9 +50,9 @@ def autocast(dtype):
     return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
 
 
-def best_time(fn, repeats: int) -> float:
-    """Best wall-clock seconds of ``repeats`` calls after one warm-up call."""
-    fn()
+def best_time(fn, repeats: int, warm_up=None) -> float:
+    """Best wall-clock seconds of ``repeats`` calls after one warm-up call (``warm_up`` or ``fn``)."""
+    (warm_up or fn)()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -104,17 +104,25 @@ def network_rows(name: str, size: int, repeats: int) -> list[dict]:
         loss, _ = model.compute_loss(x, labels)
         loss.backward()
 
-    model.eval()
-    forward_flops = count_flops(forward)
-    model.train()
-    train_flops = count_flops(train_step)
+    flops = {}
+
+    def counted(fn, key):
+        # the first (fp32) warm-up call also counts the FLOPs
+        def run():
+            flops[key] = count_flops(fn)
+
+        return run
+
     rows = []
     for dtype_name, dtype in DTYPES.items():
         with autocast(dtype):
             model.eval()
-            forward_s = best_time(forward, repeats)
+            forward_s = best_time(forward, repeats, None if flops else counted(forward, "forward"))
             model.train()
-            train_s = best_time(train_step, repeats)
+            train_s = best_time(
+                train_step, repeats, None if "train" in flops else counted(train_step, "train")
+            )
+        forward_flops, train_flops = flops["forward"], flops["train"]
         rows.append(
             {
                 "network": name,
