@@ -4,7 +4,7 @@
                                         [--probabilities] [--threads 2]
 
 Segments each shape (a memory-mapped float32 MRC of noise) in a fresh
-subprocess with ``segment_tomogram`` and a small U-Net (widths 8/8/8, 4
+subprocess with ``segment_tomogram`` and a small U-Net (widths 16/16/16, 4
 classes: the number of classes sets the blending buffers, the widths only
 the constant per-window cost), and reads the subprocess's peak RSS. The
 default window (48^3, overlap 16) is chosen so that both default shapes are
@@ -25,14 +25,15 @@ import tempfile
 from pathlib import Path
 
 CHILD = r"""
-import json, sys, time, resource
+import json, sys
 import numpy as np, torch
 from cryocaps.modelfile import load_model
 from cryocaps.inference import segment_tomogram
+from cryocaps.runinfo import peak_rss_bytes  # VmHWM: this process only, not its parent
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 model, config = load_model(args["model"])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = peak_rss_bytes()
 result = segment_tomogram(model, config, args["tomogram"], args["out"], patch_size=args["patch_size"],
                           overlap=args["overlap"], probabilities=args["probabilities"], score=args["score"])
 result["rss_before_bytes"] = before
@@ -61,7 +62,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="cryocaps-mem-") as tmp:
         tmp = Path(tmp)
-        model = create_model("unet", n_classes, widths=(8, 8, 8))
+        model = create_model("unet", n_classes, widths=(16, 16, 16))
         classes = [{"label": n, "name": f"c{n}", "radius_angstrom": 50.0} for n in range(1, n_classes)]
         save_model(tmp / "model", model, {"classes": classes, "voxel_size_angstrom": 10.0, "patch_size": 48,
                                           "normalization": {"method": "percentile_zscore"}})

@@ -20,6 +20,13 @@ DeepFinder's Segment took 69 s for on this 2-core machine), and reports:
   convolution on a 64^3 block, float32 and bfloat16, channels-last;
 - peak RSS of the segment process.
 
+``--agreement`` instead checks that the fast settings keep the answer: it
+trains a small U-Net for a few hundred steps on a synthetic tomogram of dark
+spheres (two sizes), then compares the label map of each setting (default
+windows, bf16, the paper's 64^3 / 25, mean blending, no overlap) with a
+reference computed in one window holding the whole volume plus 32-voxel
+mirror margins (no window borders at all), and with the ground truth.
+
 Variants: ``default`` (CLI defaults), ``bf16`` (--bf16), ``paper`` (64^3
 windows, 25-voxel overlap, as the paper), ``nocl`` is not offered: channels-last
 is always on. The CPU of the machine the numbers were taken on may be shared:
@@ -123,6 +130,97 @@ def run_segment(tomogram: Path, model_dir: Path, out_dir: Path, options: list[st
     return {"wall_seconds": round(wall, 2), "result": result, "peak_rss_bytes": record["results"]["peak_rss_bytes"]}
 
 
+def synthetic_spheres(shape, seed=0):
+    """Dark spheres of two sizes (radius 3 and 6 voxels) in smoothed noise, with their label map."""
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint8)
+    zz, yy, xx = np.indices(shape, sparse=True)
+    for label, radius, count in ((1, 3, 60), (2, 6, 20)):
+        for _ in range(count):
+            z, y, x = (rng.integers(radius, n - radius) for n in shape)
+            inside = (zz - z) ** 2 + (yy - y) ** 2 + (xx - x) ** 2 <= radius**2
+            labels[inside & (labels == 0)] = label
+    volume = gaussian_filter(rng.normal(size=shape), 1.0) - 0.6 * (labels > 0)
+    return volume.astype(np.float32), labels
+
+
+def train_toy_unet(volume, labels, steps, threads, seed=0):
+    """A small U-Net (widths 16/24/32) trained on random 32^3 patches: good enough to have opinions."""
+    import numpy as np
+    import torch
+
+    from cryocaps.models import create_model
+    from cryocaps.preprocess import normalize
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    model = create_model("unet", 3, widths=(16, 24, 32))
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    image = normalize(volume)
+    for _ in range(steps):
+        corners = [[rng.integers(0, n - 32 + 1) for n in volume.shape] for _ in range(4)]
+        x = np.stack([image[z : z + 32, y : y + 32, w : w + 32] for z, y, w in corners])[:, None]
+        t = np.stack([labels[z : z + 32, y : y + 32, w : w + 32] for z, y, w in corners]).astype(np.int64)
+        loss, _ = model.compute_loss(torch.from_numpy(x), torch.from_numpy(t))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def agreement(threads: int, steps: int) -> list[dict]:
+    """Label maps of the fast settings against a border-free reference and the truth."""
+    import numpy as np
+
+    from cryocaps.inference import ProbabilityPredictor, normalization_transform, sliding_window
+
+    shape = (48, 128, 128)
+    volume, truth = synthetic_spheres(shape)
+    model = train_toy_unet(volume, truth, steps, threads)
+    config = {"normalization": {"method": "percentile_zscore"}}
+    transform = normalization_transform(volume, config)
+    predictor = ProbabilityPredictor(model)
+
+    def labels(patch, overlap, **options):
+        return sliding_window(volume, predictor, patch, overlap, size_multiple=4, transform=transform, **options).argmax(0)
+
+    margin = 32
+    reference = labels(tuple(-(-(n + 2 * margin) // 4) * 4 for n in shape), 2 * margin)
+    settings = {
+        "default (96, overlap 16, gaussian)": dict(patch=96, overlap=16),
+        "default + bf16": dict(patch=96, overlap=16, bf16=True),
+        "paper (64, overlap 25)": dict(patch=64, overlap=25),
+        "64, overlap 16": dict(patch=64, overlap=16),
+        "96, overlap 16, mean blending": dict(patch=96, overlap=16, blending="mean"),
+        "96, no overlap": dict(patch=96, overlap=0),
+        "48, overlap 8": dict(patch=48, overlap=8),
+    }
+
+    def dice(a, b):
+        scores = [2 * ((a == c) & (b == c)).sum() / max((a == c).sum() + (b == c).sum(), 1) for c in (1, 2)]
+        return [round(float(d), 4) for d in scores]
+
+    rows = [{"setting": "reference (one window, 32-voxel margins)", "dice_vs_truth": dice(reference, truth)}]
+    for name, options in settings.items():
+        start = time.perf_counter()
+        result = labels(options.pop("patch"), options.pop("overlap"), **options)
+        rows.append(
+            {
+                "setting": name,
+                "seconds": round(time.perf_counter() - start, 2),
+                "voxels_differing_from_reference": int((result != reference).sum()),
+                "fraction_differing": float(np.mean(result != reference)),
+                "dice_vs_reference": dice(result, reference),
+                "dice_vs_truth": dice(result, truth),
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="64,160,160", help="tomogram shape z,y,x [64,160,160]")
@@ -130,7 +228,16 @@ def main() -> None:
     parser.add_argument("--variants", default="default,bf16", help=f"of {','.join(VARIANTS)} [default,bf16]")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads [all]")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--agreement", action="store_true", help="check the settings' label maps instead")
+    parser.add_argument("--train-steps", type=int, default=300, help="toy U-Net steps for --agreement [300]")
     args = parser.parse_args()
+    if args.agreement:
+        rows = agreement(args.threads, args.train_steps)
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return
     shape = tuple(int(s) for s in args.shape.split(","))
     models = [m for m in args.models.split(",") if m]
     variants = [v for v in args.variants.split(",") if v]

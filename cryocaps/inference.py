@@ -234,12 +234,11 @@ class _WindowReader:
 
     def window(self, k: int, j: int, i: int) -> np.ndarray:
         if self._key != (k, j):
-            if self._key is not None and self._key[0] != k:
-                release_pages(self.volume)
             pz, py = self.plans[0], self.plans[1]
             z_index = reflect_indices(pz.starts[k], pz.starts[k] + pz.patch, pz.size)
             y_index = reflect_indices(py.starts[j], py.starts[j] + py.patch, py.size)
             block = self._read(z_index, y_index)
+            release_pages(self.volume)  # the block is a copy; re-reading from the page cache is cheap
             self._block = np.asarray(self.transform(block) if self.transform else block, dtype=np.float32)
             self._key = (k, j)
         px = self.plans[2]
