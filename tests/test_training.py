@@ -435,3 +435,24 @@ def test_torchrun_two_processes(dataset, tmp_path):
     assert run["results"]["steps_done"] == 2
     assert len(pd.read_csv(out / "metrics.csv")) == 1
     assert not list(out.glob("*.part"))
+
+
+def test_particles_from_coords_file(dataset, tmp_path):
+    from cryocaps.training import prepare_data
+
+    from_labels = prepare_data(_config(dataset, tmp_path / "o"))
+    particles = [from_labels.train_particles, from_labels.val_particles]
+    rows = [
+        {"tomo": f"tomo_{v}", "class_name": {1: "small", 2: "large"}[lab], "x": x, "y": y, "z": z}
+        for part in particles
+        for v, lab, (z, y, x) in zip(part.volume, part.label, part.zyx, strict=True)
+    ]
+    rows.append({"tomo": "elsewhere", "class_name": "small", "x": 1, "y": 1, "z": 1})
+    pd.DataFrame(rows).to_csv(tmp_path / "picks.csv", index=False)
+    data = prepare_data(_config(dataset, tmp_path / "o", coords=[tmp_path / "picks.csv"]))
+    assert len(data.train_particles) + len(data.val_particles) == len(rows) - 1
+    got = sorted(
+        map(tuple, np.concatenate([data.train_particles.zyx, data.val_particles.zyx]).tolist())
+    )
+    want = sorted(map(tuple, np.concatenate([p.zyx for p in particles]).tolist()))
+    assert got == want
