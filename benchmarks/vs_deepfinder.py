@@ -141,7 +141,10 @@ def parse_args(argv=None):
         help="scratch folder (git-ignored) [default: benchmarks/work/vs_deepfinder]",
     )
     parser.add_argument(
-        "--fresh-data", action="store_true", help="simulate again even if the data exist"
+        "--reuse-data",
+        action="store_true",
+        help="reuse tomograms simulated earlier with the same options (by default every run "
+        "simulates afresh, so a changed simulator cannot leave stale data behind)",
     )
     parser.add_argument(
         "--no-write", action="store_true", help="do not touch RESULTS.md / results JSON"
@@ -327,12 +330,12 @@ def conv3d_probe(seconds: float = 3.0) -> dict:
 
 
 def simulate(name: str, spec: dict, args, folder: Path) -> dict:
-    """``cryocaps simulate`` 5 tomograms (reused when the same options made them)."""
+    """``cryocaps simulate`` 5 tomograms (with --reuse-data, kept if the same options made them)."""
     options = ["--n-tomograms", "5", "--seed", str(args.seed), *spec["options"]]
     stamp = folder / "simulate_options.json"
     if (
         folder.exists()
-        and not args.fresh_data
+        and args.reuse_data
         and stamp.exists()
         and json.loads(stamp.read_text()) == options
     ):
