@@ -326,6 +326,19 @@ def test_optimiser_steps_reduce_every_loss(name, options):
         assert history[-1][part] < history[0][part], (part, [h[part] for h in history])
 
 
+@pytest.mark.parametrize("name", ["ucaps", "unet"])
+def test_training_step_under_bf16_autocast(name):
+    images, labels = _fixed_batch()
+    model = create_model(name, 3).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, parts = model.compute_loss(images, labels, torch.tensor([0.2, 1.0, 3.0]))
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(math.isfinite(value) for value in parts.values())
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
 # ------------------------------------------------------------------- model file
 
 
