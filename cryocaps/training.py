@@ -81,7 +81,7 @@ class TrainConfig:
     )  # particle files; default: label-map components
     model: str = "ucaps"
     model_options: dict = field(default_factory=dict)
-    patch_size: int = 48
+    patch_size: int | None = None  # None: auto_patch_size (32, more for large particles)
     batch_size: int = 4  # per process
     epochs: int = 300
     steps_per_epoch: int = 50
@@ -96,7 +96,7 @@ class TrainConfig:
     rot90: bool = False
     mirror: bool = False
     intensity_augmentation: bool = True
-    max_val_patches: int = 96
+    max_val_patches: int = 64
     class_weights: bool = True
     max_minutes: float | None = None
     resume: bool = False
@@ -278,6 +278,34 @@ def particles_from_coords(
     return ParticleSet(volume[inside], labels[inside], zyx[inside])
 
 
+AUTO_PATCH_MIN = 32
+AUTO_PATCH_MULTIPLE = 8  # fits both networks (unet 4, ucaps 8)
+AUTO_PATCH_CONTEXT = 8  # voxels of context around the largest particle (4 per side)
+
+
+def auto_patch_size(classes: ClassTable, volumes: list[TrainingVolume]) -> int:
+    """Default patch side: 32 voxels, or enough for the largest particle plus context.
+
+    ``2 x largest radius + 8`` voxels rounded up to a multiple of 8, at least 32
+    (cheap on a CPU: a 48³ patch costs ~3.4x a 32³ one), and at most the
+    smallest tomogram side.
+    """
+    voxel_size = volumes[0].voxel_size_angstrom
+    largest = max(c.radius_voxels(voxel_size) for c in classes)
+    size = max(
+        AUTO_PATCH_MIN,
+        math.ceil((2 * largest + AUTO_PATCH_CONTEXT) / AUTO_PATCH_MULTIPLE) * AUTO_PATCH_MULTIPLE,
+    )
+    smallest_side = min(min(v.shape) for v in volumes)
+    if size > smallest_side:
+        size = max(AUTO_PATCH_MULTIPLE, smallest_side // AUTO_PATCH_MULTIPLE * AUTO_PATCH_MULTIPLE)
+        log.warning(
+            "patch size %d voxels: limited by the smallest tomogram side (%d)", size, smallest_side
+        )
+    log.info("patch size %d voxels (largest particle radius %.1f voxels)", size, largest)
+    return size
+
+
 def parse_fold(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -311,6 +339,8 @@ def prepare_data(config: TrainConfig) -> TrainingData:
     volumes, counts = load_volumes(pairs, classes.n_labels, config.voxel_size_angstrom)
     names = [v.name for v in volumes]
 
+    if config.patch_size is None:
+        config.patch_size = auto_patch_size(classes, volumes)
     for v in volumes:
         if config.patch_size > min(v.shape):
             raise CryocapsError(
@@ -1018,7 +1048,10 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
 
 def _check_settings(config: TrainConfig) -> None:
     checks = [
-        (config.patch_size >= 8, f"--patch-size {config.patch_size}: must be >= 8 voxels"),
+        (
+            config.patch_size is None or config.patch_size >= 8,
+            f"--patch-size {config.patch_size}: must be >= 8 voxels",
+        ),
         (config.batch_size >= 1, f"--batch-size {config.batch_size}: must be >= 1"),
         (config.epochs >= 1, f"--epochs {config.epochs}: must be >= 1"),
         (config.steps_per_epoch >= 1, f"--steps-per-epoch {config.steps_per_epoch}: must be >= 1"),

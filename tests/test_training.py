@@ -456,3 +456,16 @@ def test_particles_from_coords_file(dataset, tmp_path):
     )
     want = sorted(map(tuple, np.concatenate([p.zyx for p in particles]).tolist()))
     assert got == want
+
+
+def test_auto_patch_size():
+    from cryocaps.classes import ClassTable, ParticleClass
+    from cryocaps.training import auto_patch_size
+
+    def table(*radii):
+        return ClassTable([ParticleClass(i + 1, f"c{i}", r) for i, r in enumerate(radii)])
+
+    big = [_volume((64, 128, 128))]  # 10 Å voxels
+    assert auto_patch_size(table(38, 96), big) == 32  # 2 x 9.6 + 8 < 32
+    assert auto_patch_size(table(38, 125), big) == 40  # 2 x 12.5 + 8 = 33 -> 40
+    assert auto_patch_size(table(125), [_volume((28, 128, 128))]) == 24  # fits the thinnest tomogram

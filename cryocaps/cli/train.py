@@ -100,8 +100,12 @@ def command(
         ),
     ] = None,
     patch_size: Annotated[
-        int, typer.Option("--patch-size", help="Patch side in voxels (paper: 64). [default: 48]")
-    ] = 48,
+        int | None,
+        typer.Option(
+            "--patch-size",
+            help="Patch side in voxels (paper: 64). [default: 32, or 2 x the largest particle radius + 8 rounded up to a multiple of 8]",
+        ),
+    ] = None,
     batch_size: Annotated[
         int,
         typer.Option("--batch-size", help="Patches per step and process (paper: 24). [default: 4]"),
@@ -188,9 +192,9 @@ def command(
         int,
         typer.Option(
             "--max-val-patches",
-            help="At most this many validation patches per epoch. [default: 96]",
+            help="At most this many validation patches per epoch. [default: 64]",
         ),
-    ] = 96,
+    ] = 64,
     class_weights: Annotated[
         bool,
         typer.Option(
