@@ -5,9 +5,11 @@ Patches are cut around particles (connected components of the label maps, or
 with 180° rotations that keep the missing wedge in place. Writes RUN_DIR/
 config.json + model.pt (best model, for `cryocaps segment --model RUN_DIR`),
 checkpoint_last.pt / checkpoint_best.pt (for --resume), metrics.csv,
-learning_curve.png and run.json. Ctrl-C, SIGTERM or --max-minutes stop after
-the current step with a checkpoint. Multi-process: torchrun --nproc-per-node N
--m cryocaps train ... (DistributedDataParallel).
+learning_curve.png and run.json. Ctrl-C or SIGTERM stop after the current
+step with a checkpoint that --resume continues exactly; --max-minutes ends the
+last epoch early, validates it and stops. Multi-process: torchrun
+--nproc-per-node N -m cryocaps train ... (DistributedDataParallel; --batch-size
+is per process).
 """
 
 from __future__ import annotations
