@@ -35,7 +35,8 @@ torch.set_num_threads(args["threads"])
 model, config = load_model(args["model"])
 before = peak_rss_bytes()
 result = segment_tomogram(model, config, args["tomogram"], args["out"], patch_size=args["patch_size"],
-                          overlap=args["overlap"], probabilities=args["probabilities"], score=args["score"])
+                          overlap=args["overlap"], probabilities=args["probabilities"], score=args["score"],
+                          bf16=args["bf16"])
 result["rss_before_bytes"] = before
 print(json.dumps(result))
 """
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=16)
     parser.add_argument("--probabilities", action="store_true", help="also write the probability stack")
     parser.add_argument("--score", action="store_true", help="also write the score map")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster; same buffers)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(":")]
@@ -75,7 +77,7 @@ def main() -> None:
             child_args = {
                 "model": str(tmp / "model"), "tomogram": str(tomogram), "out": str(tmp / f"out_{tomogram.stem}"),
                 "patch_size": args.patch_size, "overlap": args.overlap, "threads": args.threads,
-                "probabilities": args.probabilities, "score": args.score,
+                "probabilities": args.probabilities, "score": args.score, "bf16": args.bf16,
             }
             completed = subprocess.run(
                 [sys.executable, "-c", CHILD, json.dumps(child_args)], capture_output=True, text=True

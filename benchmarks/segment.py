@@ -27,9 +27,10 @@ windows, bf16, the paper's 64^3 / 25, mean blending, no overlap) with a
 reference computed in one window holding the whole volume plus 32-voxel
 mirror margins (no window borders at all), and with the ground truth.
 
-Variants: ``default`` (CLI defaults), ``bf16`` (--bf16), ``paper`` (64^3
-windows, 25-voxel overlap, as the paper), ``nocl`` is not offered: channels-last
-is always on. The CPU of the machine the numbers were taken on may be shared:
+Variants: ``default`` (CLI defaults: bf16 on CPUs that have it natively),
+``fp32`` (--no-bf16), ``bf16``, ``paper`` (64^3 windows, 25-voxel overlap,
+float32, as the paper), ``paper-bf16``, ``batch2`` (two windows per pass).
+Channels-last memory format is always on. The CPU of the machine the numbers were taken on may be shared:
 the load average before and after is printed with them.
 """
 
@@ -46,12 +47,12 @@ from pathlib import Path
 
 DEEPFINDER_SECONDS = 69.0  # DeepFinder 0.2.1 Segment, 64 x 160 x 160, this machine (DESIGN.md)
 VARIANTS = {
-    "default": [],
+    "default": [],  # bf16 where the CPU has it natively
+    "fp32": ["--no-bf16"],
     "bf16": ["--bf16"],
-    "paper": ["--patch-size", "64", "--overlap", "25"],
+    "paper": ["--patch-size", "64", "--overlap", "25", "--no-bf16"],
     "paper-bf16": ["--patch-size", "64", "--overlap", "25", "--bf16"],
-    "big": ["--patch-size", "128"],
-    "big-bf16": ["--patch-size", "128", "--bf16"],
+    "batch2": ["--batch-size", "2"],
 }
 CLASSES = [
     {"label": n, "name": f"class{n}", "radius_angstrom": 50.0} for n in (1, 2, 3)
@@ -225,7 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="64,160,160", help="tomogram shape z,y,x [64,160,160]")
     parser.add_argument("--models", default="unet,ucaps", help="models to time [unet,ucaps]")
-    parser.add_argument("--variants", default="default,bf16", help=f"of {','.join(VARIANTS)} [default,bf16]")
+    parser.add_argument("--variants", default="default,fp32", help=f"of {','.join(VARIANTS)} [default,fp32]")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads [all]")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--agreement", action="store_true", help="check the settings' label maps instead")
