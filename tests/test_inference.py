@@ -160,6 +160,16 @@ def test_streaming_matches_all_in_memory_blending(overlap):
     assert np.abs(single - streamed).max() > 1e-3
 
 
+def test_float16_z_carry_stays_within_float16_precision():
+    volume = np.random.default_rng(4).normal(size=(40, 21, 23)).astype(np.float32)
+    predictor = ProbabilityPredictor(random_conv_model(2), channels_last=False)
+    exact = sliding_window(volume, predictor, 12, 6, batch_size=2)
+    half = sliding_window(volume, predictor, 12, 6, batch_size=2, z_carry_dtype="float16")
+    assert 0 < np.abs(half - exact).max() < 5e-4
+    with pytest.raises(CryocapsError, match="z_carry_dtype"):
+        sliding_window(volume, predictor, 12, 6, z_carry_dtype="int8")
+
+
 def test_streamed_blocks_tile_the_volume_once_in_z_order():
     volume = np.zeros((30, 22, 18), np.float32)
     hits = np.zeros(volume.shape, np.int32)
