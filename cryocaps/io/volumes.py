@@ -302,10 +302,34 @@ class MrcVolumeWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                self._mrc.update_header_stats()
+                _update_header_stats_in_slabs(self._mrc)
             self._mrc.close()
         finally:
             self._context.__exit__(exc_type, exc, tb)
+
+
+def _update_header_stats_in_slabs(mrc, voxels_per_slab: int = 2**20) -> None:
+    """dmin, dmax, dmean, rms like ``mrc.update_header_stats()``, a few sections at a time.
+
+    mrcfile's own version makes float temporaries of the whole volume (4-8
+    bytes per voxel), which would undo slab-by-slab writing of a large map.
+    """
+    data = mrc.data
+    if data.size == 0:
+        mrc.reset_header_stats()
+        return
+    step = max(1, voxels_per_slab // max(1, int(np.prod(data.shape[1:]))))
+    low, high, total, squares = np.inf, -np.inf, 0.0, 0.0
+    for start in range(0, data.shape[0], step):
+        slab = np.asarray(data[start : start + step], dtype=np.float64)
+        low, high = min(low, float(slab.min())), max(high, float(slab.max()))
+        total += float(slab.sum())
+        squares += float(np.square(slab).sum())
+    mean = total / data.size
+    mrc.header.dmin = np.float32(low)
+    mrc.header.dmax = np.float32(high)
+    mrc.header.dmean = np.float32(mean)
+    mrc.header.rms = np.float32(np.sqrt(max(squares / data.size - mean**2, 0.0)))
 
 
 def _mode(dtype: str) -> int:
