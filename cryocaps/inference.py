@@ -560,8 +560,39 @@ def normalization_transform(data, config: dict) -> Callable[[np.ndarray], np.nda
         return None
     if method != "percentile_zscore":
         raise CryocapsError(f"model config: unknown normalization method {method!r}")
-    stats = normalization_stats(data, tuple(settings.get("clip_percentiles", DEFAULT_CLIP_PERCENTILES)))
+    stats = normalization_stats(
+        _SectionReader(data), tuple(settings.get("clip_percentiles", DEFAULT_CLIP_PERCENTILES))
+    )
     return lambda block: apply_normalization(block, stats)
+
+
+class _SectionReader:
+    """A memory-mapped volume seen through strided indexing, read one section at a time.
+
+    ``normalization_stats`` takes a strided sample ``data[::s, ::s, ::s]``;
+    through a memory map that touches about 1/s of the file's pages at once
+    (hundreds of MB for a large tomogram). Reading section by section and
+    dropping the pages after each keeps that to one section; the sample is the same.
+    """
+
+    def __init__(self, data):
+        self.data = data
+        self.shape = data.shape
+        self.size = data.size
+        self.ndim = data.ndim
+        self.dtype = data.dtype
+
+    def __getitem__(self, key):
+        if not (isinstance(key, tuple) and len(key) == 3 and isinstance(key[0], slice)):
+            return self.data[key]
+        sections = []
+        for z in range(*key[0].indices(self.shape[0])):
+            sections.append(np.array(self.data[(z, *key[1:])]))
+            release_pages(self.data)
+        return np.stack(sections)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.data, dtype=dtype)
 
 
 def write_model_classes(config: dict, out_dir, overwrite: bool = False) -> Path | None:

@@ -264,6 +264,20 @@ def test_segment_tomogram_writes_slabs_equal_to_in_memory(tmp_path, tiny_model):
     assert (tmp_path / "out" / "classes.csv").read_text().splitlines()[1].startswith("1,ribosome")
 
 
+def test_normalization_reads_a_memory_map_section_by_section_with_the_same_result(tmp_path):
+    from cryocaps.inference import normalization_transform
+    from cryocaps.preprocess import normalization_stats
+
+    path = write_tomogram(tmp_path / "big.mrc", (40, 30, 20))
+    tomogram = read_tomogram(path, mmap=True)
+    transform = normalization_transform(tomogram.data, {"normalization": NORMALIZATION})
+    stats = normalization_stats(np.array(tomogram.data), (0.5, 99.5))
+    block = np.array(tomogram.data[:5])
+    expected = (np.clip(block, stats["low"], stats["high"]) - stats["mean"]) / stats["std"]
+    np.testing.assert_allclose(transform(block), expected, rtol=1e-5, atol=1e-5)
+    tomogram.close()
+
+
 def test_segment_tomogram_refuses_existing_outputs(tmp_path, tiny_model):
     from cryocaps.modelfile import load_model
 
