@@ -68,8 +68,12 @@ PAPER = {"lr": 1e-4, "batch_size": 24, "patch_size": 64, "val_fraction": 0.17, "
 class TrainConfig:
     """Everything a training run needs. Paths may be files or folders of MRC files.
 
-    Defaults are chosen for a CPU workstation (see the paper's values in
-    ``PAPER``: Adam lr 1e-4, batch 24, 64³ patches).
+    Defaults are chosen for minutes-long runs on a CPU workstation; the paper's
+    values are in ``PAPER`` (Adam lr 1e-4, batch 24, 64³ patches). Measured on
+    2 shared CPU cores, U-Net, 3 simulated classes, Dice on a held-out
+    tomogram: lr 1e-3 beat 1e-4 after 120 steps (0.45 vs 0.30); 32³ patches beat
+    48³ in the same 15 minutes (0.40 vs 0.12; a 48³ step costs ~3.5x); batch 2
+    beat batch 8 in the same 10 minutes (0.57 vs 0.51).
     """
 
     tomograms: list[Path]
@@ -82,9 +86,9 @@ class TrainConfig:
     model: str = "ucaps"
     model_options: dict = field(default_factory=dict)
     patch_size: int | None = None  # None: auto_patch_size (32, more for large particles)
-    batch_size: int = 4  # per process
+    batch_size: int = 2  # per process
     epochs: int = 300
-    steps_per_epoch: int = 50
+    steps_per_epoch: int = 100
     lr: float = 1e-3
     lr_schedule: str = "none"
     patience: int = 20  # epochs without a better validation loss; 0 = never stop early

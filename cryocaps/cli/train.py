@@ -110,14 +110,14 @@ def command(
     ] = None,
     batch_size: Annotated[
         int,
-        typer.Option("--batch-size", help="Patches per step and process (paper: 24). [default: 4]"),
-    ] = 4,
+        typer.Option("--batch-size", help="Patches per step and process (paper: 24). [default: 2]"),
+    ] = 2,
     epochs: Annotated[
         int, typer.Option("--epochs", help="Maximum number of epochs. [default: 300]")
     ] = 300,
     steps_per_epoch: Annotated[
-        int, typer.Option("--steps-per-epoch", help="Optimiser steps per epoch. [default: 50]")
-    ] = 50,
+        int, typer.Option("--steps-per-epoch", help="Optimiser steps per epoch. [default: 100]")
+    ] = 100,
     lr: Annotated[
         float, typer.Option("--lr", help="Adam learning rate (paper: 1e-4). [default: 1e-3]")
     ] = 1e-3,
