@@ -37,7 +37,9 @@ Measured 2026-11-25 on the shared 2-CPU machine (load average ~5), 64x160x160,
 windows 80x96x96 (4), overhead 1.8: conv3d ceiling 85.5 (float32) / 213.5
 (bfloat16) GFLOP/s; unet default (bf16) 10.4 s wall = 6.7x faster than
 DeepFinder, 145 GFLOP/s, 0.61 GiB; unet float32 18.3 s = 3.8x; ucaps default
-(bf16) 54.4 s = 1.27x, 1255 kFLOP/voxel at 73 GFLOP/s, 1.28 GiB.
+(bf16) 54.4 s = 1.27x, 1255 kFLOP/voxel at 73 GFLOP/s, 1.28 GiB; ucaps float32
+66.2 s = 1.04x, 2.0 GiB. A second run at load ~4 (ceiling 129 / 366 GFLOP/s):
+unet default 7.0 s = 9.9x at 211 GFLOP/s; ucaps default 48.6 s = 1.42x.
 ``--agreement`` (toy U-Net, Dice vs truth 0.93/0.96): default windows differ
 from the border-free reference on 14 of 786k voxels, bf16 on 45, the paper's
 64/25 on 210 (and take 5x longer), no overlap on 609 (Dice -0.008).
