@@ -160,10 +160,14 @@ def _triple(value, flag: str) -> tuple[int, int, int]:
     return tuple(int(v) for v in values)  # type: ignore[return-value]
 
 
-def axis_weights(plan: AxisPlan, blending: str = "gaussian") -> np.ndarray:
-    """(n_windows, patch) float32 blending weights whose sum over windows is 1 at every position."""
+def _check_blending(blending: str) -> None:
     if blending not in BLENDING_MODES:
         raise CryocapsError(f"--blending {blending!r}: choose one of {', '.join(BLENDING_MODES)}")
+
+
+def axis_weights(plan: AxisPlan, blending: str = "gaussian") -> np.ndarray:
+    """(n_windows, patch) float32 blending weights whose sum over windows is 1 at every position."""
+    _check_blending(blending)
     t = np.arange(plan.patch, dtype=np.float64)
     if blending == "gaussian" and plan.n_windows > 1:
         sigma = GAUSSIAN_SIGMA_SCALE * plan.patch
@@ -684,6 +688,7 @@ def segment_tomogram(
     from cryocaps.runinfo import peak_rss_bytes
 
     started = time.perf_counter()
+    _check_blending(blending)
     limit_heap_growth()
     tomogram_path = Path(tomogram_path)
     info = read_info(tomogram_path)
@@ -864,6 +869,7 @@ def segment_files(
     """
     from cryocaps.modelfile import load_model
 
+    _check_blending(blending)
     files = unique_inputs(files)
     if shard is not None:
         files = select_shard(files, *shard)

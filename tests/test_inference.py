@@ -389,9 +389,11 @@ def test_cli_missing_or_corrupt_model(tmp_path, tiny_model, run_cli):
         (["--patch-size", "18"], "--patch-size 18"),
         (["--shard", "2/2"], "--shard 2/2"),
         (["--batch-size", "0"], "--batch-size 0"),
+        (["--blending", "median"], "--blending 'median'"),
     ],
 )
 def test_cli_bad_options(tmp_path, tiny_model, run_cli, options, fragment):
     tomo = write_tomogram(tmp_path / "t.mrc", (12, 12, 12))
     result = run_cli("segment", tomo, "-m", tiny_model, "-o", tmp_path / "out", "--threads", "1", *options)
     assert_one_line_error(result, fragment)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
