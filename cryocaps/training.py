@@ -107,7 +107,7 @@ class TrainConfig:
     overwrite: bool = False
     seed: int = 0
     device: str = "auto"
-    bf16: bool = False
+    bf16: bool | None = None  # None: on where the CPU computes bfloat16 natively
     voxel_size_angstrom: float | None = None
     threads: int | None = None  # torch threads per process; default: CPUs / local processes
 
@@ -769,11 +769,16 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
     scheduler = _make_scheduler(optimizer, config)
     use_cuda_amp = device.startswith("cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp)
+    use_bf16 = config.bf16
+    if use_bf16 is None:
+        from cryocaps.inference import native_bf16
+
+        use_bf16 = device == "cpu" and native_bf16()
 
     def autocast():
         if use_cuda_amp:
             return torch.autocast("cuda", dtype=torch.float16)
-        if config.bf16:
+        if use_bf16:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -1017,6 +1022,7 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
         "out_dir": str(config.out_dir),
         "model": config.model,
         "device": device,
+        "bf16": bool(use_bf16) and not use_cuda_amp,
         "world_size": dist.world_size,
         "stopped": stopped,
         "epochs_done": epoch,

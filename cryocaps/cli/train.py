@@ -215,11 +215,15 @@ def command(
         bool, typer.Option("--resume", help="Continue the run in RUN_DIR from checkpoint_last.pt.")
     ] = False,
     bf16: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--bf16", help="bfloat16 autocast on CPU. [default: off; CUDA always uses float16 AMP]"
+            "--bf16/--no-bf16",
+            help="bfloat16 autocast on CPU (measured 2.7x more steps per minute for the U-Net). "
+            "[default: on where the CPU has native bfloat16 (AVX512-BF16 or AMX), else off; "
+            "CUDA always uses float16 AMP]",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
     threads: Annotated[
         int | None,
         typer.Option(
