@@ -35,7 +35,9 @@ def repeat(flag: str, values) -> list[str]:
     return [item for value in values for item in (flag, str(value))]
 
 
-def run_measured(cmd: list[str], log_path: Path, *, stdout_path: Path | None = None) -> dict:
+def run_measured(
+    cmd: list[str], log_path: Path, *, stdout_path: Path | None = None, env: dict | None = None
+) -> dict:
     """Run ``cmd`` to completion; its wall time, CPU time and own peak RSS (``wait4``).
 
     stdout and stderr go to ``log_path`` (after a ``$ command`` line), or stdout alone
@@ -49,7 +51,7 @@ def run_measured(cmd: list[str], log_path: Path, *, stdout_path: Path | None = N
         out = open(stdout_path, "w") if stdout_path else log
         try:
             process = subprocess.Popen(
-                cmd, stdout=out, stderr=log if stdout_path else subprocess.STDOUT
+                cmd, stdout=out, stderr=log if stdout_path else subprocess.STDOUT, env=env
             )
             _, status, usage = os.wait4(process.pid, 0)
         finally:
@@ -67,6 +69,7 @@ def run_measured(cmd: list[str], log_path: Path, *, stdout_path: Path | None = N
         "wall_seconds": wall,
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "peak_rss_bytes": int(usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)),
+        "exit_code": code,
     }
 
 

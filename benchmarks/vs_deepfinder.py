@@ -29,13 +29,14 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _bench import cryocaps_cmd, fmt, machine_info, repeat, run_measured, say
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".venv-deepfinder"
@@ -166,49 +167,10 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------- processes
 
 
-def run_measured(
-    cmd: list[str], log_path: Path, *, env: dict | None = None, check: bool = True
-) -> dict:
-    """Run ``cmd`` to completion; wall time and this child's own peak RSS (``wait4``)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with open(log_path, "w") as log:
-        log.write("$ " + shlex.join(cmd) + "\n")
-        log.flush()
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
-    process.returncode = code  # reaped by wait4 above
-    if check and code != 0:
-        tail = log_path.read_text().splitlines()[-15:]
-        raise RuntimeError(
-            f"exit {code}: {shlex.join(cmd)}\n  see {log_path}\n  " + "\n  ".join(tail)
-        )
-    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return {
-        "wall_seconds": wall,
-        "peak_rss_bytes": int(peak),
-        "cpu_seconds": usage.ru_utime + usage.ru_stime,
-        "exit_code": code,
-    }
-
-
-def repeat(flag: str, values) -> list:
-    """``--flag a --flag b``: how cryocaps takes several values for one option."""
-    return [item for value in values for item in (flag, value)]
-
-
-def cryocaps_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "cryocaps", *[str(a) for a in args]]
-
 
 def driver_cmd(*args) -> list[str]:
     return [str(VENV / "bin" / "python"), str(DRIVER), *[str(a) for a in args]]
 
-
-def say(message: str) -> None:
-    print(f"[{dt.datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 # --------------------------------------------------------------------------- DeepFinder venv
@@ -268,36 +230,6 @@ def ensure_deepfinder_venv(work: Path) -> dict:
 
 # --------------------------------------------------------------------------- machine
 
-
-def machine_info() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-    }
-    try:
-        info["cpu_count_available"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    info["load_average_at_start"] = list(os.getloadavg())
-    import torch
-
-    import cryocaps
-
-    info["torch"] = torch.__version__
-    info["torch_threads"] = torch.get_num_threads()
-    info["cryocaps"] = cryocaps.__version__
-    return info
 
 
 def conv3d_probe(seconds: float = 3.0) -> dict:
@@ -684,11 +616,6 @@ def add_rates(entry: dict, voxels: int) -> None:
 
 # --------------------------------------------------------------------------- report
 
-
-def fmt(value, spec: str = ".2f", unit: str = "") -> str:
-    if value is None:
-        return "–"
-    return f"{value:{spec}}{unit}"
 
 
 def gib(n_bytes) -> str:
