@@ -36,7 +36,16 @@ import sys
 import time
 from pathlib import Path
 
-from _bench import cryocaps_cmd, fmt, machine_info, repeat, run_measured, say
+from _bench import (
+    cryocaps_cmd,
+    fmt,
+    machine_info,
+    repeat,
+    replace_section,
+    run_measured,
+    say,
+    write_json_atomic,
+)
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".venv-deepfinder"
@@ -722,22 +731,8 @@ def markdown_section(report: dict) -> str:
 
 
 def write_results(report: dict) -> None:
-    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS_JSON.with_name(RESULTS_JSON.name + ".part")
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    os.replace(tmp, RESULTS_JSON)
-
-    section = markdown_section(report)
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n\n"
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        tail = rest.split(END_MARK, 1)[1]
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = RESULTS_MD.with_name(RESULTS_MD.name + ".part")
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS_MD)
+    write_json_atomic(RESULTS_JSON, report)
+    replace_section(RESULTS_MD, markdown_section(report), START_MARK, END_MARK)
 
 
 # --------------------------------------------------------------------------- main
