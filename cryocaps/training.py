@@ -734,16 +734,7 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
     augmentation = Augmentation(
         mirror=config.mirror, rot90=config.rot90, intensity=config.intensity_augmentation
     )
-    sampler = PatchSampler(
-        data.volumes,
-        data.train_particles,
-        data.train_volumes,
-        config.patch_size,
-        background_fraction=config.background_fraction,
-        jitter_voxels=jitter,
-        augmentation=augmentation,
-        seed=np.random.SeedSequence([config.seed, dist.rank]),
-    )
+    sampler = _training_sampler(data, config, jitter, augmentation, [config.seed, dist.rank])
     val_locations = validation_locations(
         data.volumes,
         data.val_particles,
@@ -1150,6 +1141,20 @@ def _make_scheduler(optimizer, config: TrainConfig):
     return None
 
 
+def _training_sampler(data, config: TrainConfig, jitter: int, augmentation, seed: list[int]) -> PatchSampler:
+    """Patches of the training particles and background, as configured."""
+    return PatchSampler(
+        data.volumes,
+        data.train_particles,
+        data.train_volumes,
+        config.patch_size,
+        background_fraction=config.background_fraction,
+        jitter_voxels=jitter,
+        augmentation=augmentation,
+        seed=np.random.SeedSequence(seed),
+    )
+
+
 def _class_weights(data: TrainingData, config: TrainConfig, jitter: int, n_patches: int = 128):
     """Inverse-frequency weights from the label voxels of patches the sampler draws.
 
@@ -1159,16 +1164,7 @@ def _class_weights(data: TrainingData, config: TrainConfig, jitter: int, n_patch
     """
     from cryocaps.models.losses import class_weights_from_frequencies
 
-    probe = PatchSampler(
-        data.volumes,
-        data.train_particles,
-        data.train_volumes,
-        config.patch_size,
-        background_fraction=config.background_fraction,
-        jitter_voxels=jitter,
-        augmentation=None,
-        seed=np.random.SeedSequence([config.seed, 31337]),
-    )
+    probe = _training_sampler(data, config, jitter, None, [config.seed, 31337])
     counts = np.zeros(data.classes.n_labels, dtype=np.int64)
     for _ in range(n_patches):
         index, corner = probe.next_location()
