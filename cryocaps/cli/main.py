@@ -11,6 +11,7 @@ import typer.core
 from cryocaps import __version__
 from cryocaps.cli.common import handle_errors, setup_logging
 
+
 class _Group(typer.core.TyperGroup):
     """Options whose help already states "[default: …]" do not get Typer's second copy."""
 

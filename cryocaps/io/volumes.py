@@ -110,7 +110,7 @@ def _open(path: Path, mmap: bool, header_only: bool = False):
             raise CryocapsError(f"{path}: not a readable MRC file ({error})") from error
         if mrc.data is None and not header_only:
             mrc.close()
-            raise CryocapsError(f"{path}: not a readable MRC file ({strict_error})")
+            raise CryocapsError(f"{path}: not a readable MRC file ({strict_error})") from strict_error
         log.warning("%s: non-standard MRC header (%s); read permissively", path, strict_error)
         return mrc
     except OSError as error:
