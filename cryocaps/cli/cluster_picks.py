@@ -35,7 +35,6 @@ from cryocaps.cli.common import (
 )
 from cryocaps.errors import CryocapsError
 
-FORMAT_NAMES = ("relion5", "relion4", "relion3", "stopgap", "dynamo", "csv")
 METHOD_NAMES = ("components", "meanshift", "peaks")
 
 
@@ -101,13 +100,13 @@ def command(
     setup_logging(quiet, verbose)
     from cryocaps.classes import load_class_table
     from cryocaps.io.files import check_writable
-    from cryocaps.io.particles import write_particles
+    from cryocaps.io.particles import check_format, write_particles
     from cryocaps.picking import find_classes_beside, pick_files, summary_by_class
     from cryocaps.runinfo import write_run_json
 
     started = time.time()
-    if format is not None and format not in FORMAT_NAMES:
-        raise CryocapsError(f"--format {format!r}: unknown format; use one of {', '.join(FORMAT_NAMES)}")
+    if format is not None:
+        check_format(format)
     if method not in METHOD_NAMES:
         raise CryocapsError(f"--method {method!r}: use one of {', '.join(METHOD_NAMES)}")
     label_paths = _label_maps(maps, collect_mrc_files)

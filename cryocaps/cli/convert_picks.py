@@ -26,7 +26,6 @@ from cryocaps.cli.common import (
 from cryocaps.errors import CryocapsError
 
 MAX_SUMMARY_ROWS = 20
-FORMAT_NAMES = ("relion5", "relion4", "relion3", "stopgap", "dynamo", "csv")
 
 
 def command(
@@ -68,12 +67,17 @@ def command(
 ) -> None:
     setup_logging(quiet, verbose)
     from cryocaps.classes import read_classes
-    from cryocaps.io.particles import convert_particles, format_from_extension, tomogram_infos
+    from cryocaps.io.particles import (
+        check_format,
+        convert_particles,
+        format_from_extension,
+        tomogram_infos,
+    )
     from cryocaps.runinfo import write_run_json
 
     started = time.time()
-    if format is not None and format not in FORMAT_NAMES:
-        raise CryocapsError(f"--format {format!r}: unknown format; use one of {', '.join(FORMAT_NAMES)}")
+    if format is not None:
+        check_format(format)
     format = format or format_from_extension(output)
     for path in picks:
         if not path.exists():

@@ -37,6 +37,7 @@ __all__ = [
     "ANGLE_COLUMNS",
     "CANONICAL_COLUMNS",
     "FORMATS",
+    "check_format",
     "detect_format",
     "empty_table",
     "format_from_extension",
@@ -184,6 +185,13 @@ def _warn_outside(table: pd.DataFrame, geometry: Geometry, path: Path) -> None:
 
 
 # --- writing -------------------------------------------------------------------
+def check_format(format: str) -> str:
+    """``format`` if it names an output format, else a CryocapsError naming the choices."""
+    if format not in WRITERS:
+        raise CryocapsError(f"--format {format!r}: unknown format; use one of {', '.join(FORMATS)}")
+    return format
+
+
 def write_particles(
     table: pd.DataFrame,
     path: str | os.PathLike,
@@ -201,9 +209,7 @@ def write_particles(
     tomograms' own voxels); class names are numbered through ``classes``.
     """
     path = Path(path)
-    format = format or format_from_extension(path)
-    if format not in WRITERS:
-        raise CryocapsError(f"--format {format!r}: unknown format; use one of {', '.join(FORMATS)}")
+    format = check_format(format or format_from_extension(path))
     missing = [c for c in ("tomo", "class_name", *XYZ) if c not in table.columns]
     if missing:
         raise CryocapsError(f"particle table lacks column(s) {', '.join(missing)}")
