@@ -57,7 +57,8 @@ RESULTS_JSON = HERE / "results" / "paper_tables.json"
 RESULTS_MD = HERE / "RESULTS.md"
 START_MARK = "<!-- paper_tables:start -->"
 END_MARK = "<!-- paper_tables:end -->"
-STRUCTURES = Path("/work/shared/data/structures")
+# ../shared beside the repository, as in DESIGN.md
+STRUCTURES = HERE.parent.parent / "shared" / "data" / "structures"
 
 MODEL_TITLES = {"ucaps": "3D-UCaps", "unet": "U-Net"}
 ROLES = {"validation": "tomo_04", "test": "tomo_05"}

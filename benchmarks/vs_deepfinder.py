@@ -60,7 +60,8 @@ END_MARK = "<!-- vs_deepfinder:end -->"
 DEEPFINDER_REQUIREMENTS = ["cryoet-deepfinder==0.2.1", "numpy<1.24"]
 DEEPFINDER_PACKAGES = ["cryoet-deepfinder", "tensorflow", "keras", "numpy", "scikit-learn"]
 
-STRUCTURES = Path("/work/shared/data/structures")
+# ../shared beside the repository, as in DESIGN.md
+STRUCTURES = HERE.parent.parent / "shared" / "data" / "structures"
 
 
 # --------------------------------------------------------------------------- settings
