@@ -832,7 +832,7 @@ def simulate_dataset(
     ``templates/<class>.mrc`` (each class's density), ``classes.csv`` (and ``preview_<name>.png`` with ``preview``) into
     ``out_dir``; returns a summary (paths, counts, timings) for run.json.
     """
-    from cryocaps.io.particles import write_particles
+    from cryocaps.io.particles import write_particles, write_tomograms_star
     from cryocaps.io.volumes import TomogramInfo, write_volume
 
     out_dir = Path(out_dir)
@@ -895,7 +895,17 @@ def simulate_dataset(
                 particles, out_dir / file_name, format=format, tomograms=infos, classes=table, overwrite=overwrite
             )
         )
-    outputs.append(write_tomograms_star(out_dir / "tomograms.star", infos, params, overwrite=overwrite))
+    outputs.append(
+        write_tomograms_star(
+            out_dir / "tomograms.star",
+            infos,
+            tomogram_paths=[f"tomograms/{info.name}.mrc" for info in infos],
+            voltage_kv=params.voltage_kv,
+            cs_mm=params.cs_mm,
+            amplitude_contrast=params.amplitude_contrast,
+            overwrite=overwrite,
+        )
+    )
     for template in templates:
         outputs.append(
             write_volume(
@@ -922,34 +932,6 @@ def simulate_dataset(
             "contrast": "protein dark (CTF with underfocus); tomograms standardised to mean 0, std 1",
         },
     }
-
-
-def write_tomograms_star(
-    path: Path, infos: Sequence, params: SimulationParameters, overwrite: bool = False
-) -> Path:
-    """A RELION 5 ``tomograms.star`` (data_global) for the simulated tomograms (binning 1)."""
-    from cryocaps.io.files import atomic_path
-    from cryocaps.io.formats.star import write_star
-
-    frame = pd.DataFrame(
-        {
-            "rlnTomoName": [info.name for info in infos],
-            "rlnVoltage": params.voltage_kv,
-            "rlnSphericalAberration": params.cs_mm,
-            "rlnAmplitudeContrast": params.amplitude_contrast,
-            "rlnMicrographOriginalPixelSize": params.voxel_size_angstrom,
-            "rlnTomoHand": 1.0,
-            "rlnTomoTiltSeriesPixelSize": params.voxel_size_angstrom,
-            "rlnTomoSizeX": [info.shape[2] for info in infos],
-            "rlnTomoSizeY": [info.shape[1] for info in infos],
-            "rlnTomoSizeZ": [info.shape[0] for info in infos],
-            "rlnTomoTomogramBinning": 1.0,
-            "rlnTomoReconstructedTomogram": [f"tomograms/{info.name}.mrc" for info in infos],
-        }
-    )
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        write_star({"global": frame}, tmp)
-    return path
 
 
 def write_preview(

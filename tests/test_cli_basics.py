@@ -47,3 +47,17 @@ def test_help_does_not_import_heavy_modules():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY []" in out.stdout, out.stdout
+
+
+def test_output_option_has_the_same_names_everywhere():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    with_o = {}
+    for name, command in group.commands.items():
+        for param in command.params:
+            if "-o" in getattr(param, "opts", []):
+                with_o[name] = set(param.opts)
+    assert {"train", "segment", "cluster-picks", "evaluate"} <= set(with_o)
+    for name, opts in with_o.items():
+        assert opts == {"-o", "--out", "--output"}, (name, opts)

@@ -23,6 +23,7 @@ from cryocaps.io.particles import (
     read_particles,
     tomogram_infos,
     write_particles,
+    write_tomograms_star,
 )
 from cryocaps.io.volumes import TomogramInfo
 
@@ -155,6 +156,14 @@ def test_tomograms_star_sizes_are_divided_by_binning(tmp_path):
     assert info.name == "TS_07"
     assert info.shape == (250, 750, 1000)
     assert info.voxel_size_angstrom == pytest.approx(6.0)
+
+
+def test_tomograms_star_round_trip(tmp_path):
+    infos = [TomogramInfo("TS_01", (64, 160, 170), 10.8), TomogramInfo("TS_02", (50, 60, 70), 10.8)]
+    star = write_tomograms_star(tmp_path / "tomograms.star", infos, tomogram_paths=["t/TS_01.mrc", "t/TS_02.mrc"])
+    assert tomogram_infos(star) == infos
+    with pytest.raises(CryocapsError, match="exists"):
+        write_tomograms_star(star, infos)
 
 
 def test_tomogram_infos_from_mrc_and_folder(tmp_path):

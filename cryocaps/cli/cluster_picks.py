@@ -46,7 +46,7 @@ def command(
             "else all its MRC files)."
         ),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output particle file (.star, .tbl, .csv).")],
+    output: Annotated[Path, typer.Option("--output", "--out", "-o", help="Output particle file (.star, .tbl, .csv).")],
     format: Annotated[
         str | None,
         typer.Option(

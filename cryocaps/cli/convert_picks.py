@@ -33,7 +33,7 @@ def command(
         list[Path],
         typer.Argument(help="Particle files (.star RELION 3/4/5 or STOPGAP, .tbl Dynamo, .csv), any mix."),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output particle file.")],
+    output: Annotated[Path, typer.Option("--output", "--out", "-o", help="Output particle file.")],
     format: Annotated[
         str | None,
         typer.Option(

@@ -54,7 +54,7 @@ def command(
     ] = 1.0,
     report_dir: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Report folder for report.json, PNGs and CSVs. [default: none]"),
+        typer.Option("--output", "--out", "-o", help="Report folder for report.json, PNGs and CSVs. [default: none]"),
     ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the scores as JSON on stdout (nothing else). [default: off]")

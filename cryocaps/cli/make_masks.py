@@ -45,7 +45,7 @@ def command(
             show_default=False,
         ),
     ],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out", "--output", "-o", help="Output folder (created if missing).", show_default=False)],
     classes_path: ClassesOption = None,
     radius_angstrom: RadiusOption = None,
     radius_scale: Annotated[

@@ -31,7 +31,7 @@ def command(
     tomograms: Annotated[
         list[Path], typer.Argument(help="Tomograms to preprocess (MRC files or folders of them).", show_default=False)
     ],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out", "--output", "-o", help="Output folder (created if missing).", show_default=False)],
     voxel_size_angstrom: Annotated[
         float | None,
         typer.Option(

@@ -71,7 +71,7 @@ def command(
     model_path: Annotated[
         Path, typer.Option("--model", "-m", help="Trained model folder (config.json + model.pt).", show_default=False)
     ],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out", "--output", "-o", help="Output folder (created if missing).", show_default=False)],
     patch_size: Annotated[
         int | None,
         typer.Option(

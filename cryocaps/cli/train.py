@@ -78,7 +78,7 @@ def command(
         ),
     ],
     out_dir: Annotated[
-        Path, typer.Option("--out", "-o", help="Run folder for the model, checkpoints and metrics.")
+        Path, typer.Option("--out", "--output", "-o", help="Run folder for the model, checkpoints and metrics.")
     ],
     classes: ClassesOption = None,
     coords: Annotated[

@@ -289,6 +289,48 @@ def tomogram_infos(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     return infos
 
 
+def write_tomograms_star(
+    path: str | os.PathLike,
+    infos: Sequence[TomogramInfo],
+    tomogram_paths: Sequence[str] | None = None,
+    voltage_kv: float = 300.0,
+    cs_mm: float = 2.7,
+    amplitude_contrast: float = 0.07,
+    overwrite: bool = False,
+) -> Path:
+    """Write a RELION 5 ``tomograms.star`` (``data_global``) describing ``infos`` at binning 1.
+
+    The reverse of reading one with :func:`tomogram_infos`: sizes in voxels,
+    pixel size = the tomograms' voxel size, ``rlnTomoTomogramBinning`` 1.
+    ``tomogram_paths`` fills ``rlnTomoReconstructedTomogram`` (relative to the
+    project); the optics (kV, Cs in mm, amplitude contrast) fill the columns
+    RELION 5 expects in every tomograms.star.
+    """
+    from cryocaps.io.formats.star import write_star
+
+    path = Path(path)
+    frame = pd.DataFrame(
+        {
+            "rlnTomoName": [info.name for info in infos],
+            "rlnVoltage": float(voltage_kv),
+            "rlnSphericalAberration": float(cs_mm),
+            "rlnAmplitudeContrast": float(amplitude_contrast),
+            "rlnMicrographOriginalPixelSize": [info.voxel_size_angstrom for info in infos],
+            "rlnTomoHand": 1.0,
+            "rlnTomoTiltSeriesPixelSize": [info.voxel_size_angstrom for info in infos],
+            "rlnTomoSizeX": [info.shape[2] for info in infos],
+            "rlnTomoSizeY": [info.shape[1] for info in infos],
+            "rlnTomoSizeZ": [info.shape[0] for info in infos],
+            "rlnTomoTomogramBinning": 1.0,
+        }
+    )
+    if tomogram_paths is not None:
+        frame["rlnTomoReconstructedTomogram"] = [str(p) for p in tomogram_paths]
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        write_star({"global": frame}, tmp)
+    return path
+
+
 def _tomograms_star(path: Path) -> list[TomogramInfo]:
     from cryocaps.io.formats.context import clean_tomogram_name, require_columns
 
