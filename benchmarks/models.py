@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cryocaps.models import create_model  # noqa: E402
-from cryocaps.models.capsules import reuse_freed_memory  # noqa: E402
+from cryocaps.process import keep_freed_blocks  # noqa: E402
 
 N_CLASSES = 4  # background + 3 particle classes, as in the paper's multi-class runs
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    malloc_reuse = False if args.no_malloc_reuse else reuse_freed_memory()
+    malloc_reuse = False if args.no_malloc_reuse else keep_freed_blocks()
     torch.manual_seed(0)
     load_before = os.getloadavg()
     started = time.perf_counter()

@@ -234,32 +234,6 @@ def native_bf16() -> bool:
         return False
 
 
-_HEAP_LIMITED = []
-
-
-def limit_heap_growth(threshold_bytes: int = 256 * 1024) -> bool:
-    """Serve allocations above ``threshold_bytes`` with mmap, so freeing them returns memory.
-
-    glibc raises its mmap threshold after every large free, after which the
-    per-window tensors and arrays come from the heap and fragment it: peak
-    RSS then creeps up with the number of windows (measured: +34 MB over six
-    passes of 9 windows; flat with this setting). A process-wide setting;
-    a no-op returning False where mallopt is missing (non-glibc systems).
-    """
-    if _HEAP_LIMITED:
-        return _HEAP_LIMITED[0]
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        m_mmap_threshold = -3  # M_MMAP_THRESHOLD in malloc.h
-        done = bool(libc.mallopt(m_mmap_threshold, int(threshold_bytes)))
-    except (OSError, AttributeError, TypeError):
-        done = False
-    _HEAP_LIMITED.append(done)
-    return done
-
-
 # --------------------------------------------------------------------------- the sliding window
 
 
@@ -689,7 +663,6 @@ def segment_tomogram(
 
     started = time.perf_counter()
     _check_blending(blending)
-    limit_heap_growth()
     tomogram_path = Path(tomogram_path)
     info = read_info(tomogram_path)
     check_voxel_size(tomogram_path, info.voxel_size_angstrom, config, ignore_voxel_size)

@@ -149,9 +149,11 @@ def command(
 
     from cryocaps.cli.common import resolve_device
     from cryocaps.inference import segment_files
+    from cryocaps.process import return_freed_blocks
     from cryocaps.runinfo import peak_rss_bytes, write_run_json
 
     device = resolve_device(device)
+    return_freed_blocks()  # peak memory must not creep up with the number of windows
     with progress("Segmenting", None) as advance:
         summary = segment_files(
             files,

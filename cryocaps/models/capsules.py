@@ -35,7 +35,6 @@ __all__ = [
     "ConvTransposeCapsule3d",
     "capsule_lengths",
     "dynamic_routing",
-    "reuse_freed_memory",
     "route_voxel_major",
     "squash",
 ]
@@ -307,28 +306,3 @@ class ConvTransposeCapsule3d(_CapsuleLayer):
     def __init__(self, *args, kernel_size: int = 2, stride: int = 2, **kwargs):
         super().__init__(*args, kernel_size=kernel_size, stride=stride, **kwargs)
 
-
-def reuse_freed_memory() -> bool:
-    """Make glibc's malloc keep freed large blocks for reuse; True if applied.
-
-    By default glibc serves every allocation above 32 MB with a fresh ``mmap``
-    and returns it with ``munmap`` when freed, so each new vote tensor (tens to
-    hundreds of MB) is page-faulted in again: measured here, that doubles or
-    triples the cost of an elementwise pass over it. Serving all blocks from the
-    heap and not trimming it keeps freed memory mapped for the next batch;
-    peak memory is unchanged, but the process does not hand memory back to the
-    system until it exits. A process-wide setting: call it once from a
-    command, not from library code. No effect (False) off Linux/glibc.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
