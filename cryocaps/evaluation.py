@@ -403,6 +403,81 @@ def pick_precision_recall(matching: Matching) -> dict[str, dict]:
     return curves
 
 
+THRESHOLD_COLUMNS = ["class_name", "min_score", "precision", "recall", "f1", "f1_keep_all", "n_picks"]
+
+
+def best_score_thresholds(matching: Matching, curves: dict[str, dict] | None = None) -> pd.DataFrame:
+    """Per class, the pick-score threshold with the best F1 on this data (a validation set).
+
+    Reads the best point off each class's precision-recall curve (see
+    :func:`pick_precision_recall`); among equal F1 values the lowest threshold
+    wins (it keeps the most picks). ``min_score`` lies halfway between the
+    chosen score and the next lower one, so picks scoring like the kept ones
+    on new data are kept too; it is NaN when keeping every pick is best.
+    Feed the table to ``cluster-picks --thresholds`` for the other tomograms.
+
+    Returns
+    -------
+    DataFrame with :data:`THRESHOLD_COLUMNS`: ``min_score`` and the precision,
+    recall and F1 it gives here, ``f1_keep_all`` without it, ``n_picks`` seen.
+    """
+    curves = curves if curves is not None else pick_precision_recall(matching)
+    rows = []
+    for name in matching.classes.names:
+        curve = curves[name]
+        n_picks = int((matching.picks["class_name"] == name).sum())
+        if len(curve["threshold"]) == 0:
+            # no picks or no particles: F1 is 0 either way (no score without either)
+            n_truth = int((matching.truth["class_name"] == name).sum())
+            f1 = 0.0 if n_picks or n_truth else np.nan
+            rows.append([name, np.nan, f1, f1, f1, f1, n_picks])
+            continue
+        precision, recall = curve["precision"], curve["recall"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+        # thresholds descend: the last index among the maxima is the lowest threshold
+        best = int(len(f1) - 1 - np.argmax(f1[::-1]))
+        thresholds = curve["threshold"]
+        if best == len(thresholds) - 1 or not np.isfinite(thresholds[best + 1]):
+            min_score = np.nan
+        else:
+            min_score = float((thresholds[best] + thresholds[best + 1]) / 2)
+        rows.append([name, min_score, precision[best], recall[best], f1[best], f1[-1], n_picks])
+    return pd.DataFrame(rows, columns=THRESHOLD_COLUMNS)
+
+
+def read_score_thresholds(path: str | os.PathLike, classes: ClassTable) -> dict[str, float]:
+    """``{class_name: min_score}`` from a ``pick_thresholds.csv`` (classes kept whole are left out)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CryocapsError(f"--thresholds {path}: no such file")
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise CryocapsError(f"--thresholds {path}: not a CSV table ({error})") from None
+    missing = [c for c in ("class_name", "min_score") if c not in table.columns]
+    if missing:
+        raise CryocapsError(
+            f"--thresholds {path}: no column {', '.join(missing)}; expected the pick_thresholds.csv "
+            "that `cryocaps evaluate -o` writes"
+        )
+    thresholds = {}
+    for name, value in zip(table["class_name"].astype(str), table["min_score"], strict=True):
+        if name not in classes.names:
+            raise CryocapsError(
+                f"--thresholds {path}: class {name!r} is not in the class table ({', '.join(classes.names)})"
+            )
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise CryocapsError(f"--thresholds {path}: min_score {value!r} of {name} is not a number") from None
+        if np.isfinite(value):
+            thresholds[name] = value
+        elif not np.isnan(value):
+            raise CryocapsError(f"--thresholds {path}: min_score {value} of {name} is not finite")
+    return thresholds
+
+
 # --- voxel level ------------------------------------------------------------
 
 
@@ -713,7 +788,7 @@ def overlay_panels(
     return panels
 
 
-REPORT_FILES = ("report.json", "confusion.csv", "pr_curve.png", "matches.csv")
+REPORT_FILES = ("report.json", "confusion.csv", "pr_curve.png", "matches.csv", "pick_thresholds.csv")
 
 
 def write_report(
@@ -727,7 +802,7 @@ def write_report(
     n_slices: int = 3,
     overwrite: bool = False,
 ) -> list[Path]:
-    """Write report.json, confusion.csv, pr_curve.png, matches.csv and overlay_<tomo>.png.
+    """Write report.json, confusion.csv, pr_curve.png, matches.csv, pick_thresholds.csv and overlay_<tomo>.png.
 
     ``overlays`` are tomogram MRC files whose picks are drawn (``overlay_<name>.png``).
     Existing files are refused unless ``overwrite``. Returns the files written.
@@ -761,6 +836,10 @@ def write_report(
         write_text_atomic(report_dir / "confusion.csv", confusion.to_csv()),
         plot_precision_recall(curves, report_dir / "pr_curve.png"),
         write_text_atomic(report_dir / "matches.csv", _matches_csv(matching)),
+        write_text_atomic(
+            report_dir / "pick_thresholds.csv",
+            best_score_thresholds(matching, curves).to_csv(index=False, float_format="%.6g"),
+        ),
     ]
     for path, name in zip(overlays, overlay_names, strict=True):
         tomogram = read_tomogram(path, mmap=True, voxel_size_angstrom=overlay_voxel_size_angstrom)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +79,7 @@ def pick_particles(
     scores: np.ndarray | None = None,
     method: str = DEFAULT_METHOD,
     min_size_fraction: float = DEFAULT_MIN_SIZE_FRACTION,
-    min_score: float | None = None,
+    min_score: float | Mapping[str, float] | None = None,
     tomo_name: str = "",
     progress: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
@@ -98,7 +98,9 @@ def pick_particles(
     method : "components", "meanshift" or "peaks"
     min_size_fraction : drop picks with fewer voxels than this fraction of the
         class's sphere volume (4/3 π r³)
-    min_score : drop picks scoring below this (None keeps all)
+    min_score : drop picks scoring below this (None keeps all); a mapping gives
+        one threshold per class name (classes missing from it keep all), as
+        ``evaluate`` tunes them on a validation tomogram
     tomo_name : value of the ``tomo`` column
     progress : called with a class name as each class is done
 
@@ -123,6 +125,7 @@ def pick_particles(
 
     rows = []
     for particle_class in classes:
+        class_min_score = min_score.get(particle_class.name) if isinstance(min_score, Mapping) else min_score
         radius = particle_class.radius_voxels(voxel_size_angstrom)
         weights = _weight_map(particle_class, probabilities, scores)
         mask = label_map == particle_class.label
@@ -132,7 +135,7 @@ def pick_particles(
             if pick.size < min_size:
                 continue
             score = pick.score if weights is not None else pick.size
-            if min_score is not None and score < min_score:
+            if class_min_score is not None and score < class_min_score:
                 continue
             rows.append(
                 {
@@ -488,7 +491,7 @@ def pick_files(
     *,
     method: str = DEFAULT_METHOD,
     min_size_fraction: float = DEFAULT_MIN_SIZE_FRACTION,
-    min_score: float | None = None,
+    min_score: float | Mapping[str, float] | None = None,
     use_probabilities: bool = True,
     voxel_size_angstrom: float | None = None,
     progress: Callable[[str], None] | None = None,

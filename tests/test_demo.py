@@ -14,15 +14,18 @@ def test_demo_runs_every_stage(tmp_path, run_cli):
     assert result.exit_code == 0, result.output
     for stage in ("simulate", "make-masks", "train", "segment", "cluster-picks", "evaluate"):
         assert f"$ cryocaps {stage}" in result.output
+    assert "--thresholds" in result.output  # the test tomogram is picked with validation thresholds
+    assert (out / "validation" / "report" / "pick_thresholds.csv").is_file()
     # every stage left its results
     assert (out / "run" / "config.json").is_file()
     assert (out / "segmentation" / "tomo_04_labels.mrc").is_file()
+    assert (out / "segmentation" / "tomo_05_labels.mrc").is_file()
     picks = starfile.read(out / "picks.star")
     picks = picks["particles"] if isinstance(picks, dict) else picks
     assert {"rlnTomoName", "rlnCenteredCoordinateXAngst"} <= set(picks.columns) or picks.empty
     report = json.loads((out / "report" / "report.json").read_text())
     truth = pd.read_csv(out / "data" / "particles.csv")
-    n_test = int((truth["tomo"] == "tomo_04").sum())
+    n_test = int((truth["tomo"] == "tomo_05").sum())
     counted = sum(c["tp"] + c["fn"] for c in report["classes"].values())
     assert counted == n_test  # scored against the held-out tomogram only
 

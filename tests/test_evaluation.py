@@ -11,12 +11,14 @@ import pytest
 from cryocaps.classes import ClassTable, ParticleClass, write_classes
 from cryocaps.errors import CryocapsError
 from cryocaps.evaluation import (
+    best_score_thresholds,
     confusion_table,
     evaluate_picks,
     fbeta_score,
     match_picks,
     pick_precision_recall,
     precision_recall,
+    read_score_thresholds,
     summarize,
     voxel_metrics,
 )
@@ -176,6 +178,44 @@ def test_pick_precision_recall_orders_by_score(classes, truth):
     assert curve["auprc"] == pytest.approx(1 / 4 * 1 + 1 / 4 * 2 / 3)
 
 
+def test_best_score_thresholds_drop_confident_false_positives(classes, truth):
+    picks = _table(
+        [
+            ("ribo", 10, 10, 10, 0.9),
+            ("ribo", 30, 10, 10, 0.8),
+            ("ribo", 90, 90, 90, 0.3),  # false positives scoring low
+            ("ribo", 80, 90, 90, 0.2),
+            ("proteasome", 10, 40, 10, 0.1),  # a weak pick that is right: keep everything
+            ("proteasome", 90, 40, 10, 0.6),
+        ]
+    )
+    table = best_score_thresholds(match_picks(picks, truth, classes, VOXEL)).set_index("class_name")
+    # ribo, descending: F1 0.4 (0.9), 0.667 (0.8), 0.571 (0.3), 0.5 (all) -> keep >= 0.8
+    assert table.loc["ribo", "min_score"] == pytest.approx((0.8 + 0.3) / 2)
+    assert table.loc["ribo", "f1"] == pytest.approx(2 / 3)
+    assert table.loc["ribo", "f1_keep_all"] == pytest.approx(0.5)
+    # proteasome: 0.6 alone is wrong (F1 0), both picks give P 0.5, R 0.5 -> keep all
+    assert np.isnan(table.loc["proteasome", "min_score"])
+    assert table.loc["proteasome", "f1"] == pytest.approx(0.5)
+    # no picks of a class with particles: F1 0 and nothing to tune
+    only_ribo = best_score_thresholds(match_picks(picks[picks["class_name"] == "ribo"], truth, classes, VOXEL))
+    assert only_ribo.set_index("class_name").loc["proteasome", "f1"] == 0.0
+
+
+def test_read_score_thresholds(classes, tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("class_name,min_score,f1\nribo,0.55,0.6\nproteasome,,0.5\n")
+    assert read_score_thresholds(path, classes) == {"ribo": 0.55}
+    path.write_text("class_name,min_score\nferritin,0.5\n")
+    with pytest.raises(CryocapsError, match="ferritin"):
+        read_score_thresholds(path, classes)
+    path.write_text("class,score\nribo,0.5\n")
+    with pytest.raises(CryocapsError, match="min_score"):
+        read_score_thresholds(path, classes)
+    with pytest.raises(CryocapsError, match="no such file"):
+        read_score_thresholds(tmp_path / "missing.csv", classes)
+
+
 def test_empty_picks_score_zero(classes, truth):
     empty = pd.DataFrame(columns=["tomo", "class_name", "x", "y", "z", "score"])
     scores = evaluate_picks(empty, truth, classes, VOXEL)
@@ -254,8 +294,13 @@ def test_cli_report_and_overlay(run_cli, files, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "ribo" in result.output and "F4" in result.output
-    for name in ("report.json", "confusion.csv", "pr_curve.png", "matches.csv", "overlay_TS_01.png", "run.json"):
+    for name in (
+        "report.json", "confusion.csv", "pr_curve.png", "matches.csv", "pick_thresholds.csv", "overlay_TS_01.png",
+        "run.json",
+    ):
         assert (report / name).is_file(), name
+    thresholds = pd.read_csv(report / "pick_thresholds.csv")
+    assert list(thresholds["class_name"]) == ["ribo", "proteasome"]
     content = json.loads((report / "report.json").read_text())
     assert content["micro"]["tp"] == 6 and content["micro"]["beta"] == 4.0
     assert content["auprc"]["ribo"] == pytest.approx(1.0)

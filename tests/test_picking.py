@@ -220,6 +220,23 @@ def test_cli_stopgap_and_methods(run_cli, segmentation, classes, tmp_path):
     assert picks["score"].min() > 50  # sizes in voxels without probabilities
 
 
+def test_cli_per_class_thresholds(run_cli, segmentation, classes, tmp_path):
+    folder, truth = segmentation
+    thresholds = tmp_path / "pick_thresholds.csv"
+    # every pick scores 0.9: a 0.95 threshold drops one class, 0.5 keeps another, a blank keeps all
+    first, second, *others = classes.names
+    rows = [f"{first},0.95", f"{second},0.5", *(f"{name}," for name in others)]
+    thresholds.write_text("class_name,min_score\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "picks.csv"
+    result = run_cli("cluster-picks", folder, "-o", out, "--thresholds", thresholds)
+    assert result.exit_code == 0, result.output
+    picks = pd.read_csv(out)
+    assert first not in set(picks["class_name"])
+    assert len(picks) == (truth["class_name"] != first).sum()
+    both = run_cli("cluster-picks", folder, "-o", tmp_path / "x.csv", "--thresholds", thresholds, "--min-score", "1")
+    assert both.exit_code == 2 and "give one" in both.output
+
+
 def test_cli_bad_inputs(run_cli, segmentation, tmp_path):
     folder, _ = segmentation
     label_path = folder / "TS_01_labels.mrc"

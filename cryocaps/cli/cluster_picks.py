@@ -6,7 +6,8 @@ Methods: components (connected components, touching particles split by a
 distance-transform watershed, fragments of one particle merged; the default,
 most accurate on noisy synthetic segmentations), meanshift (bandwidth = class radius) and peaks (non-maximum suppression of the
 probability map). Picks smaller than --min-size-fraction of the class's sphere
-volume, or scoring below --min-score, are dropped. Classes come from --classes,
+volume, or scoring below --min-score (or the per-class --thresholds that
+`cryocaps evaluate -o` tunes on a validation tomogram), are dropped. Classes come from --classes,
 else classes.csv beside the maps. Writes run.json beside OUT.
 """
 
@@ -77,6 +78,14 @@ def command(
             "else the size in voxels). [default: keep all]",
         ),
     ] = None,
+    thresholds: Annotated[
+        Path | None,
+        typer.Option(
+            "--thresholds",
+            help="Per-class score thresholds: the pick_thresholds.csv that `cryocaps evaluate -o` writes "
+            "for a validation tomogram picked with the same settings. [default: none]",
+        ),
+    ] = None,
     use_probabilities: Annotated[
         bool,
         typer.Option(
@@ -118,6 +127,12 @@ def command(
                 f"none found beside {label_paths[0]}"
             )
     class_table = load_class_table(classes, radius_angstrom)
+    if thresholds is not None:
+        if min_score is not None:
+            raise CryocapsError("--min-score and --thresholds both set a score threshold; give one")
+        from cryocaps.evaluation import read_score_thresholds
+
+        min_score = read_score_thresholds(thresholds, class_table)
     check_writable(output, overwrite)
 
     with progress("Picking", total=len(label_paths)) as advance:
@@ -150,12 +165,13 @@ def command(
     write_run_json(
         output.parent,
         command=command_line(),
-        inputs=[*inputs, *([classes] if classes else [])],
+        inputs=[*inputs, *([classes] if classes else []), *([thresholds] if thresholds else [])],
         outputs=[output],
         parameters={
             "method": method,
             "min_size_fraction": min_size_fraction,
             "min_score": min_score,
+            "thresholds": str(thresholds) if thresholds else None,
             "format": format or output.suffix,
             "use_probabilities": use_probabilities,
             "classes": class_table.to_records(),

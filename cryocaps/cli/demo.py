@@ -1,8 +1,10 @@
 """Run the whole pipeline on simulated data: simulate → make-masks → train → segment → cluster-picks → evaluate.
 
-Four small tomograms with the built-in particle classes are simulated; three
-train the network (for --minutes of wall time), the fourth is segmented,
-picked and scored against its ground truth. Each stage is printed as the
+Five small tomograms with the built-in particle classes are simulated; three
+train the network (for --minutes of wall time), the other two are segmented.
+The fourth is the validation tomogram: its picks are scored to tune a score
+threshold per class. The fifth, never seen before, is picked with those
+thresholds and scored against its ground truth. Each stage is printed as the
 `cryocaps` command a user would type, and run exactly like that. Ends with
 the per-class precision / recall / F1 table and the paths of the figures.
 """
@@ -20,29 +22,37 @@ from cryocaps.cli.common import Overwrite, Seed, console, setup_logging
 from cryocaps.errors import CryocapsError
 
 NO_ARGS_IS_HELP = False
-TEST_TOMOGRAM = "tomo_04"
+VALIDATION_TOMOGRAM = "tomo_04"
+TEST_TOMOGRAM = "tomo_05"
 
 
 def _stages(
     out: Path, minutes: float, model: str, seed: int, shape: str, patch_size: int | None, overwrite: bool
 ) -> list[list[str]]:
-    data, masks, run, seg = out / "data", out / "masks", out / "run", out / "segmentation"
+    data, masks, run, seg, val = out / "data", out / "masks", out / "run", out / "segmentation", out / "validation"
     tomograms = data / "tomograms"
     again = ["--overwrite"] if overwrite else []
     train_tomograms = [arg for i in (1, 2, 3) for arg in ("--tomograms", str(tomograms / f"tomo_0{i}.mrc"))]
+    val_tomogram = str(tomograms / f"{VALIDATION_TOMOGRAM}.mrc")
     test_tomogram = str(tomograms / f"{TEST_TOMOGRAM}.mrc")
     patch = ["--patch-size", str(patch_size)] if patch_size else []
+    truth = [str(data / "particles.csv"), "--classes", str(data / "classes.csv")]
     return [
-        ["simulate", str(data), "--n-tomograms", "4", "--shape", shape, "--seed", str(seed), "--preview", *again],
+        ["simulate", str(data), "--n-tomograms", "5", "--shape", shape, "--seed", str(seed), "--preview", *again],
         ["make-masks", str(data / "particles.star"), "--tomograms", str(tomograms),
          "--classes", str(data / "classes.csv"), "-o", str(masks), *again],
         ["train", *train_tomograms, "--labels", str(masks), "--classes", str(masks / "classes.csv"),
          "--model", model, "--max-minutes", f"{minutes:g}", *patch, "--seed", str(seed), "-o", str(run), *again],
-        ["segment", test_tomogram, "--model", str(run), "--probabilities", "-o", str(seg), *again],
-        ["cluster-picks", str(seg / f"{TEST_TOMOGRAM}_labels.mrc"), "--format", "relion5",
-         "-o", str(out / "picks.star"), *again],
-        ["evaluate", str(out / "picks.star"), str(data / "particles.csv"), "--classes", str(data / "classes.csv"),
-         "--tomograms", test_tomogram, "--overlay", test_tomogram, "-o", str(out / "report"), *again],
+        ["segment", val_tomogram, test_tomogram, "--model", str(run), "--probabilities", "-o", str(seg), *again],
+        # validation: tune one score threshold per class on a tomogram the network did not train on
+        ["cluster-picks", str(seg / f"{VALIDATION_TOMOGRAM}_labels.mrc"), "-o", str(val / "picks.star"), *again],
+        ["evaluate", str(val / "picks.star"), *truth, "--tomograms", val_tomogram, "-o", str(val / "report"),
+         *again],
+        # test: picked with those thresholds, scored once
+        ["cluster-picks", str(seg / f"{TEST_TOMOGRAM}_labels.mrc"), "--thresholds",
+         str(val / "report" / "pick_thresholds.csv"), "--format", "relion5", "-o", str(out / "picks.star"), *again],
+        ["evaluate", str(out / "picks.star"), *truth, "--tomograms", test_tomogram, "--overlay", test_tomogram,
+         "-o", str(out / "report"), *again],
     ]
 
 

@@ -5,8 +5,10 @@ tomogram and class (Hungarian algorithm) within --tolerance-fraction x the
 class radius. Picks on a particle of another class count as class confusions.
 --json prints {"classes": ..., "macro": ..., "micro": ...} alone on stdout.
 -o REPORT_DIR writes report.json, confusion.csv, pr_curve.png (precision-recall
-over pick scores, AUPRC in the legend), matches.csv, overlay PNGs (--overlay)
-and run.json. With --labels-pred/--labels-true instead of PICKS TRUTH: voxel
+over pick scores, AUPRC in the legend), matches.csv, overlay PNGs (--overlay),
+run.json and pick_thresholds.csv: per class the score threshold with the best F1
+here. Score a validation tomogram, then pick the others with
+`cryocaps cluster-picks --thresholds REPORT_DIR/pick_thresholds.csv`. With --labels-pred/--labels-true instead of PICKS TRUTH: voxel
 Dice per class and, with <tomo>_probs.mrc beside the predicted maps, voxel AUPRC
 next to its chance level (the positive fraction).
 """
@@ -195,7 +197,23 @@ def command(
     if not is_quiet():
         _print_scores(scores, beta)
         if report_dir is not None:
+            _print_threshold_hint(report_dir, scores)
             stdout_console.print(f"Report written to {report_dir}")
+
+
+def _print_threshold_hint(report_dir: Path, scores: dict) -> None:
+    import pandas as pd
+
+    table = pd.read_csv(report_dir / "pick_thresholds.csv")
+    tuned = table.dropna(subset=["f1"])
+    if tuned.empty or not tuned["min_score"].notna().any():
+        return
+    stdout_console.print(
+        f"Score thresholds tuned on these picks would give macro F1 {tuned['f1'].mean():.3f} here "
+        f"(now {scores['macro']['f1']:.3f}); pick other tomograms with\n"
+        f"  cryocaps cluster-picks ... --thresholds {report_dir / 'pick_thresholds.csv'}",
+        highlight=False,
+    )
 
 
 def _print_scores(scores: dict, beta: float) -> None:
