@@ -12,9 +12,10 @@ does that). One run:
    1 held out for the test;
 4. trains each tool for the same wall-clock budget, segments the test tomogram
    (each tool in its own process, timed whole, peak RSS from ``wait4``), turns
-   the label map into picks (cryocaps ``cluster-picks`` defaults; DeepFinder
-   ``Cluster`` MeanShift + thresholds), and scores both with
-   ``cryocaps.evaluation.evaluate_picks``;
+   the label map into picks (cryocaps ``cluster-picks`` with the per-class score
+   thresholds ``evaluate -o`` tunes on the validation tomogram; DeepFinder
+   ``Cluster`` MeanShift + cluster-size thresholds tuned on the same tomogram),
+   and scores both with ``cryocaps.evaluation.evaluate_picks``;
 5. writes ``benchmarks/results/vs_deepfinder.json`` and the section between
    ``<!-- vs_deepfinder:start -->`` and ``<!-- vs_deepfinder:end -->`` of
    ``benchmarks/RESULTS.md`` (the rest of that file is kept).
@@ -158,11 +159,26 @@ def parse_args(argv=None):
         "simulates afresh, so a changed simulator cannot leave stale data behind)",
     )
     parser.add_argument(
+        "--throughput-minutes",
+        type=float,
+        default=1.5,
+        help="budget of the extra cryocaps runs at DeepFinder's batch and patch size, which measure "
+        "training samples/s at equal patch size (first data set only; 0 skips) [default: 1.5]",
+    )
+    parser.add_argument(
+        "--reuse-training",
+        action="store_true",
+        help="keep the models (and training measurements) of the previous run in --work and redo only "
+        "segmentation, picking and scoring; implies --reuse-data",
+    )
+    parser.add_argument(
         "--no-write", action="store_true", help="do not touch RESULTS.md / results JSON"
     )
     args = parser.parse_args(argv)
     if args.minutes is None:
         args.minutes = 2.0 if args.quick else 12.0
+    if args.reuse_training:
+        args.reuse_data = True
     if args.datasets is None:
         args.datasets = "procedural" if args.quick else "procedural,structures"
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
@@ -417,33 +433,59 @@ def read_training_log(run_dir: Path) -> dict:
     return summary
 
 
-def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth) -> dict:
-    if folder.exists():
-        shutil.rmtree(folder)
-    run_dir, seg_dir, picks_path = folder / "model", folder / "segment", folder / "picks.csv"
+def previous_training(args, dataset: str, key: str, folder: Path, weights: Path) -> dict | None:
+    """With --reuse-training: the earlier run's training entry for this tool, if its model is there."""
+    if not args.reuse_training or not weights.exists():
+        return None
+    entry = args.previous_report.get("datasets", {}).get(dataset, {}).get("tools", {}).get(key, {})
+    train = entry.get("train")
+    if not train or "error" in entry:
+        return None
+    say(f"{key}: reusing the model trained in the earlier run ({folder})")
+    return train | {"reused_from_earlier_run": True}
+
+
+def fresh_folder(folder: Path, keep: list[str]) -> None:
+    """Empty ``folder`` except the entries named in ``keep``."""
+    if not folder.exists():
+        return
+    for child in folder.iterdir():
+        if child.name in keep:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth, dataset: str) -> dict:
+    run_dir, seg_dir = folder / "model", folder / "segment"
     logs = folder / "logs"
-    say(f"cryocaps {model}: train {args.minutes:g} min")
-    train = run_measured(
-        cryocaps_cmd(
-            "train",
-            *repeat("--tomograms", [*data["train"], data["valid"]]),
-            *repeat("--labels", [*data["train_labels"], data["valid_labels"]]),
-            "--val-tomograms",
-            data["valid"].stem,
-            "--classes",
-            data["classes_csv"],
-            "-o",
-            run_dir,
-            "--model",
-            model,
-            "--max-minutes",
-            args.minutes,
-            "--seed",
-            args.seed,
-        ),
-        logs / "train.log",
-    )
-    train |= read_training_log(run_dir)
+    train = previous_training(args, dataset, f"cryocaps-{model}", folder, run_dir / "model.pt")
+    fresh_folder(folder, keep=["model"] if train else [])
+    if train is None:
+        say(f"cryocaps {model}: train {args.minutes:g} min")
+        train = run_measured(
+            cryocaps_cmd(
+                "train",
+                *repeat("--tomograms", [*data["train"], data["valid"]]),
+                *repeat("--labels", [*data["train_labels"], data["valid_labels"]]),
+                "--val-tomograms",
+                data["valid"].stem,
+                "--classes",
+                data["classes_csv"],
+                "-o",
+                run_dir,
+                "--model",
+                model,
+                "--max-minutes",
+                args.minutes,
+                "--seed",
+                args.seed,
+            ),
+            logs / "train.log",
+        )
+        train |= read_training_log(run_dir)
     if (
         train.get("seconds_per_step")
         and "samples_per_second" not in train
@@ -451,51 +493,71 @@ def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth) -> 
     ):
         train["samples_per_second"] = train["batch_size"] / train["seconds_per_step"]
 
-    say(f"cryocaps {model}: segment {data['test'].name}")
-    segment = run_measured(
-        cryocaps_cmd("segment", data["test"], "--model", run_dir, "-o", seg_dir),
-        logs / "segment.log",
+    from cryocaps.io.particles import read_particles
+
+    segments, picks_paths = {}, {}
+    for role in ("valid", "test"):
+        tomogram = data[role]
+        say(f"cryocaps {model}: segment {role} tomogram {tomogram.name}")
+        segments[role] = run_measured(
+            cryocaps_cmd("segment", tomogram, "--model", run_dir, "-o", seg_dir / role),
+            logs / f"segment_{role}.log",
+        )
+    # Like DeepFinder's cluster-size thresholds: per-class score thresholds tuned on the
+    # validation tomogram (`evaluate -o` writes them), applied to the test tomogram.
+    label_maps = {role: seg_dir / role / f"{data[role].stem}_labels.mrc" for role in ("valid", "test")}
+    say(f"cryocaps {model}: cluster-picks, thresholds from the validation tomogram")
+    picks_paths["valid"] = folder / "picks_valid.csv"
+    run_measured(
+        cryocaps_cmd("cluster-picks", label_maps["valid"], "-o", picks_paths["valid"], "--classes", data["classes_csv"]),
+        logs / "cluster_picks_valid.log",
     )
-    label_map = seg_dir / f"{data['test'].stem}_labels.mrc"
-    say(f"cryocaps {model}: cluster-picks")
+    valid_report = folder / "valid_report"
+    run_measured(
+        cryocaps_cmd(
+            "evaluate", picks_paths["valid"], data["particles"], "--classes", data["classes_csv"],
+            "--tomograms", data["valid"], "-o", valid_report,
+        ),
+        logs / "evaluate_valid.log",
+    )
+    thresholds_csv = valid_report / "pick_thresholds.csv"
+    picks_paths["raw"] = folder / "picks_without_thresholds.csv"
+    run_measured(
+        cryocaps_cmd("cluster-picks", label_maps["test"], "-o", picks_paths["raw"], "--classes", data["classes_csv"]),
+        logs / "cluster_picks_raw.log",
+    )
+    picks_paths["test"] = folder / "picks.csv"
     pick = run_measured(
         cryocaps_cmd(
-            "cluster-picks", label_map, "-o", picks_path, "--classes", data["classes_csv"]
+            "cluster-picks", label_maps["test"], "-o", picks_paths["test"], "--classes", data["classes_csv"],
+            "--thresholds", thresholds_csv,
         ),
         logs / "cluster_picks.log",
     )
-    from cryocaps.io.particles import read_particles
+    import pandas as pd
 
-    picks = read_particles([picks_path], classes=classes)
+    thresholds = pd.read_csv(thresholds_csv)
+    picks = read_particles([picks_paths["test"]], classes=classes)
+    raw = read_particles([picks_paths["raw"]], classes=classes)
     return {
         "tool": f"cryocaps {model}",
         "train": train,
-        "segment": segment,
+        "segment": segments["test"],
+        "segment_valid": segments["valid"],
         "pick": pick,
+        "thresholds": {
+            name: (None if value != value else round(float(value), 4))
+            for name, value in zip(thresholds["class_name"], thresholds["min_score"], strict=True)
+        },
+        "macro_f1_without_thresholds": score(raw, truth, classes, data["test"])["macro_f1"],
         "n_picks": len(picks),
         **score(picks, truth, classes, data["test"]),
     }
 
 
-def run_deepfinder(data: dict, args, folder: Path, classes, truth) -> dict:
-    import pandas as pd
-
-    if folder.exists():
-        shutil.rmtree(folder)
+def train_deepfinder(data: dict, args, folder: Path, n_classes: int, radii: dict, particles_csv: Path):
+    """TargetBuilder targets and object lists, then Train under the budget; (prepare, train) measurements."""
     logs = folder / "logs"
-    folder.mkdir(parents=True)
-    voxel = voxel_size(data["test"])
-    n_classes = classes.n_labels
-    if [c.label for c in classes] != list(range(1, n_classes)):
-        raise SystemExit(f"{data['classes_csv']}: DeepFinder needs labels 1..K without gaps")
-    radii = {c.label: c.radius_angstrom / voxel for c in classes}
-    # DeepFinder's Cluster takes one radius for all classes: their mean, whole voxels.
-    cluster_radius = max(1, round(sum(radii.values()) / len(radii)))
-
-    particles = truth.copy()
-    particles["label"] = [classes.by_name(name).label for name in particles["class_name"]]
-    particles_csv = folder / "particles_labels.csv"
-    particles[["tomo", "label", "x", "y", "z"]].to_csv(particles_csv, index=False)
     dataset = folder / "dataset"
     say("DeepFinder: targets (TargetBuilder spheres) and object lists")
     prepare = run_measured(
@@ -537,7 +599,35 @@ def run_deepfinder(data: dict, args, folder: Path, classes, truth) -> dict:
         logs / "train.log",
     )
     train |= json.loads((folder / "model" / "train.json").read_text())
+    return prepare, train
+
+
+def run_deepfinder(data: dict, args, folder: Path, classes, truth, dataset: str) -> dict:
+    import pandas as pd
+
     weights = folder / "model" / "net_weights_FINAL.h5"
+    train = previous_training(args, dataset, "deepfinder", folder, weights)
+    fresh_folder(folder, keep=["model", "dataset"] if train else [])
+    logs = folder / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    voxel = voxel_size(data["test"])
+    n_classes = classes.n_labels
+    if [c.label for c in classes] != list(range(1, n_classes)):
+        raise SystemExit(f"{data['classes_csv']}: DeepFinder needs labels 1..K without gaps")
+    radii = {c.label: c.radius_angstrom / voxel for c in classes}
+    # DeepFinder's Cluster takes one radius for all classes: their mean, whole voxels.
+    cluster_radius = max(1, round(sum(radii.values()) / len(radii)))
+
+    particles = truth.copy()
+    particles["label"] = [classes.by_name(name).label for name in particles["class_name"]]
+    particles_csv = folder / "particles_labels.csv"
+    particles[["tomo", "label", "x", "y", "z"]].to_csv(particles_csv, index=False)
+    if train is None:
+        prepare, train = train_deepfinder(data, args, folder, n_classes, radii, particles_csv)
+    else:
+        prepare = {"reused_from_earlier_run": True}
+
+    objls = {}
 
     objls = {}
     segments = {}
@@ -618,6 +708,54 @@ def run_deepfinder(data: dict, args, folder: Path, classes, truth) -> dict:
     }
 
 
+def throughput_at_patch(model: str, data: dict, args, folder: Path) -> dict:
+    """Training samples/s of ``cryocaps train`` at DeepFinder's batch and patch size.
+
+    A short run (``--max-minutes``) on the same tomograms, validation kept small;
+    ``seconds_per_step`` from its run.json counts sampling, forward, backward and
+    the optimiser step, as DeepFinder's step time counts its batch generation.
+    """
+    run_dir = folder / f"throughput-{model}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    measured = run_measured(
+        cryocaps_cmd(
+            "train",
+            *repeat("--tomograms", data["train"]),
+            *repeat("--labels", data["train_labels"]),
+            "--classes",
+            data["classes_csv"],
+            "-o",
+            run_dir,
+            "--model",
+            model,
+            "--patch-size",
+            args.df_patch_size,
+            "--batch-size",
+            args.df_batch_size,
+            "--steps-per-epoch",
+            20,
+            "--max-val-patches",
+            4,
+            "--max-minutes",
+            args.throughput_minutes,
+            "--seed",
+            args.seed,
+        ),
+        folder / "logs" / f"throughput_{model}.log",
+    )
+    log = read_training_log(run_dir)
+    return {
+        "model": model,
+        "patch_size": args.df_patch_size,
+        "batch_size": args.df_batch_size,
+        "steps": log.get("steps"),
+        "seconds_per_step": log.get("seconds_per_step"),
+        "samples_per_second": log.get("samples_per_second"),
+        "wall_seconds": measured["wall_seconds"],
+    }
+
+
 def add_rates(entry: dict, voxels: int) -> None:
     seg = entry["segment"]
     seg["voxels"] = voxels
@@ -694,7 +832,9 @@ def markdown_section(report: dict) -> str:
         f"Same data and budget for every tool: `cryocaps simulate` 5 tomograms (3 train, 1 validation "
         f"given to both, 1 test), {report['settings']['minutes']:g} min wall-clock training each, "
         "the test tomogram scored by `cryocaps.evaluation.evaluate_picks` (tolerance 0.5 × class radius). "
-        "cryocaps: CLI defaults (`train --max-minutes`, `segment`, `cluster-picks`). DeepFinder: "
+        "cryocaps: CLI defaults (`train --max-minutes`, `segment`, `cluster-picks`), picks filtered with "
+        "the per-class score thresholds `evaluate -o` tuned on the validation tomogram "
+        "(`cluster-picks --thresholds`). DeepFinder: "
         f"TargetBuilder spheres, Train (patch {report['settings']['df_patch_size']}, batch "
         f"{report['settings']['df_batch_size']}, bootstrap, Lrnd 13), Segment, Cluster (MeanShift), per-class "
         "cluster-size thresholds chosen on the validation tomogram. Segmentation and picking are timed as whole "
@@ -717,6 +857,14 @@ def markdown_section(report: dict) -> str:
             if "error" in entry:
                 lines.append(f"\n{entry['tool']} FAILED: `{entry['error'].splitlines()[0]}`")
         lines.append("")
+        for key, entry in tools.items():
+            if key.startswith("cryocaps") and "thresholds" in entry:
+                lines.append(
+                    f"{entry['tool']} score thresholds from validation: {entry['thresholds']}; macro F1 "
+                    f"without them {fmt(entry.get('macro_f1_without_thresholds'))}."
+                    + (" Model reused from the previous run (training numbers are that run's)."
+                       if entry["train"].get("reused_from_earlier_run") else "")
+                )
         df = tools.get("deepfinder")
         if df:
             lines.append(
@@ -727,8 +875,35 @@ def markdown_section(report: dict) -> str:
             notes = df["pick"].get("notes") or []
             lines += [f"Note: {n}" for n in notes]
             lines.append("")
+    lines += throughput_lines(report.get("throughput_equal_patch"))
     lines += ["Raw numbers: `benchmarks/results/vs_deepfinder.json`.", END_MARK]
     return "\n".join(lines) + "\n"
+
+
+def throughput_lines(throughput: dict | None) -> list[str]:
+    """Training samples/s at DeepFinder's patch and batch size, one row per tool."""
+    if not throughput:
+        return []
+    df = throughput.get("deepfinder") or {}
+    lines = [
+        f"### Training throughput at equal patch size ({throughput['dataset']} data)",
+        "",
+        "| tool | batch × patch | s / step | samples / s |",
+        "|---|---|---|---|",
+        f"| DeepFinder 0.2.1 (its budgeted run) | {df.get('batch_size', '?')} × {df.get('patch_size', '?')}³ | "
+        f"{fmt(df.get('seconds_per_step'), '.3f')} | {fmt(df.get('samples_per_second'), '.2f')} |",
+    ]
+    for model, entry in throughput.items():
+        if model in ("dataset", "deepfinder"):
+            continue
+        if "error" in entry:
+            lines.append(f"| cryocaps {model} | FAILED: {entry['error'].splitlines()[0]} | | |")
+            continue
+        lines.append(
+            f"| cryocaps {model} ({entry['steps']} steps) | {entry['batch_size']} × {entry['patch_size']}³ | "
+            f"{fmt(entry['seconds_per_step'], '.3f')} | {fmt(entry['samples_per_second'], '.2f')} |"
+        )
+    return lines + [""]
 
 
 def write_results(report: dict) -> None:
@@ -744,13 +919,18 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    # read before this run overwrites it: the earlier run's measurements, for --reuse-training
+    previous = args.work / "partial_results.json"
+    args.previous_report = json.loads(previous.read_text()) if previous.exists() else {}
     started = time.time()
     report = {
         "command": shlex.join(
             ["benchmarks/vs_deepfinder.py", *(sys.argv[1:] if argv is None else argv)]
         ),
         "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "previous_report"
+        },
     }
     report["deepfinder_versions"] = ensure_deepfinder_venv(args.work)
     say(f"DeepFinder venv ready: {report['deepfinder_versions']}")
@@ -780,7 +960,7 @@ def main(argv=None) -> int:
         runs += [(f"cryocaps-{m}", f"cryocaps {m}", run_cryocaps, (m,)) for m in args.models]
         for key, label, run, extra in runs:
             try:
-                tools[key] = run(*extra, data, args, folder / key, classes, truth)
+                tools[key] = run(*extra, data, args, folder / key, classes, truth, name)
                 add_rates(tools[key], voxels)
                 say(
                     f"{name} {key}: macro F1 {fmt(tools[key]['macro_f1'])}, "
@@ -793,6 +973,14 @@ def main(argv=None) -> int:
                 say(f"{name} {key}: FAILED: {error}")
             partial = args.work / "partial_results.json"
             partial.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if args.throughput_minutes > 0 and "throughput_equal_patch" not in report:
+            report["throughput_equal_patch"] = {"dataset": name, "deepfinder": tools.get("deepfinder", {}).get("train")}
+            for model in args.models:
+                say(f"cryocaps {model}: training throughput at patch {args.df_patch_size}, batch {args.df_batch_size}")
+                try:
+                    report["throughput_equal_patch"][model] = throughput_at_patch(model, data, args, folder)
+                except (RuntimeError, OSError) as error:
+                    report["throughput_equal_patch"][model] = {"error": str(error)}
 
     report["conv3d_probe"]["end"] = conv3d_probe()
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
