@@ -30,6 +30,18 @@ def cryocaps_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "cryocaps", *[str(a) for a in args]]
 
 
+def train_cmd(
+    tomograms, labels, classes_csv, run_dir, model: str, minutes: float, seed: int, *extra, val_tomogram=None
+) -> list[str]:
+    """``cryocaps train`` on these tomograms/label maps for ``minutes`` of wall time (+ ``extra`` options)."""
+    val = ["--val-tomograms", val_tomogram] if val_tomogram else []
+    return cryocaps_cmd(
+        "train", *repeat("--tomograms", tomograms), *repeat("--labels", labels), *val,
+        "--classes", classes_csv, "-o", run_dir, "--model", model,
+        "--max-minutes", minutes, "--seed", seed, *extra,
+    )  # fmt: skip
+
+
 def repeat(flag: str, values) -> list[str]:
     """``--flag a --flag b``: how cryocaps takes several values for one option."""
     return [item for value in values for item in (flag, str(value))]

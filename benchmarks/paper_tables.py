@@ -45,10 +45,10 @@ from _bench import (
     machine_info,
     machine_sentence,
     read_run_json,
-    repeat,
     replace_section,
     run_measured,
     say,
+    train_cmd,
     training_summary,
     utc_now,
     write_json_atomic,
@@ -227,24 +227,17 @@ def train(model: str, scenario: dict, data: dict, args, folder: Path) -> dict:
     if args.max_val_patches:
         extra += ["--max-val-patches", args.max_val_patches]
     measured = run_measured(
-        cryocaps_cmd(
-            "train",
-            *repeat("--tomograms", [data["tomograms"][n] for n in names]),
-            *repeat("--labels", [data["labels"][n] for n in names]),
-            "--val-tomograms",
-            ROLES["validation"],
-            "--classes",
+        train_cmd(
+            [data["tomograms"][n] for n in names],
+            [data["labels"][n] for n in names],
             data["classes_csv"],
-            "-o",
             run_dir,
-            "--model",
             model,
-            "--max-minutes",
             args.minutes,
-            "--seed",
             args.seed,
             *extra,
-        ),  # fmt: skip
+            val_tomogram=ROLES["validation"],
+        ),
         folder / "logs" / "train.log",
     )
     return measured | training_summary(run_dir)

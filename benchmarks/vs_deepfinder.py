@@ -41,10 +41,10 @@ from _bench import (
     cryocaps_cmd,
     fmt,
     machine_info,
-    repeat,
     replace_section,
     run_measured,
     say,
+    train_cmd,
     write_json_atomic,
 )
 
@@ -466,22 +466,15 @@ def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth, dat
     if train is None:
         say(f"cryocaps {model}: train {args.minutes:g} min")
         train = run_measured(
-            cryocaps_cmd(
-                "train",
-                *repeat("--tomograms", [*data["train"], data["valid"]]),
-                *repeat("--labels", [*data["train_labels"], data["valid_labels"]]),
-                "--val-tomograms",
-                data["valid"].stem,
-                "--classes",
+            train_cmd(
+                [*data["train"], data["valid"]],
+                [*data["train_labels"], data["valid_labels"]],
                 data["classes_csv"],
-                "-o",
                 run_dir,
-                "--model",
                 model,
-                "--max-minutes",
                 args.minutes,
-                "--seed",
                 args.seed,
+                val_tomogram=data["valid"].stem,
             ),
             logs / "train.log",
         )
@@ -719,16 +712,14 @@ def throughput_at_patch(model: str, data: dict, args, folder: Path) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     measured = run_measured(
-        cryocaps_cmd(
-            "train",
-            *repeat("--tomograms", data["train"]),
-            *repeat("--labels", data["train_labels"]),
-            "--classes",
+        train_cmd(
+            data["train"],
+            data["train_labels"],
             data["classes_csv"],
-            "-o",
             run_dir,
-            "--model",
             model,
+            args.throughput_minutes,
+            args.seed,
             "--patch-size",
             args.df_patch_size,
             "--batch-size",
@@ -737,10 +728,6 @@ def throughput_at_patch(model: str, data: dict, args, folder: Path) -> dict:
             20,
             "--max-val-patches",
             4,
-            "--max-minutes",
-            args.throughput_minutes,
-            "--seed",
-            args.seed,
         ),
         folder / "logs" / f"throughput_{model}.log",
     )
