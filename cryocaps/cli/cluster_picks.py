@@ -21,6 +21,7 @@ import typer
 
 from cryocaps.cli.common import (
     ClassesOption,
+    OutputFormat,
     Overwrite,
     Quiet,
     RadiusOption,
@@ -48,14 +49,7 @@ def command(
         ),
     ],
     output: Annotated[Path, typer.Option("--output", "--out", "-o", help="Output particle file (.star, .tbl, .csv).")],
-    format: Annotated[
-        str | None,
-        typer.Option(
-            "--format",
-            help="Output format: relion5, relion4, relion3, stopgap, dynamo or csv. "
-            "[default: from the extension of -o: .star relion5, .tbl dynamo, .csv csv]",
-        ),
-    ] = None,
+    format: OutputFormat = None,
     method: Annotated[
         str,
         typer.Option("--method", help="Picking method: components, meanshift or peaks. [default: components]"),

@@ -56,6 +56,24 @@ RadiusOption = Annotated[
     float | None,
     typer.Option("--radius-angstrom", help="Particle radius in Å for a single-class run (instead of --classes)."),
 ]
+OutputFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help="Output format: relion5, relion4, relion3, stopgap, dynamo or csv. "
+        "[default: from the extension of -o: .star relion5, .tbl dynamo, .csv csv]",
+    ),
+]
+CoordsPixelSize = Annotated[
+    float | None,
+    typer.Option(
+        "--coords-pixel-size-angstrom",
+        help="Pixel size (Å) of the coordinates in RELION 3/4, STOPGAP and Dynamo files read (and written), "
+        "when it is not the tomograms' voxel size (e.g. bin-1 coordinates). "
+        "[default: rlnTomoTiltSeriesPixelSize for RELION 4, else the tomograms' voxels]",
+        show_default=False,
+    ),
+]
 
 _state = {"verbose": False, "quiet": False}
 

@@ -15,6 +15,8 @@ import typer
 
 from cryocaps.cli.common import (
     ClassesOption,
+    CoordsPixelSize,
+    OutputFormat,
     Overwrite,
     Quiet,
     Verbose,
@@ -34,14 +36,7 @@ def command(
         typer.Argument(help="Particle files (.star RELION 3/4/5 or STOPGAP, .tbl Dynamo, .csv), any mix."),
     ],
     output: Annotated[Path, typer.Option("--output", "--out", "-o", help="Output particle file.")],
-    format: Annotated[
-        str | None,
-        typer.Option(
-            "--format",
-            help="Output format: relion5, relion4, relion3, stopgap, dynamo or csv. "
-            "[default: from the extension of -o: .star relion5, .tbl dynamo, .csv csv]",
-        ),
-    ] = None,
+    format: OutputFormat = None,
     tomograms: Annotated[
         list[Path] | None,
         typer.Option(
@@ -52,15 +47,7 @@ def command(
         ),
     ] = None,
     classes: ClassesOption = None,
-    coords_pixel_size_angstrom: Annotated[
-        float | None,
-        typer.Option(
-            "--coords-pixel-size-angstrom",
-            help="Pixel size (Å) of the coordinates in RELION 3/4, STOPGAP and Dynamo files, read and "
-            "written; converted to the voxels of --tomograms. [default: rlnTomoTiltSeriesPixelSize "
-            "for RELION 4, else the tomograms' own voxels]",
-        ),
-    ] = None,
+    coords_pixel_size_angstrom: CoordsPixelSize = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,

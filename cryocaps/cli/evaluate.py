@@ -24,6 +24,7 @@ import typer
 
 from cryocaps.cli.common import (
     ClassesOption,
+    CoordsPixelSize,
     Overwrite,
     Quiet,
     RadiusOption,
@@ -71,14 +72,7 @@ def command(
             "scored. [default: none: every tomogram of TRUTH]",
         ),
     ] = None,
-    coords_pixel_size_angstrom: Annotated[
-        float | None,
-        typer.Option(
-            "--coords-pixel-size-angstrom",
-            help="Pixel size (Å) of the coordinates in RELION 3/4, STOPGAP and Dynamo files. "
-            "[default: rlnTomoTiltSeriesPixelSize for RELION 4, else the tomograms' voxels]",
-        ),
-    ] = None,
+    coords_pixel_size_angstrom: CoordsPixelSize = None,
     overlay: Annotated[
         list[Path] | None,
         typer.Option(

@@ -18,6 +18,7 @@ import typer
 
 from cryocaps.cli.common import (
     ClassesOption,
+    CoordsPixelSize,
     Overwrite,
     Quiet,
     RadiusOption,
@@ -72,15 +73,7 @@ def command(
             "maximum (0-1). [default: 0.2]",
         ),
     ] = 0.2,
-    coords_pixel_size_angstrom: Annotated[
-        float | None,
-        typer.Option(
-            "--coords-pixel-size-angstrom",
-            help="Pixel size in Å of the coordinates in RELION 3/4, STOPGAP and Dynamo files, when it is not "
-            "the tomograms' voxel size (e.g. bin-1 coordinates). [default: from the file, else the tomograms']",
-            show_default=False,
-        ),
-    ] = None,
+    coords_pixel_size_angstrom: CoordsPixelSize = None,
     voxel_size_angstrom: VoxelSize = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Stop with an error when particles lie outside their tomogram. [default: off]")
