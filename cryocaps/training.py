@@ -91,7 +91,8 @@ class TrainConfig:
     steps_per_epoch: int = 100
     lr: float = 1e-3
     lr_schedule: str = "none"
-    patience: int = 20  # epochs without a better validation loss; 0 = never stop early
+    patience: int = 20  # epochs without a better validation score; 0 = never stop early
+    select_by: str = "dice"  # best model = highest mean validation Dice ("dice") or lowest loss ("loss")
     val_fraction: float = 0.17
     val_tomograms: list[str] = field(default_factory=list)
     fold: str | None = None  # "k/K"
@@ -110,6 +111,12 @@ class TrainConfig:
     bf16: bool | None = None  # None: on where the CPU computes bfloat16 natively
     voxel_size_angstrom: float | None = None
     threads: int | None = None  # torch threads per process; default: CPUs / local processes
+
+
+def _selection_score(select_by: str, val_loss: float, mean_dice: float) -> float:
+    """Higher is better; NaN (no validation voxels of any class) never wins."""
+    value = mean_dice if select_by == "dice" else -val_loss
+    return value if math.isfinite(value) else -math.inf
 
 
 # --- data ----------------------------------------------------------------------
@@ -778,6 +785,7 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
     epoch_loss_sum, epoch_loss_count, epoch_seconds = 0.0, 0, 0.0
     rows: list[dict] = []
     best_val_loss, best_epoch, bad_epochs = math.inf, 0, 0
+    best_score = -math.inf  # higher is better: mean Dice, or minus the loss
     total_steps, train_seconds = 0, 0.0
     model_saved = False
     if checkpoint is not None:
@@ -796,6 +804,7 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
             loop["best_epoch"],
             loop["bad_epochs"],
         )
+        best_score = loop.get("best_score", -best_val_loss)
         total_steps, train_seconds = loop["total_steps"], loop["train_seconds"]
         rows = list(checkpoint["history"])
         model_saved = loop.get("model_saved", False)
@@ -846,6 +855,7 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
                 "epoch_loss_count": epoch_loss_count,
                 "epoch_seconds": epoch_seconds,
                 "best_val_loss": best_val_loss,
+                "best_score": best_score,
                 "best_epoch": best_epoch,
                 "bad_epochs": bad_epochs,
                 "total_steps": total_steps,
@@ -953,9 +963,10 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
                 "elapsed_seconds": time.time() - started,
             }
             rows.append(row)
-            improved = val_loss < best_val_loss
+            score = _selection_score(config.select_by, val_loss, row["mean_dice"])
+            improved = score > best_score
             if improved:
-                best_val_loss, best_epoch, bad_epochs = val_loss, epoch + 1, 0
+                best_score, best_val_loss, best_epoch, bad_epochs = score, val_loss, epoch + 1, 0
             else:
                 bad_epochs += 1
             if scheduler is not None:
@@ -1063,6 +1074,7 @@ def _check_settings(config: TrainConfig) -> None:
         ),
         (0 < config.val_fraction < 1, f"--val-fraction {config.val_fraction}: must be in (0, 1)"),
         (config.patience >= 0, f"--patience {config.patience}: must be >= 0"),
+        (config.select_by in ("dice", "loss"), f"--select-by {config.select_by!r}: choose dice or loss"),
         (
             config.lr_schedule in LR_SCHEDULES,
             f"--lr-schedule {config.lr_schedule!r}: choose {', '.join(LR_SCHEDULES)}",

@@ -377,6 +377,20 @@ def test_bad_settings(run_cli, dataset, tmp_path):
     assert "--fold" in _bad(run_cli, dataset, tmp_path / "o", "--fold", "7/6")
     assert "--model-option" in _bad(run_cli, dataset, tmp_path / "o", "--model-option", "depth=3")
     assert "--val-tomograms" in _bad(run_cli, dataset, tmp_path / "o", "--val-tomograms", "nope")
+    assert "--select-by" in _bad(run_cli, dataset, tmp_path / "o", "--select-by", "f1")
+
+
+@pytest.mark.parametrize("select_by", ["dice", "loss"])
+def test_saved_model_is_the_best_epoch_by_the_chosen_score(dataset, tmp_path, select_by):
+    from cryocaps.training import train
+
+    result = train(_config(dataset, tmp_path / select_by, epochs=4, select_by=select_by, patience=0))
+    history = pd.DataFrame(result["history"])
+    scores = history["mean_dice"] if select_by == "dice" else -history["val_loss"]
+    # the first of the best epochs (later ties are not improvements)
+    assert result["best_epoch"] == int(history["epoch"][scores.to_numpy().argmax()])
+    saved = json.loads((tmp_path / select_by / "config.json").read_text())
+    assert saved["training"]["epoch"] == result["best_epoch"]
 
 
 def test_whole_tomogram_holdout(dataset, tmp_path):

@@ -132,9 +132,18 @@ def command(
         int,
         typer.Option(
             "--patience",
-            help="Stop after this many epochs without a lower validation loss; 0 = never. [default: 20]",
+            help="Stop after this many epochs without a better validation score (--select-by); 0 = never. "
+            "[default: 20]",
         ),
     ] = 20,
+    select_by: Annotated[
+        str,
+        typer.Option(
+            "--select-by",
+            help="Keep the model of the epoch with the highest mean validation Dice (dice) or the lowest "
+            "validation loss (loss, the paper's rule). [default: dice]",
+        ),
+    ] = "dice",
     val_fraction: Annotated[
         float,
         typer.Option(
@@ -256,6 +265,7 @@ def command(
         lr=lr,
         lr_schedule=lr_schedule,
         patience=patience,
+        select_by=select_by,
         val_fraction=val_fraction,
         val_tomograms=val_tomograms or [],
         fold=fold,
