@@ -174,6 +174,12 @@ def parse_args(argv=None):
     parser.add_argument(
         "--no-write", action="store_true", help="do not touch RESULTS.md / results JSON"
     )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        help="only rewrite the RESULTS.md section from this results JSON (no runs)",
+    )
     args = parser.parse_args(argv)
     if args.minutes is None:
         args.minutes = 2.0 if args.quick else 12.0
@@ -857,7 +863,11 @@ def markdown_section(report: dict) -> str:
             lines.append(
                 f"DeepFinder thresholds (min cluster size, voxels): {df['thresholds']}; macro F1 "
                 f"without them {fmt(df['macro_f1_without_thresholds'])}; cluster radius "
-                f"{df['cluster_radius_voxels']} voxels; Segment patch {df['segment'].get('patch_size')}."
+                f"{df['cluster_radius_voxels']} voxels; Segment patch {df['segment'].get('patch_size')}; "
+                f"training loss {df['train'].get('first_loss')} at the first step, "
+                f"{df['train'].get('last_loss')} at the last."
+                + (" Model reused from the previous run (training numbers are that run's)."
+                   if df["train"].get("reused_from_earlier_run") else "")
             )
             notes = df["pick"].get("notes") or []
             lines += [f"Note: {n}" for n in notes]
@@ -905,6 +915,10 @@ def main(argv=None) -> int:
     from cryocaps.errors import CryocapsError
 
     args = parse_args(argv)
+    if args.render:
+        replace_section(RESULTS_MD, markdown_section(json.loads(args.render.read_text())), START_MARK, END_MARK)
+        say(f"rewrote the vs_deepfinder section of {RESULTS_MD} from {args.render}")
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     # read before this run overwrites it: the earlier run's measurements, for --reuse-training
     previous = args.work / "partial_results.json"
