@@ -33,6 +33,7 @@ def _stages(
     tomograms = data / "tomograms"
     again = ["--overwrite"] if overwrite else []
     train_tomograms = [arg for i in (1, 2, 3) for arg in ("--tomograms", str(tomograms / f"tomo_0{i}.mrc"))]
+    train_labels = [arg for i in (1, 2, 3) for arg in ("--labels", str(masks / f"tomo_0{i}_labels.mrc"))]
     val_tomogram = str(tomograms / f"{VALIDATION_TOMOGRAM}.mrc")
     test_tomogram = str(tomograms / f"{TEST_TOMOGRAM}.mrc")
     patch = ["--patch-size", str(patch_size)] if patch_size else []
@@ -41,7 +42,7 @@ def _stages(
         ["simulate", str(data), "--n-tomograms", "5", "--shape", shape, "--seed", str(seed), "--preview", *again],
         ["make-masks", str(data / "particles.star"), "--tomograms", str(tomograms),
          "--classes", str(data / "classes.csv"), "-o", str(masks), *again],
-        ["train", *train_tomograms, "--labels", str(masks), "--classes", str(masks / "classes.csv"),
+        ["train", *train_tomograms, *train_labels, "--classes", str(masks / "classes.csv"),
          "--model", model, "--max-minutes", f"{minutes:g}", *patch, "--seed", str(seed), "-o", str(run), *again],
         ["segment", val_tomogram, test_tomogram, "--model", str(run), "--probabilities", "-o", str(seg), *again],
         # validation: tune one score threshold per class on a tomogram the network did not train on
