@@ -319,8 +319,8 @@ def command(
     if not quiet:
         rows = [[name, dice] for name, dice in result["best_dice"].items()]
         print_table(
-            f"Best epoch {result['best_epoch']} of {result['epochs_done']} "
-            f"(val loss {result['best_val_loss'] if result['best_val_loss'] is not None else 'n/a'})",
+            f"Best epoch {result['best_epoch']} of {result['epochs_done']}"
+            + (f", val loss {result['best_val_loss']:.3f}" if result["best_val_loss"] is not None else ""),
             ["class", "val Dice"],
             rows,
         )
