@@ -4,7 +4,9 @@ A :class:`TrainingVolume` is a memory-mapped tomogram with its label map and
 normalisation statistics; :class:`ParticleSet` lists particle centres (from
 the label map's connected components or from a coordinate file).
 :class:`PatchSampler` draws class-balanced batches of patches centred on
-particles (with jitter) plus random background patches, and augments them
+particles (with jitter) plus background patches -- some at random, some at
+label-free places of high contrast (membranes, gold, carbon edges: the hard
+negatives a segmentation most often mistakes for particles) -- and augments them
 with transformations that keep the missing wedge where it is. All randomness
 comes from the sampler's own numpy generator, whose state is saved in
 checkpoints so a resumed run draws the same patches.
@@ -173,6 +175,43 @@ def extract_patch(volume: TrainingVolume, corner: tuple[int, int, int], size: in
     return image, labels
 
 
+HARD_NEGATIVE_BLOCK = 4  # voxels per block side when mapping local contrast
+HARD_NEGATIVE_QUANTILE = 0.9  # blocks above this quantile of label-free contrast are candidates
+
+
+def hard_background_centres(
+    volume: TrainingVolume, block: int = HARD_NEGATIVE_BLOCK, quantile: float = HARD_NEGATIVE_QUANTILE
+) -> np.ndarray:
+    """Centres (N, 3) z, y, x voxels of label-free places with the highest local contrast.
+
+    Local contrast = mean squared normalised density over a (3·block)³
+    neighbourhood, on a grid of ``block``-voxel blocks; a block is label-free
+    when no voxel in it carries a class label. Returned: the blocks at or above
+    the ``quantile`` of the label-free blocks' contrast (membranes, gold beads,
+    ice and carbon edges in real data). Reads the volume once, slab by slab.
+    """
+    from scipy import ndimage
+
+    nz, ny, nx = (n // block for n in volume.shape)
+    if min(nz, ny, nx) == 0:
+        return np.zeros((0, 3), np.int64)
+    energy = np.empty((nz, ny, nx), np.float32)
+    labelled = np.empty((nz, ny, nx), bool)
+    for k in range(nz):
+        region = (slice(k * block, (k + 1) * block), slice(0, ny * block), slice(0, nx * block))
+        slab = apply_normalization(volume.data[region], volume.stats)
+        energy[k] = (slab**2).reshape(block, ny, block, nx, block).mean(axis=(0, 2, 4))
+        labels = np.asarray(volume.label_map[region])
+        labelled[k] = (labels != 0).reshape(block, ny, block, nx, block).any(axis=(0, 2, 4))
+    energy = ndimage.uniform_filter(energy, size=3, mode="nearest")
+    free = ~labelled
+    if not free.any():
+        return np.zeros((0, 3), np.int64)
+    threshold = np.quantile(energy[free], quantile)
+    blocks = np.argwhere(free & (energy >= threshold))
+    return blocks * block + block // 2
+
+
 def centred_corner(centre, shape, size: int, offset=(0, 0, 0)) -> tuple[int, int, int]:
     """Corner of a ``size``³ patch centred on ``centre`` + ``offset``, moved inside ``shape``."""
     return tuple(
@@ -182,7 +221,7 @@ def centred_corner(centre, shape, size: int, offset=(0, 0, 0)) -> tuple[int, int
 
 
 class PatchSampler:
-    """Draw training batches: class-balanced particle patches plus random background patches.
+    """Draw training batches: class-balanced particle patches plus background patches.
 
     Parameters
     ----------
@@ -190,7 +229,9 @@ class PatchSampler:
     particles : particle centres to sample around (``volume`` indexes ``volumes``)
     background_volumes : indices of volumes to cut background patches from
     patch_size : patch side in voxels
-    background_fraction : probability that a patch is placed at random
+    background_fraction : probability that a patch is a background patch
+    hard_negative_fraction : share of the background patches centred on hard
+        negatives (:func:`hard_background_centres`); the others are placed at random
     jitter_voxels : particle patches are shifted by up to this many voxels per axis
     augmentation : applied to every patch (None: no augmentation)
     seed : seeds the sampler's own generator (give each process its own)
@@ -207,6 +248,7 @@ class PatchSampler:
         jitter_voxels: int,
         augmentation: Augmentation | None,
         seed: int | np.random.SeedSequence,
+        hard_negative_fraction: float = 0.0,
     ):
         self.volumes = volumes
         self.particles = particles
@@ -224,6 +266,16 @@ class PatchSampler:
             [np.prod(volumes[i].shape) for i in self.background_volumes], dtype=np.float64
         )
         self._background_p = sizes / sizes.sum() if len(sizes) else None
+        self.hard_negative_fraction = float(hard_negative_fraction)
+        self._hard: list[tuple[int, np.ndarray]] = []
+        if self.hard_negative_fraction > 0 and self._background_p is not None:
+            for index in self.background_volumes:
+                centres = hard_background_centres(volumes[index])
+                if len(centres):
+                    self._hard.append((index, centres))
+            log.debug("hard negatives: %d places", sum(len(c) for _, c in self._hard))
+        counts = np.array([len(c) for _, c in self._hard], dtype=np.float64)
+        self._hard_p = counts / counts.sum() if len(counts) else None
 
     # --- state for checkpoints -------------------------------------------------
     def state(self) -> dict:
@@ -234,6 +286,11 @@ class PatchSampler:
 
     # --- drawing ---------------------------------------------------------------
     def _background_corner(self) -> tuple[int, tuple[int, int, int]]:
+        if self._hard_p is not None and self.rng.random() < self.hard_negative_fraction:
+            index, centres = self._hard[int(self.rng.choice(len(self._hard), p=self._hard_p))]
+            centre = centres[int(self.rng.integers(len(centres)))]
+            offset = self.rng.integers(-HARD_NEGATIVE_BLOCK, HARD_NEGATIVE_BLOCK + 1, size=3)
+            return index, centred_corner(centre, self.volumes[index].shape, self.patch_size, offset)
         index = self.background_volumes[
             int(self.rng.choice(len(self.background_volumes), p=self._background_p))
         ]

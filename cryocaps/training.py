@@ -97,6 +97,7 @@ class TrainConfig:
     val_tomograms: list[str] = field(default_factory=list)
     fold: str | None = None  # "k/K"
     background_fraction: float = 0.3
+    hard_negative_fraction: float = 0.5  # of the background patches, share centred on hard negatives
     jitter_voxels: int | None = None  # default: patch_size // 4
     rot90: bool = False
     mirror: bool = False
@@ -1072,6 +1073,10 @@ def _check_settings(config: TrainConfig) -> None:
             0 <= config.background_fraction < 1,
             f"--background-fraction {config.background_fraction}: must be in [0, 1)",
         ),
+        (
+            0 <= config.hard_negative_fraction <= 1,
+            f"--hard-negatives {config.hard_negative_fraction}: must be in [0, 1]",
+        ),
         (0 < config.val_fraction < 1, f"--val-fraction {config.val_fraction}: must be in (0, 1)"),
         (config.patience >= 0, f"--patience {config.patience}: must be >= 0"),
         (config.select_by in ("dice", "loss"), f"--select-by {config.select_by!r}: choose dice or loss"),
@@ -1161,6 +1166,7 @@ def _training_sampler(data, config: TrainConfig, jitter: int, augmentation, seed
         data.train_volumes,
         config.patch_size,
         background_fraction=config.background_fraction,
+        hard_negative_fraction=config.hard_negative_fraction,
         jitter_voxels=jitter,
         augmentation=augmentation,
         seed=np.random.SeedSequence(seed),

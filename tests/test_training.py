@@ -133,6 +133,34 @@ def test_sampler_background_fraction_and_state_roundtrip():
     assert [sampler.next_location()[1] for _ in range(800)] == locations
 
 
+def test_hard_negatives_are_the_bright_label_free_places():
+    from cryocaps.sampling import hard_background_centres
+
+    rng = np.random.default_rng(0)
+    shape = (24, 48, 48)
+    data = rng.normal(0, 1, shape).astype(np.float32)
+    labels = np.zeros(shape, np.uint8)
+    data[:, 20:24, :] += np.where(np.arange(48) % 2, 6.0, -6.0)  # a striped "membrane" at y 20-23
+    data[8:16, 36:44, 36:44] -= 6.0  # a strong particle, labelled: never a hard negative
+    labels[8:16, 36:44, 36:44] = 1
+    stats = {"low": -1e9, "high": 1e9, "mean": 0.0, "std": 1.0}
+    volume = TrainingVolume("v", data, labels, stats, 10.0)
+    centres = hard_background_centres(volume)
+    assert len(centres) > 0
+    assert np.all(np.abs(centres[:, 1] - 22) <= 6)  # on or beside the membrane
+    assert not any(36 <= y < 44 and 36 <= x < 44 for _, y, x in centres)
+
+    particles = ParticleSet(np.zeros(1, np.int64), np.array([1]), np.array([[12, 40, 40]]))
+    sampler = PatchSampler(
+        [volume], particles, [0], 8, background_fraction=1 - 1e-9, jitter_voxels=0,
+        augmentation=None, seed=1, hard_negative_fraction=0.5,
+    )
+    centres_y = [corner[1] + 4 for _, corner in (sampler.next_location() for _ in range(400))]
+    on_membrane = np.mean([abs(y - 22) <= 10 for y in centres_y])
+    # half hard negatives (all near y 22) + half random (~20/48 of them near by chance)
+    assert 0.6 < on_membrane < 0.85
+
+
 def test_augmentation_keeps_wedge_axes_and_handedness():
     rng = np.random.default_rng(0)
     image = rng.normal(size=(6, 6, 6)).astype(np.float32)
@@ -378,6 +406,7 @@ def test_bad_settings(run_cli, dataset, tmp_path):
     assert "--model-option" in _bad(run_cli, dataset, tmp_path / "o", "--model-option", "depth=3")
     assert "--val-tomograms" in _bad(run_cli, dataset, tmp_path / "o", "--val-tomograms", "nope")
     assert "--select-by" in _bad(run_cli, dataset, tmp_path / "o", "--select-by", "f1")
+    assert "--hard-negatives" in _bad(run_cli, dataset, tmp_path / "o", "--hard-negatives", "2")
 
 
 @pytest.mark.parametrize("select_by", ["dice", "loss"])

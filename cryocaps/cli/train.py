@@ -169,9 +169,17 @@ def command(
         float,
         typer.Option(
             "--background-fraction",
-            help="Fraction of patches placed at random instead of on a particle. [default: 0.3]",
+            help="Fraction of patches placed off the particles (background). [default: 0.3]",
         ),
     ] = 0.3,
+    hard_negative_fraction: Annotated[
+        float,
+        typer.Option(
+            "--hard-negatives",
+            help="Share of the background patches centred on label-free places of high contrast "
+            "(membranes, gold, carbon edges) instead of at random; 0 = all random. [default: 0.5]",
+        ),
+    ] = 0.5,
     jitter_voxels: Annotated[
         int | None,
         typer.Option(
@@ -270,6 +278,7 @@ def command(
         val_tomograms=val_tomograms or [],
         fold=fold,
         background_fraction=background_fraction,
+        hard_negative_fraction=hard_negative_fraction,
         jitter_voxels=jitter_voxels,
         rot90=rot90,
         mirror=mirror,
