@@ -295,10 +295,9 @@ def command(
         threads=threads,
     )
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if os.environ.get("CRYOCAPS_MALLOC", "keep") == "keep":
-        from cryocaps.process import keep_freed_blocks
+    from cryocaps.process import keep_freed_blocks
 
-        keep_freed_blocks()  # the same large tensors every step: do not page them in afresh
+    keep_freed_blocks()  # the same large tensors every step: do not page them in afresh (1.16x for UCaps)
     with progress("Training", epochs * steps_per_epoch) as advance:
         result = train(config, progress=advance if is_main else None)
     if not is_main:
