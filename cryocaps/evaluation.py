@@ -438,8 +438,10 @@ def best_score_thresholds(matching: Matching, curves: dict[str, dict] | None = N
         # thresholds descend: the last index among the maxima is the lowest threshold
         best = int(len(f1) - 1 - np.argmax(f1[::-1]))
         thresholds = curve["threshold"]
-        if best == len(thresholds) - 1 or not np.isfinite(thresholds[best + 1]):
+        if best == len(thresholds) - 1:
             min_score = np.nan
+        elif not np.isfinite(thresholds[best + 1]):  # the rest are picks without a score
+            min_score = float(thresholds[best])
         else:
             min_score = float((thresholds[best] + thresholds[best + 1]) / 2)
         rows.append([name, min_score, precision[best], recall[best], f1[best], f1[-1], n_picks])
