@@ -212,6 +212,13 @@ def hard_background_centres(
     return blocks * block + block // 2
 
 
+def hard_negative_places(volumes: list[TrainingVolume], indices: list[int]) -> list[tuple[int, np.ndarray]]:
+    """``(index, centres)`` of :func:`hard_background_centres` for each listed volume."""
+    places = [(index, hard_background_centres(volumes[index])) for index in indices]
+    log.debug("hard negatives: %d places in %d volumes", sum(len(c) for _, c in places), len(places))
+    return places
+
+
 def centred_corner(centre, shape, size: int, offset=(0, 0, 0)) -> tuple[int, int, int]:
     """Corner of a ``size``³ patch centred on ``centre`` + ``offset``, moved inside ``shape``."""
     return tuple(
@@ -232,6 +239,8 @@ class PatchSampler:
     background_fraction : probability that a patch is a background patch
     hard_negative_fraction : share of the background patches centred on hard
         negatives (:func:`hard_background_centres`); the others are placed at random
+    hard_centres : those places as :func:`hard_negative_places` returns them, when
+        already computed (else computed here, reading each background volume once)
     jitter_voxels : particle patches are shifted by up to this many voxels per axis
     augmentation : applied to every patch (None: no augmentation)
     seed : seeds the sampler's own generator (give each process its own)
@@ -249,6 +258,7 @@ class PatchSampler:
         augmentation: Augmentation | None,
         seed: int | np.random.SeedSequence,
         hard_negative_fraction: float = 0.0,
+        hard_centres: list[tuple[int, np.ndarray]] | None = None,
     ):
         self.volumes = volumes
         self.particles = particles
@@ -269,11 +279,9 @@ class PatchSampler:
         self.hard_negative_fraction = float(hard_negative_fraction)
         self._hard: list[tuple[int, np.ndarray]] = []
         if self.hard_negative_fraction > 0 and self._background_p is not None:
-            for index in self.background_volumes:
-                centres = hard_background_centres(volumes[index])
-                if len(centres):
-                    self._hard.append((index, centres))
-            log.debug("hard negatives: %d places", sum(len(c) for _, c in self._hard))
+            if hard_centres is None:
+                hard_centres = hard_negative_places(volumes, self.background_volumes)
+            self._hard = [(index, centres) for index, centres in hard_centres if len(centres)]
         counts = np.array([len(c) for _, c in self._hard], dtype=np.float64)
         self._hard_p = counts / counts.sum() if len(counts) else None
 

@@ -47,6 +47,7 @@ from cryocaps.sampling import (
     PatchSampler,
     TrainingVolume,
     extract_patch,
+    hard_negative_places,
     particles_from_label_map,
     split_particles,
     validation_locations,
@@ -340,6 +341,7 @@ class TrainingData:
     val_volumes: list[int]
     voxel_counts: np.ndarray  # (n_labels,) in the training volumes
     inputs: list[Path]
+    hard_centres: list | None = None  # hard-negative places, computed once by the first sampler
 
 
 def prepare_data(config: TrainConfig) -> TrainingData:
@@ -1160,6 +1162,8 @@ def _make_scheduler(optimizer, config: TrainConfig):
 
 def _training_sampler(data, config: TrainConfig, jitter: int, augmentation, seed: list[int]) -> PatchSampler:
     """Patches of the training particles and background, as configured."""
+    if config.hard_negative_fraction > 0 and data.hard_centres is None:
+        data.hard_centres = hard_negative_places(data.volumes, data.train_volumes)
     return PatchSampler(
         data.volumes,
         data.train_particles,
@@ -1167,6 +1171,7 @@ def _training_sampler(data, config: TrainConfig, jitter: int, augmentation, seed
         config.patch_size,
         background_fraction=config.background_fraction,
         hard_negative_fraction=config.hard_negative_fraction,
+        hard_centres=data.hard_centres,
         jitter_voxels=jitter,
         augmentation=augmentation,
         seed=np.random.SeedSequence(seed),
