@@ -5,7 +5,7 @@ sliding-window inference, clustering into particle coordinates and
 particle-level evaluation, reading and writing RELION / STOPGAP / Dynamo files.
 """
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 from cryocaps.errors import CryocapsError  # noqa: E402
 
