@@ -327,8 +327,7 @@ def command(
     if not quiet:
         rows = [[name, dice] for name, dice in result["best_dice"].items()]
         print_table(
-            f"Best epoch {result['best_epoch']} of {result['epochs_done']}"
-            + (f", val loss {result['best_val_loss']:.3f}" if result["best_val_loss"] is not None else ""),
+            f"Best epoch {result['best_epoch']} of {result['epochs_done']}",  # short: no wrapping over the table
             ["class", "val Dice"],
             rows,
         )
