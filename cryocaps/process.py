@@ -32,7 +32,7 @@ M_MMAP_MAX = -4
 GLIBC_DEFAULT_TRIM_THRESHOLD = 128 * 1024
 GLIBC_DEFAULT_MMAP_MAX = 65536
 
-_applied: list[str] = []  # the policies applied so far, last = current
+_policy: str | None = None  # the policy applied last (None: glibc's defaults)
 
 
 def _mallopt(settings: list[tuple[int, int]]) -> bool:
@@ -46,28 +46,31 @@ def _mallopt(settings: list[tuple[int, int]]) -> bool:
     return all(bool(mallopt(parameter, value)) for parameter, value in settings)
 
 
+def _apply(name: str, settings: list[tuple[int, int]]) -> bool:
+    global _policy
+    done = _mallopt(settings)
+    if done:
+        _policy = name
+    return done
+
+
 def keep_freed_blocks() -> bool:
     """Keep freed memory mapped for reuse (training); True if applied."""
-    done = _mallopt([(M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1)])
-    if done:
-        _applied.append("keep")
-    return done
+    return _apply("keep", [(M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1)])
 
 
 def return_freed_blocks(threshold_bytes: int = 256 * 1024) -> bool:
     """Hand blocks above ``threshold_bytes`` back to the system when freed (segmentation); True if applied."""
-    done = _mallopt(
+    return _apply(
+        "return",
         [
             (M_MMAP_MAX, GLIBC_DEFAULT_MMAP_MAX),
             (M_TRIM_THRESHOLD, GLIBC_DEFAULT_TRIM_THRESHOLD),
             (M_MMAP_THRESHOLD, int(threshold_bytes)),
-        ]
+        ],
     )
-    if done:
-        _applied.append("return")
-    return done
 
 
 def current_policy() -> str | None:
     """``"keep"``, ``"return"`` or None (glibc's defaults), for run.json."""
-    return _applied[-1] if _applied else None
+    return _policy
