@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cryocaps.models import create_model  # noqa: E402
-from cryocaps.process import keep_freed_blocks  # noqa: E402
+from cryocaps.runtime import keep_freed_blocks  # noqa: E402
 
 N_CLASSES = 4  # background + 3 particle classes, as in the paper's multi-class runs
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}

@@ -626,8 +626,8 @@ def evaluate_label_files(
     ``<tomo>_probs.mrc`` beside a predicted map adds voxel AUPRC. Returns
     (:meth:`VoxelScores.result`, tomogram names scored).
     """
+    from cryocaps.io.layout import companion_path
     from cryocaps.io.volumes import base_tomogram_name, read_tomogram, tomogram_name
-    from cryocaps.picking import companion_path
 
     def by_name(paths, flag):
         table = {}

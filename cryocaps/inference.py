@@ -47,7 +47,6 @@ import itertools
 import logging
 import math
 import mmap
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,8 +56,11 @@ import numpy as np
 
 from cryocaps.classes import ClassTable, read_classes, write_classes
 from cryocaps.errors import CryocapsError
-from cryocaps.io.volumes import MrcVolumeWriter, read_info, read_tomogram, tomogram_name
+from cryocaps.io.layout import output_paths, tomogram_name
+from cryocaps.io.volumes import MrcVolumeWriter, read_info, read_tomogram
 from cryocaps.preprocess import DEFAULT_CLIP_PERCENTILES, apply_normalization, normalization_stats
+from cryocaps.runtime import configure_threads, native_bf16
+from cryocaps.runtime import device_type as torch_device_type
 
 log = logging.getLogger(__name__)
 
@@ -222,16 +224,6 @@ def release_pages(array, flush: bool = False) -> None:
         if flush:
             mapping.flush()
         mapping.madvise(mmap.MADV_DONTNEED)
-
-
-def native_bf16() -> bool:
-    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16 autocast pays."""
-    try:
-        import torch.cpu
-
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except (ImportError, AttributeError, RuntimeError):
-        return False
 
 
 # --------------------------------------------------------------------------- the sliding window
@@ -475,17 +467,6 @@ class ProbabilityPredictor:
 
 
 # --------------------------------------------------------------------------- whole tomograms
-
-
-def output_paths(out_dir, name: str, *, probabilities: bool = False, score: bool = False) -> dict[str, Path]:
-    """The files segment writes for tomogram ``name``: labels, and probs/score when asked."""
-    out_dir = Path(out_dir)
-    paths = {"labels": out_dir / f"{name}_labels.mrc"}
-    if probabilities:
-        paths["probabilities"] = out_dir / f"{name}_probs.mrc"
-    if score:
-        paths["score"] = out_dir / f"{name}_score.mrc"
-    return paths
 
 
 def resolve_window(config: dict, size_multiple: int, patch_size=None, overlap=None) -> tuple[tuple, tuple]:
@@ -767,24 +748,6 @@ def select_shard(paths: Sequence, index: int, count: int) -> list:
         raise CryocapsError(f"--shard {index}/{count}: need 0 <= I < N")
     ordered = sorted(paths, key=lambda p: str(Path(p).resolve()))
     return ordered[index::count]
-
-
-def torch_device_type(device: str) -> str:
-    """"cpu", "cuda", … of a device name."""
-    import torch
-
-    return torch.device(device).type
-
-
-def configure_threads(threads: int | None = None) -> int:
-    """Use ``threads`` torch threads (default: the CPUs this process may run on)."""
-    import torch
-
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    wanted = threads or available
-    if torch.get_num_threads() != wanted:
-        torch.set_num_threads(wanted)
-    return wanted
 
 
 def unique_inputs(files: Sequence) -> list[Path]:

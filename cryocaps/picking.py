@@ -43,8 +43,9 @@ from scipy.spatial import cKDTree
 
 from cryocaps.classes import ClassTable, ParticleClass
 from cryocaps.errors import CryocapsError
+from cryocaps.io.layout import base_tomogram_name, companion_path, tomogram_name
 from cryocaps.io.particles import CANONICAL_COLUMNS
-from cryocaps.io.volumes import TomogramInfo, base_tomogram_name, read_tomogram, tomogram_name
+from cryocaps.io.volumes import TomogramInfo, read_tomogram
 
 log = logging.getLogger(__name__)
 
@@ -465,24 +466,6 @@ _PICKERS = {"components": _pick_components, "meanshift": _pick_meanshift, "peaks
 
 
 # --- files ------------------------------------------------------------------
-
-
-def find_classes_beside(label_paths: Sequence[Path]) -> Path | None:
-    """``classes.csv`` in the folder of the first label map (or its parent), if there is one."""
-    for path in label_paths[:1]:
-        for folder in (Path(path).parent, Path(path).parent.parent):
-            candidate = folder / "classes.csv"
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def companion_path(label_path: Path, kind: str) -> Path | None:
-    """``<tomo>_probs.mrc`` / ``<tomo>_score.mrc`` beside ``<tomo>_labels.mrc``, if present."""
-    label_path = Path(label_path)
-    base = base_tomogram_name(tomogram_name(label_path))
-    candidate = label_path.with_name(f"{base}_{kind}{label_path.suffix}")
-    return candidate if candidate.is_file() and candidate != label_path else None
 
 
 def pick_files(

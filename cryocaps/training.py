@@ -33,13 +33,14 @@ import numpy as np
 
 from cryocaps.classes import ClassTable, read_classes
 from cryocaps.errors import CryocapsError
-from cryocaps.io.volumes import (
-    MRC_SUFFIXES,
-    OUTPUT_SUFFIXES,
+from cryocaps.io.layout import (
     base_tomogram_name,
-    read_tomogram,
+    expand_volume_paths,
+    find_class_table_beside,
+    match_label_maps,
     tomogram_name,
 )
+from cryocaps.io.volumes import read_tomogram
 from cryocaps.preprocess import DEFAULT_CLIP_PERCENTILES, normalization_stats
 from cryocaps.sampling import (
     Augmentation,
@@ -124,69 +125,14 @@ def _selection_score(select_by: str, val_loss: float, mean_dice: float) -> float
 # --- data ----------------------------------------------------------------------
 
 
-def _expand(paths, flag: str, skip_outputs: bool) -> list[Path]:
-    files: list[Path] = []
-    for path in paths:
-        path = Path(path)
-        if path.is_dir():
-            found = sorted(
-                p
-                for p in path.iterdir()
-                if p.is_file()
-                and p.suffix.lower() in MRC_SUFFIXES
-                and not (skip_outputs and tomogram_name(p).endswith(OUTPUT_SUFFIXES))
-            )
-            if not found:
-                raise CryocapsError(f"{flag} {path}: folder holds no .mrc/.rec/.map files")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise CryocapsError(f"{flag} {path}: no such file or folder")
-    if not files:
-        raise CryocapsError(f"{flag}: no files given")
-    return files
-
-
-def match_label_maps(tomograms: list[Path], labels: list[Path]) -> list[tuple[Path, Path]]:
-    """Pair each tomogram with its label map (``<tomo>_labels.mrc`` or ``<tomo>.mrc``)."""
-    by_name: dict[str, Path] = {}
-    for path in labels:
-        name = base_tomogram_name(tomogram_name(path))
-        if name in by_name and by_name[name] != path:
-            raise CryocapsError(
-                f"--labels: two label maps for tomogram {name}: {by_name[name]} and {path}"
-            )
-        by_name[name] = path
-    pairs = []
-    seen: dict[str, Path] = {}
-    for tomogram in tomograms:
-        name = tomogram_name(tomogram)
-        if name in seen:
-            raise CryocapsError(
-                f"--tomograms: two tomograms named {name}: {seen[name]} and {tomogram}"
-            )
-        seen[name] = tomogram
-        if name not in by_name:
-            raise CryocapsError(
-                f"--tomograms {tomogram}: no label map {name}_labels.mrc or {name}.mrc among --labels"
-            )
-        pairs.append((tomogram, by_name[name]))
-    unused = sorted(set(by_name) - set(seen))
-    if unused:
-        log.warning("label maps without a tomogram ignored: %s", ", ".join(unused))
-    return pairs
-
-
 def find_class_table(classes: Path | None, label_paths: list[Path]) -> ClassTable:
     """``--classes``, else a classes.csv beside the label maps or one folder up."""
     if classes is not None:
         return read_classes(classes)
-    for folder in dict.fromkeys(p.resolve().parent for p in label_paths):
-        for candidate in (folder / "classes.csv", folder.parent / "classes.csv"):
-            if candidate.is_file():
-                log.info("classes from %s", candidate)
-                return read_classes(candidate)
+    found = find_class_table_beside(label_paths)
+    if found is not None:
+        log.info("classes from %s", found)
+        return read_classes(found)
     raise CryocapsError(
         "no class table: give --classes classes.csv (none found beside the --labels maps)"
     )
@@ -346,8 +292,8 @@ class TrainingData:
 
 def prepare_data(config: TrainConfig) -> TrainingData:
     """Read, check and split the training data (raises CryocapsError on bad input)."""
-    tomogram_paths = _expand(config.tomograms, "--tomograms", skip_outputs=True)
-    label_paths = _expand(config.labels, "--labels", skip_outputs=False)
+    tomogram_paths = expand_volume_paths(config.tomograms, "--tomograms", skip_outputs=True)
+    label_paths = expand_volume_paths(config.labels, "--labels", skip_outputs=False)
     pairs = match_label_maps(tomogram_paths, label_paths)
     classes = find_class_table(config.classes, [label for _, label in pairs])
     volumes, counts = load_volumes(pairs, classes.n_labels, config.voxel_size_angstrom)
@@ -772,7 +718,7 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
     scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp)
     use_bf16 = config.bf16
     if use_bf16 is None:
-        from cryocaps.inference import native_bf16
+        from cryocaps.runtime import native_bf16
 
         use_bf16 = device == "cpu" and native_bf16()
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 PROBE = """
 import resource, sys
 import numpy as np
-from cryocaps import process
+from cryocaps import runtime as process
 policy = sys.argv[1]
 if policy != "default":
     assert getattr(process, policy)(), policy
@@ -42,7 +42,7 @@ def test_keep_freed_blocks_stops_page_faulting_reused_memory():
 
 
 def test_last_policy_wins():
-    from cryocaps import process
+    from cryocaps import runtime as process
 
     assert process.keep_freed_blocks()
     assert process.return_freed_blocks()

@@ -103,8 +103,9 @@ def command(
     setup_logging(quiet, verbose)
     from cryocaps.classes import load_class_table
     from cryocaps.io.files import check_writable
+    from cryocaps.io.layout import find_class_table_beside as find_classes_beside
     from cryocaps.io.particles import check_format, write_particles
-    from cryocaps.picking import find_classes_beside, pick_files, summary_by_class
+    from cryocaps.picking import pick_files, summary_by_class
     from cryocaps.runinfo import write_run_json
 
     started = time.time()

@@ -187,32 +187,6 @@ def track(items: Iterable, description: str, total: int | None = None) -> Iterat
             advance()
 
 
-def resolve_device(name: str = "auto") -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; validates explicit names."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CryocapsError(f"--device {name}: CUDA is not available on this machine")
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise CryocapsError(f"--device {name!r}: not a torch device (use auto, cpu, cuda, cuda:N)") from None
-    return name
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    if "torch" in sys.modules:
-        sys.modules["torch"].manual_seed(seed)
-
-
 def print_table(title: str, columns: list[str], rows: list[list], to_stdout: bool = True) -> None:
     """A rich table (on stdout by default, so it can be captured)."""
     from rich.table import Table
@@ -233,18 +207,6 @@ def _format(value) -> str:
 
 def collect_mrc_files(paths: list[Path], flag: str = "input") -> list[Path]:
     """Expand folders into their MRC files (sorted); check every file exists."""
-    from cryocaps.io.volumes import MRC_SUFFIXES
+    from cryocaps.io.layout import expand_volume_paths
 
-    files: list[Path] = []
-    for path in paths:
-        path = Path(path)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in MRC_SUFFIXES and p.is_file())
-            if not found:
-                raise CryocapsError(f"{flag} {path}: folder holds no .mrc/.rec/.map files")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise CryocapsError(f"{flag} {path}: no such file or folder")
-    return files
+    return expand_volume_paths(paths, flag)

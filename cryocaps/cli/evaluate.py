@@ -104,7 +104,7 @@ def command(
 ) -> None:
     setup_logging(quiet, verbose)
     from cryocaps.classes import load_class_table
-    from cryocaps.picking import find_classes_beside
+    from cryocaps.io.layout import find_class_table_beside as find_classes_beside
     from cryocaps.runinfo import write_run_json
 
     started = time.time()
@@ -128,7 +128,7 @@ def command(
         raise CryocapsError(f"--overlay-slices must be >= 1, got {overlay_slices}")
 
     if classes is None and radius_angstrom is None:
-        near = [labels_true[0]] if voxel_mode else [truth, picks]
+        near = [labels_true[0]] if voxel_mode else [truth]
         classes = find_classes_beside(near)
         if classes is None:
             raise CryocapsError(

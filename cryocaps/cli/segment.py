@@ -147,10 +147,9 @@ def command(
     if threads is not None and threads < 1:
         raise CryocapsError(f"--threads {threads}: must be at least 1")
 
-    from cryocaps.cli.common import resolve_device
     from cryocaps.inference import segment_files
-    from cryocaps.process import return_freed_blocks
     from cryocaps.runinfo import peak_rss_bytes, write_run_json
+    from cryocaps.runtime import resolve_device, return_freed_blocks
 
     device = resolve_device(device)
     return_freed_blocks()  # peak memory must not creep up with the number of windows

@@ -295,7 +295,7 @@ def command(
         threads=threads,
     )
     is_main = int(os.environ.get("RANK", "0")) == 0
-    from cryocaps.process import keep_freed_blocks
+    from cryocaps.runtime import keep_freed_blocks
 
     keep_freed_blocks()  # the same large tensors every step: do not page them in afresh (1.16x for UCaps)
     with progress("Training", epochs * steps_per_epoch) as advance:

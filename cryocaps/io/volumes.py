@@ -13,10 +13,15 @@ import numpy as np
 
 from cryocaps.errors import CryocapsError
 from cryocaps.io.files import atomic_path
+from cryocaps.io.layout import (  # noqa: F401 - the names volumes are known by
+    MRC_SUFFIXES,
+    OUTPUT_SUFFIXES,
+    base_tomogram_name,
+    tomogram_name,
+)
 
 log = logging.getLogger(__name__)
 
-MRC_SUFFIXES = (".mrc", ".rec", ".map", ".mrcs", ".st", ".ali")
 WRITE_DTYPES = {
     "float32": np.float32,
     "float16": np.float16,
@@ -68,26 +73,6 @@ class TomogramInfo:
     shape: tuple[int, int, int]  # (z, y, x)
     voxel_size_angstrom: float
     origin_angstrom: tuple[float, float, float] = (0.0, 0.0, 0.0)
-
-
-def tomogram_name(path: str | os.PathLike) -> str:
-    """Name used to match a tomogram with particles: the file name without MRC suffix."""
-    name = Path(path).name
-    for suffix in MRC_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(path).stem
-
-
-OUTPUT_SUFFIXES = ("_labels", "_probs", "_score")
-
-
-def base_tomogram_name(name: str) -> str:
-    """Tomogram name behind an output map: ``TS_01_labels`` -> ``TS_01``."""
-    for suffix in OUTPUT_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _open(path: Path, mmap: bool, header_only: bool = False):
