@@ -24,7 +24,7 @@ import pandas as pd
 
 from cryocaps.classes import ClassTable, ParticleClass
 from cryocaps.errors import CryocapsError
-from cryocaps.io.volumes import TomogramInfo
+from cryocaps.io.volumes import TomogramInfo, label_counts, same_voxel_size
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,6 @@ SHAPES = ("sphere", "gaussian", "template")
 GAUSSIAN_SIGMA_PER_RADIUS = 0.5  # sigma = radius / 2: the target is exp(-2) = 0.14 at the radius
 GAUSSIAN_REACH_SIGMAS = 3.0  # soft targets are cut at 3 sigma (1.5 radii), where they are 0.011
 DEFAULT_TEMPLATE_THRESHOLD = 0.2
-VOXEL_SIZE_TOLERANCE = 1e-3
 
 # A box mask: (lower corner zyx in the volume, bool mask of the box).
 BoxMask = tuple[np.ndarray, np.ndarray]
@@ -193,15 +192,6 @@ def soft_targets(label_map: np.ndarray, value_map: np.ndarray, channel: int) -> 
     return np.where(label_map == channel, value_map, np.float16(0))
 
 
-def label_counts(label_map: np.ndarray, n_labels: int) -> np.ndarray:
-    """Voxels per label (n_labels,), counted slab by slab (no full-size int64 copy)."""
-    counts = np.zeros(n_labels, np.int64)
-    step = max(1, 2**22 // max(1, label_map[0].size))
-    for start in range(0, label_map.shape[0], step):
-        counts += np.bincount(label_map[start : start + step].ravel(), minlength=n_labels)[:n_labels]
-    return counts
-
-
 # --- templates ---------------------------------------------------------------------
 def relion_sampling_matrices(angles_deg: np.ndarray) -> np.ndarray:
     """(N, 3, 3) matrices taking tomogram offsets (x, y, z) to template offsets (x, y, z).
@@ -259,7 +249,8 @@ def load_template(
     tomogram = read_tomogram(particle_class.template)
     density = tomogram.data.astype(np.float32)
     centre = np.array(density.shape) // 2
-    if abs(tomogram.voxel_size_angstrom - voxel_size_angstrom) > VOXEL_SIZE_TOLERANCE * voxel_size_angstrom:
+    # any difference is resampled away (a template is rescaled, never refused)
+    if not np.isclose(tomogram.voxel_size_angstrom, voxel_size_angstrom, rtol=1e-4):
         # Fourier rescaling keeps voxel 0 in place, so the box centre moves to centre * ratio.
         density = fourier_rescale(density, tomogram.voxel_size_angstrom, voxel_size_angstrom)
         centre = centre * tomogram.voxel_size_angstrom / voxel_size_angstrom
@@ -356,7 +347,7 @@ def check_voxel_sizes(tomograms: Sequence[TomogramInfo]) -> float:
     """The common voxel size of a run's tomograms; refuse a mix."""
     sizes = {info.name: info.voxel_size_angstrom for info in tomograms}
     reference = next(iter(sizes.values()))
-    if any(abs(v - reference) > VOXEL_SIZE_TOLERANCE * reference for v in sizes.values()):
+    if not all(same_voxel_size(v, reference) for v in sizes.values()):
         listed = ", ".join(f"{name} {size:g} Å" for name, size in sizes.items())
         raise CryocapsError(
             f"--tomograms: voxel sizes differ ({listed}); bring them to one voxel size with "

@@ -40,7 +40,7 @@ from cryocaps.io.layout import (
     match_label_maps,
     tomogram_name,
 )
-from cryocaps.io.volumes import read_tomogram
+from cryocaps.io.volumes import label_counts, read_tomogram
 from cryocaps.preprocess import DEFAULT_CLIP_PERCENTILES, normalization_stats
 from cryocaps.sampling import (
     Augmentation,
@@ -138,26 +138,6 @@ def find_class_table(classes: Path | None, label_paths: list[Path]) -> ClassTabl
     )
 
 
-def label_counts(label_map: np.ndarray, path: Path, n_labels: int, slab: int = 16) -> np.ndarray:
-    """Voxels per label (n_labels,), read slab by slab; refuses values outside 0..n_labels-1."""
-    counts = np.zeros(n_labels, dtype=np.int64)
-    for z in range(0, label_map.shape[0], slab):
-        block = np.asarray(label_map[z : z + slab])
-        if block.dtype.kind == "f":
-            if not np.all(block == np.round(block)):
-                raise CryocapsError(f"--labels {path}: label map holds non-integer values")
-        block = block.astype(np.int64)
-        low, high = int(block.min()), int(block.max())
-        if low < 0:
-            raise CryocapsError(f"--labels {path}: negative label value {low}")
-        if high >= n_labels:
-            raise CryocapsError(
-                f"--labels {path}: label value {high} is above the class table's highest label {n_labels - 1}"
-            )
-        counts += np.bincount(block.ravel(), minlength=n_labels)
-    return counts
-
-
 def _same_voxel_size(a: float, b: float) -> bool:
     return abs(a - b) <= VOXEL_SIZE_TOLERANCE * max(a, b)
 
@@ -192,7 +172,7 @@ def load_volumes(
         data = label_map.data
         if data.dtype == np.int8:
             data = data.view(np.uint8)  # uint8 maps are stored as MRC mode 0 and read back as int8
-        counts.append(label_counts(data, label_path, n_labels))
+        counts.append(label_counts(data, n_labels, label_path))
         volumes.append(
             TrainingVolume(
                 name=tomogram.name,

@@ -65,6 +65,50 @@ class Tomogram:
             self._mrc = None
 
 
+VOXEL_SIZE_TOLERANCE = 0.01  # relative; volumes whose voxel sizes differ more are refused, everywhere
+
+
+def same_voxel_size(a: float, b: float) -> bool:
+    """True when two voxel sizes (Å) agree within :data:`VOXEL_SIZE_TOLERANCE` (relative)."""
+    return abs(a - b) <= VOXEL_SIZE_TOLERANCE * max(abs(a), abs(b))
+
+
+def check_same_voxel_size(what: str, voxel_size_angstrom: float, reference: str, reference_angstrom: float,
+                          hint: str = "") -> None:
+    """Refuse ``what`` when its voxel size is not ``reference``'s (one message for every stage)."""
+    if not same_voxel_size(voxel_size_angstrom, reference_angstrom):
+        difference = abs(voxel_size_angstrom - reference_angstrom) / max(reference_angstrom, 1e-12)
+        raise CryocapsError(
+            f"{what}: voxel size {voxel_size_angstrom:g} Å differs from {reference}'s "
+            f"{reference_angstrom:g} Å by {100 * difference:.1f}% "
+            f"(> {100 * VOXEL_SIZE_TOLERANCE:g}%){hint}"
+        )
+
+
+def label_counts(label_map, n_labels: int, path: str | os.PathLike | None = None,
+                 flag: str = "--labels", slab: int = 16) -> np.ndarray:
+    """Voxels per label (n_labels,), read slab by slab; refuses values outside 0..n_labels-1.
+
+    ``label_map`` : (Z, Y, X) integer (or integral float) array, possibly memory-mapped.
+    """
+    where = f"{flag} {path}" if path is not None else flag
+    counts = np.zeros(n_labels, dtype=np.int64)
+    for z in range(0, label_map.shape[0], slab):
+        block = np.asarray(label_map[z : z + slab])
+        if block.dtype.kind == "f" and not np.all(block == np.round(block)):
+            raise CryocapsError(f"{where}: label map holds non-integer values")
+        block = block.astype(np.int64)
+        low, high = int(block.min()), int(block.max())
+        if low < 0:
+            raise CryocapsError(f"{where}: negative label value {low}")
+        if high >= n_labels:
+            raise CryocapsError(
+                f"{where}: label value {high} is above the class table's highest label {n_labels - 1}"
+            )
+        counts += np.bincount(block.ravel(), minlength=n_labels)
+    return counts
+
+
 @dataclass(frozen=True)
 class TomogramInfo:
     """Geometry of a tomogram without its voxels (from an MRC header or a tomograms.star)."""
