@@ -2,10 +2,14 @@
 
 One place for the file-naming rules every stage shares:
 
-- a tomogram's name is its file name without the MRC suffix (``TS_01.mrc`` → ``TS_01``);
+- a tomogram's name is its file name without the MRC or ``.zarr`` suffix (``TS_01.mrc``,
+  ``TS_01.zarr`` → ``TS_01``); a copick tomogram is named by its run
+  (``ExperimentRuns/TS_01/VoxelSpacing10.000/wbp.zarr`` → ``TS_01``);
 - ``segment`` writes ``<tomo>_labels.mrc`` (+ ``_probs``, ``_score``) and the
   name behind such an output drops the suffix again (``TS_01_labels`` → ``TS_01``);
-- a folder given for volumes means every MRC file in it (sorted);
+- a folder given for volumes means every MRC file and ``.zarr`` image in it (sorted); a
+  ``.zarr`` folder is one volume; a copick ``config.json[:TYPE][@SPACING]`` means that
+  tomogram of every run;
 - a class table ``classes.csv`` is looked for beside label maps, or one folder up;
 - label maps pair with tomograms by that name.
 """
@@ -18,6 +22,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from cryocaps.errors import CryocapsError
+from cryocaps.io.copick_project import copick_run_of, parse_tomogram_spec, project_tomograms
+from cryocaps.io.zarr_volumes import ZARR_SUFFIX, is_zarr_path
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +34,13 @@ THRESHOLDS_NAME = "pick_thresholds.csv"
 
 
 def tomogram_name(path: str | os.PathLike) -> str:
-    """Name used to match a tomogram with particles: the file name without MRC suffix."""
+    """Name used to match a tomogram with particles: the file name without MRC/.zarr suffix.
+
+    A copick tomogram (``ExperimentRuns/RUN/VoxelSpacing*/TYPE.zarr``) is named by its run.
+    """
     name = Path(path).name
+    if is_zarr_path(name):
+        return copick_run_of(path) or name[: -len(ZARR_SUFFIX)]
     for suffix in MRC_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -70,20 +81,31 @@ def companion_path(label_path: str | os.PathLike, kind: str) -> Path | None:
 
 
 def is_volume_file(path: Path) -> bool:
+    """An MRC file or an OME-Zarr image (a ``.zarr`` folder)."""
+    if is_zarr_path(path):
+        return path.is_dir()
     return path.is_file() and path.suffix.lower() in MRC_SUFFIXES
 
 
 def expand_volume_paths(
     paths: Iterable[str | os.PathLike], flag: str, *, skip_outputs: bool = False
 ) -> list[Path]:
-    """Files given, with each folder replaced by its MRC files (sorted); every path must exist.
+    """Volumes given, each folder replaced by its MRC files and ``.zarr`` images (sorted).
 
-    ``skip_outputs`` leaves out a folder's ``*_labels``/``_probs``/``_score`` maps
-    (a tomogram folder that also holds segmentations).
+    A ``.zarr`` folder is one volume; a copick ``config.json[:TYPE][@SPACING]`` is
+    that tomogram of every run. Every path must exist. ``skip_outputs`` leaves out
+    a folder's ``*_labels``/``_probs``/``_score`` maps (a tomogram folder that also
+    holds segmentations).
     """
     files: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
+    for text in paths:
+        path = Path(text)
+        project = parse_tomogram_spec(text)
+        if project is not None:
+            files.extend(project_tomograms(*project, flag=flag))
+        elif is_zarr_path(path) and path.is_dir():
+            files.append(path)
+        elif path.is_dir():
             found = sorted(
                 p
                 for p in path.iterdir()
@@ -91,7 +113,7 @@ def expand_volume_paths(
                 and not (skip_outputs and tomogram_name(p).endswith(OUTPUT_SUFFIXES))
             )
             if not found:
-                raise CryocapsError(f"{flag} {path}: folder holds no .mrc/.rec/.map files")
+                raise CryocapsError(f"{flag} {path}: folder holds no .mrc/.rec/.map files or .zarr images")
             files.extend(found)
         elif path.is_file():
             files.append(path)

@@ -1,4 +1,4 @@
-"""Particle lists: the canonical table and RELION 3/4/5, STOPGAP, Dynamo and CSV files.
+"""Particle lists: the canonical table and RELION 3/4/5, STOPGAP, Dynamo, CSV files and copick projects.
 
 Canonical table (pandas DataFrame), one row per particle:
 
@@ -9,8 +9,10 @@ Canonical table (pandas DataFrame), one row per particle:
     rot, tilt, psi  optional, degrees, RELION ZYZ convention
 
 Each format is one module in :mod:`cryocaps.io.formats` with a reader and a
-writer, registered in :data:`READERS` / :data:`WRITERS`. The input format is
-detected from the file (extension, STAR blocks and columns).
+writer, registered in :data:`READERS` / :data:`WRITERS` (:data:`PROJECT_WRITERS` for
+formats written into an existing project rather than a new file: copick). The input
+format is detected from the file (extension, STAR blocks and columns; a copick
+``config.json``).
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import pandas as pd
 
 from cryocaps.classes import ClassTable
 from cryocaps.errors import CryocapsError
+from cryocaps.io.copick_project import CopickSelection, is_copick_config
 from cryocaps.io.files import atomic_path, check_writable
-from cryocaps.io.formats import dynamo, relion, stopgap, table_csv
+from cryocaps.io.formats import copick, dynamo, relion, stopgap, table_csv
 from cryocaps.io.formats.context import ANGLE_COLUMNS, CANONICAL_COLUMNS, XYZ, Geometry
 from cryocaps.io.formats.star import loop_blocks, read_star
-from cryocaps.io.volumes import MRC_SUFFIXES, TomogramInfo, read_info
+from cryocaps.io.layout import expand_volume_paths
+from cryocaps.io.volumes import TomogramInfo, read_info
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ __all__ = [
     "ANGLE_COLUMNS",
     "CANONICAL_COLUMNS",
     "FORMATS",
+    "PROJECT_FORMATS",
     "check_format",
     "detect_format",
     "empty_table",
@@ -54,6 +59,7 @@ READERS = {
     "stopgap": stopgap.read_stopgap,
     "dynamo": dynamo.read_dynamo,
     "csv": table_csv.read_csv,
+    "copick": copick.read_copick,
 }
 WRITERS = {
     "relion5": relion.write_relion5,
@@ -63,7 +69,9 @@ WRITERS = {
     "dynamo": dynamo.write_dynamo,
     "csv": table_csv.write_csv,
 }
-FORMATS = tuple(READERS)
+PROJECT_WRITERS = {"copick": copick.write_copick}  # (table, project, geometry, overwrite) -> files
+FORMATS = tuple(WRITERS)  # formats written as a new file
+PROJECT_FORMATS = tuple(PROJECT_WRITERS)
 EXTENSIONS = {".star": "relion5", ".tbl": "dynamo", ".csv": "csv"}
 
 
@@ -80,6 +88,10 @@ def detect_format(path: str | os.PathLike) -> str:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return "csv"
+    if suffix == ".json":
+        if is_copick_config(path):
+            return "copick"
+        raise CryocapsError(f"{path}: a JSON file that is not a copick config.json (no pickable_objects)")
     if suffix == ".tbl":
         return "dynamo"
     head = _head(path)
@@ -113,6 +125,8 @@ def _head(path: Path, n_bytes: int = 4096) -> str:
 
 def format_from_extension(path: str | os.PathLike) -> str:
     suffix = Path(path).suffix.lower()
+    if suffix == ".json" and is_copick_config(path):
+        return "copick"
     if suffix not in EXTENSIONS:
         raise CryocapsError(
             f"{path}: cannot tell the output format from the extension {suffix or '(none)'!r}; "
@@ -128,6 +142,7 @@ def read_particles(
     tomograms: Sequence[TomogramInfo] | None = None,
     classes: ClassTable | None = None,
     coords_pixel_size_angstrom: float | None = None,
+    copick: CopickSelection | None = None,
 ) -> pd.DataFrame:
     """Read one or more particle files (any supported format) into the canonical table.
 
@@ -140,6 +155,8 @@ def read_particles(
     classes : class table; class numbers in the files become its class names
     coords_pixel_size_angstrom : pixel size of the coordinates in RELION 3/4,
         STOPGAP and Dynamo files (overrides rlnTomoTiltSeriesPixelSize)
+    copick : which picks of a copick project (user, session, objects) and at which
+        voxel spacing
 
     Returns
     -------
@@ -149,7 +166,7 @@ def read_particles(
         paths = [paths]
     if not paths:
         raise CryocapsError("no particle files given")
-    geometry = Geometry(list(tomograms or []), classes, coords_pixel_size_angstrom)
+    geometry = Geometry(list(tomograms or []), classes, coords_pixel_size_angstrom, copick)
     frames = []
     for path in paths:
         path = Path(path)
@@ -187,8 +204,10 @@ def _warn_outside(table: pd.DataFrame, geometry: Geometry, path: Path) -> None:
 # --- writing -------------------------------------------------------------------
 def check_format(format: str) -> str:
     """``format`` if it names an output format, else a CryocapsError naming the choices."""
-    if format not in WRITERS:
-        raise CryocapsError(f"--format {format!r}: unknown format; use one of {', '.join(FORMATS)}")
+    if format not in WRITERS and format not in PROJECT_WRITERS:
+        raise CryocapsError(
+            f"--format {format!r}: unknown format; use one of {', '.join(FORMATS + PROJECT_FORMATS)}"
+        )
     return format
 
 
@@ -200,25 +219,31 @@ def write_particles(
     tomograms: Sequence[TomogramInfo] | None = None,
     classes: ClassTable | None = None,
     coords_pixel_size_angstrom: float | None = None,
+    copick: CopickSelection | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write the canonical table as ``format`` (None: from the extension) atomically.
 
     RELION 5 needs the tomograms' sizes and voxel sizes; RELION 3/4, STOPGAP and
     Dynamo write pixels of ``coords_pixel_size_angstrom`` when given (else the
-    tomograms' own voxels); class names are numbered through ``classes``.
+    tomograms' own voxels); class names are numbered through ``classes``. copick
+    writes into the existing project whose ``config.json`` is ``path``, as
+    ``copick``'s user and session.
     """
     path = Path(path)
     format = check_format(format or format_from_extension(path))
     missing = [c for c in ("tomo", "class_name", *XYZ) if c not in table.columns]
     if missing:
         raise CryocapsError(f"particle table lacks column(s) {', '.join(missing)}")
-    geometry = Geometry(list(tomograms or []), classes, coords_pixel_size_angstrom)
+    geometry = Geometry(list(tomograms or []), classes, coords_pixel_size_angstrom, copick)
     table = table.reset_index(drop=True)
     if not np.isfinite(table[XYZ].to_numpy(dtype=float)).all():
         raise CryocapsError(f"{path}: particle table has missing or non-finite x, y, z")
     if "score" not in table:
         table = table.assign(score=np.nan)
+    if format in PROJECT_WRITERS:
+        PROJECT_WRITERS[format](table, path, geometry, overwrite=overwrite)
+        return path
     with atomic_path(path, overwrite=overwrite) as tmp:
         WRITERS[format](table, tmp, geometry, target=path)
     return path
@@ -232,16 +257,24 @@ def convert_particles(
     tomograms: Sequence[TomogramInfo] | None = None,
     classes: ClassTable | None = None,
     coords_pixel_size_angstrom: float | None = None,
+    copick: CopickSelection | None = None,
     overwrite: bool = False,
 ) -> pd.DataFrame:
-    """Read particle files and write them as one file of another format; returns the table."""
+    """Read particle files and write them as one file of another format; returns the table.
+
+    ``copick`` selects the picks read from a copick project (user, session,
+    objects, voxel spacing) and, for ``format="copick"``, the user and session written.
+    """
     output = Path(output)
-    format = format or format_from_extension(output)
-    if format not in WRITERS:
-        raise CryocapsError(f"--format {format!r}: unknown format; use one of {', '.join(FORMATS)}")
-    check_writable(output, overwrite)
+    format = check_format(format or format_from_extension(output))
+    if format not in PROJECT_WRITERS:
+        check_writable(output, overwrite)
+    reading = copick
+    if format in PROJECT_WRITERS and copick is not None:  # --copick-user/-session name the writer
+        reading = CopickSelection(objects=copick.objects, voxel_size_angstrom=copick.voxel_size_angstrom)
     table = read_particles(
-        inputs, tomograms=tomograms, classes=classes, coords_pixel_size_angstrom=coords_pixel_size_angstrom
+        inputs, tomograms=tomograms, classes=classes, coords_pixel_size_angstrom=coords_pixel_size_angstrom,
+        copick=reading,
     )
     write_particles(
         table,
@@ -250,6 +283,7 @@ def convert_particles(
         tomograms=tomograms,
         classes=classes,
         coords_pixel_size_angstrom=coords_pixel_size_angstrom,
+        copick=copick,
         overwrite=overwrite,
     )
     return table
@@ -260,7 +294,8 @@ TOMOGRAMS_STAR_COLUMNS = ["rlnTomoName", "rlnTomoSizeX", "rlnTomoSizeY", "rlnTom
 
 
 def tomogram_infos(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[TomogramInfo]:
-    """Geometry (name, shape zyx, voxel size) from MRC files, folders of them, or a RELION 5 tomograms.star.
+    """Geometry (name, shape zyx, voxel size) from MRC files, OME-Zarr images, folders of them,
+    a copick ``config.json[:TYPE][@SPACING]`` or a RELION 5 tomograms.star.
 
     A tomograms.star gives sizes at bin 1 (``rlnTomoSizeX/Y/Z``, pixel size
     ``rlnTomoTiltSeriesPixelSize``); the tomogram's voxel size is that pixel size
@@ -270,18 +305,11 @@ def tomogram_infos(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     infos: list[TomogramInfo] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MRC_SUFFIXES)
-            if not files:
-                raise CryocapsError(f"--tomograms {path}: folder holds no .mrc/.rec/.map files")
-            infos.extend(read_info(f) for f in files)
-        elif not path.exists():
-            raise CryocapsError(f"--tomograms {path}: no such file or folder")
-        elif path.suffix.lower() == ".star":
-            infos.extend(_tomograms_star(path))
+    for path in paths:
+        if Path(path).suffix.lower() == ".star" and Path(path).is_file():
+            infos.extend(_tomograms_star(Path(path)))
         else:
-            infos.append(read_info(path))
+            infos.extend(read_info(f) for f in expand_volume_paths([path], "--tomograms"))
     names = [info.name for info in infos]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -1,4 +1,5 @@
-"""MRC volumes: read into a :class:`Tomogram` (z, y, x) with voxel size, write atomically."""
+"""Volumes: MRC files and OME-Zarr images read into a :class:`Tomogram` (z, y, x) with voxel size;
+MRC written atomically (OME-Zarr writing is in :mod:`cryocaps.io.zarr_volumes`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from cryocaps.io.layout import (  # noqa: F401 - the names volumes are known by
     base_tomogram_name,
     tomogram_name,
 )
+from cryocaps.io.zarr_volumes import is_zarr_path, open_zarr_volume
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,10 @@ class Tomogram:
 
     Attributes
     ----------
-    data : (Z, Y, X) array (possibly a read-only memory map)
+    data : (Z, Y, X) array (possibly a read-only memory map, or a lazily read
+        :class:`~cryocaps.io.zarr_volumes.ZarrVolume`)
     voxel_size_angstrom : float, > 0
-    origin_angstrom : (x, y, z) origin from the MRC header, in Å
+    origin_angstrom : (x, y, z) origin from the MRC header (OME-Zarr: translation), in Å
     name : tomogram name (file stem), used to match particle lists
     path : file it was read from, if any
     """
@@ -111,7 +114,7 @@ def label_counts(label_map, n_labels: int, path: str | os.PathLike | None = None
 
 @dataclass(frozen=True)
 class TomogramInfo:
-    """Geometry of a tomogram without its voxels (from an MRC header or a tomograms.star)."""
+    """Geometry of a tomogram without its voxels (from an MRC header, OME-Zarr metadata or a tomograms.star)."""
 
     name: str
     shape: tuple[int, int, int]  # (z, y, x)
@@ -185,13 +188,16 @@ def read_tomogram(
     check_finite: bool = True,
     allow_stack: bool = False,
 ) -> Tomogram:
-    """Read a 3D MRC file.
+    """Read a 3D MRC file or OME-Zarr image (a ``.zarr`` folder).
 
     Parameters
     ----------
-    path : MRC file
-    mmap : memory-map the voxels instead of reading them (for large tomograms)
-    voxel_size_angstrom : use this voxel size instead of the header's
+    path : MRC file or ``.zarr`` OME-Zarr image
+    mmap : memory-map the voxels instead of reading them (for large tomograms);
+        an OME-Zarr image is then read lazily, chunk by chunk, when sliced
+    voxel_size_angstrom : MRC: use this voxel size instead of the header's;
+        OME-Zarr: read the scale level at this voxel size (refused if there is none;
+        None: the finest level)
     check_finite : refuse volumes that contain NaN/inf (checked on a sample when mmap)
     allow_stack : accept a 4D volume stack (C, Z, Y, X), e.g. a probability map
 
@@ -199,6 +205,8 @@ def read_tomogram(
     -------
     Tomogram with data (Z, Y, X) in the file's dtype.
     """
+    if is_zarr_path(path):
+        return _read_zarr_tomogram(Path(path), mmap, voxel_size_angstrom, check_finite, allow_stack)
     path = _check_path(path)
     mrc = _open(path, mmap)
     try:
@@ -228,7 +236,14 @@ def read_tomogram(
 
 
 def read_info(path: str | os.PathLike, voxel_size_angstrom: float | None = None) -> TomogramInfo:
-    """Shape (z, y, x), voxel size and origin of an MRC file, reading only its header."""
+    """Shape (z, y, x), voxel size and origin of an MRC file, reading only its header.
+
+    For an OME-Zarr image, those of the scale level at ``voxel_size_angstrom``
+    (None: the finest), from its metadata.
+    """
+    if is_zarr_path(path):
+        volume, level = open_zarr_volume(path, voxel_size_angstrom)
+        return TomogramInfo(tomogram_name(path), volume.shape, level.voxel_size_angstrom, level.origin_angstrom)
     path = _check_path(path)
     mrc = _open(path, mmap=False, header_only=True)
     try:
@@ -243,6 +258,20 @@ def read_info(path: str | os.PathLike, voxel_size_angstrom: float | None = None)
         return TomogramInfo(tomogram_name(path), shape, voxel, _origin(mrc))
     finally:
         mrc.close()
+
+
+def _read_zarr_tomogram(path: Path, lazy: bool, voxel_size_angstrom: float | None, check_finite: bool,
+                        allow_stack: bool) -> Tomogram:
+    """An OME-Zarr level as a Tomogram: lazily read data when ``lazy``, else read whole."""
+    volume, level = open_zarr_volume(path, voxel_size_angstrom, allow_stack=allow_stack)
+    if volume.dtype.kind == "c":
+        raise CryocapsError(f"{path}: complex data is not supported")
+    data = volume if lazy else np.asarray(volume)
+    if check_finite and data.dtype.kind == "f":
+        sample = data[:: max(1, data.shape[0] // 16)] if lazy else data
+        if not np.isfinite(sample).all():
+            raise CryocapsError(f"{path}: volume contains NaN or infinite values")
+    return Tomogram(data, level.voxel_size_angstrom, level.origin_angstrom, tomogram_name(path), path)
 
 
 def write_volume(

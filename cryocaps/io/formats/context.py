@@ -18,6 +18,7 @@ import pandas as pd
 
 from cryocaps.classes import ClassTable
 from cryocaps.errors import CryocapsError
+from cryocaps.io.copick_project import CopickSelection
 from cryocaps.io.volumes import TomogramInfo, base_tomogram_name
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,14 @@ class Geometry:
 
     ``coords_pixel_size_angstrom`` is the pixel size of coordinates in files that
     store pixels (RELION 3/4, STOPGAP, Dynamo); ``None`` means "the file says, or
-    the tomogram's own voxels".
+    the tomogram's own voxels". ``copick`` selects what a copick project's picks
+    reader takes (user, session, objects, voxel spacing) and whom its writer writes as.
     """
 
     tomograms: list[TomogramInfo] = field(default_factory=list)
     classes: ClassTable | None = None
     coords_pixel_size_angstrom: float | None = None
+    copick: CopickSelection | None = None
 
     def __post_init__(self) -> None:
         px = self.coords_pixel_size_angstrom

@@ -1,0 +1,261 @@
+"""copick projects and OME-Zarr tomograms, built with copick's own API and read back both ways."""
+
+from __future__ import annotations
+
+import json
+
+import mrcfile
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from cryocaps.errors import CryocapsError
+from cryocaps.io.copick_project import CopickProject, CopickSelection, project_tomograms
+from cryocaps.io.formats.angles import relion_orientation
+from cryocaps.io.layout import expand_volume_paths, tomogram_name
+from cryocaps.io.particles import detect_format, read_particles, tomogram_infos, write_particles
+from cryocaps.io.volumes import TomogramInfo, read_info, read_tomogram, write_volume
+from cryocaps.io.zarr_volumes import ZarrVolume, read_multiscales, write_zarr_volume
+
+copick = pytest.importorskip("copick", reason="copick is in the test extra: pip install -e '.[test]'")
+
+SPACING = 10.0
+SHAPE = (12, 16, 20)  # z, y, x
+RUNS = ("TS_01", "TS_02")
+
+
+def _volume(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=SHAPE).astype(np.float32)
+
+
+def _poses(seed: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Locations (Å), 4x4 transforms with rotations and sub-voxel shifts (Å), scores."""
+    rng = np.random.default_rng(seed)
+    locations = rng.uniform(20, 110, size=(n, 3))
+    transforms = np.tile(np.eye(4), (n, 1, 1))
+    transforms[:, :3, :3] = Rotation.random(n, random_state=seed).as_matrix()
+    transforms[:, :3, 3] = rng.uniform(-4, 4, size=(n, 3))
+    return locations, transforms, rng.uniform(0.1, 0.9, size=n)
+
+
+@pytest.fixture
+def project(tmp_path):
+    """Two runs with a 10 Å wbp tomogram (3 OME-Zarr levels); ribosome picks in both, proteasome in one."""
+    from copick.models import PickableObject
+
+    objects = [
+        PickableObject(name="ribosome", is_particle=True, label=1, radius=60.0),
+        PickableObject(name="proteasome", is_particle=True, label=2, radius=40.0),
+        PickableObject(name="membrane", is_particle=False, label=3),
+    ]
+    config = tmp_path / "project" / "config.json"
+    root = copick.new_config(str(config), overlay_root=str(tmp_path / "project" / "overlay"),
+                             pickable_objects=objects)
+    truth = {}
+    for k, name in enumerate(RUNS):
+        run = root.new_run(name)
+        run.new_voxel_spacing(SPACING).new_tomogram("wbp").from_numpy(_volume(k))
+        objects_here = ("ribosome", "proteasome") if k == 0 else ("ribosome",)
+        for j, obj in enumerate(objects_here):
+            locations, transforms, scores = _poses(10 * k + j, 3 + j)
+            picks = run.new_picks(obj, session_id="0", user_id="curator")
+            picks.from_numpy(locations, transforms, scores=scores)
+            truth[(name, obj)] = (locations, transforms, scores)
+    return config, truth
+
+
+def _rows(table, run, obj):
+    return table[(table["tomo"] == run) & (table["class_name"] == obj)].reset_index(drop=True)
+
+
+def test_cryocaps_reads_what_copick_wrote(project):
+    config, truth = project
+    assert detect_format(config) == "copick"
+    table = read_particles(config)
+    assert len(table) == sum(len(v[0]) for v in truth.values())
+    for (run, obj), (locations, transforms, scores) in truth.items():
+        rows = _rows(table, run, obj)
+        expected_voxels = (locations + transforms[:, :3, 3]) / SPACING
+        np.testing.assert_allclose(rows[["x", "y", "z"]].to_numpy(), expected_voxels, atol=1e-3)
+        matrices = relion_orientation(rows[["rot", "tilt", "psi"]].to_numpy()).as_matrix()
+        np.testing.assert_allclose(matrices, transforms[:, :3, :3], atol=1e-4)
+        np.testing.assert_allclose(rows["score"].to_numpy(), scores, atol=1e-9)
+
+
+def test_copick_reads_what_cryocaps_wrote(project):
+    config, truth = project
+    table = read_particles(config)
+    write_particles(table, config, format="copick", copick=CopickSelection(user="cryocaps", session="7"))
+    root = copick.from_file(str(config))
+    for (run, obj), (locations, transforms, scores) in truth.items():
+        (picks,) = root.get_run(run).get_picks(object_name=obj, user_id="cryocaps", session_id="7")
+        positions, written = picks.numpy()
+        full = positions + written[:, :3, 3]
+        np.testing.assert_allclose(full / SPACING, (locations + transforms[:, :3, 3]) / SPACING, atol=1e-3)
+        np.testing.assert_allclose(written[:, :3, :3], transforms[:, :3, :3], atol=1e-4)
+        np.testing.assert_allclose(picks.scores(), scores, atol=1e-9)
+    # and cryocaps reads its own session back
+    again = read_particles(config, copick=CopickSelection(user="cryocaps", session="7"))
+    np.testing.assert_allclose(again[["x", "y", "z"]].to_numpy(), table[["x", "y", "z"]].to_numpy(), atol=1e-6)
+
+
+def test_selection_by_user_session_and_objects(project):
+    config, truth = project
+    table = read_particles(config, copick=CopickSelection(objects=("proteasome",)))
+    assert set(table["class_name"]) == {"proteasome"} and len(table) == len(truth[("TS_01", "proteasome")][0])
+    assert len(read_particles(config, copick=CopickSelection(user="nobody"))) == 0
+
+
+def test_writer_refuses_an_existing_session_and_overwrite_replaces_it(project):
+    config, truth = project
+    table = read_particles(config)
+    selection = CopickSelection(user="cryocaps", session="1")
+    write_particles(table, config, format="copick", copick=selection)
+    with pytest.raises(CryocapsError, match="--overwrite"):
+        write_particles(table, config, format="copick", copick=selection)
+    with pytest.raises(CryocapsError, match="already has picks"):
+        write_particles(table, config, format="copick", copick=CopickSelection(user="curator", session="0"))
+    fewer = table[table["class_name"] == "ribosome"]
+    write_particles(fewer, config, format="copick", copick=selection, overwrite=True)
+    back = read_particles(config, copick=selection)
+    assert set(back["class_name"]) == {"ribosome"} and len(back) == len(fewer)
+    # the curator's picks are untouched
+    assert len(read_particles(config, copick=CopickSelection(user="curator"))) == len(table)
+
+
+def test_writer_refuses_unknown_runs_and_objects_and_writes_nothing(project):
+    config, _ = project
+    table = read_particles(config)
+    before = sorted(p.name for p in config.parent.rglob("*.json"))
+    bad_run = table.assign(tomo=np.where(table.index == 0, "TS_99", table["tomo"]))
+    with pytest.raises(CryocapsError, match=r"config.json: the copick project has no run\(s\) TS_99"):
+        write_particles(bad_run, config, format="copick", copick=CopickSelection(user="a", session="1"))
+    bad_object = table.assign(class_name="ferritin")
+    with pytest.raises(CryocapsError, match="no pickable object 'ferritin'"):
+        write_particles(bad_object, config, format="copick", copick=CopickSelection(user="a", session="1"))
+    with pytest.raises(CryocapsError, match="not a valid copick name"):
+        write_particles(table, config, format="copick", copick=CopickSelection(user="my_lab", session="1"))
+    assert sorted(p.name for p in config.parent.rglob("*.json")) == before
+
+
+def test_bad_inputs_name_the_path(project, tmp_path):
+    config, _ = project
+    with pytest.raises(CryocapsError, match=r"config.json: no pickable object 'ferritin'"):
+        read_particles(config, copick=CopickSelection(objects=("ferritin",)))
+    with pytest.raises(CryocapsError, match=r"Picks/curator_0_\w+.json: run 'TS_0\d' has no voxel spacing 7 Å \(it has 10 Å\)"):
+        read_particles(config, copick=CopickSelection(voxel_size_angstrom=7.0))
+    mismatch = [TomogramInfo("TS_01", SHAPE, 20.0)]
+    with pytest.raises(CryocapsError, match="voxel size 10 Å differs from tomogram TS_01's 20 Å"):
+        read_particles(config, tomograms=mismatch, copick=CopickSelection(voxel_size_angstrom=10.0))
+    empty = config.parent / "overlay" / "ExperimentRuns" / "TS_02" / "Picks" / "curator_0_proteasome.json"
+    empty.write_text("")
+    with pytest.raises(CryocapsError, match=r"curator_0_proteasome.json: empty copick picks file"):
+        read_particles(config)
+    not_ome = tmp_path / "plain.zarr"
+    import zarr
+
+    zarr.open_group(str(not_ome), mode="w").create_dataset("0", data=np.zeros((4, 4, 4), np.float32))
+    with pytest.raises(CryocapsError, match=r"plain.zarr: Zarr group without OME-Zarr 'multiscales' metadata"):
+        read_tomogram(not_ome)
+
+
+def test_positions_use_a_given_tomograms_voxels(project):
+    config, truth = project
+    binned = [TomogramInfo(run, SHAPE, 2 * SPACING) for run in RUNS]
+    table = read_particles(config, tomograms=binned)
+    locations, transforms, _ = truth[("TS_02", "ribosome")]
+    np.testing.assert_allclose(_rows(table, "TS_02", "ribosome")[["x", "y", "z"]].to_numpy(),
+                               (locations + transforms[:, :3, 3]) / (2 * SPACING), atol=1e-3)
+
+
+def test_zarr_tomogram_reads_the_same_voxels_as_mrc(project, tmp_path):
+    config, _ = project
+    image = config.parent / "overlay" / "ExperimentRuns" / "TS_01" / "VoxelSpacing10.000" / "wbp.zarr"
+    tomogram = read_tomogram(image, mmap=True)
+    assert isinstance(tomogram.data, ZarrVolume)
+    assert tomogram.name == "TS_01" and tomogram.voxel_size_angstrom == pytest.approx(SPACING)
+    np.testing.assert_array_equal(np.asarray(tomogram.data), _volume(0))
+    np.testing.assert_array_equal(tomogram.data[3:7, ::3, 5], _volume(0)[3:7, ::3, 5])
+    mrc = tmp_path / "TS_01.mrc"
+    write_volume(mrc, _volume(0), SPACING)
+    np.testing.assert_array_equal(read_tomogram(image).data, read_tomogram(mrc).data)
+    info = read_info(image, voxel_size_angstrom=20.0)
+    assert info.shape == (6, 8, 10) and info.voxel_size_angstrom == pytest.approx(20.0)
+    with pytest.raises(CryocapsError, match=r"wbp.zarr: no scale level at 15 Å; the image has 10, 20, 40 Å"):
+        read_info(image, voxel_size_angstrom=15.0)
+
+
+def test_zarr_axes_in_another_order_are_transposed(tmp_path):
+    import zarr
+
+    volume = _volume(3)
+    path = tmp_path / "xyz.zarr"
+    group = zarr.open_group(str(path), mode="w")
+    group.create_dataset("s0", data=np.ascontiguousarray(volume.transpose(2, 1, 0)), chunks=(5, 5, 5))
+    group.attrs["multiscales"] = [{
+        "version": "0.4",
+        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in ("x", "y", "z")],
+        "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [0.8, 0.8, 0.8]}]}],
+    }]
+    tomogram = read_tomogram(path, mmap=True)
+    assert tomogram.shape == SHAPE and tomogram.voxel_size_angstrom == pytest.approx(8.0)
+    np.testing.assert_array_equal(tomogram.data[2:9, 4, ::2], volume[2:9, 4, ::2])
+    np.testing.assert_array_equal(np.asarray(tomogram.data), volume)
+
+
+def test_zarr_writer_round_trips_atomically(tmp_path):
+    volume = _volume(5)
+    path = tmp_path / "out" / "TS_05_labels.zarr"
+    write_zarr_volume(path, volume, 7.5, chunks=(5, 5, 5))
+    back = read_tomogram(path)
+    np.testing.assert_array_equal(back.data, volume)
+    assert back.voxel_size_angstrom == pytest.approx(7.5) and back.name == "TS_05_labels"
+    with pytest.raises(CryocapsError, match="exists; pass --overwrite"):
+        write_zarr_volume(path, volume, 7.5)
+    write_zarr_volume(path, volume + 1, 7.5, overwrite=True)
+    np.testing.assert_array_equal(read_tomogram(path).data, volume + 1)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["TS_05_labels.zarr"]  # no leftovers
+    assert read_multiscales(path).levels[0].voxel_sizes_zyx == (7.5, 7.5, 7.5)
+
+
+def test_volume_paths_zarr_folders_and_project_tomograms(project, tmp_path):
+    config, _ = project
+    runs = config.parent / "overlay" / "ExperimentRuns"
+    images = [runs / run / "VoxelSpacing10.000" / "wbp.zarr" for run in RUNS]
+    assert expand_volume_paths([images[0]], "--tomograms") == [images[0]]
+    assert expand_volume_paths([str(config)], "--tomograms") == images
+    assert expand_volume_paths([f"{config}:wbp@10"], "--tomograms") == images
+    with pytest.raises(CryocapsError, match="no tomograms of type denoised"):
+        expand_volume_paths([f"{config}:denoised"], "--tomograms")
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_volume(folder / "a.mrc", _volume(1), SPACING)
+    write_zarr_volume(folder / "b.zarr", _volume(2), SPACING)
+    assert [tomogram_name(p) for p in expand_volume_paths([folder], "--tomograms")] == ["a", "b"]
+    assert [info.name for info in tomogram_infos([str(config)])] == list(RUNS)
+    assert project_tomograms(config, "wbp", 10.0) == images
+
+
+def test_pickable_objects_are_a_class_table(project):
+    config, _ = project
+    table = CopickProject(config).class_table()
+    assert [(c.label, c.name, c.radius_angstrom) for c in table] == [(1, "ribosome", 60.0), (2, "proteasome", 40.0)]
+    with pytest.raises(CryocapsError, match="'membrane' has no radius"):
+        CopickProject(config).class_table(("membrane",))
+
+
+def test_a_config_that_is_not_local_is_refused(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"config_type": "filesystem", "overlay_root": "s3://bucket/x",
+                                  "pickable_objects": []}))
+    with pytest.raises(CryocapsError, match="not on the local filesystem"):
+        read_particles(config)
+
+
+def test_mrc_check_stays(tmp_path):
+    """A .zarr suffix on a plain file is not an image."""
+    path = tmp_path / "fake.zarr"
+    path.write_text("x")
+    with pytest.raises(CryocapsError, match="fake.zarr: not an OME-Zarr image"):
+        read_tomogram(path)
+    assert mrcfile  # imported for the MRC comparison above
