@@ -125,10 +125,14 @@ class ClassTable:
 
 
 def read_classes(path: str | os.PathLike) -> ClassTable:
-    """Read and validate a ``classes.csv``."""
+    """Read and validate a ``classes.csv``, or a copick ``config.json``'s pickable particle objects."""
     path = Path(path)
     if not path.is_file():
         raise CryocapsError(f"{path}: no such classes file")
+    if path.suffix.lower() == ".json":
+        from cryocaps.io.copick_project import CopickProject  # it builds on this module
+
+        return CopickProject(path).class_table()
     try:
         frame = pd.read_csv(path, dtype={"name": str})
     except Exception as error:  # noqa: BLE001 - any parse failure is a bad file

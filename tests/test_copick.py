@@ -259,3 +259,26 @@ def test_mrc_check_stays(tmp_path):
     with pytest.raises(CryocapsError, match="fake.zarr: not an OME-Zarr image"):
         read_tomogram(path)
     assert mrcfile  # imported for the MRC comparison above
+
+
+def test_classes_csv_and_pickable_objects_both_ways(project, tmp_path):
+    from cryocaps.classes import ClassTable, ParticleClass, read_classes, write_classes
+
+    config, _ = project
+    assert [c.name for c in read_classes(config)] == ["ribosome", "proteasome"]
+    table = read_particles(config)
+    classes = ClassTable([ParticleClass(1, "ribosome", 60.0), ParticleClass(2, "proteasome", 40.0),
+                          ParticleClass(4, "ferritin", 55.0)], "classes.csv")
+    write_classes(classes, tmp_path / "classes.csv")
+    ferritin = table.iloc[:2].assign(class_name="ferritin")
+    write_particles(ferritin, config, format="copick", classes=read_classes(tmp_path / "classes.csv"),
+                    copick=CopickSelection(user="cryocaps", session="2"))
+    root = copick.from_file(str(config))
+    added = root.get_object("ferritin")
+    assert (added.label, added.radius, added.is_particle) == (4, 55.0, True)
+    (picks,) = root.get_run(ferritin["tomo"].iloc[0]).get_picks(object_name="ferritin", user_id="cryocaps")
+    assert len(picks.points) == (ferritin["tomo"] == ferritin["tomo"].iloc[0]).sum()
+    clash = ClassTable([ParticleClass(5, "ribosome", 60.0)], "other.csv")
+    with pytest.raises(CryocapsError, match="object 'ribosome' has label 1, radius 60.0 Å; other.csv says 5"):
+        write_particles(table, config, format="copick", classes=clash,
+                        copick=CopickSelection(user="cryocaps", session="3"))

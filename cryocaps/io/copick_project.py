@@ -145,7 +145,7 @@ class CopickProject:
         self.overlay_root = _root_path(config["overlay_root"], self.config_path, "overlay_root")
         static = config.get("static_root")
         self.static_root = _root_path(static, self.config_path, "static_root") if static else None
-        self.objects = [_pickable_object(entry, self.config_path) for entry in config["pickable_objects"]]
+        self.objects = [pickable_object(entry, self.config_path) for entry in config["pickable_objects"]]
 
     # --- layout ------------------------------------------------------------------
     @property
@@ -233,6 +233,42 @@ class CopickProject:
             classes.append(ParticleClass(obj.label, obj.name, obj.radius_angstrom))
         return ClassTable(classes, source=str(self.config_path))
 
+    def with_classes(self, classes: ClassTable) -> dict | None:
+        """The config with ``classes`` added as pickable particle objects (None: all there already).
+
+        A class whose name is an object already must have its label and radius; a
+        label another object uses is refused. Names must be valid copick names.
+        """
+        from cryocaps.io.volumes import same_voxel_size
+
+        entries = [dict(entry) for entry in self.config["pickable_objects"]]
+        by_label = {obj.label: obj.name for obj in self.objects}
+        added = False
+        for particle in classes:
+            check_copick_name(particle.name, f"{classes.source}: class")
+            known = next((o for o in self.objects if o.name == particle.name), None)
+            if known is not None:
+                if known.label != particle.label or (
+                    known.radius_angstrom is not None
+                    and not same_voxel_size(known.radius_angstrom, particle.radius_angstrom)
+                ):
+                    raise CryocapsError(
+                        f"{self.config_path}: object {particle.name!r} has label {known.label}, radius "
+                        f"{known.radius_angstrom} Å; {classes.source} says {particle.label}, "
+                        f"{particle.radius_angstrom:g} Å"
+                    )
+                continue
+            if particle.label in by_label:
+                raise CryocapsError(
+                    f"{self.config_path}: label {particle.label} of class {particle.name!r} is object "
+                    f"{by_label[particle.label]!r}'s"
+                )
+            entries.append({"name": particle.name, "is_particle": True, "label": particle.label,
+                            "radius": float(particle.radius_angstrom)})
+            by_label[particle.label] = particle.name
+            added = True
+        return {**self.config, "pickable_objects": entries} if added else None
+
     # --- voxel spacing of a run ----------------------------------------------------
     def spacing(self, run: str, requested: float | None, where) -> float:
         """The voxel spacing (Å) positions of ``run`` are counted in.
@@ -261,6 +297,17 @@ class CopickProject:
         raise CryocapsError(
             f"{where}: run {run!r} has voxel spacings {listed} Å; choose one with --voxel-size-angstrom"
         )
+
+
+def add_classes_to_config(config_path: str | os.PathLike, classes: ClassTable) -> bool:
+    """Add the classes a copick project lacks as pickable objects (config rewritten atomically)."""
+    from cryocaps.io.files import write_text_atomic
+
+    config = CopickProject(config_path).with_classes(classes)
+    if config is None:
+        return False
+    write_text_atomic(config_path, json.dumps(config, indent=4) + "\n", overwrite=True)
+    return True
 
 
 def parse_tomogram_spec(text: str | os.PathLike) -> tuple[Path, str | None, float | None] | None:
@@ -318,7 +365,8 @@ def copick_run_of(path: str | os.PathLike) -> str | None:
     return None
 
 
-def _pickable_object(entry, config_path: Path) -> PickableObject:
+def pickable_object(entry, config_path: Path) -> PickableObject:
+    """One ``pickable_objects`` entry of a config, checked."""
     if not isinstance(entry, dict) or "name" not in entry:
         raise CryocapsError(f"{config_path}: a pickable object without a name: {entry!r}")
     radius = entry.get("radius")

@@ -30,7 +30,13 @@ import pandas as pd
 from scipy.spatial.transform import Rotation
 
 from cryocaps.errors import CryocapsError
-from cryocaps.io.copick_project import CopickProject, CopickSelection, PicksFile, check_copick_name
+from cryocaps.io.copick_project import (
+    CopickProject,
+    CopickSelection,
+    PicksFile,
+    check_copick_name,
+    pickable_object,
+)
 from cryocaps.io.formats.angles import relion_angles, relion_orientation
 from cryocaps.io.formats.context import XYZ, Geometry, canonical_frame, table_angles
 
@@ -144,9 +150,10 @@ def _describe(selection: CopickSelection) -> str:
 def write_copick(table: pd.DataFrame, path, geometry: Geometry, overwrite: bool = False) -> list[Path]:
     """Write the table into the copick project ``path`` as user/session; returns the files written.
 
-    Runs (``tomo``) and objects (``class_name``) must exist in the project. Every
-    file is written to a temporary name first and renamed only when all are
-    written, so a refused or failed write leaves the project as it was.
+    Runs (``tomo``) must exist in the project, and objects (``class_name``) too,
+    unless the geometry's class table adds them (as pickable objects, to the
+    config). Every file is written to a temporary name first and renamed only
+    when all are written, so a refused or failed write leaves the project as it was.
     """
     selection = geometry.copick or CopickSelection()
     if selection.user is None or selection.session is None:
@@ -160,6 +167,9 @@ def write_copick(table: pd.DataFrame, path, geometry: Geometry, overwrite: bool 
         raise CryocapsError(
             f"{path}: the copick project has no run(s) {', '.join(unknown)} (runs: {', '.join(sorted(runs)) or 'none'})"
         )
+    new_config = project.with_classes(geometry.classes) if geometry.classes is not None else None
+    if new_config is not None:
+        project.objects = [pickable_object(entry, path) for entry in new_config["pickable_objects"]]
     for name in dict.fromkeys(table["class_name"].astype(str)):
         project.object(name)
     existing = project.picks_files(CopickSelection(user=user, session=session))
@@ -169,6 +179,8 @@ def write_copick(table: pd.DataFrame, path, geometry: Geometry, overwrite: bool 
             "pass --overwrite to replace them"
         )
     contents = _picks_contents(table, project, geometry, selection, user, session, path)
+    if new_config is not None:
+        contents[Path(path)] = new_config
     written = _write_all(contents)
     stale = [p.path for p in existing if p.path not in written and p.path.is_relative_to(project.overlay_root)]
     for old in stale:  # the session is replaced as a whole (files of the static root stay)
