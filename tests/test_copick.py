@@ -282,3 +282,28 @@ def test_classes_csv_and_pickable_objects_both_ways(project, tmp_path):
     with pytest.raises(CryocapsError, match="object 'ribosome' has label 1, radius 60.0 Å; other.csv says 5"):
         write_particles(table, config, format="copick", classes=clash,
                         copick=CopickSelection(user="cryocaps", session="3"))
+
+
+def test_slab_writer_for_zarr_outputs_and_their_companions(tmp_path):
+    from cryocaps.io.layout import companion_path, output_paths
+    from cryocaps.io.volumes import volume_writer
+
+    paths = output_paths(tmp_path, "TS_01", probabilities=True, suffix=".zarr")
+    labels = (np.arange(np.prod(SHAPE)) % 3).reshape(SHAPE).astype(np.uint8)
+    with volume_writer(paths["labels"], SHAPE, SPACING, dtype="uint8") as writer:
+        for z in range(0, SHAPE[0], 5):
+            writer.data[z : z + 5] = labels[z : z + 5]
+        assert not paths["labels"].exists()  # renamed into place only when complete
+    probabilities = np.random.default_rng(0).random((3, *SHAPE)).astype(np.float16)
+    with volume_writer(paths["probabilities"], probabilities.shape, SPACING, dtype="float16") as writer:
+        writer.data[:] = probabilities
+    back = read_tomogram(paths["labels"])
+    assert back.data.dtype == np.uint8 and back.name == "TS_01_labels"
+    np.testing.assert_array_equal(back.data, labels)
+    assert companion_path(paths["labels"], "probs") == paths["probabilities"]
+    stack = read_tomogram(paths["probabilities"], allow_stack=True, mmap=True)
+    np.testing.assert_array_equal(np.asarray(stack.data), probabilities)
+    with pytest.raises(RuntimeError), volume_writer(tmp_path / "broken.zarr", SHAPE, SPACING) as writer:
+        writer.data[:2] = 1
+        raise RuntimeError("crash mid-write")
+    assert not (tmp_path / "broken.zarr").exists() and not list(tmp_path.glob(".broken*"))

@@ -61,23 +61,27 @@ def map_tomogram_name(path: str | os.PathLike) -> str:
 
 
 def output_paths(
-    out_dir: str | os.PathLike, name: str, *, probabilities: bool = False, score: bool = False
+    out_dir: str | os.PathLike, name: str, *, probabilities: bool = False, score: bool = False,
+    suffix: str = ".mrc",
 ) -> dict[str, Path]:
-    """The files segment writes for tomogram ``name``: labels, and probs/score when asked."""
+    """The files segment writes for tomogram ``name``: labels, and probs/score when asked.
+
+    ``suffix`` is ``.mrc`` or ``.zarr`` (OME-Zarr images, ``--out-format zarr``).
+    """
     out_dir = Path(out_dir)
-    paths = {"labels": out_dir / f"{name}_labels.mrc"}
+    paths = {"labels": out_dir / f"{name}_labels{suffix}"}
     if probabilities:
-        paths["probabilities"] = out_dir / f"{name}_probs.mrc"
+        paths["probabilities"] = out_dir / f"{name}_probs{suffix}"
     if score:
-        paths["score"] = out_dir / f"{name}_score.mrc"
+        paths["score"] = out_dir / f"{name}_score{suffix}"
     return paths
 
 
 def companion_path(label_path: str | os.PathLike, kind: str) -> Path | None:
-    """``<tomo>_probs.mrc`` / ``<tomo>_score.mrc`` beside ``<tomo>_labels.mrc``, if present."""
+    """``<tomo>_probs.mrc`` / ``<tomo>_score.mrc`` beside ``<tomo>_labels.mrc`` (or ``.zarr``), if present."""
     label_path = Path(label_path)
     candidate = label_path.with_name(f"{map_tomogram_name(label_path)}_{kind}{label_path.suffix}")
-    return candidate if candidate.is_file() and candidate != label_path else None
+    return candidate if is_volume_file(candidate) and candidate != label_path else None
 
 
 def is_volume_file(path: Path) -> bool:

@@ -20,7 +20,7 @@ from cryocaps.io.layout import (  # noqa: F401 - the names volumes are known by
     base_tomogram_name,
     tomogram_name,
 )
-from cryocaps.io.zarr_volumes import is_zarr_path, open_zarr_volume
+from cryocaps.io.zarr_volumes import ZarrVolumeWriter, is_zarr_path, open_zarr_volume
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +364,19 @@ class MrcVolumeWriter:
             self._mrc.close()
         finally:
             self._context.__exit__(exc_type, exc, tb)
+
+
+def volume_writer(path: str | os.PathLike, shape: tuple[int, ...], voxel_size_angstrom: float, *,
+                  origin_angstrom: tuple[float, float, float] = (0.0, 0.0, 0.0), dtype: str = "uint8",
+                  overwrite: bool = False):
+    """A slab-by-slab writer for ``path``: :class:`MrcVolumeWriter`, or for a ``.zarr`` path an
+    OME-Zarr :class:`~cryocaps.io.zarr_volumes.ZarrVolumeWriter` (same interface: ``with ... as w:
+    w.data[slab] = ...``, renamed into place on success)."""
+    if dtype not in WRITE_DTYPES:
+        raise CryocapsError(f"unsupported volume dtype {dtype!r}; use one of {sorted(WRITE_DTYPES)}")
+    writer = ZarrVolumeWriter if is_zarr_path(path) else MrcVolumeWriter
+    return writer(path, shape, voxel_size_angstrom, origin_angstrom=origin_angstrom, dtype=dtype,
+                  overwrite=overwrite)
 
 
 def _update_header_stats_in_slabs(mrc, voxels_per_slab: int = 2**20) -> None:
