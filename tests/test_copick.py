@@ -307,3 +307,119 @@ def test_slab_writer_for_zarr_outputs_and_their_companions(tmp_path):
         writer.data[:2] = 1
         raise RuntimeError("crash mid-write")
     assert not (tmp_path / "broken.zarr").exists() and not list(tmp_path.glob(".broken*"))
+
+
+# --- the command line and the example pipeline on a simulated copick project -------------------
+def _cli_env() -> dict:
+    import os
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def simulated_project(tmp_path_factory):
+    """cryocaps simulate's three tomograms as a copick project built with copick's API: picks of
+    tomo_01 and tomo_02 by user 'curator' (voxels -> Å, angles -> transforms), none of tomo_03."""
+    import shutil
+    import subprocess
+
+    import pandas as pd
+    from copick.models import PickableObject
+
+    from cryocaps.classes import read_classes
+
+    if shutil.which("cryocaps", path=_cli_env()["PATH"]) is None:
+        pytest.skip("cryocaps console script not installed")
+    data = tmp_path_factory.mktemp("simulated")
+    subprocess.run(["cryocaps", "simulate", str(data), "--n-tomograms", "3", "--shape", "40,64,64", "--seed", "3"],
+                   check=True, env=_cli_env(), capture_output=True)
+    classes = read_classes(data / "classes.csv")
+    objects = [PickableObject(name=c.name, is_particle=True, label=c.label, radius=c.radius_angstrom)
+               for c in classes]
+    config = data / "project" / "config.json"
+    root = copick.new_config(str(config), overlay_root=str(data / "project" / "root"), pickable_objects=objects)
+    particles = pd.read_csv(data / "particles.csv")
+    for name in ("tomo_01", "tomo_02", "tomo_03"):
+        tomogram = read_tomogram(data / "tomograms" / f"{name}.mrc")
+        run = root.new_run(name)
+        run.new_voxel_spacing(tomogram.voxel_size_angstrom).new_tomogram("wbp").from_numpy(tomogram.data)
+        if name == "tomo_03":
+            continue
+        for obj, rows in particles[particles["tomo"] == name].groupby("class_name"):
+            transforms = np.tile(np.eye(4), (len(rows), 1, 1))
+            transforms[:, :3, :3] = relion_orientation(rows[["rot", "tilt", "psi"]].to_numpy()).as_matrix()
+            picks = run.new_picks(obj, session_id="0", user_id="curator")
+            picks.from_numpy(rows[["x", "y", "z"]].to_numpy() * tomogram.voxel_size_angstrom, transforms)
+    return config, particles
+
+
+def test_convert_picks_contract_both_ways(simulated_project, tmp_path):
+    import subprocess
+
+    import pandas as pd
+
+    config, particles = simulated_project
+    out = tmp_path / "picks.csv"
+    result = subprocess.run(["cryocaps", "convert-picks", str(config), "-o", str(out), "--format", "csv",
+                             "--copick-user", "curator", "--copick-session", "0"],
+                            env=_cli_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(out).sort_values(["tomo", "class_name", "x"]).reset_index(drop=True)
+    truth = particles[particles["tomo"] != "tomo_03"].sort_values(["tomo", "class_name", "x"]).reset_index(drop=True)
+    np.testing.assert_allclose(table[["x", "y", "z"]].to_numpy(), truth[["x", "y", "z"]].to_numpy(), atol=1e-3)
+    np.testing.assert_allclose(relion_orientation(table[["rot", "tilt", "psi"]].to_numpy()).as_matrix(),
+                               relion_orientation(truth[["rot", "tilt", "psi"]].to_numpy()).as_matrix(), atol=1e-4)
+    args = ["cryocaps", "convert-picks", str(out), "--format", "copick", "-o", str(config),
+            "--copick-user", "cli", "--copick-session", "5"]
+    assert subprocess.run(args, env=_cli_env(), capture_output=True).returncode == 0
+    again = subprocess.run(args, env=_cli_env(), capture_output=True, text=True)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    root = copick.from_file(str(config))
+    (picks,) = root.get_run("tomo_01").get_picks(object_name="ribosome", user_id="cli", session_id="5")
+    expected = truth[(truth["tomo"] == "tomo_01") & (truth["class_name"] == "ribosome")]
+    np.testing.assert_allclose(np.sort(picks.numpy()[0][:, 0]) / 10.0, np.sort(expected["x"].to_numpy()), atol=1e-3)
+
+
+def test_preprocess_zarr_writes_the_same_voxels_as_mrc(simulated_project, tmp_path):
+    import subprocess
+
+    config, _ = simulated_project
+    image = config.parent / "root" / "ExperimentRuns" / "tomo_02" / "VoxelSpacing10.000" / "wbp.zarr"
+    mrc = config.parent.parent / "tomograms" / "tomo_02.mrc"
+    for source, out in ((image, tmp_path / "from_zarr"), (mrc, tmp_path / "from_mrc")):
+        result = subprocess.run(["cryocaps", "preprocess", str(source), "-o", str(out), "--voxel-size-angstrom", "10",
+                                 "--no-normalize"], env=_cli_env(), capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    (written,) = (tmp_path / "from_zarr").glob("*.mrc")
+    assert written.name == "tomo_02.mrc"
+    np.testing.assert_array_equal(read_tomogram(written).data, read_tomogram(tmp_path / "from_mrc" / "tomo_02.mrc").data)
+
+
+@pytest.mark.slow
+def test_copick_pipeline_example(simulated_project, tmp_path):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    config, _ = simulated_project
+    project = tmp_path / "project"
+    shutil.copytree(config.parent, project)
+    text = (project / "config.json").read_text().replace(str(config.parent), str(project))
+    (project / "config.json").write_text(text)
+    script = Path(__file__).resolve().parents[1] / "examples" / "copick_pipeline.sh"
+    env = {**_cli_env(), "MINUTES": "0.05", "PATCH": "32", "MODEL": "unet", "USER_ID": "cryocaps",
+           "SESSION": "9", "TRAIN_ARGS": "--val-fraction 0.5"}
+    result = subprocess.run(["bash", str(script), str(project / "config.json"), str(tmp_path / "out")],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for stage in ("convert-picks", "make-masks", "train", "segment", "cluster-picks"):
+        assert f"+ cryocaps {stage}" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "out" / "segmentation").glob("*_labels.mrc")) == ["tomo_03_labels.mrc"]
+    root = copick.from_file(str(project / "config.json"))
+    new = [p for p in root.get_run("tomo_03").picks if p.user_id == "cryocaps" and p.session_id == "9"]
+    assert new, "no picks written back to tomo_03"
+    assert not root.get_run("tomo_01").get_picks(user_id="cryocaps")  # training runs are not re-picked
