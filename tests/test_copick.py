@@ -423,3 +423,21 @@ def test_copick_pipeline_example(simulated_project, tmp_path):
     new = [p for p in root.get_run("tomo_03").picks if p.user_id == "cryocaps" and p.session_id == "9"]
     assert new, "no picks written back to tomo_03"
     assert not root.get_run("tomo_01").get_picks(user_id="cryocaps")  # training runs are not re-picked
+
+
+def test_agrees_with_copicks_own_relion5_export(project, tmp_path):
+    """copick's RELION 5 export of its picks, read by cryocaps' RELION 5 reader, lands on the same
+    voxels and rotations as cryocaps' copick reader: the same voxel 0 and the same angle convention."""
+    import starfile
+
+    config, _ = project
+    root = copick.from_file(str(config))
+    (picks,) = root.get_run("TS_01").get_picks(object_name="ribosome", user_id="curator")
+    exported = picks.df("relion", voxel_spacing=SPACING).assign(rlnClassNumber=1)
+    star = tmp_path / "exported.star"
+    starfile.write({"particles": exported}, star)
+    via_relion = read_particles(star, tomograms=[TomogramInfo("TS_01", SHAPE, SPACING)])
+    direct = _rows(read_particles(config), "TS_01", "ribosome")
+    np.testing.assert_allclose(via_relion[["x", "y", "z"]].to_numpy(), direct[["x", "y", "z"]].to_numpy(), atol=1e-3)
+    np.testing.assert_allclose(relion_orientation(via_relion[["rot", "tilt", "psi"]].to_numpy()).as_matrix(),
+                               relion_orientation(direct[["rot", "tilt", "psi"]].to_numpy()).as_matrix(), atol=1e-4)
