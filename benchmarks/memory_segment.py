@@ -1,7 +1,7 @@
 """Peak memory of segmentation as the tomogram grows: does it stay bounded?
 
     python benchmarks/memory_segment.py [--shapes 32,96,96:128,384,384] [--patch-size 48 --overlap 16]
-                                        [--probabilities] [--threads 2]
+                                        [--probabilities] [--threads 2] [--input-format mrc|zarr]
 
 Segments each shape (a memory-mapped float32 MRC of noise) in a fresh
 subprocess with ``segment_tomogram`` and a small U-Net (widths 16/16/16, 4
@@ -57,12 +57,15 @@ def main() -> None:
     parser.add_argument("--score", action="store_true", help="also write the score map")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster; same buffers)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--input-format", choices=("mrc", "zarr"), default="mrc",
+                        help="tomogram as a memory-mapped MRC or an OME-Zarr image (64^3 chunks, read lazily)")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(":")]
 
     import numpy as np
 
     from cryocaps.io.volumes import MrcVolumeWriter
+    from cryocaps.io.zarr_volumes import ZarrVolumeWriter
     from cryocaps.modelfile import save_model
     from cryocaps.models import create_model
 
@@ -75,11 +78,13 @@ def main() -> None:
         save_model(tmp / "model", model, {"classes": classes, "voxel_size_angstrom": 10.0, "patch_size": 48,
                                           "normalization": {"method": "percentile_zscore"}})
         for shape in shapes:
-            tomogram = tmp / f"tomo_{'x'.join(map(str, shape))}.mrc"
+            tomogram = tmp / f"tomo_{'x'.join(map(str, shape))}.{args.input_format}"
             rng = np.random.default_rng(0)
-            with MrcVolumeWriter(tomogram, shape, 10.0, dtype="float32") as writer:  # never whole in memory
-                for z in range(shape[0]):
-                    writer.data[z] = rng.normal(size=shape[1:]).astype(np.float32)
+            volume_writer = ZarrVolumeWriter if args.input_format == "zarr" else MrcVolumeWriter
+            with volume_writer(tomogram, shape, 10.0, dtype="float32") as writer:  # never whole in memory
+                for z in range(0, shape[0], 16):  # slabs: a Zarr chunk row is encoded once
+                    slab = rng.normal(size=(min(16, shape[0] - z), *shape[1:])).astype(np.float32)
+                    writer.data[z : z + len(slab)] = slab
             child_args = {
                 "model": str(tmp / "model"), "tomogram": str(tomogram), "out": str(tmp / f"out_{tomogram.stem}"),
                 "patch_size": args.patch_size, "overlap": args.overlap, "threads": args.threads,
@@ -94,6 +99,7 @@ def main() -> None:
             voxels = math.prod(shape)
             output_bytes = voxels * (1 + 2 * n_classes * args.probabilities + 2 * args.score)
             row = {
+                "input_format": args.input_format,
                 "shape": list(shape),
                 "voxels": voxels,
                 "patch_size": result["patch_size"],

@@ -441,3 +441,13 @@ def test_agrees_with_copicks_own_relion5_export(project, tmp_path):
     np.testing.assert_allclose(via_relion[["x", "y", "z"]].to_numpy(), direct[["x", "y", "z"]].to_numpy(), atol=1e-3)
     np.testing.assert_allclose(relion_orientation(via_relion[["rot", "tilt", "psi"]].to_numpy()).as_matrix(),
                                relion_orientation(direct[["rot", "tilt", "psi"]].to_numpy()).as_matrix(), atol=1e-4)
+
+
+def test_level_voxel_size_prefers_a_level_that_needs_no_binning(project):
+    from cryocaps.io.zarr_volumes import level_voxel_size
+
+    config, _ = project
+    image = config.parent / "overlay" / "ExperimentRuns" / "TS_02" / "VoxelSpacing10.000" / "wbp.zarr"
+    assert level_voxel_size(image, 20.0) == 20.0
+    assert level_voxel_size(image, 25.0) is None  # no such level: the finest is binned
+    assert level_voxel_size(config, 20.0) is None  # not an OME-Zarr image

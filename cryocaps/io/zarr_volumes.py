@@ -205,6 +205,20 @@ def choose_level(image: MultiscaleImage, voxel_size_angstrom: float | None = Non
     )
 
 
+def level_voxel_size(path: str | os.PathLike, wanted_angstrom: float | None) -> float | None:
+    """``wanted_angstrom`` if the OME-Zarr image has a level at it, else None (= its finest level).
+
+    For commands that can resample (preprocess): read the level that needs no binning when
+    there is one.
+    """
+    from cryocaps.io.volumes import same_voxel_size  # here: cryocaps.io.volumes imports this module
+
+    if wanted_angstrom is None or not is_zarr_path(path):
+        return None
+    levels = read_multiscales(path).levels
+    return wanted_angstrom if any(same_voxel_size(lv.voxel_size_angstrom, wanted_angstrom) for lv in levels) else None
+
+
 class ZarrVolume:
     """A (Z, Y, X) view of one Zarr array, read lazily on slicing.
 
