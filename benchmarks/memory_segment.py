@@ -17,6 +17,10 @@ Measured 2026-11-25 (2 shared CPUs, --bf16): 32x96x96 peak 337.0 MiB,
 are dropped after each slab, so the 1 B/voxel label map is not resident).
 The remaining growth is the float16 Z-overlap buffer (K x overlap x Y x X)
 and one window row of input.
+
+Measured 2026-12-02 with --shapes 64,256,256:256,256,256 --threads 1: MRC input
+614.5 -> 621.1 MiB (0.55 B/voxel), OME-Zarr input (--input-format zarr)
+626.5 -> 636.7 MiB (0.85 B/voxel): flat in depth with either.
 """
 
 from __future__ import annotations
