@@ -132,10 +132,9 @@ def test_imports_run_down_the_layers():
             destination = unit(target)
             if destination == source or RANKS.get(destination, -1) < RANKS.get(source, -1):
                 continue
-            violations.append(
-                f"{path.relative_to(PACKAGE.parent)}:{line} imports {target} "
-                f"({source}, rank {RANKS.get(source)} -> {destination}, rank {RANKS.get(destination)})"
-            )
+            where = f"{path.relative_to(PACKAGE.parent)}:{line}"
+            ranks = f"{source} {RANKS.get(source)} -> {destination} {RANKS.get(destination)}"
+            violations.append(f"{where} imports {target} (ranks {ranks})")
     assert not violations, "\n".join(violations)
 
 

@@ -98,9 +98,10 @@ def test_tune_process_for_skips_cuda(libc, device):
     assert runtime.current_policy() is None
 
 
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc mallopt"
-)
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc mallopt")
 def test_real_glibc_accepts_both_policies():
     # In a child process: the settings change this process's allocator for good.
     code = (

@@ -1,4 +1,4 @@
-"""make-masks as one library call: read particles, check them, draw and write one map per tomogram."""
+"""make-masks as one library call: read particles, check them, draw and write a map per tomogram."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def make_masks(
     overwrite: bool = False,
     progress: Callable | None = None,
 ) -> dict:
-    """Draw one label map per tomogram into ``out_dir/<tomo>_labels.mrc``; write ``out_dir/classes.csv``.
+    """Draw a label map per tomogram into ``out_dir/<tomo>_labels.mrc``, the table in ``classes.csv``.
 
     Only the tomograms' headers are needed (``tomograms`` from
     :func:`cryocaps.io.particles.tomogram_infos`). Every check (classes,
@@ -73,7 +73,8 @@ def make_masks(
     if shape == "template":
         used = sorted(set(particles["class_name"]))
         templates = {
-            name: load_template(classes.by_name(name), voxel_size, template_threshold) for name in used
+            name: load_template(classes.by_name(name), voxel_size, template_threshold)
+            for name in used
         }
     plans, report = plan_masks(particles, tomograms, out_dir, strict=strict, overwrite=overwrite)
     check_writable(out_dir / "classes.csv", overwrite)
@@ -83,7 +84,9 @@ def make_masks(
     outputs = []
     for plan in plans:
         started = time.perf_counter()
-        voxels = _draw_and_write(plan, classes, shape, radius_scale, voxel_size, templates, overwrite)
+        voxels = _draw_and_write(
+            plan, classes, shape, radius_scale, voxel_size, templates, overwrite
+        )
         labels = plan.particles["label"].to_numpy(dtype=int)
         for c in classes:
             per_class[c.name]["particles"] += int((labels == c.label).sum())
@@ -182,9 +185,13 @@ def _draw_and_write(
     """Draw and write one tomogram's map; returns its voxel count per label, (n_labels,)."""
     from cryocaps.io.volumes import write_volume
 
-    label_map, value_map = draw_mask(plan, classes, shape, radius_scale, voxel_size_angstrom, templates)
+    label_map, value_map = draw_mask(
+        plan, classes, shape, radius_scale, voxel_size_angstrom, templates
+    )
     if value_map is not None:
-        write_soft_targets(plan, label_map, value_map, classes.n_labels, voxel_size_angstrom, overwrite)
+        write_soft_targets(
+            plan, label_map, value_map, classes.n_labels, voxel_size_angstrom, overwrite
+        )
         del value_map  # counting below needs only the label map
     else:
         write_volume(
@@ -206,7 +213,7 @@ def write_soft_targets(
     voxel_size_angstrom: float,
     overwrite: bool,
 ) -> None:
-    """Write (n_labels, Z, Y, X) float16 soft targets slab by slab (never the whole 4D array at once)."""
+    """Write (n_labels, Z, Y, X) float16 soft targets slab by slab (never the whole 4D array)."""
     from cryocaps.io.volumes import MrcVolumeWriter
 
     with MrcVolumeWriter(

@@ -1,4 +1,4 @@
-"""Planning make-masks: tomogram geometry, voxel sizes, class labels, particles matched to tomograms.
+"""Planning make-masks: tomogram geometry, voxel sizes, labels, particles matched to tomograms.
 
 Everything here is checked before the first label map is drawn.
 """

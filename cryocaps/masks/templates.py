@@ -1,4 +1,4 @@
-"""Template masks: a class's density map, rotated by each particle's RELION angles and thresholded."""
+"""Template masks: a class's density map, rotated by each particle's RELION angles, thresholded."""
 
 from __future__ import annotations
 
