@@ -45,7 +45,7 @@ def make_masks(
     overwrite: bool = False,
     progress: Callable | None = None,
 ) -> dict:
-    """Draw a label map per tomogram into ``out_dir/<tomo>_labels.mrc``, the table in ``classes.csv``.
+    """Draw a label map per tomogram into ``out_dir/<tomo>_labels.mrc``; table in ``classes.csv``.
 
     Only the tomograms' headers are needed (``tomograms`` from
     :func:`cryocaps.io.particles.tomogram_infos`). Every check (classes,
