@@ -18,10 +18,10 @@ from cryocaps.evaluation import (
     match_picks,
     pick_precision_recall,
     precision_recall,
-    read_score_thresholds,
     summarize,
     voxel_metrics,
 )
+from cryocaps.io.thresholds import read_score_thresholds
 from cryocaps.io.volumes import write_volume
 
 VOXEL = 10.0

@@ -1,7 +1,8 @@
-"""Label maps and probability maps -> particle coordinates.
+"""The three picking methods: one class's mask (and weights) -> picks.
 
-Three ways to turn a segmentation into one pick per particle, chosen with
-``method``:
+Each method takes a (Z, Y, X) bool ``mask`` of one class, the class radius in
+voxels, an optional (Z, Y, X) ``weights`` map (class probability or score) and
+the size limit, and returns :class:`Pick` s (positions in voxels of the mask).
 
 ``components`` (default)
     connected components of each class; components big enough to hold several
@@ -20,45 +21,26 @@ Three ways to turn a segmentation into one pick per particle, chosen with
     non-maximum suppression (max-pooling) of the class probability map, or of
     the smoothed class mask when there are no probabilities, with a minimum
     distance between picks taken from the class radius.
-
-Every pick gets a size (voxels of its class assigned to it) and a score: the
-mean class probability over those voxels, else the mean of the per-voxel
-score map, else the size. Picks smaller than ``min_size_fraction`` of the
-class's sphere volume, or scoring below ``min_score``, are dropped.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from cryocaps.classes import ClassTable, ParticleClass
-from cryocaps.errors import CryocapsError
-from cryocaps.io.layout import base_tomogram_name, companion_path, tomogram_name
-from cryocaps.io.particles import CANONICAL_COLUMNS
-from cryocaps.io.volumes import TomogramInfo, read_tomogram
-
-log = logging.getLogger(__name__)
-
-METHODS = ("components", "meanshift", "peaks")
-DEFAULT_METHOD = "components"
-DEFAULT_MIN_SIZE_FRACTION = 0.2
 # Largest number of voxel coordinates mean shift clusters per class; more are subsampled on a grid.
 MEANSHIFT_MAX_POINTS = 200_000
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 
 @dataclass
-class _Pick:
+class Pick:
+    """One pick: position (voxels), size (voxels of its class) and score."""
+
     z: float
     y: float
     x: float
@@ -70,127 +52,6 @@ def sphere_volume_voxels(radius_voxels: float) -> float:
     """Volume of a sphere of ``radius_voxels``, in voxels."""
     return 4.0 / 3.0 * math.pi * radius_voxels**3
 
-
-def pick_particles(
-    label_map: np.ndarray,
-    classes: ClassTable,
-    voxel_size_angstrom: float,
-    probabilities: np.ndarray | None = None,
-    *,
-    scores: np.ndarray | None = None,
-    method: str = DEFAULT_METHOD,
-    min_size_fraction: float = DEFAULT_MIN_SIZE_FRACTION,
-    min_score: float | Mapping[str, float] | None = None,
-    tomo_name: str = "",
-    progress: Callable[[str], None] | None = None,
-) -> pd.DataFrame:
-    """Find one pick per particle in a label map.
-
-    Parameters
-    ----------
-    label_map : (Z, Y, X) integer array, 0 = background, else a class label
-    classes : class table; only its classes are picked (other labels are ignored)
-    voxel_size_angstrom : voxel size of the map, Å (turns class radii into voxels)
-    probabilities : optional (C, Z, Y, X) class probabilities, channel = label
-        (channel 0 = background); gives the pick scores and, for ``peaks``, the map
-        whose maxima are the picks
-    scores : optional (Z, Y, X) per-voxel confidence, used for scores when there
-        are no probabilities
-    method : "components", "meanshift" or "peaks"
-    min_size_fraction : drop picks with fewer voxels than this fraction of the
-        class's sphere volume (4/3 π r³)
-    min_score : drop picks scoring below this (None keeps all); a mapping gives
-        one threshold per class name (classes missing from it keep all), as
-        ``evaluate`` tunes them on a validation tomogram
-    tomo_name : value of the ``tomo`` column
-    progress : called with a class name as each class is done
-
-    Returns
-    -------
-    Particle table with the canonical columns (``tomo, class_name, x, y, z,
-    score``, voxels) plus ``size_voxels``, sorted by class then descending score.
-    """
-    if method not in METHODS:
-        raise CryocapsError(f"--method {method!r}: use one of {', '.join(METHODS)}")
-    if label_map.ndim != 3:
-        raise CryocapsError(f"label map must be 3D (Z, Y, X), got shape {label_map.shape}")
-    if not voxel_size_angstrom > 0:
-        raise CryocapsError(f"voxel size must be > 0 Å, got {voxel_size_angstrom}")
-    if min_size_fraction < 0:
-        raise CryocapsError(f"--min-size-fraction must be >= 0, got {min_size_fraction}")
-    label_map = _as_labels(label_map)
-    if probabilities is not None:
-        _check_probabilities(probabilities, label_map.shape, classes)
-    if scores is not None and scores.shape != label_map.shape:
-        raise CryocapsError(f"score map shape {scores.shape} differs from label map shape {label_map.shape}")
-
-    rows = []
-    for particle_class in classes:
-        class_min_score = min_score.get(particle_class.name) if isinstance(min_score, Mapping) else min_score
-        radius = particle_class.radius_voxels(voxel_size_angstrom)
-        weights = _weight_map(particle_class, probabilities, scores)
-        mask = label_map == particle_class.label
-        min_size = min_size_fraction * sphere_volume_voxels(radius)
-        picks = _PICKERS[method](mask, radius, weights, min_size) if mask.any() else []
-        for pick in picks:
-            if pick.size < min_size:
-                continue
-            score = pick.score if weights is not None else pick.size
-            if class_min_score is not None and score < class_min_score:
-                continue
-            rows.append(
-                {
-                    "tomo": tomo_name,
-                    "class_name": particle_class.name,
-                    "x": pick.x,
-                    "y": pick.y,
-                    "z": pick.z,
-                    "score": float(score),
-                    "size_voxels": float(pick.size),
-                }
-            )
-        if progress is not None:
-            progress(particle_class.name)
-    table = pd.DataFrame(rows, columns=[*CANONICAL_COLUMNS, "size_voxels"])
-    table = table.astype({"x": float, "y": float, "z": float, "score": float, "size_voxels": float})
-    order = {name: i for i, name in enumerate(classes.names)}
-    table = table.sort_values(
-        ["class_name", "score"], key=lambda s: s.map(order) if s.name == "class_name" else -s
-    )
-    return table.reset_index(drop=True)
-
-
-def _as_labels(label_map: np.ndarray) -> np.ndarray:
-    # Label maps are stored as signed 8-bit MRC and read back as int8: view as unsigned.
-    array = np.asarray(label_map)
-    if array.dtype == np.int8:
-        return array.view(np.uint8)
-    if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
-            raise CryocapsError("label map holds non-integer values; expected class labels 0..127")
-        return array.astype(np.int16)
-    return array
-
-
-def _check_probabilities(probabilities: np.ndarray, shape: tuple, classes: ClassTable) -> None:
-    if probabilities.ndim != 4 or tuple(probabilities.shape[1:]) != tuple(shape):
-        raise CryocapsError(
-            f"probability map shape {tuple(probabilities.shape)} does not fit label map {tuple(shape)}; "
-            "expected (C, Z, Y, X)"
-        )
-    if probabilities.shape[0] < classes.n_labels:
-        raise CryocapsError(
-            f"probability map has {probabilities.shape[0]} channels but the class table needs "
-            f"{classes.n_labels} (background + labels up to {classes.n_labels - 1})"
-        )
-
-
-def _weight_map(particle_class: ParticleClass, probabilities, scores):
-    if probabilities is not None:
-        return probabilities[particle_class.label]
-    return scores
-
-
 def _mean_weight(weights, index) -> float:
     if weights is None:
         return float("nan")
@@ -201,7 +62,7 @@ def _mean_weight(weights, index) -> float:
 # --- components -------------------------------------------------------------
 
 
-def _pick_components(mask: np.ndarray, radius: float, weights, min_size: float) -> list[_Pick]:
+def _pick_components(mask: np.ndarray, radius: float, weights, min_size: float) -> list[Pick]:
     labelled, count = ndimage.label(mask)
     if count == 0:
         return []
@@ -223,7 +84,7 @@ def _pick_components(mask: np.ndarray, radius: float, weights, min_size: float) 
     del flat, ids
     # ... then components that may hold several particles are split, one loop turn each.
     expected = sphere_volume_voxels(radius)
-    split: list[_Pick] = []
+    split: list[Pick] = []
     was_split = set()
     for index, box in enumerate(ndimage.find_objects(labelled), start=1):
         if box is None or sizes[index] < 0.6 * expected:
@@ -241,17 +102,17 @@ def _pick_components(mask: np.ndarray, radius: float, weights, min_size: float) 
             where = np.nonzero(segments == segment)
             if len(where[0]):
                 centre = np.array([w.mean() for w in where]) + offset
-                split.append(_Pick(*centre, len(where[0]), _mean_weight(crop_weights, where)))
+                split.append(Pick(*centre, len(where[0]), _mean_weight(crop_weights, where)))
     # Specks far below the size limit are dropped now; fragments near it may still merge.
     whole = [
-        _Pick(*centres[i], sizes[i], scores[i])
+        Pick(*centres[i], sizes[i], scores[i])
         for i in range(1, count + 1)
         if sizes[i] >= 0.25 * min_size and i not in was_split
     ]
     return _merge_fragments(whole + split, radius)
 
 
-def _merge_fragments(picks: list[_Pick], radius: float) -> list[_Pick]:
+def _merge_fragments(picks: list[Pick], radius: float) -> list[Pick]:
     """Merge picks closer than one radius: pieces of one particle broken up by a noisy segmentation.
 
     Two whole particles cannot be that close (they would overlap by more than half), so
@@ -275,7 +136,7 @@ def _merge_fragments(picks: list[_Pick], radius: float) -> list[_Pick]:
         [np.bincount(group, weights=sizes * centres[:, a], minlength=n_groups) for a in range(3)], axis=1
     ) / total[:, None]
     merged_scores = np.bincount(group, weights=sizes * scores, minlength=n_groups) / total
-    return [_Pick(*merged_centres[g], total[g], merged_scores[g]) for g in range(n_groups)]
+    return [Pick(*merged_centres[g], total[g], merged_scores[g]) for g in range(n_groups)]
 
 
 def _split_touching(component: np.ndarray, radius: float) -> tuple[np.ndarray, int]:
@@ -350,7 +211,7 @@ def _suppress_close(centres: np.ndarray, strength: np.ndarray, min_separation: f
 # --- mean shift -------------------------------------------------------------
 
 
-def _pick_meanshift(mask: np.ndarray, radius: float, weights, min_size: float) -> list[_Pick]:
+def _pick_meanshift(mask: np.ndarray, radius: float, weights, min_size: float) -> list[Pick]:
     box = _bounding_box(mask)
     mask = mask[box]
     offset = np.array([s.start for s in box], dtype=float)
@@ -369,7 +230,7 @@ def _pick_meanshift(mask: np.ndarray, radius: float, weights, min_size: float) -
     crop_weights = weights[box] if weights is not None else None
     sizes, scores = _cluster_stats(assignment, len(centres), points.astype(np.intp), crop_weights)
     return [
-        _Pick(*(centre + offset), float(size * step**3), score)
+        Pick(*(centre + offset), float(size * step**3), score)
         for centre, size, score in zip(centres, sizes, scores, strict=True)
     ]
 
@@ -420,7 +281,7 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
 # --- peaks ------------------------------------------------------------------
 
 
-def _pick_peaks(mask: np.ndarray, radius: float, weights, min_size: float) -> list[_Pick]:
+def _pick_peaks(mask: np.ndarray, radius: float, weights, min_size: float) -> list[Pick]:
     margin = int(math.ceil(radius)) + 2
     box = tuple(
         slice(max(0, s.start - margin), min(n, s.stop + margin))
@@ -457,115 +318,9 @@ def _pick_peaks(mask: np.ndarray, radius: float, weights, min_size: float) -> li
     inside = np.isfinite(distance)
     sizes, scores = _cluster_stats(nearest[inside], len(centres), voxels[inside], crop_weights)
     return [
-        _Pick(*(centre + offset), float(size * step**3), score)
+        Pick(*(centre + offset), float(size * step**3), score)
         for centre, size, score in zip(centres, sizes, scores, strict=True)
     ]
 
 
-_PICKERS = {"components": _pick_components, "meanshift": _pick_meanshift, "peaks": _pick_peaks}
-
-
-# --- files ------------------------------------------------------------------
-
-
-def pick_files(
-    label_paths: Sequence[str | os.PathLike],
-    classes: ClassTable,
-    *,
-    method: str = DEFAULT_METHOD,
-    min_size_fraction: float = DEFAULT_MIN_SIZE_FRACTION,
-    min_score: float | Mapping[str, float] | None = None,
-    use_probabilities: bool = True,
-    voxel_size_angstrom: float | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> tuple[pd.DataFrame, list[TomogramInfo], list[Path]]:
-    """Pick every label map file (``<tomo>_labels.mrc``), with its ``_probs``/``_score`` companions.
-
-    Returns the particle table (``tomo`` = tomogram name without the ``_labels``
-    suffix), the tomograms' geometry (for writers that need sizes) and the files read.
-    """
-    tables, infos, inputs = [], [], []
-    for path in map(Path, label_paths):
-        name = tomogram_name(path)
-        if name.endswith(("_probs", "_score")):
-            raise CryocapsError(f"{path}: give the label map (<tomo>_labels.mrc), not a probability/score map")
-        label_tomogram = read_tomogram(path, voxel_size_angstrom=voxel_size_angstrom)
-        if label_tomogram.data.dtype.kind == "f":
-            log.warning("%s: floating-point label map; expected uint8 labels", path)
-        tomo = base_tomogram_name(name)
-        voxel = label_tomogram.voxel_size_angstrom
-        inputs.append(path)
-        probabilities = scores = None
-        if use_probabilities:
-            probs_path = companion_path(path, "probs")
-            score_path = companion_path(path, "score")
-            if probs_path is not None:
-                # The map's own geometry is the label map's (a stack's header may say otherwise in z).
-                probabilities = read_tomogram(
-                    probs_path, allow_stack=True, mmap=True, check_finite=False, voxel_size_angstrom=voxel
-                ).data
-                if probabilities.ndim != 4:
-                    raise CryocapsError(f"{probs_path}: expected a (C, Z, Y, X) probability stack")
-                inputs.append(probs_path)
-            elif score_path is not None:
-                scores = read_tomogram(score_path, mmap=True, check_finite=False, voxel_size_angstrom=voxel).data
-                inputs.append(score_path)
-        _warn_unknown_labels(label_tomogram.data, classes, path)
-        try:
-            table = pick_particles(
-                label_tomogram.data,
-                classes,
-                label_tomogram.voxel_size_angstrom,
-                probabilities,
-                scores=scores,
-                method=method,
-                min_size_fraction=min_size_fraction,
-                min_score=min_score,
-                tomo_name=tomo,
-            )
-        except CryocapsError as error:
-            raise CryocapsError(f"{path}: {error}") from None
-        tables.append(table)
-        infos.append(
-            TomogramInfo(
-                tomo, label_tomogram.shape, label_tomogram.voxel_size_angstrom, label_tomogram.origin_angstrom
-            )
-        )
-        if progress is not None:
-            progress(tomo)
-    names = [info.name for info in infos]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise CryocapsError(f"several label maps for tomogram(s) {', '.join(duplicates)}; give each tomogram once")
-    return pd.concat(tables, ignore_index=True), infos, inputs
-
-
-def _warn_unknown_labels(label_map: np.ndarray, classes: ClassTable, path: Path) -> None:
-    counts = np.bincount(np.asarray(label_map).view(np.uint8).ravel() if label_map.dtype.itemsize == 1
-                         else np.asarray(label_map, dtype=np.int64).ravel().clip(0))
-    known = {0, *(c.label for c in classes)}
-    unknown = [label for label in np.nonzero(counts)[0] if label not in known]
-    if unknown:
-        log.warning(
-            "%s: label(s) %s are not in the class table %s and are ignored (labels there: %s)",
-            path, ", ".join(map(str, unknown)), classes.source, ", ".join(str(c.label) for c in classes),
-        )
-
-
-def summary_by_class(picks: pd.DataFrame, classes: ClassTable) -> pd.DataFrame:
-    """Picks per class: count, tomograms, median score and size."""
-    rows = []
-    for name in classes.names:
-        subset = picks[picks["class_name"] == name]
-        rows.append(
-            {
-                "class_name": name,
-                "picks": len(subset),
-                "tomograms": subset["tomo"].nunique(),
-                "median_score": float(subset["score"].median()) if len(subset) else float("nan"),
-                "median_size_voxels": float(subset["size_voxels"].median())
-                if "size_voxels" in subset and len(subset)
-                else float("nan"),
-            }
-        )
-    return pd.DataFrame(rows)
+PICKERS = {"components": _pick_components, "meanshift": _pick_meanshift, "peaks": _pick_peaks}
