@@ -166,15 +166,21 @@ def command(
         started=started,
     )
     if not is_quiet():
-        def shown(value: float):
-            return "-" if value != value else value  # NaN: no picks
+        _print_summary(summary, f"{len(picks)} picks from {len(label_paths)} map(s) -> {output}")
 
-        rows = [
-            [r.class_name, int(r.picks), int(r.tomograms), shown(r.median_score), shown(r.median_size_voxels)]
-            for r in summary.itertuples()
+
+def _print_summary(summary, title: str) -> None:
+    """Picks per class (the table of :func:`cryocaps.picking.summary_by_class`)."""
+
+    def shown(value: float):
+        return "-" if value != value else value  # NaN: no picks
+
+    rows = [
+        [
+            r.class_name, int(r.picks), int(r.tomograms),
+            shown(r.median_score), shown(r.median_size_voxels),
         ]
-        print_table(
-            f"{len(picks)} picks from {len(label_paths)} map(s) -> {output}",
-            ["class", "picks", "tomograms", "median score", "median size (voxels)"],
-            rows,
-        )
+        for r in summary.itertuples()
+    ]
+    columns = ["class", "picks", "tomograms", "median score", "median size (voxels)"]
+    print_table(title, columns, rows)

@@ -107,8 +107,10 @@ def command(
 
     started = time.time()
     voxel_mode = bool(labels_pred or labels_true)
-    _check_options(picks, truth, labels_pred, labels_true, overlay, report_dir, tolerance_fraction, beta,
-                   overlay_slices)
+    _check_options(
+        picks, truth, labels_pred, labels_true, overlay, report_dir, tolerance_fraction, beta,
+        overlay_slices,
+    )
     class_table, classes = load_class_table_beside(
         [labels_true[0]] if voxel_mode else [truth], classes, radius_angstrom
     )
@@ -170,8 +172,10 @@ def command(
             stdout_console.print(f"Report written to {report_dir}")
 
 
-def _check_options(picks, truth, labels_pred, labels_true, overlay, report_dir, tolerance_fraction, beta,
-                   overlay_slices) -> None:
+def _check_options(
+    picks, truth, labels_pred, labels_true, overlay, report_dir, tolerance_fraction, beta,
+    overlay_slices,
+) -> None:
     """Refuse option combinations and values that cannot work, before reading anything."""
     if labels_pred or labels_true:
         if picks is not None or truth is not None:
@@ -181,7 +185,9 @@ def _check_options(picks, truth, labels_pred, labels_true, overlay, report_dir, 
         if overlay:
             raise CryocapsError("--overlay draws picks: it needs PICKS TRUTH, not label maps")
     elif picks is None or truth is None:
-        raise CryocapsError("give PICKS and TRUTH particle files (or --labels-pred and --labels-true)")
+        raise CryocapsError(
+            "give PICKS and TRUTH particle files (or --labels-pred and --labels-true)"
+        )
     if overlay and report_dir is None:
         raise CryocapsError("--overlay writes PNGs into the report folder: give -o REPORT_DIR")
     if not tolerance_fraction > 0:
@@ -252,7 +258,8 @@ def _voxel_scores(labels_pred, labels_true, class_table, as_json, report_dir, pa
     from cryocaps.runinfo import write_run_json
 
     result = voxel_report(
-        labels_pred, labels_true, class_table, report_dir=report_dir, parameters=parameters, overwrite=overwrite
+        labels_pred, labels_true, class_table,
+        report_dir=report_dir, parameters=parameters, overwrite=overwrite,
     )
     scores, names = result.scores, result.tomograms
     if report_dir is not None:

@@ -54,7 +54,9 @@ class Matching:
 def voxel_size_of(voxel_size_angstrom: float | Mapping[str, float], tomo: str) -> float:
     if isinstance(voxel_size_angstrom, Mapping):
         if tomo not in voxel_size_angstrom:
-            raise CryocapsError(f"no voxel size for tomogram {tomo!r}; give its MRC file or --voxel-size-angstrom")
+            raise CryocapsError(
+                f"no voxel size for tomogram {tomo!r}; give its MRC file or --voxel-size-angstrom"
+            )
         value = float(voxel_size_angstrom[tomo])
     else:
         value = float(voxel_size_angstrom)
@@ -164,7 +166,8 @@ def _scored_tomograms(
     if unpicked and len(picks):
         log.warning(
             "no picks in %d tomogram(s) of the truth (%s): their particles count as missed",
-            len(unpicked), _few(unpicked),
+            len(unpicked),
+            _few(unpicked),
         )
     return picks, truth
 
@@ -309,7 +312,13 @@ def summarize(matching: Matching, beta: float = 1.0) -> dict:
         tp = int((class_picks["status"] == "tp").sum())
         fp = len(class_picks) - tp
         fn = int((class_truth["status"] == "fn").sum())
-        entry = {"tp": tp, "fp": fp, "fn": fn, "n_picks": len(class_picks), "n_truth": len(class_truth)}
+        entry = {
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "n_picks": len(class_picks),
+            "n_truth": len(class_truth),
+        }
         if len(class_picks) or len(class_truth):
             entry |= _scores(tp, fp, fn, beta)
         else:
@@ -347,7 +356,9 @@ def evaluate_picks(
     fbeta, duplicates, confused, tolerance_angstrom}}, "macro": {precision, recall,
     f1, fbeta, beta, n_classes}, "micro": {tp, fp, fn, precision, recall, f1, fbeta, beta}}.
     """
-    matching = match_picks(picks, truth, classes, voxel_size_angstrom, tolerance_fraction, tomograms=tomograms)
+    matching = match_picks(
+        picks, truth, classes, voxel_size_angstrom, tolerance_fraction, tomograms=tomograms
+    )
     return summarize(matching, beta)
 
 
@@ -367,7 +378,9 @@ def confusion_table(matching: Matching) -> pd.DataFrame:
         false = own[own["status"] == "fp"]
         for other, count in false["confused_with"].value_counts().items():
             table.loc[other if other else BACKGROUND, name] += int(count)
-        table.loc[name, MISSED] = int(((truth["class_name"] == name) & (truth["status"] == "fn")).sum())
+        table.loc[name, MISSED] = int(
+            ((truth["class_name"] == name) & (truth["status"] == "fn")).sum()
+        )
     table.index.name = "true \\ picked"
     return table
 
@@ -439,7 +452,9 @@ def pick_precision_recall(matching: Matching) -> dict[str, dict]:
     return curves
 
 
-def best_score_thresholds(matching: Matching, curves: dict[str, dict] | None = None) -> pd.DataFrame:
+def best_score_thresholds(
+    matching: Matching, curves: dict[str, dict] | None = None
+) -> pd.DataFrame:
     """Per class, the pick-score threshold with the best F1 on this data (a validation set).
 
     Reads the best point off each class's precision-recall curve (see
@@ -467,7 +482,9 @@ def best_score_thresholds(matching: Matching, curves: dict[str, dict] | None = N
             continue
         precision, recall = curve["precision"], curve["recall"]
         with np.errstate(invalid="ignore", divide="ignore"):
-            f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+            f1 = np.where(
+                precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0
+            )
         # thresholds descend: the last index among the maxima is the lowest threshold
         best = int(len(f1) - 1 - np.argmax(f1[::-1]))
         thresholds = curve["threshold"]

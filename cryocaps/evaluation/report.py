@@ -122,7 +122,9 @@ def evaluate_files(
     )
     try:
         names = [info.name for info in tomograms] if tomograms else None
-        matching = match_picks(picks, truth, classes, voxel_sizes, tolerance_fraction, tomograms=names)
+        matching = match_picks(
+            picks, truth, classes, voxel_sizes, tolerance_fraction, tomograms=names
+        )
     except CryocapsError as error:
         raise CryocapsError(f"{picks_path} vs {truth_path}: {error}") from None
     return summarize(matching, beta), matching
@@ -160,7 +162,7 @@ def overlay_panels(
     radii = {c.name: c.radius_voxels(voxel_size_angstrom) for c in matching.classes}
     depth = volume.shape[0]
     reference = truth if len(truth) else picks
-    quantiles = (np.arange(1, n_slices + 1) / (n_slices + 1))
+    quantiles = np.arange(1, n_slices + 1) / (n_slices + 1)
     if len(reference):
         centres = np.quantile(reference["z"].to_numpy(), quantiles)
     else:
@@ -172,14 +174,19 @@ def overlay_panels(
         low, high = max(0, z - half), min(depth, z + half + 1)
         image = np.asarray(volume[low:high], dtype=np.float32).mean(axis=0)
         circles = []
-        for frame in (picks, truth[truth["status"] == "fn"]):  # status: tp/fp for picks, fn for misses
+        for frame in (
+            picks,
+            truth[truth["status"] == "fn"],
+        ):  # status: tp/fp for picks, fn for misses
             for row in frame.itertuples(index=False):
                 radius = radii[row.class_name]
                 dz = abs(row.z - z)
                 if dz >= radius:
                     continue
                 section = max(1.5, float(np.sqrt(radius**2 - dz**2)))
-                circles.append(Circle(row.x, row.y, section, row.status, row.class_name if show_class else ""))
+                circles.append(
+                    Circle(row.x, row.y, section, row.status, row.class_name if show_class else "")
+                )
         counts = {k: sum(c.outcome == k for c in circles) for k in ("tp", "fp", "fn")}
         title = f"z = {z} (mean of z {low}-{high - 1}): {counts['tp']} TP, {counts['fp']} FP, {counts['fn']} FN"
         panels.append((image, circles, title))

@@ -35,10 +35,17 @@ class VoxelScores:
         self.n_bins = n_bins
         self.counts = {c.name: np.zeros(3, dtype=np.int64) for c in classes}  # tp, fp, fn
         self.total = 0
-        self.histograms: dict[str, np.ndarray] | None = None  # name -> (2, n_bins): positives, negatives
+        self.histograms: dict[str, np.ndarray] | None = (
+            None  # name -> (2, n_bins): positives, negatives
+        )
         self.without_probabilities = 0
 
-    def add(self, label_pred: np.ndarray, label_true: np.ndarray, probabilities: np.ndarray | None = None) -> None:
+    def add(
+        self,
+        label_pred: np.ndarray,
+        label_true: np.ndarray,
+        probabilities: np.ndarray | None = None,
+    ) -> None:
         """Add one tomogram: (Z, Y, X) label maps, optional (C, Z, Y, X) probabilities (channel = label)."""
         if label_pred.shape != label_true.shape:
             raise CryocapsError(
@@ -55,7 +62,9 @@ class VoxelScores:
                     f"probability map has {probabilities.shape[0]} channels; need {self.classes.n_labels}"
                 )
             if self.histograms is None:
-                self.histograms = {c.name: np.zeros((2, self.n_bins), dtype=np.int64) for c in self.classes}
+                self.histograms = {
+                    c.name: np.zeros((2, self.n_bins), dtype=np.int64) for c in self.classes
+                }
         else:
             self.without_probabilities += 1
         self.total += pred.size
@@ -99,7 +108,9 @@ class VoxelScores:
         macro = {"dice": float(np.mean([e["dice"] for e in classes.values()]))}
         if with_auprc:
             macro["auprc"] = float(np.mean([e["auprc"] for e in classes.values()]))
-            macro["auprc_baseline"] = float(np.mean([e["auprc_baseline"] for e in classes.values()]))
+            macro["auprc_baseline"] = float(
+                np.mean([e["auprc_baseline"] for e in classes.values()])
+            )
         return {"classes": classes, "macro": macro}
 
 
@@ -206,21 +217,29 @@ def evaluate_label_files(
             f"{_few(predicted_maps)}, true {_few(true_maps)}"
         )
     for name in sorted(set(predicted_maps) ^ set(true_maps)):
-        log.warning("tomogram %s has no %s label map; skipped", name,
-                    "true" if name in predicted_maps else "predicted")
+        log.warning(
+            "tomogram %s has no %s label map; skipped",
+            name,
+            "true" if name in predicted_maps else "predicted",
+        )
     scores = VoxelScores(classes)
     for name in common:
         pred = read_tomogram(predicted_maps[name])
         true_map = read_tomogram(true_maps[name])
         check_same_voxel_size(
-            f"--labels-pred {predicted_maps[name]}", pred.voxel_size_angstrom,
-            str(true_maps[name]), true_map.voxel_size_angstrom,
+            f"--labels-pred {predicted_maps[name]}",
+            pred.voxel_size_angstrom,
+            str(true_maps[name]),
+            true_map.voxel_size_angstrom,
         )
         probabilities = None
         probs_path = companion_path(predicted_maps[name], "probs") if use_probabilities else None
         if probs_path is not None:
             probabilities = read_tomogram(
-                probs_path, allow_stack=True, mmap=True, check_finite=False,
+                probs_path,
+                allow_stack=True,
+                mmap=True,
+                check_finite=False,
                 voxel_size_angstrom=pred.voxel_size_angstrom,
             ).data
         try:

@@ -19,9 +19,22 @@ from cryocaps.errors import CryocapsError
 from cryocaps.io.files import write_text_atomic
 from cryocaps.io.layout import THRESHOLDS_NAME
 
-THRESHOLD_COLUMNS = ["class_name", "min_score", "precision", "recall", "f1", "f1_keep_all", "n_picks"]
+THRESHOLD_COLUMNS = [
+    "class_name",
+    "min_score",
+    "precision",
+    "recall",
+    "f1",
+    "f1_keep_all",
+    "n_picks",
+]
 
-__all__ = ["THRESHOLDS_NAME", "THRESHOLD_COLUMNS", "read_score_thresholds", "write_score_thresholds"]
+__all__ = [
+    "THRESHOLDS_NAME",
+    "THRESHOLD_COLUMNS",
+    "read_score_thresholds",
+    "write_score_thresholds",
+]
 
 
 def write_score_thresholds(table: pd.DataFrame, folder: str | os.PathLike) -> Path:

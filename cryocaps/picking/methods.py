@@ -52,6 +52,7 @@ def sphere_volume_voxels(radius_voxels: float) -> float:
     """Volume of a sphere of ``radius_voxels``, in voxels."""
     return 4.0 / 3.0 * math.pi * radius_voxels**3
 
+
 def _mean_weight(weights, index) -> float:
     if weights is None:
         return float("nan")
@@ -71,12 +72,22 @@ def _pick_components(mask: np.ndarray, radius: float, weights, min_size: float) 
     ids = labelled.ravel()[flat]
     sizes = np.bincount(ids, minlength=count + 1).astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        centres = np.stack(
-            [np.bincount(ids, weights=axis, minlength=count + 1) for axis in np.unravel_index(flat, mask.shape)],
-            axis=1,
-        ) / sizes[:, None]
+        centres = (
+            np.stack(
+                [
+                    np.bincount(ids, weights=axis, minlength=count + 1)
+                    for axis in np.unravel_index(flat, mask.shape)
+                ],
+                axis=1,
+            )
+            / sizes[:, None]
+        )
         scores = (
-            np.bincount(ids, weights=np.asarray(weights).ravel()[flat].astype(np.float64), minlength=count + 1)
+            np.bincount(
+                ids,
+                weights=np.asarray(weights).ravel()[flat].astype(np.float64),
+                minlength=count + 1,
+            )
             / sizes
             if weights is not None
             else np.full(count + 1, np.nan)
@@ -132,9 +143,16 @@ def _merge_fragments(picks: list[Pick], radius: float) -> list[Pick]:
     sizes = np.array([p.size for p in picks], dtype=float)
     scores = np.array([p.score for p in picks], dtype=float)
     total = np.bincount(group, weights=sizes, minlength=n_groups)
-    merged_centres = np.stack(
-        [np.bincount(group, weights=sizes * centres[:, a], minlength=n_groups) for a in range(3)], axis=1
-    ) / total[:, None]
+    merged_centres = (
+        np.stack(
+            [
+                np.bincount(group, weights=sizes * centres[:, a], minlength=n_groups)
+                for a in range(3)
+            ],
+            axis=1,
+        )
+        / total[:, None]
+    )
     merged_scores = np.bincount(group, weights=sizes * scores, minlength=n_groups) / total
     return [Pick(*merged_centres[g], total[g], merged_scores[g]) for g in range(n_groups)]
 
@@ -183,7 +201,9 @@ def _flood(markers: np.ndarray, distance: np.ndarray, mask: np.ndarray) -> np.nd
     return labels
 
 
-def _merge_close_markers(markers: np.ndarray, count: int, distance: np.ndarray, min_separation: float) -> np.ndarray:
+def _merge_close_markers(
+    markers: np.ndarray, count: int, distance: np.ndarray, min_separation: float
+) -> np.ndarray:
     """Relabel markers so that peaks closer than ``min_separation`` become one (the deeper wins)."""
     index = np.arange(1, count + 1)
     centres = np.array(ndimage.center_of_mass(markers > 0, markers, index))
@@ -246,16 +266,22 @@ def _cluster_stats(assignment: np.ndarray, n_clusters: int, voxels: np.ndarray, 
         return sizes, sums / sizes
 
 
-def _mean_shift(points: np.ndarray, bandwidth: float, max_iterations: int = 100) -> tuple[np.ndarray, np.ndarray]:
+def _mean_shift(
+    points: np.ndarray, bandwidth: float, max_iterations: int = 100
+) -> tuple[np.ndarray, np.ndarray]:
     """Flat-kernel mean shift seeded on a grid of bins; returns (modes, points within bandwidth)."""
     tree = cKDTree(points)
-    seeds = np.unique(np.round(points / bandwidth).astype(np.int64), axis=0).astype(float) * bandwidth
+    seeds = (
+        np.unique(np.round(points / bandwidth).astype(np.int64), axis=0).astype(float) * bandwidth
+    )
     counts = np.zeros(len(seeds))
     active = np.ones(len(seeds), dtype=bool)
     for _ in range(max_iterations):
         # All moving seeds at once: a sparse (seeds x points) neighbourhood matrix gives the means.
         moving = np.nonzero(active)[0]
-        neighbours = cKDTree(seeds[moving]).sparse_distance_matrix(tree, bandwidth, output_type="coo_matrix")
+        neighbours = cKDTree(seeds[moving]).sparse_distance_matrix(
+            tree, bandwidth, output_type="coo_matrix"
+        )
         neighbours.data[:] = 1.0
         neighbours = neighbours.tocsr()
         counts[moving] = np.asarray(neighbours.sum(axis=1)).ravel()
@@ -292,7 +318,9 @@ def _pick_peaks(mask: np.ndarray, radius: float, weights, min_size: float) -> li
     crop_weights = np.asarray(weights[box], dtype=np.float32) if weights is not None else None
     sigma = max(0.5, radius / 3.0)
     if crop_weights is not None:
-        field = ndimage.gaussian_filter(np.where(mask, crop_weights, 0.0).astype(np.float32), sigma, truncate=2.5)
+        field = ndimage.gaussian_filter(
+            np.where(mask, crop_weights, 0.0).astype(np.float32), sigma, truncate=2.5
+        )
     else:
         field = ndimage.gaussian_filter(mask.astype(np.float32), sigma, truncate=2.5)
     min_distance = max(1, int(round(0.8 * radius)))
@@ -305,7 +333,9 @@ def _pick_peaks(mask: np.ndarray, radius: float, weights, min_size: float) -> li
     peak_voxels = np.argwhere(peaks)
     peak_ids = labelled[peaks] - 1
     members = np.bincount(peak_ids, minlength=count)
-    centres = np.stack([np.bincount(peak_ids, weights=peak_voxels[:, a], minlength=count) for a in range(3)], 1)
+    centres = np.stack(
+        [np.bincount(peak_ids, weights=peak_voxels[:, a], minlength=count) for a in range(3)], 1
+    )
     centres /= members[:, None]
     heights = np.full(count, -np.inf)
     np.maximum.at(heights, peak_ids, field[peaks])

@@ -73,18 +73,27 @@ def pick_particles(
     Particle table with the canonical columns (``tomo, class_name, x, y, z,
     score``, voxels) plus ``size_voxels``, sorted by class then descending score.
     """
-    label_map = _checked_inputs(label_map, probabilities, scores, classes, method, voxel_size_angstrom,
-                                min_size_fraction)
+    label_map = _checked_inputs(
+        label_map, probabilities, scores, classes, method, voxel_size_angstrom, min_size_fraction
+    )
     rows = []
     for particle_class in classes:
-        class_min_score = min_score.get(particle_class.name) if isinstance(min_score, Mapping) else min_score
+        class_min_score = (
+            min_score.get(particle_class.name) if isinstance(min_score, Mapping) else min_score
+        )
         radius = particle_class.radius_voxels(voxel_size_angstrom)
         weights = _weight_map(particle_class, probabilities, scores)
         mask = label_map == particle_class.label
         min_size = min_size_fraction * sphere_volume_voxels(radius)
         picks = PICKERS[method](mask, radius, weights, min_size) if mask.any() else []
-        rows += _kept_rows(picks, particle_class.name, tomo_name, min_size, class_min_score,
-                           with_weights=weights is not None)
+        rows += _kept_rows(
+            picks,
+            particle_class.name,
+            tomo_name,
+            min_size,
+            class_min_score,
+            with_weights=weights is not None,
+        )
         if progress is not None:
             progress(particle_class.name)
     table = pd.DataFrame(rows, columns=[*CANONICAL_COLUMNS, "size_voxels"])
@@ -96,8 +105,9 @@ def pick_particles(
     return table.reset_index(drop=True)
 
 
-def _checked_inputs(label_map, probabilities, scores, classes, method, voxel_size_angstrom,
-                    min_size_fraction) -> np.ndarray:
+def _checked_inputs(
+    label_map, probabilities, scores, classes, method, voxel_size_angstrom, min_size_fraction
+) -> np.ndarray:
     """Refuse unusable inputs; returns the label map as unsigned labels."""
     if method not in METHODS:
         raise CryocapsError(f"--method {method!r}: use one of {', '.join(METHODS)}")
@@ -111,12 +121,21 @@ def _checked_inputs(label_map, probabilities, scores, classes, method, voxel_siz
     if probabilities is not None:
         _check_probabilities(probabilities, label_map.shape, classes)
     if scores is not None and scores.shape != label_map.shape:
-        raise CryocapsError(f"score map shape {scores.shape} differs from label map shape {label_map.shape}")
+        raise CryocapsError(
+            f"score map shape {scores.shape} differs from label map shape {label_map.shape}"
+        )
     return label_map
 
 
-def _kept_rows(picks: list[Pick], class_name: str, tomo_name: str, min_size: float,
-               min_score: float | None, *, with_weights: bool) -> list[dict]:
+def _kept_rows(
+    picks: list[Pick],
+    class_name: str,
+    tomo_name: str,
+    min_size: float,
+    min_score: float | None,
+    *,
+    with_weights: bool,
+) -> list[dict]:
     """Table rows of the picks that pass the size and score limits (score = size without weights)."""
     rows = []
     for pick in picks:
@@ -170,8 +189,6 @@ def _weight_map(particle_class: ParticleClass, probabilities, scores):
     return scores
 
 
-
-
 # --- files ------------------------------------------------------------------
 
 
@@ -212,7 +229,9 @@ def pick_files(
     for path in map(Path, label_paths):
         name = tomogram_name(path)
         if name.endswith(("_probs", "_score")):
-            raise CryocapsError(f"{path}: give the label map (<tomo>_labels.mrc), not a probability/score map")
+            raise CryocapsError(
+                f"{path}: give the label map (<tomo>_labels.mrc), not a probability/score map"
+            )
         label_tomogram = read_tomogram(path, voxel_size_angstrom=voxel_size_angstrom)
         if label_tomogram.data.dtype.kind == "f":
             log.warning("%s: floating-point label map; expected uint8 labels", path)
@@ -241,7 +260,10 @@ def pick_files(
         tables.append(table)
         infos.append(
             TomogramInfo(
-                tomo, label_tomogram.shape, label_tomogram.voxel_size_angstrom, label_tomogram.origin_angstrom
+                tomo,
+                label_tomogram.shape,
+                label_tomogram.voxel_size_angstrom,
+                label_tomogram.origin_angstrom,
             )
         )
         if progress is not None:
@@ -249,7 +271,9 @@ def pick_files(
     names = [info.name for info in infos]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise CryocapsError(f"several label maps for tomogram(s) {', '.join(duplicates)}; give each tomogram once")
+        raise CryocapsError(
+            f"several label maps for tomogram(s) {', '.join(duplicates)}; give each tomogram once"
+        )
     return pd.concat(tables, ignore_index=True), infos, inputs
 
 
@@ -260,7 +284,11 @@ def _read_companions(label_path: Path, voxel_size_angstrom: float):
     if probs_path is not None:
         # The map's own geometry is the label map's (a stack's header may say otherwise in z).
         probabilities = read_tomogram(
-            probs_path, allow_stack=True, mmap=True, check_finite=False, voxel_size_angstrom=voxel_size_angstrom
+            probs_path,
+            allow_stack=True,
+            mmap=True,
+            check_finite=False,
+            voxel_size_angstrom=voxel_size_angstrom,
         ).data
         if probabilities.ndim != 4:
             raise CryocapsError(f"{probs_path}: expected a (C, Z, Y, X) probability stack")
@@ -274,14 +302,20 @@ def _read_companions(label_path: Path, voxel_size_angstrom: float):
 
 
 def _warn_unknown_labels(label_map: np.ndarray, classes: ClassTable, path: Path) -> None:
-    counts = np.bincount(np.asarray(label_map).view(np.uint8).ravel() if label_map.dtype.itemsize == 1
-                         else np.asarray(label_map, dtype=np.int64).ravel().clip(0))
+    counts = np.bincount(
+        np.asarray(label_map).view(np.uint8).ravel()
+        if label_map.dtype.itemsize == 1
+        else np.asarray(label_map, dtype=np.int64).ravel().clip(0)
+    )
     known = {0, *(c.label for c in classes)}
     unknown = [label for label in np.nonzero(counts)[0] if label not in known]
     if unknown:
         log.warning(
             "%s: label(s) %s are not in the class table %s and are ignored (labels there: %s)",
-            path, ", ".join(map(str, unknown)), classes.source, ", ".join(str(c.label) for c in classes),
+            path,
+            ", ".join(map(str, unknown)),
+            classes.source,
+            ", ".join(str(c.label) for c in classes),
         )
 
 
