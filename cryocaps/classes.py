@@ -8,6 +8,7 @@ background and is not listed.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,3 +171,25 @@ def load_class_table(classes_path: str | os.PathLike | None, radius_angstrom: fl
     if radius_angstrom is not None:
         return ClassTable.single(radius_angstrom)
     raise CryocapsError("this command needs particle radii: give --classes classes.csv or --radius-angstrom")
+
+
+def load_class_table_beside(
+    inputs: Sequence[str | os.PathLike],
+    classes_path: str | os.PathLike | None,
+    radius_angstrom: float | None,
+) -> tuple[ClassTable, Path | None]:
+    """:func:`load_class_table`, else the ``classes.csv`` beside ``inputs`` (or one folder up).
+
+    Returns the table and the file it came from (None for ``--radius-angstrom``).
+    """
+    from cryocaps.io.layout import find_class_table_beside
+
+    if classes_path is None and radius_angstrom is None:
+        classes_path = find_class_table_beside(inputs)
+        if classes_path is None:
+            raise CryocapsError(
+                "no class table: give --classes classes.csv (or --radius-angstrom for one class); "
+                f"none found beside {inputs[0]}"
+            )
+    table = load_class_table(classes_path, radius_angstrom)
+    return table, Path(classes_path) if classes_path is not None else None
