@@ -348,6 +348,22 @@ def test_segment_tomogram_refuses_existing_outputs(tmp_path, tiny_model):
         segment_tomogram(model, config, tomo, tmp_path / "out", patch_size=16, overlap=4)
 
 
+def test_segment_files_sets_up_the_process_through_runtime(tmp_path, tiny_model):
+    from cryocaps import runtime
+    from cryocaps.inference import segment_files
+
+    tomo = write_tomogram(tmp_path / "a.mrc", (10, 12, 12))
+    applied = runtime.keep_freed_blocks()  # what a training earlier in this process would leave
+    summary = segment_files([tomo], tiny_model, tmp_path / "out", device="auto", threads=1)
+    assert summary["device"] == runtime.resolve_device("auto")
+    assert summary["bf16"] == runtime.use_bf16(summary["device"])
+    if applied:  # glibc: segmentation hands freed blocks back
+        assert runtime.current_policy() == "return"
+    assert (tmp_path / "out" / "a_labels.mrc").exists()
+    with pytest.raises(CryocapsError, match="--threads 0"):
+        segment_files([tomo], tiny_model, tmp_path / "out", threads=0)
+
+
 @pytest.mark.parametrize("n_files,count", [(7, 3), (4, 4), (2, 5), (10, 1)])
 def test_shards_are_disjoint_and_cover_all_inputs(tmp_path, n_files, count):
     files = [tmp_path / f"t{n:02d}.mrc" for n in range(n_files)]
