@@ -225,6 +225,31 @@ def test_a_custom_sink_receives_every_voxel_once_with_weights_summing_to_one(ble
     assert len(set(sink.z_starts)) > 1  # really streamed slab by slab
 
 
+def test_mrc_sink_writes_maps_and_leaves_nothing_when_the_window_fails(tmp_path):
+    from cryocaps.inference import MrcMapsSink
+    from cryocaps.io.layout import output_paths
+
+    volume = np.random.default_rng(6).normal(size=(20, 11, 13)).astype(np.float32)
+    paths = output_paths(tmp_path / "out", "t", probabilities=True, score=True)
+    (tmp_path / "out").mkdir()
+    with MrcMapsSink(paths, volume.shape, 3, voxel_size_angstrom=7.0) as sink:
+        assert sliding_window(volume, pointwise, 8, 2, sink=sink) is None
+    expected = sliding_window(volume, pointwise, 8, 2)
+    assert np.array_equal(read_tomogram(paths["labels"]).data, expected.argmax(0))
+    np.testing.assert_allclose(read_tomogram(paths["score"]).data, expected[1:].max(0), rtol=1e-3, atol=1e-3)
+    probs = read_tomogram(paths["probabilities"], allow_stack=True)
+    np.testing.assert_allclose(probs.data, expected, rtol=1e-3, atol=1e-3)
+    assert probs.voxel_size_angstrom == pytest.approx(7.0)
+
+    def failing(x):
+        raise RuntimeError("out of memory")
+
+    failed = {key: path.with_name("failed" + path.name[1:]) for key, path in paths.items()}
+    with pytest.raises(RuntimeError), MrcMapsSink(failed, volume.shape, 3, voxel_size_angstrom=7.0) as sink:
+        sliding_window(volume, failing, 8, 2, sink=sink)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths.values())
+
+
 def test_the_in_memory_sink_is_the_default():
     volume = np.random.default_rng(5).normal(size=(14, 15, 16)).astype(np.float32)
     default = sliding_window(volume, pointwise, 8, 2, batch_size=3)
