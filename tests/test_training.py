@@ -380,10 +380,14 @@ def test_resume_after_signal_matches_uninterrupted_run(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_max_minutes_stops_with_a_usable_model(dataset, tmp_path):
+    from cryocaps import runtime
     from cryocaps.modelfile import load_model
     from cryocaps.training import train
 
+    segment_policy = runtime.return_freed_blocks()  # as if this process had segmented before
     result = train(_config(dataset, tmp_path / "run", epochs=50, max_minutes=1e-4))
+    if segment_policy:  # glibc: training switched the process to its own malloc policy
+        assert runtime.current_policy() == "keep"
     assert result["stopped"] == "max_minutes"
     assert result["steps_done"] == 1
     assert result["epochs_done"] == 1  # the epoch ended early and was validated
@@ -391,6 +395,37 @@ def test_max_minutes_stops_with_a_usable_model(dataset, tmp_path):
     resumed = train(_config(dataset, tmp_path / "run", epochs=2, resume=True))
     assert resumed["steps_done"] == 4 and resumed["epochs_done"] == 2
     assert pd.read_csv(tmp_path / "run" / "metrics.csv")["steps"].tolist() == [1, 3]
+
+
+def test_checkpoint_of_format_1_loads_as_a_train_state(tmp_path):
+    import torch
+
+    from cryocaps.training import TrainState
+    from cryocaps.training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+
+    loop = {
+        "epoch": 2, "step_in_epoch": 1, "epoch_loss_sum": 1.5, "epoch_loss_count": 1,
+        "epoch_seconds": 3.0, "best_val_loss": 0.9, "best_score": 0.4, "best_epoch": 1,
+        "bad_epochs": 1, "total_steps": 7, "train_seconds": 21.0, "model_saved": True,
+    }
+    old = {
+        "format": "cryocaps-checkpoint/1", "model": "unet", "model_config": {"widths": [4, 4, 4]},
+        "classes": [{"label": 1, "name": "a", "radius_angstrom": 30.0}], "patch_size": 16,
+        "model_state": {"w": torch.ones(2)}, "optimizer_state": {"state": {}, "param_groups": []},
+        "scheduler_state": None, "scaler_state": None, "history": [{"epoch": 1}, {"epoch": 2}],
+        "loop": loop, "rng": {"process": {"torch": torch.zeros(3)}, "samplers": [{"s": 1}]},
+        "world_size": 1, "seed": 3,
+    }
+    torch.save(old, tmp_path / "old.pt")
+    checkpoint = load_checkpoint(tmp_path / "old.pt")
+    assert checkpoint["format"] == CHECKPOINT_FORMAT and checkpoint["patch_size"] == 16
+    state = TrainState(process_rng=None)  # driven fields left None are not loaded
+    state.load_state_dict(checkpoint["state"])  # every field present, or it raises
+    for name, value in loop.items():
+        assert getattr(state, name) == value, name
+    assert state.rows == [{"epoch": 1}, {"epoch": 2}]
+    assert checkpoint["state"]["sampler_streams"] == [{"s": 1}]
+    assert torch.equal(checkpoint["state"]["model"]["w"], torch.ones(2))
 
 
 # --- bad input: exit 2 and one line --------------------------------------------------

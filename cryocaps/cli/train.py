@@ -34,8 +34,13 @@ from cryocaps.cli.common import (
     setup_logging,
 )
 from cryocaps.errors import CryocapsError
-from cryocaps.training.config import PAPER, defaults
-from cryocaps.training.data import AUTO_PATCH_CONTEXT, AUTO_PATCH_MIN, AUTO_PATCH_MULTIPLE
+from cryocaps.training.config import (
+    AUTO_PATCH_CONTEXT,
+    AUTO_PATCH_MIN,
+    AUTO_PATCH_MULTIPLE,
+    PAPER,
+    defaults,
+)
 
 DEFAULT = defaults()  # TrainConfig's: the one source of the defaults below and in the help
 

@@ -13,6 +13,10 @@ from cryocaps.errors import CryocapsError
 
 LR_SCHEDULES = ("none", "cosine", "plateau")
 SELECTION_SCORES = ("dice", "loss")
+# The automatic patch side (data.auto_patch_size): 2 x largest radius + context, rounded up.
+AUTO_PATCH_MIN = 32
+AUTO_PATCH_MULTIPLE = 8  # fits both networks (unet 4, ucaps 8)
+AUTO_PATCH_CONTEXT = 8  # voxels of context around the largest particle (4 per side)
 PAPER = {"lr": 1e-4, "batch_size": 24, "patch_size": 64, "val_fraction": 0.17, "optimizer": "Adam"}
 
 

@@ -26,7 +26,13 @@ from cryocaps.io.layout import (
 )
 from cryocaps.io.volumes import check_same_voxel_size, label_counts, read_tomogram
 from cryocaps.preprocess import normalization_stats
-from cryocaps.training.config import TrainConfig, parse_fold
+from cryocaps.training.config import (
+    AUTO_PATCH_CONTEXT,
+    AUTO_PATCH_MIN,
+    AUTO_PATCH_MULTIPLE,
+    TrainConfig,
+    parse_fold,
+)
 from cryocaps.training.sampling import (
     Augmentation,
     ParticleSet,
@@ -39,9 +45,6 @@ from cryocaps.training.sampling import (
 
 log = logging.getLogger(__name__)
 
-AUTO_PATCH_MIN = 32
-AUTO_PATCH_MULTIPLE = 8  # fits both networks (unet 4, ucaps 8)
-AUTO_PATCH_CONTEXT = 8  # voxels of context around the largest particle (4 per side)
 
 
 def find_class_table(classes: Path | None, label_paths: list[Path]) -> ClassTable:

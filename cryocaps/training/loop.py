@@ -106,7 +106,13 @@ class TrainState:
 
 
 class Trainer:
-    """Runs epochs of steps on ``state``, validates, and calls the hooks at each point."""
+    """Runs epochs of steps on ``state``, validates, and calls the hooks at each point.
+
+    ``state`` (:class:`TrainState`) is everything a resumed run continues from.
+    The few other attributes that change belong to this run only, on purpose:
+    ``stopped`` (why it ended), ``val_seconds`` (the last validation's duration,
+    for the time budget) and the step and time counters at its start.
+    """
 
     def __init__(self, config: TrainConfig, data: TrainingData, model, device: str, ranks: Ranks,
                  started: float | None = None):
