@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryocaps.classes import ClassTable, ParticleClass, write_classes
+from cryocaps.classes import ClassTable, ParticleClass
 from cryocaps.errors import CryocapsError
 from cryocaps.evaluation import (
     REPORT_FILES,
@@ -23,6 +23,7 @@ from cryocaps.evaluation import (
     voxel_metrics,
     write_report,
 )
+from cryocaps.io.class_table import write_classes
 from cryocaps.io.thresholds import read_score_thresholds
 from cryocaps.io.volumes import write_volume
 

@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryocaps.classes import ClassTable, ParticleClass, write_classes
+from cryocaps.classes import ClassTable, ParticleClass
 from cryocaps.errors import CryocapsError
 from cryocaps.evaluation import evaluate_picks
+from cryocaps.io.class_table import write_classes
 from cryocaps.io.volumes import write_volume
 from cryocaps.masks import draw_spheres
 from cryocaps.picking import METHODS, pick_particles, sphere_volume_voxels
@@ -275,7 +276,7 @@ def test_fragments_of_one_particle_give_one_pick(classes):
 
 
 def test_class_table_is_found_beside_the_maps_or_one_folder_up(classes, tmp_path):
-    from cryocaps.classes import load_class_table_beside
+    from cryocaps.io.class_table import load_class_table_beside
 
     label_map = tmp_path / "run" / "seg" / "TS_01_labels.mrc"
     label_map.parent.mkdir(parents=True)

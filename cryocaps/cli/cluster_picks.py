@@ -100,7 +100,7 @@ def command(
     verbose: Verbose = False,
 ) -> None:
     setup_logging(quiet, verbose)
-    from cryocaps.classes import load_class_table_beside
+    from cryocaps.io.class_table import load_class_table_beside
     from cryocaps.io.files import check_writable
     from cryocaps.io.particles import check_format, write_particles
     from cryocaps.io.thresholds import read_score_thresholds

@@ -102,7 +102,7 @@ def command(
     verbose: Verbose = False,
 ) -> None:
     setup_logging(quiet, verbose)
-    from cryocaps.classes import load_class_table_beside
+    from cryocaps.io.class_table import load_class_table_beside
     from cryocaps.runinfo import write_run_json
 
     started = time.time()

@@ -83,7 +83,7 @@ def command(
     verbose: Verbose = False,
 ) -> None:
     setup_logging(quiet, verbose)
-    from cryocaps.classes import load_class_table
+    from cryocaps.io.class_table import load_class_table
     from cryocaps.masks import make_masks, tomogram_geometry
     from cryocaps.runinfo import write_run_json
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryocaps.classes import ClassTable, read_classes, write_classes
+from cryocaps.classes import ClassTable
 from cryocaps.errors import CryocapsError
 from cryocaps.inference.blend import (
     DEFAULT_BATCH_SIZE,
@@ -29,6 +29,7 @@ from cryocaps.inference.blend import (
 )
 from cryocaps.inference.sinks import MrcMapsSink
 from cryocaps.inference.windows import count_windows, overlap_overhead, plan_windows, resolve_window
+from cryocaps.io.class_table import read_classes, write_classes
 from cryocaps.io.layout import CLASS_TABLE_NAME, output_paths, tomogram_name
 from cryocaps.io.pages import release_pages
 from cryocaps.io.volumes import check_same_voxel_size, read_info, read_tomogram

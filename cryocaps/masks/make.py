@@ -233,7 +233,7 @@ def write_soft_targets(
 
 def write_used_classes(classes: ClassTable, path: Path) -> Path:
     """Write the class table used (template paths made absolute, so it works from any folder)."""
-    from cryocaps.classes import write_classes
+    from cryocaps.io.class_table import write_classes
 
     used_table = ClassTable(
         [

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cryocaps.classes import ClassTable, read_classes
+from cryocaps.classes import ClassTable
 from cryocaps.errors import CryocapsError
+from cryocaps.io.class_table import load_class_table_beside
 from cryocaps.io.layout import (
     base_tomogram_name,
     expand_volume_paths,
-    find_class_table_beside,
     match_label_maps,
     tomogram_name,
 )
@@ -49,15 +49,10 @@ log = logging.getLogger(__name__)
 
 def find_class_table(classes: Path | None, label_paths: list[Path]) -> ClassTable:
     """``--classes``, else a classes.csv beside the label maps or one folder up."""
-    if classes is not None:
-        return read_classes(classes)
-    found = find_class_table_beside(label_paths)
-    if found is not None:
-        log.info("classes from %s", found)
-        return read_classes(found)
-    raise CryocapsError(
-        "no class table: give --classes classes.csv (none found beside the --labels maps)"
-    )
+    table, source = load_class_table_beside(label_paths, classes, None)
+    if classes is None:
+        log.info("classes from %s", source)
+    return table
 
 
 def load_volumes(
