@@ -339,7 +339,7 @@ def simulate(name: str, spec: dict, args, folder: Path) -> dict:
 
 
 def load_truth(data: dict):
-    from cryocaps.classes import read_classes
+    from cryocaps.io.class_table import read_classes
     from cryocaps.io.particles import read_particles
 
     classes = read_classes(data["classes_csv"])

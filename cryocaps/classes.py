@@ -7,7 +7,6 @@ background and is not listed.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,55 +121,3 @@ class ClassTable:
         if not radius_angstrom > 0:
             raise CryocapsError(f"--radius-angstrom must be > 0, got {radius_angstrom}")
         return cls([ParticleClass(1, name, float(radius_angstrom))], "--radius-angstrom")
-
-
-def read_classes(path: str | os.PathLike) -> ClassTable:
-    """Read and validate a ``classes.csv``, or a copick ``config.json``'s pickable particle objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise CryocapsError(f"{path}: no such classes file")
-    if path.suffix.lower() == ".json":
-        from cryocaps.io.copick_project import CopickProject  # it builds on this module
-
-        return CopickProject(path).class_table()
-    try:
-        frame = pd.read_csv(path, dtype={"name": str})
-    except Exception as error:  # noqa: BLE001 - any parse failure is a bad file
-        raise CryocapsError(f"{path}: not a CSV class table ({error})") from error
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise CryocapsError(f"{path}: missing column(s) {', '.join(missing)}; need label,name,radius_angstrom")
-    if frame.empty:
-        raise CryocapsError(f"{path}: no classes listed")
-    classes = []
-    for row in frame.itertuples(index=False):
-        try:
-            label = int(row.label)
-            radius = float(row.radius_angstrom)
-        except (TypeError, ValueError):
-            raise CryocapsError(f"{path}: bad label/radius in row {row}") from None
-        template = getattr(row, "template", None)
-        template_path = None
-        if isinstance(template, str) and template.strip():
-            template_path = Path(template)
-            if not template_path.is_absolute():
-                template_path = path.parent / template_path
-        classes.append(ParticleClass(label, str(row.name), radius, template_path))
-    return ClassTable(classes, str(path))
-
-
-def write_classes(table: ClassTable, path: str | os.PathLike, overwrite: bool = True) -> Path:
-    from cryocaps.io.files import write_text_atomic
-
-    return write_text_atomic(path, table.to_frame().to_csv(index=False), overwrite=overwrite)
-
-
-def load_class_table(classes_path: str | os.PathLike | None, radius_angstrom: float | None) -> ClassTable:
-    """The class table a command was given: ``--classes`` or ``--radius-angstrom``."""
-    if classes_path is not None and radius_angstrom is not None:
-        raise CryocapsError("give either --classes or --radius-angstrom, not both")
-    if classes_path is not None:
-        return read_classes(classes_path)
-    if radius_angstrom is not None:
-        return ClassTable.single(radius_angstrom)
-    raise CryocapsError("this command needs particle radii: give --classes classes.csv or --radius-angstrom")

@@ -161,24 +161,23 @@ def plot_overlay(
     return path
 
 
-def plot_learning_curve(metrics, png_path: str | os.PathLike) -> Path:
-    """Plot training/validation loss and validation Dice per epoch.
+def learning_curve_figure(metrics):
+    """The learning-curve figure: loss (left axes) and validation Dice (right axes) per epoch.
 
     Parameters
     ----------
     metrics : a ``metrics.csv`` path or a DataFrame with columns ``epoch``,
         ``train_loss``, ``val_loss`` and ``dice_<class>`` (one per class),
         optionally ``mean_dice``.
-    png_path : the PNG to write (atomically, replacing an older one).
-    """
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Returns
+    -------
+    A matplotlib Figure (Agg) whose lines are labelled "train loss", "val loss",
+    each class name and "mean"; close it with ``matplotlib.pyplot.close``.
+    """
+    plt = _pyplot()
     import pandas as pd
     from matplotlib.ticker import MaxNLocator
-
-    from cryocaps.io.files import atomic_path
 
     frame = metrics if isinstance(metrics, pd.DataFrame) else pd.read_csv(metrics)
     dice_columns = [c for c in frame.columns if c.startswith("dice_")]
@@ -207,7 +206,21 @@ def plot_learning_curve(metrics, png_path: str | os.PathLike) -> Path:
     if dice_columns:
         dice_axes.legend(fontsize="small")
     figure.tight_layout()
+    return figure
+
+
+def plot_learning_curve(metrics, png_path: str | os.PathLike) -> Path:
+    """Plot training/validation loss and validation Dice per epoch (:func:`learning_curve_figure`).
+
+    Parameters
+    ----------
+    metrics : a ``metrics.csv`` path or a DataFrame (see :func:`learning_curve_figure`).
+    png_path : the PNG to write (atomically, replacing an older one).
+    """
+    from cryocaps.io.files import atomic_path
+
+    figure = learning_curve_figure(metrics)
     with atomic_path(png_path, overwrite=True) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    _pyplot().close(figure)
     return Path(png_path)

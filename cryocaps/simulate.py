@@ -41,8 +41,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryocaps.classes import ClassTable, ParticleClass, write_classes
+from cryocaps.classes import ClassTable, ParticleClass
 from cryocaps.errors import CryocapsError
+from cryocaps.io.class_table import write_classes
 from cryocaps.structures import (
     ParticleTemplate,
     builtin_templates,

@@ -5,8 +5,24 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from cryocaps import __version__
-from cryocaps.cli.main import COMMANDS, app
+from cryocaps.cli.main import app
+
+# The contract's commands, written out here (not read from the CLI): a command
+# missing from the app, or one whose module fails to import, fails these tests.
+COMMANDS = [
+    "simulate",
+    "preprocess",
+    "make-masks",
+    "train",
+    "segment",
+    "cluster-picks",
+    "convert-picks",
+    "evaluate",
+    "demo",
+]
 
 
 def test_version(run_cli):
@@ -20,18 +36,20 @@ def test_no_args_prints_help(run_cli):
     assert "Usage" in result.output
 
 
-def test_every_registered_command_has_help(run_cli):
-    registered = [c.name for c in app.registered_commands]
-    assert registered, "no command registered"
-    for name in registered:
-        result = run_cli(name, "--help")
-        assert result.exit_code == 0, (name, result.output)
-        assert "Usage" in result.output
+def test_top_level_help_lists_every_command(run_cli):
+    result = run_cli("--help")
+    assert result.exit_code == 0, result.output
+    commands_section = result.output.split("Commands:", 1)[-1]
+    listed = {line.split()[0] for line in commands_section.splitlines() if line.startswith("  ")}
+    missing = [name for name in COMMANDS if name not in listed]
+    assert not missing, (missing, result.output)
 
 
-def test_command_list_is_known():
-    names = {c.name for c in app.registered_commands}
-    assert names <= {name for name, _ in COMMANDS}
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_has_help(run_cli, name):
+    result = run_cli(name, "--help")
+    assert result.exit_code == 0, (name, result.output)
+    assert f"Usage: cryocaps {name}" in " ".join(result.output.split())
 
 
 def test_help_does_not_import_heavy_modules():

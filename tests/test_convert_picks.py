@@ -45,7 +45,7 @@ def project(tmp_path):
 
 
 def read_back(path, project, extra=()):
-    from cryocaps.classes import read_classes
+    from cryocaps.io.class_table import read_classes
     from cryocaps.io.particles import read_particles, tomogram_infos
 
     return read_particles(

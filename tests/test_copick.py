@@ -262,7 +262,8 @@ def test_mrc_check_stays(tmp_path):
 
 
 def test_classes_csv_and_pickable_objects_both_ways(project, tmp_path):
-    from cryocaps.classes import ClassTable, ParticleClass, read_classes, write_classes
+    from cryocaps.classes import ClassTable, ParticleClass
+    from cryocaps.io.class_table import read_classes, write_classes
 
     config, _ = project
     assert [c.name for c in read_classes(config)] == ["ribosome", "proteasome"]
@@ -330,7 +331,7 @@ def simulated_project(tmp_path_factory):
     import pandas as pd
     from copick.models import PickableObject
 
-    from cryocaps.classes import read_classes
+    from cryocaps.io.class_table import read_classes
 
     if shutil.which("cryocaps", path=_cli_env()["PATH"]) is None:
         pytest.skip("cryocaps console script not installed")

@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryocaps.classes import ClassTable, ParticleClass, write_classes
+from cryocaps.classes import ClassTable, ParticleClass
 from cryocaps.errors import CryocapsError
 from cryocaps.evaluation import (
+    REPORT_FILES,
     best_score_thresholds,
     confusion_table,
     evaluate_picks,
@@ -18,10 +19,12 @@ from cryocaps.evaluation import (
     match_picks,
     pick_precision_recall,
     precision_recall,
-    read_score_thresholds,
     summarize,
     voxel_metrics,
+    write_report,
 )
+from cryocaps.io.class_table import write_classes
+from cryocaps.io.thresholds import read_score_thresholds
 from cryocaps.io.volumes import write_volume
 
 VOXEL = 10.0
@@ -283,6 +286,7 @@ def test_cli_json(run_cli, files):
         assert key in scores["classes"]["proteasome"]
 
 
+@pytest.mark.slow
 def test_cli_report_and_overlay(run_cli, files, tmp_path):
     volume = np.random.default_rng(0).normal(size=(24, 64, 100)).astype(np.float32)
     tomogram = tmp_path / "TS_01.mrc"
@@ -337,6 +341,36 @@ def test_cli_voxel_scores(run_cli, tmp_path):
     assert scores["classes"]["a"]["dice"] == pytest.approx(2 * 18 / (18 + 27))
     assert scores["classes"]["a"]["auprc"] == pytest.approx(1.0)
     assert scores["classes"]["a"]["auprc_baseline"] == pytest.approx(27 / 512)
+
+
+def test_cli_voxel_scores_refuse_other_voxel_sizes(run_cli, tmp_path):
+    labels = np.zeros((8, 8, 8), np.uint8)
+    labels[2:5, 2:5, 2:5] = 1
+    write_classes(ClassTable([ParticleClass(1, "a", 20.0)]), tmp_path / "classes.csv")
+    write_volume(tmp_path / "true" / "TS_01.mrc", labels, VOXEL, dtype="uint8")
+    write_volume(tmp_path / "close" / "TS_01_labels.mrc", labels, VOXEL * 1.005, dtype="uint8")
+    write_volume(tmp_path / "far" / "TS_01_labels.mrc", labels, VOXEL * 1.05, dtype="uint8")
+    common = ["--labels-true", tmp_path / "true", "--classes", tmp_path / "classes.csv", "--json"]
+    close = run_cli("evaluate", "--labels-pred", tmp_path / "close", *common)
+    assert close.exit_code == 0, close.output
+    assert json.loads(close.stdout)["classes"]["a"]["dice"] == pytest.approx(1.0)
+    far = run_cli("evaluate", "--labels-pred", tmp_path / "far", *common, "-o", tmp_path / "report")
+    assert far.exit_code == 2
+    assert "TS_01_labels.mrc" in far.output and "voxel size" in far.output
+    assert not (tmp_path / "report" / "voxel_report.json").exists()
+
+
+def test_write_report_returns_the_thresholds_it_wrote(classes, truth, tmp_path):
+    picks = _table([("ribo", 10, 10, 10, 0.9), ("ribo", 30, 10, 10, 0.8), ("ribo", 90, 90, 90, 0.3)])
+    matching = match_picks(picks, truth, classes, VOXEL)
+    report = write_report(tmp_path / "report", summarize(matching), matching)
+    assert sorted(p.name for p in report.files) == sorted(REPORT_FILES)
+    assert report.thresholds_path == tmp_path / "report" / "pick_thresholds.csv"
+    on_disk = pd.read_csv(report.thresholds_path)
+    pd.testing.assert_frame_equal(on_disk, report.thresholds, check_dtype=False, rtol=1e-5)
+    # ribo: the 0.9 and 0.8 picks alone give P 1, R 2/4, F1 2/3; proteasome has no picks (F1 0)
+    assert report.tuned_macro_f1() == pytest.approx((2 / 3 + 0.0) / 2)
+    assert read_score_thresholds(report.thresholds_path, classes) == {"ribo": pytest.approx(0.55)}
 
 
 def test_cli_empty_picks_is_valid(run_cli, files):

@@ -13,11 +13,14 @@ torch = pytest.importorskip("torch")
 from cryocaps.errors import CryocapsError  # noqa: E402
 from cryocaps.inference import (  # noqa: E402
     TTA_FLIPS,
+    ArraySink,
+    BlendSink,
     ProbabilityPredictor,
     axis_weights,
     plan_axis,
     plan_windows,
     reflect_indices,
+    resolve_window,
     segment_tomogram,
     select_shard,
     sliding_window,
@@ -110,6 +113,21 @@ def test_bad_window_settings_are_refused(patch, overlap, message):
         sliding_window(np.zeros((20, 20, 20), np.float32), pointwise, patch, overlap, size_multiple=4)
 
 
+@pytest.mark.parametrize(
+    "patch,overlap,message",
+    [(18, None, "--patch-size 18"), (16, 16, "--overlap 16"), (16, (4, 4), "--overlap"), (-8, None, "--patch-size -8")],
+)
+def test_resolve_window_applies_the_same_checks(patch, overlap, message):
+    with pytest.raises(CryocapsError, match=message):
+        resolve_window({}, 4, patch, overlap)
+
+
+def test_resolve_window_defaults():
+    assert resolve_window({"patch_size": 48}, 8) == ((96, 96, 96), (16, 16, 16))
+    assert resolve_window({"patch_size": 100}, 8) == ((104, 104, 104), (16, 16, 16))
+    assert resolve_window({}, 4, 20) == ((20, 20, 20), (10, 10, 10))  # overlap capped at half
+
+
 def test_reflect_indices_mirror_without_repeating_the_edge():
     assert reflect_indices(-3, 8, 5).tolist() == [3, 2, 1, 0, 1, 2, 3, 4, 3, 2, 1]
     assert set(reflect_indices(-40, 40, 3).tolist()) == {0, 1, 2}
@@ -148,7 +166,7 @@ def test_position_coded_volume_comes_back_without_seams(shape, patch, overlap, b
     np.testing.assert_allclose(out, pointwise(torch.from_numpy(volume)[None, None])[0].numpy(), atol=2e-6)
 
 
-@pytest.mark.parametrize("overlap", [4, 10])
+@pytest.mark.parametrize("overlap", [4, pytest.param(10, marks=pytest.mark.slow)])  # 10: ~7 s
 def test_streaming_matches_all_in_memory_blending(overlap):
     volume = np.random.default_rng(2).normal(size=(29, 26, 35)).astype(np.float32)
     model = random_conv_model()
@@ -170,19 +188,86 @@ def test_float16_z_carry_stays_within_float16_precision():
         sliding_window(volume, predictor, 12, 6, z_carry_dtype="int8")
 
 
-def test_streamed_blocks_tile_the_volume_once_in_z_order():
-    volume = np.zeros((30, 22, 18), np.float32)
-    hits = np.zeros(volume.shape, np.int32)
-    starts = []
+class CountingSink:
+    """A custom sink: counts how often each voxel arrives and sums what arrives there."""
 
-    def write(region, values):
-        assert values.shape[1:] == hits[region].shape
-        hits[region] += 1
-        starts.append(region[0].start)
+    def __init__(self, shape):
+        self.hits = np.zeros(shape, np.int32)
+        self.total = np.zeros(shape, np.float64)
+        self.z_starts = []
+        self.finalized = 0
 
-    assert sliding_window(volume, pointwise, 12, 4, write=write) is None
-    assert (hits == 1).all()
-    assert starts == sorted(starts)
+    def aggregate(self, region, block):
+        assert block.dtype == np.float32 and block.shape[1:] == self.hits[region].shape
+        self.hits[region] += 1
+        self.total[region] += block[0]
+        self.z_starts.append(region[0].start)
+
+    def finalize(self):
+        self.finalized += 1
+        return "done"
+
+
+@pytest.mark.parametrize("blending", ["gaussian", "mean"])
+def test_a_custom_sink_receives_every_voxel_once_with_weights_summing_to_one(blending):
+    shape = (30, 22, 18)  # no axis is a multiple of the stride: windows overlap unevenly
+    sink = CountingSink(shape)
+    assert isinstance(sink, BlendSink)
+
+    def ones(x):
+        return torch.ones_like(x)
+
+    result = sliding_window(np.zeros(shape, np.float32), ones, 12, 4, blending=blending, sink=sink)
+    assert result == "done" and sink.finalized == 1
+    assert (sink.hits == 1).all()
+    np.testing.assert_allclose(sink.total, 1.0, atol=1e-6)  # the weights sum to one per voxel
+    assert sink.z_starts == sorted(sink.z_starts)
+    assert len(set(sink.z_starts)) > 1  # really streamed slab by slab
+
+
+def test_mrc_sink_writes_maps_and_leaves_nothing_when_the_window_fails(tmp_path):
+    from cryocaps.inference import MrcMapsSink
+    from cryocaps.io.layout import output_paths
+
+    volume = np.random.default_rng(6).normal(size=(20, 11, 13)).astype(np.float32)
+    paths = output_paths(tmp_path / "out", "t", probabilities=True, score=True)
+    (tmp_path / "out").mkdir()
+    with MrcMapsSink(paths, volume.shape, 3, voxel_size_angstrom=7.0) as sink:
+        assert sliding_window(volume, pointwise, 8, 2, sink=sink) is None
+    expected = sliding_window(volume, pointwise, 8, 2)
+    assert np.array_equal(read_tomogram(paths["labels"]).data, expected.argmax(0))
+    np.testing.assert_allclose(read_tomogram(paths["score"]).data, expected[1:].max(0), rtol=1e-3, atol=1e-3)
+    probs = read_tomogram(paths["probabilities"], allow_stack=True)
+    np.testing.assert_allclose(probs.data, expected, rtol=1e-3, atol=1e-3)
+    assert probs.voxel_size_angstrom == pytest.approx(7.0)
+
+    def failing(x):
+        raise RuntimeError("out of memory")
+
+    failed = {key: path.with_name("failed" + path.name[1:]) for key, path in paths.items()}
+    with pytest.raises(RuntimeError), MrcMapsSink(failed, volume.shape, 3, voxel_size_angstrom=7.0) as sink:
+        sliding_window(volume, failing, 8, 2, sink=sink)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths.values())
+
+
+def test_the_in_memory_sink_is_the_default():
+    volume = np.random.default_rng(5).normal(size=(14, 15, 16)).astype(np.float32)
+    default = sliding_window(volume, pointwise, 8, 2, batch_size=3)
+    explicit = sliding_window(volume, pointwise, 8, 2, batch_size=3, sink=ArraySink(volume.shape))
+    assert np.array_equal(default, explicit)
+
+
+@pytest.mark.parametrize("blending", ["gaussian", "mean"])
+def test_a_constant_volume_comes_back_constant(blending):
+    # 13 x 29 x 22 voxels: no window side (12) or stride (7) divides any axis.
+    volume = np.full((13, 29, 22), 3.25, np.float32)
+
+    def identity(x):
+        return x.clone()
+
+    out = sliding_window(volume, identity, 12, 5, blending=blending, batch_size=2)
+    assert out.shape == (1, 13, 29, 22)
+    np.testing.assert_allclose(out[0], 3.25, rtol=1e-6)
 
 
 def test_tta_rotations_keep_the_wedge_and_the_hand():
@@ -288,6 +373,22 @@ def test_segment_tomogram_refuses_existing_outputs(tmp_path, tiny_model):
         segment_tomogram(model, config, tomo, tmp_path / "out", patch_size=16, overlap=4)
 
 
+def test_segment_files_sets_up_the_process_through_runtime(tmp_path, tiny_model):
+    from cryocaps import runtime
+    from cryocaps.inference import segment_files
+
+    tomo = write_tomogram(tmp_path / "a.mrc", (10, 12, 12))
+    applied = runtime.keep_freed_blocks()  # what a training earlier in this process would leave
+    summary = segment_files([tomo], tiny_model, tmp_path / "out", device="auto", threads=1)
+    assert summary["device"] == runtime.resolve_device("auto")
+    assert summary["bf16"] == runtime.use_bf16(summary["device"])
+    if applied:  # glibc: segmentation hands freed blocks back
+        assert runtime.current_policy() == "return"
+    assert (tmp_path / "out" / "a_labels.mrc").exists()
+    with pytest.raises(CryocapsError, match="--threads 0"):
+        segment_files([tomo], tiny_model, tmp_path / "out", threads=0)
+
+
 @pytest.mark.parametrize("n_files,count", [(7, 3), (4, 4), (2, 5), (10, 1)])
 def test_shards_are_disjoint_and_cover_all_inputs(tmp_path, n_files, count):
     files = [tmp_path / f"t{n:02d}.mrc" for n in range(n_files)]
@@ -364,7 +465,11 @@ def test_cli_refuses_a_tomogram_at_another_voxel_size(tmp_path, tiny_model, run_
     result = run_cli("segment", tomo, "-m", tiny_model, "-o", tmp_path / "out", "--threads", "1")
     assert_one_line_error(result, "cryocaps preprocess", "--voxel-size-angstrom 10", "--ignore-voxel-size")
     assert not (tmp_path / "out" / "binned_labels.mrc").exists()
-    close = write_tomogram(tmp_path / "close.mrc", (12, 12, 12), voxel_size=10.4)  # 4% off: accepted
+    # One rule for every command (io.volumes.same_voxel_size): 1% off is refused, 0.5% accepted.
+    off = write_tomogram(tmp_path / "off.mrc", (12, 12, 12), voxel_size=10.2)
+    result = run_cli("segment", off, "-m", tiny_model, "-o", tmp_path / "out", "--threads", "1")
+    assert_one_line_error(result, "off.mrc", "2.0%", "--ignore-voxel-size")
+    close = write_tomogram(tmp_path / "close.mrc", (12, 12, 12), voxel_size=10.05)
     result = run_cli("segment", close, "-m", tiny_model, "-o", tmp_path / "out", "--threads", "1")
     assert result.exit_code == 0, result.output
     result = run_cli("segment", tomo, "-m", tiny_model, "-o", tmp_path / "out", "--ignore-voxel-size", "--threads", "1")

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryocaps.classes import read_classes
+from cryocaps.io.class_table import read_classes
 from cryocaps.io.particles import tomogram_infos, write_particles
 from cryocaps.io.volumes import read_tomogram, write_volume
 from cryocaps.masks import Template, draw_gaussians, draw_spheres, draw_templates

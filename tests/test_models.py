@@ -177,6 +177,7 @@ def test_ucaps_output_shapes(variant, side):
     assert model.size_multiple == factor
 
 
+@pytest.mark.slow
 def test_64_cubed_patches_keep_their_shape():
     x = torch.randn(1, 1, 64, 64, 64)
     with torch.no_grad():
@@ -309,7 +310,12 @@ def _fixed_batch(side: int = 16):
 
 
 @pytest.mark.parametrize(
-    "name, options", [("ucaps", {}), ("ucaps", {"full_routing_gradient": True}), ("unet", {})]
+    "name, options",
+    [
+        pytest.param("ucaps", {}, marks=pytest.mark.slow),
+        pytest.param("ucaps", {"full_routing_gradient": True}, marks=pytest.mark.slow),
+        ("unet", {}),
+    ],
 )
 def test_optimiser_steps_reduce_every_loss(name, options):
     images, labels = _fixed_batch()

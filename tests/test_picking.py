@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryocaps.classes import ClassTable, ParticleClass, write_classes
+from cryocaps.classes import ClassTable, ParticleClass
 from cryocaps.errors import CryocapsError
 from cryocaps.evaluation import evaluate_picks
+from cryocaps.io.class_table import write_classes
 from cryocaps.io.volumes import write_volume
 from cryocaps.masks import draw_spheres
 from cryocaps.picking import METHODS, pick_particles, sphere_volume_voxels
@@ -272,3 +273,18 @@ def test_fragments_of_one_particle_give_one_pick(classes):
     picks = pick_particles(label_map, classes, VOXEL, method="components")
     assert len(picks) == 1
     assert picks[["x", "y", "z"]].to_numpy()[0] == pytest.approx([30, 30, 18], abs=1.0)
+
+
+def test_class_table_is_found_beside_the_maps_or_one_folder_up(classes, tmp_path):
+    from cryocaps.io.class_table import load_class_table_beside
+
+    label_map = tmp_path / "run" / "seg" / "TS_01_labels.mrc"
+    label_map.parent.mkdir(parents=True)
+    with pytest.raises(CryocapsError, match="TS_01_labels.mrc"):
+        load_class_table_beside([label_map], None, None)
+    write_classes(classes, tmp_path / "run" / "classes.csv")
+    table, path = load_class_table_beside([label_map], None, None)
+    assert path == (tmp_path / "run" / "classes.csv").resolve() and table.names == classes.names
+    # --radius-angstrom wins over a table beside the maps, and has no file
+    table, path = load_class_table_beside([label_map], None, 30.0)
+    assert path is None and len(table) == 1 and table.by_name(table.names[0]).radius_angstrom == 30.0

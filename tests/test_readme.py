@@ -51,6 +51,7 @@ def test_readme_quick_start_test_command_is_what_ci_runs():
     assert ci.strip().splitlines()[-1] == test_command
 
 
+@pytest.mark.slow
 def test_readme_commands_run(tmp_path):
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")

@@ -72,7 +72,7 @@ def test_writes_every_output(simulated):
 
 
 def test_particle_files_agree(simulated):
-    from cryocaps.classes import read_classes
+    from cryocaps.io.class_table import read_classes
     from cryocaps.io.particles import read_particles, tomogram_infos
 
     classes = read_classes(simulated / "classes.csv")
@@ -88,7 +88,7 @@ def test_particle_files_agree(simulated):
 
 
 def test_class_templates_work_for_make_masks(simulated):
-    from cryocaps.classes import read_classes
+    from cryocaps.io.class_table import read_classes
     from cryocaps.masks import load_template
 
     for particle_class in read_classes(simulated / "classes.csv"):

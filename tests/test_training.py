@@ -1,4 +1,4 @@
-"""cryocaps train: data checks, patch sampling, augmentation, loop, checkpoints, exact resume, DDP."""
+"""cryocaps train: data checks, patch sampling, augmentation, loop, checkpoints, resume, DDP."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from cryocaps.errors import CryocapsError
 from cryocaps.io.volumes import write_volume
-from cryocaps.sampling import (
+from cryocaps.training import (
     Augmentation,
     ParticleSet,
     PatchSampler,
@@ -134,7 +134,7 @@ def test_sampler_background_fraction_and_state_roundtrip():
 
 
 def test_hard_negatives_are_the_bright_label_free_places():
-    from cryocaps.sampling import hard_background_centres
+    from cryocaps.training.sampling import hard_background_centres
 
     rng = np.random.default_rng(0)
     shape = (24, 48, 48)
@@ -199,26 +199,98 @@ def test_split_is_stratified_and_folds_partition():
     assert np.array_equal(np.sum(folds, axis=0), np.ones(len(labels)))
 
 
-def test_plot_learning_curve(tmp_path):
-    from cryocaps.plots import plot_learning_curve
+def test_plot_learning_curve_draws_the_metrics(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from cryocaps.plots import learning_curve_figure, plot_learning_curve
 
     frame = pd.DataFrame(
         {
-            "epoch": [1, 2],
-            "train_loss": [1.0, 0.5],
-            "val_loss": [1.1, 0.7],
-            "dice_a": [0.1, 0.4],
-            "mean_dice": [0.1, 0.4],
+            "epoch": [1, 2, 3],
+            "train_loss": [1.0, 0.5, 0.25],
+            "val_loss": [1.1, 0.7, 0.65],
+            "dice_a": [0.1, 0.4, 0.5],
+            "dice_b": [0.2, float("nan"), 0.3],
+            "mean_dice": [0.15, 0.4, 0.4],
         }
     )
     frame.to_csv(tmp_path / "metrics.csv", index=False)
+    figure = learning_curve_figure(tmp_path / "metrics.csv")
+    loss_axes, dice_axes = figure.axes
+    drawn = {line.get_label(): line for axes in figure.axes for line in axes.get_lines()}
+    want = {"train loss": "train_loss", "val loss": "val_loss", "a": "dice_a", "b": "dice_b",
+            "mean": "mean_dice"}
+    assert set(drawn) == set(want)
+    for label, column in want.items():
+        np.testing.assert_array_equal(drawn[label].get_xdata(), frame["epoch"])
+        np.testing.assert_array_equal(drawn[label].get_ydata(), frame[column])
+    assert {line.get_label() for line in loss_axes.get_lines()} == {"train loss", "val loss"}
+    plt.close(figure)
     path = plot_learning_curve(tmp_path / "metrics.csv", tmp_path / "curve.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_defaults_are_the_config_defaults():
+    import inspect
+
+    from cryocaps.cli.train import command
+    from cryocaps.training import defaults
+
+    config_defaults = defaults()
+    checked = 0
+    for name, parameter in inspect.signature(command).parameters.items():
+        if name in config_defaults and parameter.default is not inspect.Parameter.empty:
+            expected = config_defaults[name]
+            # repeatable options default to None on the command line and to [] in TrainConfig
+            assert parameter.default == (None if expected == [] else expected), name
+            checked += 1
+    assert checked >= 25
+
+
+def test_train_state_saves_and_restores_every_field():
+    import dataclasses
+    import math
+
+    from cryocaps.training import TrainState
+
+    class Driven:
+        def __init__(self, value):
+            self.value = value
+
+        def state_dict(self):
+            return {"value": self.value}
+
+        def load_state_dict(self, saved):
+            self.value = saved["value"]
+
+    def state(value):
+        return TrainState(
+            epoch=value, step_in_epoch=value, total_steps=value, epoch_loss_sum=float(value),
+            epoch_loss_count=value, epoch_seconds=float(value), train_seconds=float(value),
+            rows=[{"epoch": value}], best_score=float(value), best_val_loss=float(value),
+            best_epoch=value, bad_epochs=value, model_saved=bool(value), model=Driven(value),
+            optimizer=Driven(value), scheduler=Driven(value), scaler=Driven(value),
+            sampler_streams=Driven(value), process_rng=Driven(value),
+        )
+
+    names = {f.name for f in dataclasses.fields(TrainState)}
+    saved = state(7).state_dict()
+    assert set(saved) == names
+    restored = state(0)
+    restored.load_state_dict(saved)
+    for name in names:
+        value = getattr(restored, name)
+        value = value.value if isinstance(value, Driven) else value
+        assert value in (7, 7.0, True, [{"epoch": 7}]), name
+    with pytest.raises(CryocapsError, match="lacks epoch"):
+        restored.load_state_dict({k: v for k, v in saved.items() if k != "epoch"})
+    assert math.isinf(TrainState().best_score)
 
 
 # --- the command -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_cli_writes_model_metrics_and_run_json(run_cli, dataset, tmp_path):
     from cryocaps.modelfile import load_model
 
@@ -280,6 +352,7 @@ def test_train_cli_writes_model_metrics_and_run_json(run_cli, dataset, tmp_path)
     assert again.exit_code == 2 and "--resume" in again.output
 
 
+@pytest.mark.slow
 def test_resume_after_signal_matches_uninterrupted_run(dataset, tmp_path):
     from cryocaps.training import train
 
@@ -305,11 +378,16 @@ def test_resume_after_signal_matches_uninterrupted_run(dataset, tmp_path):
     np.testing.assert_allclose(b[columns].to_numpy(), a[columns].to_numpy(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_max_minutes_stops_with_a_usable_model(dataset, tmp_path):
+    from cryocaps import runtime
     from cryocaps.modelfile import load_model
     from cryocaps.training import train
 
+    segment_policy = runtime.return_freed_blocks()  # as if this process had segmented before
     result = train(_config(dataset, tmp_path / "run", epochs=50, max_minutes=1e-4))
+    if segment_policy:  # glibc: training switched the process to its own malloc policy
+        assert runtime.current_policy() == "keep"
     assert result["stopped"] == "max_minutes"
     assert result["steps_done"] == 1
     assert result["epochs_done"] == 1  # the epoch ended early and was validated
@@ -317,6 +395,37 @@ def test_max_minutes_stops_with_a_usable_model(dataset, tmp_path):
     resumed = train(_config(dataset, tmp_path / "run", epochs=2, resume=True))
     assert resumed["steps_done"] == 4 and resumed["epochs_done"] == 2
     assert pd.read_csv(tmp_path / "run" / "metrics.csv")["steps"].tolist() == [1, 3]
+
+
+def test_checkpoint_of_format_1_loads_as_a_train_state(tmp_path):
+    import torch
+
+    from cryocaps.training import TrainState
+    from cryocaps.training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+
+    loop = {
+        "epoch": 2, "step_in_epoch": 1, "epoch_loss_sum": 1.5, "epoch_loss_count": 1,
+        "epoch_seconds": 3.0, "best_val_loss": 0.9, "best_score": 0.4, "best_epoch": 1,
+        "bad_epochs": 1, "total_steps": 7, "train_seconds": 21.0, "model_saved": True,
+    }
+    old = {
+        "format": "cryocaps-checkpoint/1", "model": "unet", "model_config": {"widths": [4, 4, 4]},
+        "classes": [{"label": 1, "name": "a", "radius_angstrom": 30.0}], "patch_size": 16,
+        "model_state": {"w": torch.ones(2)}, "optimizer_state": {"state": {}, "param_groups": []},
+        "scheduler_state": None, "scaler_state": None, "history": [{"epoch": 1}, {"epoch": 2}],
+        "loop": loop, "rng": {"process": {"torch": torch.zeros(3)}, "samplers": [{"s": 1}]},
+        "world_size": 1, "seed": 3,
+    }
+    torch.save(old, tmp_path / "old.pt")
+    checkpoint = load_checkpoint(tmp_path / "old.pt")
+    assert checkpoint["format"] == CHECKPOINT_FORMAT and checkpoint["patch_size"] == 16
+    state = TrainState(process_rng=None)  # driven fields left None are not loaded
+    state.load_state_dict(checkpoint["state"])  # every field present, or it raises
+    for name, value in loop.items():
+        assert getattr(state, name) == value, name
+    assert state.rows == [{"epoch": 1}, {"epoch": 2}]
+    assert checkpoint["state"]["sampler_streams"] == [{"s": 1}]
+    assert torch.equal(checkpoint["state"]["model"]["w"], torch.ones(2))
 
 
 # --- bad input: exit 2 and one line --------------------------------------------------
@@ -393,6 +502,7 @@ def test_resume_without_checkpoint(run_cli, dataset, tmp_path):
     assert "no checkpoint" in _bad(run_cli, dataset, tmp_path / "o", "--resume")
 
 
+@pytest.mark.slow
 def test_resume_with_another_model(run_cli, dataset, tmp_path):
     from cryocaps.training import train
 
@@ -409,11 +519,13 @@ def test_bad_settings(run_cli, dataset, tmp_path):
     assert "--hard-negatives" in _bad(run_cli, dataset, tmp_path / "o", "--hard-negatives", "2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("select_by", ["dice", "loss"])
 def test_saved_model_is_the_best_epoch_by_the_chosen_score(dataset, tmp_path, select_by):
     from cryocaps.training import train
 
-    result = train(_config(dataset, tmp_path / select_by, epochs=4, select_by=select_by, patience=0))
+    config = _config(dataset, tmp_path / select_by, epochs=4, select_by=select_by, patience=0)
+    result = train(config)
     history = pd.DataFrame(result["history"])
     scores = history["mean_dice"] if select_by == "dice" else -history["val_loss"]
     # the first of the best epochs (later ties are not improvements)
@@ -436,6 +548,7 @@ def test_whole_tomogram_holdout(dataset, tmp_path):
 # --- distributed ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(dataset, tmp_path):
     out = tmp_path / "ddp"
     command = [
@@ -511,4 +624,5 @@ def test_auto_patch_size():
     big = [_volume((64, 128, 128))]  # 10 Å voxels
     assert auto_patch_size(table(38, 96), big) == 32  # 2 x 9.6 + 8 < 32
     assert auto_patch_size(table(38, 125), big) == 40  # 2 x 12.5 + 8 = 33 -> 40
-    assert auto_patch_size(table(125), [_volume((28, 128, 128))]) == 24  # fits the thinnest tomogram
+    thin = [_volume((28, 128, 128))]
+    assert auto_patch_size(table(125), thin) == 24  # fits the thinnest tomogram

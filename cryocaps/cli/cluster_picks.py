@@ -27,7 +27,6 @@ from cryocaps.cli.common import (
     RadiusOption,
     Verbose,
     VoxelSize,
-    collect_mrc_files,
     command_line,
     is_quiet,
     log,
@@ -101,11 +100,11 @@ def command(
     verbose: Verbose = False,
 ) -> None:
     setup_logging(quiet, verbose)
-    from cryocaps.classes import load_class_table
+    from cryocaps.io.class_table import load_class_table_beside
     from cryocaps.io.files import check_writable
-    from cryocaps.io.layout import find_class_table_beside as find_classes_beside
     from cryocaps.io.particles import check_format, write_particles
-    from cryocaps.picking import pick_files, summary_by_class
+    from cryocaps.io.thresholds import read_score_thresholds
+    from cryocaps.picking import find_label_maps, pick_files, summary_by_class
     from cryocaps.runinfo import write_run_json
 
     started = time.time()
@@ -113,20 +112,11 @@ def command(
         check_format(format)
     if method not in METHOD_NAMES:
         raise CryocapsError(f"--method {method!r}: use one of {', '.join(METHOD_NAMES)}")
-    label_paths = _label_maps(maps, collect_mrc_files)
-    if classes is None and radius_angstrom is None:
-        classes = find_classes_beside(label_paths)
-        if classes is None:
-            raise CryocapsError(
-                "no class table: give --classes classes.csv (or --radius-angstrom for one class); "
-                f"none found beside {label_paths[0]}"
-            )
-    class_table = load_class_table(classes, radius_angstrom)
+    label_paths = find_label_maps(maps)
+    class_table, classes = load_class_table_beside(label_paths, classes, radius_angstrom)
     if thresholds is not None:
         if min_score is not None:
             raise CryocapsError("--min-score and --thresholds both set a score threshold; give one")
-        from cryocaps.evaluation import read_score_thresholds
-
         min_score = read_score_thresholds(thresholds, class_table)
     check_writable(output, overwrite)
 
@@ -176,33 +166,21 @@ def command(
         started=started,
     )
     if not is_quiet():
-        def shown(value: float):
-            return "-" if value != value else value  # NaN: no picks
+        _print_summary(summary, f"{len(picks)} picks from {len(label_paths)} map(s) -> {output}")
 
-        rows = [
-            [r.class_name, int(r.picks), int(r.tomograms), shown(r.median_score), shown(r.median_size_voxels)]
-            for r in summary.itertuples()
+
+def _print_summary(summary, title: str) -> None:
+    """Picks per class (the table of :func:`cryocaps.picking.summary_by_class`)."""
+
+    def shown(value: float):
+        return "-" if value != value else value  # NaN: no picks
+
+    rows = [
+        [
+            r.class_name, int(r.picks), int(r.tomograms),
+            shown(r.median_score), shown(r.median_size_voxels),
         ]
-        print_table(
-            f"{len(picks)} picks from {len(label_paths)} map(s) -> {output}",
-            ["class", "picks", "tomograms", "median score", "median size (voxels)"],
-            rows,
-        )
-
-
-def _label_maps(maps: list[Path], collect) -> list[Path]:
-    """Files as given; from a folder its *_labels maps (else every MRC file in it)."""
-    from cryocaps.io.volumes import tomogram_name
-
-    paths: list[Path] = []
-    for path in maps:
-        if path.is_dir():
-            found = collect([path], "MAPS")
-            labels = [p for p in found if tomogram_name(p).endswith("_labels")]
-            others = [p for p in found if not tomogram_name(p).endswith(("_probs", "_score"))]
-            paths.extend(labels or others)
-        else:
-            paths.extend(collect([path], "MAPS"))
-    if not paths:
-        raise CryocapsError(f"no label maps found in {', '.join(map(str, maps))}")
-    return paths
+        for r in summary.itertuples()
+    ]
+    columns = ["class", "picks", "tomograms", "median score", "median size (voxels)"]
+    print_table(title, columns, rows)

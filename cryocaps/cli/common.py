@@ -11,7 +11,7 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -175,16 +175,6 @@ def progress(description: str, total: int | None) -> Iterator[Callable[..., None
             bar.update(task, advance=n, **({"info": info} if info is not None else {}))
 
         yield advance
-
-
-def track(items: Iterable, description: str, total: int | None = None) -> Iterator:
-    """Iterate with a progress bar (silent off a terminal)."""
-    items = list(items) if total is None and not hasattr(items, "__len__") else items
-    total = total if total is not None else len(items)  # type: ignore[arg-type]
-    with progress(description, total) as advance:
-        for item in items:
-            yield item
-            advance()
 
 
 def print_table(title: str, columns: list[str], rows: list[list], to_stdout: bool = True) -> None:

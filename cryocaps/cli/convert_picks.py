@@ -53,7 +53,7 @@ def command(
     verbose: Verbose = False,
 ) -> None:
     setup_logging(quiet, verbose)
-    from cryocaps.classes import read_classes
+    from cryocaps.io.class_table import read_classes
     from cryocaps.io.particles import (
         check_format,
         convert_particles,

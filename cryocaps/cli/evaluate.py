@@ -30,7 +30,6 @@ from cryocaps.cli.common import (
     RadiusOption,
     Verbose,
     VoxelSize,
-    collect_mrc_files,
     command_line,
     is_quiet,
     setup_logging,
@@ -103,38 +102,18 @@ def command(
     verbose: Verbose = False,
 ) -> None:
     setup_logging(quiet, verbose)
-    from cryocaps.classes import load_class_table
-    from cryocaps.io.layout import find_class_table_beside as find_classes_beside
+    from cryocaps.io.class_table import load_class_table_beside
     from cryocaps.runinfo import write_run_json
 
     started = time.time()
     voxel_mode = bool(labels_pred or labels_true)
-    if voxel_mode:
-        if picks is not None or truth is not None:
-            raise CryocapsError("give either PICKS TRUTH or --labels-pred/--labels-true, not both")
-        if not labels_pred or not labels_true:
-            raise CryocapsError("voxel scores need both --labels-pred and --labels-true")
-        if overlay:
-            raise CryocapsError("--overlay draws picks: it needs PICKS TRUTH, not label maps")
-    elif picks is None or truth is None:
-        raise CryocapsError("give PICKS and TRUTH particle files (or --labels-pred and --labels-true)")
-    if overlay and report_dir is None:
-        raise CryocapsError("--overlay writes PNGs into the report folder: give -o REPORT_DIR")
-    if not tolerance_fraction > 0:
-        raise CryocapsError(f"--tolerance-fraction must be > 0, got {tolerance_fraction}")
-    if not beta > 0:
-        raise CryocapsError(f"--beta must be > 0, got {beta}")
-    if overlay_slices < 1:
-        raise CryocapsError(f"--overlay-slices must be >= 1, got {overlay_slices}")
-
-    if classes is None and radius_angstrom is None:
-        near = [labels_true[0]] if voxel_mode else [truth]
-        classes = find_classes_beside(near)
-        if classes is None:
-            raise CryocapsError(
-                f"no class table: give --classes classes.csv (or --radius-angstrom); none found beside {near[0]}"
-            )
-    class_table = load_class_table(classes, radius_angstrom)
+    _check_options(
+        picks, truth, labels_pred, labels_true, overlay, report_dir, tolerance_fraction, beta,
+        overlay_slices,
+    )
+    class_table, classes = load_class_table_beside(
+        [labels_true[0]] if voxel_mode else [truth], classes, radius_angstrom
+    )
     parameters = {
         "tolerance_fraction": tolerance_fraction,
         "beta": beta,
@@ -151,9 +130,6 @@ def command(
     infos = tomogram_infos(tomograms) if tomograms else None
     if overlay and infos is None and voxel_size_angstrom is None:
         infos = tomogram_infos(overlay)  # the overlay tomograms give the voxel size
-    for path in (picks, truth):
-        if not path.exists():
-            raise CryocapsError(f"{path}: no such particle file")
     scores, matching = evaluate_files(
         picks,
         truth,
@@ -164,8 +140,9 @@ def command(
         beta=beta,
         coords_pixel_size_angstrom=coords_pixel_size_angstrom,
     )
+    report = None
     if report_dir is not None:
-        written = write_report(
+        report = write_report(
             report_dir,
             scores,
             matching,
@@ -179,7 +156,7 @@ def command(
             report_dir,
             command=command_line(),
             inputs=[picks, truth, *(tomograms or []), *(overlay or []), *([classes] if classes else [])],
-            outputs=written,
+            outputs=report.files,
             parameters=parameters,
             timings={"total": round(time.time() - started, 3)},
             results={"macro": scores["macro"], "micro": scores["micro"]},
@@ -190,22 +167,45 @@ def command(
         return
     if not is_quiet():
         _print_scores(scores, beta)
-        if report_dir is not None:
-            _print_threshold_hint(report_dir, scores)
+        if report is not None:
+            _print_threshold_hint(report, scores)
             stdout_console.print(f"Report written to {report_dir}")
 
 
-def _print_threshold_hint(report_dir: Path, scores: dict) -> None:
-    import pandas as pd
+def _check_options(
+    picks, truth, labels_pred, labels_true, overlay, report_dir, tolerance_fraction, beta,
+    overlay_slices,
+) -> None:
+    """Refuse option combinations and values that cannot work, before reading anything."""
+    if labels_pred or labels_true:
+        if picks is not None or truth is not None:
+            raise CryocapsError("give either PICKS TRUTH or --labels-pred/--labels-true, not both")
+        if not labels_pred or not labels_true:
+            raise CryocapsError("voxel scores need both --labels-pred and --labels-true")
+        if overlay:
+            raise CryocapsError("--overlay draws picks: it needs PICKS TRUTH, not label maps")
+    elif picks is None or truth is None:
+        raise CryocapsError(
+            "give PICKS and TRUTH particle files (or --labels-pred and --labels-true)"
+        )
+    if overlay and report_dir is None:
+        raise CryocapsError("--overlay writes PNGs into the report folder: give -o REPORT_DIR")
+    if not tolerance_fraction > 0:
+        raise CryocapsError(f"--tolerance-fraction must be > 0, got {tolerance_fraction}")
+    if not beta > 0:
+        raise CryocapsError(f"--beta must be > 0, got {beta}")
+    if overlay_slices < 1:
+        raise CryocapsError(f"--overlay-slices must be >= 1, got {overlay_slices}")
 
-    table = pd.read_csv(report_dir / "pick_thresholds.csv")
-    tuned = table.dropna(subset=["f1"])
-    if tuned.empty or not tuned["min_score"].notna().any():
+
+def _print_threshold_hint(report, scores: dict) -> None:
+    tuned_f1 = report.tuned_macro_f1()
+    if tuned_f1 is None:
         return
     stdout_console.print(
-        f"Score thresholds tuned on these picks would give macro F1 {tuned['f1'].mean():.3f} here "
+        f"Score thresholds tuned on these picks would give macro F1 {tuned_f1:.3f} here "
         f"(now {scores['macro']['f1']:.3f}); pick other tomograms with\n"
-        f"  cryocaps cluster-picks ... --thresholds {report_dir / 'pick_thresholds.csv'}",
+        f"  cryocaps cluster-picks ... --thresholds {report.thresholds_path}",
         highlight=False,
     )
 
@@ -254,27 +254,20 @@ def _compact_table(title: str, columns: list[str], rows: list[list], rule_before
 
 
 def _voxel_scores(labels_pred, labels_true, class_table, as_json, report_dir, parameters, started, overwrite) -> None:
-    from cryocaps.evaluation import evaluate_label_files
-    from cryocaps.io.files import check_writable, write_text_atomic
-    from cryocaps.io.volumes import tomogram_name
+    from cryocaps.evaluation import voxel_report
     from cryocaps.runinfo import write_run_json
 
-    predicted = collect_mrc_files(labels_pred, "--labels-pred")
-    predicted = [p for p in predicted if not tomogram_name(p).endswith(("_probs", "_score"))]
-    true = collect_mrc_files(labels_true, "--labels-true")
+    result = voxel_report(
+        labels_pred, labels_true, class_table,
+        report_dir=report_dir, parameters=parameters, overwrite=overwrite,
+    )
+    scores, names = result.scores, result.tomograms
     if report_dir is not None:
-        check_writable(report_dir / "voxel_report.json", overwrite)
-    scores, names = evaluate_label_files(predicted, true, class_table)
-    if report_dir is not None:
-        report = write_text_atomic(
-            report_dir / "voxel_report.json",
-            json.dumps({**scores, "tomograms": names, "parameters": parameters}, indent=2) + "\n",
-        )
         write_run_json(
             report_dir,
             command=command_line(),
-            inputs=[*predicted, *true],
-            outputs=[report],
+            inputs=result.inputs,
+            outputs=result.files,
             parameters=parameters,
             timings={"total": round(time.time() - started, 3)},
             results=scores["macro"],

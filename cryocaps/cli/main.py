@@ -69,12 +69,7 @@ def _root(
 
 def _register() -> None:
     for name, module_name in COMMANDS:
-        try:
-            module = importlib.import_module(f"cryocaps.cli.{module_name}")
-        except ModuleNotFoundError as error:
-            if error.name == f"cryocaps.cli.{module_name}":
-                continue  # command not built yet
-            raise
+        module = importlib.import_module(f"cryocaps.cli.{module_name}")  # a missing module is a bug
         app.command(name, help=module.__doc__, no_args_is_help=getattr(module, "NO_ARGS_IS_HELP", True))(
             handle_errors(module.command)
         )

@@ -83,7 +83,7 @@ def command(
     verbose: Verbose = False,
 ) -> None:
     setup_logging(quiet, verbose)
-    from cryocaps.classes import load_class_table
+    from cryocaps.io.class_table import load_class_table
     from cryocaps.masks import make_masks, tomogram_geometry
     from cryocaps.runinfo import write_run_json
 
@@ -127,8 +127,12 @@ def command(
         started=started,
     )
     if not quiet:
-        print_table(
-            f"Label maps ({shape}, {summary['voxel_size_angstrom']:g} Å voxels)",
-            ["class", "label", "particles", "voxels"],
-            [[name, c["label"], c["particles"], c["voxels"]] for name, c in summary["classes"].items()],
-        )
+        _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    print_table(
+        f"Label maps ({summary['shape']}, {summary['voxel_size_angstrom']:g} Å voxels)",
+        ["class", "label", "particles", "voxels"],
+        [[name, c["label"], c["particles"], c["voxels"]] for name, c in summary["classes"].items()],
+    )

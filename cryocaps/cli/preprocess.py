@@ -22,6 +22,7 @@ from cryocaps.cli.common import (
     Verbose,
     collect_mrc_files,
     command_line,
+    print_table,
     progress,
     setup_logging,
 )
@@ -122,20 +123,22 @@ def command(
         started=started,
     )
     if not quiet:
-        from cryocaps.cli.common import print_table
+        _print_summary(summaries)
 
-        print_table(
-            "Preprocessed",
-            ["tomogram", "shape in (z,y,x)", "Å in", "shape out (z,y,x)", "Å out", "s"],
+
+def _print_summary(summaries: list[dict]) -> None:
+    print_table(
+        "Preprocessed",
+        ["tomogram", "shape in (z,y,x)", "Å in", "shape out (z,y,x)", "Å out", "s"],
+        [
             [
-                [
-                    s["tomogram"],
-                    "x".join(map(str, s["input_shape_zyx"])),
-                    s["input_voxel_size_angstrom"],
-                    "x".join(map(str, s["output_shape_zyx"])),
-                    s["output_voxel_size_angstrom"],
-                    s["seconds"],
-                ]
-                for s in summaries
-            ],
-        )
+                s["tomogram"],
+                "x".join(map(str, s["input_shape_zyx"])),
+                s["input_voxel_size_angstrom"],
+                "x".join(map(str, s["output_shape_zyx"])),
+                s["output_voxel_size_angstrom"],
+                s["seconds"],
+            ]
+            for s in summaries
+        ],
+    )

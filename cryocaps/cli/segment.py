@@ -128,7 +128,9 @@ def command(
     ignore_voxel_size: Annotated[
         bool,
         typer.Option(
-            "--ignore-voxel-size", help="Segment even if the voxel size is >5% off the model's. [default: off]"
+            "--ignore-voxel-size",
+            help="Segment even if the voxel size is not the model's training voxel size "
+            "(they must agree within 1%, as in every command). [default: off]",
         ),
     ] = False,
     threads: Annotated[
@@ -144,15 +146,10 @@ def command(
     started = time.time()
     shard_index = parse_shard(shard)
     files = collect_mrc_files(tomograms, "TOMOGRAMS")
-    if threads is not None and threads < 1:
-        raise CryocapsError(f"--threads {threads}: must be at least 1")
 
     from cryocaps.inference import segment_files
     from cryocaps.runinfo import peak_rss_bytes, write_run_json
-    from cryocaps.runtime import resolve_device, return_freed_blocks
 
-    device = resolve_device(device)
-    return_freed_blocks()  # peak memory must not creep up with the number of windows
     with progress("Segmenting", None) as advance:
         summary = segment_files(
             files,
@@ -193,7 +190,7 @@ def command(
             "blending": blending,
             "tta": tta,
             "bf16": summary["bf16"],
-            "device": device,
+            "device": summary["device"],
             "shard": list(shard_index) if shard_index else None,
         },
         timings={"segment": round(seconds, 3), "wall": round(time.time() - started, 3)},

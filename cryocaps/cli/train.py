@@ -14,7 +14,6 @@ is per process).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -35,6 +34,19 @@ from cryocaps.cli.common import (
     setup_logging,
 )
 from cryocaps.errors import CryocapsError
+from cryocaps.training.config import (
+    AUTO_PATCH_CONTEXT,
+    AUTO_PATCH_MIN,
+    AUTO_PATCH_MULTIPLE,
+    PAPER,
+    defaults,
+)
+
+DEFAULT = defaults()  # TrainConfig's: the one source of the defaults below and in the help
+
+
+def _on_off(value: bool) -> str:
+    return "on" if value else "off"
 
 
 def parse_model_options(items: list[str]) -> dict:
@@ -74,26 +86,32 @@ def command(
         typer.Option(
             "--labels",
             "-l",
-            help="Label map file or folder (repeat for more); <tomo>_labels.mrc or <tomo>.mrc, same shape and voxel size as the tomogram.",
+            help="Label map file or folder (repeat for more); <tomo>_labels.mrc or <tomo>.mrc, "
+            "same shape and voxel size as the tomogram.",
         ),
     ],
     out_dir: Annotated[
-        Path, typer.Option("--out", "--output", "-o", help="Run folder for the model, checkpoints and metrics.")
+        Path,
+        typer.Option(
+            "--out", "--output", "-o", help="Run folder for the model, checkpoints and metrics."
+        ),
     ],
-    classes: ClassesOption = None,
+    classes: ClassesOption = DEFAULT["classes"],
     coords: Annotated[
         list[Path] | None,
         typer.Option(
             "--coords",
-            help="Particle file(s) giving the patch centres (STAR/CSV/tbl). [default: connected components of the label maps]",
+            help="Particle file(s) giving the patch centres (STAR/CSV/tbl). "
+            "[default: connected components of the label maps]",
         ),
     ] = None,
     model: Annotated[
         str,
         typer.Option(
-            "--model", help="Network: ucaps (3D-UCaps) or unet (DeepFinder). [default: ucaps]"
+            "--model",
+            help=f"Network: ucaps (3D-UCaps) or unet (DeepFinder). [default: {DEFAULT['model']}]",
         ),
-    ] = "ucaps",
+    ] = DEFAULT["model"],
     model_option: Annotated[
         list[str] | None,
         typer.Option(
@@ -105,52 +123,72 @@ def command(
         int | None,
         typer.Option(
             "--patch-size",
-            help="Patch side in voxels (paper: 64). [default: 32, or 2 x the largest particle radius + 8 rounded up to a multiple of 8]",
+            help=f"Patch side in voxels (paper: {PAPER['patch_size']}). "
+            f"[default: {AUTO_PATCH_MIN}, "
+            f"or 2 x the largest particle radius + {AUTO_PATCH_CONTEXT} rounded up to a multiple "
+            f"of {AUTO_PATCH_MULTIPLE}]",
         ),
-    ] = None,
+    ] = DEFAULT["patch_size"],
     batch_size: Annotated[
         int,
-        typer.Option("--batch-size", help="Patches per step and process (paper: 24). [default: 2]"),
-    ] = 2,
+        typer.Option(
+            "--batch-size",
+            help=f"Patches per step and process (paper: {PAPER['batch_size']}). "
+            f"[default: {DEFAULT['batch_size']}]",
+        ),
+    ] = DEFAULT["batch_size"],
     epochs: Annotated[
-        int, typer.Option("--epochs", help="Maximum number of epochs. [default: 300]")
-    ] = 300,
+        int,
+        typer.Option("--epochs", help=f"Maximum number of epochs. [default: {DEFAULT['epochs']}]"),
+    ] = DEFAULT["epochs"],
     steps_per_epoch: Annotated[
-        int, typer.Option("--steps-per-epoch", help="Optimiser steps per epoch. [default: 100]")
-    ] = 100,
+        int,
+        typer.Option(
+            "--steps-per-epoch",
+            help=f"Optimiser steps per epoch. [default: {DEFAULT['steps_per_epoch']}]",
+        ),
+    ] = DEFAULT["steps_per_epoch"],
     lr: Annotated[
-        float, typer.Option("--lr", help="Adam learning rate (paper: 1e-4). [default: 1e-3]")
-    ] = 1e-3,
+        float,
+        typer.Option(
+            "--lr",
+            help=f"Adam learning rate (paper: {PAPER['lr']:g}). [default: {DEFAULT['lr']:g}]",
+        ),
+    ] = DEFAULT["lr"],
     lr_schedule: Annotated[
         str,
         typer.Option(
             "--lr-schedule",
-            help="none, cosine (over --epochs) or plateau (halve on a stalled val loss). [default: none]",
+            help="none, cosine (over --epochs) or plateau (halve on a stalled val loss). "
+            f"[default: {DEFAULT['lr_schedule']}]",
         ),
-    ] = "none",
+    ] = DEFAULT["lr_schedule"],
     patience: Annotated[
         int,
         typer.Option(
             "--patience",
-            help="Stop after this many epochs without a better validation score (--select-by); 0 = never. "
-            "[default: 20]",
+            help="Stop after this many epochs without a better validation score (--select-by); "
+            "0 = never. "
+            f"[default: {DEFAULT['patience']}]",
         ),
-    ] = 20,
+    ] = DEFAULT["patience"],
     select_by: Annotated[
         str,
         typer.Option(
             "--select-by",
-            help="Keep the model of the epoch with the highest mean validation Dice (dice) or the lowest "
-            "validation loss (loss, the paper's rule). [default: dice]",
+            help="Keep the model of the epoch with the highest mean validation Dice (dice) or the "
+            "lowest "
+            f"validation loss (loss, the paper's rule). [default: {DEFAULT['select_by']}]",
         ),
-    ] = "dice",
+    ] = DEFAULT["select_by"],
     val_fraction: Annotated[
         float,
         typer.Option(
             "--val-fraction",
-            help="Fraction of each class's particles held out for validation (paper: 0.17). [default: 0.17]",
+            help="Fraction of each class's particles held out for validation "
+            f"(paper: {PAPER['val_fraction']}). [default: {DEFAULT['val_fraction']}]",
         ),
-    ] = 0.17,
+    ] = DEFAULT["val_fraction"],
     val_tomograms: Annotated[
         list[str] | None,
         typer.Option(
@@ -162,75 +200,85 @@ def command(
         str | None,
         typer.Option(
             "--fold",
-            help="Cross-validation fold k/K, e.g. 2/6: fold k of each class's particles is validation.",
+            help="Cross-validation fold k/K, e.g. 2/6: fold k of each class's particles is "
+            "validation.",
         ),
-    ] = None,
+    ] = DEFAULT["fold"],
     background_fraction: Annotated[
         float,
         typer.Option(
             "--background-fraction",
-            help="Fraction of patches placed off the particles (background). [default: 0.3]",
+            help="Fraction of patches placed off the particles (background). "
+            f"[default: {DEFAULT['background_fraction']}]",
         ),
-    ] = 0.3,
+    ] = DEFAULT["background_fraction"],
     hard_negative_fraction: Annotated[
         float,
         typer.Option(
             "--hard-negatives",
             help="Share of the background patches centred on label-free places of high contrast "
-            "(membranes, gold, carbon edges) instead of at random; 0 = all random. [default: 0.5]",
+            "(membranes, gold, carbon edges) instead of at random; 0 = all random. "
+            f"[default: {DEFAULT['hard_negative_fraction']}]",
         ),
-    ] = 0.5,
+    ] = DEFAULT["hard_negative_fraction"],
     jitter_voxels: Annotated[
         int | None,
         typer.Option(
             "--jitter-voxels",
             help="Random shift of particle patches, voxels per axis. [default: patch size / 4]",
         ),
-    ] = None,
+    ] = DEFAULT["jitter_voxels"],
     rot90: Annotated[
         bool,
         typer.Option(
-            "--rot90", help="Also rotate by 90° about Z (moves the missing wedge). [default: off]"
+            "--rot90",
+            help="Also rotate by 90° about Z (moves the missing wedge). "
+            f"[default: {_on_off(DEFAULT['rot90'])}]",
         ),
-    ] = False,
+    ] = DEFAULT["rot90"],
     mirror: Annotated[
         bool,
         typer.Option(
             "--mirror",
-            help="Also mirror patches (keeps the wedge, flips particle handedness). [default: off]",
+            help="Also mirror patches (keeps the wedge, flips particle handedness). "
+            f"[default: {_on_off(DEFAULT['mirror'])}]",
         ),
-    ] = False,
+    ] = DEFAULT["mirror"],
     intensity_augmentation: Annotated[
         bool,
         typer.Option(
             "--intensity-augmentation/--no-intensity-augmentation",
-            help="Random intensity scale, offset and noise. [default: on]",
+            help="Random intensity scale, offset and noise. "
+            f"[default: {_on_off(DEFAULT['intensity_augmentation'])}]",
         ),
-    ] = True,
+    ] = DEFAULT["intensity_augmentation"],
     max_val_patches: Annotated[
         int,
         typer.Option(
             "--max-val-patches",
-            help="At most this many validation patches per epoch. [default: 64]",
+            help="At most this many validation patches per epoch. "
+            f"[default: {DEFAULT['max_val_patches']}]",
         ),
-    ] = 64,
+    ] = DEFAULT["max_val_patches"],
     class_weights: Annotated[
         bool,
         typer.Option(
             "--class-weights/--no-class-weights",
-            help="Weight the cross-entropy by inverse class frequency. [default: on]",
+            help="Weight the cross-entropy by inverse class frequency. "
+            f"[default: {_on_off(DEFAULT['class_weights'])}]",
         ),
-    ] = True,
+    ] = DEFAULT["class_weights"],
     max_minutes: Annotated[
         float | None,
         typer.Option(
             "--max-minutes",
-            help="Wall-time budget in minutes: the epoch running out of time ends early, is validated and checkpointed, and training stops.",
+            help="Wall-time budget in minutes: the epoch running out of time ends early, is "
+            "validated and checkpointed, and training stops.",
         ),
-    ] = None,
+    ] = DEFAULT["max_minutes"],
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in RUN_DIR from checkpoint_last.pt.")
-    ] = False,
+    ] = DEFAULT["resume"],
     bf16: Annotated[
         bool | None,
         typer.Option(
@@ -240,23 +288,22 @@ def command(
             "CUDA always uses float16 AMP]",
             show_default=False,
         ),
-    ] = None,
+    ] = DEFAULT["bf16"],
     threads: Annotated[
         int | None,
         typer.Option(
             "--threads", help="Torch threads per process. [default: CPUs / processes on this node]"
         ),
-    ] = None,
-    voxel_size_angstrom: VoxelSize = None,
-    seed: Seed = 0,
-    device: Device = "auto",
-    overwrite: Overwrite = False,
+    ] = DEFAULT["threads"],
+    voxel_size_angstrom: VoxelSize = DEFAULT["voxel_size_angstrom"],
+    seed: Seed = DEFAULT["seed"],
+    device: Device = DEFAULT["device"],
+    overwrite: Overwrite = DEFAULT["overwrite"],
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     setup_logging(quiet, verbose)
-    from cryocaps.runinfo import write_run_json
-    from cryocaps.training import PAPER, TrainConfig, config_dict, train
+    from cryocaps.training import TrainConfig, train
 
     config = TrainConfig(
         tomograms=tomograms,
@@ -294,48 +341,47 @@ def command(
         voxel_size_angstrom=voxel_size_angstrom,
         threads=threads,
     )
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    from cryocaps.runtime import keep_freed_blocks
-
-    keep_freed_blocks()  # the same large tensors every step: do not page them in afresh (1.16x for UCaps)
     with progress("Training", epochs * steps_per_epoch) as advance:
-        result = train(config, progress=advance if is_main else None)
-    if not is_main:
+        result = train(config, progress=advance)  # called on rank 0 only
+    if result["rank"] != 0:  # under torchrun, rank 0 writes run.json and reports
         return
-
-    history = result.pop("history")
-    write_run_json(
-        out_dir,
-        command=command_line(),
-        inputs=result.pop("inputs"),
-        outputs=[
-            out_dir / name
-            for name in (
-                "config.json",
-                "model.pt",
-                "metrics.csv",
-                "learning_curve.png",
-                "checkpoint_last.pt",
-            )
-        ],
-        parameters=config_dict(config)
-        | {"world_size": result["world_size"], "paper_defaults": PAPER},
-        seed=seed,
-        timings={"total": result["seconds"], "per_step": result["seconds_per_step"]},
-        results=result | {"epochs_recorded": len(history)},
-    )
+    _write_run_json(config, result)
     if not quiet:
-        rows = [[name, dice] for name, dice in result["best_dice"].items()]
-        print_table(
-            f"Best epoch {result['best_epoch']} of {result['epochs_done']}",  # short: no wrapping over the table
-            ["class", "val Dice"],
-            rows,
-        )
-        console.print(
-            f"{result['steps_done']} steps, {result['seconds_per_step']:.2f} s/step, "
-            f"{result['samples_per_second']:.1f} patches/s on {result['device']} x{result['world_size']}; "
-            f"stopped: {result['stopped']}; model in {out_dir}"
-        )
+        _print_summary(result, out_dir)
     if result["stopped"] in ("SIGINT", "SIGTERM"):
         console.print(f"[yellow]Stopped by {result['stopped']}; continue with --resume.[/]")
         raise typer.Exit(130 if result["stopped"] == "SIGINT" else 143)
+
+
+def _write_run_json(config, result: dict) -> None:
+    from cryocaps.runinfo import write_run_json
+    from cryocaps.training import config_dict
+
+    result = dict(result)
+    history = result.pop("history")
+    outputs = ["config.json", "model.pt", "metrics.csv", "learning_curve.png", "checkpoint_last.pt"]
+    write_run_json(
+        config.out_dir,
+        command=command_line(),
+        inputs=result.pop("inputs"),
+        outputs=[config.out_dir / name for name in outputs],
+        parameters=config_dict(config)
+        | {"world_size": result["world_size"], "paper_defaults": PAPER},
+        seed=config.seed,
+        timings={"total": result["seconds"], "per_step": result["seconds_per_step"]},
+        results=result | {"epochs_recorded": len(history)},
+    )
+
+
+def _print_summary(result: dict, out_dir: Path) -> None:
+    rows = [[name, dice] for name, dice in result["best_dice"].items()]
+    print_table(
+        f"Best epoch {result['best_epoch']} of {result['epochs_done']}",  # short: no wrapping
+        ["class", "val Dice"],
+        rows,
+    )
+    console.print(
+        f"{result['steps_done']} steps, {result['seconds_per_step']:.2f} s/step, "
+        f"{result['samples_per_second']:.1f} patches/s on {result['device']} "
+        f"x{result['world_size']}; stopped: {result['stopped']}; model in {out_dir}"
+    )

@@ -45,7 +45,7 @@ class TrainingVolume:
 
 @dataclass
 class ParticleSet:
-    """Particle centres: ``volume`` (N,) index into the volume list, ``label`` (N,), ``zyx`` (N, 3) voxels."""
+    """Particle centres: ``volume`` (N,) index into the volumes, ``label`` (N,), ``zyx`` (N, 3)."""
 
     volume: np.ndarray
     label: np.ndarray
@@ -180,7 +180,9 @@ HARD_NEGATIVE_QUANTILE = 0.9  # blocks above this quantile of label-free contras
 
 
 def hard_background_centres(
-    volume: TrainingVolume, block: int = HARD_NEGATIVE_BLOCK, quantile: float = HARD_NEGATIVE_QUANTILE
+    volume: TrainingVolume,
+    block: int = HARD_NEGATIVE_BLOCK,
+    quantile: float = HARD_NEGATIVE_QUANTILE,
 ) -> np.ndarray:
     """Centres (N, 3) z, y, x voxels of label-free places with the highest local contrast.
 
@@ -212,10 +214,13 @@ def hard_background_centres(
     return blocks * block + block // 2
 
 
-def hard_negative_places(volumes: list[TrainingVolume], indices: list[int]) -> list[tuple[int, np.ndarray]]:
+def hard_negative_places(
+    volumes: list[TrainingVolume], indices: list[int]
+) -> list[tuple[int, np.ndarray]]:
     """``(index, centres)`` of :func:`hard_background_centres` for each listed volume."""
     places = [(index, hard_background_centres(volumes[index])) for index in indices]
-    log.debug("hard negatives: %d places in %d volumes", sum(len(c) for _, c in places), len(places))
+    n_places = sum(len(c) for _, c in places)
+    log.debug("hard negatives: %d places in %d volumes", n_places, len(places))
     return places
 
 

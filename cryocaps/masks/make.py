@@ -1,0 +1,247 @@
+"""make-masks as one library call: read particles, check them, draw and write a map per tomogram."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cryocaps.classes import ClassTable, ParticleClass
+from cryocaps.errors import CryocapsError
+from cryocaps.io.volumes import TomogramInfo, label_counts
+from cryocaps.masks.draw import (
+    GAUSSIAN_SIGMA_PER_RADIUS,
+    draw_gaussians,
+    draw_spheres,
+    soft_targets,
+)
+from cryocaps.masks.plan import MaskPlan, assign_labels, check_voxel_sizes, plan_masks
+from cryocaps.masks.templates import (
+    DEFAULT_TEMPLATE_THRESHOLD,
+    Template,
+    draw_templates,
+    load_template,
+)
+
+SHAPES = ("sphere", "gaussian", "template")
+_SOFT_TARGET_SLAB_VOXELS = 2**22  # soft targets are written ~4 M voxels (8 MB of float16) at a time
+
+
+def make_masks(
+    particle_files: Sequence[Path],
+    tomograms: Sequence[TomogramInfo],
+    classes: ClassTable,
+    out_dir: Path,
+    *,
+    single_class: bool = False,
+    shape: str = "sphere",
+    radius_scale: float = 1.0,
+    coords_pixel_size_angstrom: float | None = None,
+    template_threshold: float = DEFAULT_TEMPLATE_THRESHOLD,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: Callable | None = None,
+) -> dict:
+    """Draw a label map per tomogram into ``out_dir/<tomo>_labels.mrc``; table in ``classes.csv``.
+
+    Only the tomograms' headers are needed (``tomograms`` from
+    :func:`cryocaps.io.particles.tomogram_infos`). Every check (classes,
+    voxel sizes, units, existing outputs) runs before the first map is
+    written. ``progress(n=1, info=...)`` is called after each tomogram.
+
+    Returns a summary: per-class particles and voxels, per-tomogram counts,
+    particles outside, tomograms named by the particles but not given.
+    """
+    from cryocaps.io.files import check_writable
+
+    if shape not in SHAPES:
+        raise CryocapsError(f"--shape {shape!r}: use one of {', '.join(SHAPES)}")
+    if not radius_scale > 0:
+        raise CryocapsError(f"--radius-scale must be > 0, got {radius_scale}")
+    if not tomograms:
+        raise CryocapsError("--tomograms: no tomograms given")
+    voxel_size = check_voxel_sizes(tomograms)
+    out_dir = Path(out_dir)
+
+    particles = read_labelled_particles(
+        particle_files, tomograms, classes, single_class, coords_pixel_size_angstrom
+    )
+    templates = {}
+    if shape == "template":
+        used = sorted(set(particles["class_name"]))
+        templates = {
+            name: load_template(classes.by_name(name), voxel_size, template_threshold)
+            for name in used
+        }
+    plans, report = plan_masks(particles, tomograms, out_dir, strict=strict, overwrite=overwrite)
+    check_writable(out_dir / "classes.csv", overwrite)
+
+    per_class = {c.name: {"label": c.label, "particles": 0, "voxels": 0} for c in classes}
+    per_tomogram = []
+    outputs = []
+    for plan in plans:
+        started = time.perf_counter()
+        voxels = _draw_and_write(
+            plan, classes, shape, radius_scale, voxel_size, templates, overwrite
+        )
+        labels = plan.particles["label"].to_numpy(dtype=int)
+        for c in classes:
+            per_class[c.name]["particles"] += int((labels == c.label).sum())
+            per_class[c.name]["voxels"] += int(voxels[c.label])
+        per_tomogram.append(
+            {
+                "tomogram": plan.info.name,
+                "output": str(plan.path),
+                "particles": len(plan.particles),
+                "outside": plan.n_outside,
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        )
+        outputs.append(plan.path)
+        if progress is not None:
+            progress(1, info=plan.info.name)
+
+    outputs.append(write_used_classes(classes, out_dir / "classes.csv"))
+    return {
+        "voxel_size_angstrom": voxel_size,
+        "shape": shape,
+        "classes": per_class,
+        "tomograms": per_tomogram,
+        "outputs": [str(p) for p in outputs],
+        **report,
+    }
+
+
+def read_labelled_particles(
+    particle_files: Sequence[Path],
+    tomograms: Sequence[TomogramInfo],
+    classes: ClassTable,
+    single_class: bool,
+    coords_pixel_size_angstrom: float | None,
+) -> pd.DataFrame:
+    """All particles of ``particle_files`` in voxels of their tomograms, with a ``label`` column.
+
+    A file without particles is an error (it is most likely the wrong file).
+    """
+    from cryocaps.io.particles import read_particles
+
+    frames = []
+    for path in particle_files:
+        frame = read_particles(
+            [path],
+            tomograms=tomograms,
+            classes=None if single_class else classes,
+            coords_pixel_size_angstrom=coords_pixel_size_angstrom,
+        )
+        if frame.empty:
+            raise CryocapsError(
+                f"{path}: no particles in this file; check that it is the right coordinate file"
+            )
+        frames.append(frame)
+    return assign_labels(pd.concat(frames, ignore_index=True), classes, single_class)
+
+
+def draw_mask(
+    plan: MaskPlan,
+    classes: ClassTable,
+    shape: str,
+    radius_scale: float,
+    voxel_size_angstrom: float,
+    templates: dict[str, Template],
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The label map of one tomogram and, for ``shape="gaussian"``, its blob values.
+
+    Returns
+    -------
+    label_map : (Z, Y, X) uint8, 0 = background
+    value_map : (Z, Y, X) float16 Gaussian value of the owning particle, or None
+    """
+    rows = plan.particles
+    centres = rows[["z", "y", "x"]].to_numpy(dtype=float)
+    labels = rows["label"].to_numpy(dtype=int)
+    radii_angstrom = np.array([classes.by_name(n).radius_angstrom for n in rows["class_name"]])
+    radii = radii_angstrom * radius_scale / voxel_size_angstrom
+    if shape == "sphere":
+        return draw_spheres(plan.info.shape, centres, labels, radii), None
+    if shape == "gaussian":
+        return draw_gaussians(plan.info.shape, centres, labels, GAUSSIAN_SIGMA_PER_RADIUS * radii)
+    angles = rows.reindex(columns=["rot", "tilt", "psi"]).fillna(0.0).to_numpy(dtype=float)
+    particle_templates = [templates[n] for n in rows["class_name"]]
+    return draw_templates(plan.info.shape, centres, labels, particle_templates, angles), None
+
+
+def _draw_and_write(
+    plan: MaskPlan,
+    classes: ClassTable,
+    shape: str,
+    radius_scale: float,
+    voxel_size_angstrom: float,
+    templates: dict[str, Template],
+    overwrite: bool,
+) -> np.ndarray:
+    """Draw and write one tomogram's map; returns its voxel count per label, (n_labels,)."""
+    from cryocaps.io.volumes import write_volume
+
+    label_map, value_map = draw_mask(
+        plan, classes, shape, radius_scale, voxel_size_angstrom, templates
+    )
+    if value_map is not None:
+        write_soft_targets(
+            plan, label_map, value_map, classes.n_labels, voxel_size_angstrom, overwrite
+        )
+        del value_map  # counting below needs only the label map
+    else:
+        write_volume(
+            plan.path,
+            label_map,
+            voxel_size_angstrom,
+            dtype="uint8",
+            origin_angstrom=plan.info.origin_angstrom,
+            overwrite=overwrite,
+        )
+    return label_counts(label_map, classes.n_labels)
+
+
+def write_soft_targets(
+    plan: MaskPlan,
+    label_map: np.ndarray,
+    value_map: np.ndarray,
+    n_labels: int,
+    voxel_size_angstrom: float,
+    overwrite: bool,
+) -> None:
+    """Write (n_labels, Z, Y, X) float16 soft targets slab by slab (never the whole 4D array)."""
+    from cryocaps.io.volumes import MrcVolumeWriter
+
+    with MrcVolumeWriter(
+        plan.path,
+        (n_labels, *plan.info.shape),
+        voxel_size_angstrom,
+        dtype="float16",
+        origin_angstrom=plan.info.origin_angstrom,
+        overwrite=overwrite,
+    ) as writer:
+        step = max(1, _SOFT_TARGET_SLAB_VOXELS // label_map[0].size)
+        for channel in range(n_labels):
+            for start in range(0, label_map.shape[0], step):
+                part = slice(start, start + step)
+                writer.data[channel, part] = soft_targets(label_map[part], value_map[part], channel)
+
+
+def write_used_classes(classes: ClassTable, path: Path) -> Path:
+    """Write the class table used (template paths made absolute, so it works from any folder)."""
+    from cryocaps.io.class_table import write_classes
+
+    used_table = ClassTable(
+        [
+            ParticleClass(
+                c.label, c.name, c.radius_angstrom, c.template.resolve() if c.template else None
+            )
+            for c in classes
+        ],
+        classes.source,
+    )
+    return write_classes(used_table, path, overwrite=True)

@@ -1,0 +1,214 @@
+"""Loop features as small hooks: progress, signals, time budget, early stop, checkpoints, metrics.
+
+The :class:`~cryocaps.training.loop.Trainer` calls every hook at fixed points,
+in list order; a hook may answer with a stop reason. A new feature is a new
+hook, not a new branch inside the loop. Hooks read the trainer (its
+``state``, ``config``, ``ranks``) and change only ``state`` fields that are
+theirs to change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cryocaps.training.checkpoint import (
+    BEST_CHECKPOINT,
+    CURVE_NAME,
+    LAST_CHECKPOINT,
+    METRICS_NAME,
+    model_metadata,
+    save_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+STOPPED_MID_EPOCH = ("SIGINT", "SIGTERM", "max_minutes")
+
+
+class Hook:
+    """Does nothing at every point; subclasses override what they need."""
+
+    def on_train_begin(self, trainer) -> None:
+        """Before the first step of this run (after a resume restored the state)."""
+
+    def on_step_end(self, trainer, step_seconds: float) -> str | None:
+        """After each optimiser step; a returned reason stops the loop after this step."""
+        return None
+
+    def on_epoch_end(self, trainer, row: dict, improved: bool) -> str | None:
+        """After an epoch was validated and recorded (``state.epoch`` counts it); may stop."""
+        return None
+
+    def on_train_end(self, trainer) -> None:
+        """When the loop has ended normally (completed or stopped), not after an error."""
+
+    def close(self) -> None:
+        """Always, last (also after an error)."""
+
+
+class ProgressReport(Hook):
+    """Calls ``progress(n=..., info=..., total=...)`` once at the start and after every step."""
+
+    def __init__(self, progress: Callable[..., None]):
+        self.progress = progress
+
+    def on_train_begin(self, trainer) -> None:
+        config, state = trainer.config, trainer.state
+        done = state.epoch * config.steps_per_epoch + state.step_in_epoch
+        self.progress(n=done, info="", total=config.epochs * config.steps_per_epoch)
+
+    def on_step_end(self, trainer, step_seconds: float) -> None:
+        state = trainer.state
+        val_text = f" val {state.rows[-1]['val_loss']:.3f}" if state.rows else ""
+        loss = state.epoch_loss_sum / state.epoch_loss_count
+        info = f"epoch {state.epoch + 1}/{trainer.config.epochs} loss {loss:.3f}{val_text}"
+        self.progress(n=1, info=info)
+
+
+class StopOnSignal(Hook):
+    """SIGINT/SIGTERM stop the loop after the current step (a second Ctrl-C stops at once)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def on_train_begin(self, trainer) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self.signal_name = signal.Signals(signum).name
+        log.warning(
+            "%s received: stopping after this step and saving a checkpoint", self.signal_name
+        )
+
+    def on_step_end(self, trainer, step_seconds: float) -> str | None:
+        return self.signal_name
+
+    def close(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
+class TimeBudget(Hook):
+    """``--max-minutes``: stop when the time left would not cover one more step and a validation.
+
+    The epoch then ends early and is validated, so the last weights are judged
+    (and kept if best).
+    """
+
+    def __init__(self, max_minutes: float):
+        self.budget_seconds = max_minutes * 60
+        self.start = time.time()
+
+    def on_train_begin(self, trainer) -> None:
+        self.start = time.time()
+
+    def on_step_end(self, trainer, step_seconds: float) -> str | None:
+        val_seconds = trainer.val_seconds or first_validation_estimate(
+            len(trainer.val_locations) / trainer.ranks.world_size,
+            trainer.config.batch_size,
+            step_seconds,
+        )
+        needed = step_seconds + val_seconds + 5
+        return "max_minutes" if time.time() - self.start + needed > self.budget_seconds else None
+
+
+def first_validation_estimate(n_patches: float, batch_size: int, step_seconds: float) -> float:
+    """Seconds a validation may take before one was timed: a forward is ~1/3 of a training step."""
+    return math.ceil(n_patches / batch_size) * step_seconds / 3
+
+
+class EarlyStopping(Hook):
+    """Stop after ``patience`` epochs without a better validation score."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+
+    def on_epoch_end(self, trainer, row: dict, improved: bool) -> str | None:
+        if self.patience and trainer.state.bad_epochs >= self.patience:
+            return "early_stopping"
+        return None
+
+
+class Checkpointing(Hook):
+    """The best model (config.json + model.pt), ``checkpoint_best.pt`` and ``checkpoint_last.pt``.
+
+    Saved after every epoch, and once more when a signal stopped the run
+    mid-epoch (so ``--resume`` continues from that very step). The state is
+    captured on every rank (a collective under DDP); rank 0 writes.
+    """
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+
+    def _save_model(self, trainer, training: dict) -> None:
+        from cryocaps.modelfile import save_model
+
+        metadata = model_metadata(trainer.config, trainer.data, training)
+        save_model(self.out_dir, trainer.state.model, metadata)
+
+    def on_epoch_end(self, trainer, row: dict, improved: bool) -> None:
+        state = trainer.state
+        if improved:
+            state.model_saved = True
+        checkpoint = trainer.checkpoint()
+        if not trainer.ranks.is_main:
+            return
+        if improved:
+            names = trainer.data.classes.names
+            dice = {name: row[f"dice_{name}"] for name in names}
+            self._save_model(
+                trainer, {"epoch": state.best_epoch, "val_loss": state.best_val_loss, "dice": dice}
+            )
+            save_checkpoint(self.out_dir / BEST_CHECKPOINT, checkpoint)
+        save_checkpoint(self.out_dir / LAST_CHECKPOINT, checkpoint)
+
+    def on_train_end(self, trainer) -> None:
+        state = trainer.state
+        if trainer.stopped not in STOPPED_MID_EPOCH or state.step_in_epoch == 0:
+            return
+        first_model = not state.model_saved
+        state.model_saved = True
+        checkpoint = trainer.checkpoint()
+        if trainer.ranks.is_main:
+            if first_model:
+                note = "stopped before the first validation; last weights"
+                self._save_model(trainer, {"epoch": None, "note": note})
+            save_checkpoint(self.out_dir / LAST_CHECKPOINT, checkpoint)
+
+
+class MetricsWriter(Hook):
+    """``metrics.csv`` (a row per epoch) and ``learning_curve.png``, rewritten after every epoch."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+
+    def on_epoch_end(self, trainer, row: dict, improved: bool) -> None:
+        write_metrics(self.out_dir, trainer.state.rows)
+
+
+def write_metrics(out_dir: Path, rows: list[dict]) -> None:
+    """Write ``metrics.csv`` and redraw the learning curve (a plotting failure only warns)."""
+    import pandas as pd
+
+    from cryocaps.io.files import write_text_atomic
+
+    frame = pd.DataFrame(rows)
+    write_text_atomic(out_dir / METRICS_NAME, frame.to_csv(index=False, float_format="%.6g"))
+    try:
+        from cryocaps.plots import plot_learning_curve
+
+        plot_learning_curve(frame, out_dir / CURVE_NAME)
+    except Exception as error:  # noqa: BLE001 - a plotting failure must not lose the run
+        log.warning("could not draw %s: %s", CURVE_NAME, error)
