@@ -279,10 +279,14 @@ def test_classes_csv_and_pickable_objects_both_ways(project, tmp_path):
     assert (added.label, added.radius, added.is_particle) == (4, 55.0, True)
     (picks,) = root.get_run(ferritin["tomo"].iloc[0]).get_picks(object_name="ferritin", user_id="cryocaps")
     assert len(picks.points) == (ferritin["tomo"] == ferritin["tomo"].iloc[0]).sum()
-    clash = ClassTable([ParticleClass(5, "ribosome", 60.0)], "other.csv")
-    with pytest.raises(CryocapsError, match="object 'ribosome' has label 1, radius 60.0 Å; other.csv says 5"):
+    clash = ClassTable([ParticleClass(4, "apoferritin", 60.0)], "other.csv")  # label 4 is ferritin's now
+    with pytest.raises(CryocapsError, match="label 4 of class 'apoferritin' is object 'ferritin'"):
         write_particles(table, config, format="copick", classes=clash,
                         copick=CopickSelection(user="cryocaps", session="3"))
+    relabelled = ClassTable([ParticleClass(5, "ribosome", 61.0), ParticleClass(6, "proteasome", 40.0)], "x.csv")
+    write_particles(table, config, format="copick", classes=relabelled,
+                    copick=CopickSelection(user="cryocaps", session="3"))  # the project's objects are kept
+    assert copick.from_file(str(config)).get_object("ribosome").label == 1
 
 
 def test_slab_writer_for_zarr_outputs_and_their_companions(tmp_path):
@@ -452,3 +456,46 @@ def test_level_voxel_size_prefers_a_level_that_needs_no_binning(project):
     assert level_voxel_size(image, 20.0) == 20.0
     assert level_voxel_size(image, 25.0) is None  # no such level: the finest is binned
     assert level_voxel_size(config, 20.0) is None  # not an OME-Zarr image
+
+
+def _tiny_model(folder, voxel_size):
+    import torch
+
+    from cryocaps.modelfile import save_model
+    from cryocaps.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("unet", 3, widths=(4, 4, 4))
+    for parameter in model.parameters():  # larger weights: labels vary across the volume
+        parameter.data.mul_(3)
+    classes = [{"label": 1, "name": "ribosome", "radius_angstrom": 60.0},
+               {"label": 2, "name": "proteasome", "radius_angstrom": 40.0}]
+    save_model(folder, model, {"classes": classes, "voxel_size_angstrom": voxel_size, "patch_size": 16,
+                               "normalization": {"method": "percentile_zscore"}})
+    return folder
+
+
+def test_segment_on_zarr_equals_segment_on_mrc(project, tmp_path):
+    from cryocaps.inference import segment_files
+
+    config, _ = project
+    image = config.parent / "overlay" / "ExperimentRuns" / "TS_01" / "VoxelSpacing10.000" / "wbp.zarr"
+    for spacing in (10.0, 20.0):  # the level at the model's voxel size is read
+        model = _tiny_model(tmp_path / f"model{spacing:g}", spacing)
+        mrc = tmp_path / f"mrc{spacing:g}" / "TS_01.mrc"
+        write_volume(mrc, read_tomogram(image, voxel_size_angstrom=spacing).data, spacing)
+        runs = {}
+        for name, source, out_format in (("mrc", mrc, "mrc"), ("zarr", image, "mrc"), ("zarr_out", image, "zarr")):
+            runs[name] = segment_files([source], model, tmp_path / f"{name}{spacing:g}", probabilities=True,
+                                       out_format=out_format, bf16=False)["tomograms"][0]
+        labels = {name: read_tomogram(run["outputs"]["labels"]).data for name, run in runs.items()}
+        assert labels["mrc"].shape == read_info(image, spacing).shape and len(np.unique(labels["mrc"])) > 1
+        np.testing.assert_array_equal(labels["zarr"], labels["mrc"])
+        np.testing.assert_array_equal(labels["zarr_out"], labels["mrc"])
+        assert runs["zarr_out"]["outputs"]["labels"].endswith("TS_01_labels.zarr")
+        np.testing.assert_array_equal(
+            np.asarray(read_tomogram(runs["zarr_out"]["outputs"]["probabilities"], allow_stack=True).data),
+            read_tomogram(runs["mrc"]["outputs"]["probabilities"], allow_stack=True).data,
+        )
+    with pytest.raises(CryocapsError, match=r"wbp.zarr: no scale level at 15 Å; the image has 10, 20, 40 Å"):
+        segment_files([image], _tiny_model(tmp_path / "model15", 15.0), tmp_path / "out15")

@@ -21,6 +21,9 @@ import typer
 
 from cryocaps.cli.common import (
     ClassesOption,
+    CopickObjects,
+    CopickSession,
+    CopickUser,
     OutputFormat,
     Overwrite,
     Quiet,
@@ -28,8 +31,10 @@ from cryocaps.cli.common import (
     Verbose,
     VoxelSize,
     command_line,
+    copick_selection,
     is_quiet,
     log,
+    narrow_classes,
     print_table,
     progress,
     setup_logging,
@@ -47,7 +52,11 @@ def command(
             "else all its MRC files)."
         ),
     ],
-    output: Annotated[Path, typer.Option("--output", "--out", "-o", help="Output particle file (.star, .tbl, .csv).")],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "--out", "-o",
+                     help="Output particle file (.star, .tbl, .csv), or a copick config.json (--format copick)."),
+    ],
     format: OutputFormat = None,
     method: Annotated[
         str,
@@ -95,6 +104,9 @@ def command(
             "[default: the label maps' voxels]",
         ),
     ] = None,
+    copick_user: CopickUser = None,
+    copick_session: CopickSession = None,
+    copick_objects: CopickObjects = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -102,7 +114,12 @@ def command(
     setup_logging(quiet, verbose)
     from cryocaps.io.class_table import load_class_table_beside
     from cryocaps.io.files import check_writable
-    from cryocaps.io.particles import check_format, write_particles
+    from cryocaps.io.particles import (
+        PROJECT_FORMATS,
+        check_format,
+        format_from_extension,
+        write_particles,
+    )
     from cryocaps.io.thresholds import read_score_thresholds
     from cryocaps.picking import find_label_maps, pick_files, summary_by_class
     from cryocaps.runinfo import write_run_json
@@ -114,11 +131,14 @@ def command(
         raise CryocapsError(f"--method {method!r}: use one of {', '.join(METHOD_NAMES)}")
     label_paths = find_label_maps(maps)
     class_table, classes = load_class_table_beside(label_paths, classes, radius_angstrom)
+    class_table = narrow_classes(class_table, copick_objects)
     if thresholds is not None:
         if min_score is not None:
             raise CryocapsError("--min-score and --thresholds both set a score threshold; give one")
         min_score = read_score_thresholds(thresholds, class_table)
-    check_writable(output, overwrite)
+    project_output = (format or format_from_extension(output)) in PROJECT_FORMATS
+    if not project_output:  # a copick project exists already; its writer checks its own picks
+        check_writable(output, overwrite)
 
     with progress("Picking", total=len(label_paths)) as advance:
         picks, infos, inputs = pick_files(
@@ -144,27 +164,29 @@ def command(
         tomograms=infos,
         classes=class_table,
         coords_pixel_size_angstrom=coords_pixel_size_angstrom,
+        copick=copick_selection(copick_user, copick_session, copick_objects),
         overwrite=overwrite,
     )
     summary = summary_by_class(picks, class_table)
-    write_run_json(
-        output.parent,
-        command=command_line(),
-        inputs=[*inputs, *([classes] if classes else []), *([thresholds] if thresholds else [])],
-        outputs=[output],
-        parameters={
-            "method": method,
-            "min_size_fraction": min_size_fraction,
-            "min_score": min_score,
-            "thresholds": str(thresholds) if thresholds else None,
-            "format": format or output.suffix,
-            "use_probabilities": use_probabilities,
-            "classes": class_table.to_records(),
-        },
-        timings={"picking": round(picking_seconds, 3), "total": round(time.time() - started, 3)},
-        results={"picks": len(picks), "per_class": summary.to_dict(orient="records")},
-        started=started,
-    )
+    if not project_output:  # no run.json inside a copick project's folder
+        write_run_json(
+            output.parent,
+            command=command_line(),
+            inputs=[*inputs, *([classes] if classes else []), *([thresholds] if thresholds else [])],
+            outputs=[output],
+            parameters={
+                "method": method,
+                "min_size_fraction": min_size_fraction,
+                "min_score": min_score,
+                "thresholds": str(thresholds) if thresholds else None,
+                "format": format or output.suffix,
+                "use_probabilities": use_probabilities,
+                "classes": class_table.to_records(),
+            },
+            timings={"picking": round(picking_seconds, 3), "total": round(time.time() - started, 3)},
+            results={"picks": len(picks), "per_class": summary.to_dict(orient="records")},
+            started=started,
+        )
     if not is_quiet():
         _print_summary(summary, f"{len(picks)} picks from {len(label_paths)} map(s) -> {output}")
 

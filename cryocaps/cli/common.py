@@ -42,7 +42,8 @@ VoxelSize = Annotated[
     float | None,
     typer.Option(
         "--voxel-size-angstrom",
-        help="Voxel size in Å, overriding the MRC header (needed when the header says 0).",
+        help="Voxel size in Å: overrides the MRC header (needed when it says 0); picks the scale level of "
+        "an OME-Zarr image; the voxel spacing of copick picks. [default: from the files]",
     ),
 ]
 ClassesOption = Annotated[
@@ -60,8 +61,36 @@ OutputFormat = Annotated[
     str | None,
     typer.Option(
         "--format",
-        help="Output format: relion5, relion4, relion3, stopgap, dynamo or csv. "
-        "[default: from the extension of -o: .star relion5, .tbl dynamo, .csv csv]",
+        help="Output format: relion5, relion4, relion3, stopgap, dynamo, csv, or copick (picks written "
+        "into the copick project whose config.json is -o, as --copick-user/--copick-session). "
+        "[default: from the extension of -o: .star relion5, .tbl dynamo, .csv csv, a copick config.json copick]",
+    ),
+]
+CopickUser = Annotated[
+    str | None,
+    typer.Option(
+        "--copick-user",
+        help="copick user: whose picks a copick config.json input gives, and (needed) whom --format copick "
+        "writes as. [default: every user's]",
+        show_default=False,
+    ),
+]
+CopickSession = Annotated[
+    str | None,
+    typer.Option(
+        "--copick-session",
+        help="copick session: which session's picks a copick config.json input gives, and (needed) the new "
+        "session --format copick writes. [default: every session's]",
+        show_default=False,
+    ),
+]
+CopickObjects = Annotated[
+    str | None,
+    typer.Option(
+        "--copick-objects",
+        help="Comma-separated copick pickable objects: the picks read from a copick config.json, and the "
+        "classes of --classes config.json. [default: every (particle) object]",
+        show_default=False,
     ),
 ]
 CoordsPixelSize = Annotated[
@@ -195,8 +224,32 @@ def _format(value) -> str:
     return str(value)
 
 
+def copick_selection(user: str | None, session: str | None, objects: str | None,
+                     voxel_size_angstrom: float | None = None):
+    """The ``--copick-*`` options (and the voxel spacing) as a ``CopickSelection`` (None if none given)."""
+    from cryocaps.io.copick_project import CopickSelection
+
+    names = tuple(n.strip() for n in objects.split(",") if n.strip()) if objects else None
+    if objects is not None and not names:
+        raise CryocapsError(f"--copick-objects {objects!r}: no object names")
+    if user is None and session is None and names is None and voxel_size_angstrom is None:
+        return None
+    return CopickSelection(user, session, names, voxel_size_angstrom)
+
+
+def narrow_classes(table, copick_objects: str | None):
+    """``table`` restricted to the ``--copick-objects`` names (labels kept), or as it is."""
+    from cryocaps.classes import ClassTable
+
+    if not copick_objects:
+        return table
+    names = copick_selection(None, None, copick_objects).objects
+    return ClassTable([table.by_name(name) for name in names], table.source)
+
+
 def collect_mrc_files(paths: list[Path], flag: str = "input") -> list[Path]:
-    """Expand folders into their MRC files (sorted); check every file exists."""
+    """Expand folders into their MRC files and .zarr images (sorted), a copick
+    ``config.json[:TYPE][@SPACING]`` into its runs' tomograms; check every path exists."""
     from cryocaps.io.layout import expand_volume_paths
 
     return expand_volume_paths(paths, flag)

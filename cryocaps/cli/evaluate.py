@@ -25,13 +25,18 @@ import typer
 from cryocaps.cli.common import (
     ClassesOption,
     CoordsPixelSize,
+    CopickObjects,
+    CopickSession,
+    CopickUser,
     Overwrite,
     Quiet,
     RadiusOption,
     Verbose,
     VoxelSize,
     command_line,
+    copick_selection,
     is_quiet,
+    narrow_classes,
     setup_logging,
     stdout_console,
 )
@@ -39,8 +44,12 @@ from cryocaps.errors import CryocapsError
 
 
 def command(
-    picks: Annotated[Path | None, typer.Argument(help="Picks to score (.star, .tbl, .csv).")] = None,
-    truth: Annotated[Path | None, typer.Argument(help="Ground-truth particles (.star, .tbl, .csv).")] = None,
+    picks: Annotated[Path | None, typer.Argument(help="Picks to score (.star, .tbl, .csv, copick config.json).")] = None,
+    truth: Annotated[
+        Path | None,
+        typer.Argument(help="Ground-truth particles (.star, .tbl, .csv, or a copick config.json: its picks, "
+                       "or --copick-user/--copick-session/--copick-objects; its objects are the classes)."),
+    ] = None,
     classes: ClassesOption = None,
     radius_angstrom: RadiusOption = None,
     tolerance_fraction: Annotated[
@@ -66,9 +75,9 @@ def command(
         list[Path] | None,
         typer.Option(
             "--tomograms",
-            help="Tomogram MRC files, folders of them, or a RELION 5 tomograms.star (repeatable): voxel "
-            "sizes (class radii in voxels), sizes for RELION 5 coordinates; only these tomograms are "
-            "scored. [default: none: every tomogram of TRUTH]",
+            help="Tomogram MRC files, .zarr images, folders of them, a copick config.json[:TYPE@SPACING], "
+            "or a RELION 5 tomograms.star (repeatable): voxel sizes (class radii in voxels), sizes for "
+            "RELION 5 coordinates; only these tomograms are scored. [default: none: every tomogram of TRUTH]",
         ),
     ] = None,
     coords_pixel_size_angstrom: CoordsPixelSize = None,
@@ -76,7 +85,7 @@ def command(
         list[Path] | None,
         typer.Option(
             "--overlay",
-            help="Tomogram MRC to draw picks on (repeatable): REPORT_DIR/overlay_<tomo>.png with true "
+            help="Tomogram MRC or .zarr to draw picks on (repeatable): REPORT_DIR/overlay_<tomo>.png with true "
             "positives, false positives and misses circled. Needs -o. [default: none]",
         ),
     ] = None,
@@ -97,12 +106,16 @@ def command(
             help="True label maps (files or folders; repeatable), paired by tomogram name. [default: none]",
         ),
     ] = None,
+    copick_user: CopickUser = None,
+    copick_session: CopickSession = None,
+    copick_objects: CopickObjects = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     setup_logging(quiet, verbose)
     from cryocaps.io.class_table import load_class_table_beside
+    from cryocaps.io.copick_project import is_copick_config
     from cryocaps.runinfo import write_run_json
 
     started = time.time()
@@ -111,9 +124,12 @@ def command(
         picks, truth, labels_pred, labels_true, overlay, report_dir, tolerance_fraction, beta,
         overlay_slices,
     )
+    if classes is None and radius_angstrom is None and not voxel_mode and is_copick_config(truth):
+        classes = truth  # the project's pickable objects
     class_table, classes = load_class_table_beside(
         [labels_true[0]] if voxel_mode else [truth], classes, radius_angstrom
     )
+    class_table = narrow_classes(class_table, copick_objects)
     parameters = {
         "tolerance_fraction": tolerance_fraction,
         "beta": beta,
@@ -139,6 +155,7 @@ def command(
         tolerance_fraction=tolerance_fraction,
         beta=beta,
         coords_pixel_size_angstrom=coords_pixel_size_angstrom,
+        copick=copick_selection(copick_user, copick_session, copick_objects, voxel_size_angstrom),
     )
     report = None
     if report_dir is not None:

@@ -4,8 +4,10 @@ Writes OUT_DIR/<tomo>_labels.mrc with the tomogram's shape, voxel size and
 origin (uint8, 0 = background, class labels from the class table; float16
 (C, Z, Y, X) soft targets with --shape gaussian), OUT_DIR/classes.csv (the
 class table used, for train) and OUT_DIR/run.json. Coordinates may be RELION
-3/4/5 STAR, STOPGAP motivelists, Dynamo .tbl or CSV; particles are matched
-to tomograms by name. Only the tomograms' headers are read.
+3/4/5 STAR, STOPGAP motivelists, Dynamo .tbl, CSV or a copick config.json (its
+picks, or --copick-user/--copick-session/--copick-objects); particles are matched
+to tomograms by name (a copick run's tomogram by its run). Only the tomograms'
+headers (OME-Zarr: metadata) are read.
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ import typer
 from cryocaps.cli.common import (
     ClassesOption,
     CoordsPixelSize,
+    CopickObjects,
+    CopickSession,
+    CopickUser,
     Overwrite,
     Quiet,
     RadiusOption,
     Verbose,
     VoxelSize,
     command_line,
+    copick_selection,
+    narrow_classes,
     print_table,
     progress,
     setup_logging,
@@ -34,15 +41,17 @@ from cryocaps.cli.common import (
 def command(
     coordinates: Annotated[
         list[Path],
-        typer.Argument(help="Particle files (.star, .tbl, .csv) in any supported format.", show_default=False),
+        typer.Argument(
+            help="Particle files (.star, .tbl, .csv, copick config.json) in any supported format.", show_default=False
+        ),
     ],
     tomograms: Annotated[
         list[Path],
         typer.Option(
             "--tomograms",
             "-t",
-            help="Tomograms (MRC files, folders of them, or a RELION 5 tomograms.star); only headers are read. "
-            "Repeat for several.",
+            help="Tomograms (MRC files, .zarr OME-Zarr images, folders of them, a copick "
+            "config.json[:TYPE@SPACING], or a RELION 5 tomograms.star); only headers are read. Repeat for several.",
             show_default=False,
         ),
     ],
@@ -78,6 +87,9 @@ def command(
     strict: Annotated[
         bool, typer.Option("--strict", help="Stop with an error when particles lie outside their tomogram. [default: off]")
     ] = False,
+    copick_user: CopickUser = None,
+    copick_session: CopickSession = None,
+    copick_objects: CopickObjects = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -88,7 +100,7 @@ def command(
     from cryocaps.runinfo import write_run_json
 
     started = time.time()
-    classes = load_class_table(classes_path, radius_angstrom)
+    classes = narrow_classes(load_class_table(classes_path, radius_angstrom), copick_objects)
     infos = tomogram_geometry(tomograms, voxel_size_angstrom)
     with progress("Drawing masks", len(infos)) as advance:
         summary = make_masks(
@@ -103,6 +115,7 @@ def command(
             template_threshold=template_threshold,
             strict=strict,
             overwrite=overwrite,
+            copick=copick_selection(copick_user, copick_session, copick_objects),
             progress=advance,
         )
     parameters = {

@@ -1,6 +1,7 @@
 """Segment tomograms with a trained model (sliding window, bounded memory).
 
-Writes OUT_DIR/<tomo>_labels.mrc (uint8, 0 = background), with --probabilities
+Writes OUT_DIR/<tomo>_labels.mrc (uint8, 0 = background; .zarr OME-Zarr images with
+--out-format zarr), with --probabilities
 OUT_DIR/<tomo>_probs.mrc (float16 volume stack (C, Z, Y, X), C = classes incl.
 background), with --score OUT_DIR/<tomo>_score.mrc (float16, highest foreground
 probability), plus OUT_DIR/classes.csv (from the model) and OUT_DIR/run.json
@@ -66,7 +67,12 @@ def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int] | None:
 
 def command(
     tomograms: Annotated[
-        list[Path], typer.Argument(help="Tomograms to segment (MRC files or folders of them).", show_default=False)
+        list[Path],
+        typer.Argument(
+            help="Tomograms to segment: MRC files, OME-Zarr .zarr images (the level at the model's voxel size), "
+            "folders of them, or a copick config.json[:TYPE@SPACING] (that tomogram of every run).",
+            show_default=False,
+        ),
     ],
     model_path: Annotated[
         Path, typer.Option("--model", "-m", help="Trained model folder (config.json + model.pt).", show_default=False)
@@ -137,6 +143,13 @@ def command(
         int | None,
         typer.Option("--threads", help="CPU threads for torch. [default: the CPUs available]", show_default=False),
     ] = None,
+    out_format: Annotated[
+        str,
+        typer.Option(
+            "--out-format",
+            help="mrc, or zarr: the maps as one-level OME-Zarr images <tomo>_labels.zarr etc. [default: mrc]",
+        ),
+    ] = "mrc",
     device: Device = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -168,6 +181,7 @@ def command(
             threads=threads,
             overwrite=overwrite,
             ignore_voxel_size=ignore_voxel_size,
+            out_format=out_format,
             progress=advance,
         )
     results, skipped = summary["tomograms"], summary["skipped"]
@@ -205,10 +219,16 @@ def command(
     )
     if results:
         rows = [
-            [Path(r["tomogram"]).name, "x".join(map(str, r["shape"])), r["seconds"]["total"], r["voxels_per_second"] / 1e6]
+            [_shown_name(r["tomogram"]), "x".join(map(str, r["shape"])), r["seconds"]["total"], r["voxels_per_second"] / 1e6]
             for r in results
         ]
         print_table(f"Segmented into {out_dir}", ["tomogram", "shape (z x y x x)", "seconds", "Mvoxel/s"], rows)
     elif not skipped:
         console.print("No tomograms to segment in this shard.")
 
+
+def _shown_name(path: str) -> str:
+    """The input's file name; for a .zarr image its tomogram name (copick images are all TYPE.zarr)."""
+    from cryocaps.io.layout import tomogram_name
+
+    return tomogram_name(path) if path.rstrip("/").endswith(".zarr") else Path(path).name

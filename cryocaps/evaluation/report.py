@@ -93,8 +93,12 @@ def evaluate_files(
     tolerance_fraction: float = 0.5,
     beta: float = 1.0,
     coords_pixel_size_angstrom: float | None = None,
+    copick=None,
 ) -> tuple[dict, Matching]:
     """Read a pick file and a truth file (any format) and score them (see :func:`evaluate_picks`).
+
+    ``copick`` (a ``CopickSelection``) selects the picks of a copick config.json given
+    as either file.
 
     The voxel size that turns class radii into voxels is ``voxel_size_angstrom`` when
     given, else each tomogram's own from ``tomograms`` (list of TomogramInfo). Given
@@ -112,6 +116,7 @@ def evaluate_files(
         "tomograms": tomograms,
         "classes": classes,
         "coords_pixel_size_angstrom": coords_pixel_size_angstrom,
+        "copick": copick,
     }
     picks = read_pick_file(picks_path, **options)
     truth = _read_truth_file(truth_path, options)

@@ -1,11 +1,13 @@
 """Whole tomograms: a saved model applied to MRC files, maps written beside each other.
 
-:func:`segment_tomogram` applies a loaded model to one MRC file and writes
+:func:`segment_tomogram` applies a loaded model to one MRC file (or OME-Zarr image,
+its level at the model's voxel size, read chunk by chunk) and writes
 ``<tomo>_labels.mrc`` (uint8 argmax; MRC mode 0), optionally
 ``<tomo>_probs.mrc`` (float16 volume stack (C, Z, Y, X), read back with
 ``read_tomogram(path, allow_stack=True)``) and ``<tomo>_score.mrc`` (float16,
 highest foreground probability), slab by slab into memory-mapped files renamed
-into place when complete (:class:`~cryocaps.inference.sinks.MrcMapsSink`).
+into place when complete (:class:`~cryocaps.inference.sinks.MrcMapsSink`); with
+``out_format="zarr"`` the same maps as OME-Zarr images ``<tomo>_labels.zarr`` etc.
 :func:`segment_files` is what ``cryocaps segment`` runs: many files, shards,
 skipping finished ones, and the process set up through :mod:`cryocaps.runtime`.
 """
@@ -33,6 +35,7 @@ from cryocaps.io.class_table import read_classes, write_classes
 from cryocaps.io.layout import CLASS_TABLE_NAME, output_paths, tomogram_name
 from cryocaps.io.pages import release_pages
 from cryocaps.io.volumes import check_same_voxel_size, read_info, read_tomogram
+from cryocaps.io.zarr_volumes import is_zarr_path, level_voxel_size
 from cryocaps.preprocess import DEFAULT_CLIP_PERCENTILES, apply_normalization, normalization_stats
 from cryocaps.runtime import configure_threads, resolve_device, tune_process_for, use_bf16
 
@@ -54,6 +57,28 @@ def check_voxel_size(path, voxel_size_angstrom: float, config: dict, ignore: boo
         "and segment DIR's copy, or pass --ignore-voxel-size"
     )
     check_same_voxel_size(str(path), voxel_size_angstrom, "the model", trained, hint=hint)
+
+
+OUT_FORMATS = {"mrc": ".mrc", "zarr": ".zarr"}
+
+
+def out_suffix(out_format: str) -> str:
+    """``.mrc`` or ``.zarr`` for ``--out-format``."""
+    if out_format not in OUT_FORMATS:
+        raise CryocapsError(f"--out-format {out_format!r}: use one of {', '.join(OUT_FORMATS)}")
+    return OUT_FORMATS[out_format]
+
+
+def input_level(path, config: dict, ignore_voxel_size: bool = False) -> float | None:
+    """Voxel size of the scale level to read from an OME-Zarr input: the model's (None for MRC).
+
+    A Zarr image without that level is refused (listing its levels) unless
+    ``ignore_voxel_size``, which reads its finest level.
+    """
+    trained = config.get("voxel_size_angstrom")
+    if not is_zarr_path(path) or not trained:
+        return None
+    return level_voxel_size(path, float(trained)) if ignore_voxel_size else float(trained)
 
 
 def normalization_transform(data, config: dict) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -147,6 +172,7 @@ def segment_tomogram(
     device: str = "cpu",
     overwrite: bool = False,
     ignore_voxel_size: bool = False,
+    out_format: str = "mrc",
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Segment one tomogram with a loaded model and write its maps to ``out_dir``.
@@ -154,7 +180,9 @@ def segment_tomogram(
     Parameters
     ----------
     model, config : from :func:`cryocaps.modelfile.load_model`.
-    tomogram_path : MRC file (memory-mapped, never read whole).
+    tomogram_path : MRC file (memory-mapped, never read whole) or OME-Zarr image
+        (its level at the model's voxel size, read chunk by chunk).
+    out_format : ``mrc``, or ``zarr`` for OME-Zarr images ``<tomo>_labels.zarr`` etc.
     out_dir : gets ``<tomo>_labels.mrc`` (uint8, MRC mode 0, 0 = background),
         with ``probabilities`` ``<tomo>_probs.mrc`` (float16 (C, Z, Y, X) stack),
         with ``score`` ``<tomo>_score.mrc`` (float16 (Z, Y, X), highest
@@ -175,12 +203,15 @@ def segment_tomogram(
     started = time.perf_counter()
     check_blending(blending)
     tomogram_path = Path(tomogram_path)
-    info = read_info(tomogram_path)
+    level = input_level(tomogram_path, config, ignore_voxel_size)
+    info = read_info(tomogram_path, level)
     check_voxel_size(tomogram_path, info.voxel_size_angstrom, config, ignore_voxel_size)
     size_multiple = int(getattr(model, "size_multiple", 1))
     patches, overlaps = resolve_window(config, size_multiple, patch_size, overlap)
     name = tomogram_name(tomogram_path)
-    paths = output_paths(out_dir, name, probabilities=probabilities, score=score)
+    paths = output_paths(
+        out_dir, name, probabilities=probabilities, score=score, suffix=out_suffix(out_format)
+    )
     if not overwrite:
         existing = [str(p) for p in paths.values() if p.exists()]
         if existing:
@@ -191,7 +222,7 @@ def segment_tomogram(
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_model_classes(config, out_dir, overwrite=overwrite)
 
-    tomogram = read_tomogram(tomogram_path, mmap=True)
+    tomogram = read_tomogram(tomogram_path, mmap=True, voxel_size_angstrom=level)
     try:
         transform = normalization_transform(tomogram.data, config)
         release_pages(tomogram.data)
@@ -287,11 +318,14 @@ def unique_inputs(files: Sequence) -> list[Path]:
     return list(unique.values())
 
 
-def _work_to_do(files, out_dir, *, probabilities: bool, score: bool, overwrite: bool):
+def _work_to_do(files, out_dir, *, probabilities: bool, score: bool, overwrite: bool,
+                suffix: str = ".mrc"):
     """(todo, skipped): todo holds (path, replace existing outputs) pairs."""
     todo, skipped = [], []
     for path in files:
-        paths = output_paths(out_dir, tomogram_name(path), probabilities=probabilities, score=score)
+        paths = output_paths(
+            out_dir, tomogram_name(path), probabilities=probabilities, score=score, suffix=suffix
+        )
         present = [p for p in paths.values() if p.exists()]
         if overwrite or not present:
             todo.append((path, overwrite))
@@ -325,6 +359,7 @@ def segment_files(
     threads: int | None = None,
     overwrite: bool = False,
     ignore_voxel_size: bool = False,
+    out_format: str = "mrc",
     progress: Callable[..., None] | None = None,
 ) -> dict:
     """Segment many tomograms with a saved model (what ``cryocaps segment`` runs).
@@ -367,11 +402,12 @@ def segment_files(
     model, config = load_model(model_path, device)
     size_multiple = int(getattr(model, "size_multiple", 1))
     patches, overlaps = resolve_window(config, size_multiple, patch_size, overlap)
-    infos = {path: read_info(path) for path in files}
+    suffix = out_suffix(out_format)
+    infos = {path: read_info(path, input_level(path, config, ignore_voxel_size)) for path in files}
     for path, info in infos.items():
         check_voxel_size(path, info.voxel_size_angstrom, config, ignore_voxel_size)
     todo, skipped = _work_to_do(
-        files, out_dir, probabilities=probabilities, score=score, overwrite=overwrite
+        files, out_dir, probabilities=probabilities, score=score, overwrite=overwrite, suffix=suffix
     )
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_model_classes(config, out_dir, overwrite=overwrite)
@@ -402,6 +438,7 @@ def segment_files(
             device=device,
             overwrite=replace,
             ignore_voxel_size=ignore_voxel_size,
+            out_format=out_format,
             progress=lambda n, label=label: advance(n, info=label),
         )
         results.append(result)

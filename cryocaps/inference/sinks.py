@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from cryocaps.io.pages import release_pages
-from cryocaps.io.volumes import MrcVolumeWriter
+from cryocaps.io.volumes import volume_writer
 
 Region = tuple[slice, slice, slice]  # (z, y, x) slices of the volume
 
@@ -58,7 +58,7 @@ class ArraySink:
 
 
 class MrcMapsSink:
-    """A :class:`BlendSink` writing blended probabilities to MRC files.
+    """A :class:`BlendSink` writing blended probabilities to MRC files (OME-Zarr for ``.zarr`` paths).
 
     Each block of (K, dz, dy, dx) probabilities becomes its argmax in the uint8
     label map, and, when their paths are given, float16 probabilities in the
@@ -102,7 +102,7 @@ class MrcMapsSink:
         self._z = -1
 
     def _writer(self, stack: contextlib.ExitStack, key: str, shape, dtype: str) -> np.ndarray:
-        writer = MrcVolumeWriter(
+        writer = volume_writer(  # an MRC file, or an OME-Zarr image for a .zarr path
             self.paths[key], shape, dtype=dtype, overwrite=self.overwrite, **self.geometry
         )
         return stack.enter_context(writer).data

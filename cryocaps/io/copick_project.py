@@ -236,8 +236,9 @@ class CopickProject:
     def with_classes(self, classes: ClassTable) -> dict | None:
         """The config with ``classes`` added as pickable particle objects (None: all there already).
 
-        A class whose name is an object already must have its label and radius; a
-        label another object uses is refused. Names must be valid copick names.
+        An object of a class's name stays as the project has it (a different label or
+        radius is logged); a new class whose label another object has is refused.
+        Names must be valid copick names.
         """
         from cryocaps.io.volumes import same_voxel_size
 
@@ -252,10 +253,10 @@ class CopickProject:
                     known.radius_angstrom is not None
                     and not same_voxel_size(known.radius_angstrom, particle.radius_angstrom)
                 ):
-                    raise CryocapsError(
-                        f"{self.config_path}: object {particle.name!r} has label {known.label}, radius "
-                        f"{known.radius_angstrom} Å; {classes.source} says {particle.label}, "
-                        f"{particle.radius_angstrom:g} Å"
+                    log.warning(
+                        "%s: object %r has label %s, radius %s Å (kept); %s says %s, %g Å",
+                        self.config_path, particle.name, known.label, known.radius_angstrom,
+                        classes.source, particle.label, particle.radius_angstrom,
                     )
                 continue
             if particle.label in by_label:

@@ -43,9 +43,13 @@ def make_masks(
     template_threshold: float = DEFAULT_TEMPLATE_THRESHOLD,
     strict: bool = False,
     overwrite: bool = False,
+    copick=None,
     progress: Callable | None = None,
 ) -> dict:
     """Draw a label map per tomogram into ``out_dir/<tomo>_labels.mrc``; table in ``classes.csv``.
+
+    ``copick`` (a :class:`~cryocaps.io.copick_project.CopickSelection`) selects the
+    picks of a copick ``config.json`` among ``particle_files``.
 
     Only the tomograms' headers are needed (``tomograms`` from
     :func:`cryocaps.io.particles.tomogram_infos`). Every check (classes,
@@ -67,7 +71,7 @@ def make_masks(
     out_dir = Path(out_dir)
 
     particles = read_labelled_particles(
-        particle_files, tomograms, classes, single_class, coords_pixel_size_angstrom
+        particle_files, tomograms, classes, single_class, coords_pixel_size_angstrom, copick
     )
     templates = {}
     if shape == "template":
@@ -121,6 +125,7 @@ def read_labelled_particles(
     classes: ClassTable,
     single_class: bool,
     coords_pixel_size_angstrom: float | None,
+    copick=None,
 ) -> pd.DataFrame:
     """All particles of ``particle_files`` in voxels of their tomograms, with a ``label`` column.
 
@@ -135,6 +140,7 @@ def read_labelled_particles(
             tomograms=tomograms,
             classes=None if single_class else classes,
             coords_pixel_size_angstrom=coords_pixel_size_angstrom,
+            copick=copick,
         )
         if frame.empty:
             raise CryocapsError(

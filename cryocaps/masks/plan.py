@@ -31,31 +31,28 @@ class MaskPlan:
 
 
 def tomogram_geometry(paths: Sequence[Path], voxel_size_angstrom: float | None = None) -> list[TomogramInfo]:
-    """Tomogram geometry from MRC headers (files or folders) or RELION 5 tomograms.star files.
+    """Tomogram geometry from MRC headers, OME-Zarr metadata (files, folders, copick projects) or
+    RELION 5 tomograms.star files.
 
     ``voxel_size_angstrom`` replaces the MRC headers' voxel size (for headers
     that say 0); without it this is :func:`cryocaps.io.particles.tomogram_infos`.
     """
     from dataclasses import replace
 
+    from cryocaps.io.layout import expand_volume_paths
     from cryocaps.io.particles import tomogram_infos
-    from cryocaps.io.volumes import MRC_SUFFIXES, read_info
+    from cryocaps.io.volumes import read_info
 
     if voxel_size_angstrom is None:
         return tomogram_infos(paths)
     if not voxel_size_angstrom > 0:
         raise CryocapsError(f"--voxel-size-angstrom must be > 0, got {voxel_size_angstrom}")
     infos = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MRC_SUFFIXES)
-            infos.extend(read_info(f, voxel_size_angstrom) for f in files)
-        elif path.suffix.lower() == ".star":
+    for path in paths:
+        if Path(path).suffix.lower() == ".star" and Path(path).is_file():
             infos.extend(replace(i, voxel_size_angstrom=voxel_size_angstrom) for i in tomogram_infos([path]))
-        elif path.exists():
-            infos.append(read_info(path, voxel_size_angstrom))
-        else:
-            raise CryocapsError(f"--tomograms {path}: no such file or folder")
+        else:  # MRC files, .zarr images (their level at that voxel size), folders, copick projects
+            infos.extend(read_info(f, voxel_size_angstrom) for f in expand_volume_paths([path], "--tomograms"))
     if not infos:
         raise CryocapsError("--tomograms: no .mrc/.rec/.map files found")
     return infos

@@ -144,12 +144,17 @@ class PreprocessOptions:
 
 @dataclass(frozen=True)
 class FilePlan:
-    """One input file, its header, its output path and the output voxel size (Å)."""
+    """One input file, its header, its output path and the output voxel size (Å).
+
+    ``read_voxel_size_angstrom`` is what the reader is given: ``--input-voxel-size-angstrom``
+    (MRC header override), or an OME-Zarr image's level at the target voxel size.
+    """
 
     path: Path
     info: TomogramInfo
     out_path: Path
     out_voxel_size_angstrom: float
+    read_voxel_size_angstrom: float | None = None
 
 
 def preprocess_files(
@@ -187,7 +192,7 @@ def preprocess_files(
     plans = plan_files(paths, Path(out_dir), options, input_voxel_size_angstrom, overwrite)
     summaries = []
     for plan in plans:
-        summaries.append(preprocess_file(plan, options, input_voxel_size_angstrom, overwrite))
+        summaries.append(preprocess_file(plan, options, overwrite))
         if progress is not None:
             progress(1, info=plan.info.name)
     return summaries
@@ -207,11 +212,15 @@ def plan_files(
     two inputs with the same file name, or an existing output without ``overwrite``.
     """
     from cryocaps.io.files import check_writable
+    from cryocaps.io.layout import tomogram_name
+    from cryocaps.io.zarr_volumes import is_zarr_path, level_voxel_size
 
     plans = []
     seen = {}
     for path in map(Path, paths):
-        info = _read_header(path, input_voxel_size_angstrom)
+        # an OME-Zarr image: its level at the target voxel size when it has one (no binning needed)
+        read_voxel = input_voxel_size_angstrom or level_voxel_size(path, options.target_voxel_size_angstrom)
+        info = _read_header(path, read_voxel)
         out_voxel = check_preprocess_options(
             info.voxel_size_angstrom,
             options.target_voxel_size_angstrom,
@@ -220,7 +229,7 @@ def plan_files(
             options.allow_upsample,
             str(path),
         )
-        out_path = out_dir / path.name
+        out_path = out_dir / (f"{tomogram_name(path)}.mrc" if is_zarr_path(path) else path.name)
         if out_path.resolve() == path.resolve():
             raise CryocapsError(f"{path}: output would replace the input; choose another -o folder")
         if out_path.name in seen:
@@ -230,7 +239,7 @@ def plan_files(
         seen[out_path.name] = path
         if out_path.exists() and not overwrite:
             raise CryocapsError(f"{out_path} exists; pass --overwrite to replace it")
-        plans.append(FilePlan(path, info, out_path, out_voxel))
+        plans.append(FilePlan(path, info, out_path, out_voxel, read_voxel))
     out_dir.mkdir(parents=True, exist_ok=True)
     for plan in plans:
         check_writable(plan.out_path, overwrite)
@@ -250,12 +259,7 @@ def _read_header(path: Path, input_voxel_size_angstrom: float | None) -> Tomogra
         ) from None
 
 
-def preprocess_file(
-    plan: FilePlan,
-    options: PreprocessOptions,
-    input_voxel_size_angstrom: float | None,
-    overwrite: bool,
-) -> dict:
+def preprocess_file(plan: FilePlan, options: PreprocessOptions, overwrite: bool) -> dict:
     """Preprocess one planned file (memory-mapped, released once read) and write its output.
 
     Returns its summary (name, paths, shapes, voxel sizes in Å, seconds).
@@ -264,7 +268,7 @@ def preprocess_file(
 
     started = time.perf_counter()
     path, info = plan.path, plan.info
-    tomogram = read_tomogram(path, mmap=True, voxel_size_angstrom=input_voxel_size_angstrom)
+    tomogram = read_tomogram(path, mmap=True, voxel_size_angstrom=plan.read_voxel_size_angstrom)
 
     def release(tomogram=tomogram):
         tomogram.data = None  # drop the last reference so closing unmaps the file
