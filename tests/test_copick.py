@@ -94,6 +94,12 @@ def test_copick_reads_what_cryocaps_wrote(project):
         np.testing.assert_allclose(full / SPACING, (locations + transforms[:, :3, 3]) / SPACING, atol=1e-3)
         np.testing.assert_allclose(written[:, :3, :3], transforms[:, :3, :3], atol=1e-4)
         np.testing.assert_allclose(picks.scores(), scores, atol=1e-9)
+    assert picks.trust_orientation  # loaded above
+    unoriented = table.drop(columns=["rot", "tilt", "psi"])
+    write_particles(unoriented, config, format="copick", copick=CopickSelection(user="picker", session="1"))
+    (picks,) = copick.from_file(str(config)).get_run(RUNS[1]).get_picks(object_name="ribosome", user_id="picker")
+    rotations = picks.numpy()[1][:, :3, :3]  # loads the file (the listing knows only its name)
+    assert not picks.trust_orientation and np.allclose(rotations, np.eye(3))
     # and cryocaps reads its own session back
     again = read_particles(config, copick=CopickSelection(user="cryocaps", session="7"))
     np.testing.assert_allclose(again[["x", "y", "z"]].to_numpy(), table[["x", "y", "z"]].to_numpy(), atol=1e-6)

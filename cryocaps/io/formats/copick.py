@@ -38,7 +38,7 @@ from cryocaps.io.copick_project import (
     pickable_object,
 )
 from cryocaps.io.formats.angles import relion_angles, relion_orientation
-from cryocaps.io.formats.context import XYZ, Geometry, canonical_frame, table_angles
+from cryocaps.io.formats.context import ANGLE_COLUMNS, XYZ, Geometry, canonical_frame, table_angles
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,7 @@ def _picks_contents(table, project: CopickProject, geometry: Geometry, selection
                     user: str, session: str, where) -> dict[Path, dict]:
     """``{picks file: JSON content}`` for each run and object of the table."""
     rotations = relion_orientation(table_angles(table)).as_matrix().reshape(-1, 3, 3)
+    oriented = set(ANGLE_COLUMNS) <= set(table.columns)  # picks from a label map have no orientation
     scores = table["score"].to_numpy(dtype=float) if "score" in table else np.full(len(table), np.nan)
     positions = table[XYZ].to_numpy(dtype=float)
     contents = {}
@@ -218,7 +219,7 @@ def _picks_contents(table, project: CopickProject, geometry: Geometry, selection
             "voxel_spacing": spacing,
             "unit": "angstrom",
             "points": points,
-            "trust_orientation": True,
+            "trust_orientation": oriented,
         }
     return contents
 
