@@ -236,8 +236,6 @@ def _reach(shape) -> float:
     return centre + float(np.hypot(shape.outer, shape.height / 2))
 
 
-
-
 def atoms_to_density(
     coords: np.ndarray,
     atomic_numbers: np.ndarray,
@@ -445,7 +443,9 @@ def load_structure_templates(
             continue
         log.debug("%s: %s, radius %.0f Å", name, path.name, templates[-1].radius_angstrom)
     if not templates:
-        raise CryocapsError(f"--structures {folder}: no readable density map or atomic model ({failures[0]})")
+        raise CryocapsError(
+            f"--structures {folder}: no readable density map or atomic model ({failures[0]})"
+        )
     for failure in failures:
         log.warning("skipping %s", failure)
     return templates

@@ -55,7 +55,9 @@ def command(
     out_dir: Annotated[Path, typer.Argument(help="Output folder (created if missing).")],
     n_tomograms: Annotated[
         int,
-        typer.Option("--n-tomograms", help=f"Number of tomograms. [default: {DEFAULTS.n_tomograms}]"),
+        typer.Option(
+            "--n-tomograms", help=f"Number of tomograms. [default: {DEFAULTS.n_tomograms}]"
+        ),
     ] = DEFAULTS.n_tomograms,
     shape: Annotated[
         str,
@@ -110,18 +112,26 @@ def command(
     ] = DEFAULTS.tilt_range_deg,
     tilt_step_deg: Annotated[
         float,
-        typer.Option("--tilt-step-deg", help=f"Tilt increment in degrees. [default: {DEFAULTS.tilt_step_deg:g}]"),
+        typer.Option(
+            "--tilt-step-deg",
+            help=f"Tilt increment in degrees. [default: {DEFAULTS.tilt_step_deg:g}]",
+        ),
     ] = DEFAULTS.tilt_step_deg,
     defocus_um: Annotated[
         float,
-        typer.Option("--defocus-um", help=f"Underfocus in µm (positive). [default: {DEFAULTS.defocus_um:g}]"),
+        typer.Option(
+            "--defocus-um", help=f"Underfocus in µm (positive). [default: {DEFAULTS.defocus_um:g}]"
+        ),
     ] = DEFAULTS.defocus_um,
     voltage_kv: Annotated[
         float,
-        typer.Option("--voltage-kv", help=f"Acceleration voltage in kV. [default: {DEFAULTS.voltage_kv:g}]"),
+        typer.Option(
+            "--voltage-kv", help=f"Acceleration voltage in kV. [default: {DEFAULTS.voltage_kv:g}]"
+        ),
     ] = DEFAULTS.voltage_kv,
     cs_mm: Annotated[
-        float, typer.Option("--cs-mm", help=f"Spherical aberration in mm. [default: {DEFAULTS.cs_mm:g}]")
+        float,
+        typer.Option("--cs-mm", help=f"Spherical aberration in mm. [default: {DEFAULTS.cs_mm:g}]"),
     ] = DEFAULTS.cs_mm,
     amplitude_contrast: Annotated[
         float,
@@ -206,8 +216,14 @@ def command(
     names = [n.strip() for n in classes_from.split(",") if n.strip()] if classes_from else None
     templates = load_templates(voxel_size_angstrom, structures, names, prefer)
     with progress("Simulating", total=n_tomograms) as advance:
-        summary = simulate_dataset(out_dir, templates, params, overwrite=overwrite, preview=preview,
-                                   progress=lambda info: advance(info=info))  # fmt: skip
+        summary = simulate_dataset(
+            out_dir,
+            templates,
+            params,
+            overwrite=overwrite,
+            preview=preview,
+            progress=lambda info: advance(info=info),
+        )
     write_run_json(
         out_dir,
         command=command_line(),
@@ -217,7 +233,10 @@ def command(
         | {"structures": structures, "classes_from": names, "prefer": prefer},
         seed=seed,
         timings={"total": time.time() - started},
-        results={k: summary[k] for k in ("classes", "class_sources", "tomograms", "n_particles", "conventions")},
+        results={
+            k: summary[k]
+            for k in ("classes", "class_sources", "tomograms", "n_particles", "conventions")
+        },
     )
     if not quiet:
         rows = [

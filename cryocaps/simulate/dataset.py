@@ -93,7 +93,10 @@ def output_paths(
 ) -> list[Path]:
     """Every file :func:`simulate_dataset` writes into ``out_dir``."""
     names = tomogram_names(n_tomograms)
-    paths = [out_dir / name for name in PARTICLE_FILES] + [out_dir / "tomograms.star", out_dir / "classes.csv"]
+    paths = [out_dir / name for name in PARTICLE_FILES] + [
+        out_dir / "tomograms.star",
+        out_dir / "classes.csv",
+    ]
     paths += [out_dir / "templates" / f"{name}.mrc" for name in class_names]
     paths += [out_dir / "tomograms" / f"{n}.mrc" for n in names]
     paths += [out_dir / "labels" / f"{n}.mrc" for n in names]
@@ -122,8 +125,11 @@ def simulate_dataset(
     out_dir = Path(out_dir)
     check_parameters(params)
     check_box(params, templates)
-    _check_outputs(out_dir, output_paths(out_dir, params.n_tomograms, preview, [t.name for t in templates]),
-                   overwrite)  # fmt: skip
+    _check_outputs(
+        out_dir,
+        output_paths(out_dir, params.n_tomograms, preview, [t.name for t in templates]),
+        overwrite,
+    )
     table = class_table(templates, with_templates=True)
     seeds = np.random.SeedSequence(params.seed).spawn(params.n_tomograms)
     outputs, tables, details = [], [], {}
@@ -134,7 +140,12 @@ def simulate_dataset(
         tables.append(result.particles)
         result.details["seconds"] = time.perf_counter() - started
         details[name] = result.details
-        log.info("%s: %d particles in %.1f s", name, result.details["n_particles"], result.details["seconds"])
+        log.info(
+            "%s: %d particles in %.1f s",
+            name,
+            result.details["n_particles"],
+            result.details["seconds"],
+        )
         if progress is not None:
             progress(f"{name}: {result.details['n_particles']} particles")
     particles = pd.concat(tables, ignore_index=True)
@@ -145,7 +156,9 @@ def simulate_dataset(
         "class_sources": {t.name: t.source for t in templates},
         "tomograms": details,
         "n_particles": len(particles),
-        "particles_per_class": {t.name: sum(d["per_class"][t.name] for d in details.values()) for t in templates},
+        "particles_per_class": {
+            t.name: sum(d["per_class"][t.name] for d in details.values()) for t in templates
+        },
         "parameters": asdict(params) | {"slab_thickness_voxels": params.slab_voxels},
         "conventions": dict(CONVENTIONS),
     }
@@ -157,30 +170,51 @@ def _check_outputs(out_dir: Path, planned: list[Path], overwrite: bool) -> None:
     if existing and not overwrite:
         raise CryocapsError(f"{existing[0]} exists; pass --overwrite to replace it")
     stale = sorted(
-        (set((out_dir / "tomograms").glob("*.mrc")) | set((out_dir / "labels").glob("*.mrc"))) - set(planned)
+        (set((out_dir / "tomograms").glob("*.mrc")) | set((out_dir / "labels").glob("*.mrc")))
+        - set(planned)
     )
     if stale:
-        log.warning("%s holds %d MRC file(s) this run does not write, e.g. %s", out_dir, len(stale), stale[0])
+        log.warning(
+            "%s holds %d MRC file(s) this run does not write, e.g. %s",
+            out_dir,
+            len(stale),
+            stale[0],
+        )
 
 
 def _write_tomogram(
-    out_dir: Path, result: SimulatedTomogram, voxel_size_angstrom: float, preview: bool, overwrite: bool
+    out_dir: Path,
+    result: SimulatedTomogram,
+    voxel_size_angstrom: float,
+    preview: bool,
+    overwrite: bool,
 ) -> list[Path]:
     """``tomograms/<name>.mrc``, ``labels/<name>.mrc`` (uint8) and, with ``preview``, its PNG."""
     from cryocaps.io.volumes import write_volume
 
     name = result.name
     paths = [
-        write_volume(out_dir / "tomograms" / f"{name}.mrc", result.tomogram, voxel_size_angstrom,
-                     overwrite=overwrite),
-        write_volume(out_dir / "labels" / f"{name}.mrc", result.labels, voxel_size_angstrom, dtype="uint8",
-                     overwrite=overwrite),
-    ]  # fmt: skip
+        write_volume(
+            out_dir / "tomograms" / f"{name}.mrc",
+            result.tomogram,
+            voxel_size_angstrom,
+            overwrite=overwrite,
+        ),
+        write_volume(
+            out_dir / "labels" / f"{name}.mrc",
+            result.labels,
+            voxel_size_angstrom,
+            dtype="uint8",
+            overwrite=overwrite,
+        ),
+    ]
     if preview:
         from cryocaps.plots import plot_simulation_preview
 
         paths.append(
-            plot_simulation_preview(out_dir / f"preview_{name}.png", result.tomogram, result.labels, name, overwrite)
+            plot_simulation_preview(
+                out_dir / f"preview_{name}.png", result.tomogram, result.labels, name, overwrite
+            )
         )
     return paths
 
@@ -200,10 +234,16 @@ def _write_tables(
 
     infos = [TomogramInfo(name, params.shape, params.voxel_size_angstrom) for name in names]
     paths = [
-        write_particles(particles, out_dir / file_name, format=format, tomograms=infos, classes=table,
-                        overwrite=overwrite)
+        write_particles(
+            particles,
+            out_dir / file_name,
+            format=format,
+            tomograms=infos,
+            classes=table,
+            overwrite=overwrite,
+        )
         for file_name, format in PARTICLE_FILES.items()
-    ]  # fmt: skip
+    ]
     paths.append(
         write_tomograms_star(
             out_dir / "tomograms.star",
@@ -216,9 +256,13 @@ def _write_tables(
         )
     )
     paths += [
-        write_volume(out_dir / "templates" / f"{t.name}.mrc", t.density, params.voxel_size_angstrom,
-                     overwrite=overwrite)
+        write_volume(
+            out_dir / "templates" / f"{t.name}.mrc",
+            t.density,
+            params.voxel_size_angstrom,
+            overwrite=overwrite,
+        )
         for t in templates
-    ]  # fmt: skip
+    ]
     paths.append(write_classes(table, out_dir / "classes.csv", overwrite=True))
     return paths

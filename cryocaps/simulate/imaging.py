@@ -258,7 +258,9 @@ def ctf_2d(
     return (-(np.sqrt(1 - amplitude**2) * np.sin(chi) + amplitude * np.cos(chi))).astype(np.float32)
 
 
-def apply_ctf(images: np.ndarray, tilts_deg: Sequence[float], params: SimulationParameters) -> np.ndarray:
+def apply_ctf(
+    images: np.ndarray, tilts_deg: Sequence[float], params: SimulationParameters
+) -> np.ndarray:
     """The CTF of each tilt image of a (T, Y, X) stack, defocus varying across the tilt axis.
 
     A specimen tilted by θ is nearer to focus on one side of the tilt axis:
@@ -285,7 +287,10 @@ def apply_ctf(images: np.ndarray, tilts_deg: Sequence[float], params: Simulation
         n_levels = int(np.ceil((high - low) / step)) + 1 if high - low > 1e-3 else 1
         levels = np.linspace(low, high, n_levels)
         filtered = np.stack(
-            [np.fft.irfft2(spectrum * ctf_2d((ny, nx), voxel, params, d), s=(ny, nx)) for d in levels]
+            [
+                np.fft.irfft2(spectrum * ctf_2d((ny, nx), voxel, params, d), s=(ny, nx))
+                for d in levels
+            ]
         )
         if n_levels == 1:
             out[t] = filtered[0]
@@ -293,7 +298,9 @@ def apply_ctf(images: np.ndarray, tilts_deg: Sequence[float], params: Simulation
         position = (defocus - low) / (high - low) * (n_levels - 1)
         base = np.clip(np.floor(position).astype(int), 0, n_levels - 2)
         weight = (position - base)[None, :]
-        out[t] = (1 - weight) * filtered[base, :, columns].T + weight * filtered[base + 1, :, columns].T
+        out[t] = (1 - weight) * filtered[base, :, columns].T + weight * filtered[
+            base + 1, :, columns
+        ].T
     return out
 
 

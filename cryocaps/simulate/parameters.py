@@ -46,7 +46,6 @@ class SimulationParameters:
         return self.slab_thickness_angstrom / self.voxel_size_angstrom
 
 
-
 def check_parameters(params: SimulationParameters) -> None:
     """Refuse values that cannot make a tomogram (one-line :class:`CryocapsError`)."""
     if params.n_tomograms < 1:

@@ -171,7 +171,6 @@ def place_particles(
     return np.round(placed[:n_placed], 3), classes[:n_placed], len(order) - n_placed
 
 
-
 def rotate_density(density: np.ndarray, angles: np.ndarray, shifts_zyx: np.ndarray) -> np.ndarray:
     """Copies of a centred cube rotated to RELION ``angles`` and shifted by sub-voxel amounts.
 
