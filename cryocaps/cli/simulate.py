@@ -33,9 +33,7 @@ from cryocaps.cli.common import (
 from cryocaps.errors import CryocapsError
 from cryocaps.simulate.parameters import SimulationParameters
 
-DEFAULTS = SimulationParameters()  # (the library's defaults; the module imports nothing heavy)
-
-
+DEFAULTS = SimulationParameters()  # the library's defaults (that module imports nothing heavy)
 _DEFAULT_SHAPE = ",".join(map(str, DEFAULTS.shape))
 
 
