@@ -304,7 +304,7 @@ def read_density_map(path: str | os.PathLike, voxel_size_angstrom: float) -> np.
         raise CryocapsError(f"{path}: not a readable MRC density map ({error})") from error
     if data is None:
         raise CryocapsError(f"{path}: not a readable MRC density map (no data block)")
-    if data is None or data.ndim != 3 or min(data.shape) < 2:
+    if data.ndim != 3 or min(data.shape) < 2:
         raise CryocapsError(f"{path}: expected a 3D density map")
     if not np.isfinite(data).all():
         raise CryocapsError(f"{path}: density map contains NaN or infinite values")
