@@ -1,4 +1,5 @@
-"""Figures as PNG files: precision-recall curves, tomogram overlays of picks.
+"""Figures as PNG files: precision-recall curves, tomogram overlays of picks, learning curves,
+simulation previews.
 
 Each function is independent: it takes plain data (arrays, dicts), draws one
 figure with matplotlib's non-interactive Agg backend and writes it atomically.
@@ -224,3 +225,52 @@ def plot_learning_curve(metrics, png_path: str | os.PathLike) -> Path:
         figure.savefig(tmp, format="png", dpi=100)
     _pyplot().close(figure)
     return Path(png_path)
+
+
+def plot_simulation_preview(
+    path: str | os.PathLike,
+    tomogram: np.ndarray,
+    labels: np.ndarray,
+    title: str,
+    overwrite: bool = False,
+) -> Path:
+    """Central XY and XZ slices of a simulated tomogram, beside the same slices of its labels.
+
+    Parameters
+    ----------
+    tomogram : (Z, Y, X) float, shown between its 1st and 99th percentiles
+    labels : (Z, Y, X) integer class labels, 0 = background
+    path : PNG to write (refused if it exists, unless ``overwrite``)
+    """
+    from cryocaps.io.files import atomic_path
+
+    plt = _pyplot()
+    nz, ny, nx = tomogram.shape
+    low, high = np.percentile(tomogram, [1, 99])
+    top = max(9, int(labels.max()))
+    label_colours = "tab10" if top <= 9 else "tab20"
+    xy, xz = tomogram[nz // 2], tomogram[:, ny // 2]
+    width = 12
+    figure, axes = plt.subplots(
+        2,
+        2,
+        figsize=(width, width * (ny + nz) / (2 * nx) + 0.6),
+        height_ratios=[ny, nz],
+        squeeze=False,
+    )
+    axes[0, 0].imshow(xy, cmap="gray", vmin=low, vmax=high)
+    axes[0, 0].set_title(f"{title}: XY slice z={nz // 2}")
+    axes[0, 1].imshow(labels[nz // 2], cmap=label_colours, vmin=0, vmax=top, interpolation="nearest")
+    axes[0, 1].set_title("labels, same slice")
+    axes[1, 0].imshow(xz, cmap="gray", vmin=low, vmax=high)
+    axes[1, 0].set_title(f"XZ slice y={ny // 2} (tilt axis Y: wedge along Z)")
+    axes[1, 1].imshow(labels[:, ny // 2], cmap=label_colours, vmin=0, vmax=top, interpolation="nearest")
+    for axis in axes.ravel():
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.tight_layout()
+    path = Path(path)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        figure.savefig(tmp, dpi=80, format="png")
+    plt.close(figure)
+    return path

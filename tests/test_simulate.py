@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cryocaps.io.atoms import read_atoms
 from cryocaps.simulate import (
     SimulationParameters,
     project_tilt_series,
@@ -23,7 +24,6 @@ from cryocaps.structures import (
     atoms_to_density,
     builtin_templates,
     load_structure_templates,
-    read_atoms,
     relion_euler_to_matrix,
 )
 
@@ -201,14 +201,14 @@ def test_simulated_particle_is_its_class_density_rotated_by_its_angles():
     """End to end: render one asymmetric class and compare each particle with an independent rotation."""
     from scipy import ndimage
 
-    from cryocaps.simulate import _render
+    from cryocaps.simulate.placement import render_particles
 
     cube = _blob_cube(21, [((6.0, 0.0, 0.0), 1.0), ((0.0, 4.0, 0.0), 0.8), ((0.0, 0.0, -3.0), 0.6)])
     template = ParticleTemplate("asym", cube, 10.0, 90.0)
     params = SimulationParameters(shape=(30, 30, 30), voxel_size_angstrom=10.0)
     centres = np.array([[14.3, 15.0, 14.6]])
     angles = np.array([[40.0, 110.0, -20.0]])
-    volume, labels = _render(params, [template], centres, np.array([0]), angles)
+    volume, labels = render_particles(params, [template], centres, np.array([0]), angles)
     matrix = relion_euler_to_matrix(*angles[0])
     offsets = np.indices(volume.shape).reshape(3, -1).T - centres[0]  # zyx
     source = offsets[:, ::-1] @ matrix  # rows: A.T @ r (x, y, z)

@@ -31,6 +31,10 @@ from cryocaps.cli.common import (
     setup_logging,
 )
 from cryocaps.errors import CryocapsError
+from cryocaps.simulate.parameters import SimulationParameters
+
+DEFAULTS = SimulationParameters()  # the library's defaults (that module imports nothing heavy)
+_DEFAULT_SHAPE = ",".join(map(str, DEFAULTS.shape))
 
 
 def _parse_shape(text: str) -> tuple[int, int, int]:
@@ -48,21 +52,25 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 def command(
     out_dir: Annotated[Path, typer.Argument(help="Output folder (created if missing).")],
     n_tomograms: Annotated[
-        int, typer.Option("--n-tomograms", help="Number of tomograms. [default: 2]")
-    ] = 2,
+        int,
+        typer.Option(
+            "--n-tomograms", help=f"Number of tomograms. [default: {DEFAULTS.n_tomograms}]"
+        ),
+    ] = DEFAULTS.n_tomograms,
     shape: Annotated[
         str,
         typer.Option(
             "--shape",
-            help="Tomogram size in voxels, Z,Y,X (Z along the beam). [default: 64,128,128]",
+            help=f"Tomogram size in voxels, Z,Y,X (Z along the beam). [default: {_DEFAULT_SHAPE}]",
         ),
-    ] = "64,128,128",
+    ] = _DEFAULT_SHAPE,
     voxel_size_angstrom: Annotated[
         float,
         typer.Option(
-            "--voxel-size-angstrom", help="Voxel (and detector pixel) size in Å. [default: 10]"
+            "--voxel-size-angstrom",
+            help=f"Voxel (and detector pixel) size in Å. [default: {DEFAULTS.voxel_size_angstrom:g}]",
         ),
-    ] = 10.0,
+    ] = DEFAULTS.voxel_size_angstrom,
     structures: Annotated[
         Path | None,
         typer.Option(
@@ -90,46 +98,61 @@ def command(
         typer.Option(
             "--snr",
             help="Signal-to-noise ratio of the tilt images: variance of the CTF-modulated "
-            "particle projections / noise variance. [default: 0.4]",
+            f"particle projections / noise variance. [default: {DEFAULTS.snr:g}]",
         ),
-    ] = 0.4,
+    ] = DEFAULTS.snr,
     tilt_range_deg: Annotated[
         float,
         typer.Option(
             "--tilt-range-deg",
-            help="Tilts from -T to +T degrees, tilt axis Y; in (0, 90]. [default: 60]",
+            help=f"Tilts from -T to +T degrees, tilt axis Y; in (0, 90]. [default: {DEFAULTS.tilt_range_deg:g}]",
         ),
-    ] = 60.0,
+    ] = DEFAULTS.tilt_range_deg,
     tilt_step_deg: Annotated[
-        float, typer.Option("--tilt-step-deg", help="Tilt increment in degrees. [default: 3]")
-    ] = 3.0,
+        float,
+        typer.Option(
+            "--tilt-step-deg",
+            help=f"Tilt increment in degrees. [default: {DEFAULTS.tilt_step_deg:g}]",
+        ),
+    ] = DEFAULTS.tilt_step_deg,
     defocus_um: Annotated[
-        float, typer.Option("--defocus-um", help="Underfocus in µm (positive). [default: 3]")
-    ] = 3.0,
+        float,
+        typer.Option(
+            "--defocus-um", help=f"Underfocus in µm (positive). [default: {DEFAULTS.defocus_um:g}]"
+        ),
+    ] = DEFAULTS.defocus_um,
     voltage_kv: Annotated[
-        float, typer.Option("--voltage-kv", help="Acceleration voltage in kV. [default: 300]")
-    ] = 300.0,
+        float,
+        typer.Option(
+            "--voltage-kv", help=f"Acceleration voltage in kV. [default: {DEFAULTS.voltage_kv:g}]"
+        ),
+    ] = DEFAULTS.voltage_kv,
     cs_mm: Annotated[
-        float, typer.Option("--cs-mm", help="Spherical aberration in mm. [default: 2.7]")
-    ] = 2.7,
+        float,
+        typer.Option("--cs-mm", help=f"Spherical aberration in mm. [default: {DEFAULTS.cs_mm:g}]"),
+    ] = DEFAULTS.cs_mm,
     amplitude_contrast: Annotated[
         float,
-        typer.Option("--amplitude-contrast", help="Amplitude contrast fraction. [default: 0.07]"),
-    ] = 0.07,
+        typer.Option(
+            "--amplitude-contrast",
+            help=f"Amplitude contrast fraction. [default: {DEFAULTS.amplitude_contrast:g}]",
+        ),
+    ] = DEFAULTS.amplitude_contrast,
     n_particles: Annotated[
         int | None,
         typer.Option(
             "--n-particles",
             help="Particles per tomogram, split evenly over the classes. [default: from --crowding]",
         ),
-    ] = None,
+    ] = DEFAULTS.n_particles,
     crowding: Annotated[
         float,
         typer.Option(
             "--crowding",
-            help="Fraction of the slab volume filled by particle envelope spheres, 0-0.4. [default: 0.1]",
+            help="Fraction of the slab volume filled by particle envelope spheres, 0-0.4. "
+            f"[default: {DEFAULTS.crowding:g}]",
         ),
-    ] = 0.1,
+    ] = DEFAULTS.crowding,
     slab_thickness_angstrom: Annotated[
         float | None,
         typer.Option(
@@ -137,15 +160,15 @@ def command(
             help="Sample (ice) thickness in Å; particles stay inside it. "
             "[default: 80% of the box height]",
         ),
-    ] = None,
+    ] = DEFAULTS.slab_thickness_angstrom,
     label_shape: Annotated[
         str,
         typer.Option(
             "--label-shape",
             help="Label maps as spheres of each class radius (sphere) or the particle "
-            "envelopes (template). [default: sphere]",
+            f"envelopes (template). [default: {DEFAULTS.label_shape}]",
         ),
-    ] = "sphere",
+    ] = DEFAULTS.label_shape,
     distractors: Annotated[
         bool,
         typer.Option(
@@ -153,25 +176,20 @@ def command(
             help="Add gold beads on the slab surfaces and, in about half "
             "of the tomograms, a membrane sheet (both labelled background). [default: on]",
         ),
-    ] = True,
+    ] = DEFAULTS.distractors,
     preview: Annotated[
         bool,
         typer.Option(
             "--preview", help="Also write OUT_DIR/preview_<tomo>.png (central XY and XZ slices)."
         ),
     ] = False,
-    seed: Seed = 0,
+    seed: Seed = DEFAULTS.seed,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     setup_logging(quiet=quiet)
     from cryocaps.runinfo import write_run_json
-    from cryocaps.simulate import (
-        SimulationParameters,
-        check_parameters,
-        load_templates,
-        simulate_dataset,
-    )
+    from cryocaps.simulate import check_parameters, load_templates, simulate_dataset
 
     started = time.time()
     params = SimulationParameters(
@@ -192,9 +210,7 @@ def command(
         distractors=distractors,
         seed=seed,
     )
-    check_parameters(params)
-    if prefer not in ("maps", "models"):
-        raise CryocapsError(f"--prefer {prefer!r}: use maps or models")
+    check_parameters(params)  # before the structures are read: bad numbers fail fast
     names = [n.strip() for n in classes_from.split(",") if n.strip()] if classes_from else None
     templates = load_templates(voxel_size_angstrom, structures, names, prefer)
     with progress("Simulating", total=n_tomograms) as advance:
@@ -215,15 +231,14 @@ def command(
         | {"structures": structures, "classes_from": names, "prefer": prefer},
         seed=seed,
         timings={"total": time.time() - started},
-        results={k: summary[k] for k in ("classes", "class_sources", "tomograms", "n_particles", "conventions")},
+        results={
+            k: summary[k]
+            for k in ("classes", "class_sources", "tomograms", "n_particles", "conventions")
+        },
     )
     if not quiet:
-        counts = {c["name"]: 0 for c in summary["classes"]}
-        for details in summary["tomograms"].values():
-            for name, n in details["per_class"].items():
-                counts[name] += n
         rows = [
-            [c["label"], c["name"], c["radius_angstrom"], counts[c["name"]]]
+            [c["label"], c["name"], c["radius_angstrom"], summary["particles_per_class"][c["name"]]]
             for c in summary["classes"]
         ]
         print_table(

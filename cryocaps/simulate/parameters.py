@@ -1,0 +1,99 @@
+"""What decides a simulated data set, and the checks that refuse impossible values.
+
+Imports nothing heavy: the CLI reads its defaults from :class:`SimulationParameters`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cryocaps.errors import CryocapsError
+
+if TYPE_CHECKING:
+    from cryocaps.structures import ParticleTemplate
+
+__all__ = ["SimulationParameters", "check_box", "check_parameters"]
+
+
+@dataclass
+class SimulationParameters:
+    """Everything that decides a simulated data set (recorded in run.json)."""
+
+    n_tomograms: int = 2
+    shape: tuple[int, int, int] = (64, 128, 128)  # z, y, x voxels
+    voxel_size_angstrom: float = 10.0
+    snr: float = 0.4
+    tilt_range_deg: float = 60.0
+    tilt_step_deg: float = 3.0
+    defocus_um: float = 3.0  # underfocus, positive
+    voltage_kv: float = 300.0
+    cs_mm: float = 2.7
+    amplitude_contrast: float = 0.07
+    n_particles: int | None = None  # per tomogram; None: from crowding
+    crowding: float = 0.1  # fraction of the slab volume filled by envelope spheres
+    slab_thickness_angstrom: float | None = None  # None: 80% of the box height
+    label_shape: str = "sphere"  # or "template"
+    distractors: bool = True
+    seed: int = 0
+
+    @property
+    def slab_voxels(self) -> float:
+        if self.slab_thickness_angstrom is None:
+            return 0.8 * self.shape[0]
+        return self.slab_thickness_angstrom / self.voxel_size_angstrom
+
+
+def check_parameters(params: SimulationParameters) -> None:
+    """Refuse values that cannot make a tomogram (one-line :class:`CryocapsError`)."""
+    if params.n_tomograms < 1:
+        raise CryocapsError(f"--n-tomograms must be >= 1, got {params.n_tomograms}")
+    if len(params.shape) != 3 or min(params.shape) < 8:
+        raise CryocapsError(
+            f"--shape must be three sizes Z,Y,X of at least 8 voxels, got {params.shape}"
+        )
+    if not params.voxel_size_angstrom > 0:
+        raise CryocapsError(f"--voxel-size-angstrom must be > 0, got {params.voxel_size_angstrom}")
+    if not (params.snr > 0 and math.isfinite(params.snr)):
+        raise CryocapsError(f"--snr must be > 0, got {params.snr}")
+    if not 0 < params.tilt_range_deg <= 90:
+        raise CryocapsError(f"--tilt-range-deg must be in (0, 90], got {params.tilt_range_deg}")
+    if not 0 < params.tilt_step_deg <= params.tilt_range_deg:
+        raise CryocapsError(
+            f"--tilt-step-deg must be in (0, --tilt-range-deg={params.tilt_range_deg:g}], got {params.tilt_step_deg}"
+        )
+    if not params.defocus_um > 0:
+        raise CryocapsError(f"--defocus-um must be > 0 (underfocus), got {params.defocus_um}")
+    if not params.voltage_kv > 0 or params.cs_mm < 0 or not 0 <= params.amplitude_contrast < 1:
+        raise CryocapsError(
+            "--voltage-kv must be > 0, --cs-mm >= 0 and --amplitude-contrast in [0, 1)"
+        )
+    if params.n_particles is not None and params.n_particles < 0:
+        raise CryocapsError(f"--n-particles must be >= 0, got {params.n_particles}")
+    if not 0 <= params.crowding <= 0.4:
+        raise CryocapsError(
+            f"--crowding must be in [0, 0.4] (fraction of the slab volume), got {params.crowding}"
+        )
+    if params.label_shape not in ("sphere", "template"):
+        raise CryocapsError(f"--label-shape must be sphere or template, got {params.label_shape!r}")
+    if not 2 <= params.slab_voxels <= params.shape[0]:
+        raise CryocapsError(
+            f"--slab-thickness-angstrom {params.slab_voxels * params.voxel_size_angstrom:g} must be between "
+            f"2 voxels and the box height ({params.shape[0] * params.voxel_size_angstrom:g} Å)"
+        )
+
+
+def check_box(params: SimulationParameters, templates: Sequence[ParticleTemplate]) -> None:
+    """Refuse a box (or slab) too small for the largest particle."""
+    largest = max(templates, key=lambda t: t.radius_voxels)
+    diameter = 2 * math.ceil(largest.radius_voxels) + 1
+    room = min(params.slab_voxels, params.shape[1], params.shape[2])
+    if diameter > room:
+        raise CryocapsError(
+            f"--shape {','.join(map(str, params.shape))}: class {largest.name!r} is {diameter} voxels across "
+            f"(radius {largest.radius_angstrom:.0f} Å at {params.voxel_size_angstrom:g} Å/voxel) but the "
+            f"sample slab is {params.slab_voxels:.0f} x {params.shape[1]} x {params.shape[2]} voxels; "
+            "use a larger --shape or --voxel-size-angstrom"
+        )
