@@ -101,6 +101,8 @@ class _SectionReader:
     through a memory map that touches about 1/s of the file's pages at once
     (hundreds of MB for a large tomogram). Reading section by section and
     dropping the pages after each keeps that to one section; the sample is the same.
+    A volume that is not a memory map (an OME-Zarr image) is sliced directly: it
+    decodes each chunk once and holds only the sample.
     """
 
     def __init__(self, data):
@@ -113,6 +115,8 @@ class _SectionReader:
     def __getitem__(self, key):
         if not (isinstance(key, tuple) and len(key) == 3 and isinstance(key[0], slice)):
             return self.data[key]
+        if not isinstance(self.data, np.ndarray):  # section by section would decode chunks again and again
+            return np.asarray(self.data[key])
         sections = []
         for z in range(*key[0].indices(self.shape[0])):
             sections.append(np.array(self.data[(z, *key[1:])]))
