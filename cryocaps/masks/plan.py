@@ -30,7 +30,9 @@ class MaskPlan:
     path: Path
 
 
-def tomogram_geometry(paths: Sequence[Path], voxel_size_angstrom: float | None = None) -> list[TomogramInfo]:
+def tomogram_geometry(
+    paths: Sequence[Path], voxel_size_angstrom: float | None = None
+) -> list[TomogramInfo]:
     """Tomogram geometry from MRC headers (files or folders) or RELION 5 tomograms.star files.
 
     ``voxel_size_angstrom`` replaces the MRC headers' voxel size (for headers
@@ -48,10 +50,14 @@ def tomogram_geometry(paths: Sequence[Path], voxel_size_angstrom: float | None =
     infos = []
     for path in map(Path, paths):
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MRC_SUFFIXES)
+            files = sorted(
+                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MRC_SUFFIXES
+            )
             infos.extend(read_info(f, voxel_size_angstrom) for f in files)
         elif path.suffix.lower() == ".star":
-            infos.extend(replace(i, voxel_size_angstrom=voxel_size_angstrom) for i in tomogram_infos([path]))
+            infos.extend(
+                replace(i, voxel_size_angstrom=voxel_size_angstrom) for i in tomogram_infos([path])
+            )
         elif path.exists():
             infos.append(read_info(path, voxel_size_angstrom))
         else:
@@ -81,11 +87,17 @@ def assign_labels(particles: pd.DataFrame, classes: ClassTable, single_class: bo
         only = classes.classes[0]
         found = sorted(particles["class_name"].astype(str).unique())
         if len(found) > 1:
-            log.info("--radius-angstrom: classes %s all drawn as one class %r", ", ".join(found), only.name)
+            log.info(
+                "--radius-angstrom: classes %s all drawn as one class %r",
+                ", ".join(found),
+                only.name,
+            )
         particles["class_name"] = only.name
         particles["label"] = only.label
         return particles
-    names = {value: classes.name_of(value) for value in particles["class_name"].astype(str).unique()}
+    names = {
+        value: classes.name_of(value) for value in particles["class_name"].astype(str).unique()
+    }
     particles["class_name"] = particles["class_name"].astype(str).map(names)
     particles["label"] = particles["class_name"].map({c.name: c.label for c in classes})
     return particles
@@ -139,7 +151,9 @@ def plan_masks(
             log.warning("%s: no particles; its label map is all background", info.name)
         if outside.any():
             total_outside += int(outside.sum())
-            message = f"{info.name}: {int(outside.sum())} of {len(rows)} particles lie outside the volume"
+            message = (
+                f"{info.name}: {int(outside.sum())} of {len(rows)} particles lie outside the volume"
+            )
             if strict:
                 raise CryocapsError(message + " (--strict)")
             log.warning("%s; skipped", message)
@@ -149,7 +163,8 @@ def plan_masks(
     total = sum(len(plan.particles) for plan in plans) + total_outside
     if total_outside > total / 2:
         raise CryocapsError(
-            f"{total_outside} of {total} particles lie outside their tomograms: coordinates in other "
+            f"{total_outside} of {total} particles lie outside their tomograms: "
+            "coordinates in other "
             "units? give their pixel size with --coords-pixel-size-angstrom"
         )
     return plans, {"unknown_tomograms": unknown, "particles_outside": total_outside}
