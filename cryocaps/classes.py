@@ -38,7 +38,9 @@ class ClassTable:
         names = [c.name for c in classes]
         for label in labels:
             if not 1 <= label <= MAX_LABEL:
-                raise CryocapsError(f"{source}: label {label} out of range 1..{MAX_LABEL} (0 is background)")
+                raise CryocapsError(
+                    f"{source}: label {label} out of range 1..{MAX_LABEL} (0 is background)"
+                )
         duplicates = sorted({x for x in labels if labels.count(x) > 1})
         if duplicates:
             raise CryocapsError(f"{source}: duplicate label(s) {duplicates}")
@@ -47,7 +49,9 @@ class ClassTable:
             raise CryocapsError(f"{source}: duplicate class name(s) {duplicates}")
         for c in classes:
             if not c.radius_angstrom > 0:
-                raise CryocapsError(f"{source}: class {c.name!r} has radius {c.radius_angstrom}; must be > 0 Å")
+                raise CryocapsError(
+                    f"{source}: class {c.name!r} has radius {c.radius_angstrom}; must be > 0 Å"
+                )
         self.classes = sorted(classes, key=lambda c: c.label)
 
     def __iter__(self):
@@ -69,13 +73,17 @@ class ClassTable:
         for c in self.classes:
             if c.name == str(name):
                 return c
-        raise CryocapsError(f"{self.source}: unknown class {name!r}; known classes: {', '.join(self.names)}")
+        raise CryocapsError(
+            f"{self.source}: unknown class {name!r}; known classes: {', '.join(self.names)}"
+        )
 
     def by_label(self, label: int) -> ParticleClass:
         for c in self.classes:
             if c.label == int(label):
                 return c
-        raise CryocapsError(f"{self.source}: no class with label {label}; labels: {[c.label for c in self.classes]}")
+        raise CryocapsError(
+            f"{self.source}: no class with label {label}; labels: {[c.label for c in self.classes]}"
+        )
 
     def name_of(self, label_or_name) -> str:
         """Class name for a class number or name (as found in particle files)."""

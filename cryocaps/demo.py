@@ -60,13 +60,18 @@ def check_settings(settings: DemoSettings) -> None:
 
 
 def demo_stages(out: Path, settings: DemoSettings) -> list[list[str]]:
-    """The demo's ``cryocaps`` command lines (without the program name), in order, writing under ``out``."""
+    """The demo's ``cryocaps`` command lines (without the program name), in order, writing
+    under ``out``."""
     data, masks, run = out / "data", out / "masks", out / "run"
     segmentation, validation = out / "segmentation", out / "validation"
     tomograms = data / "tomograms"
     again = ["--overwrite"] if settings.overwrite else []
-    train_inputs = [arg for name in TRAIN_TOMOGRAMS for arg in ("--tomograms", str(tomograms / f"{name}.mrc"))]
-    train_inputs += [arg for name in TRAIN_TOMOGRAMS for arg in ("--labels", str(masks / f"{name}_labels.mrc"))]
+    train_inputs = [
+        arg for name in TRAIN_TOMOGRAMS for arg in ("--tomograms", str(tomograms / f"{name}.mrc"))
+    ]
+    train_inputs += [
+        arg for name in TRAIN_TOMOGRAMS for arg in ("--labels", str(masks / f"{name}_labels.mrc"))
+    ]
     val_tomogram = str(tomograms / f"{VALIDATION_TOMOGRAM}.mrc")
     test_tomogram = str(tomograms / f"{TEST_TOMOGRAM}.mrc")
     truth = [str(data / "particles.csv"), "--classes", str(data / "classes.csv")]
@@ -94,7 +99,8 @@ def demo_stages(out: Path, settings: DemoSettings) -> list[list[str]]:
 
 
 def _training_length(settings: DemoSettings) -> list[str]:
-    """Train's options for how long (a fixed number of epochs, or the wall-time budget) and on what."""
+    """Train's options for how long (a fixed number of epochs, or the wall-time budget) and on
+    what."""
     if settings.epochs is not None:  # reproducible: the same steps on any machine
         length = ["--epochs", str(settings.epochs)]
     else:

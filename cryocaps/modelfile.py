@@ -21,7 +21,9 @@ WEIGHTS_NAME = "model.pt"
 FORMAT = "cryocaps-model/1"
 
 
-def save_model(folder: str | os.PathLike, model, metadata: dict, weights_name: str = WEIGHTS_NAME) -> Path:
+def save_model(
+    folder: str | os.PathLike, model, metadata: dict, weights_name: str = WEIGHTS_NAME
+) -> Path:
     """Write ``folder/config.json`` and ``folder/<weights_name>`` atomically.
 
     ``metadata`` should hold ``classes`` (records), ``voxel_size_angstrom``,
@@ -79,7 +81,9 @@ def load_model(path: str | os.PathLike, device: str = "cpu"):
         state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CryocapsError(f"--model {weights}: not a valid cryocaps weights file ({message})") from error
+        raise CryocapsError(
+            f"--model {weights}: not a valid cryocaps weights file ({message})"
+        ) from error
     if not isinstance(state, dict):
         raise CryocapsError(f"--model {weights}: not a state dict")
     try:

@@ -67,8 +67,12 @@ def plot_precision_recall(
             continue
         # Start at recall 0 with the first precision, as average precision counts it.
         axes.step(
-            np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", linewidth=1.8,
-            linestyle=styles[k % len(styles)], label=label,
+            np.r_[0.0, recall],
+            np.r_[precision[0], precision],
+            where="pre",
+            linewidth=1.8,
+            linestyle=styles[k % len(styles)],
+            label=label,
         )
         axes.plot(recall[-1], precision[-1], "o", color=axes.lines[-1].get_color(), markersize=4)
     axes.set_xlim(0, 1.02)
@@ -119,10 +123,14 @@ def plot_overlay(
     height, width = panels[0][0].shape
     panel_width = 6.0
     panel_height = panel_width * height / width
-    figure, axes_list = plt.subplots(1, n, figsize=(panel_width * n, panel_height + 1.0), squeeze=False)
+    figure, axes_list = plt.subplots(
+        1, n, figsize=(panel_width * n, panel_height + 1.0), squeeze=False
+    )
     for axes, (image, circles, panel_title) in zip(axes_list[0], panels, strict=True):
         low, high = np.percentile(image, [1, 99]) if image.size else (0, 1)
-        axes.imshow(image, cmap="gray", vmin=low, vmax=high if high > low else low + 1, origin="lower")
+        axes.imshow(
+            image, cmap="gray", vmin=low, vmax=high if high > low else low + 1, origin="lower"
+        )
         for circle in circles:
             style = OUTCOME_STYLE[circle.outcome]
             axes.add_patch(
@@ -260,11 +268,15 @@ def plot_simulation_preview(
     )
     axes[0, 0].imshow(xy, cmap="gray", vmin=low, vmax=high)
     axes[0, 0].set_title(f"{title}: XY slice z={nz // 2}")
-    axes[0, 1].imshow(labels[nz // 2], cmap=label_colours, vmin=0, vmax=top, interpolation="nearest")
+    axes[0, 1].imshow(
+        labels[nz // 2], cmap=label_colours, vmin=0, vmax=top, interpolation="nearest"
+    )
     axes[0, 1].set_title("labels, same slice")
     axes[1, 0].imshow(xz, cmap="gray", vmin=low, vmax=high)
     axes[1, 0].set_title(f"XZ slice y={ny // 2} (tilt axis Y: wedge along Z)")
-    axes[1, 1].imshow(labels[:, ny // 2], cmap=label_colours, vmin=0, vmax=top, interpolation="nearest")
+    axes[1, 1].imshow(
+        labels[:, ny // 2], cmap=label_colours, vmin=0, vmax=top, interpolation="nearest"
+    )
     for axis in axes.ravel():
         axis.set_xticks([])
         axis.set_yticks([])

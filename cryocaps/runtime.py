@@ -71,7 +71,8 @@ def keep_freed_blocks() -> bool:
 
 
 def return_freed_blocks(threshold_bytes: int = 256 * 1024) -> bool:
-    """Hand blocks above ``threshold_bytes`` back to the system when freed (segmentation); True if applied."""
+    """Hand blocks above ``threshold_bytes`` back to the system when freed (segmentation); True
+    if applied."""
     return _apply(
         "return",
         [
@@ -104,7 +105,9 @@ def resolve_device(name: str = "auto") -> str:
     try:
         torch.device(name)
     except RuntimeError:
-        raise CryocapsError(f"--device {name!r}: not a torch device (use auto, cpu, cuda, cuda:N)") from None
+        raise CryocapsError(
+            f"--device {name!r}: not a torch device (use auto, cpu, cuda, cuda:N)"
+        ) from None
     info = distributed_info()
     if name == "cuda" and info.active:
         name = f"cuda:{info.local_rank}"
@@ -112,7 +115,7 @@ def resolve_device(name: str = "auto") -> str:
 
 
 def device_type(device: str) -> str:
-    """"cpu", "cuda", … of a device name."""
+    """Type of a device name: "cpu", "cuda", …"""
     import torch
 
     return torch.device(device).type
@@ -122,7 +125,8 @@ def device_type(device: str) -> str:
 
 
 def native_bf16() -> bool:
-    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16 autocast
+    pays."""
     try:
         import torch.cpu
 
@@ -139,7 +143,8 @@ def use_bf16(device: str, requested: bool | None = None) -> bool:
 
 
 def autocast(device: str, bf16: bool = False):
-    """The autocast context for a device: float16 on CUDA, bfloat16 on CPU when ``bf16``, else none."""
+    """The autocast context for a device: float16 on CUDA, bfloat16 on CPU when ``bf16``, else
+    none."""
     import torch
 
     kind = device_type(device)
@@ -161,7 +166,8 @@ def available_cpus() -> int:
 
 
 def configure_threads(threads: int | None = None, processes_on_node: int = 1) -> int:
-    """Use ``threads`` torch threads (default: this process's share of the CPUs); returns the number."""
+    """Use ``threads`` torch threads (default: this process's share of the CPUs); returns the
+    number."""
     import torch
 
     wanted = threads or max(1, available_cpus() // max(1, processes_on_node))
@@ -234,7 +240,8 @@ def setup_distributed(device: str) -> Distributed:
 
 
 def tune_process_for(job: str, device: str) -> bool:
-    """The malloc policy for ``job`` ("train" keeps freed blocks, "segment" returns them); CPU only."""
+    """The malloc policy for ``job`` ("train" keeps freed blocks, "segment" returns them); CPU
+    only."""
     if device_type(device) != "cpu":
         return False
     return keep_freed_blocks() if job == "train" else return_freed_blocks()

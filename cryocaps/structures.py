@@ -108,7 +108,8 @@ def make_template(
 
 
 def measure_radius_angstrom(cube: np.ndarray, voxel_size_angstrom: float) -> float:
-    """Largest distance from the cube centre of a voxel in the envelope, in Å (at least half a voxel)."""
+    """Largest distance from the cube centre of a voxel in the envelope, in Å (at least half a
+    voxel)."""
     inside = np.argwhere(cube >= ENVELOPE_FRACTION * cube.max())
     centre = (np.array(cube.shape) - 1) / 2
     reach = float(np.sqrt(((inside - centre) ** 2).sum(axis=1)).max()) if len(inside) else 0.0
@@ -379,7 +380,8 @@ def find_structures(folder: str | os.PathLike) -> dict[str, list[Path]]:
             groups.setdefault(structure_name(path), []).append(path)
     if not groups:
         raise CryocapsError(
-            f"--structures {folder}: no density maps (.mrc/.map) or atomic models (.pdb/.cif, optionally .gz) found"
+            f"--structures {folder}: no density maps (.mrc/.map) or atomic models "
+            "(.pdb/.cif, optionally .gz) found"
         )
     return dict(sorted(groups.items()))
 
@@ -428,7 +430,8 @@ def load_structure_templates(
         unknown = [n for n in names if n not in groups]
         if unknown:
             raise CryocapsError(
-                f"--classes-from: {', '.join(unknown)} not found in {folder}; available: {', '.join(groups)}"
+                f"--classes-from: {', '.join(unknown)} not found in {folder}; "
+                f"available: {', '.join(groups)}"
             )
         groups = {n: groups[n] for n in names}
     templates, failures = [], []

@@ -17,7 +17,9 @@ from cryocaps.io.particles import detect_format, read_particles, tomogram_infos,
 from cryocaps.io.volumes import TomogramInfo, read_info, read_tomogram, write_volume
 from cryocaps.io.zarr_volumes import ZarrVolume, read_multiscales, write_zarr_volume
 
-copick = pytest.importorskip("copick", reason="copick is in the test extra: pip install -e '.[test]'")
+copick = pytest.importorskip(
+    "copick", reason="copick is in the test extra: pip install -e '.[test]'"
+)
 
 SPACING = 10.0
 SHAPE = (12, 16, 20)  # z, y, x
@@ -49,8 +51,9 @@ def project(tmp_path):
         PickableObject(name="membrane", is_particle=False, label=3),
     ]
     config = tmp_path / "project" / "config.json"
-    root = copick.new_config(str(config), overlay_root=str(tmp_path / "project" / "overlay"),
-                             pickable_objects=objects)
+    root = copick.new_config(
+        str(config), overlay_root=str(tmp_path / "project" / "overlay"), pickable_objects=objects
+    )
     truth = {}
     for k, name in enumerate(RUNS):
         run = root.new_run(name)
@@ -85,30 +88,44 @@ def test_cryocaps_reads_what_copick_wrote(project):
 def test_copick_reads_what_cryocaps_wrote(project):
     config, truth = project
     table = read_particles(config)
-    write_particles(table, config, format="copick", copick=CopickSelection(user="cryocaps", session="7"))
+    write_particles(
+        table, config, format="copick", copick=CopickSelection(user="cryocaps", session="7")
+    )
     root = copick.from_file(str(config))
     for (run, obj), (locations, transforms, scores) in truth.items():
         (picks,) = root.get_run(run).get_picks(object_name=obj, user_id="cryocaps", session_id="7")
         positions, written = picks.numpy()
         full = positions + written[:, :3, 3]
-        np.testing.assert_allclose(full / SPACING, (locations + transforms[:, :3, 3]) / SPACING, atol=1e-3)
+        np.testing.assert_allclose(
+            full / SPACING, (locations + transforms[:, :3, 3]) / SPACING, atol=1e-3
+        )
         np.testing.assert_allclose(written[:, :3, :3], transforms[:, :3, :3], atol=1e-4)
         np.testing.assert_allclose(picks.scores(), scores, atol=1e-9)
     assert picks.trust_orientation  # loaded above
     unoriented = table.drop(columns=["rot", "tilt", "psi"])
-    write_particles(unoriented, config, format="copick", copick=CopickSelection(user="picker", session="1"))
-    (picks,) = copick.from_file(str(config)).get_run(RUNS[1]).get_picks(object_name="ribosome", user_id="picker")
+    write_particles(
+        unoriented, config, format="copick", copick=CopickSelection(user="picker", session="1")
+    )
+    (picks,) = (
+        copick.from_file(str(config))
+        .get_run(RUNS[1])
+        .get_picks(object_name="ribosome", user_id="picker")
+    )
     rotations = picks.numpy()[1][:, :3, :3]  # loads the file (the listing knows only its name)
     assert not picks.trust_orientation and np.allclose(rotations, np.eye(3))
     # and cryocaps reads its own session back
     again = read_particles(config, copick=CopickSelection(user="cryocaps", session="7"))
-    np.testing.assert_allclose(again[["x", "y", "z"]].to_numpy(), table[["x", "y", "z"]].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        again[["x", "y", "z"]].to_numpy(), table[["x", "y", "z"]].to_numpy(), atol=1e-6
+    )
 
 
 def test_selection_by_user_session_and_objects(project):
     config, truth = project
     table = read_particles(config, copick=CopickSelection(objects=("proteasome",)))
-    assert set(table["class_name"]) == {"proteasome"} and len(table) == len(truth[("TS_01", "proteasome")][0])
+    assert set(table["class_name"]) == {"proteasome"} and len(table) == len(
+        truth[("TS_01", "proteasome")][0]
+    )
     assert len(read_particles(config, copick=CopickSelection(user="nobody"))) == 0
 
 
@@ -120,7 +137,9 @@ def test_writer_refuses_an_existing_session_and_overwrite_replaces_it(project):
     with pytest.raises(CryocapsError, match="--overwrite"):
         write_particles(table, config, format="copick", copick=selection)
     with pytest.raises(CryocapsError, match="already has picks"):
-        write_particles(table, config, format="copick", copick=CopickSelection(user="curator", session="0"))
+        write_particles(
+            table, config, format="copick", copick=CopickSelection(user="curator", session="0")
+        )
     fewer = table[table["class_name"] == "ribosome"]
     write_particles(fewer, config, format="copick", copick=selection, overwrite=True)
     back = read_particles(config, copick=selection)
@@ -134,13 +153,21 @@ def test_writer_refuses_unknown_runs_and_objects_and_writes_nothing(project):
     table = read_particles(config)
     before = sorted(p.name for p in config.parent.rglob("*.json"))
     bad_run = table.assign(tomo=np.where(table.index == 0, "TS_99", table["tomo"]))
-    with pytest.raises(CryocapsError, match=r"config.json: the copick project has no run\(s\) TS_99"):
-        write_particles(bad_run, config, format="copick", copick=CopickSelection(user="a", session="1"))
+    with pytest.raises(
+        CryocapsError, match=r"config.json: the copick project has no run\(s\) TS_99"
+    ):
+        write_particles(
+            bad_run, config, format="copick", copick=CopickSelection(user="a", session="1")
+        )
     bad_object = table.assign(class_name="ferritin")
     with pytest.raises(CryocapsError, match="no pickable object 'ferritin'"):
-        write_particles(bad_object, config, format="copick", copick=CopickSelection(user="a", session="1"))
+        write_particles(
+            bad_object, config, format="copick", copick=CopickSelection(user="a", session="1")
+        )
     with pytest.raises(CryocapsError, match="not a valid copick name"):
-        write_particles(table, config, format="copick", copick=CopickSelection(user="my_lab", session="1"))
+        write_particles(
+            table, config, format="copick", copick=CopickSelection(user="my_lab", session="1")
+        )
     assert sorted(p.name for p in config.parent.rglob("*.json")) == before
 
 
@@ -148,20 +175,34 @@ def test_bad_inputs_name_the_path(project, tmp_path):
     config, _ = project
     with pytest.raises(CryocapsError, match=r"config.json: no pickable object 'ferritin'"):
         read_particles(config, copick=CopickSelection(objects=("ferritin",)))
-    with pytest.raises(CryocapsError, match=r"Picks/curator_0_\w+.json: run 'TS_0\d' has no voxel spacing 7 Å \(it has 10 Å\)"):
+    with pytest.raises(
+        CryocapsError,
+        match=r"Picks/curator_0_\w+.json: run 'TS_0\d' has no voxel spacing 7 Å \(it has 10 Å\)",
+    ):
         read_particles(config, copick=CopickSelection(voxel_size_angstrom=7.0))
     mismatch = [TomogramInfo("TS_01", SHAPE, 20.0)]
     with pytest.raises(CryocapsError, match="voxel size 10 Å differs from tomogram TS_01's 20 Å"):
         read_particles(config, tomograms=mismatch, copick=CopickSelection(voxel_size_angstrom=10.0))
-    empty = config.parent / "overlay" / "ExperimentRuns" / "TS_02" / "Picks" / "curator_0_proteasome.json"
+    empty = (
+        config.parent
+        / "overlay"
+        / "ExperimentRuns"
+        / "TS_02"
+        / "Picks"
+        / "curator_0_proteasome.json"
+    )
     empty.write_text("")
     with pytest.raises(CryocapsError, match=r"curator_0_proteasome.json: empty copick picks file"):
         read_particles(config)
     not_ome = tmp_path / "plain.zarr"
     import zarr
 
-    zarr.open_group(str(not_ome), mode="w").create_dataset("0", data=np.zeros((4, 4, 4), np.float32))
-    with pytest.raises(CryocapsError, match=r"plain.zarr: Zarr group without OME-Zarr 'multiscales' metadata"):
+    zarr.open_group(str(not_ome), mode="w").create_dataset(
+        "0", data=np.zeros((4, 4, 4), np.float32)
+    )
+    with pytest.raises(
+        CryocapsError, match=r"plain.zarr: Zarr group without OME-Zarr 'multiscales' metadata"
+    ):
         read_tomogram(not_ome)
 
 
@@ -170,13 +211,18 @@ def test_positions_use_a_given_tomograms_voxels(project):
     binned = [TomogramInfo(run, SHAPE, 2 * SPACING) for run in RUNS]
     table = read_particles(config, tomograms=binned)
     locations, transforms, _ = truth[("TS_02", "ribosome")]
-    np.testing.assert_allclose(_rows(table, "TS_02", "ribosome")[["x", "y", "z"]].to_numpy(),
-                               (locations + transforms[:, :3, 3]) / (2 * SPACING), atol=1e-3)
+    np.testing.assert_allclose(
+        _rows(table, "TS_02", "ribosome")[["x", "y", "z"]].to_numpy(),
+        (locations + transforms[:, :3, 3]) / (2 * SPACING),
+        atol=1e-3,
+    )
 
 
 def test_zarr_tomogram_reads_the_same_voxels_as_mrc(project, tmp_path):
     config, _ = project
-    image = config.parent / "overlay" / "ExperimentRuns" / "TS_01" / "VoxelSpacing10.000" / "wbp.zarr"
+    image = (
+        config.parent / "overlay" / "ExperimentRuns" / "TS_01" / "VoxelSpacing10.000" / "wbp.zarr"
+    )
     tomogram = read_tomogram(image, mmap=True)
     assert isinstance(tomogram.data, ZarrVolume)
     assert tomogram.name == "TS_01" and tomogram.voxel_size_angstrom == pytest.approx(SPACING)
@@ -187,7 +233,9 @@ def test_zarr_tomogram_reads_the_same_voxels_as_mrc(project, tmp_path):
     np.testing.assert_array_equal(read_tomogram(image).data, read_tomogram(mrc).data)
     info = read_info(image, voxel_size_angstrom=20.0)
     assert info.shape == (6, 8, 10) and info.voxel_size_angstrom == pytest.approx(20.0)
-    with pytest.raises(CryocapsError, match=r"wbp.zarr: no scale level at 15 Å; the image has 10, 20, 40 Å"):
+    with pytest.raises(
+        CryocapsError, match=r"wbp.zarr: no scale level at 15 Å; the image has 10, 20, 40 Å"
+    ):
         read_info(image, voxel_size_angstrom=15.0)
 
 
@@ -197,12 +245,21 @@ def test_zarr_axes_in_another_order_are_transposed(tmp_path):
     volume = _volume(3)
     path = tmp_path / "xyz.zarr"
     group = zarr.open_group(str(path), mode="w")
-    group.create_dataset("s0", data=np.ascontiguousarray(volume.transpose(2, 1, 0)), chunks=(5, 5, 5))
-    group.attrs["multiscales"] = [{
-        "version": "0.4",
-        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in ("x", "y", "z")],
-        "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [0.8, 0.8, 0.8]}]}],
-    }]
+    group.create_dataset(
+        "s0", data=np.ascontiguousarray(volume.transpose(2, 1, 0)), chunks=(5, 5, 5)
+    )
+    group.attrs["multiscales"] = [
+        {
+            "version": "0.4",
+            "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in ("x", "y", "z")],
+            "datasets": [
+                {
+                    "path": "s0",
+                    "coordinateTransformations": [{"type": "scale", "scale": [0.8, 0.8, 0.8]}],
+                }
+            ],
+        }
+    ]
     tomogram = read_tomogram(path, mmap=True)
     assert tomogram.shape == SHAPE and tomogram.voxel_size_angstrom == pytest.approx(8.0)
     np.testing.assert_array_equal(tomogram.data[2:9, 4, ::2], volume[2:9, 4, ::2])
@@ -245,15 +302,21 @@ def test_volume_paths_zarr_folders_and_project_tomograms(project, tmp_path):
 def test_pickable_objects_are_a_class_table(project):
     config, _ = project
     table = CopickProject(config).class_table()
-    assert [(c.label, c.name, c.radius_angstrom) for c in table] == [(1, "ribosome", 60.0), (2, "proteasome", 40.0)]
+    assert [(c.label, c.name, c.radius_angstrom) for c in table] == [
+        (1, "ribosome", 60.0),
+        (2, "proteasome", 40.0),
+    ]
     with pytest.raises(CryocapsError, match="'membrane' has no radius"):
         CopickProject(config).class_table(("membrane",))
 
 
 def test_a_config_that_is_not_local_is_refused(tmp_path):
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"config_type": "filesystem", "overlay_root": "s3://bucket/x",
-                                  "pickable_objects": []}))
+    config.write_text(
+        json.dumps(
+            {"config_type": "filesystem", "overlay_root": "s3://bucket/x", "pickable_objects": []}
+        )
+    )
     with pytest.raises(CryocapsError, match="not on the local filesystem"):
         read_particles(config)
 
@@ -274,24 +337,51 @@ def test_classes_csv_and_pickable_objects_both_ways(project, tmp_path):
     config, _ = project
     assert [c.name for c in read_classes(config)] == ["ribosome", "proteasome"]
     table = read_particles(config)
-    classes = ClassTable([ParticleClass(1, "ribosome", 60.0), ParticleClass(2, "proteasome", 40.0),
-                          ParticleClass(4, "ferritin", 55.0)], "classes.csv")
+    classes = ClassTable(
+        [
+            ParticleClass(1, "ribosome", 60.0),
+            ParticleClass(2, "proteasome", 40.0),
+            ParticleClass(4, "ferritin", 55.0),
+        ],
+        "classes.csv",
+    )
     write_classes(classes, tmp_path / "classes.csv")
     ferritin = table.iloc[:2].assign(class_name="ferritin")
-    write_particles(ferritin, config, format="copick", classes=read_classes(tmp_path / "classes.csv"),
-                    copick=CopickSelection(user="cryocaps", session="2"))
+    write_particles(
+        ferritin,
+        config,
+        format="copick",
+        classes=read_classes(tmp_path / "classes.csv"),
+        copick=CopickSelection(user="cryocaps", session="2"),
+    )
     root = copick.from_file(str(config))
     added = root.get_object("ferritin")
     assert (added.label, added.radius, added.is_particle) == (4, 55.0, True)
-    (picks,) = root.get_run(ferritin["tomo"].iloc[0]).get_picks(object_name="ferritin", user_id="cryocaps")
+    (picks,) = root.get_run(ferritin["tomo"].iloc[0]).get_picks(
+        object_name="ferritin", user_id="cryocaps"
+    )
     assert len(picks.points) == (ferritin["tomo"] == ferritin["tomo"].iloc[0]).sum()
-    clash = ClassTable([ParticleClass(4, "apoferritin", 60.0)], "other.csv")  # label 4 is ferritin's now
+    clash = ClassTable(
+        [ParticleClass(4, "apoferritin", 60.0)], "other.csv"
+    )  # label 4 is ferritin's now
     with pytest.raises(CryocapsError, match="label 4 of class 'apoferritin' is object 'ferritin'"):
-        write_particles(table, config, format="copick", classes=clash,
-                        copick=CopickSelection(user="cryocaps", session="3"))
-    relabelled = ClassTable([ParticleClass(5, "ribosome", 61.0), ParticleClass(6, "proteasome", 40.0)], "x.csv")
-    write_particles(table, config, format="copick", classes=relabelled,
-                    copick=CopickSelection(user="cryocaps", session="3"))  # the project's objects are kept
+        write_particles(
+            table,
+            config,
+            format="copick",
+            classes=clash,
+            copick=CopickSelection(user="cryocaps", session="3"),
+        )
+    relabelled = ClassTable(
+        [ParticleClass(5, "ribosome", 61.0), ParticleClass(6, "proteasome", 40.0)], "x.csv"
+    )
+    write_particles(
+        table,
+        config,
+        format="copick",
+        classes=relabelled,
+        copick=CopickSelection(user="cryocaps", session="3"),
+    )  # the project's objects are kept
     assert copick.from_file(str(config)).get_object("ribosome").label == 1
 
 
@@ -306,7 +396,9 @@ def test_slab_writer_for_zarr_outputs_and_their_companions(tmp_path):
             writer.data[z : z + 5] = labels[z : z + 5]
         assert not paths["labels"].exists()  # renamed into place only when complete
     probabilities = np.random.default_rng(0).random((3, *SHAPE)).astype(np.float16)
-    with volume_writer(paths["probabilities"], probabilities.shape, SPACING, dtype="float16") as writer:
+    with volume_writer(
+        paths["probabilities"], probabilities.shape, SPACING, dtype="float16"
+    ) as writer:
         writer.data[:] = probabilities
     back = read_tomogram(paths["labels"])
     assert back.data.dtype == np.uint8 and back.name == "TS_01_labels"
@@ -314,7 +406,10 @@ def test_slab_writer_for_zarr_outputs_and_their_companions(tmp_path):
     assert companion_path(paths["labels"], "probs") == paths["probabilities"]
     stack = read_tomogram(paths["probabilities"], allow_stack=True, mmap=True)
     np.testing.assert_array_equal(np.asarray(stack.data), probabilities)
-    with pytest.raises(RuntimeError), volume_writer(tmp_path / "broken.zarr", SHAPE, SPACING) as writer:
+    with (
+        pytest.raises(RuntimeError),
+        volume_writer(tmp_path / "broken.zarr", SHAPE, SPACING) as writer,
+    ):
         writer.data[:2] = 1
         raise RuntimeError("crash mid-write")
     assert not (tmp_path / "broken.zarr").exists() and not list(tmp_path.glob(".broken*"))
@@ -346,25 +441,49 @@ def simulated_project(tmp_path_factory):
     if shutil.which("cryocaps", path=_cli_env()["PATH"]) is None:
         pytest.skip("cryocaps console script not installed")
     data = tmp_path_factory.mktemp("simulated")
-    subprocess.run(["cryocaps", "simulate", str(data), "--n-tomograms", "3", "--shape", "40,64,64", "--seed", "3"],
-                   check=True, env=_cli_env(), capture_output=True)
+    subprocess.run(
+        [
+            "cryocaps",
+            "simulate",
+            str(data),
+            "--n-tomograms",
+            "3",
+            "--shape",
+            "40,64,64",
+            "--seed",
+            "3",
+        ],
+        check=True,
+        env=_cli_env(),
+        capture_output=True,
+    )
     classes = read_classes(data / "classes.csv")
-    objects = [PickableObject(name=c.name, is_particle=True, label=c.label, radius=c.radius_angstrom)
-               for c in classes]
+    objects = [
+        PickableObject(name=c.name, is_particle=True, label=c.label, radius=c.radius_angstrom)
+        for c in classes
+    ]
     config = data / "project" / "config.json"
-    root = copick.new_config(str(config), overlay_root=str(data / "project" / "root"), pickable_objects=objects)
+    root = copick.new_config(
+        str(config), overlay_root=str(data / "project" / "root"), pickable_objects=objects
+    )
     particles = pd.read_csv(data / "particles.csv")
     for name in ("tomo_01", "tomo_02", "tomo_03"):
         tomogram = read_tomogram(data / "tomograms" / f"{name}.mrc")
         run = root.new_run(name)
-        run.new_voxel_spacing(tomogram.voxel_size_angstrom).new_tomogram("wbp").from_numpy(tomogram.data)
+        run.new_voxel_spacing(tomogram.voxel_size_angstrom).new_tomogram("wbp").from_numpy(
+            tomogram.data
+        )
         if name == "tomo_03":
             continue
         for obj, rows in particles[particles["tomo"] == name].groupby("class_name"):
             transforms = np.tile(np.eye(4), (len(rows), 1, 1))
-            transforms[:, :3, :3] = relion_orientation(rows[["rot", "tilt", "psi"]].to_numpy()).as_matrix()
+            transforms[:, :3, :3] = relion_orientation(
+                rows[["rot", "tilt", "psi"]].to_numpy()
+            ).as_matrix()
             picks = run.new_picks(obj, session_id="0", user_id="curator")
-            picks.from_numpy(rows[["x", "y", "z"]].to_numpy() * tomogram.voxel_size_angstrom, transforms)
+            picks.from_numpy(
+                rows[["x", "y", "z"]].to_numpy() * tomogram.voxel_size_angstrom, transforms
+            )
     return config, particles
 
 
@@ -375,39 +494,99 @@ def test_convert_picks_contract_both_ways(simulated_project, tmp_path):
 
     config, particles = simulated_project
     out = tmp_path / "picks.csv"
-    result = subprocess.run(["cryocaps", "convert-picks", str(config), "-o", str(out), "--format", "csv",
-                             "--copick-user", "curator", "--copick-session", "0"],
-                            env=_cli_env(), capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            "cryocaps",
+            "convert-picks",
+            str(config),
+            "-o",
+            str(out),
+            "--format",
+            "csv",
+            "--copick-user",
+            "curator",
+            "--copick-session",
+            "0",
+        ],
+        env=_cli_env(),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(out).sort_values(["tomo", "class_name", "x"]).reset_index(drop=True)
-    truth = particles[particles["tomo"] != "tomo_03"].sort_values(["tomo", "class_name", "x"]).reset_index(drop=True)
-    np.testing.assert_allclose(table[["x", "y", "z"]].to_numpy(), truth[["x", "y", "z"]].to_numpy(), atol=1e-3)
-    np.testing.assert_allclose(relion_orientation(table[["rot", "tilt", "psi"]].to_numpy()).as_matrix(),
-                               relion_orientation(truth[["rot", "tilt", "psi"]].to_numpy()).as_matrix(), atol=1e-4)
-    args = ["cryocaps", "convert-picks", str(out), "--format", "copick", "-o", str(config),
-            "--copick-user", "cli", "--copick-session", "5"]
+    truth = (
+        particles[particles["tomo"] != "tomo_03"]
+        .sort_values(["tomo", "class_name", "x"])
+        .reset_index(drop=True)
+    )
+    np.testing.assert_allclose(
+        table[["x", "y", "z"]].to_numpy(), truth[["x", "y", "z"]].to_numpy(), atol=1e-3
+    )
+    np.testing.assert_allclose(
+        relion_orientation(table[["rot", "tilt", "psi"]].to_numpy()).as_matrix(),
+        relion_orientation(truth[["rot", "tilt", "psi"]].to_numpy()).as_matrix(),
+        atol=1e-4,
+    )
+    args = [
+        "cryocaps",
+        "convert-picks",
+        str(out),
+        "--format",
+        "copick",
+        "-o",
+        str(config),
+        "--copick-user",
+        "cli",
+        "--copick-session",
+        "5",
+    ]
     assert subprocess.run(args, env=_cli_env(), capture_output=True).returncode == 0
     again = subprocess.run(args, env=_cli_env(), capture_output=True, text=True)
-    assert again.returncode == 2 and "--overwrite" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert (
+        again.returncode == 2
+        and "--overwrite" in again.stderr
+        and len(again.stderr.strip().splitlines()) == 1
+    )
     root = copick.from_file(str(config))
-    (picks,) = root.get_run("tomo_01").get_picks(object_name="ribosome", user_id="cli", session_id="5")
+    (picks,) = root.get_run("tomo_01").get_picks(
+        object_name="ribosome", user_id="cli", session_id="5"
+    )
     expected = truth[(truth["tomo"] == "tomo_01") & (truth["class_name"] == "ribosome")]
-    np.testing.assert_allclose(np.sort(picks.numpy()[0][:, 0]) / 10.0, np.sort(expected["x"].to_numpy()), atol=1e-3)
+    np.testing.assert_allclose(
+        np.sort(picks.numpy()[0][:, 0]) / 10.0, np.sort(expected["x"].to_numpy()), atol=1e-3
+    )
 
 
 def test_preprocess_zarr_writes_the_same_voxels_as_mrc(simulated_project, tmp_path):
     import subprocess
 
     config, _ = simulated_project
-    image = config.parent / "root" / "ExperimentRuns" / "tomo_02" / "VoxelSpacing10.000" / "wbp.zarr"
+    image = (
+        config.parent / "root" / "ExperimentRuns" / "tomo_02" / "VoxelSpacing10.000" / "wbp.zarr"
+    )
     mrc = config.parent.parent / "tomograms" / "tomo_02.mrc"
     for source, out in ((image, tmp_path / "from_zarr"), (mrc, tmp_path / "from_mrc")):
-        result = subprocess.run(["cryocaps", "preprocess", str(source), "-o", str(out), "--voxel-size-angstrom", "10",
-                                 "--no-normalize"], env=_cli_env(), capture_output=True, text=True)
+        result = subprocess.run(
+            [
+                "cryocaps",
+                "preprocess",
+                str(source),
+                "-o",
+                str(out),
+                "--voxel-size-angstrom",
+                "10",
+                "--no-normalize",
+            ],
+            env=_cli_env(),
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 0, result.stderr
     (written,) = (tmp_path / "from_zarr").glob("*.mrc")
     assert written.name == "tomo_02.mrc"
-    np.testing.assert_array_equal(read_tomogram(written).data, read_tomogram(tmp_path / "from_mrc" / "tomo_02.mrc").data)
+    np.testing.assert_array_equal(
+        read_tomogram(written).data, read_tomogram(tmp_path / "from_mrc" / "tomo_02.mrc").data
+    )
 
 
 @pytest.mark.slow
@@ -422,18 +601,35 @@ def test_copick_pipeline_example(simulated_project, tmp_path):
     text = (project / "config.json").read_text().replace(str(config.parent), str(project))
     (project / "config.json").write_text(text)
     script = Path(__file__).resolve().parents[1] / "examples" / "copick_pipeline.sh"
-    env = {**_cli_env(), "MINUTES": "0.05", "PATCH": "32", "MODEL": "unet", "USER_ID": "cryocaps",
-           "SESSION": "9", "TRAIN_ARGS": "--val-fraction 0.5"}
-    result = subprocess.run(["bash", str(script), str(project / "config.json"), str(tmp_path / "out")],
-                            env=env, capture_output=True, text=True)
+    env = {
+        **_cli_env(),
+        "MINUTES": "0.05",
+        "PATCH": "32",
+        "MODEL": "unet",
+        "USER_ID": "cryocaps",
+        "SESSION": "9",
+        "TRAIN_ARGS": "--val-fraction 0.5",
+    }
+    result = subprocess.run(
+        ["bash", str(script), str(project / "config.json"), str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     for stage in ("convert-picks", "make-masks", "train", "segment", "cluster-picks"):
         assert f"+ cryocaps {stage}" in result.stdout
-    assert sorted(p.name for p in (tmp_path / "out" / "segmentation").glob("*_labels.mrc")) == ["tomo_03_labels.mrc"]
+    assert sorted(p.name for p in (tmp_path / "out" / "segmentation").glob("*_labels.mrc")) == [
+        "tomo_03_labels.mrc"
+    ]
     root = copick.from_file(str(project / "config.json"))
-    new = [p for p in root.get_run("tomo_03").picks if p.user_id == "cryocaps" and p.session_id == "9"]
+    new = [
+        p for p in root.get_run("tomo_03").picks if p.user_id == "cryocaps" and p.session_id == "9"
+    ]
     assert new, "no picks written back to tomo_03"
-    assert not root.get_run("tomo_01").get_picks(user_id="cryocaps")  # training runs are not re-picked
+    assert not root.get_run("tomo_01").get_picks(
+        user_id="cryocaps"
+    )  # training runs are not re-picked
 
 
 def test_agrees_with_copicks_own_relion5_export(project, tmp_path):
@@ -449,16 +645,23 @@ def test_agrees_with_copicks_own_relion5_export(project, tmp_path):
     starfile.write({"particles": exported}, star)
     via_relion = read_particles(star, tomograms=[TomogramInfo("TS_01", SHAPE, SPACING)])
     direct = _rows(read_particles(config), "TS_01", "ribosome")
-    np.testing.assert_allclose(via_relion[["x", "y", "z"]].to_numpy(), direct[["x", "y", "z"]].to_numpy(), atol=1e-3)
-    np.testing.assert_allclose(relion_orientation(via_relion[["rot", "tilt", "psi"]].to_numpy()).as_matrix(),
-                               relion_orientation(direct[["rot", "tilt", "psi"]].to_numpy()).as_matrix(), atol=1e-4)
+    np.testing.assert_allclose(
+        via_relion[["x", "y", "z"]].to_numpy(), direct[["x", "y", "z"]].to_numpy(), atol=1e-3
+    )
+    np.testing.assert_allclose(
+        relion_orientation(via_relion[["rot", "tilt", "psi"]].to_numpy()).as_matrix(),
+        relion_orientation(direct[["rot", "tilt", "psi"]].to_numpy()).as_matrix(),
+        atol=1e-4,
+    )
 
 
 def test_level_voxel_size_prefers_a_level_that_needs_no_binning(project):
     from cryocaps.io.zarr_volumes import level_voxel_size
 
     config, _ = project
-    image = config.parent / "overlay" / "ExperimentRuns" / "TS_02" / "VoxelSpacing10.000" / "wbp.zarr"
+    image = (
+        config.parent / "overlay" / "ExperimentRuns" / "TS_02" / "VoxelSpacing10.000" / "wbp.zarr"
+    )
     assert level_voxel_size(image, 20.0) == 20.0
     assert level_voxel_size(image, 25.0) is None  # no such level: the finest is binned
     assert level_voxel_size(config, 20.0) is None  # not an OME-Zarr image
@@ -474,10 +677,20 @@ def _tiny_model(folder, voxel_size):
     model = create_model("unet", 3, widths=(4, 4, 4))
     for parameter in model.parameters():  # larger weights: labels vary across the volume
         parameter.data.mul_(3)
-    classes = [{"label": 1, "name": "ribosome", "radius_angstrom": 60.0},
-               {"label": 2, "name": "proteasome", "radius_angstrom": 40.0}]
-    save_model(folder, model, {"classes": classes, "voxel_size_angstrom": voxel_size, "patch_size": 16,
-                               "normalization": {"method": "percentile_zscore"}})
+    classes = [
+        {"label": 1, "name": "ribosome", "radius_angstrom": 60.0},
+        {"label": 2, "name": "proteasome", "radius_angstrom": 40.0},
+    ]
+    save_model(
+        folder,
+        model,
+        {
+            "classes": classes,
+            "voxel_size_angstrom": voxel_size,
+            "patch_size": 16,
+            "normalization": {"method": "percentile_zscore"},
+        },
+    )
     return folder
 
 
@@ -485,23 +698,42 @@ def test_segment_on_zarr_equals_segment_on_mrc(project, tmp_path):
     from cryocaps.inference import segment_files
 
     config, _ = project
-    image = config.parent / "overlay" / "ExperimentRuns" / "TS_01" / "VoxelSpacing10.000" / "wbp.zarr"
+    image = (
+        config.parent / "overlay" / "ExperimentRuns" / "TS_01" / "VoxelSpacing10.000" / "wbp.zarr"
+    )
     for spacing in (10.0, 20.0):  # the level at the model's voxel size is read
         model = _tiny_model(tmp_path / f"model{spacing:g}", spacing)
         mrc = tmp_path / f"mrc{spacing:g}" / "TS_01.mrc"
         write_volume(mrc, read_tomogram(image, voxel_size_angstrom=spacing).data, spacing)
         runs = {}
-        for name, source, out_format in (("mrc", mrc, "mrc"), ("zarr", image, "mrc"), ("zarr_out", image, "zarr")):
-            runs[name] = segment_files([source], model, tmp_path / f"{name}{spacing:g}", probabilities=True,
-                                       out_format=out_format, bf16=False)["tomograms"][0]
+        for name, source, out_format in (
+            ("mrc", mrc, "mrc"),
+            ("zarr", image, "mrc"),
+            ("zarr_out", image, "zarr"),
+        ):
+            runs[name] = segment_files(
+                [source],
+                model,
+                tmp_path / f"{name}{spacing:g}",
+                probabilities=True,
+                out_format=out_format,
+                bf16=False,
+            )["tomograms"][0]
         labels = {name: read_tomogram(run["outputs"]["labels"]).data for name, run in runs.items()}
-        assert labels["mrc"].shape == read_info(image, spacing).shape and len(np.unique(labels["mrc"])) > 1
+        assert (
+            labels["mrc"].shape == read_info(image, spacing).shape
+            and len(np.unique(labels["mrc"])) > 1
+        )
         np.testing.assert_array_equal(labels["zarr"], labels["mrc"])
         np.testing.assert_array_equal(labels["zarr_out"], labels["mrc"])
         assert runs["zarr_out"]["outputs"]["labels"].endswith("TS_01_labels.zarr")
         np.testing.assert_array_equal(
-            np.asarray(read_tomogram(runs["zarr_out"]["outputs"]["probabilities"], allow_stack=True).data),
+            np.asarray(
+                read_tomogram(runs["zarr_out"]["outputs"]["probabilities"], allow_stack=True).data
+            ),
             read_tomogram(runs["mrc"]["outputs"]["probabilities"], allow_stack=True).data,
         )
-    with pytest.raises(CryocapsError, match=r"wbp.zarr: no scale level at 15 Å; the image has 10, 20, 40 Å"):
+    with pytest.raises(
+        CryocapsError, match=r"wbp.zarr: no scale level at 15 Å; the image has 10, 20, 40 Å"
+    ):
         segment_files([image], _tiny_model(tmp_path / "model15", 15.0), tmp_path / "out15")

@@ -50,7 +50,8 @@ def test_demo_stages_are_the_pipeline_with_a_fixed_or_timed_training(tmp_path):
 
     timed = demo_stages(tmp_path, DemoSettings(minutes=2, model="unet", seed=7))
     assert [argv[0] for argv in timed] == ["simulate", "make-masks", "train", "segment",
-                                           "cluster-picks", "evaluate", "cluster-picks", "evaluate"]  # fmt: skip
+                                           "cluster-picks", "evaluate",
+                                           "cluster-picks", "evaluate"]  # fmt: skip
     assert {argv[0] for argv in timed} <= {name for name, _ in COMMANDS}
     train = timed[2]
     assert train[train.index("--max-minutes") + 1] == "2" and "--epochs" not in train
@@ -64,7 +65,10 @@ def test_demo_stages_are_the_pipeline_with_a_fixed_or_timed_training(tmp_path):
 
 
 def test_demo_library_does_not_import_the_cli():
-    code = "import sys, cryocaps.demo; print(sorted(m for m in sys.modules if m.startswith('cryocaps.cli')))"
+    code = (
+        "import sys, cryocaps.demo; "
+        "print(sorted(m for m in sys.modules if m.startswith('cryocaps.cli')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

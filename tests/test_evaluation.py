@@ -37,7 +37,9 @@ def classes() -> ClassTable:
 
 
 def _table(rows, tomo="TS_01") -> pd.DataFrame:
-    frame = pd.DataFrame(rows, columns=["class_name", "x", "y", "z", *(["score"] if len(rows[0]) > 4 else [])])
+    frame = pd.DataFrame(
+        rows, columns=["class_name", "x", "y", "z", *(["score"] if len(rows[0]) > 4 else [])]
+    )
     frame.insert(0, "tomo", tomo)
     return frame
 
@@ -103,7 +105,9 @@ def test_matching_is_one_to_one_and_optimal(classes):
     scores = evaluate_picks(picks, truth, classes, VOXEL)
     assert scores["classes"]["ribo"]["tp"] == 2
     # Two picks on one particle: one match only.
-    scores = evaluate_picks(_table([("ribo", 0, 0, 0), ("ribo", 0.5, 0, 0)]), truth.iloc[:1], classes, VOXEL)
+    scores = evaluate_picks(
+        _table([("ribo", 0, 0, 0), ("ribo", 0.5, 0, 0)]), truth.iloc[:1], classes, VOXEL
+    )
     assert (scores["classes"]["ribo"]["tp"], scores["classes"]["ribo"]["fp"]) == (1, 1)
 
 
@@ -126,7 +130,9 @@ def test_per_tomogram_matching_and_voxel_sizes(classes):
 
 
 def test_class_numbers_and_absent_classes(classes, truth):
-    picks = truth[truth["class_name"] == "ribo"].assign(class_name="1")  # class numbers, as in STAR files
+    picks = truth[truth["class_name"] == "ribo"].assign(
+        class_name="1"
+    )  # class numbers, as in STAR files
     scores = evaluate_picks(picks, truth[truth["class_name"] == "ribo"], classes, VOXEL)
     assert scores["classes"]["ribo"]["f1"] == 1.0
     assert scores["classes"]["proteasome"]["f1"] is None  # neither picks nor particles
@@ -153,7 +159,9 @@ def test_beta_reaches_the_scores(classes, truth):
 
 
 def test_auprc_known_cases():
-    curve = precision_recall(np.array([0.9, 0.8, 0.7, 0.6]), np.array([True, False, True, False]), 3)
+    curve = precision_recall(
+        np.array([0.9, 0.8, 0.7, 0.6]), np.array([True, False, True, False]), 3
+    )
     # Σ ΔR·P = 1/3·1 + 0 + 1/3·2/3 + 0
     assert curve["auprc"] == pytest.approx(5 / 9)
     assert curve["precision"].tolist() == pytest.approx([1, 1 / 2, 2 / 3, 1 / 2])
@@ -201,7 +209,9 @@ def test_best_score_thresholds_drop_confident_false_positives(classes, truth):
     assert np.isnan(table.loc["proteasome", "min_score"])
     assert table.loc["proteasome", "f1"] == pytest.approx(0.5)
     # no picks of a class with particles: F1 0 and nothing to tune
-    only_ribo = best_score_thresholds(match_picks(picks[picks["class_name"] == "ribo"], truth, classes, VOXEL))
+    only_ribo = best_score_thresholds(
+        match_picks(picks[picks["class_name"] == "ribo"], truth, classes, VOXEL)
+    )
     assert only_ribo.set_index("class_name").loc["proteasome", "f1"] == 0.0
 
 
@@ -251,7 +261,9 @@ def test_voxel_metrics():
     assert result["classes"]["a"]["positive_fraction"] == pytest.approx(128 / 512)
     # Perfect probabilities: AUPRC 1; constant ones: the chance level (positive fraction).
     perfect = np.stack([(true == k).astype(np.float16) for k in range(3)])
-    assert voxel_metrics(pred, true, classes, perfect)["classes"]["a"]["auprc"] == pytest.approx(1.0)
+    assert voxel_metrics(pred, true, classes, perfect)["classes"]["a"]["auprc"] == pytest.approx(
+        1.0
+    )
     constant = np.full((3, 8, 8, 8), 0.5, np.float16)
     flat = voxel_metrics(pred, true, classes, constant)["classes"]["b"]
     assert flat["auprc"] == pytest.approx(flat["auprc_baseline"]) and flat["auprc_baseline"] == 0.25
@@ -276,7 +288,12 @@ def files(tmp_path, classes, truth):
 
 def test_cli_json(run_cli, files):
     result = run_cli(
-        "evaluate", files / "picks.csv", files / "truth.csv", "--voxel-size-angstrom", VOXEL, "--json"
+        "evaluate",
+        files / "picks.csv",
+        files / "truth.csv",
+        "--voxel-size-angstrom",
+        VOXEL,
+        "--json",
     )
     assert result.exit_code == 0, result.output
     scores = json.loads(result.stdout)
@@ -293,13 +310,29 @@ def test_cli_report_and_overlay(run_cli, files, tmp_path):
     write_volume(tomogram, volume, VOXEL)
     report = tmp_path / "report"
     result = run_cli(
-        "evaluate", files / "picks.csv", files / "truth.csv", "--classes", files / "classes.csv",
-        "--tomograms", tomogram, "-o", report, "--overlay", tomogram, "--beta", "4",
+        "evaluate",
+        files / "picks.csv",
+        files / "truth.csv",
+        "--classes",
+        files / "classes.csv",
+        "--tomograms",
+        tomogram,
+        "-o",
+        report,
+        "--overlay",
+        tomogram,
+        "--beta",
+        "4",
     )
     assert result.exit_code == 0, result.output
     assert "ribo" in result.output and "F4" in result.output
     for name in (
-        "report.json", "confusion.csv", "pr_curve.png", "matches.csv", "pick_thresholds.csv", "overlay_TS_01.png",
+        "report.json",
+        "confusion.csv",
+        "pr_curve.png",
+        "matches.csv",
+        "pick_thresholds.csv",
+        "overlay_TS_01.png",
         "run.json",
     ):
         assert (report / name).is_file(), name
@@ -313,7 +346,13 @@ def test_cli_report_and_overlay(run_cli, files, tmp_path):
     assert confusion.loc["ribo", "ribo"] == 4 and confusion.loc["background", "ribo"] == 1
     # Existing reports are kept unless --overwrite.
     again = run_cli(
-        "evaluate", files / "picks.csv", files / "truth.csv", "--voxel-size-angstrom", VOXEL, "-o", report
+        "evaluate",
+        files / "picks.csv",
+        files / "truth.csv",
+        "--voxel-size-angstrom",
+        VOXEL,
+        "-o",
+        report,
     )
     assert again.exit_code == 2 and "--overwrite" in again.output
 
@@ -330,8 +369,16 @@ def test_cli_voxel_scores(run_cli, tmp_path):
     write_volume(tmp_path / "true" / "TS_01.mrc", true, VOXEL, dtype="uint8")
     write_classes(classes, tmp_path / "classes.csv")
     result = run_cli(
-        "evaluate", "--labels-pred", tmp_path / "pred", "--labels-true", tmp_path / "true",
-        "--classes", tmp_path / "classes.csv", "--json", "-o", tmp_path / "voxel_report",
+        "evaluate",
+        "--labels-pred",
+        tmp_path / "pred",
+        "--labels-true",
+        tmp_path / "true",
+        "--classes",
+        tmp_path / "classes.csv",
+        "--json",
+        "-o",
+        tmp_path / "voxel_report",
     )
     assert result.exit_code == 0, result.output
     scores = json.loads(result.stdout)
@@ -361,7 +408,9 @@ def test_cli_voxel_scores_refuse_other_voxel_sizes(run_cli, tmp_path):
 
 
 def test_write_report_returns_the_thresholds_it_wrote(classes, truth, tmp_path):
-    picks = _table([("ribo", 10, 10, 10, 0.9), ("ribo", 30, 10, 10, 0.8), ("ribo", 90, 90, 90, 0.3)])
+    picks = _table(
+        [("ribo", 10, 10, 10, 0.9), ("ribo", 30, 10, 10, 0.8), ("ribo", 90, 90, 90, 0.3)]
+    )
     matching = match_picks(picks, truth, classes, VOXEL)
     report = write_report(tmp_path / "report", summarize(matching), matching)
     assert sorted(p.name for p in report.files) == sorted(REPORT_FILES)
@@ -398,7 +447,10 @@ def test_cli_bad_inputs(run_cli, files, tmp_path):
         ([picks, truth], "--voxel-size-angstrom"),
         ([picks, lonely / "truth.csv", "--voxel-size-angstrom", VOXEL], "--classes"),
         ([picks, tmp_path / "missing.csv", "--voxel-size-angstrom", VOXEL], "missing.csv"),
-        ([picks, truth, "--voxel-size-angstrom", VOXEL, "--tolerance-fraction", "0"], "--tolerance-fraction"),
+        (
+            [picks, truth, "--voxel-size-angstrom", VOXEL, "--tolerance-fraction", "0"],
+            "--tolerance-fraction",
+        ),
         ([picks, truth, "--voxel-size-angstrom", VOXEL, "--overlay", picks], "-o REPORT_DIR"),
         ([picks], "PICKS and TRUTH"),
     ]
@@ -412,7 +464,9 @@ def test_cli_bad_inputs(run_cli, files, tmp_path):
 def test_overlay_panels_circle_outcomes(classes, truth):
     from cryocaps.evaluation import overlay_panels
 
-    picks = _table([("ribo", 10.5, 10, 10, 0.9), ("ribo", 90, 30, 11, 0.5)])  # a hit and a false alarm
+    picks = _table(
+        [("ribo", 10.5, 10, 10, 0.9), ("ribo", 90, 30, 11, 0.5)]
+    )  # a hit and a false alarm
     matching = match_picks(picks, truth, classes, VOXEL)
     volume = np.zeros((20, 64, 100), np.float32)
     panels = overlay_panels(volume, matching, "TS_01", VOXEL, n_slices=1)
@@ -422,7 +476,15 @@ def test_overlay_panels_circle_outcomes(classes, truth):
     outcomes = sorted((c.outcome, round(c.x), round(c.y)) for c in circles)
     # Particles within a radius of z = 10: every truth particle (z = 10) and both picks.
     assert outcomes == sorted(
-        [("tp", 10, 10), ("fp", 90, 30), ("fn", 30, 10), ("fn", 50, 10), ("fn", 70, 10), ("fn", 10, 40), ("fn", 40, 40)]
+        [
+            ("tp", 10, 10),
+            ("fp", 90, 30),
+            ("fn", 30, 10),
+            ("fn", 50, 10),
+            ("fn", 70, 10),
+            ("fn", 10, 40),
+            ("fn", 40, 40),
+        ]
     )
     radii = {(c.outcome, round(c.x)): c.radius for c in circles}
     assert radii[("fn", 30)] == pytest.approx(4.0)  # ribosome radius in the plane of its centre
@@ -434,8 +496,15 @@ def test_cli_overlay_of_unknown_tomogram_writes_nothing(run_cli, files, tmp_path
     write_volume(other, np.zeros((8, 16, 16), np.float32), VOXEL)
     report = tmp_path / "report"
     result = run_cli(
-        "evaluate", files / "picks.csv", files / "truth.csv", "--voxel-size-angstrom", VOXEL,
-        "-o", report, "--overlay", other,
+        "evaluate",
+        files / "picks.csv",
+        files / "truth.csv",
+        "--voxel-size-angstrom",
+        VOXEL,
+        "-o",
+        report,
+        "--overlay",
+        other,
     )
     assert result.exit_code == 2 and "TS_77" in result.output
     assert not report.exists() or not any(report.iterdir())

@@ -28,8 +28,20 @@ def project(tmp_path_factory) -> Path:
         pytest.skip("cryocaps console script not installed")
     root = tmp_path_factory.mktemp("project")
     subprocess.run(
-        ["cryocaps", "simulate", str(root), "--n-tomograms", "2", "--shape", "40,64,64", "--seed", "3"],
-        check=True, env=_env(), capture_output=True,
+        [
+            "cryocaps",
+            "simulate",
+            str(root),
+            "--n-tomograms",
+            "2",
+            "--shape",
+            "40,64,64",
+            "--seed",
+            "3",
+        ],
+        check=True,
+        env=_env(),
+        capture_output=True,
     )
     return root
 
@@ -45,17 +57,30 @@ def project(tmp_path_factory) -> Path:
 def test_pipeline_scripts(project, tmp_path, script, particles, output, block):
     out = tmp_path / "out"
     env = _env(
-        MINUTES="0.05", PATCH="32", MODEL="unet", CLASSES=project / "classes.csv", TRAIN_ARGS="--val-fraction 0.5"
+        MINUTES="0.05",
+        PATCH="32",
+        MODEL="unet",
+        CLASSES=project / "classes.csv",
+        TRAIN_ARGS="--val-fraction 0.5",
     )
     result = subprocess.run(
-        ["bash", str(EXAMPLES / script), str(project / particles), str(project / "tomograms"), str(out)],
-        env=env, capture_output=True, text=True,
+        [
+            "bash",
+            str(EXAMPLES / script),
+            str(project / particles),
+            str(project / "tomograms"),
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     for stage in ("preprocess", "make-masks", "train", "segment", "cluster-picks"):
         assert f"+ cryocaps {stage}" in result.stdout
     assert sorted(p.name for p in (out / "segmentation").glob("*_labels.mrc")) == [
-        "tomo_01_labels.mrc", "tomo_02_labels.mrc"
+        "tomo_01_labels.mrc",
+        "tomo_02_labels.mrc",
     ]
     star = starfile.read(out / output, always_dict=True)
     assert block in star
@@ -64,7 +89,10 @@ def test_pipeline_scripts(project, tmp_path, script, particles, output, block):
 def test_slurm_train_dry_run():
     result = subprocess.run(
         ["bash", str(EXAMPLES / "slurm_train.sbatch"), "tomos", "masks", "run"],
-        env=_env(DRY_RUN=1, GPUS=2, RESUME=1), capture_output=True, text=True, check=True,
+        env=_env(DRY_RUN=1, GPUS=2, RESUME=1),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith("+ torchrun --standalone --nproc-per-node 2 -m cryocaps train")
@@ -77,7 +105,9 @@ def test_slurm_segment_array_dry_run_covers_all_shards():
         result = subprocess.run(
             ["bash", str(EXAMPLES / "slurm_segment_array.sbatch"), "tomos", "run", "seg"],
             env=_env(DRY_RUN=1, SLURM_ARRAY_TASK_ID=task, SLURM_ARRAY_TASK_COUNT=4),
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         lines.append(result.stdout.strip())
     assert [f"--shard {t}/4" in line for t, line in enumerate(lines)] == [True] * 4

@@ -61,7 +61,12 @@ def reference_blend(volume, predictor, patch, overlap, size_multiple=1, blending
     """All-in-memory blending: pad the whole volume, accumulate every window, no streaming."""
     plans = plan_windows(volume.shape, patch, overlap, size_multiple)
     padded = volume[
-        np.ix_(*(reflect_indices(p.lattice_start, p.lattice_start + p.lattice_length, p.size) for p in plans))
+        np.ix_(
+            *(
+                reflect_indices(p.lattice_start, p.lattice_start + p.lattice_length, p.size)
+                for p in plans
+            )
+        )
     ]
     weights = [axis_weights(p, blending) for p in plans]
     total = None
@@ -69,11 +74,15 @@ def reference_blend(volume, predictor, patch, overlap, size_multiple=1, blending
         corner = [p.starts[n] - p.lattice_start for p, n in zip(plans, (k, j, i), strict=True)]
         window = padded[tuple(slice(c, c + p.patch) for c, p in zip(corner, plans, strict=True))]
         with torch.inference_mode():
-            values = predictor(torch.from_numpy(np.ascontiguousarray(window))[None, None])[0].numpy()
+            values = predictor(torch.from_numpy(np.ascontiguousarray(window))[None, None])[
+                0
+            ].numpy()
         weight = weights[0][k][:, None, None] * weights[1][j][:, None] * weights[2][i]
         if total is None:
             total = np.zeros((values.shape[0], *padded.shape), np.float64)
-        total[(slice(None), *(slice(c, c + p.patch) for c, p in zip(corner, plans, strict=True)))] += weight * values
+        total[
+            (slice(None), *(slice(c, c + p.patch) for c, p in zip(corner, plans, strict=True)))
+        ] += weight * values
     crop = tuple(slice(-p.lattice_start, -p.lattice_start + p.size) for p in plans)
     return total[(slice(None), *crop)]
 
@@ -82,7 +91,9 @@ def reference_blend(volume, predictor, patch, overlap, size_multiple=1, blending
 
 
 @pytest.mark.parametrize("size", [2, 7, 31, 32, 33, 100, 161])
-@pytest.mark.parametrize("patch,overlap,multiple", [(16, 4, 4), (32, 25, 8), (24, 0, 4), (12, 6, 1)])
+@pytest.mark.parametrize(
+    "patch,overlap,multiple", [(16, 4, 4), (32, 25, 8), (24, 0, 4), (12, 6, 1)]
+)
 def test_plan_covers_the_volume_with_margins(size, patch, overlap, multiple):
     plan = plan_axis(size, patch, overlap, multiple)
     margin = -(-overlap // 2)
@@ -106,16 +117,28 @@ def test_patch_larger_than_volume_gives_one_fitted_window():
 
 @pytest.mark.parametrize(
     "patch,overlap,message",
-    [(16, 16, "--overlap 16"), (16, -1, "--overlap -1"), (18, 4, "--patch-size 18"), ((16, 16), 4, "--patch-size")],
+    [
+        (16, 16, "--overlap 16"),
+        (16, -1, "--overlap -1"),
+        (18, 4, "--patch-size 18"),
+        ((16, 16), 4, "--patch-size"),
+    ],
 )
 def test_bad_window_settings_are_refused(patch, overlap, message):
     with pytest.raises(CryocapsError, match=message):
-        sliding_window(np.zeros((20, 20, 20), np.float32), pointwise, patch, overlap, size_multiple=4)
+        sliding_window(
+            np.zeros((20, 20, 20), np.float32), pointwise, patch, overlap, size_multiple=4
+        )
 
 
 @pytest.mark.parametrize(
     "patch,overlap,message",
-    [(18, None, "--patch-size 18"), (16, 16, "--overlap 16"), (16, (4, 4), "--overlap"), (-8, None, "--patch-size -8")],
+    [
+        (18, None, "--patch-size 18"),
+        (16, 16, "--overlap 16"),
+        (16, (4, 4), "--overlap"),
+        (-8, None, "--patch-size -8"),
+    ],
 )
 def test_resolve_window_applies_the_same_checks(patch, overlap, message):
     with pytest.raises(CryocapsError, match=message):
@@ -145,7 +168,9 @@ def test_constant_model_gives_a_constant_map(blending):
 
     out = sliding_window(volume, constant, 16, 6, size_multiple=4, blending=blending, batch_size=3)
     assert out.shape == (3, 23, 41, 37)
-    np.testing.assert_allclose(out, np.broadcast_to([[[[0.2]]], [[[0.5]]], [[[0.3]]]], out.shape), atol=1e-6)
+    np.testing.assert_allclose(
+        out, np.broadcast_to([[[[0.2]]], [[[0.5]]], [[[0.3]]]], out.shape), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -162,8 +187,12 @@ def test_position_coded_volume_comes_back_without_seams(shape, patch, overlap, b
     # Each voxel holds a distinct value; a pointwise model must return exactly f(value)
     # everywhere, so any window placed or weighted wrongly shows up as a seam.
     volume = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) / np.prod(shape)
-    out = sliding_window(volume, pointwise, patch, overlap, size_multiple=4, blending=blending, batch_size=2)
-    np.testing.assert_allclose(out, pointwise(torch.from_numpy(volume)[None, None])[0].numpy(), atol=2e-6)
+    out = sliding_window(
+        volume, pointwise, patch, overlap, size_multiple=4, blending=blending, batch_size=2
+    )
+    np.testing.assert_allclose(
+        out, pointwise(torch.from_numpy(volume)[None, None])[0].numpy(), atol=2e-6
+    )
 
 
 @pytest.mark.parametrize("overlap", [4, pytest.param(10, marks=pytest.mark.slow)])  # 10: ~7 s
@@ -236,7 +265,9 @@ def test_mrc_sink_writes_maps_and_leaves_nothing_when_the_window_fails(tmp_path)
         assert sliding_window(volume, pointwise, 8, 2, sink=sink) is None
     expected = sliding_window(volume, pointwise, 8, 2)
     assert np.array_equal(read_tomogram(paths["labels"]).data, expected.argmax(0))
-    np.testing.assert_allclose(read_tomogram(paths["score"]).data, expected[1:].max(0), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        read_tomogram(paths["score"]).data, expected[1:].max(0), rtol=1e-3, atol=1e-3
+    )
     probs = read_tomogram(paths["probabilities"], allow_stack=True)
     np.testing.assert_allclose(probs.data, expected, rtol=1e-3, atol=1e-3)
     assert probs.voxel_size_angstrom == pytest.approx(7.0)
@@ -245,9 +276,14 @@ def test_mrc_sink_writes_maps_and_leaves_nothing_when_the_window_fails(tmp_path)
         raise RuntimeError("out of memory")
 
     failed = {key: path.with_name("failed" + path.name[1:]) for key, path in paths.items()}
-    with pytest.raises(RuntimeError), MrcMapsSink(failed, volume.shape, 3, voxel_size_angstrom=7.0) as sink:
+    with (
+        pytest.raises(RuntimeError),
+        MrcMapsSink(failed, volume.shape, 3, voxel_size_angstrom=7.0) as sink,
+    ):
         sliding_window(volume, failing, 8, 2, sink=sink)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths.values())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in paths.values()
+    )
 
 
 def test_the_in_memory_sink_is_the_default():
@@ -274,11 +310,15 @@ def test_tta_rotations_keep_the_wedge_and_the_hand():
     # Every augmentation flips no axis or exactly two (a 180° rotation): the hand is kept,
     # and sign changes of kx, ky, kz keep a wedge about the Y axis.
     assert TTA_FLIPS[0] == () and all(len(dims) == 2 for dims in TTA_FLIPS[1:])
-    assert {frozenset(d) for d in TTA_FLIPS[1:]} == {frozenset(p) for p in itertools.combinations((2, 3, 4), 2)}
+    assert {frozenset(d) for d in TTA_FLIPS[1:]} == {
+        frozenset(p) for p in itertools.combinations((2, 3, 4), 2)
+    }
     volume = np.random.default_rng(3).normal(size=(16, 16, 16)).astype(np.float32)
     model = random_conv_model(1)
     plain = sliding_window(volume, ProbabilityPredictor(model, channels_last=False), 16, 4)
-    averaged = sliding_window(volume, ProbabilityPredictor(model, tta=True, channels_last=False), 16, 4)
+    averaged = sliding_window(
+        volume, ProbabilityPredictor(model, tta=True, channels_last=False), 16, 4
+    )
     x = torch.from_numpy(volume)[None, None]
     with torch.inference_mode():
         expected = sum(torch.softmax(model(x.flip(d)), 1).flip(d) for d in TTA_FLIPS) / 4
@@ -302,7 +342,12 @@ def save_tiny_unet(folder, voxel_size=10.0, seed=0):
     model = create_model("unet", 3, widths=(4, 4, 4))
     for parameter in model.parameters():  # larger weights: predictions vary across the volume
         parameter.data.mul_(3)
-    metadata = {"classes": CLASSES, "voxel_size_angstrom": voxel_size, "patch_size": 16, "normalization": NORMALIZATION}
+    metadata = {
+        "classes": CLASSES,
+        "voxel_size_angstrom": voxel_size,
+        "patch_size": 16,
+        "normalization": NORMALIZATION,
+    }
     save_model(folder, model, metadata)
     return folder
 
@@ -325,7 +370,14 @@ def test_segment_tomogram_writes_slabs_equal_to_in_memory(tmp_path, tiny_model):
     tomo = write_tomogram(tmp_path / "TS_01.mrc", (27, 22, 19), origin=(5.0, 6.0, 7.0))
     model, config = load_model(tiny_model)
     result = segment_tomogram(
-        model, config, tomo, tmp_path / "out", patch_size=12, overlap=4, probabilities=True, score=True
+        model,
+        config,
+        tomo,
+        tmp_path / "out",
+        patch_size=12,
+        overlap=4,
+        probabilities=True,
+        score=True,
     )
     assert result["windows"] == 4 * 3 * 3 and result["shape"] == [27, 22, 19]
     labels = read_tomogram(result["outputs"]["labels"])
@@ -338,7 +390,12 @@ def test_segment_tomogram_writes_slabs_equal_to_in_memory(tmp_path, tiny_model):
 
     volume = read_tomogram(tomo).data
     expected = sliding_window(
-        volume, ProbabilityPredictor(model), 12, 4, size_multiple=4, transform=normalization_transform(volume, config)
+        volume,
+        ProbabilityPredictor(model),
+        12,
+        4,
+        size_multiple=4,
+        transform=normalization_transform(volume, config),
     )
     np.testing.assert_allclose(probs.data.astype(np.float32), expected, atol=1e-3)
     label_data = labels.data.astype(np.uint8)
@@ -406,10 +463,18 @@ def test_shard_parsing_and_slurm_arrays():
     for bad in ("4/4", "-1/4", "1/0", "a/b", "3"):
         with pytest.raises(CryocapsError, match="--shard"):
             parse_shard(bad, {})
-    one_based = {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "4"}
+    one_based = {
+        "SLURM_ARRAY_TASK_ID": "4",
+        "SLURM_ARRAY_TASK_MIN": "1",
+        "SLURM_ARRAY_TASK_MAX": "4",
+    }
     assert parse_shard("4/4", one_based) == (3, 4)
     assert parse_shard("1/4", one_based | {"SLURM_ARRAY_TASK_ID": "1"}) == (0, 4)
-    zero_based = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "3"}
+    zero_based = {
+        "SLURM_ARRAY_TASK_ID": "3",
+        "SLURM_ARRAY_TASK_MIN": "0",
+        "SLURM_ARRAY_TASK_MAX": "3",
+    }
     assert parse_shard("3/4", zero_based) == (3, 4)
     with pytest.raises(CryocapsError, match="SLURM array has 4 tasks"):
         parse_shard("3/5", zero_based)
@@ -463,7 +528,9 @@ def assert_one_line_error(result, *fragments):
 def test_cli_refuses_a_tomogram_at_another_voxel_size(tmp_path, tiny_model, run_cli):
     tomo = write_tomogram(tmp_path / "binned.mrc", (12, 12, 12), voxel_size=10.6)
     result = run_cli("segment", tomo, "-m", tiny_model, "-o", tmp_path / "out", "--threads", "1")
-    assert_one_line_error(result, "cryocaps preprocess", "--voxel-size-angstrom 10", "--ignore-voxel-size")
+    assert_one_line_error(
+        result, "cryocaps preprocess", "--voxel-size-angstrom 10", "--ignore-voxel-size"
+    )
     assert not (tmp_path / "out" / "binned_labels.mrc").exists()
     # One rule for every command (io.volumes.same_voxel_size): 1% off is refused, 0.5% accepted.
     off = write_tomogram(tmp_path / "off.mrc", (12, 12, 12), voxel_size=10.2)
@@ -472,7 +539,17 @@ def test_cli_refuses_a_tomogram_at_another_voxel_size(tmp_path, tiny_model, run_
     close = write_tomogram(tmp_path / "close.mrc", (12, 12, 12), voxel_size=10.05)
     result = run_cli("segment", close, "-m", tiny_model, "-o", tmp_path / "out", "--threads", "1")
     assert result.exit_code == 0, result.output
-    result = run_cli("segment", tomo, "-m", tiny_model, "-o", tmp_path / "out", "--ignore-voxel-size", "--threads", "1")
+    result = run_cli(
+        "segment",
+        tomo,
+        "-m",
+        tiny_model,
+        "-o",
+        tmp_path / "out",
+        "--ignore-voxel-size",
+        "--threads",
+        "1",
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -499,6 +576,8 @@ def test_cli_missing_or_corrupt_model(tmp_path, tiny_model, run_cli):
 )
 def test_cli_bad_options(tmp_path, tiny_model, run_cli, options, fragment):
     tomo = write_tomogram(tmp_path / "t.mrc", (12, 12, 12))
-    result = run_cli("segment", tomo, "-m", tiny_model, "-o", tmp_path / "out", "--threads", "1", *options)
+    result = run_cli(
+        "segment", tomo, "-m", tiny_model, "-o", tmp_path / "out", "--threads", "1", *options
+    )
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -49,7 +49,9 @@ def test_random_spheres_match_brute_force():
     centres = rng.uniform(-1, np.array(shape), size=(30, 3))
     labels = rng.integers(1, 4, 30)
     radii = rng.uniform(1.5, 6, 30)
-    np.testing.assert_array_equal(draw_spheres(shape, centres, labels, radii), _brute_force(shape, centres, labels, radii))
+    np.testing.assert_array_equal(
+        draw_spheres(shape, centres, labels, radii), _brute_force(shape, centres, labels, radii)
+    )
 
 
 def test_gaussian_values():
@@ -104,7 +106,9 @@ def mask_project(tmp_path):
             origin_angstrom=(5.0, 6.0, 7.0),
         )
     write_volume(tmp_path / "arm.mrc", _arm_template(), 10.0)
-    (tmp_path / "classes.csv").write_text("label,name,radius_angstrom,template\n1,ribo,50,arm.mrc\n2,prot,30,arm.mrc\n")
+    (tmp_path / "classes.csv").write_text(
+        "label,name,radius_angstrom,template\n1,ribo,50,arm.mrc\n2,prot,30,arm.mrc\n"
+    )
     particles = pd.DataFrame(
         {
             "tomo": ["TS_01", "TS_01", "TS_01", "TS_02", "TS_02"],
@@ -121,8 +125,14 @@ def mask_project(tmp_path):
     infos = tomogram_infos([tmp_path / "tomos"])
     classes = read_classes(tmp_path / "classes.csv")
     files = {}
-    for name, format in (("particles.csv", "csv"), ("particles.star", "relion5"), ("motl.star", "stopgap")):
-        files[format] = write_particles(particles, tmp_path / name, format=format, tomograms=infos, classes=classes)
+    for name, format in (
+        ("particles.csv", "csv"),
+        ("particles.star", "relion5"),
+        ("motl.star", "stopgap"),
+    ):
+        files[format] = write_particles(
+            particles, tmp_path / name, format=format, tomograms=infos, classes=classes
+        )
     return tmp_path, particles, files
 
 
@@ -133,7 +143,16 @@ def test_relion5_stopgap_and_csv_give_identical_maps(mask_project, run_cli, shap
     for format, path in files.items():
         out = root / f"out_{format}_{shape}"
         result = run_cli(
-            "make-masks", path, "--tomograms", root / "tomos", "-o", out, "--classes", root / "classes.csv", "--shape", shape
+            "make-masks",
+            path,
+            "--tomograms",
+            root / "tomos",
+            "-o",
+            out,
+            "--classes",
+            root / "classes.csv",
+            "--shape",
+            shape,
         )
         assert result.exit_code == 0, (format, result.output)
         maps[format] = [read_tomogram(out / f"{name}_labels.mrc") for name in ("TS_01", "TS_02")]
@@ -147,23 +166,45 @@ def test_relion5_stopgap_and_csv_give_identical_maps(mask_project, run_cli, shap
     # each particle's centre carries its class label
     for row in particles.itertuples():
         label_map = reference[0 if row.tomo == "TS_01" else 1].data
-        assert label_map[int(row.z), int(row.y), int(row.x)] == (1 if row.class_name == "ribo" else 2)
+        assert label_map[int(row.z), int(row.y), int(row.x)] == (
+            1 if row.class_name == "ribo" else 2
+        )
 
 
 def test_cli_sphere_summary_run_json_and_classes(mask_project, run_cli):
     root, particles, files = mask_project
     out = root / "out"
-    result = run_cli("make-masks", files["csv"], "-t", root / "tomos", "-o", out, "--classes", root / "classes.csv")
+    result = run_cli(
+        "make-masks",
+        files["csv"],
+        "-t",
+        root / "tomos",
+        "-o",
+        out,
+        "--classes",
+        root / "classes.csv",
+    )
     assert result.exit_code == 0, result.output
     assert "ribo" in result.output and "prot" in result.output
     run = json.loads((out / "run.json").read_text())
     summary = run["results"]["classes"]
     assert summary["ribo"]["particles"] == 3 and summary["prot"]["particles"] == 2
-    label_maps = [read_tomogram(out / f"{n}_labels.mrc").data.astype(np.uint8) for n in ("TS_01", "TS_02")]
+    label_maps = [
+        read_tomogram(out / f"{n}_labels.mrc").data.astype(np.uint8) for n in ("TS_01", "TS_02")
+    ]
     assert summary["ribo"]["voxels"] == sum(int((m == 1).sum()) for m in label_maps)
     written = read_classes(out / "classes.csv")
     assert written.names == ["ribo", "prot"] and written.by_name("ribo").radius_angstrom == 50
-    again = run_cli("make-masks", files["csv"], "-t", root / "tomos", "-o", out, "--classes", root / "classes.csv")
+    again = run_cli(
+        "make-masks",
+        files["csv"],
+        "-t",
+        root / "tomos",
+        "-o",
+        out,
+        "--classes",
+        root / "classes.csv",
+    )
     assert again.exit_code == 2 and "--overwrite" in again.output
 
 
@@ -171,7 +212,16 @@ def test_cli_radius_and_gaussian(mask_project, run_cli):
     root, _, files = mask_project
     out = root / "gauss"
     result = run_cli(
-        "make-masks", files["relion5"], "-t", root / "tomos", "-o", out, "--radius-angstrom", "40", "--shape", "gaussian"
+        "make-masks",
+        files["relion5"],
+        "-t",
+        root / "tomos",
+        "-o",
+        out,
+        "--radius-angstrom",
+        "40",
+        "--shape",
+        "gaussian",
     )
     assert result.exit_code == 0, result.output
     targets = read_tomogram(out / "TS_01_labels.mrc", allow_stack=True)
@@ -179,7 +229,9 @@ def test_cli_radius_and_gaussian(mask_project, run_cli):
     assert targets.shape[-3:] == (30, 48, 56)
     stack = targets.data.reshape(2, 30, 48, 56).astype(np.float32)
     np.testing.assert_allclose(stack.sum(axis=0), 1.0, atol=2e-3)
-    assert stack[1, 10, 12, 10] == pytest.approx(1.0, abs=1e-3)  # one class: every particle is class 1
+    assert stack[1, 10, 12, 10] == pytest.approx(
+        1.0, abs=1e-3
+    )  # one class: every particle is class 1
     assert read_classes(out / "classes.csv").names == ["particle"]
 
 
@@ -190,18 +242,37 @@ def test_cli_radius_scale_and_coordinate_pixel_size(mask_project, run_cli):
     one.to_csv(csv, index=False)
     out = root / "scaled"
     result = run_cli(
-        "make-masks", csv, "-t", root / "tomos", "-o", out, "--radius-angstrom", "40", "--radius-scale", "0.5"
+        "make-masks",
+        csv,
+        "-t",
+        root / "tomos",
+        "-o",
+        out,
+        "--radius-angstrom",
+        "40",
+        "--radius-scale",
+        "0.5",
     )
     assert result.exit_code == 0, result.output
     label_map = read_tomogram(out / "TS_01_labels.mrc").data
-    assert np.count_nonzero(label_map) == np.count_nonzero(draw_spheres(label_map.shape, [[15, 24, 20]], [1], [2.0]))
+    assert np.count_nonzero(label_map) == np.count_nonzero(
+        draw_spheres(label_map.shape, [[15, 24, 20]], [1], [2.0])
+    )
     # RELION 3 pixels at 5 Å (bin 1) land on the 10 Å tomogram's voxels after scaling
     bin1 = root / "bin1.star"
     bin1_table = one.assign(x=40.0, y=48.0, z=30.0, class_name="1")
     write_particles(bin1_table, bin1, format="relion3", tomograms=tomogram_infos([root / "tomos"]))
     result = run_cli(
-        "make-masks", bin1, "-t", root / "tomos", "-o", root / "px", "--radius-angstrom", "20",
-        "--coords-pixel-size-angstrom", "5",
+        "make-masks",
+        bin1,
+        "-t",
+        root / "tomos",
+        "-o",
+        root / "px",
+        "--radius-angstrom",
+        "20",
+        "--coords-pixel-size-angstrom",
+        "5",
     )
     assert result.exit_code == 0, result.output
     assert read_tomogram(root / "px" / "TS_01_labels.mrc").data[15, 24, 20] == 1
@@ -214,7 +285,9 @@ def test_reads_only_headers(mask_project, run_cli):
     for name in ("TS_01", "TS_02"):
         data = (root / "tomos" / f"{name}.mrc").read_bytes()
         (header_only / f"{name}.mrc").write_bytes(data[:1024])  # header kept, voxels gone
-    result = run_cli("make-masks", files["csv"], "-t", header_only, "-o", root / "out", "--radius-angstrom", "30")
+    result = run_cli(
+        "make-masks", files["csv"], "-t", header_only, "-o", root / "out", "--radius-angstrom", "30"
+    )
     assert result.exit_code == 0, result.output
     assert read_tomogram(root / "out" / "TS_01_labels.mrc").shape == (30, 48, 56)
 
@@ -230,13 +303,29 @@ def test_unmatched_tomograms_and_outside_particles_are_reported(mask_project, ru
     )
     csv = root / "mixed.csv"
     table.to_csv(csv, index=False)
-    result = run_cli("make-masks", csv, "-t", root / "tomos", "-o", root / "out", "--radius-angstrom", "30")
+    result = run_cli(
+        "make-masks", csv, "-t", root / "tomos", "-o", root / "out", "--radius-angstrom", "30"
+    )
     assert result.exit_code == 0, result.output
-    assert "TS_99" in result.output and "outside" in result.output and "TS_02: no particles" in result.output
+    assert (
+        "TS_99" in result.output
+        and "outside" in result.output
+        and "TS_02: no particles" in result.output
+    )
     run = json.loads((root / "out" / "run.json").read_text())
-    assert run["results"]["particles_outside"] == 1 and run["results"]["unknown_tomograms"] == ["TS_99"]
+    assert run["results"]["particles_outside"] == 1 and run["results"]["unknown_tomograms"] == [
+        "TS_99"
+    ]
     strict = run_cli(
-        "make-masks", csv, "-t", root / "tomos", "-o", root / "strict", "--radius-angstrom", "30", "--strict"
+        "make-masks",
+        csv,
+        "-t",
+        root / "tomos",
+        "-o",
+        root / "strict",
+        "--radius-angstrom",
+        "30",
+        "--strict",
     )
     assert strict.exit_code == 2 and "--strict" in strict.output
     assert not (root / "strict" / "TS_01_labels.mrc").exists()
@@ -245,8 +334,12 @@ def test_unmatched_tomograms_and_outside_particles_are_reported(mask_project, ru
 def _bad_cases(root, particles):
     (root / "empty.csv").write_text("tomo,class_name,x,y,z,score\n")
     particles.assign(class_name="ghost").to_csv(root / "ghost.csv", index=False)
-    particles.assign(x=particles.x * 20, y=particles.y * 20, z=particles.z * 20).to_csv(root / "angstrom.csv", index=False)
-    particles.assign(x=[100.0, 100.0, 40.0, 100.0, 35.0]).to_csv(root / "bin1.csv", index=False)  # 3 of 5 outside
+    particles.assign(x=particles.x * 20, y=particles.y * 20, z=particles.z * 20).to_csv(
+        root / "angstrom.csv", index=False
+    )
+    particles.assign(x=[100.0, 100.0, 40.0, 100.0, 35.0]).to_csv(
+        root / "bin1.csv", index=False
+    )  # 3 of 5 outside
     write_volume(root / "other" / "TS_01.mrc", np.zeros((30, 48, 56), np.float32), 10.0)
     write_volume(root / "other" / "TS_02.mrc", np.zeros((30, 48, 56), np.float32), 5.0)
     classes = ["--classes", root / "classes.csv"]
@@ -254,13 +347,19 @@ def _bad_cases(root, particles):
     return {
         "unknown class": (["ghost.csv", *tomos, *classes], "ghost"),
         "missing radius": (["particles.csv", *tomos], "--radius-angstrom"),
-        "voxel size mismatch": (["particles.csv", "-t", root / "other", *classes], "voxel sizes differ"),
+        "voxel size mismatch": (
+            ["particles.csv", "-t", root / "other", *classes],
+            "voxel sizes differ",
+        ),
         "empty file": (["empty.csv", *tomos, *classes], "no particles"),
         "wrong units": (["angstrom.csv", *tomos, *classes], "--coords-pixel-size-angstrom"),
         "mostly outside": (["bin1.csv", *tomos, *classes], "3 of 5 particles lie outside"),
         "missing tomogram": (["particles.csv", "-t", root / "nope.mrc", *classes], "nope.mrc"),
         "missing coordinates": (["nope.star", *tomos, *classes], "nope.star"),
-        "no template": (["particles.csv", *tomos, "--radius-angstrom", "30", "--shape", "template"], "template"),
+        "no template": (
+            ["particles.csv", *tomos, "--radius-angstrom", "30", "--shape", "template"],
+            "template",
+        ),
         "bad shape": (["particles.csv", *tomos, *classes, "--shape", "cube"], "--shape"),
     }
 
@@ -301,7 +400,9 @@ def test_drawing_touches_only_boxes_around_particles():
     centres = rng.uniform(0, np.array(shape) - 1, size=(500, 3))
     started = time.perf_counter()
     label_map = draw_spheres(shape, centres, rng.integers(1, 4, 500), rng.uniform(3, 8, 500))
-    assert time.perf_counter() - started < 5.0  # ~0.1 s here; a full-volume pass per particle takes minutes
+    assert (
+        time.perf_counter() - started < 5.0
+    )  # ~0.1 s here; a full-volume pass per particle takes minutes
     assert all(label_map[tuple(np.round(c).astype(int))] > 0 for c in centres)
 
 
@@ -331,16 +432,35 @@ def test_cli_voxel_size_for_headers_without_one(tmp_path, run_cli):
         mrc.voxel_size = 0.0
     csv = tmp_path / "p.csv"
     csv.write_text("tomo,class_name,x,y,z\nTS_01,1,14,12,10\n")
-    result = run_cli("make-masks", csv, "-t", tmp_path / "TS_01.mrc", "-o", tmp_path / "out", "--radius-angstrom", "40")
+    result = run_cli(
+        "make-masks",
+        csv,
+        "-t",
+        tmp_path / "TS_01.mrc",
+        "-o",
+        tmp_path / "out",
+        "--radius-angstrom",
+        "40",
+    )
     assert result.exit_code == 2 and "--voxel-size-angstrom" in result.output
     result = run_cli(
-        "make-masks", csv, "-t", tmp_path / "TS_01.mrc", "-o", tmp_path / "out", "--radius-angstrom", "40",
-        "--voxel-size-angstrom", "10",
+        "make-masks",
+        csv,
+        "-t",
+        tmp_path / "TS_01.mrc",
+        "-o",
+        tmp_path / "out",
+        "--radius-angstrom",
+        "40",
+        "--voxel-size-angstrom",
+        "10",
     )
     assert result.exit_code == 0, result.output
     label_map = read_tomogram(tmp_path / "out" / "TS_01_labels.mrc")
     assert label_map.voxel_size_angstrom == pytest.approx(10.0)
-    assert np.count_nonzero(label_map.data) == np.count_nonzero(draw_spheres((20, 24, 28), [[10, 12, 14]], [1], [4.0]))
+    assert np.count_nonzero(label_map.data) == np.count_nonzero(
+        draw_spheres((20, 24, 28), [[10, 12, 14]], [1], [4.0])
+    )
 
 
 def test_overlapping_templates_match_brute_force():
@@ -352,7 +472,12 @@ def test_overlapping_templates_match_brute_force():
     labels = np.arange(1, 9)
     label_map = draw_templates(shape, centres, labels, [template] * 8, angles)
     # reference: each particle drawn alone, then every voxel to the nearest covering centre
-    alone = np.stack([draw_templates(shape, [c], [1], [template], [a]) > 0 for c, a in zip(centres, angles, strict=True)])
+    alone = np.stack(
+        [
+            draw_templates(shape, [c], [1], [template], [a]) > 0
+            for c, a in zip(centres, angles, strict=True)
+        ]
+    )
     grid = np.indices(shape).reshape(3, -1).T
     distance = np.sqrt(((grid[:, None, :] - centres[None]) ** 2).sum(-1)).T.reshape(8, *shape)
     owner = np.where(alone, distance, np.inf).argmin(axis=0)

@@ -22,7 +22,11 @@ SHAPE = (36, 64, 64)
 def classes() -> ClassTable:
     # radii 3, 4.5 and 6 voxels at 10 Å
     return ClassTable(
-        [ParticleClass(1, "small", 30.0), ParticleClass(2, "medium", 45.0), ParticleClass(3, "large", 60.0)]
+        [
+            ParticleClass(1, "small", 30.0),
+            ParticleClass(2, "medium", 45.0),
+            ParticleClass(3, "large", 60.0),
+        ]
     )
 
 
@@ -46,7 +50,10 @@ def _particles(classes: ClassTable, touching: bool, seed: int = 0) -> pd.DataFra
     table = pd.DataFrame(rows, columns=["class_name", "z", "y", "x"])
     table["tomo"] = "tomo_1"
     table["score"] = 1.0
-    inside = np.all((table[["z", "y", "x"]].to_numpy() >= 0) & (table[["z", "y", "x"]].to_numpy() < SHAPE), axis=1)
+    inside = np.all(
+        (table[["z", "y", "x"]].to_numpy() >= 0) & (table[["z", "y", "x"]].to_numpy() < SHAPE),
+        axis=1,
+    )
     return table[inside].reset_index(drop=True)
 
 
@@ -85,15 +92,22 @@ def test_touching_particles_are_split_and_centred(classes):
 
 
 def test_scores_are_mean_probability_or_size(classes):
-    truth = pd.DataFrame({"class_name": ["small", "large"], "z": [10, 20], "y": [15, 40], "x": [15, 40]})
+    truth = pd.DataFrame(
+        {"class_name": ["small", "large"], "z": [10, 20], "y": [15, 40], "x": [15, 40]}
+    )
     label_map = _label_map(truth, classes)
     probabilities = np.zeros((4, *SHAPE), dtype=np.float16)
     probabilities[1][label_map == 1] = 0.75
     probabilities[3][label_map == 3] = 0.5
     with_probs = pick_particles(label_map, classes, VOXEL, probabilities)
-    assert with_probs.set_index("class_name")["score"].to_dict() == pytest.approx({"small": 0.75, "large": 0.5})
+    assert with_probs.set_index("class_name")["score"].to_dict() == pytest.approx(
+        {"small": 0.75, "large": 0.5}
+    )
     by_size = pick_particles(label_map, classes, VOXEL)
-    sizes = {name: float(np.count_nonzero(label_map == classes.by_name(name).label)) for name in ("small", "large")}
+    sizes = {
+        name: float(np.count_nonzero(label_map == classes.by_name(name).label))
+        for name in ("small", "large")
+    }
     assert by_size.set_index("class_name")["score"].to_dict() == sizes
 
 
@@ -107,7 +121,10 @@ def test_size_and_score_filters(classes):
     assert len(kept_speck) == 2
     sphere = np.count_nonzero(label_map == 3) - 3
     assert sphere == pytest.approx(sphere_volume_voxels(6.0), rel=0.1)
-    assert len(pick_particles(label_map, classes, VOXEL, min_size_fraction=0.0, min_score=sphere + 1)) == 0
+    assert (
+        len(pick_particles(label_map, classes, VOXEL, min_size_fraction=0.0, min_score=sphere + 1))
+        == 0
+    )
 
 
 def test_noisy_segmentation_default_method(classes):
@@ -186,7 +203,12 @@ def test_cli_relion5_output(run_cli, segmentation, classes, tmp_path):
     assert "picks" in result.output and "large" in result.output
     star = starfile.read(out)
     particles = star["particles"] if isinstance(star, dict) else star
-    for column in ("rlnTomoName", "rlnCenteredCoordinateXAngst", "rlnCenteredCoordinateZAngst", "rlnClassNumber"):
+    for column in (
+        "rlnTomoName",
+        "rlnCenteredCoordinateXAngst",
+        "rlnCenteredCoordinateZAngst",
+        "rlnClassNumber",
+    ):
         assert column in particles.columns
     assert set(particles["rlnTomoName"]) == {"TS_01", "TS_02"}
     assert (out.parent / "run.json").is_file()
@@ -206,15 +228,25 @@ def test_cli_stopgap_and_methods(run_cli, segmentation, classes, tmp_path):
     out = tmp_path / "picks_stopgap.star"
     maps = sorted(folder.glob("*_labels.mrc"))
     result = run_cli(
-        "cluster-picks", *maps, "-o", out, "--format", "stopgap", "--method", "meanshift",
-        "--classes", folder / "classes.csv",
+        "cluster-picks",
+        *maps,
+        "-o",
+        out,
+        "--format",
+        "stopgap",
+        "--method",
+        "meanshift",
+        "--classes",
+        folder / "classes.csv",
     )
     assert result.exit_code == 0, result.output
     assert "data_stopgap_motivelist" in out.read_text()
     picks = read_particles(out, classes=classes)
     assert len(picks) == len(truth)
     csv_out = tmp_path / "picks.csv"
-    result = run_cli("cluster-picks", *maps, "-o", csv_out, "--method", "peaks", "--no-probabilities")
+    result = run_cli(
+        "cluster-picks", *maps, "-o", csv_out, "--method", "peaks", "--no-probabilities"
+    )
     assert result.exit_code == 0, result.output
     picks = pd.read_csv(csv_out)
     assert len(picks) == len(truth)
@@ -234,7 +266,16 @@ def test_cli_per_class_thresholds(run_cli, segmentation, classes, tmp_path):
     picks = pd.read_csv(out)
     assert first not in set(picks["class_name"])
     assert len(picks) == (truth["class_name"] != first).sum()
-    both = run_cli("cluster-picks", folder, "-o", tmp_path / "x.csv", "--thresholds", thresholds, "--min-score", "1")
+    both = run_cli(
+        "cluster-picks",
+        folder,
+        "-o",
+        tmp_path / "x.csv",
+        "--thresholds",
+        thresholds,
+        "--min-score",
+        "1",
+    )
     assert both.exit_code == 2 and "give one" in both.output
 
 
@@ -287,4 +328,6 @@ def test_class_table_is_found_beside_the_maps_or_one_folder_up(classes, tmp_path
     assert path == (tmp_path / "run" / "classes.csv").resolve() and table.names == classes.names
     # --radius-angstrom wins over a table beside the maps, and has no file
     table, path = load_class_table_beside([label_map], None, 30.0)
-    assert path is None and len(table) == 1 and table.by_name(table.names[0]).radius_angstrom == 30.0
+    assert (
+        path is None and len(table) == 1 and table.by_name(table.names[0]).radius_angstrom == 30.0
+    )

@@ -18,7 +18,8 @@ from cryocaps.preprocess import (
 
 
 def _waves(shape, voxel, waves):
-    """Sum of cosines: each wave is (axis, wavelength in Å, amplitude); positions are voxel * index."""
+    """Sum of cosines: each wave is (axis, wavelength in Å, amplitude); positions are
+    voxel * index."""
     grids = np.indices(shape, dtype=np.float64) * voxel
     volume = np.full(shape, 2.0)
     for axis, wavelength, amplitude in waves:
@@ -100,7 +101,16 @@ def test_cli_bins_several_tomograms(tmp_path, run_cli):
     _tomogram(tmp_path / "in" / "TS_01.mrc")
     _tomogram(tmp_path / "in" / "TS_02.rec", shape=(21, 25, 27), dtype="int16")
     out = tmp_path / "out"
-    result = run_cli("preprocess", tmp_path / "in", "-o", out, "--voxel-size-angstrom", "10.8", "--lowpass-angstrom", "30")
+    result = run_cli(
+        "preprocess",
+        tmp_path / "in",
+        "-o",
+        out,
+        "--voxel-size-angstrom",
+        "10.8",
+        "--lowpass-angstrom",
+        "30",
+    )
     assert result.exit_code == 0, result.output
     first = read_tomogram(out / "TS_01.mrc")
     assert first.shape == (10, 12, 14)
@@ -112,11 +122,19 @@ def test_cli_bins_several_tomograms(tmp_path, run_cli):
     assert second.shape == (11, 13, 14)  # halves rounded up: 10.5 -> 11, 12.5 -> 13, 13.5 -> 14
     run = json.loads((out / "run.json").read_text())
     assert run["command"] == "preprocess"
-    assert [t["output_shape_zyx"] for t in run["results"]["tomograms"]] == [[10, 12, 14], [11, 13, 14]]
+    assert [t["output_shape_zyx"] for t in run["results"]["tomograms"]] == [
+        [10, 12, 14],
+        [11, 13, 14],
+    ]
 
     again = run_cli("preprocess", tmp_path / "in", "-o", out, "--voxel-size-angstrom", "10.8")
     assert again.exit_code == 2 and "--overwrite" in again.output
-    assert run_cli("preprocess", tmp_path / "in", "-o", out, "--voxel-size-angstrom", "10.8", "--overwrite").exit_code == 0
+    assert (
+        run_cli(
+            "preprocess", tmp_path / "in", "-o", out, "--voxel-size-angstrom", "10.8", "--overwrite"
+        ).exit_code
+        == 0
+    )
 
 
 def test_cli_upsampling_needs_permission(tmp_path, run_cli):
@@ -126,7 +144,14 @@ def test_cli_upsampling_needs_permission(tmp_path, run_cli):
     assert "--allow-upsample" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out" / "TS_01.mrc").exists()
     result = run_cli(
-        "preprocess", source, "-o", tmp_path / "out", "--voxel-size-angstrom", "2.7", "--allow-upsample", "--no-normalize"
+        "preprocess",
+        source,
+        "-o",
+        tmp_path / "out",
+        "--voxel-size-angstrom",
+        "2.7",
+        "--allow-upsample",
+        "--no-normalize",
     )
     assert result.exit_code == 0, result.output
     up = read_tomogram(tmp_path / "out" / "TS_01.mrc")
@@ -164,7 +189,9 @@ def test_rescaling_keeps_physical_positions(target):
     voxel, shape = 5.4, (32, 40, 48)
     centre_angstrom = np.array([80.0, 101.0, 133.0])  # z, y, x
     grid = np.indices(shape, dtype=np.float64) * voxel
-    blob = np.exp(-sum((grid[a] - centre_angstrom[a]) ** 2 for a in range(3)) / (2 * 12.0**2)).astype(np.float32)
+    blob = np.exp(
+        -sum((grid[a] - centre_angstrom[a]) ** 2 for a in range(3)) / (2 * 12.0**2)
+    ).astype(np.float32)
     out = fourier_rescale(blob, voxel, target).astype(np.float64)
     positions = np.indices(out.shape, dtype=np.float64) * target
     weights = np.clip(out, 0, None)

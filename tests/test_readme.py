@@ -40,7 +40,15 @@ def test_readme_has_runnable_blocks():
     blocks = runnable_blocks(README.read_text())
     assert len(blocks) >= 2
     text = "\n".join(cmd for block in blocks for cmd in commands(block))
-    for stage in ("simulate", "make-masks", "train", "segment", "cluster-picks", "evaluate", "convert-picks"):
+    for stage in (
+        "simulate",
+        "make-masks",
+        "train",
+        "segment",
+        "cluster-picks",
+        "evaluate",
+        "convert-picks",
+    ):
         assert f"cryocaps {stage}" in text, stage
 
 

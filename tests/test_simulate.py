@@ -54,7 +54,8 @@ def simulated(tmp_path_factory) -> Path:
 def test_writes_every_output(simulated):
     for name in [
         "tomograms/tomo_01.mrc", "labels/tomo_01.mrc", "particles.csv", "particles.star",
-        "tomograms.star", "particles_stopgap.star", "classes.csv", "run.json", "preview_tomo_01.png",
+        "tomograms.star", "particles_stopgap.star", "classes.csv", "run.json",
+        "preview_tomo_01.png",
         "templates/globule.mrc", "templates/ribosome.mrc",
     ]:  # fmt: skip
         assert (simulated / name).is_file(), name
@@ -84,7 +85,9 @@ def test_particle_files_agree(simulated):
         table = read_particles(simulated / name, tomograms=infos, classes=classes)
         assert list(table.class_name) == list(reference.class_name)
         columns = ["x", "y", "z", "rot", "tilt", "psi"]
-        np.testing.assert_allclose(table[columns].to_numpy(float), reference[columns].to_numpy(float), atol=1e-3)
+        np.testing.assert_allclose(
+            table[columns].to_numpy(float), reference[columns].to_numpy(float), atol=1e-3
+        )
 
 
 def test_class_templates_work_for_make_masks(simulated):
@@ -95,7 +98,9 @@ def test_class_templates_work_for_make_masks(simulated):
         template = load_template(particle_class, 20.0, threshold_fraction=0.5)
         assert template.density.shape[0] % 2 == 1  # centre on a voxel
         # the envelope radius in classes.csv is measured on the same density
-        assert template.reach_voxels - 1 == pytest.approx(particle_class.radius_angstrom / 20 - 0.5, abs=0.1)
+        assert template.reach_voxels - 1 == pytest.approx(
+            particle_class.radius_angstrom / 20 - 0.5, abs=0.1
+        )
 
 
 def test_label_at_each_particle_centre_is_its_class(simulated):
@@ -107,15 +112,21 @@ def test_label_at_each_particle_centre_is_its_class(simulated):
         z, y, x = (int(round(v)) for v in (row.z, row.y, row.x))
         assert labels[z, y, x] == label_of[row.class_name], row
     # Particles sit inside the slab (default: 80% of the height) and inside the box.
-    radius = particles.class_name.map(dict(zip(classes.name, classes.radius_angstrom / 20, strict=True)))
-    assert ((particles.z - radius) >= 0.1 * 32 - 0.5).all() and ((particles.z + radius) <= 0.9 * 32).all()
+    radius = particles.class_name.map(
+        dict(zip(classes.name, classes.radius_angstrom / 20, strict=True))
+    )
+    assert ((particles.z - radius) >= 0.1 * 32 - 0.5).all() and (
+        (particles.z + radius) <= 0.9 * 32
+    ).all()
     assert ((particles.x - radius) >= 0).all() and ((particles.x + radius) <= 63).all()
 
 
 def test_particles_do_not_overlap(simulated):
     classes = pd.read_csv(simulated / "classes.csv")
     particles = pd.read_csv(simulated / "particles.csv")
-    radius = particles.class_name.map(dict(zip(classes.name, classes.radius_angstrom / 20, strict=True))).to_numpy()
+    radius = particles.class_name.map(
+        dict(zip(classes.name, classes.radius_angstrom / 20, strict=True))
+    ).to_numpy()
     centres = particles[["z", "y", "x"]].to_numpy()
     distance = np.linalg.norm(centres[:, None] - centres[None], axis=2)
     np.fill_diagonal(distance, np.inf)
@@ -149,12 +160,17 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path, run_cli):
     for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
         result = run_cli("simulate", tmp_path / name, *TINY, "--seed", seed, "--n-particles", "6")
         assert result.exit_code == 0, result.output
-    for file in ("tomograms/tomo_01.mrc", "labels/tomo_01.mrc"):  # (MRC headers hold a creation time)
+    for file in (
+        "tomograms/tomo_01.mrc",
+        "labels/tomo_01.mrc",
+    ):  # (MRC headers hold a creation time)
         first, second = _read(tmp_path / "a" / file), _read(tmp_path / "b" / file)
         assert first.dtype == second.dtype and first.tobytes() == second.tobytes(), file
     for file in ("particles.csv", "classes.csv"):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
-    assert (tmp_path / "a" / "particles.csv").read_bytes() != (tmp_path / "c" / "particles.csv").read_bytes()
+    assert (tmp_path / "a" / "particles.csv").read_bytes() != (
+        tmp_path / "c" / "particles.csv"
+    ).read_bytes()
     assert len(pd.read_csv(tmp_path / "a" / "particles.csv")) == 6
 
 
@@ -168,15 +184,24 @@ def test_relion_matrix_matches_scipy_zyz_and_masks():
 
     angles = np.array([[10.0, 50.0, -70.0], [170.0, 120.0, 33.0], [-45.0, 5.0, 90.0]])
     matrices = relion_euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
-    np.testing.assert_allclose(matrices.transpose(0, 2, 1), Rotation.from_euler("ZYZ", angles, degrees=True).as_matrix(), atol=1e-12)
+    np.testing.assert_allclose(
+        matrices.transpose(0, 2, 1),
+        Rotation.from_euler("ZYZ", angles, degrees=True).as_matrix(),
+        atol=1e-12,
+    )
     # make-masks samples a template at (offset -> template) = A.T: the same convention.
-    np.testing.assert_allclose(relion_sampling_matrices(angles), matrices.transpose(0, 2, 1), atol=1e-12)
+    np.testing.assert_allclose(
+        relion_sampling_matrices(angles), matrices.transpose(0, 2, 1), atol=1e-12
+    )
     # RELION's Euler_angles2matrix for rot = 90°: x -> -y.
     np.testing.assert_allclose(relion_euler_to_matrix(90, 0, 0) @ [1, 0, 0], [0, -1, 0], atol=1e-12)
 
 
-def _blob_cube(size: int, blobs: list[tuple[tuple[float, float, float], float]], sigma: float = 1.0) -> np.ndarray:
-    """Gaussian blobs at (x, y, z) offsets from the cube centre, with given masses (sigma in voxels)."""
+def _blob_cube(
+    size: int, blobs: list[tuple[tuple[float, float, float], float]], sigma: float = 1.0
+) -> np.ndarray:
+    """Gaussian blobs at (x, y, z) offsets from the cube centre, with given masses (sigma in
+    voxels)."""
     centre = (size - 1) / 2
     z, y, x = np.indices((size,) * 3) - centre
     cube = np.zeros((size,) * 3)
@@ -198,7 +223,8 @@ def test_rotated_asymmetric_particle_matches_its_angles():
 
 
 def test_simulated_particle_is_its_class_density_rotated_by_its_angles():
-    """End to end: render one asymmetric class and compare each particle with an independent rotation."""
+    """End to end: render one asymmetric class and compare each particle with an independent
+    rotation."""
     from scipy import ndimage
 
     from cryocaps.simulate.placement import render_particles
@@ -212,7 +238,9 @@ def test_simulated_particle_is_its_class_density_rotated_by_its_angles():
     matrix = relion_euler_to_matrix(*angles[0])
     offsets = np.indices(volume.shape).reshape(3, -1).T - centres[0]  # zyx
     source = offsets[:, ::-1] @ matrix  # rows: A.T @ r (x, y, z)
-    expected = ndimage.map_coordinates(cube, (source[:, ::-1] + 10).T, order=1).reshape(volume.shape)
+    expected = ndimage.map_coordinates(cube, (source[:, ::-1] + 10).T, order=1).reshape(
+        volume.shape
+    )
     assert np.corrcoef(volume.ravel(), expected.ravel())[0, 1] > 0.98
     assert labels[14, 15, 15] == 1
 
@@ -228,7 +256,9 @@ def test_projector_and_reconstruction_geometry():
     projections = project_tilt_series(volume, [0.0, 30.0, 90.0])
     np.testing.assert_allclose(projections[0], volume.sum(axis=0), atol=1e-5)
     side = np.zeros((24, 32), np.float32)
-    side[:, 6:26] = volume.sum(axis=2).T  # u = z at 90°: the z axis (20) centred on the detector (32)
+    side[:, 6:26] = volume.sum(
+        axis=2
+    ).T  # u = z at 90°: the z axis (20) centred on the detector (32)
     np.testing.assert_allclose(projections[2], side, atol=1e-5)
     # 30°: the point (z, x) = (10, 16) from centres (9.5, 15.5) appears at u = x cos + z sin
     u = 0.5 * np.cos(np.pi / 6) + 0.5 * np.sin(np.pi / 6) + 15.5
@@ -240,12 +270,14 @@ def test_projector_and_reconstruction_geometry():
 
 def test_template_labels_follow_the_particle_shape():
     templates = builtin_templates(20.0, ["globule", "dumbbell"])
-    params = SimulationParameters(shape=(32, 48, 48), voxel_size_angstrom=20.0, n_particles=4, label_shape="template",
-                                  distractors=False)  # fmt: skip
+    params = SimulationParameters(shape=(32, 48, 48), voxel_size_angstrom=20.0, n_particles=4,
+                                  label_shape="template", distractors=False)  # fmt: skip
     result = simulate_tomogram(templates, params, np.random.default_rng(1))
     spheres = SimulationParameters(**{**params.__dict__, "label_shape": "sphere"})
     sphere_result = simulate_tomogram(templates, spheres, np.random.default_rng(1))
-    assert np.array_equal(result.particles[["x", "y", "z"]], sphere_result.particles[["x", "y", "z"]])
+    assert np.array_equal(
+        result.particles[["x", "y", "z"]], sphere_result.particles[["x", "y", "z"]]
+    )
     inside_template = result.labels > 0
     assert inside_template.sum() < 0.6 * (sphere_result.labels > 0).sum()
     assert (sphere_result.labels[inside_template] == result.labels[inside_template]).all()
@@ -291,10 +323,16 @@ def test_pdb_atoms_become_density_at_the_right_voxels(tmp_path):
     for (x, y, z), number in zip(coords, numbers, strict=True):
         voxel = np.round((np.array([z, y, x]) - origin[::-1]) / 5.0).astype(int)
         near = density[tuple(slice(v - 2, v + 3) for v in voxel)]
-        assert np.unravel_index(np.argmax(near), near.shape) == (2, 2, 2)  # peak on the atom's voxel
+        assert np.unravel_index(np.argmax(near), near.shape) == (
+            2,
+            2,
+            2,
+        )  # peak on the atom's voxel
         # mass within 2 voxels is the atom's share of the total (by atomic number)
         assert near.sum() / density.sum() == pytest.approx(number / numbers.sum(), rel=0.02)
-    assert density.sum() * 0.385 * 5.0**3 == pytest.approx(30.0, rel=1e-3)  # sum of Z, in protein units
+    assert density.sum() * 0.385 * 5.0**3 == pytest.approx(
+        30.0, rel=1e-3
+    )  # sum of Z, in protein units
 
     cif = tmp_path / "tiny.cif"
     cif.write_text(TINY_CIF)
@@ -322,9 +360,21 @@ def test_structures_folder_with_model_and_map(tmp_path, run_cli):
     from scipy import ndimage
 
     np.testing.assert_allclose(ndimage.center_of_mass(blob_template.density), centre, atol=0.05)
-    assert blob_template.radius_angstrom == pytest.approx(make_template("b", blob, 5.0, "x").radius_angstrom, abs=10.0)
+    assert blob_template.radius_angstrom == pytest.approx(
+        make_template("b", blob, 5.0, "x").radius_angstrom, abs=10.0
+    )
     out = tmp_path / "out"
-    result = run_cli("simulate", out, *TINY, "--structures", folder, "--classes-from", "tiny", "--n-particles", "3")
+    result = run_cli(
+        "simulate",
+        out,
+        *TINY,
+        "--structures",
+        folder,
+        "--classes-from",
+        "tiny",
+        "--n-particles",
+        "3",
+    )
     assert result.exit_code == 0, result.output
     assert list(pd.read_csv(out / "classes.csv").name) == ["tiny"]
     assert set(pd.read_csv(out / "particles.csv").class_name) == {"tiny"}
@@ -332,8 +382,8 @@ def test_structures_folder_with_model_and_map(tmp_path, run_cli):
 
 def test_shared_shrec_structures(structures_dir, tmp_path, run_cli):
     out = tmp_path / "out"
-    result = run_cli("simulate", out, *TINY, "--structures", structures_dir, "--classes-from", "3gl1,1bxn,4v4r",
-                     "--n-particles", "6")  # fmt: skip
+    result = run_cli("simulate", out, *TINY, "--structures", structures_dir,
+                     "--classes-from", "3gl1,1bxn,4v4r", "--n-particles", "6")  # fmt: skip
     assert result.exit_code == 0, result.output
     classes = pd.read_csv(out / "classes.csv")
     radii = dict(zip(classes.name, classes.radius_angstrom, strict=True))
@@ -357,7 +407,12 @@ def _one_line_error(result) -> None:
         ["--snr", "-1"],
         ["--tilt-range-deg", "0"],
         ["--tilt-range-deg", "95"],
-        ["--shape", "16,16,16", "--voxel-size-angstrom", "10"],  # ribosome (~25 voxels) does not fit
+        [
+            "--shape",
+            "16,16,16",
+            "--voxel-size-angstrom",
+            "10",
+        ],  # ribosome (~25 voxels) does not fit
         ["--shape", "64,64"],
         ["--classes-from", "nonesuch"],
         ["--n-tomograms", "0"],
@@ -392,8 +447,8 @@ def test_existing_outputs_need_overwrite(simulated, run_cli):
 
 def test_full_tilt_range_and_no_particles(tmp_path, run_cli):
     """±90° (the near-90° tilts take the other projection path) and an empty sample both work."""
-    result = run_cli("simulate", tmp_path / "out", *TINY, "--tilt-range-deg", "90", "--tilt-step-deg", "10",
-                     "--n-particles", "0")  # fmt: skip
+    result = run_cli("simulate", tmp_path / "out", *TINY, "--tilt-range-deg", "90",
+                     "--tilt-step-deg", "10", "--n-particles", "0")  # fmt: skip
     assert result.exit_code == 0, result.output
     tomogram = _read(tmp_path / "out" / "tomograms" / "tomo_01.mrc")
     assert np.isfinite(tomogram).all() and tomogram.std() == pytest.approx(1.0, rel=1e-3)
@@ -424,10 +479,12 @@ def test_template_labels_agree_with_make_masks():
     from cryocaps.masks import Template, draw_templates
 
     templates = builtin_templates(20.0, ["barrel", "ribosome"])
-    params = SimulationParameters(shape=(32, 56, 56), voxel_size_angstrom=20.0, n_particles=6, label_shape="template",
-                                  distractors=False)  # fmt: skip
+    params = SimulationParameters(shape=(32, 56, 56), voxel_size_angstrom=20.0, n_particles=6,
+                                  label_shape="template", distractors=False)  # fmt: skip
     result = simulate_tomogram(templates, params, np.random.default_rng(4))
-    by_name = {t.name: (k + 1, Template(t.density, t.envelope_level)) for k, t in enumerate(templates)}
+    by_name = {
+        t.name: (k + 1, Template(t.density, t.envelope_level)) for k, t in enumerate(templates)
+    }
     table = result.particles
     drawn = draw_templates(
         params.shape,

@@ -152,8 +152,15 @@ def test_hard_negatives_are_the_bright_label_free_places():
 
     particles = ParticleSet(np.zeros(1, np.int64), np.array([1]), np.array([[12, 40, 40]]))
     sampler = PatchSampler(
-        [volume], particles, [0], 8, background_fraction=1 - 1e-9, jitter_voxels=0,
-        augmentation=None, seed=1, hard_negative_fraction=0.5,
+        [volume],
+        particles,
+        [0],
+        8,
+        background_fraction=1 - 1e-9,
+        jitter_voxels=0,
+        augmentation=None,
+        seed=1,
+        hard_negative_fraction=0.5,
     )
     centres_y = [corner[1] + 4 for _, corner in (sampler.next_location() for _ in range(400))]
     on_membrane = np.mean([abs(y - 22) <= 10 for y in centres_y])
@@ -218,8 +225,13 @@ def test_plot_learning_curve_draws_the_metrics(tmp_path):
     figure = learning_curve_figure(tmp_path / "metrics.csv")
     loss_axes, dice_axes = figure.axes
     drawn = {line.get_label(): line for axes in figure.axes for line in axes.get_lines()}
-    want = {"train loss": "train_loss", "val loss": "val_loss", "a": "dice_a", "b": "dice_b",
-            "mean": "mean_dice"}
+    want = {
+        "train loss": "train_loss",
+        "val loss": "val_loss",
+        "a": "dice_a",
+        "b": "dice_b",
+        "mean": "mean_dice",
+    }
     assert set(drawn) == set(want)
     for label, column in want.items():
         np.testing.assert_array_equal(drawn[label].get_xdata(), frame["epoch"])
@@ -265,12 +277,25 @@ def test_train_state_saves_and_restores_every_field():
 
     def state(value):
         return TrainState(
-            epoch=value, step_in_epoch=value, total_steps=value, epoch_loss_sum=float(value),
-            epoch_loss_count=value, epoch_seconds=float(value), train_seconds=float(value),
-            rows=[{"epoch": value}], best_score=float(value), best_val_loss=float(value),
-            best_epoch=value, bad_epochs=value, model_saved=bool(value), model=Driven(value),
-            optimizer=Driven(value), scheduler=Driven(value), scaler=Driven(value),
-            sampler_streams=Driven(value), process_rng=Driven(value),
+            epoch=value,
+            step_in_epoch=value,
+            total_steps=value,
+            epoch_loss_sum=float(value),
+            epoch_loss_count=value,
+            epoch_seconds=float(value),
+            train_seconds=float(value),
+            rows=[{"epoch": value}],
+            best_score=float(value),
+            best_val_loss=float(value),
+            best_epoch=value,
+            bad_epochs=value,
+            model_saved=bool(value),
+            model=Driven(value),
+            optimizer=Driven(value),
+            scheduler=Driven(value),
+            scaler=Driven(value),
+            sampler_streams=Driven(value),
+            process_rng=Driven(value),
         )
 
     names = {f.name for f in dataclasses.fields(TrainState)}
@@ -404,17 +429,34 @@ def test_checkpoint_of_format_1_loads_as_a_train_state(tmp_path):
     from cryocaps.training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 
     loop = {
-        "epoch": 2, "step_in_epoch": 1, "epoch_loss_sum": 1.5, "epoch_loss_count": 1,
-        "epoch_seconds": 3.0, "best_val_loss": 0.9, "best_score": 0.4, "best_epoch": 1,
-        "bad_epochs": 1, "total_steps": 7, "train_seconds": 21.0, "model_saved": True,
+        "epoch": 2,
+        "step_in_epoch": 1,
+        "epoch_loss_sum": 1.5,
+        "epoch_loss_count": 1,
+        "epoch_seconds": 3.0,
+        "best_val_loss": 0.9,
+        "best_score": 0.4,
+        "best_epoch": 1,
+        "bad_epochs": 1,
+        "total_steps": 7,
+        "train_seconds": 21.0,
+        "model_saved": True,
     }
     old = {
-        "format": "cryocaps-checkpoint/1", "model": "unet", "model_config": {"widths": [4, 4, 4]},
-        "classes": [{"label": 1, "name": "a", "radius_angstrom": 30.0}], "patch_size": 16,
-        "model_state": {"w": torch.ones(2)}, "optimizer_state": {"state": {}, "param_groups": []},
-        "scheduler_state": None, "scaler_state": None, "history": [{"epoch": 1}, {"epoch": 2}],
-        "loop": loop, "rng": {"process": {"torch": torch.zeros(3)}, "samplers": [{"s": 1}]},
-        "world_size": 1, "seed": 3,
+        "format": "cryocaps-checkpoint/1",
+        "model": "unet",
+        "model_config": {"widths": [4, 4, 4]},
+        "classes": [{"label": 1, "name": "a", "radius_angstrom": 30.0}],
+        "patch_size": 16,
+        "model_state": {"w": torch.ones(2)},
+        "optimizer_state": {"state": {}, "param_groups": []},
+        "scheduler_state": None,
+        "scaler_state": None,
+        "history": [{"epoch": 1}, {"epoch": 2}],
+        "loop": loop,
+        "rng": {"process": {"torch": torch.zeros(3)}, "samplers": [{"s": 1}]},
+        "world_size": 1,
+        "seed": 3,
     }
     torch.save(old, tmp_path / "old.pt")
     checkpoint = load_checkpoint(tmp_path / "old.pt")

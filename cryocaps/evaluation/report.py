@@ -70,7 +70,8 @@ class VoxelReport:
 
 
 def read_pick_file(path: str | os.PathLike, **read_options) -> pd.DataFrame:
-    """Read a particle file; an empty file (0 bytes or no rows) is an empty table, with a warning."""
+    """Read a particle file; an empty file (0 bytes or no rows) is an empty table, with a
+    warning."""
     from cryocaps.io.particles import empty_table, read_particles
 
     path = Path(path)
@@ -193,7 +194,10 @@ def overlay_panels(
                     Circle(row.x, row.y, section, row.status, row.class_name if show_class else "")
                 )
         counts = {k: sum(c.outcome == k for c in circles) for k in ("tp", "fp", "fn")}
-        title = f"z = {z} (mean of z {low}-{high - 1}): {counts['tp']} TP, {counts['fp']} FP, {counts['fn']} FN"
+        title = (
+            f"z = {z} (mean of z {low}-{high - 1}): "
+            f"{counts['tp']} TP, {counts['fp']} FP, {counts['fn']} FN"
+        )
         panels.append((image, circles, title))
     return panels
 

@@ -46,7 +46,8 @@ class VoxelScores:
         label_true: np.ndarray,
         probabilities: np.ndarray | None = None,
     ) -> None:
-        """Add one tomogram: (Z, Y, X) label maps, optional (C, Z, Y, X) probabilities (channel = label)."""
+        """Add one tomogram: (Z, Y, X) label maps, optional (C, Z, Y, X) probabilities
+        (channel = label)."""
         if label_pred.shape != label_true.shape:
             raise CryocapsError(
                 f"label maps differ in shape: predicted {label_pred.shape}, true {label_true.shape}"
@@ -59,7 +60,8 @@ class VoxelScores:
                 )
             if probabilities.shape[0] < self.classes.n_labels:
                 raise CryocapsError(
-                    f"probability map has {probabilities.shape[0]} channels; need {self.classes.n_labels}"
+                    f"probability map has {probabilities.shape[0]} channels; "
+                    f"need {self.classes.n_labels}"
                 )
             if self.histograms is None:
                 self.histograms = {

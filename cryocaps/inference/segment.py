@@ -115,7 +115,9 @@ class _SectionReader:
     def __getitem__(self, key):
         if not (isinstance(key, tuple) and len(key) == 3 and isinstance(key[0], slice)):
             return self.data[key]
-        if not isinstance(self.data, np.ndarray):  # section by section would decode chunks again and again
+        if not isinstance(
+            self.data, np.ndarray
+        ):  # section by section would decode chunks again and again
             return np.asarray(self.data[key])
         sections = []
         for z in range(*key[0].indices(self.shape[0])):
@@ -322,8 +324,9 @@ def unique_inputs(files: Sequence) -> list[Path]:
     return list(unique.values())
 
 
-def _work_to_do(files, out_dir, *, probabilities: bool, score: bool, overwrite: bool,
-                suffix: str = ".mrc"):
+def _work_to_do(
+    files, out_dir, *, probabilities: bool, score: bool, overwrite: bool, suffix: str = ".mrc"
+):
     """(todo, skipped): todo holds (path, replace existing outputs) pairs."""
     todo, skipped = [], []
     for path in files:

@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 LOCAL_PROTOCOLS = ("local://", "file://")
 INVALID_NAME = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f\s_]')
 SPACING_FOLDER = re.compile(r"^VoxelSpacing(\d+(?:\.\d+)?)$")
-TOMOGRAM_SPEC = re.compile(r"^(?P<config>.+\.json)(?::(?P<type>[^@:]*))?(?:@(?P<spacing>[0-9]*\.?[0-9]+))?$")
+TOMOGRAM_SPEC = re.compile(
+    r"^(?P<config>.+\.json)(?::(?P<type>[^@:]*))?(?:@(?P<spacing>[0-9]*\.?[0-9]+))?$"
+)
 PICKS_FOLDER = "Picks"
 RUNS_FOLDER = "ExperimentRuns"
 
@@ -63,8 +65,10 @@ def is_copick_config(path: str | os.PathLike) -> bool:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and "pickable_objects" in config and (
-        "overlay_root" in config or "config_type" in config
+    return (
+        isinstance(config, dict)
+        and "pickable_objects" in config
+        and ("overlay_root" in config or "config_type" in config)
     )
 
 
@@ -110,7 +114,7 @@ def _root_path(value, config_path: Path, key: str) -> Path:
     text = str(value)
     for protocol in LOCAL_PROTOCOLS:
         if text.startswith(protocol):
-            text = text[len(protocol):]
+            text = text[len(protocol) :]
             break
     else:
         if "://" in text:
@@ -131,7 +135,9 @@ class CopickProject:
         except FileNotFoundError:
             raise CryocapsError(f"{self.config_path}: no such copick config") from None
         except (OSError, ValueError) as error:
-            raise CryocapsError(f"{self.config_path}: not a readable copick config ({error})") from None
+            raise CryocapsError(
+                f"{self.config_path}: not a readable copick config ({error})"
+            ) from None
         if not isinstance(config, dict) or "pickable_objects" not in config:
             raise CryocapsError(f"{self.config_path}: not a copick config (no pickable_objects)")
         kind = config.get("config_type", "filesystem")
@@ -145,7 +151,9 @@ class CopickProject:
         self.overlay_root = _root_path(config["overlay_root"], self.config_path, "overlay_root")
         static = config.get("static_root")
         self.static_root = _root_path(static, self.config_path, "static_root") if static else None
-        self.objects = [pickable_object(entry, self.config_path) for entry in config["pickable_objects"]]
+        self.objects = [
+            pickable_object(entry, self.config_path) for entry in config["pickable_objects"]
+        ]
 
     # --- layout ------------------------------------------------------------------
     @property
@@ -161,11 +169,15 @@ class CopickProject:
         for root in self.roots:
             folder = root / RUNS_FOLDER
             if folder.is_dir():
-                names.update(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+                names.update(
+                    p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                )
         return sorted(names)
 
     def run_folders(self, run: str) -> list[Path]:
-        return [root / RUNS_FOLDER / run for root in self.roots if (root / RUNS_FOLDER / run).is_dir()]
+        return [
+            root / RUNS_FOLDER / run for root in self.roots if (root / RUNS_FOLDER / run).is_dir()
+        ]
 
     def voxel_spacings(self, run: str) -> list[float]:
         spacings = set()
@@ -200,16 +212,27 @@ class CopickProject:
                     if path.name.startswith(".") or len(parts) != 3:
                         continue
                     picks = PicksFile(path, run, *parts)
-                    if (selection.user not in (None, picks.user)
-                            or selection.session not in (None, picks.session)
-                            or (selection.objects is not None and picks.object_name not in selection.objects)):
+                    if (
+                        selection.user not in (None, picks.user)
+                        or selection.session not in (None, picks.session)
+                        or (
+                            selection.objects is not None
+                            and picks.object_name not in selection.objects
+                        )
+                    ):
                         continue
                     files.setdefault((run, path.name), picks)
         return list(files.values())
 
     def picks_path(self, run: str, user: str, session: str, object_name: str) -> Path:
         """Where cryocaps writes a picks file: in the overlay root, as copick does."""
-        return self.overlay_root / RUNS_FOLDER / run / PICKS_FOLDER / f"{user}_{session}_{object_name}.json"
+        return (
+            self.overlay_root
+            / RUNS_FOLDER
+            / run
+            / PICKS_FOLDER
+            / f"{user}_{session}_{object_name}.json"
+        )
 
     # --- objects and classes ---------------------------------------------------------
     def object(self, name: str) -> PickableObject:
@@ -221,7 +244,11 @@ class CopickProject:
 
     def class_table(self, objects: tuple[str, ...] | None = None) -> ClassTable:
         """The pickable particle objects (or ``objects``) as a class table: label, name, radius."""
-        chosen = [self.object(n) for n in objects] if objects else [o for o in self.objects if o.is_particle]
+        chosen = (
+            [self.object(n) for n in objects]
+            if objects
+            else [o for o in self.objects if o.is_particle]
+        )
         if not chosen:
             raise CryocapsError(f"{self.config_path}: no pickable particle objects")
         classes = []
@@ -255,8 +282,13 @@ class CopickProject:
                 ):
                     log.warning(
                         "%s: object %r has label %s, radius %s Å (kept); %s says %s, %g Å",
-                        self.config_path, particle.name, known.label, known.radius_angstrom,
-                        classes.source, particle.label, particle.radius_angstrom,
+                        self.config_path,
+                        particle.name,
+                        known.label,
+                        known.radius_angstrom,
+                        classes.source,
+                        particle.label,
+                        particle.radius_angstrom,
                     )
                 continue
             if particle.label in by_label:
@@ -264,8 +296,14 @@ class CopickProject:
                     f"{self.config_path}: label {particle.label} of class {particle.name!r} is object "
                     f"{by_label[particle.label]!r}'s"
                 )
-            entries.append({"name": particle.name, "is_particle": True, "label": particle.label,
-                            "radius": float(particle.radius_angstrom)})
+            entries.append(
+                {
+                    "name": particle.name,
+                    "is_particle": True,
+                    "label": particle.label,
+                    "radius": float(particle.radius_angstrom),
+                }
+            )
             by_label[particle.label] = particle.name
             added = True
         return {**self.config, "pickable_objects": entries} if added else None
@@ -320,11 +358,19 @@ def parse_tomogram_spec(text: str | os.PathLike) -> tuple[Path, str | None, floa
     if match is None or not is_copick_config(match.group("config")):
         return None
     spacing = match.group("spacing")
-    return Path(match.group("config")), match.group("type") or None, float(spacing) if spacing else None
+    return (
+        Path(match.group("config")),
+        match.group("type") or None,
+        float(spacing) if spacing else None,
+    )
 
 
-def project_tomograms(config_path: str | os.PathLike, tomo_type: str | None = None,
-                      voxel_size_angstrom: float | None = None, flag: str = "--tomograms") -> list[Path]:
+def project_tomograms(
+    config_path: str | os.PathLike,
+    tomo_type: str | None = None,
+    voxel_size_angstrom: float | None = None,
+    flag: str = "--tomograms",
+) -> list[Path]:
     """The ``.zarr`` tomogram of every run that has one of ``tomo_type`` at ``voxel_size_angstrom``.
 
     Either may be left out when the project holds one kind only; runs without
@@ -337,7 +383,9 @@ def project_tomograms(config_path: str | os.PathLike, tomo_type: str | None = No
     runs = project.runs()
     for run in runs:
         for spacing in project.voxel_spacings(run):
-            if voxel_size_angstrom is not None and not same_voxel_size(spacing, voxel_size_angstrom):
+            if voxel_size_angstrom is not None and not same_voxel_size(
+                spacing, voxel_size_angstrom
+            ):
                 continue
             for kind, path in project.tomograms(run, spacing).items():
                 if tomo_type is None or kind == tomo_type:
@@ -375,5 +423,7 @@ def pickable_object(entry, config_path: Path) -> PickableObject:
         label = int(entry.get("label", 1) if entry.get("label") is not None else 1)
         radius = float(radius) if radius is not None else None
     except (TypeError, ValueError):
-        raise CryocapsError(f"{config_path}: pickable object {entry['name']!r}: bad label or radius") from None
+        raise CryocapsError(
+            f"{config_path}: pickable object {entry['name']!r}: bad label or radius"
+        ) from None
     return PickableObject(str(entry["name"]), label, radius, bool(entry.get("is_particle", True)))

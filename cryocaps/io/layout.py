@@ -61,7 +61,11 @@ def map_tomogram_name(path: str | os.PathLike) -> str:
 
 
 def output_paths(
-    out_dir: str | os.PathLike, name: str, *, probabilities: bool = False, score: bool = False,
+    out_dir: str | os.PathLike,
+    name: str,
+    *,
+    probabilities: bool = False,
+    score: bool = False,
     suffix: str = ".mrc",
 ) -> dict[str, Path]:
     """The files segment writes for tomogram ``name``: labels, and probs/score when asked.
@@ -117,7 +121,9 @@ def expand_volume_paths(
                 and not (skip_outputs and tomogram_name(p).endswith(OUTPUT_SUFFIXES))
             )
             if not found:
-                raise CryocapsError(f"{flag} {path}: folder holds no .mrc/.rec/.map files or .zarr images")
+                raise CryocapsError(
+                    f"{flag} {path}: folder holds no .mrc/.rec/.map files or .zarr images"
+                )
             files.extend(found)
         elif path.is_file():
             files.append(path)

@@ -99,7 +99,9 @@ def _open_group(path: Path):
 
 def _multiscales(path: Path, attributes: dict) -> dict:
     entries = attributes.get("multiscales")
-    if entries is None and isinstance(attributes.get("ome"), dict):  # OME-NGFF 0.5 nests it under "ome"
+    if entries is None and isinstance(
+        attributes.get("ome"), dict
+    ):  # OME-NGFF 0.5 nests it under "ome"
         entries = attributes["ome"].get("multiscales")
     if not entries or not isinstance(entries, list) or not isinstance(entries[0], dict):
         raise CryocapsError(
@@ -112,7 +114,9 @@ def _axes(path: Path, entry: dict, ndim: int) -> tuple[tuple[str, ...], tuple[fl
     """Axis names in array order and each axis's unit in Å (1 for non-space axes)."""
     raw = entry.get("axes") or (list(SPATIAL_AXES) if ndim == 3 else None)
     if raw is None or len(raw) != ndim:
-        raise CryocapsError(f"{path}: 'multiscales' axes {raw} do not match the array's {ndim} dimensions")
+        raise CryocapsError(
+            f"{path}: 'multiscales' axes {raw} do not match the array's {ndim} dimensions"
+        )
     names, factors = [], []
     for axis in raw:
         axis = axis if isinstance(axis, dict) else {"name": str(axis)}
@@ -121,13 +125,17 @@ def _axes(path: Path, entry: dict, ndim: int) -> tuple[tuple[str, ...], tuple[fl
         factor = 1.0
         if name in SPATIAL_AXES and unit is not None:
             if str(unit).lower() not in ANGSTROM_PER_UNIT:
-                raise CryocapsError(f"{path}: axis {name} has unit {unit!r}; expected a length unit")
+                raise CryocapsError(
+                    f"{path}: axis {name} has unit {unit!r}; expected a length unit"
+                )
             factor = ANGSTROM_PER_UNIT[str(unit).lower()]
         names.append(name)
         factors.append(factor)
     missing = [name for name in SPATIAL_AXES if name not in names]
     if missing:
-        raise CryocapsError(f"{path}: OME-Zarr image has no {'/'.join(missing)} axis (axes: {names})")
+        raise CryocapsError(
+            f"{path}: OME-Zarr image has no {'/'.join(missing)} axis (axes: {names})"
+        )
     return tuple(names), tuple(factors)
 
 
@@ -162,13 +170,17 @@ def read_multiscales(path: str | os.PathLike) -> MultiscaleImage:
         transforms = dataset.get("coordinateTransformations")
         scale = _transform(transforms, "scale", first.ndim)
         if scale is None:
-            raise CryocapsError(f"{path}: scale level {level_path!r} has no 'scale' coordinate transformation")
+            raise CryocapsError(
+                f"{path}: scale level {level_path!r} has no 'scale' coordinate transformation"
+            )
         translation = _transform(transforms, "translation", first.ndim)
         if global_scale is not None:
             scale = scale * global_scale
         sizes = tuple(float(scale[a] * factors[a]) for a in spatial)
         if not all(np.isfinite(sizes)) or min(sizes) <= 0:
-            raise CryocapsError(f"{path}: scale level {level_path!r} has voxel size {sizes} (z, y, x); must be > 0")
+            raise CryocapsError(
+                f"{path}: scale level {level_path!r} has voxel size {sizes} (z, y, x); must be > 0"
+            )
         origin = (0.0, 0.0, 0.0)
         if translation is not None:
             origin = tuple(float(translation[a] * factors[a]) for a in spatial[::-1])
@@ -180,7 +192,9 @@ def _level_array(group, path: Path, level_path: str):
     try:
         array = group[level_path]
     except KeyError:
-        raise CryocapsError(f"{path}: scale level {level_path!r} listed in 'multiscales' is missing") from None
+        raise CryocapsError(
+            f"{path}: scale level {level_path!r} listed in 'multiscales' is missing"
+        ) from None
     if not hasattr(array, "shape") or not hasattr(array, "dtype"):
         raise CryocapsError(f"{path}: scale level {level_path!r} is not an array")
     return array
@@ -216,7 +230,11 @@ def level_voxel_size(path: str | os.PathLike, wanted_angstrom: float | None) -> 
     if wanted_angstrom is None or not is_zarr_path(path):
         return None
     levels = read_multiscales(path).levels
-    return wanted_angstrom if any(same_voxel_size(lv.voxel_size_angstrom, wanted_angstrom) for lv in levels) else None
+    return (
+        wanted_angstrom
+        if any(same_voxel_size(lv.voxel_size_angstrom, wanted_angstrom) for lv in levels)
+        else None
+    )
 
 
 class ZarrVolume:
@@ -252,7 +270,11 @@ class ZarrVolume:
             source[axis] = key[position]
         block = np.asarray(self.array[tuple(source)])
         # Axes that survive the read, in array order; put them in z, y, x order.
-        kept = [axis for axis in self.spatial_axes if not isinstance(key[self.spatial_axes.index(axis)], int)]
+        kept = [
+            axis
+            for axis in self.spatial_axes
+            if not isinstance(key[self.spatial_axes.index(axis)], int)
+        ]
         in_array_order = sorted(kept)
         return np.transpose(block, [in_array_order.index(axis) for axis in kept]) if kept else block
 
@@ -298,19 +320,29 @@ def open_zarr_volume(
         return array, level
     volume = ZarrVolume(array, image.spatial_axes, Path(path))
     if min(volume.shape) < 2:
-        raise CryocapsError(f"{path}: expected a 3D volume, got shape {volume.shape} at level {level.path!r}")
+        raise CryocapsError(
+            f"{path}: expected a 3D volume, got shape {volume.shape} at level {level.path!r}"
+        )
     if max(level.voxel_sizes_zyx) - min(level.voxel_sizes_zyx) > 1e-3 * max(level.voxel_sizes_zyx):
-        log.warning("%s: anisotropic voxel size %s Å (z, y, x); using x = %g",
-                    path, level.voxel_sizes_zyx, level.voxel_size_angstrom)
+        log.warning(
+            "%s: anisotropic voxel size %s Å (z, y, x); using x = %g",
+            path,
+            level.voxel_sizes_zyx,
+            level.voxel_size_angstrom,
+        )
     return volume, level
 
 
 # --- writing ---------------------------------------------------------------------
-def multiscales_metadata(voxel_size_angstrom: float, origin_angstrom=(0.0, 0.0, 0.0), name: str = "") -> dict:
+def multiscales_metadata(
+    voxel_size_angstrom: float, origin_angstrom=(0.0, 0.0, 0.0), name: str = ""
+) -> dict:
     """OME-NGFF 0.4 ``multiscales`` attribute for one level ``"0"`` of a (Z, Y, X) volume in Å."""
     transforms: list[dict] = [{"type": "scale", "scale": [float(voxel_size_angstrom)] * 3}]
     if any(origin_angstrom):
-        transforms.append({"type": "translation", "translation": [float(v) for v in origin_angstrom[::-1]]})
+        transforms.append(
+            {"type": "translation", "translation": [float(v) for v in origin_angstrom[::-1]]}
+        )
     return {
         "version": "0.4",
         "name": name,
@@ -345,15 +377,23 @@ def atomic_zarr_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterato
         raise
 
 
-def create_zarr_volume(folder: Path, shape, dtype, voxel_size_angstrom: float,
-                       origin_angstrom=(0.0, 0.0, 0.0), chunks=DEFAULT_CHUNKS):
+def create_zarr_volume(
+    folder: Path,
+    shape,
+    dtype,
+    voxel_size_angstrom: float,
+    origin_angstrom=(0.0, 0.0, 0.0),
+    chunks=DEFAULT_CHUNKS,
+):
     """A new single-level OME-Zarr image in ``folder``; returns its writable level-0 array."""
     import zarr
 
     group = zarr.open_group(str(folder), mode="w")
     chunks = tuple(min(int(c), int(s)) for c, s in zip(chunks, shape[-3:], strict=True))
     chunks = (1,) * (len(shape) - 3) + chunks  # a (C, Z, Y, X) stack: one channel per chunk
-    array = group.create_dataset("0", shape=tuple(int(s) for s in shape), chunks=chunks, dtype=dtype)
+    array = group.create_dataset(
+        "0", shape=tuple(int(s) for s in shape), chunks=chunks, dtype=dtype
+    )
     metadata = multiscales_metadata(voxel_size_angstrom, origin_angstrom)
     if len(shape) == 4:
         metadata["axes"].insert(0, {"name": "c", "type": "channel"})
@@ -378,7 +418,9 @@ def write_zarr_volume(
     if not voxel_size_angstrom > 0:
         raise CryocapsError(f"{path}: voxel size must be > 0, got {voxel_size_angstrom}")
     with atomic_zarr_dir(path, overwrite=overwrite) as tmp:
-        array = create_zarr_volume(tmp, data.shape, np.dtype(dtype), voxel_size_angstrom, origin_angstrom, chunks)
+        array = create_zarr_volume(
+            tmp, data.shape, np.dtype(dtype), voxel_size_angstrom, origin_angstrom, chunks
+        )
         step = array.chunks[-3]
         for start in range(0, data.shape[-3], step):  # one chunk row at a time
             index = (Ellipsis, slice(start, start + step), slice(None), slice(None))
@@ -394,8 +436,17 @@ class ZarrVolumeWriter:
     their chunks, so memory holds only the slab being written.
     """
 
-    def __init__(self, path, shape, voxel_size_angstrom: float, *, origin_angstrom=(0.0, 0.0, 0.0),
-                 dtype: str = "uint8", overwrite: bool = False, chunks=DEFAULT_CHUNKS):
+    def __init__(
+        self,
+        path,
+        shape,
+        voxel_size_angstrom: float,
+        *,
+        origin_angstrom=(0.0, 0.0, 0.0),
+        dtype: str = "uint8",
+        overwrite: bool = False,
+        chunks=DEFAULT_CHUNKS,
+    ):
         self.path = Path(path)
         self.shape = tuple(int(s) for s in shape)
         self.voxel_size_angstrom = voxel_size_angstrom
@@ -409,8 +460,9 @@ class ZarrVolumeWriter:
     def __enter__(self) -> ZarrVolumeWriter:
         self._context = atomic_zarr_dir(self.path, overwrite=self.overwrite)
         tmp = self._context.__enter__()
-        self.data = create_zarr_volume(tmp, self.shape, self.dtype, self.voxel_size_angstrom,
-                                       self.origin_angstrom, self.chunks)
+        self.data = create_zarr_volume(
+            tmp, self.shape, self.dtype, self.voxel_size_angstrom, self.origin_angstrom, self.chunks
+        )
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

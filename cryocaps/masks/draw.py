@@ -18,7 +18,8 @@ GAUSSIAN_REACH_SIGMAS = 3.0  # soft targets are cut at 3 sigma (1.5 radii), wher
 
 
 def _box(centre: np.ndarray, reach: float, shape) -> tuple[np.ndarray, np.ndarray]:
-    """Lower (inclusive) and upper (exclusive) corners of the voxels within ``reach`` of ``centre``."""
+    """Lower (inclusive) and upper (exclusive) corners of the voxels within ``reach`` of
+    ``centre``."""
     lower = np.maximum(np.ceil(centre - reach).astype(int), 0)
     upper = np.minimum(np.floor(centre + reach).astype(int) + 1, np.asarray(shape))
     return lower, upper
@@ -48,7 +49,14 @@ def _neighbours(centres: np.ndarray, reach: np.ndarray) -> list[np.ndarray]:
     tree = cKDTree(centres)
     candidates = tree.query_ball_point(centres, reach + reach.max())
     return [
-        np.array([j for j in found if j != i and np.linalg.norm(centres[i] - centres[j]) < reach[i] + reach[j]], int)
+        np.array(
+            [
+                j
+                for j in found
+                if j != i and np.linalg.norm(centres[i] - centres[j]) < reach[i] + reach[j]
+            ],
+            int,
+        )
         for i, found in enumerate(candidates)
     ]
 
@@ -117,7 +125,8 @@ def draw_spheres(
     labels: np.ndarray,
     radii_voxels: np.ndarray | float,
 ) -> np.ndarray:
-    """Solid spheres: voxels within ``radius`` of a centre get its label; overlaps go to the nearer centre.
+    """Solid spheres: voxels within ``radius`` of a centre get its label; overlaps go to the
+    nearer centre.
 
     Parameters
     ----------
@@ -161,7 +170,9 @@ def draw_gaussians(
     def values(i: int, squared_distance: np.ndarray) -> np.ndarray:
         return np.exp(-squared_distance / np.float32(2 * sigmas[i] ** 2))
 
-    return paint_particles(shape, centres, labels, GAUSSIAN_REACH_SIGMAS * sigmas, _everywhere, values)
+    return paint_particles(
+        shape, centres, labels, GAUSSIAN_REACH_SIGMAS * sigmas, _everywhere, values
+    )
 
 
 def soft_targets(label_map: np.ndarray, value_map: np.ndarray, channel: int) -> np.ndarray:

@@ -30,7 +30,9 @@ class MaskPlan:
     path: Path
 
 
-def tomogram_geometry(paths: Sequence[Path], voxel_size_angstrom: float | None = None) -> list[TomogramInfo]:
+def tomogram_geometry(
+    paths: Sequence[Path], voxel_size_angstrom: float | None = None
+) -> list[TomogramInfo]:
     """Tomogram geometry from MRC headers, OME-Zarr metadata (files, folders, copick projects) or
     RELION 5 tomograms.star files.
 
@@ -50,9 +52,12 @@ def tomogram_geometry(paths: Sequence[Path], voxel_size_angstrom: float | None =
     infos = []
     for path in paths:
         if Path(path).suffix.lower() == ".star" and Path(path).is_file():
-            infos.extend(replace(i, voxel_size_angstrom=voxel_size_angstrom) for i in tomogram_infos([path]))
+            infos.extend(
+                replace(i, voxel_size_angstrom=voxel_size_angstrom) for i in tomogram_infos([path])
+            )
         else:  # MRC files, .zarr images (their level at that voxel size), folders, copick projects
-            infos.extend(read_info(f, voxel_size_angstrom) for f in expand_volume_paths([path], "--tomograms"))
+            files = expand_volume_paths([path], "--tomograms")
+            infos.extend(read_info(f, voxel_size_angstrom) for f in files)
     if not infos:
         raise CryocapsError("--tomograms: no .mrc/.rec/.map files found")
     return infos
@@ -78,11 +83,17 @@ def assign_labels(particles: pd.DataFrame, classes: ClassTable, single_class: bo
         only = classes.classes[0]
         found = sorted(particles["class_name"].astype(str).unique())
         if len(found) > 1:
-            log.info("--radius-angstrom: classes %s all drawn as one class %r", ", ".join(found), only.name)
+            log.info(
+                "--radius-angstrom: classes %s all drawn as one class %r",
+                ", ".join(found),
+                only.name,
+            )
         particles["class_name"] = only.name
         particles["label"] = only.label
         return particles
-    names = {value: classes.name_of(value) for value in particles["class_name"].astype(str).unique()}
+    names = {
+        value: classes.name_of(value) for value in particles["class_name"].astype(str).unique()
+    }
     particles["class_name"] = particles["class_name"].astype(str).map(names)
     particles["label"] = particles["class_name"].map({c.name: c.label for c in classes})
     return particles
@@ -136,7 +147,9 @@ def plan_masks(
             log.warning("%s: no particles; its label map is all background", info.name)
         if outside.any():
             total_outside += int(outside.sum())
-            message = f"{info.name}: {int(outside.sum())} of {len(rows)} particles lie outside the volume"
+            message = (
+                f"{info.name}: {int(outside.sum())} of {len(rows)} particles lie outside the volume"
+            )
             if strict:
                 raise CryocapsError(message + " (--strict)")
             log.warning("%s; skipped", message)
@@ -146,7 +159,8 @@ def plan_masks(
     total = sum(len(plan.particles) for plan in plans) + total_outside
     if total_outside > total / 2:
         raise CryocapsError(
-            f"{total_outside} of {total} particles lie outside their tomograms: coordinates in other "
+            f"{total_outside} of {total} particles lie outside their tomograms: "
+            "coordinates in other "
             "units? give their pixel size with --coords-pixel-size-angstrom"
         )
     return plans, {"unknown_tomograms": unknown, "particles_outside": total_outside}

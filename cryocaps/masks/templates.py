@@ -50,13 +50,18 @@ class Template:
         inside = np.argwhere(self.density > self.threshold)
         if len(inside) == 0:
             raise CryocapsError("template is empty at this threshold; lower --template-threshold")
-        self.reach_voxels = float(np.sqrt(((inside - self.centre_zyx) ** 2).sum(axis=1).max())) + 1.0
+        self.reach_voxels = (
+            float(np.sqrt(((inside - self.centre_zyx) ** 2).sum(axis=1).max())) + 1.0
+        )
 
 
 def load_template(
-    particle_class: ParticleClass, voxel_size_angstrom: float, threshold_fraction: float = DEFAULT_TEMPLATE_THRESHOLD
+    particle_class: ParticleClass,
+    voxel_size_angstrom: float,
+    threshold_fraction: float = DEFAULT_TEMPLATE_THRESHOLD,
 ) -> Template:
-    """Read a class's template map, bring it to ``voxel_size_angstrom`` (Fourier), threshold at a fraction of its maximum."""
+    """Read a class's template map, bring it to ``voxel_size_angstrom`` (Fourier), threshold at
+    a fraction of its maximum."""
     from cryocaps.io.volumes import read_tomogram
     from cryocaps.preprocess import fourier_rescale
 
@@ -66,7 +71,9 @@ def load_template(
             "classes.csv or use --shape sphere"
         )
     if not 0 < threshold_fraction < 1:
-        raise CryocapsError(f"--template-threshold must be between 0 and 1, got {threshold_fraction}")
+        raise CryocapsError(
+            f"--template-threshold must be between 0 and 1, got {threshold_fraction}"
+        )
     tomogram = read_tomogram(particle_class.template)
     density = tomogram.data.astype(np.float32)
     centre = np.array(density.shape) // 2
@@ -78,7 +85,8 @@ def load_template(
     peak = float(density.max())
     if not peak > 0:
         raise CryocapsError(
-            f"{particle_class.template}: template has no positive density (particles should be bright); "
+            f"{particle_class.template}: template has no positive density "
+            "(particles should be bright); "
             "invert it first"
         )
     return Template(density, threshold_fraction * peak, centre)

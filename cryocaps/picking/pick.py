@@ -136,7 +136,8 @@ def _kept_rows(
     *,
     with_weights: bool,
 ) -> list[dict]:
-    """Table rows of the picks that pass the size and score limits (score = size without weights)."""
+    """Table rows of the picks that pass the size and score limits (score = size without
+    weights)."""
     rows = []
     for pick in picks:
         if pick.size < min_size:
@@ -173,7 +174,8 @@ def _as_labels(label_map: np.ndarray) -> np.ndarray:
 def _check_probabilities(probabilities: np.ndarray, shape: tuple, classes: ClassTable) -> None:
     if probabilities.ndim != 4 or tuple(probabilities.shape[1:]) != tuple(shape):
         raise CryocapsError(
-            f"probability map shape {tuple(probabilities.shape)} does not fit label map {tuple(shape)}; "
+            f"probability map shape {tuple(probabilities.shape)} does not fit label map "
+            f"{tuple(shape)}; "
             "expected (C, Z, Y, X)"
         )
     if probabilities.shape[0] < classes.n_labels:
@@ -193,7 +195,8 @@ def _weight_map(particle_class: ParticleClass, probabilities, scores):
 
 
 def find_label_maps(maps: Sequence[str | os.PathLike]) -> list[Path]:
-    """Label map files: files as given; from a folder its ``*_labels`` maps (else every MRC file in it)."""
+    """Label map files: files as given; from a folder its ``*_labels`` maps (else every MRC file
+    in it)."""
     from cryocaps.io.layout import expand_volume_paths
 
     paths: list[Path] = []
@@ -278,7 +281,8 @@ def pick_files(
 
 
 def _read_companions(label_path: Path, voxel_size_angstrom: float):
-    """(C, Z, Y, X) probabilities or else (Z, Y, X) scores beside a label map (None if absent), files read."""
+    """(C, Z, Y, X) probabilities or else (Z, Y, X) scores beside a label map (None if absent),
+    files read."""
     probs_path = companion_path(label_path, "probs")
     score_path = companion_path(label_path, "score")
     if probs_path is not None:

@@ -29,10 +29,10 @@ def _round_half_up(value: float) -> int:
 def _exact_length(n_in: int, ratio: float) -> tuple[int, int]:
     """Padded input length and matching output length whose ratio is exactly ``ratio``.
 
-    Padding the input by a few voxels (at most 20 %, a linear ramp from its
-    last plane back to its first) makes the output voxel exactly the requested size; when no such padding
-    exists the output voxel differs from the request by at most half a voxel
-    over the whole axis (see :func:`effective_voxel_sizes`).
+    Padding the input by a few voxels (at most 20 %, a linear ramp from its last plane back to
+    its first) makes the output voxel exactly the requested size; when no such padding exists the
+    output voxel differs from the request by at most half a voxel over the whole axis (see
+    :func:`effective_voxel_sizes`).
     """
     for pad in range(0, max(1, n_in // 5) + 1):
         n_out = (n_in + pad) * ratio
@@ -41,7 +41,9 @@ def _exact_length(n_in: int, ratio: float) -> tuple[int, int]:
     return n_in, _round_half_up(n_in * ratio)
 
 
-def effective_voxel_sizes(shape, voxel_size_angstrom: float, target_voxel_size_angstrom: float) -> tuple:
+def effective_voxel_sizes(
+    shape, voxel_size_angstrom: float, target_voxel_size_angstrom: float
+) -> tuple:
     """Voxel size (Å) that :func:`fourier_rescale` really produces along z, y, x."""
     ratio = voxel_size_angstrom / target_voxel_size_angstrom
     sizes = []
@@ -59,7 +61,8 @@ def _slab_step(shape, axis: int) -> tuple[int, int]:
 
 
 def _rescale_axis(data: np.ndarray, axis: int, ratio: float, n_final: int) -> np.ndarray:
-    """Fourier-rescale ``data`` along one axis by ``ratio``; returns float32 with ``n_final`` samples there."""
+    """Fourier-rescale ``data`` along one axis by ``ratio``; returns float32 with ``n_final``
+    samples there."""
     from scipy import fft
 
     n_in = data.shape[axis]
@@ -67,8 +70,11 @@ def _rescale_axis(data: np.ndarray, axis: int, ratio: float, n_final: int) -> np
     keep = (min(n_padded, n_out) + 1) // 2  # bins 0..keep-1: |k| < min/2
     view = [1] * data.ndim
     view[axis] = -1
-    # Padding ramps linearly from the last plane back to the first, so the periodic signal has no step.
-    ramp = (np.arange(1, n_padded - n_in + 1, dtype=np.float32) / (n_padded - n_in + 1)).reshape(view)
+    # Padding ramps linearly from the last plane back to the first, so the periodic signal has
+    # no step.
+    ramp = (np.arange(1, n_padded - n_in + 1, dtype=np.float32) / (n_padded - n_in + 1)).reshape(
+        view
+    )
 
     out_shape = list(data.shape)
     out_shape[axis] = n_final
@@ -97,7 +103,10 @@ def _rescale_axis(data: np.ndarray, axis: int, ratio: float, n_final: int) -> np
 
 
 def fourier_rescale(
-    data: np.ndarray, voxel_size_angstrom: float, target_voxel_size_angstrom: float, release_input=None
+    data: np.ndarray,
+    voxel_size_angstrom: float,
+    target_voxel_size_angstrom: float,
+    release_input=None,
 ) -> np.ndarray:
     """Rescale a (Z, Y, X) volume to another voxel size by Fourier cropping or padding.
 
@@ -166,10 +175,14 @@ def bandpass_filter(
         gain = np.ones_like(frequency)
         if lowpass_angstrom is not None:
             cutoff = 1.0 / lowpass_angstrom
-            gain *= _cosine_edge(frequency, cutoff, min(cutoff, _EDGE_FRACTION_OF_NYQUIST * nyquist))
+            gain *= _cosine_edge(
+                frequency, cutoff, min(cutoff, _EDGE_FRACTION_OF_NYQUIST * nyquist)
+            )
         if highpass_angstrom is not None:
             cutoff = 1.0 / highpass_angstrom
-            gain *= 1.0 - _cosine_edge(frequency, cutoff, min(cutoff, _EDGE_FRACTION_OF_NYQUIST * nyquist))
+            gain *= 1.0 - _cosine_edge(
+                frequency, cutoff, min(cutoff, _EDGE_FRACTION_OF_NYQUIST * nyquist)
+            )
         spectrum[z] *= gain
     # Inverse along z and y in place, then along x slab by slab into the volume's own buffer.
     spectrum = fft.ifftn(spectrum, axes=(0, 1), overwrite_x=True, workers=-1)

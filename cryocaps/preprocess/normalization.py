@@ -22,7 +22,12 @@ def normalization_stats(data: np.ndarray, clip_percentiles=DEFAULT_CLIP_PERCENTI
     low, high = np.percentile(sample, clip_percentiles)
     clipped = np.clip(sample, low, high)
     std = float(clipped.std())
-    return {"low": float(low), "high": float(high), "mean": float(clipped.mean()), "std": std if std > 0 else 1.0}
+    return {
+        "low": float(low),
+        "high": float(high),
+        "mean": float(clipped.mean()),
+        "std": std if std > 0 else 1.0,
+    }
 
 
 def apply_normalization(block: np.ndarray, stats: dict) -> np.ndarray:

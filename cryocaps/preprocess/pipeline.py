@@ -40,10 +40,15 @@ def check_preprocess_options(
     if target_voxel_size_angstrom is not None and not allow_upsample:
         if target_voxel_size_angstrom < voxel_size_angstrom * (1 - 1e-6):
             raise CryocapsError(
-                f"{source}: voxel size {voxel_size_angstrom:g} Å is larger than --voxel-size-angstrom "
-                f"{target_voxel_size_angstrom:g}, which would upsample; pass --allow-upsample if you mean it"
+                f"{source}: voxel size {voxel_size_angstrom:g} Å is larger than "
+                f"--voxel-size-angstrom {target_voxel_size_angstrom:g}, which would upsample; "
+                "pass --allow-upsample if you mean it"
             )
-    if lowpass_angstrom is not None and highpass_angstrom is not None and highpass_angstrom <= lowpass_angstrom:
+    if (
+        lowpass_angstrom is not None
+        and highpass_angstrom is not None
+        and highpass_angstrom <= lowpass_angstrom
+    ):
         raise CryocapsError(
             f"--highpass-angstrom {highpass_angstrom:g} must be larger than --lowpass-angstrom "
             f"{lowpass_angstrom:g} (both are resolutions in Å)"
@@ -52,12 +57,16 @@ def check_preprocess_options(
     if highpass_angstrom is not None and highpass_angstrom <= nyquist_angstrom:
         raise CryocapsError(
             f"--highpass-angstrom {highpass_angstrom:g} is at or beyond the Nyquist resolution "
-            f"({nyquist_angstrom:g} Å at {out_voxel:g} Å voxels) and would remove everything; use a larger value"
+            f"({nyquist_angstrom:g} Å at {out_voxel:g} Å voxels) and would remove everything; "
+            "use a larger value"
         )
     if lowpass_angstrom is not None and lowpass_angstrom <= nyquist_angstrom:
         log.warning(
-            "%s: --lowpass-angstrom %g is finer than the Nyquist resolution (%g Å): little or no effect",
-            source, lowpass_angstrom, nyquist_angstrom,
+            "%s: --lowpass-angstrom %g is finer than the Nyquist resolution (%g Å): "
+            "little or no effect",
+            source,
+            lowpass_angstrom,
+            nyquist_angstrom,
         )
     return float(out_voxel)
 
@@ -112,16 +121,27 @@ def _preprocess(
     # The input is fetched with take_input() and never bound to a name here, so
     # release_input() (closing a memory map) really frees it once it is read.
     out_voxel = check_preprocess_options(
-        voxel_size_angstrom, target_voxel_size_angstrom, lowpass_angstrom, highpass_angstrom, allow_upsample
+        voxel_size_angstrom,
+        target_voxel_size_angstrom,
+        lowpass_angstrom,
+        highpass_angstrom,
+        allow_upsample,
     )
-    if target_voxel_size_angstrom is not None and abs(out_voxel - voxel_size_angstrom) > 1e-6 * out_voxel:
+    if (
+        target_voxel_size_angstrom is not None
+        and abs(out_voxel - voxel_size_angstrom) > 1e-6 * out_voxel
+    ):
         volume = fourier_rescale(take_input(), voxel_size_angstrom, out_voxel, release_input)
     else:
         volume = np.array(take_input(), dtype=np.float32)
         if release_input is not None:
             release_input()
     volume = bandpass_filter(
-        volume, out_voxel, lowpass_angstrom=lowpass_angstrom, highpass_angstrom=highpass_angstrom, in_place=True
+        volume,
+        out_voxel,
+        lowpass_angstrom=lowpass_angstrom,
+        highpass_angstrom=highpass_angstrom,
+        in_place=True,
     )
     if invert:
         np.negative(volume, out=volume)
@@ -219,7 +239,9 @@ def plan_files(
     seen = {}
     for path in map(Path, paths):
         # an OME-Zarr image: its level at the target voxel size when it has one (no binning needed)
-        read_voxel = input_voxel_size_angstrom or level_voxel_size(path, options.target_voxel_size_angstrom)
+        read_voxel = input_voxel_size_angstrom or level_voxel_size(
+            path, options.target_voxel_size_angstrom
+        )
         info = _read_header(path, read_voxel)
         out_voxel = check_preprocess_options(
             info.voxel_size_angstrom,
@@ -312,5 +334,8 @@ def _warn_inexact_voxel_size(path: Path, info: TomogramInfo, out_voxel: float) -
     if worst > 1e-3 * out_voxel:
         log.warning(
             "%s: the output voxel is %s Å along z, y, x (asked %g Å): this size ratio "
-            "cannot be met exactly", path, ", ".join(f"{v:.4f}" for v in effective), out_voxel
+            "cannot be met exactly",
+            path,
+            ", ".join(f"{v:.4f}" for v in effective),
+            out_voxel,
         )

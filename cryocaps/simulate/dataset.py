@@ -166,7 +166,8 @@ def simulate_dataset(
 
 
 def _check_outputs(out_dir: Path, planned: list[Path], overwrite: bool) -> None:
-    """Refuse existing outputs (unless ``overwrite``); warn of MRC files this run leaves beside them."""
+    """Refuse existing outputs (unless ``overwrite``); warn of MRC files this run leaves beside
+    them."""
     existing = [p for p in planned if p.exists()]
     if existing and not overwrite:
         raise CryocapsError(f"{existing[0]} exists; pass --overwrite to replace it")

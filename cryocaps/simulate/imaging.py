@@ -77,7 +77,8 @@ def _tilt_groups(tilts_deg: np.ndarray):
 
 
 def _interpolate_last(data, positions, valid):
-    """Linear interpolation of ``data`` (T, R, L) along L at ``positions`` (T, M); 0 where not valid."""
+    """Linear interpolation of ``data`` (T, R, L) along L at ``positions`` (T, M); 0 where not
+    valid."""
     import torch
 
     length = data.shape[-1]
@@ -338,7 +339,8 @@ def noisy_tilt_series(
 
 
 def reconstruct(signal: np.ndarray, tilts_deg: np.ndarray, n_z: int) -> np.ndarray:
-    """Weighted back-projection of a (T, Y, X) tilt series, standardised: (n_z, Y, X), mean 0, std 1."""
+    """Weighted back-projection of a (T, Y, X) tilt series, standardised: (n_z, Y, X), mean 0,
+    std 1."""
     tomogram = weighted_backprojection(signal, tilts_deg, n_z)
     tomogram -= tomogram.mean()
     tomogram /= tomogram.std() or 1.0

@@ -62,7 +62,8 @@ def check_parameters(params: SimulationParameters) -> None:
         raise CryocapsError(f"--tilt-range-deg must be in (0, 90], got {params.tilt_range_deg}")
     if not 0 < params.tilt_step_deg <= params.tilt_range_deg:
         raise CryocapsError(
-            f"--tilt-step-deg must be in (0, --tilt-range-deg={params.tilt_range_deg:g}], got {params.tilt_step_deg}"
+            f"--tilt-step-deg must be in (0, --tilt-range-deg={params.tilt_range_deg:g}], "
+            f"got {params.tilt_step_deg}"
         )
     if not params.defocus_um > 0:
         raise CryocapsError(f"--defocus-um must be > 0 (underfocus), got {params.defocus_um}")
@@ -80,7 +81,8 @@ def check_parameters(params: SimulationParameters) -> None:
         raise CryocapsError(f"--label-shape must be sphere or template, got {params.label_shape!r}")
     if not 2 <= params.slab_voxels <= params.shape[0]:
         raise CryocapsError(
-            f"--slab-thickness-angstrom {params.slab_voxels * params.voxel_size_angstrom:g} must be between "
+            f"--slab-thickness-angstrom {params.slab_voxels * params.voxel_size_angstrom:g} "
+            "must be between "
             f"2 voxels and the box height ({params.shape[0] * params.voxel_size_angstrom:g} Å)"
         )
 
@@ -92,8 +94,9 @@ def check_box(params: SimulationParameters, templates: Sequence[ParticleTemplate
     room = min(params.slab_voxels, params.shape[1], params.shape[2])
     if diameter > room:
         raise CryocapsError(
-            f"--shape {','.join(map(str, params.shape))}: class {largest.name!r} is {diameter} voxels across "
-            f"(radius {largest.radius_angstrom:.0f} Å at {params.voxel_size_angstrom:g} Å/voxel) but the "
-            f"sample slab is {params.slab_voxels:.0f} x {params.shape[1]} x {params.shape[2]} voxels; "
+            f"--shape {','.join(map(str, params.shape))}: class {largest.name!r} is "
+            f"{diameter} voxels across (radius {largest.radius_angstrom:.0f} Å at "
+            f"{params.voxel_size_angstrom:g} Å/voxel) but the sample slab is "
+            f"{params.slab_voxels:.0f} x {params.shape[1]} x {params.shape[2]} voxels; "
             "use a larger --shape or --voxel-size-angstrom"
         )

@@ -77,7 +77,8 @@ class Distractors:
 def make_distractors(
     rng: np.random.Generator, params: SimulationParameters, slab: tuple[float, float]
 ) -> Distractors:
-    """Beads on both slab surfaces (about 15 per µm², at least one) and, in half the cases, a membrane."""
+    """Beads on both slab surfaces (about 15 per µm², at least one) and, in half the cases, a
+    membrane."""
     voxel = params.voxel_size_angstrom
     nz, ny, nx = params.shape
     if not params.distractors:
@@ -110,7 +111,8 @@ def make_distractors(
 def _particle_counts(
     params: SimulationParameters, templates: Sequence[ParticleTemplate]
 ) -> list[int]:
-    """Particles per class: ``n_particles``, or as many as fill ``crowding`` of the slab, split evenly."""
+    """Particles per class: ``n_particles``, or as many as fill ``crowding`` of the slab, split
+    evenly."""
     n_classes = len(templates)
     if params.n_particles is not None:
         total = params.n_particles
@@ -208,7 +210,8 @@ def rotate_density(density: np.ndarray, angles: np.ndarray, shifts_zyx: np.ndarr
 def _add_block(
     target: np.ndarray, block: np.ndarray, corner: np.ndarray, mode: str = "add", value=None
 ) -> None:
-    """Add (or, for labels, paint ``value`` where ``block``) a cube at ``corner``, clipped to ``target``."""
+    """Add (or, for labels, paint ``value`` where ``block``) a cube at ``corner``, clipped to
+    ``target``."""
     low = np.maximum(corner, 0)
     high = np.minimum(corner + np.array(block.shape), target.shape)
     if (high <= low).any():
@@ -259,7 +262,8 @@ def render_particles(
 def render_distractors(
     shape: tuple[int, int, int], distractors: Distractors, voxel: float, slab: tuple[float, float]
 ) -> np.ndarray:
-    """Density of the distractors, (Z, Y, X) float32: gold ``GOLD_DENSITY``, head groups ``MEMBRANE_DENSITY``."""
+    """Density of the distractors, (Z, Y, X) float32: gold ``GOLD_DENSITY``, head groups
+    ``MEMBRANE_DENSITY``."""
     volume = np.zeros(shape, dtype=np.float32)
     radius = distractors.bead_radius
     if len(distractors.bead_centres):

@@ -67,7 +67,8 @@ def simulate_tomogram(
     angles = random_orientations(rng, len(centres))
     if n_missing:
         log.warning(
-            "%s: %d particles did not fit (lower --crowding or --n-particles, or use a larger --shape); placed %d",
+            "%s: %d particles did not fit "
+            "(lower --crowding or --n-particles, or use a larger --shape); placed %d",
             name,
             n_missing,
             len(centres),

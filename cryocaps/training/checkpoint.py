@@ -28,7 +28,12 @@ BEST_CHECKPOINT = "checkpoint_best.pt"
 METRICS_NAME = "metrics.csv"
 CURVE_NAME = "learning_curve.png"
 RUN_OUTPUTS = (
-    METRICS_NAME, LAST_CHECKPOINT, BEST_CHECKPOINT, "model.pt", "config.json", CURVE_NAME
+    METRICS_NAME,
+    LAST_CHECKPOINT,
+    BEST_CHECKPOINT,
+    "model.pt",
+    "config.json",
+    CURVE_NAME,
 )
 
 
@@ -158,8 +163,16 @@ def _from_format_1(old: dict) -> dict:
     state = {
         name: loop[name]
         for name in (
-            "epoch", "step_in_epoch", "total_steps", "epoch_loss_sum", "epoch_loss_count",
-            "epoch_seconds", "train_seconds", "best_val_loss", "best_epoch", "bad_epochs",
+            "epoch",
+            "step_in_epoch",
+            "total_steps",
+            "epoch_loss_sum",
+            "epoch_loss_count",
+            "epoch_seconds",
+            "train_seconds",
+            "best_val_loss",
+            "best_epoch",
+            "bad_epochs",
         )
     }
     state |= {
@@ -174,8 +187,13 @@ def _from_format_1(old: dict) -> dict:
         "process_rng": old["rng"]["process"],
     }
     identity = {k: old.get(k) for k in ("model", "model_config", "classes", "patch_size")}
-    return {"format": CHECKPOINT_FORMAT, **identity, "world_size": old.get("world_size"),
-            "seed": old.get("seed"), "state": state}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        **identity,
+        "world_size": old.get("world_size"),
+        "seed": old.get("seed"),
+        "state": state,
+    }
 
 
 def check_resumable(checkpoint: dict, where: str, identity: dict) -> None:

@@ -46,7 +46,6 @@ from cryocaps.training.sampling import (
 log = logging.getLogger(__name__)
 
 
-
 def find_class_table(classes: Path | None, label_paths: list[Path]) -> ClassTable:
     """``--classes``, else a classes.csv beside the label maps or one folder up."""
     table, source = load_class_table_beside(label_paths, classes, None)
@@ -74,13 +73,17 @@ def load_volumes(
                 f"{tomogram_path} {tomogram.shape} (z, y, x)"
             )
         check_same_voxel_size(
-            f"--labels {label_path}", label_map.voxel_size_angstrom,
-            f"tomogram {tomogram_path}", tomogram.voxel_size_angstrom,
+            f"--labels {label_path}",
+            label_map.voxel_size_angstrom,
+            f"tomogram {tomogram_path}",
+            tomogram.voxel_size_angstrom,
         )
         if volumes:
             check_same_voxel_size(
-                f"--tomograms {tomogram_path}", tomogram.voxel_size_angstrom,
-                volumes[0].name, volumes[0].voxel_size_angstrom,
+                f"--tomograms {tomogram_path}",
+                tomogram.voxel_size_angstrom,
+                volumes[0].name,
+                volumes[0].voxel_size_angstrom,
                 hint="; bring them to one voxel size with cryocaps preprocess",
             )
         data = label_map.data

@@ -114,8 +114,15 @@ class Trainer:
     for the time budget) and the step and time counters at its start.
     """
 
-    def __init__(self, config: TrainConfig, data: TrainingData, model, device: str, ranks: Ranks,
-                 started: float | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: TrainingData,
+        model,
+        device: str,
+        ranks: Ranks,
+        started: float | None = None,
+    ):
         import torch
 
         self.config, self.data, self.device, self.ranks = config, data, device, ranks
@@ -241,8 +248,15 @@ class Trainer:
         state, config = self.state, self.config
         val_start = time.time()
         val_loss, dice = validate(
-            state.model, self.val_locations, self.data.volumes, config.patch_size,
-            config.batch_size, self.class_weights, self.device, self.autocast, self.ranks,
+            state.model,
+            self.val_locations,
+            self.data.volumes,
+            config.patch_size,
+            config.batch_size,
+            self.class_weights,
+            self.device,
+            self.autocast,
+            self.ranks,
             self.data.classes.n_labels,
         )
         self.val_seconds = time.time() - val_start
@@ -268,8 +282,12 @@ class Trainer:
             if reason is not None and self.stopped == "completed":
                 self.stopped = reason
         log.info(
-            "epoch %d: train loss %.4f, val loss %.4f, mean Dice %.3f%s", state.epoch,
-            row["train_loss"], val_loss, row["mean_dice"], " (best)" if improved else "",
+            "epoch %d: train loss %.4f, val loss %.4f, mean Dice %.3f%s",
+            state.epoch,
+            row["train_loss"],
+            val_loss,
+            row["mean_dice"],
+            " (best)" if improved else "",
         )
 
     def _epoch_row(self, val_loss: float, dice: list[float], epoch_start: float) -> dict:
@@ -309,7 +327,9 @@ class Trainer:
             "steps_this_run": steps_this_run,
             "seconds": time.time() - self.started,
             "seconds_per_step": run_train_seconds / done_this_run,
-            "samples_per_second": done_this_run * config.batch_size * self.ranks.world_size
+            "samples_per_second": done_this_run
+            * config.batch_size
+            * self.ranks.world_size
             / max(run_train_seconds, 1e-9),
             "best_epoch": state.best_epoch,
             "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
@@ -361,8 +381,11 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
     runtime.seed_everything(config.seed)
     model = _create_model(config, data.classes.n_labels)
     if checkpoint is not None:
-        check_resumable(checkpoint, f"--resume {config.out_dir / LAST_CHECKPOINT}",
-                        run_identity(config, model, data))
+        check_resumable(
+            checkpoint,
+            f"--resume {config.out_dir / LAST_CHECKPOINT}",
+            run_identity(config, model, data),
+        )
     elif config.overwrite and ranks.is_main:
         clear_run_folder(config.out_dir)
     model.to(device)

@@ -45,16 +45,21 @@ log = logging.getLogger(__name__)
 ROTATION_TOLERANCE = 1e-3  # |R R^T - I| and |det R - 1| above this are not rotations
 
 
-def _run_spacing(project: CopickProject, run: str, geometry: Geometry, selection: CopickSelection,
-                 where) -> float:
+def _run_spacing(
+    project: CopickProject, run: str, geometry: Geometry, selection: CopickSelection, where
+) -> float:
     """Voxel spacing (Å) of ``run``'s positions: ``--voxel-size-angstrom``, a tomogram given, or the run's one."""
     from cryocaps.io.volumes import check_same_voxel_size
 
     info = geometry.tomogram(run)
     requested = selection.voxel_size_angstrom
     if info is not None and requested is not None:
-        check_same_voxel_size(f"{where}: run {run!r}: --voxel-size-angstrom", requested,
-                              f"tomogram {info.name}", info.voxel_size_angstrom)
+        check_same_voxel_size(
+            f"{where}: run {run!r}: --voxel-size-angstrom",
+            requested,
+            f"tomogram {info.name}",
+            info.voxel_size_angstrom,
+        )
     if info is not None and requested is None:
         return info.voxel_size_angstrom  # voxels of the tomogram given for this run
     return project.spacing(run, requested, where)
@@ -108,7 +113,9 @@ def _check_rotations(matrices: np.ndarray, path) -> None:
     identity = np.eye(3)
     orthogonal = np.abs(matrices @ np.swapaxes(matrices, 1, 2) - identity).max(axis=(1, 2))
     determinant = np.linalg.det(matrices) if len(matrices) else np.zeros(0)
-    bad = np.flatnonzero((orthogonal > ROTATION_TOLERANCE) | (np.abs(determinant - 1) > ROTATION_TOLERANCE))
+    bad = np.flatnonzero(
+        (orthogonal > ROTATION_TOLERANCE) | (np.abs(determinant - 1) > ROTATION_TOLERANCE)
+    )
     if bad.size:
         raise CryocapsError(
             f"{path}: transformation_ of point {int(bad[0])} is not a rotation (plus shift); "
@@ -131,8 +138,13 @@ def read_copick(path, geometry: Geometry) -> pd.DataFrame:
         positions = (locations + transforms[:, :3, 3]) / spacing
         angles = relion_angles(Rotation.from_matrix(transforms[:, :3, :3]))
         frames.append(
-            canonical_frame([picks.run] * len(points), [picks.object_name] * len(points), positions, scores,
-                            np.atleast_2d(angles))
+            canonical_frame(
+                [picks.run] * len(points),
+                [picks.object_name] * len(points),
+                positions,
+                scores,
+                np.atleast_2d(angles),
+            )
         )
     if not frames:
         log.warning("%s: no copick picks%s", path, _describe(selection))
@@ -141,13 +153,21 @@ def read_copick(path, geometry: Geometry) -> pd.DataFrame:
 
 
 def _describe(selection: CopickSelection) -> str:
-    parts = [f"{key} {value}" for key, value in
-             (("user", selection.user), ("session", selection.session),
-              ("objects", ",".join(selection.objects) if selection.objects else None)) if value]
+    parts = [
+        f"{key} {value}"
+        for key, value in (
+            ("user", selection.user),
+            ("session", selection.session),
+            ("objects", ",".join(selection.objects) if selection.objects else None),
+        )
+        if value
+    ]
     return f" of {', '.join(parts)}" if parts else ""
 
 
-def write_copick(table: pd.DataFrame, path, geometry: Geometry, overwrite: bool = False) -> list[Path]:
+def write_copick(
+    table: pd.DataFrame, path, geometry: Geometry, overwrite: bool = False
+) -> list[Path]:
     """Write the table into the copick project ``path`` as user/session; returns the files written.
 
     Runs (``tomo``) must exist in the project, and objects (``class_name``) too,
@@ -182,21 +202,38 @@ def write_copick(table: pd.DataFrame, path, geometry: Geometry, overwrite: bool 
     if new_config is not None:
         contents[Path(path)] = new_config
     written = _write_all(contents)
-    stale = [p.path for p in existing if p.path not in written and p.path.is_relative_to(project.overlay_root)]
+    stale = [
+        p.path
+        for p in existing
+        if p.path not in written and p.path.is_relative_to(project.overlay_root)
+    ]
     for old in stale:  # the session is replaced as a whole (files of the static root stay)
         old.unlink()
     return written
 
 
-def _picks_contents(table, project: CopickProject, geometry: Geometry, selection: CopickSelection,
-                    user: str, session: str, where) -> dict[Path, dict]:
+def _picks_contents(
+    table,
+    project: CopickProject,
+    geometry: Geometry,
+    selection: CopickSelection,
+    user: str,
+    session: str,
+    where,
+) -> dict[Path, dict]:
     """``{picks file: JSON content}`` for each run and object of the table."""
     rotations = relion_orientation(table_angles(table)).as_matrix().reshape(-1, 3, 3)
-    oriented = set(ANGLE_COLUMNS) <= set(table.columns)  # picks from a label map have no orientation
-    scores = table["score"].to_numpy(dtype=float) if "score" in table else np.full(len(table), np.nan)
+    oriented = set(ANGLE_COLUMNS) <= set(
+        table.columns
+    )  # picks from a label map have no orientation
+    scores = (
+        table["score"].to_numpy(dtype=float) if "score" in table else np.full(len(table), np.nan)
+    )
     positions = table[XYZ].to_numpy(dtype=float)
     contents = {}
-    groups = table.groupby([table["tomo"].astype(str), table["class_name"].astype(str)], sort=True).indices
+    groups = table.groupby(
+        [table["tomo"].astype(str), table["class_name"].astype(str)], sort=True
+    ).indices
     for (run, object_name), rows in groups.items():
         spacing = _run_spacing(project, run, geometry, selection, where)
         points = []
@@ -205,12 +242,18 @@ def _picks_contents(table, project: CopickProject, geometry: Geometry, selection
             transform[:3, :3] = rotations[row]
             location = positions[row] * spacing
             score = float(scores[row]) if np.isfinite(scores[row]) else 1.0  # copick's "no score"
-            points.append({
-                "location": {"x": float(location[0]), "y": float(location[1]), "z": float(location[2])},
-                "transformation_": transform.tolist(),
-                "instance_id": 0,
-                "score": score,
-            })
+            points.append(
+                {
+                    "location": {
+                        "x": float(location[0]),
+                        "y": float(location[1]),
+                        "z": float(location[2]),
+                    },
+                    "transformation_": transform.tolist(),
+                    "instance_id": 0,
+                    "score": score,
+                }
+            )
         contents[project.picks_path(run, user, session, object_name)] = {
             "pickable_object_name": object_name,
             "user_id": user,
@@ -230,7 +273,9 @@ def _write_all(contents: dict[Path, dict]) -> list[Path]:
     try:
         for target, content in contents.items():
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+            fd, name = tempfile.mkstemp(
+                prefix=f".{target.name}.", suffix=".part", dir=target.parent
+            )
             with os.fdopen(fd, "w") as handle:
                 json.dump(content, handle, indent=4)
             temporary.append((Path(name), target))
