@@ -243,24 +243,39 @@ def train(model: str, scenario: dict, data: dict, args, folder: Path) -> dict:
     return measured | training_summary(run_dir)
 
 
-def pick_and_score(label_map: Path, tomogram: Path, data: dict, folder: Path, tag: str, extra=()) -> dict:
+def pick_and_score(
+    label_map: Path, tomogram: Path, data: dict, folder: Path, tag: str, extra=()
+) -> dict:
     """``cluster-picks`` (+ ``extra`` options) and ``evaluate -o``: timings, scores, report folder."""
     logs = folder / "logs"
     picks = folder / f"picks_{tag}.csv"
     pick = run_measured(
-        cryocaps_cmd("cluster-picks", label_map, "-o", picks, "--classes", data["classes_csv"], *extra),
+        cryocaps_cmd(
+            "cluster-picks", label_map, "-o", picks, "--classes", data["classes_csv"], *extra
+        ),
         logs / f"cluster_picks_{tag}.log",
     )
     report = folder / f"report_{tag}"
     run_measured(
         cryocaps_cmd(
-            "evaluate", picks, data["particles"], "--classes", data["classes_csv"],
-            "--tomograms", tomogram, "-o", report,
+            "evaluate",
+            picks,
+            data["particles"],
+            "--classes",
+            data["classes_csv"],
+            "--tomograms",
+            tomogram,
+            "-o",
+            report,
         ),
         logs / f"evaluate_{tag}.log",
     )
     scores = json.loads((report / "report.json").read_text())
-    return {"pick": pick, "report": report, "scores": {k: scores[k] for k in ("classes", "macro", "micro")}}
+    return {
+        "pick": pick,
+        "report": report,
+        "scores": {k: scores[k] for k in ("classes", "macro", "micro")},
+    }
 
 
 def segment_pick_score(role: str, data: dict, folder: Path, thresholds: Path | None = None) -> dict:
@@ -287,8 +302,14 @@ def segment_pick_score(role: str, data: dict, folder: Path, thresholds: Path | N
     entry = {"tomogram": name, "segment": segment, "pick": raw["pick"], "scores": raw["scores"]}
     entry["thresholds_csv"] = str(raw["report"] / "pick_thresholds.csv")
     if thresholds is not None:
-        tuned = pick_and_score(label_map, tomogram, data, folder, f"{role}_thresholds", ["--thresholds", thresholds])
-        entry |= {"pick": tuned["pick"], "scores": tuned["scores"], "scores_without_thresholds": raw["scores"]}
+        tuned = pick_and_score(
+            label_map, tomogram, data, folder, f"{role}_thresholds", ["--thresholds", thresholds]
+        )
+        entry |= {
+            "pick": tuned["pick"],
+            "scores": tuned["scores"],
+            "scores_without_thresholds": raw["scores"],
+        }
     return entry
 
 
@@ -301,7 +322,9 @@ def run_model(model: str, scenario: dict, data: dict, args, folder: Path) -> dic
     entry["validation"] = segment_pick_score("validation", data, folder)
     # the test tomogram is picked with per-class score thresholds tuned on the validation one
     say(f"  {model}: segment, pick (validation thresholds), evaluate test ({ROLES['test']})")
-    entry["test"] = segment_pick_score("test", data, folder, Path(entry["validation"]["thresholds_csv"]))
+    entry["test"] = segment_pick_score(
+        "test", data, folder, Path(entry["validation"]["thresholds_csv"])
+    )
     return entry
 
 
@@ -456,7 +479,10 @@ def markdown_section(report: dict) -> str:
     ]
     for role, title in (
         ("validation", "Validation (tomo_04), cf. paper Table 3"),
-        ("test", "Test (tomo_05, picked with the score thresholds tuned on tomo_04), cf. paper Table 4"),
+        (
+            "test",
+            "Test (tomo_05, picked with the score thresholds tuned on tomo_04), cf. paper Table 4",
+        ),
     ):
         lines += [
             f"### {title}",
@@ -474,7 +500,12 @@ def markdown_section(report: dict) -> str:
         if "scores_without_thresholds" in entry.get("test", {})
     ]
     if unfiltered:
-        lines += ["Test macro F1 without → with the validation thresholds: " + "; ".join(unfiltered) + ".", ""]
+        lines += [
+            "Test macro F1 without → with the validation thresholds: "
+            + "; ".join(unfiltered)
+            + ".",
+            "",
+        ]
     lines += [
         "### Training and test time, cf. paper Table 5",
         "",

@@ -30,9 +30,21 @@ from cryocaps.cli.common import (
 
 def command(
     tomograms: Annotated[
-        list[Path], typer.Argument(help="Tomograms to preprocess (MRC files or folders of them).", show_default=False)
+        list[Path],
+        typer.Argument(
+            help="Tomograms to preprocess (MRC files or folders of them).", show_default=False
+        ),
     ],
-    out_dir: Annotated[Path, typer.Option("--out", "--output", "-o", help="Output folder (created if missing).", show_default=False)],
+    out_dir: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "--output",
+            "-o",
+            help="Output folder (created if missing).",
+            show_default=False,
+        ),
+    ],
     voxel_size_angstrom: Annotated[
         float | None,
         typer.Option(
@@ -66,7 +78,9 @@ def command(
             show_default=False,
         ),
     ] = None,
-    invert: Annotated[bool, typer.Option("--invert", help="Invert the contrast (multiply by -1). [default: off]")] = False,
+    invert: Annotated[
+        bool, typer.Option("--invert", help="Invert the contrast (multiply by -1). [default: off]")
+    ] = False,
     normalize: Annotated[
         bool,
         typer.Option(
@@ -76,7 +90,10 @@ def command(
     ] = True,
     allow_upsample: Annotated[
         bool,
-        typer.Option("--allow-upsample", help="Allow a target voxel size smaller than the input's. [default: off]"),
+        typer.Option(
+            "--allow-upsample",
+            help="Allow a target voxel size smaller than the input's. [default: off]",
+        ),
     ] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
