@@ -41,7 +41,9 @@ def train_cmd(
     *extra,
     val_tomogram=None,
 ) -> list[str]:
-    """``cryocaps train`` on these tomograms/label maps for ``minutes`` of wall time (+ ``extra`` options)."""
+    """``cryocaps train`` on these tomograms/label maps for ``minutes`` of wall time (+ ``extra``
+    options).
+    """
     val = ["--val-tomograms", val_tomogram] if val_tomogram else []
     return cryocaps_cmd(
         "train", *repeat("--tomograms", tomograms), *repeat("--labels", labels), *val,

@@ -30,8 +30,8 @@ mirror margins (no window borders at all), and with the ground truth.
 Variants: ``default`` (CLI defaults: bf16 on CPUs that have it natively),
 ``fp32`` (--no-bf16), ``bf16``, ``paper`` (64^3 windows, 25-voxel overlap,
 float32, as the paper), ``paper-bf16``, ``batch2`` (two windows per pass).
-Channels-last memory format is always on. The CPU of the machine the numbers were taken on may be shared:
-the load average before and after is printed with them.
+Channels-last memory format is always on. The CPU of the machine the numbers were taken on
+may be shared: the load average before and after is printed with them.
 
 Measured 2026-11-25 on the shared 2-CPU machine (load average ~5), 64x160x160,
 windows 80x96x96 (4), overhead 1.8: conv3d ceiling 85.5 (float32) / 213.5
@@ -69,7 +69,9 @@ CLASSES = [{"label": n, "name": f"class{n}", "radius_angstrom": 50.0} for n in (
 
 
 def conv3d_ceiling(threads: int) -> dict:
-    """GFLOP/s of a dense 3x3x3 convolution (32 -> 32 channels, 64^3), fp32 and bf16, channels-last."""
+    """GFLOP/s of a dense 3x3x3 convolution (32 -> 32 channels, 64^3), fp32 and bf16,
+    channels-last.
+    """
     import torch
 
     torch.set_num_threads(threads)
@@ -178,7 +180,9 @@ def synthetic_spheres(shape, seed=0):
 
 
 def train_toy_unet(volume, labels, steps, threads, seed=0):
-    """A small U-Net (widths 16/24/32) trained on random 32^3 patches: good enough to have opinions."""
+    """A small U-Net (widths 16/24/32) trained on random 32^3 patches: good enough to have
+    opinions.
+    """
     import numpy as np
     import torch
 
@@ -343,7 +347,8 @@ def main() -> None:
         "runs": rows,
     }
     print(
-        f"load average before {summary['load_average_before']}, after {summary['load_average_after']} "
+        f"load average before {summary['load_average_before']}, "
+        f"after {summary['load_average_after']} "
         f"on {os.cpu_count()} CPUs (a shared machine slows every number here)"
     )
     header = (
@@ -352,8 +357,10 @@ def main() -> None:
     print(header)
     for r in rows:
         print(
-            f"{r['model']:6s} {r['variant']:10s} {r['wall_seconds']:7.1f} {r['speedup_vs_deepfinder']:12.2f} "
-            f"{r['voxels_per_second'] / 1e6:7.3f} {r['useful_kflop_per_voxel']:10.0f} {r['overlap_overhead']:9.2f} "
+            f"{r['model']:6s} {r['variant']:10s} {r['wall_seconds']:7.1f} "
+            f"{r['speedup_vs_deepfinder']:12.2f} "
+            f"{r['voxels_per_second'] / 1e6:7.3f} {r['useful_kflop_per_voxel']:10.0f} "
+            f"{r['overlap_overhead']:9.2f} "
             f"{r['achieved_gflop_per_second']:8.1f} {r['peak_rss_gib']:9.2f}"
         )
     if args.json:

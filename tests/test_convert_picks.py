@@ -120,7 +120,8 @@ def test_relion5_to_format_and_back(run_cli, project, format):
 def test_tomograms_star_instead_of_mrc_files(run_cli, project):
     (project / "tomograms.star").write_text(
         "data_global\n\nloop_\n_rlnTomoName\n_rlnTomoTiltSeriesPixelSize\n_rlnTomoTomogramBinning\n"
-        "_rlnTomoSizeX\n_rlnTomoSizeY\n_rlnTomoSizeZ\nTS_01 2.5 4 200 160 80\nTS_02 2.5 4 144 120 96\n"
+        "_rlnTomoSizeX\n_rlnTomoSizeY\n_rlnTomoSizeZ\n"
+        "TS_01 2.5 4 200 160 80\nTS_02 2.5 4 144 120 96\n"
     )
     out = project / "out" / "m.star"
     result = run_cli(

@@ -1,4 +1,6 @@
-"""Particle files: conventions (golden values worked out by hand), real files, round trips, errors."""
+"""Particle files: conventions (golden values worked out by hand), real files, round trips,
+errors.
+"""
 
 from __future__ import annotations
 
@@ -54,7 +56,9 @@ def stopgap_matrix(phi, psi, the) -> np.ndarray:
 
 
 def dynamo_matrix(tdrot, tilt, narot) -> np.ndarray:
-    """Dynamo: the transpose of the extrinsic zxz matrix of (tdrot, tilt, narot) aligns reference to particle."""
+    """Dynamo: the transpose of the extrinsic zxz matrix of (tdrot, tilt, narot) aligns reference
+    to particle.
+    """
     return Rotation.from_euler("zxz", [tdrot, tilt, narot], degrees=True).as_matrix().T
 
 
@@ -99,7 +103,8 @@ def test_relion5_centre_is_half_the_size(tmp_path):
     star = write_text(
         tmp_path / "p.star",
         "data_particles\n\nloop_\n_rlnTomoName\n_rlnCenteredCoordinateXAngst\n"
-        "_rlnCenteredCoordinateYAngst\n_rlnCenteredCoordinateZAngst\nTS_01 0 0 0\nTS_01 100 -50 25\n",
+        "_rlnCenteredCoordinateYAngst\n_rlnCenteredCoordinateZAngst\n"
+        "TS_01 0 0 0\nTS_01 100 -50 25\n",
     )
     table = read_particles(star, tomograms=[TOMO])
     np.testing.assert_allclose(table[XYZ].to_numpy(), [[40, 30, 20], [50, 25, 22.5]])
@@ -142,7 +147,8 @@ def test_relion4_bin1_pixels_become_tomogram_voxels(tmp_path):
         "_rlnOriginXAngst\n_rlnOriginYAngst\n_rlnOriginZAngst\n_rlnOpticsGroup\n"
         "TS_01 100 200 40 5 0 -10 1\n",
     )
-    # (coordinate - origin / pixel) * pixel / voxel: (100 - 2) * 0.25, (200 - 0) * 0.25, (40 + 4) * 0.25
+    # (coordinate - origin / pixel) * pixel / voxel:
+    # (100 - 2) * 0.25, (200 - 0) * 0.25, (40 + 4) * 0.25
     table = read_particles(star, tomograms=[TOMO])
     np.testing.assert_allclose(table[XYZ].to_numpy(), [[24.5, 50, 11]])
     # the flag overrides the file's pixel size: (100 - 5/5) * 5/10, 200 * 5/10, (40 + 10/5) * 5/10
@@ -228,7 +234,8 @@ def test_real_relion5_refine3d_subtracts_origin_and_warns_outside(
         )
     assert len(table) == 5  # rows outside the tomogram are kept
     assert "outside" in caplog.text
-    # row 2 of TS_01: y = -728.500014 Å with origin -1.55154 Å: (-728.500014 + 1.55154) / 10.52 + 68 < 0
+    # row 2 of TS_01: y = -728.500014 Å with origin -1.55154 Å:
+    # (-728.500014 + 1.55154) / 10.52 + 68 < 0
     np.testing.assert_allclose(
         table.loc[0, XYZ].to_numpy(float),
         [
@@ -258,7 +265,8 @@ def test_real_relion5_class3d_composes_subtomogram_orientation(real_files):
     assert len(table) == 10
     assert table["class_name"].tolist()[:5] == ["1", "1", "2", "2", "3"]
     # first row: subtomogram angles (174.931305, 90.261512, -129.54646), particle angles
-    # (27.128677, 92.568990, 6.654494), origin (-3.75772, 4.342283, -3.75772) Å in the subtomogram frame
+    # (27.128677, 92.568990, 6.654494), origin (-3.75772, 4.342283, -3.75772) Å in the
+    # subtomogram frame
     a_sub = relion_matrix(174.931305, 90.261512, -129.54646)
     a_part = relion_matrix(27.128677, 92.568990, 6.654494)
     np.testing.assert_allclose(

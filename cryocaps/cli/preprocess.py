@@ -49,7 +49,8 @@ def command(
         float | None,
         typer.Option(
             "--voxel-size-angstrom",
-            help="Target voxel size in Å (Fourier cropping; e.g. 10.8 bins 5.4 Å by 2). [default: keep]",
+            help="Target voxel size in Å (Fourier cropping; e.g. 10.8 bins 5.4 Å by 2). "
+            "[default: keep]",
             show_default=False,
         ),
     ] = None,
@@ -57,7 +58,8 @@ def command(
         float | None,
         typer.Option(
             "--input-voxel-size-angstrom",
-            help="Voxel size of the inputs in Å, overriding the MRC headers. [default: from the header]",
+            help="Voxel size of the inputs in Å, overriding the MRC headers. "
+            "[default: from the header]",
             show_default=False,
         ),
     ] = None,
@@ -65,7 +67,8 @@ def command(
         float | None,
         typer.Option(
             "--lowpass-angstrom",
-            help="Low-pass filter: keep detail coarser than this resolution in Å (soft cosine edge). [default: none]",
+            help="Low-pass filter: keep detail coarser than this resolution in Å "
+            "(soft cosine edge). [default: none]",
             show_default=False,
         ),
     ] = None,
@@ -73,8 +76,8 @@ def command(
         float | None,
         typer.Option(
             "--highpass-angstrom",
-            help="High-pass filter: remove variation slower than this resolution in Å (soft cosine edge). "
-            "[default: none]",
+            help="High-pass filter: remove variation slower than this resolution in Å "
+            "(soft cosine edge). [default: none]",
             show_default=False,
         ),
     ] = None,
@@ -85,7 +88,8 @@ def command(
         bool,
         typer.Option(
             "--normalize/--no-normalize",
-            help="Clip to the 0.5-99.5 percentiles, then zero mean and unit standard deviation. [default: on]",
+            help="Clip to the 0.5-99.5 percentiles, then zero mean and unit standard deviation. "
+            "[default: on]",
         ),
     ] = True,
     allow_upsample: Annotated[

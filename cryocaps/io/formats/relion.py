@@ -58,7 +58,9 @@ TITLES = {
 
 # --- detection -----------------------------------------------------------------
 def particle_block(blocks: dict, path) -> pd.DataFrame:
-    """The particle table of a RELION STAR file: ``data_particles`` or the block with coordinates."""
+    """The particle table of a RELION STAR file: ``data_particles`` or the block with
+    coordinates.
+    """
     loops = loop_blocks(blocks)
     if "particles" in loops:
         return loops["particles"]
@@ -248,7 +250,9 @@ def _common_columns(table: pd.DataFrame, geometry: Geometry, path) -> dict:
 
 
 def write_relion5(table: pd.DataFrame, path, geometry: Geometry, target=None) -> None:
-    """A RELION 5 particle list as its Import Coordinates job reads it (one data_particles block)."""
+    """A RELION 5 particle list as its Import Coordinates job reads it (one data_particles
+    block).
+    """
     tomos = table["tomo"].astype(str)
     positions = table[XYZ].to_numpy(dtype=float)
     centred = np.empty_like(positions)
