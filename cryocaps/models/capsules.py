@@ -318,18 +318,30 @@ class _CapsuleLayer(nn.Module):
             votes, self.bias, self.routing_iterations, self.full_gradient, vote_sum
         )
 
+    @property
+    def uses_fused_routing(self) -> bool:
+        """Whether ``forward`` routes with ``routing.fused_routing``.
+
+        Not for one iteration (a squashed mean vote: the plain path is as
+        cheap), back-propagation through all iterations, or transposed layers.
+        """
+        return (
+            self.fused_routing
+            and self.routing_iterations > 1
+            and not (self.full_gradient or self.transposed)
+        )
+
     def forward(self, capsules: torch.Tensor, return_coupling: bool = False):
         """(B, I, A_in, D, H, W) -> (B, O, A_out, D', H', W') squashed capsules.
 
         The output is a strided view of a (B, D', H', W', O, A_out) tensor, so
         that ``flatten(1, 2)`` of it is a channels-last feature map. With
         ``return_coupling`` also the coupling coefficients (B, I, O, D', H', W').
-        Routing is the fused implementation (``routing.fused_routing``) unless
-        ``full_gradient``, ``fused_routing=False`` or a transposed layer asks
-        for the plain one; both give the same values and, without
+        Routing is the fused implementation where ``uses_fused_routing``, else
+        the plain one; both give the same values and, without
         ``full_gradient``, the same gradients.
         """
-        if self.fused_routing and not (self.full_gradient or self.transposed):
+        if self.uses_fused_routing:
             outputs, coupling = self._fused_forward(capsules)
             if return_coupling and coupling is None:  # one iteration: uniform
                 wide = torch.promote_types(outputs.dtype, torch.float32)

@@ -23,6 +23,8 @@ not saved.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 __all__ = ["BLOCK_VOTES", "fused_routing", "squash", "squash_backward"]
@@ -67,6 +69,13 @@ def squash_backward(
     d_root = torch.where(squared_norm > eps, 0.5 / root, torch.zeros_like(root))
     d_scale = d_root / denominator - root / (denominator * denominator)
     return grad * scale + (2 * d_scale * (grad * s).sum(dim=dim, keepdim=True)) * s
+
+
+def _without_autocast(device_type: str):
+    """Autocast switched off on this device (where it exists: not on "meta")."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _route_block(
@@ -118,7 +127,7 @@ class _FusedRouting(torch.autograd.Function):
         if iterations > 1:
             coupling = votes.new_empty((batch, n_in, n_voxels, n_out), dtype=wide)
         # the block's products stay in float32 also under autocast
-        with torch.autocast(votes.device.type, enabled=False):
+        with _without_autocast(votes.device.type):
             for start in range(0, n_voxels, block_voxels):
                 block = slice(start, min(start + block_voxels, n_voxels))
                 block_sum = None if vote_sum is None else vote_sum[:, block]
@@ -141,7 +150,7 @@ class _FusedRouting(torch.autograd.Function):
     def backward(ctx, grad_capsules, _grad_coupling):
         pre_squash, coupling = ctx.saved_tensors
         dtype, shape, strides = ctx.vote_meta
-        with torch.autocast(pre_squash.device.type, enabled=False):
+        with _without_autocast(pre_squash.device.type):
             grad_v = grad_capsules.transpose(-1, -2).to(pre_squash.dtype)
             grad_s = squash_backward(grad_v, pre_squash, dim=-2)  # (B, P, A, O)
             grad_votes = grad_bias = None
