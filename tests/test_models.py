@@ -257,6 +257,36 @@ def test_fused_routing_gradient_is_that_of_the_final_weighted_sum():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("stride, padding", [(1, 1), (2, 1), (2, 0)])
+def test_vote_convolution_gradients(stride, padding):
+    # the weight gradient as one matrix product of input patches: exact, so gradcheck applies
+    x = torch.randn(2, 3, 5, 6, 4, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    weight = torch.randn(4, 3, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(
+        routing.vote_convolution(x, weight, stride, padding),
+        torch.nn.functional.conv3d(x, weight, None, stride, padding),
+    )
+    assert torch.autograd.gradcheck(
+        lambda a, w: routing.vote_convolution(a, w, stride, padding), (x, weight)
+    )
+    # channels-first input too, and bf16 autocast within bf16 tolerance of float32
+    grads = torch.autograd.grad(
+        routing.vote_convolution(x.contiguous(), weight, stride, padding).sum(), (x, weight)
+    )
+    expected = torch.autograd.grad(
+        torch.nn.functional.conv3d(x, weight, None, stride, padding).sum(), (x, weight)
+    )
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    x32, w32 = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = routing.vote_convolution(x32, w32, stride, padding)
+    assert out.dtype == torch.bfloat16
+    (grad_weight,) = torch.autograd.grad(out.float().sum(), (w32,))
+    assert (grad_weight - expected[1]).abs().max() <= 0.02 * expected[1].abs().max()
+
+
 def test_squash_backward_matches_autograd():
     s = torch.randn(50, 4, 7, dtype=torch.float64) * torch.logspace(-4, 2, 50).view(50, 1, 1)
     s[0] = 0.0  # a zero vector: finite gradient

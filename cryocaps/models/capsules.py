@@ -15,12 +15,23 @@ capsules o) weight the votes, ``s[o] = sum_i c[i, o] u[i, o] + b[o]``,
 ``<u[i, o], v[o]>`` for the next iteration.
 
 All votes come from one ``conv3d`` call (channels-last, so oneDNN's fast
-path runs it); one copy puts them voxel-major, (B, D, H, W, O, I, A), where
-every (voxel, output capsule) owns a small I x A matrix, and each routing
-iteration is two batched mat-vec products (``bmm``) plus elementwise work on
-tensors I or A times smaller than the votes. The routing iterations are the
-only Python loop. Routing reads the votes, the layer's largest tensor, about
-five times, so it is bound by memory bandwidth rather than arithmetic.
+path runs it). Two routing implementations give the same values:
+
+- fused (``routing.fused_routing``, the default for layers that route, i.e.
+  more than one iteration): the votes stay where the convolution wrote them,
+  with the kernels' output channels reordered to (atom, capsule) so that the
+  capsule index is innermost; routing runs block by block of voxels in
+  float32, in cache, and its backward pass saves only the final coupling and
+  pre-squash sums. The vote convolution's weight gradient is one GEMM
+  (``routing.vote_convolution``).
+- plain (``route_voxel_major``; for one iteration, ``full_gradient``,
+  transposed layers, or ``fused_routing=False``): one copy puts the votes
+  voxel-major, (B, D, H, W, O, I, A), where every (voxel, output capsule) owns
+  a small I x A matrix, and each iteration is two batched mat-vec products
+  (``bmm``) over the whole vote tensor.
+
+Either way routing is bound by memory traffic and dispatch, not arithmetic;
+``benchmarks/models.py`` measures the two side by side.
 """
 
 from __future__ import annotations
@@ -30,7 +41,8 @@ import math
 import torch
 from torch import nn
 
-from cryocaps.models.routing import fused_routing, squash
+from cryocaps.models import routing
+from cryocaps.models.routing import fused_routing, squash, vote_convolution
 
 __all__ = [
     "ConvCapsule3d",
@@ -288,7 +300,12 @@ class _CapsuleLayer(nn.Module):
         else:
             flat = capsules.reshape(batch, n_in * self.in_atoms, *spatial)
         flat = flat.contiguous(memory_format=torch.channels_last_3d)
-        out = self.conv._conv_forward(flat, weight, None)
+        conv = self.conv
+        cubic = len(set(conv.stride)) == 1 and len(set(conv.padding)) == 1
+        if routing.GEMM_WEIGHT_GRADIENT and conv.groups == 1 and cubic:
+            out = vote_convolution(flat, weight, conv.stride[0], conv.padding[0])
+        else:
+            out = conv._conv_forward(flat, weight, None)
         grid = tuple(out.shape[2:])
         out = out.permute(0, 2, 3, 4, 1)  # channels-last memory: a free view
         if self.share_weights:
@@ -383,6 +400,9 @@ class ConvCapsule3d(_CapsuleLayer):
         per input type (a grouped convolution, I times the parameters)
     full_gradient : back-propagate through all routing iterations (False: only
         through the final weighted sum, coupling held fixed; same forward)
+    fused_routing : route with ``routing.fused_routing`` where it applies (True)
+        or always with the plain ``route_voxel_major``; same values and
+        gradients, not saved with the model (an implementation choice)
     """
 
 

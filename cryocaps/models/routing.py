@@ -33,6 +33,9 @@ __all__ = ["BLOCK_VOTES", "fused_routing", "squash", "squash_backward"]
 # a core's share of the last-level cache, yet large enough that the Python loop
 # over blocks costs little next to the arithmetic (measured in benchmarks/models.py).
 BLOCK_VOTES = 1 << 19
+# Weight gradient of the fused layers' vote convolution as one GEMM (``vote_convolution``);
+# False: oneDNN's. A switch for benchmarks/models.py, which measures both.
+GEMM_WEIGHT_GRADIENT = True
 
 
 def squash(s: torch.Tensor, dim: int = 2, eps: float = 1e-12) -> torch.Tensor:
@@ -114,6 +117,25 @@ def _route_block(
     return s, coupling
 
 
+def _vote_gradient(coupling, grad_s, dtype, shape, strides, ctx) -> torch.Tensor:
+    """dL/du[b, i, p, :, o] = c[b, i, p, o] dL/ds[b, p, :, o], in the votes' dtype and layout.
+
+    Block by block like the forward pass: each block's product is formed in
+    float32 in cache and written once, cast, into the vote-sized gradient (one
+    product over the whole tensor, broadcast along two axes into a
+    half-precision output, measured ~3x slower).
+    """
+    grad_votes = torch.empty_strided(shape, strides, dtype=dtype, device=grad_s.device)
+    if coupling is None:  # one iteration: uniform coupling 1/O
+        return grad_votes.copy_((grad_s * (1.0 / ctx.n_out)).unsqueeze(1).expand(shape))
+    n_voxels = shape[2]
+    for start in range(0, n_voxels, ctx.block_voxels):
+        block = slice(start, min(start + ctx.block_voxels, n_voxels))
+        product = coupling[:, :, block].unsqueeze(-2) * grad_s[:, block].unsqueeze(1)
+        grad_votes[:, :, block] = product
+    return grad_votes
+
+
 class _FusedRouting(torch.autograd.Function):
     """Routing by agreement on votes (B, I, P, A, O); stop-gradient backward."""
 
@@ -136,6 +158,7 @@ class _FusedRouting(torch.autograd.Function):
                 if c is not None:
                     coupling[:, :, block] = c
         ctx.n_out = n_out
+        ctx.block_voxels = block_voxels
         ctx.has_bias = bias is not None
         ctx.save_for_backward(pre_squash, coupling)
         # the votes are not saved: only their dtype and memory layout are kept
@@ -155,16 +178,7 @@ class _FusedRouting(torch.autograd.Function):
             grad_s = squash_backward(grad_v, pre_squash, dim=-2)  # (B, P, A, O)
             grad_votes = grad_bias = None
             if ctx.needs_input_grad[0]:
-                # dL/du[b, i, p, :, o] = c[b, i, p, o] dL/ds[b, p, :, o], in the votes' layout
-                grad_votes = torch.empty_strided(shape, strides, dtype=dtype, device=grad_s.device)
-                if coupling is None:  # one iteration: uniform coupling 1/O
-                    grad_votes.copy_((grad_s * (1.0 / ctx.n_out)).unsqueeze(1).expand(shape))
-                else:  # factors cast first: a product in the votes' dtype needs no temporary
-                    torch.mul(
-                        coupling.to(dtype).unsqueeze(-2),
-                        grad_s.to(dtype).unsqueeze(1),
-                        out=grad_votes,
-                    )
+                grad_votes = _vote_gradient(coupling, grad_s, dtype, shape, strides, ctx)
             if ctx.has_bias and ctx.needs_input_grad[1]:
                 grad_bias = grad_s.sum(dim=(0, 1))
         return grad_votes, grad_bias, None, None, None
@@ -206,3 +220,68 @@ def fused_routing(
     block_votes = BLOCK_VOTES if block_votes is None else block_votes
     block_voxels = max(1, block_votes // (batch * n_in * n_out * n_atoms))
     return _FusedRouting.apply(votes, bias, vote_sum, int(iterations), block_voxels)
+
+
+def _patches(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
+    """(N, C, D, H, W) -> (N·D'·H'·W', k³·C) patches, columns ordered (kz, ky, kx, c)."""
+    voxel_major = x.permute(0, 2, 3, 4, 1)  # a view for a channels-last map
+    pad = (0, 0, padding, padding, padding, padding, padding, padding)
+    padded = torch.nn.functional.pad(voxel_major, pad).contiguous()
+    n, depth, height, width, channels = padded.shape
+    out = [(side - kernel) // stride + 1 for side in (depth, height, width)]
+    s_n, s_d, s_h, s_w, s_c = padded.stride()
+    windows = padded.as_strided(
+        (n, *out, kernel, kernel, kernel, channels),
+        (s_n, s_d * stride, s_h * stride, s_w * stride, s_d, s_h, s_w, s_c),
+    )
+    return windows.reshape(-1, kernel**3 * channels)
+
+
+class _VoteConvolution(torch.autograd.Function):
+    """conv3d (no bias, one group) whose weight gradient is one matrix product.
+
+    oneDNN's half-precision weight gradient for the capsule layers' shapes
+    (few input channels, many output channels, or small maps) runs far below
+    its forward speed (measured 3-30x slower than the same FLOPs forward); the
+    patches of the input times the output gradient is one large GEMM instead.
+    The input gradient stays oneDNN's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding = stride, padding
+        return torch.nn.functional.conv3d(x, weight, None, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        stride, padding = ctx.stride, ctx.padding
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            (grad_x, _, _) = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, None, [stride] * 3, [padding] * 3, [1] * 3,
+                False, [0] * 3, 1, [True, False, False],
+            )  # fmt: skip
+        if ctx.needs_input_grad[1]:
+            out_channels, in_channels, kernel = weight.shape[:3]
+            rows = grad_out.permute(0, 2, 3, 4, 1).reshape(-1, out_channels)
+            columns = _patches(x, kernel, stride, padding)
+            grad_weight = (rows.t() @ columns).view(out_channels, kernel, kernel, kernel, -1)
+            grad_weight = grad_weight.permute(0, 4, 1, 2, 3)  # (O, C, k, k, k), channels-last
+        return grad_x, grad_weight, None, None
+
+
+def vote_convolution(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int):
+    """``conv3d(x, weight)`` of a capsule layer, with the GEMM weight gradient.
+
+    Under autocast both operands are cast to the autocast dtype first (as
+    autocast would cast them for ``conv3d``), so the saved input and the
+    matrix product are in that dtype.
+    """
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    with _without_autocast(device_type):
+        return _VoteConvolution.apply(x, weight, int(stride), int(padding))
