@@ -45,7 +45,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cryocaps.models import create_model  # noqa: E402
+from cryocaps.models import create_model, routing  # noqa: E402
+from cryocaps.runtime import autocast as runtime_autocast  # noqa: E402
 from cryocaps.runtime import keep_freed_blocks  # noqa: E402
 
 N_CLASSES = 4  # background + 3 particle classes, as in the paper's multi-class runs
@@ -53,7 +54,8 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def autocast(dtype):
-    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+    """The precision segment and train choose on this CPU: bf16 autocast or none (fp32)."""
+    return runtime_autocast("cpu", bf16=dtype is not None)
 
 
 def best_time(fn, repeats: int, warm_up=None) -> float:
@@ -272,6 +274,7 @@ def routing_rows(batch: int, size: int, repeats: int, dtype_name: str = "bf16") 
             loss, _ = model.compute_loss(x, labels)
             loss.backward()
 
+        rows.append(total_row(rows, "all capsule layers"))
         rows.append(
             _compare(
                 "whole model",
@@ -288,24 +291,24 @@ def routing_rows(batch: int, size: int, repeats: int, dtype_name: str = "bf16") 
 
 
 def _compare(name, shape, forward, step, switch, repeats) -> dict:
-    """Interleaved timings of plain and fused routing for one forward and one step function."""
+    """Interleaved timings of plain routing, fused routing with oneDNN's weight
+    gradient of the vote convolution, and fused routing with the GEMM one (the default)."""
 
-    def under(fused, fn):
+    def under(fused, gemm, fn):
         def run():
             switch(fused)
+            routing.GEMM_WEIGHT_GRADIENT = gemm
             fn()
 
         return run
 
-    times = interleaved(
-        {
-            ("plain", "fwd"): under(False, forward),
-            ("fused", "fwd"): under(True, forward),
-            ("plain", "step"): under(False, step),
-            ("fused", "step"): under(True, step),
-        },
-        repeats,
-    )
+    variants = {"plain": (False, False), "fused_onednn": (True, False), "fused": (True, True)}
+    fns = {}
+    for kind, fn in (("fwd", forward), ("step", step)):
+        for impl, (fused, gemm) in variants.items():
+            fns[(impl, kind)] = under(fused, gemm, fn)
+    times = interleaved(fns, repeats)
+    routing.GEMM_WEIGHT_GRADIENT = True
     row = {"layer": name, "shape": shape}
     for (impl, kind), (wall, cpu) in times.items():
         row[f"{impl}_{kind}_s"] = wall
@@ -313,12 +316,27 @@ def _compare(name, shape, forward, step, switch, repeats) -> dict:
     for kind in ("fwd", "step"):
         row[f"{kind}_speedup_wall"] = row[f"plain_{kind}_s"] / row[f"fused_{kind}_s"]
         row[f"{kind}_speedup_cpu"] = row[f"plain_{kind}_cpu_s"] / row[f"fused_{kind}_cpu_s"]
+    row["step_speedup_onednn_wall"] = row["plain_step_s"] / row["fused_onednn_step_s"]
     print(
         f"  {name}: forward {row['plain_fwd_s']:.3f} -> {row['fused_fwd_s']:.3f} s, "
-        f"fwd+bwd {row['plain_step_s']:.3f} -> {row['fused_step_s']:.3f} s (wall)",
+        f"fwd+bwd {row['plain_step_s']:.3f} -> {row['fused_onednn_step_s']:.3f} "
+        f"(oneDNN weight gradient) / {row['fused_step_s']:.3f} s (wall)",
         flush=True,
     )
     return row
+
+
+def total_row(rows: list[dict], name: str) -> dict:
+    """The sum of the capsule layers' rows (times add up; speed-ups are recomputed)."""
+    total = {"layer": name, "shape": ""}
+    for key in rows[0]:
+        if key.endswith("_s"):
+            total[key] = sum(row[key] for row in rows)
+    for kind in ("fwd", "step"):
+        total[f"{kind}_speedup_wall"] = total[f"plain_{kind}_s"] / total[f"fused_{kind}_s"]
+        total[f"{kind}_speedup_cpu"] = total[f"plain_{kind}_cpu_s"] / total[f"fused_{kind}_cpu_s"]
+    total["step_speedup_onednn_wall"] = total["plain_step_s"] / total["fused_onednn_step_s"]
+    return total
 
 
 def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
@@ -343,6 +361,7 @@ def print_routing(rows: list[dict], patch: str) -> None:
                 ("fwd speed-up", "fwd_speedup_wall", ".2f"),
                 ("fwd speed-up (CPU time)", "fwd_speedup_cpu", ".2f"),
                 ("fwd+bwd plain s", "plain_step_s", ".3f"),
+                ("fwd+bwd fused, oneDNN weight grad s", "fused_onednn_step_s", ".3f"),
                 ("fwd+bwd fused s", "fused_step_s", ".3f"),
                 ("fwd+bwd speed-up", "step_speedup_wall", ".2f"),
                 ("fwd+bwd speed-up (CPU time)", "step_speedup_cpu", ".2f"),

@@ -418,4 +418,3 @@ class ConvTransposeCapsule3d(_CapsuleLayer):
 
     def __init__(self, *args, kernel_size: int = 2, stride: int = 2, **kwargs):
         super().__init__(*args, kernel_size=kernel_size, stride=stride, **kwargs)
-

@@ -1,24 +1,30 @@
-"""Fused dynamic routing: one pass over the votes per routing iteration, block by block.
+"""Fused dynamic routing and the capsule layers' vote convolution, for CPUs.
 
 The plain routing (``capsules.route_voxel_major``) copies the votes of a
 capsule layer into a voxel-major layout and runs every iteration over the
-whole vote tensor with batched matrix products: each step writes a new
-vote-sized or coupling-sized tensor, and autograd keeps the votes and their
-copy for the backward pass. On a CPU that is memory traffic, not arithmetic.
+whole vote tensor with batched matrix products of tiny (I x A) matrices:
+each step writes a new vote-sized or coupling-sized tensor, and autograd
+keeps the votes and their copy for the backward pass. On a CPU that is
+memory traffic and per-matrix dispatch, not arithmetic.
 
-Here routing runs on the votes where the convolution wrote them (no layout
-copy), over blocks of voxels small enough that a block's temporaries stay in
-cache: for each block all iterations run back to back, with the sums of
-squares, agreements, logits and coupling coefficients in float32 whatever
-the votes' precision (bf16 or fp16 votes, float32 accumulation).
+Here (``fused_routing``, one ``torch.autograd.Function``) routing runs on the
+votes where the convolution wrote them, with the kernels' output channels
+reordered so that the layout is (B, I, P, A, O): the output-capsule index is
+innermost, every product and sum runs over contiguous rows of O, and no
+layout copy is made. Voxels are taken in blocks small enough that a block's
+float32 copy and temporaries stay in cache while all iterations run on it;
+squared norms, agreements, logits and coupling coefficients are float32
+whatever the votes' precision (bf16 or fp16 votes, float32 accumulation).
 
 The backward pass is the stop-gradient routing of the plain implementation
 (the coupling coefficients of the last iteration held fixed): it needs only
 the final coupling ``c`` (B, I, P, O) and the pre-squash sums ``s``
-(B, P, O, A), both far smaller than the votes, and writes the vote gradient
-``c ⊗ dL/ds`` in one broadcast multiply, in the votes' own memory layout, so
-the convolution's backward reads it without a copy. The votes themselves are
-not saved.
+(B, P, A, O), both far smaller than the votes, and writes the vote gradient
+``c ⊗ dL/ds`` block by block in the votes' own dtype and memory layout, so
+the convolution's backward reads it without a copy. The votes are not saved.
+
+``vote_convolution`` is the layers' conv3d with its weight gradient as one
+GEMM of input patches, where oneDNN's half-precision weight gradient is slow.
 """
 
 from __future__ import annotations
@@ -27,7 +33,14 @@ import contextlib
 
 import torch
 
-__all__ = ["BLOCK_VOTES", "fused_routing", "squash", "squash_backward"]
+__all__ = [
+    "BLOCK_VOTES",
+    "GEMM_WEIGHT_GRADIENT",
+    "fused_routing",
+    "squash",
+    "squash_backward",
+    "vote_convolution",
+]
 
 # Votes per block (elements): ~2-4 MB of float32 temporaries per block, inside
 # a core's share of the last-level cache, yet large enough that the Python loop
@@ -117,7 +130,13 @@ def _route_block(
     return s, coupling
 
 
-def _vote_gradient(coupling, grad_s, dtype, shape, strides, ctx) -> torch.Tensor:
+def _vote_gradient(
+    coupling: torch.Tensor | None,
+    grad_s: torch.Tensor,
+    vote_meta: tuple,
+    n_out: int,
+    block_voxels: int,
+) -> torch.Tensor:
     """dL/du[b, i, p, :, o] = c[b, i, p, o] dL/ds[b, p, :, o], in the votes' dtype and layout.
 
     Block by block like the forward pass: each block's product is formed in
@@ -125,12 +144,13 @@ def _vote_gradient(coupling, grad_s, dtype, shape, strides, ctx) -> torch.Tensor
     product over the whole tensor, broadcast along two axes into a
     half-precision output, measured ~3x slower).
     """
+    dtype, shape, strides = vote_meta
     grad_votes = torch.empty_strided(shape, strides, dtype=dtype, device=grad_s.device)
     if coupling is None:  # one iteration: uniform coupling 1/O
-        return grad_votes.copy_((grad_s * (1.0 / ctx.n_out)).unsqueeze(1).expand(shape))
+        return grad_votes.copy_((grad_s * (1.0 / n_out)).unsqueeze(1).expand(shape))
     n_voxels = shape[2]
-    for start in range(0, n_voxels, ctx.block_voxels):
-        block = slice(start, min(start + ctx.block_voxels, n_voxels))
+    for start in range(0, n_voxels, block_voxels):
+        block = slice(start, min(start + block_voxels, n_voxels))
         product = coupling[:, :, block].unsqueeze(-2) * grad_s[:, block].unsqueeze(1)
         grad_votes[:, :, block] = product
     return grad_votes
@@ -172,13 +192,14 @@ class _FusedRouting(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_capsules, _grad_coupling):
         pre_squash, coupling = ctx.saved_tensors
-        dtype, shape, strides = ctx.vote_meta
         with _without_autocast(pre_squash.device.type):
             grad_v = grad_capsules.transpose(-1, -2).to(pre_squash.dtype)
             grad_s = squash_backward(grad_v, pre_squash, dim=-2)  # (B, P, A, O)
             grad_votes = grad_bias = None
             if ctx.needs_input_grad[0]:
-                grad_votes = _vote_gradient(coupling, grad_s, dtype, shape, strides, ctx)
+                grad_votes = _vote_gradient(
+                    coupling, grad_s, ctx.vote_meta, ctx.n_out, ctx.block_voxels
+                )
             if ctx.has_bias and ctx.needs_input_grad[1]:
                 grad_bias = grad_s.sum(dim=(0, 1))
         return grad_votes, grad_bias, None, None, None
