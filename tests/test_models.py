@@ -159,6 +159,12 @@ def test_capsule_layer_gradients_with_full_routing_gradient(share_weights):
 # ------------------------------------------------- fused routing vs plain routing
 
 
+@pytest.fixture
+def fused_everywhere(monkeypatch):
+    """Fused routing also for layers with few output capsules (where it is not the default)."""
+    monkeypatch.setattr(routing, "FUSED_MIN_CAPSULES", 1)
+
+
 def _layer_outputs_and_grads(layer, capsules, fused, weights):
     """Forward with fused or plain routing; returns outputs, coupling and all gradients."""
     layer.fused_routing = fused
@@ -179,7 +185,9 @@ def _layer_outputs_and_grads(layer, capsules, fused, weights):
     "share_weights, stride, iterations",
     [(True, 1, 3), (True, 2, 3), (False, 2, 3), (False, 1, 2), (True, 2, 5)],
 )
-def test_fused_routing_matches_plain_in_float64(share_weights, stride, iterations):
+def test_fused_routing_matches_plain_in_float64(
+    share_weights, stride, iterations, fused_everywhere
+):
     layer = ConvCapsule3d(
         3, 4, 5, 6, stride=stride, routing_iterations=iterations, share_weights=share_weights
     ).double()
@@ -192,7 +200,7 @@ def test_fused_routing_matches_plain_in_float64(share_weights, stride, iteration
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_fused_routing_matches_plain_in_float32_across_blocks():
+def test_fused_routing_matches_plain_in_float32_across_blocks(fused_everywhere):
     layer = ConvCapsule3d(4, 4, 6, 8, stride=1, routing_iterations=3)
     capsules = torch.randn(2, 4, 4, 8, 8, 8)
     weights = torch.randn(2, 6, 8, 8, 8, 8)
@@ -209,7 +217,7 @@ def test_fused_routing_matches_plain_in_float32_across_blocks():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_routing_under_bf16_autocast_stays_within_bf16_tolerance():
+def test_fused_routing_under_bf16_autocast_stays_within_bf16_tolerance(fused_everywhere):
     layer = ConvCapsule3d(8, 4, 8, 8, stride=2, routing_iterations=3)
     capsules = torch.randn(2, 8, 4, 12, 12, 12) * 0.5
     weights = torch.randn(2, 8, 8, 6, 6, 6)
@@ -226,6 +234,24 @@ def test_fused_routing_under_bf16_autocast_stays_within_bf16_tolerance():
         assert (b - c).abs().max() <= 0.03 * scale, name
         # the fused routing is no less accurate than the plain one
         assert (a - c).norm() <= 1.5 * (b - c).norm() + 1e-6 * scale, name
+
+
+@pytest.mark.parametrize("share_weights", [True, False])
+def test_capsule_layer_gradients_do_not_depend_on_the_weight_gradient_path(
+    share_weights, monkeypatch
+):
+    layer = ConvCapsule3d(3, 4, 16, 2, stride=2, share_weights=share_weights).double()
+    assert layer.uses_fused_routing  # 16 output capsules: fused by default
+    capsules = torch.randn(2, 3, 4, 6, 6, 6, dtype=torch.float64)
+    weights = torch.randn(2, 16, 2, 3, 3, 3, dtype=torch.float64)
+    results = []
+    for gemm in (True, False):
+        monkeypatch.setattr(routing, "GEMM_WEIGHT_GRADIENT", gemm)
+        for fused in (True, False):
+            results.append(_layer_outputs_and_grads(layer, capsules, fused, weights))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_fused_routing_gradcheck_one_iteration():

@@ -72,8 +72,9 @@ def test_routing_of_large_half_precision_votes_is_finite(implementation):
     assert votes.grad.abs().sum() > 0
 
 
-def test_capsule_layer_under_float16_autocast_is_finite_and_close_to_float32():
-    layer = ConvCapsule3d(8, 4, 8, 8, stride=2, routing_iterations=3)
+@pytest.mark.parametrize("out_capsules", [16, 8])  # fused and plain routing
+def test_capsule_layer_under_float16_autocast_is_finite_and_close_to_float32(out_capsules):
+    layer = ConvCapsule3d(8, 4, out_capsules, 8, stride=2, routing_iterations=3)
     capsules = torch.randn(1, 8, 4, 8, 8, 8)
     reference = layer(capsules)
     with torch.autocast("cpu", dtype=torch.float16):

@@ -237,7 +237,7 @@ class _CapsuleLayer(nn.Module):
             flat = capsules.reshape(batch * self.in_capsules, self.in_atoms, *spatial)
         else:
             flat = capsules.reshape(batch, self.in_capsules * self.in_atoms, *spatial)
-        out = self.conv(flat.contiguous(memory_format=torch.channels_last_3d))
+        out = self._convolve(flat.contiguous(memory_format=torch.channels_last_3d))
         grid = tuple(out.shape[2:])
         out = out.permute(0, 2, 3, 4, 1)  # channels-last memory: a free view
         n_in, n_out, n_atoms = self.in_capsules, self.out_capsules, self.out_atoms
@@ -260,6 +260,22 @@ class _CapsuleLayer(nn.Module):
         """(B, I, A_in, D, H, W) -> votes (B, I, O, A_out, D', H', W') (a strided view)."""
         return self.voxel_major_votes(capsules).permute(0, 5, 4, 6, 1, 2, 3)
 
+    def _convolve(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The vote convolution of ``x`` with ``weight`` (default: the layer's kernels).
+
+        Its weight gradient is one GEMM (``routing.vote_convolution``) where
+        ``routing.use_gemm_weight_gradient()`` and the convolution is a plain
+        one (one group, not transposed, the same stride and padding on all axes).
+        """
+        conv = self.conv
+        if self.transposed:
+            return conv(x)
+        weight = conv.weight if weight is None else weight
+        cubic = len(set(conv.stride)) == 1 and len(set(conv.padding)) == 1
+        if conv.groups == 1 and cubic and routing.use_gemm_weight_gradient():
+            return vote_convolution(x, weight, conv.stride[0], conv.padding[0])
+        return conv._conv_forward(x, weight, None)
+
     def _vote_sum(self, capsules: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
         """(B, P, C) sum over the input capsules of their votes, or None.
 
@@ -270,11 +286,7 @@ class _CapsuleLayer(nn.Module):
         if not (self.share_weights and self.in_capsules > 1):
             return None
         summed = capsules.sum(dim=1).contiguous(memory_format=torch.channels_last_3d)
-        if weight is self.conv.weight:
-            out = self.conv(summed)
-        else:  # reordered kernels (fused routing: never a transposed layer)
-            out = self.conv._conv_forward(summed, weight, None)
-        out = out.permute(0, 2, 3, 4, 1)
+        out = self._convolve(summed, weight).permute(0, 2, 3, 4, 1)
         return out.reshape(capsules.shape[0], -1, out.shape[-1])
 
     def _atom_major_weight(self) -> torch.Tensor:
@@ -299,13 +311,7 @@ class _CapsuleLayer(nn.Module):
             flat = capsules.reshape(batch * n_in, self.in_atoms, *spatial)
         else:
             flat = capsules.reshape(batch, n_in * self.in_atoms, *spatial)
-        flat = flat.contiguous(memory_format=torch.channels_last_3d)
-        conv = self.conv
-        cubic = len(set(conv.stride)) == 1 and len(set(conv.padding)) == 1
-        if routing.GEMM_WEIGHT_GRADIENT and conv.groups == 1 and cubic:
-            out = vote_convolution(flat, weight, conv.stride[0], conv.padding[0])
-        else:
-            out = conv._conv_forward(flat, weight, None)
+        out = self._convolve(flat.contiguous(memory_format=torch.channels_last_3d), weight)
         grid = tuple(out.shape[2:])
         out = out.permute(0, 2, 3, 4, 1)  # channels-last memory: a free view
         if self.share_weights:
@@ -340,11 +346,14 @@ class _CapsuleLayer(nn.Module):
         """Whether ``forward`` routes with ``routing.fused_routing``.
 
         Not for one iteration (a squashed mean vote: the plain path is as
-        cheap), back-propagation through all iterations, or transposed layers.
+        cheap), fewer than ``routing.FUSED_MIN_CAPSULES`` output capsules
+        (measured slower), back-propagation through all iterations, or
+        transposed layers.
         """
         return (
             self.fused_routing
             and self.routing_iterations > 1
+            and self.out_capsules >= routing.FUSED_MIN_CAPSULES
             and not (self.full_gradient or self.transposed)
         )
 

@@ -35,10 +35,12 @@ import torch
 
 __all__ = [
     "BLOCK_VOTES",
+    "FUSED_MIN_CAPSULES",
     "GEMM_WEIGHT_GRADIENT",
     "fused_routing",
     "squash",
     "squash_backward",
+    "use_gemm_weight_gradient",
     "vote_convolution",
 ]
 
@@ -46,9 +48,22 @@ __all__ = [
 # a core's share of the last-level cache, yet large enough that the Python loop
 # over blocks costs little next to the arithmetic (measured in benchmarks/models.py).
 BLOCK_VOTES = 1 << 19
-# Weight gradient of the fused layers' vote convolution as one GEMM (``vote_convolution``);
-# False: oneDNN's. A switch for benchmarks/models.py, which measures both.
-GEMM_WEIGHT_GRADIENT = True
+# Fused routing pays where the output-capsule axis, innermost, fills a float32
+# AVX-512 vector: measured 1.6-1.8x faster than the plain routing for 16 output
+# capsules, 10-25% slower for 8 or 4 (benchmarks/models.py, 1 thread).
+FUSED_MIN_CAPSULES = 16
+# Weight gradient of the capsule layers' vote convolution as one GEMM
+# (``vote_convolution``): None = where torch runs more than one thread (oneDNN's bf16
+# weight gradient of these shapes measured 1.2-9x slower with 2 threads on a shared
+# 2-core machine, ~7% faster with 1 thread); True / False force it (benchmarks).
+GEMM_WEIGHT_GRADIENT: bool | None = None
+
+
+def use_gemm_weight_gradient() -> bool:
+    """Whether capsule layers compute their vote convolution's weight gradient as one GEMM."""
+    if GEMM_WEIGHT_GRADIENT is None:
+        return torch.get_num_threads() > 1
+    return GEMM_WEIGHT_GRADIENT
 
 
 def squash(s: torch.Tensor, dim: int = 2, eps: float = 1e-12) -> torch.Tensor:
