@@ -264,7 +264,8 @@ class _CapsuleLayer(nn.Module):
         """The vote convolution of ``x`` with ``weight`` (default: the layer's kernels).
 
         Its weight gradient is one GEMM (``routing.vote_convolution``) where
-        ``routing.use_gemm_weight_gradient()`` and the convolution is a plain
+        ``routing.use_gemm_weight_gradient()``, the input has at most
+        ``routing.GEMM_MAX_IN_CHANNELS`` channels and the convolution is a plain
         one (one group, not transposed, the same stride and padding on all axes).
         """
         conv = self.conv
@@ -272,7 +273,8 @@ class _CapsuleLayer(nn.Module):
             return conv(x)
         weight = conv.weight if weight is None else weight
         cubic = len(set(conv.stride)) == 1 and len(set(conv.padding)) == 1
-        if conv.groups == 1 and cubic and routing.use_gemm_weight_gradient():
+        few_inputs = weight.shape[1] <= routing.GEMM_MAX_IN_CHANNELS
+        if conv.groups == 1 and cubic and few_inputs and routing.use_gemm_weight_gradient():
             return vote_convolution(x, weight, conv.stride[0], conv.padding[0])
         return conv._conv_forward(x, weight, None)
 
