@@ -31,9 +31,19 @@ def cryocaps_cmd(*args) -> list[str]:
 
 
 def train_cmd(
-    tomograms, labels, classes_csv, run_dir, model: str, minutes: float, seed: int, *extra, val_tomogram=None
+    tomograms,
+    labels,
+    classes_csv,
+    run_dir,
+    model: str,
+    minutes: float,
+    seed: int,
+    *extra,
+    val_tomogram=None,
 ) -> list[str]:
-    """``cryocaps train`` on these tomograms/label maps for ``minutes`` of wall time (+ ``extra`` options)."""
+    """``cryocaps train`` on these tomograms/label maps for ``minutes`` of wall time (+ ``extra``
+    options).
+    """
     val = ["--val-tomograms", val_tomogram] if val_tomogram else []
     return cryocaps_cmd(
         "train", *repeat("--tomograms", tomograms), *repeat("--labels", labels), *val,

@@ -11,6 +11,12 @@ layers of 3D-UCaps down into their vote convolution and their routing.
 
     python benchmarks/models.py                 # ~1-2 min on 2 idle cores: 64³ and 32³, fp32 and bf16
     python benchmarks/models.py --repeats 3     # steadier numbers, ~3x longer
+    python benchmarks/models.py --routing-only  # ceiling + plain vs fused routing at 2 × 48³
+
+Plain vs fused routing (``capsules.route_voxel_major`` vs ``routing.fused_routing``)
+is timed layer by layer and for the whole 3D-UCaps at DeepFinder's training
+patch and batch (2 × 48³), forward and forward+backward, the two taking
+turns in the same process so that both see the same load.
 
 Prints markdown tables and writes benchmarks/results/models.json. Times are
 the best of ``--repeats`` runs after one warm-up (wall clock, batch 1); on a
@@ -39,7 +45,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cryocaps.models import create_model  # noqa: E402
+from cryocaps.models import create_model, routing  # noqa: E402
+from cryocaps.runtime import autocast as runtime_autocast  # noqa: E402
 from cryocaps.runtime import keep_freed_blocks  # noqa: E402
 
 N_CLASSES = 4  # background + 3 particle classes, as in the paper's multi-class runs
@@ -47,7 +54,8 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def autocast(dtype):
-    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+    """The precision segment and train choose on this CPU: bf16 autocast or none (fp32)."""
+    return runtime_autocast("cpu", bf16=dtype is not None)
 
 
 def best_time(fn, repeats: int, warm_up=None) -> float:
@@ -188,12 +196,181 @@ def capsule_rows(size: int, repeats: int) -> list[dict]:
     return rows
 
 
+def set_routing(model, fused: bool) -> None:
+    """Switch every capsule layer of a 3D-UCaps between fused and plain routing."""
+    for layer in [model.primary_capsules, *model.encoder]:
+        layer.fused_routing = fused
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Best wall-clock and CPU seconds of each function, called in turn ``repeats`` times.
+
+    Taking turns puts plain and fused under the same load; CPU time (of this
+    process, all its threads) is steadier than wall time on a shared machine.
+    """
+    for fn in fns.values():
+        fn()  # warm-up
+    wall = {key: float("inf") for key in fns}
+    cpu = dict(wall)
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall[key] = min(wall[key], time.perf_counter() - start_wall)
+            cpu[key] = min(cpu[key], time.process_time() - start_cpu)
+    return {key: (wall[key], cpu[key]) for key in fns}
+
+
+def routing_rows(batch: int, size: int, repeats: int, dtype_name: str = "bf16") -> list[dict]:
+    """Plain vs fused routing: each capsule layer and the whole 3D-UCaps, forward and fwd+bwd.
+
+    At DeepFinder's training patch and batch (2 × 48³). Forward: eval mode,
+    no_grad; forward+backward: a layer's output squared and summed, then
+    backward (its input needing gradients, as in training), or for the whole
+    model the training loss and its backward.
+    """
+    model = create_model("ucaps", N_CLASSES)
+    x = torch.randn(batch, 1, size, size, size).contiguous(memory_format=torch.channels_last_3d)
+    labels = torch.randint(0, N_CLASSES, (batch, size, size, size))
+    rows = []
+    with autocast(DTYPES[dtype_name]):
+        with torch.no_grad():
+            inputs = [model.features(x).unsqueeze(1)]
+            for layer in [model.primary_capsules, *model.encoder]:
+                inputs.append(layer(inputs[-1]))
+        layers = [model.primary_capsules, *model.encoder]
+        for index, (layer, capsules) in enumerate(zip(layers, inputs, strict=False)):
+            capsules = capsules.detach().requires_grad_()
+
+            def forward(layer=layer, capsules=capsules):
+                with torch.no_grad():
+                    layer(capsules)
+
+            def step(layer=layer, capsules=capsules):
+                capsules.grad = None
+                layer.zero_grad(set_to_none=True)
+                layer(capsules).float().square().sum().backward()
+
+            name = "primary" if index == 0 else f"caps{index}"
+            rows.append(
+                _compare(
+                    name,
+                    layer.extra_repr().split(", kernel")[0],
+                    forward,
+                    step,
+                    lambda fused, layer=layer: setattr(layer, "fused_routing", fused),
+                    repeats,
+                )
+            )
+
+        def model_forward():
+            model.eval()
+            with torch.no_grad():
+                model(x)
+
+        def model_step():
+            model.train()
+            model.zero_grad(set_to_none=True)
+            loss, _ = model.compute_loss(x, labels)
+            loss.backward()
+
+        rows.append(total_row(rows, "all capsule layers"))
+        rows.append(
+            _compare(
+                "whole model",
+                f"{batch} × {size}³",
+                model_forward,
+                model_step,
+                lambda fused: set_routing(model, fused),
+                repeats,
+            )
+        )
+    for row in rows:
+        row["dtype"] = dtype_name
+    return rows
+
+
+def _compare(name, shape, forward, step, switch, repeats) -> dict:
+    """Interleaved timings of plain routing, fused routing with oneDNN's weight
+    gradient of the vote convolution, and the defaults (fused routing where it
+    pays, the GEMM weight gradient where torch runs more than one thread)."""
+
+    def under(fused, gemm, fn):
+        def run():
+            switch(fused)
+            routing.GEMM_WEIGHT_GRADIENT = gemm
+            fn()
+
+        return run
+
+    # "fused": the library's defaults (fused routing where it pays, GEMM weight
+    # gradient where more than one thread runs); "plain": cryocaps 0.1.0's layers
+    variants = {"plain": (False, False), "fused_onednn": (True, False), "fused": (True, None)}
+    fns = {}
+    for kind, fn in (("fwd", forward), ("step", step)):
+        for impl, (fused, gemm) in variants.items():
+            fns[(impl, kind)] = under(fused, gemm, fn)
+    times = interleaved(fns, repeats)
+    routing.GEMM_WEIGHT_GRADIENT = None
+    row = {"layer": name, "shape": shape}
+    for (impl, kind), (wall, cpu) in times.items():
+        row[f"{impl}_{kind}_s"] = wall
+        row[f"{impl}_{kind}_cpu_s"] = cpu
+    for kind in ("fwd", "step"):
+        row[f"{kind}_speedup_wall"] = row[f"plain_{kind}_s"] / row[f"fused_{kind}_s"]
+        row[f"{kind}_speedup_cpu"] = row[f"plain_{kind}_cpu_s"] / row[f"fused_{kind}_cpu_s"]
+    row["step_speedup_onednn_wall"] = row["plain_step_s"] / row["fused_onednn_step_s"]
+    print(
+        f"  {name}: forward {row['plain_fwd_s']:.3f} -> {row['fused_fwd_s']:.3f} s, "
+        f"fwd+bwd {row['plain_step_s']:.3f} -> {row['fused_onednn_step_s']:.3f} "
+        f"(oneDNN weight gradient) / {row['fused_step_s']:.3f} s (wall)",
+        flush=True,
+    )
+    return row
+
+
+def total_row(rows: list[dict], name: str) -> dict:
+    """The sum of the capsule layers' rows (times add up; speed-ups are recomputed)."""
+    total = {"layer": name, "shape": ""}
+    for key in rows[0]:
+        if key.endswith("_s"):
+            total[key] = sum(row[key] for row in rows)
+    for kind in ("fwd", "step"):
+        total[f"{kind}_speedup_wall"] = total[f"plain_{kind}_s"] / total[f"fused_{kind}_s"]
+        total[f"{kind}_speedup_cpu"] = total[f"plain_{kind}_cpu_s"] / total[f"fused_{kind}_cpu_s"]
+    total["step_speedup_onednn_wall"] = total["plain_step_s"] / total["fused_onednn_step_s"]
+    return total
+
+
 def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     lines = ["| " + " | ".join(title for title, _, _ in columns) + " |"]
     lines.append("|" + "|".join("---" for _ in columns) + "|")
     for row in rows:
         lines.append("| " + " | ".join(format(row[key], fmt) for _, key, fmt in columns) + " |")
     return "\n".join(lines)
+
+
+def print_routing(rows: list[dict], patch: str) -> None:
+    print(f"Plain vs fused routing, 3D-UCaps, {patch}, bf16 autocast (best of interleaved runs):")
+    print()
+    print(
+        markdown(
+            rows,
+            [
+                ("layer", "layer", "s"),
+                ("capsules", "shape", "s"),
+                ("fwd plain s", "plain_fwd_s", ".3f"),
+                ("fwd default s", "fused_fwd_s", ".3f"),
+                ("fwd speed-up", "fwd_speedup_wall", ".2f"),
+                ("fwd speed-up (CPU time)", "fwd_speedup_cpu", ".2f"),
+                ("fwd+bwd plain s", "plain_step_s", ".3f"),
+                ("fwd+bwd fused, oneDNN weight grad s", "fused_onednn_step_s", ".3f"),
+                ("fwd+bwd default s", "fused_step_s", ".3f"),
+                ("fwd+bwd speed-up", "step_speedup_wall", ".2f"),
+                ("fwd+bwd speed-up (CPU time)", "step_speedup_cpu", ".2f"),
+            ],
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,8 +389,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep glibc's default of unmapping freed large blocks (default: reuse them)",
     )
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "models.json")
+    parser.add_argument(
+        "--routing-only",
+        action="store_true",
+        help="only the ceiling and plain vs fused routing (default: also the networks)",
+    )
+    parser.add_argument(
+        "--routing-batch", type=int, default=2, help="batch of the routing comparison (default 2)"
+    )
+    parser.add_argument(
+        "--routing-size", type=int, default=48, help="patch side of the routing comparison (48)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="JSON (default results/models.json)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        name = "routing.json" if args.routing_only else "models.json"
+        args.out = REPO / "benchmarks" / "results" / name
     if args.threads:
         torch.set_num_threads(args.threads)
     malloc_reuse = False if args.no_malloc_reuse else keep_freed_blocks()
@@ -223,12 +414,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print("ceiling ...", flush=True)
     ceiling_result = ceiling(args.repeats)
-    rows = []
-    for size in args.sizes:
-        for name in ("unet", "ucaps"):
-            rows.extend(network_rows(name, size, args.repeats))
-    print("capsule layers ...", flush=True)
-    capsules = capsule_rows(max(args.sizes), args.repeats)
+    routing_patch = f"{args.routing_batch} × {args.routing_size}³"
+    print(f"plain vs fused routing, {routing_patch}, bf16 ...", flush=True)
+    routing = routing_rows(args.routing_batch, args.routing_size, args.repeats + 1)
+    rows, capsules = [], []
+    if not args.routing_only:
+        for size in args.sizes:
+            for name in ("unet", "ucaps"):
+                rows.extend(network_rows(name, size, args.repeats))
+        print("capsule layers ...", flush=True)
+        capsules = capsule_rows(max(args.sizes), args.repeats)
 
     result = {
         "machine": {
@@ -246,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         "networks": rows,
         "capsule_layers_patch": max(args.sizes),
         "capsule_layers": capsules,
+        "routing_patch": routing_patch,
+        "routing": routing,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -257,6 +454,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{ceiling_result['fp32_channels_first_gflops']:.0f} / {ceiling_result['bf16_channels_first_gflops']:.0f}); "
         f"copy {ceiling_result['copy_gbytes_per_s']:.1f} GB/s"
     )
+    print()
+    print_routing(routing, routing_patch)
+    if args.routing_only:
+        print(
+            f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; wrote {args.out}"
+        )
+        return 0
     print()
     print(
         markdown(

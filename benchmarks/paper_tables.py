@@ -22,8 +22,9 @@ The paper's classes are 4d8q, 1bxn and 3gl1; 4d8q is not in the structures
 folder, so 4cr2 (26S proteasome, also large) stands in for it. Scenario
 ``3gl1-p32`` trains on the 3gl1 data with the paper's 32³ patches for the small
 class; it is skipped when the 3gl1 scenario already used 32³ (train's automatic
-patch size does for small particles; ``--patch-size 64`` gives the paper's setting). ``--quick`` checks the plumbing (tiny tomograms, 0.5-minute budgets);
-its numbers say nothing about the models.
+patch size does for small particles; ``--patch-size 64`` gives the paper's setting).
+``--quick`` checks the plumbing (tiny tomograms, 0.5-minute budgets); its numbers say
+nothing about the models.
 
 Run: ``/work/venv/bin/python benchmarks/paper_tables.py [--quick]``.
 """
@@ -83,7 +84,8 @@ def parse_args(argv=None):
         "--minutes",
         type=float,
         default=None,
-        help="wall-clock training budget per model and scenario, minutes [default: 5; 0.5 with --quick]",
+        help="wall-clock training budget per model and scenario, minutes "
+        "[default: 5; 0.5 with --quick]",
     )
     parser.add_argument(
         "--scenarios",
@@ -105,7 +107,8 @@ def parse_args(argv=None):
         "--max-val-patches",
         type=int,
         default=None,
-        help="train --max-val-patches, validation patches per epoch [default: train's; 8 with --quick]",
+        help="train --max-val-patches, validation patches per epoch "
+        "[default: train's; 8 with --quick]",
     )
     parser.add_argument("--snr", type=float, default=0.4, help="simulated SNR [default: 0.4]")
     parser.add_argument(
@@ -167,14 +170,17 @@ def parse_args(argv=None):
     return args
 
 
-# --------------------------------------------------------------------------- data
+# ---------------------------------------------------------------------- data
 
 
 def simulate(classes: list[str], args) -> dict:
-    """``cryocaps simulate`` 5 tomograms of these classes (reused when made with the same options)."""
+    """``cryocaps simulate`` 5 tomograms of these classes (reused when made with the same
+    options).
+    """
     folder = args.work / "data" / "_".join(classes)
     options = [
-        "--n-tomograms", "5", "--shape", args.shape, "--snr", str(args.snr), "--seed", str(args.seed),
+        "--n-tomograms", "5", "--shape", args.shape, "--snr", str(args.snr),
+        "--seed", str(args.seed),
         "--structures", str(args.structures), "--classes-from", ",".join(classes),
     ]  # fmt: skip
     stamp = folder / "simulate_options.json"
@@ -216,7 +222,7 @@ def simulate(classes: list[str], args) -> dict:
     }
 
 
-# --------------------------------------------------------------------------- one model on one scenario
+# ---------------------------------------------------------------------- one model on one scenario
 
 
 def train(model: str, scenario: dict, data: dict, args, folder: Path) -> dict:
@@ -243,24 +249,41 @@ def train(model: str, scenario: dict, data: dict, args, folder: Path) -> dict:
     return measured | training_summary(run_dir)
 
 
-def pick_and_score(label_map: Path, tomogram: Path, data: dict, folder: Path, tag: str, extra=()) -> dict:
-    """``cluster-picks`` (+ ``extra`` options) and ``evaluate -o``: timings, scores, report folder."""
+def pick_and_score(
+    label_map: Path, tomogram: Path, data: dict, folder: Path, tag: str, extra=()
+) -> dict:
+    """``cluster-picks`` (+ ``extra`` options) and ``evaluate -o``: timings, scores, report
+    folder.
+    """
     logs = folder / "logs"
     picks = folder / f"picks_{tag}.csv"
     pick = run_measured(
-        cryocaps_cmd("cluster-picks", label_map, "-o", picks, "--classes", data["classes_csv"], *extra),
+        cryocaps_cmd(
+            "cluster-picks", label_map, "-o", picks, "--classes", data["classes_csv"], *extra
+        ),
         logs / f"cluster_picks_{tag}.log",
     )
     report = folder / f"report_{tag}"
     run_measured(
         cryocaps_cmd(
-            "evaluate", picks, data["particles"], "--classes", data["classes_csv"],
-            "--tomograms", tomogram, "-o", report,
+            "evaluate",
+            picks,
+            data["particles"],
+            "--classes",
+            data["classes_csv"],
+            "--tomograms",
+            tomogram,
+            "-o",
+            report,
         ),
         logs / f"evaluate_{tag}.log",
     )
     scores = json.loads((report / "report.json").read_text())
-    return {"pick": pick, "report": report, "scores": {k: scores[k] for k in ("classes", "macro", "micro")}}
+    return {
+        "pick": pick,
+        "report": report,
+        "scores": {k: scores[k] for k in ("classes", "macro", "micro")},
+    }
 
 
 def segment_pick_score(role: str, data: dict, folder: Path, thresholds: Path | None = None) -> dict:
@@ -287,8 +310,14 @@ def segment_pick_score(role: str, data: dict, folder: Path, thresholds: Path | N
     entry = {"tomogram": name, "segment": segment, "pick": raw["pick"], "scores": raw["scores"]}
     entry["thresholds_csv"] = str(raw["report"] / "pick_thresholds.csv")
     if thresholds is not None:
-        tuned = pick_and_score(label_map, tomogram, data, folder, f"{role}_thresholds", ["--thresholds", thresholds])
-        entry |= {"pick": tuned["pick"], "scores": tuned["scores"], "scores_without_thresholds": raw["scores"]}
+        tuned = pick_and_score(
+            label_map, tomogram, data, folder, f"{role}_thresholds", ["--thresholds", thresholds]
+        )
+        entry |= {
+            "pick": tuned["pick"],
+            "scores": tuned["scores"],
+            "scores_without_thresholds": raw["scores"],
+        }
     return entry
 
 
@@ -301,11 +330,13 @@ def run_model(model: str, scenario: dict, data: dict, args, folder: Path) -> dic
     entry["validation"] = segment_pick_score("validation", data, folder)
     # the test tomogram is picked with per-class score thresholds tuned on the validation one
     say(f"  {model}: segment, pick (validation thresholds), evaluate test ({ROLES['test']})")
-    entry["test"] = segment_pick_score("test", data, folder, Path(entry["validation"]["thresholds_csv"]))
+    entry["test"] = segment_pick_score(
+        "test", data, folder, Path(entry["validation"]["thresholds_csv"])
+    )
     return entry
 
 
-# --------------------------------------------------------------------------- report
+# ---------------------------------------------------------------------- report
 
 
 def class_scores(entry: dict | None, role: str, class_name: str | None) -> dict:
@@ -399,7 +430,10 @@ def patch32_note(scenarios: dict, models: list[str]) -> str | None:
     if "skipped" in small:
         return f"3gl1, patch 32: not run, because {small['skipped']}."
     if not base:
-        return "3gl1 with 32³ patches ran without the default-patch 3gl1 scenario, so there is nothing to compare."
+        return (
+            "3gl1 with 32³ patches ran without the default-patch 3gl1 scenario, "
+            "so there is nothing to compare."
+        )
     parts = []
     for model in models:
         a, b = base["models"].get(model), small["models"].get(model)
@@ -411,7 +445,8 @@ def patch32_note(scenarios: dict, models: list[str]) -> str | None:
         parts.append(
             f"{MODEL_TITLES[model]} test F1 {fmt(f1[0])} → {fmt(f1[1])}"
             + (f" ({f1[1] - f1[0]:+.2f})" if None not in f1 else "")
-            + f", {steps[0]} → {steps[1]} steps in the same budget ({fmt(sps[0], '.1f')} → {fmt(sps[1], '.1f')} s/step)"
+            + f", {steps[0]} → {steps[1]} steps in the same budget "
+            f"({fmt(sps[0], '.1f')} → {fmt(sps[1], '.1f')} s/step)"
         )
     patch = "/".join(f"{p}³" for p in sorted(trained_patch_sizes(base) - {None})) or "?"
     return (
@@ -431,15 +466,20 @@ def markdown_section(report: dict) -> str:
         START_MARK,
         "## Paper-style tables: 3D-UCaps and U-Net per class (`benchmarks/paper_tables.py`)",
         "",
-        f"Run {report.get('finished', report['started'] + ' (partial results)')} UTC{quick}. Command: `{report['command']}`",
+        f"Run {report.get('finished', report['started'] + ' (partial results)')} UTC{quick}. "
+        f"Command: `{report['command']}`",
         "",
         machine_sentence(report["machine"]),
         "",
-        f"Data: per scenario `cryocaps simulate --n-tomograms 5 --shape {settings['shape']} --snr {settings['snr']} "
-        f"--seed {settings['seed']} --structures {settings['structures']} --classes-from …` (10 Å voxels); "
-        "tomo_01–03 train, tomo_04 validation (`train --val-tomograms tomo_04`), tomo_05 held-out test. "
-        "The paper's 4d8q is not in the structures folder: 4cr2 (26S proteasome, large) stands in for it. "
-        f"Budget: {settings['minutes']:g} min wall-clock training per model and scenario (`train --max-minutes`), "
+        f"Data: per scenario `cryocaps simulate --n-tomograms 5 --shape {settings['shape']} "
+        f"--snr {settings['snr']} --seed {settings['seed']} "
+        f"--structures {settings['structures']} --classes-from …` (10 Å voxels); "
+        "tomo_01–03 train, tomo_04 validation (`train --val-tomograms tomo_04`), "
+        "tomo_05 held-out test. "
+        "The paper's 4d8q is not in the structures folder: "
+        "4cr2 (26S proteasome, large) stands in for it. "
+        f"Budget: {settings['minutes']:g} min wall-clock training per model and scenario "
+        "(`train --max-minutes`), "
         + (
             f"`train --patch-size {settings['patch_size']}` (all but 3gl1-p32), "
             if settings.get("patch_size")
@@ -450,13 +490,17 @@ def markdown_section(report: dict) -> str:
             if settings.get("max_val_patches")
             else ""
         )
-        + "otherwise CLI defaults for train, segment and cluster-picks; scores by `cryocaps evaluate` "
-        "(tolerance 0.5 × class radius). Times are whole processes (imports and file I/O included).",
+        + "otherwise CLI defaults for train, segment and cluster-picks; "
+        "scores by `cryocaps evaluate` (tolerance 0.5 × class radius). "
+        "Times are whole processes (imports and file I/O included).",
         "",
     ]
     for role, title in (
         ("validation", "Validation (tomo_04), cf. paper Table 3"),
-        ("test", "Test (tomo_05, picked with the score thresholds tuned on tomo_04), cf. paper Table 4"),
+        (
+            "test",
+            "Test (tomo_05, picked with the score thresholds tuned on tomo_04), cf. paper Table 4",
+        ),
     ):
         lines += [
             f"### {title}",
@@ -467,19 +511,26 @@ def markdown_section(report: dict) -> str:
             "",
         ]
     unfiltered = [
-        f"{result['title']} {MODEL_TITLES[model]} {fmt(entry['test']['scores_without_thresholds']['macro']['f1'])} "
+        f"{result['title']} {MODEL_TITLES[model]} "
+        f"{fmt(entry['test']['scores_without_thresholds']['macro']['f1'])} "
         f"→ {fmt(entry['test']['scores']['macro']['f1'])}"
         for result in scenarios.values()
         for model, entry in result.get("models", {}).items()
         if "scores_without_thresholds" in entry.get("test", {})
     ]
     if unfiltered:
-        lines += ["Test macro F1 without → with the validation thresholds: " + "; ".join(unfiltered) + ".", ""]
+        lines += [
+            "Test macro F1 without → with the validation thresholds: "
+            + "; ".join(unfiltered)
+            + ".",
+            "",
+        ]
     lines += [
         "### Training and test time, cf. paper Table 5",
         "",
-        "| scenario | model | steps | batch × patch | s / step | train wall (s) | segment tomo_04 (s) "
-        "| segment tomo_05 (s) | of which inference (s) | picking tomo_05 (s) |",
+        "| scenario | model | steps | batch × patch | s / step | train wall (s) "
+        "| segment tomo_04 (s) | segment tomo_05 (s) | of which inference (s) "
+        "| picking tomo_05 (s) |",
         "|---" * 10 + "|",
         *time_rows(scenarios, models),
         "",
@@ -491,14 +542,15 @@ def markdown_section(report: dict) -> str:
         for model, entry in result.get("models", {}).items():
             if "error" in entry:
                 lines.append(
-                    f"{result['title']} {MODEL_TITLES[model]} FAILED: `{entry['error'].splitlines()[0]}`"
+                    f"{result['title']} {MODEL_TITLES[model]} FAILED: "
+                    f"`{entry['error'].splitlines()[0]}`"
                 )
                 lines.append("")
     lines += ["Raw numbers: `benchmarks/results/paper_tables.json`.", END_MARK]
     return "\n".join(lines) + "\n"
 
 
-# --------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------- main
 
 
 def main(argv=None) -> int:
@@ -520,7 +572,8 @@ def main(argv=None) -> int:
         "scenarios": {},
     }
     say(
-        f"load average {report['machine']['load_average_at_start']}, torch threads {report['machine']['torch_threads']}"
+        f"load average {report['machine']['load_average_at_start']}, "
+        f"torch threads {report['machine']['torch_threads']}"
     )
     for key in args.scenarios:
         scenario = SCENARIOS[key]

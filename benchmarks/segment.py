@@ -30,8 +30,8 @@ mirror margins (no window borders at all), and with the ground truth.
 Variants: ``default`` (CLI defaults: bf16 on CPUs that have it natively),
 ``fp32`` (--no-bf16), ``bf16``, ``paper`` (64^3 windows, 25-voxel overlap,
 float32, as the paper), ``paper-bf16``, ``batch2`` (two windows per pass).
-Channels-last memory format is always on. The CPU of the machine the numbers were taken on may be shared:
-the load average before and after is printed with them.
+Channels-last memory format is always on. The CPU of the machine the numbers were taken on
+may be shared: the load average before and after is printed with them.
 
 Measured 2026-11-25 on the shared 2-CPU machine (load average ~5), 64x160x160,
 windows 80x96x96 (4), overhead 1.8: conv3d ceiling 85.5 (float32) / 213.5
@@ -65,13 +65,13 @@ VARIANTS = {
     "paper-bf16": ["--patch-size", "64", "--overlap", "25", "--bf16"],
     "batch2": ["--batch-size", "2"],
 }
-CLASSES = [
-    {"label": n, "name": f"class{n}", "radius_angstrom": 50.0} for n in (1, 2, 3)
-]
+CLASSES = [{"label": n, "name": f"class{n}", "radius_angstrom": 50.0} for n in (1, 2, 3)]
 
 
 def conv3d_ceiling(threads: int) -> dict:
-    """GFLOP/s of a dense 3x3x3 convolution (32 -> 32 channels, 64^3), fp32 and bf16, channels-last."""
+    """GFLOP/s of a dense 3x3x3 convolution (32 -> 32 channels, 64^3), fp32 and bf16,
+    channels-last.
+    """
     import torch
 
     torch.set_num_threads(threads)
@@ -80,7 +80,10 @@ def conv3d_ceiling(threads: int) -> dict:
     flops = 2 * 27 * 32 * 32 * 64**3
     result = {}
     for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None),
+        ):
             conv(x)
             times = []
             for _ in range(3):
@@ -127,10 +130,23 @@ def make_inputs(folder: Path, shape, models) -> tuple[Path, dict]:
     return tomogram, model_dirs
 
 
-def run_segment(tomogram: Path, model_dir: Path, out_dir: Path, options: list[str], threads: int) -> dict:
+def run_segment(
+    tomogram: Path, model_dir: Path, out_dir: Path, options: list[str], threads: int
+) -> dict:
     command = [
-        sys.executable, "-m", "cryocaps", "segment", str(tomogram), "--model", str(model_dir),
-        "-o", str(out_dir), "--threads", str(threads), "--quiet", *options,
+        sys.executable,
+        "-m",
+        "cryocaps",
+        "segment",
+        str(tomogram),
+        "--model",
+        str(model_dir),
+        "-o",
+        str(out_dir),
+        "--threads",
+        str(threads),
+        "--quiet",
+        *options,
     ]
     start = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True)
@@ -139,7 +155,11 @@ def run_segment(tomogram: Path, model_dir: Path, out_dir: Path, options: list[st
         raise SystemExit(f"segment failed: {' '.join(command)}\n{completed.stderr}")
     record = json.loads((out_dir / "run.json").read_text())
     result = record["results"]["tomograms"][0]
-    return {"wall_seconds": round(wall, 2), "result": result, "peak_rss_bytes": record["results"]["peak_rss_bytes"]}
+    return {
+        "wall_seconds": round(wall, 2),
+        "result": result,
+        "peak_rss_bytes": record["results"]["peak_rss_bytes"],
+    }
 
 
 def synthetic_spheres(shape, seed=0):
@@ -160,7 +180,9 @@ def synthetic_spheres(shape, seed=0):
 
 
 def train_toy_unet(volume, labels, steps, threads, seed=0):
-    """A small U-Net (widths 16/24/32) trained on random 32^3 patches: good enough to have opinions."""
+    """A small U-Net (widths 16/24/32) trained on random 32^3 patches: good enough to have
+    opinions.
+    """
     import numpy as np
     import torch
 
@@ -176,7 +198,9 @@ def train_toy_unet(volume, labels, steps, threads, seed=0):
     for _ in range(steps):
         corners = [[rng.integers(0, n - 32 + 1) for n in volume.shape] for _ in range(4)]
         x = np.stack([image[z : z + 32, y : y + 32, w : w + 32] for z, y, w in corners])[:, None]
-        t = np.stack([labels[z : z + 32, y : y + 32, w : w + 32] for z, y, w in corners]).astype(np.int64)
+        t = np.stack([labels[z : z + 32, y : y + 32, w : w + 32] for z, y, w in corners]).astype(
+            np.int64
+        )
         loss, _ = model.compute_loss(torch.from_numpy(x), torch.from_numpy(t))
         optimizer.zero_grad()
         loss.backward()
@@ -198,7 +222,9 @@ def agreement(threads: int, steps: int) -> list[dict]:
     predictor = ProbabilityPredictor(model)
 
     def labels(patch, overlap, **options):
-        return sliding_window(volume, predictor, patch, overlap, size_multiple=4, transform=transform, **options).argmax(0)
+        return sliding_window(
+            volume, predictor, patch, overlap, size_multiple=4, transform=transform, **options
+        ).argmax(0)
 
     margin = 32
     reference = labels(tuple(-(-(n + 2 * margin) // 4) * 4 for n in shape), 2 * margin)
@@ -213,10 +239,18 @@ def agreement(threads: int, steps: int) -> list[dict]:
     }
 
     def dice(a, b):
-        scores = [2 * ((a == c) & (b == c)).sum() / max((a == c).sum() + (b == c).sum(), 1) for c in (1, 2)]
+        scores = [
+            2 * ((a == c) & (b == c)).sum() / max((a == c).sum() + (b == c).sum(), 1)
+            for c in (1, 2)
+        ]
         return [round(float(d), 4) for d in scores]
 
-    rows = [{"setting": "reference (one window, 32-voxel margins)", "dice_vs_truth": dice(reference, truth)}]
+    rows = [
+        {
+            "setting": "reference (one window, 32-voxel margins)",
+            "dice_vs_truth": dice(reference, truth),
+        }
+    ]
     for name, options in settings.items():
         start = time.perf_counter()
         result = labels(options.pop("patch"), options.pop("overlap"), **options)
@@ -237,11 +271,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="64,160,160", help="tomogram shape z,y,x [64,160,160]")
     parser.add_argument("--models", default="unet,ucaps", help="models to time [unet,ucaps]")
-    parser.add_argument("--variants", default="default,fp32", help=f"of {','.join(VARIANTS)} [default,fp32]")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads [all]")
+    parser.add_argument(
+        "--variants", default="default,fp32", help=f"of {','.join(VARIANTS)} [default,fp32]"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads [all]"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--agreement", action="store_true", help="check the settings' label maps instead")
-    parser.add_argument("--train-steps", type=int, default=300, help="toy U-Net steps for --agreement [300]")
+    parser.add_argument(
+        "--agreement", action="store_true", help="check the settings' label maps instead"
+    )
+    parser.add_argument(
+        "--train-steps", type=int, default=300, help="toy U-Net steps for --agreement [300]"
+    )
     args = parser.parse_args()
     if args.agreement:
         rows = agreement(args.threads, args.train_steps)
@@ -268,7 +310,9 @@ def main() -> None:
             model, _ = load_model(model_dirs[name])
             for variant in variants:
                 out_dir = Path(tmp) / f"out-{name}-{variant}"
-                run = run_segment(tomogram, model_dirs[name], out_dir, VARIANTS[variant], args.threads)
+                run = run_segment(
+                    tomogram, model_dirs[name], out_dir, VARIANTS[variant], args.threads
+                )
                 result = run["result"]
                 useful = flops_per_voxel(model, result["patch_size"])
                 voxels = math.prod(shape)
@@ -286,7 +330,9 @@ def main() -> None:
                     "voxels_per_second": result["voxels_per_second"],
                     "useful_kflop_per_voxel": round(useful / 1e3, 1),
                     "overlap_overhead": result["overhead"],
-                    "achieved_gflop_per_second": round(useful * result["overhead"] * voxels / seconds / 1e9, 1),
+                    "achieved_gflop_per_second": round(
+                        useful * result["overhead"] * voxels / seconds / 1e9, 1
+                    ),
                     "peak_rss_gib": round(run["peak_rss_bytes"] / 2**30, 2),
                 }
                 rows.append(row)
@@ -301,15 +347,20 @@ def main() -> None:
         "runs": rows,
     }
     print(
-        f"load average before {summary['load_average_before']}, after {summary['load_average_after']} "
+        f"load average before {summary['load_average_before']}, "
+        f"after {summary['load_average_after']} "
         f"on {os.cpu_count()} CPUs (a shared machine slows every number here)"
     )
-    header = "model  variant     wall s  x DeepFinder  Mvox/s  kFLOP/vox  overhead  GFLOP/s  peak GiB"
+    header = (
+        "model  variant     wall s  x DeepFinder  Mvox/s  kFLOP/vox  overhead  GFLOP/s  peak GiB"
+    )
     print(header)
     for r in rows:
         print(
-            f"{r['model']:6s} {r['variant']:10s} {r['wall_seconds']:7.1f} {r['speedup_vs_deepfinder']:12.2f} "
-            f"{r['voxels_per_second'] / 1e6:7.3f} {r['useful_kflop_per_voxel']:10.0f} {r['overlap_overhead']:9.2f} "
+            f"{r['model']:6s} {r['variant']:10s} {r['wall_seconds']:7.1f} "
+            f"{r['speedup_vs_deepfinder']:12.2f} "
+            f"{r['voxels_per_second'] / 1e6:7.3f} {r['useful_kflop_per_voxel']:10.0f} "
+            f"{r['overlap_overhead']:9.2f} "
             f"{r['achieved_gflop_per_second']:8.1f} {r['peak_rss_gib']:9.2f}"
         )
     if args.json:

@@ -49,21 +49,32 @@ def read_back(path, project, extra=()):
     from cryocaps.io.particles import read_particles, tomogram_infos
 
     return read_particles(
-        path, tomograms=tomogram_infos([project / "tomograms"]), classes=read_classes(project / "classes.csv"), **dict(extra)
+        path,
+        tomograms=tomogram_infos([project / "tomograms"]),
+        classes=read_classes(project / "classes.csv"),
+        **dict(extra),
     )
 
 
 def matrices(table: pd.DataFrame) -> np.ndarray:
     from scipy.spatial.transform import Rotation
 
-    return Rotation.from_euler("ZYZ", table[["rot", "tilt", "psi"]].to_numpy(float), degrees=True).as_matrix()
+    return Rotation.from_euler(
+        "ZYZ", table[["rot", "tilt", "psi"]].to_numpy(float), degrees=True
+    ).as_matrix()
 
 
 def test_relion5_centre_lands_on_half_the_shape(run_cli, project):
     out = project / "out" / "picks.csv"
     result = run_cli(
-        "convert-picks", project / "particles.star", "-o", out, "--tomograms", project / "tomograms",
-        "--classes", project / "classes.csv",
+        "convert-picks",
+        project / "particles.star",
+        "-o",
+        out,
+        "--tomograms",
+        project / "tomograms",
+        "--classes",
+        project / "classes.csv",
     )
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out)
@@ -71,7 +82,13 @@ def test_relion5_centre_lands_on_half_the_shape(run_cli, project):
     np.testing.assert_allclose(table.loc[0, ["x", "y", "z"]].to_numpy(float), [25, 20, 10])
     # second row: -123.4 Å / 10 Å + 25 ...
     np.testing.assert_allclose(table.loc[1, ["x", "y", "z"]].to_numpy(float), [12.66, 25.67, 9.11])
-    assert table["class_name"].tolist() == ["ribosome", "proteasome", "ribosome", "proteasome", "ribosome"]
+    assert table["class_name"].tolist() == [
+        "ribosome",
+        "proteasome",
+        "ribosome",
+        "proteasome",
+        "ribosome",
+    ]
     np.testing.assert_allclose(table["score"], [0.9, 0.8, 0.7, 0.6, 0.5])
 
 
@@ -81,14 +98,21 @@ def test_relion5_to_format_and_back(run_cli, project, format):
     middle = project / "out" / f"picks_{format}.txt"
     back = project / "back" / "particles.star"
     common = ("--tomograms", project / "tomograms", "--classes", project / "classes.csv")
-    result = run_cli("convert-picks", project / "particles.star", "-o", middle, "--format", format, *common)
+    result = run_cli(
+        "convert-picks", project / "particles.star", "-o", middle, "--format", format, *common
+    )
     assert result.exit_code == 0, result.output
     result = run_cli("convert-picks", middle, "-o", back, "--format", "relion5", *common)
     assert result.exit_code == 0, result.output
     table = read_back(back, project)
     assert table["tomo"].tolist() == original["tomo"].tolist()
     assert table["class_name"].tolist() == original["class_name"].tolist()
-    assert np.abs(table[["x", "y", "z"]].to_numpy(float) - original[["x", "y", "z"]].to_numpy(float)).max() < 0.01
+    assert (
+        np.abs(
+            table[["x", "y", "z"]].to_numpy(float) - original[["x", "y", "z"]].to_numpy(float)
+        ).max()
+        < 0.01
+    )
     np.testing.assert_allclose(table["score"], original["score"], atol=1e-5)
     np.testing.assert_allclose(matrices(table), matrices(original), atol=1e-4)
 
@@ -96,36 +120,66 @@ def test_relion5_to_format_and_back(run_cli, project, format):
 def test_tomograms_star_instead_of_mrc_files(run_cli, project):
     (project / "tomograms.star").write_text(
         "data_global\n\nloop_\n_rlnTomoName\n_rlnTomoTiltSeriesPixelSize\n_rlnTomoTomogramBinning\n"
-        "_rlnTomoSizeX\n_rlnTomoSizeY\n_rlnTomoSizeZ\nTS_01 2.5 4 200 160 80\nTS_02 2.5 4 144 120 96\n"
+        "_rlnTomoSizeX\n_rlnTomoSizeY\n_rlnTomoSizeZ\n"
+        "TS_01 2.5 4 200 160 80\nTS_02 2.5 4 144 120 96\n"
     )
     out = project / "out" / "m.star"
     result = run_cli(
-        "convert-picks", project / "particles.star", "-o", out, "--format", "stopgap",
-        "--tomograms", project / "tomograms.star",
+        "convert-picks",
+        project / "particles.star",
+        "-o",
+        out,
+        "--format",
+        "stopgap",
+        "--tomograms",
+        project / "tomograms.star",
     )
     assert result.exit_code == 0, result.output
     expected = read_back(project / "particles.star", project)
-    np.testing.assert_allclose(read_back(out, project)[["x", "y", "z"]], expected[["x", "y", "z"]], atol=1e-5)
+    np.testing.assert_allclose(
+        read_back(out, project)[["x", "y", "z"]], expected[["x", "y", "z"]], atol=1e-5
+    )
 
 
 def test_summary_and_run_json(run_cli, project):
     out = project / "out" / "picks.tbl"
     result = run_cli(
-        "convert-picks", project / "particles.star", "-o", out, "--tomograms", project / "tomograms",
-        "--classes", project / "classes.csv",
+        "convert-picks",
+        project / "particles.star",
+        "-o",
+        out,
+        "--tomograms",
+        project / "tomograms",
+        "--classes",
+        project / "classes.csv",
     )
     assert result.exit_code == 0, result.output
     assert "5 particles" in result.output and "proteasome" in result.output
     assert len(out.read_text().splitlines()) == 5
     record = json.loads((out.parent / "run.json").read_text())
     assert record["results"]["particles"] == 5
-    counts = {(r["tomo"], r["class_name"]): r["particles"] for r in record["results"]["per_tomogram_class"]}
-    assert counts == {("TS_01", "ribosome"): 2, ("TS_01", "proteasome"): 1, ("TS_02", "ribosome"): 1, ("TS_02", "proteasome"): 1}
+    counts = {
+        (r["tomo"], r["class_name"]): r["particles"]
+        for r in record["results"]["per_tomogram_class"]
+    }
+    assert counts == {
+        ("TS_01", "ribosome"): 2,
+        ("TS_01", "proteasome"): 1,
+        ("TS_02", "ribosome"): 1,
+        ("TS_02", "proteasome"): 1,
+    }
 
 
 def test_several_inputs_into_one_file(run_cli, project):
     first = project / "a.csv"
-    result = run_cli("convert-picks", project / "particles.star", "-o", first, "--tomograms", project / "tomograms")
+    result = run_cli(
+        "convert-picks",
+        project / "particles.star",
+        "-o",
+        first,
+        "--tomograms",
+        project / "tomograms",
+    )
     assert result.exit_code == 0, result.output
     out = project / "all.csv"
     result = run_cli("convert-picks", first, first, "-o", out)
@@ -164,8 +218,14 @@ def test_empty_star(run_cli, tmp_path):
 def test_unknown_class(run_cli, project):
     (project / "one_class.csv").write_text("label,name,radius_angstrom\n1,ribosome,120\n")
     result = run_cli(
-        "convert-picks", project / "particles.star", "-o", project / "o.csv", "--tomograms", project / "tomograms",
-        "--classes", project / "one_class.csv",
+        "convert-picks",
+        project / "particles.star",
+        "-o",
+        project / "o.csv",
+        "--tomograms",
+        project / "tomograms",
+        "--classes",
+        project / "one_class.csv",
     )
     assert_one_line_error(result, "particles.star", "unknown class '2'")
 
@@ -177,7 +237,9 @@ def test_stopgap_tomo_num_without_tomogram(run_cli, project):
         "_orig_x\n_orig_y\n_orig_z\n_score\n_x_shift\n_y_shift\n_z_shift\n_phi\n_psi\n_the\n_class\n"
         "1 1 1 1 A 5 5 5 0.5 0 0 0 0 0 0 1\n2 7 1 2 B 5 5 5 0.5 0 0 0 0 0 0 1\n"
     )
-    result = run_cli("convert-picks", motl, "-o", project / "o.csv", "--tomograms", project / "tomograms")
+    result = run_cli(
+        "convert-picks", motl, "-o", project / "o.csv", "--tomograms", project / "tomograms"
+    )
     assert_one_line_error(result, "motl.star", "tomo_num 7")
 
 
@@ -189,7 +251,14 @@ def test_relion5_without_tomograms(run_cli, project):
 def test_existing_output_is_refused(run_cli, project):
     out = project / "o.csv"
     out.write_text("keep me")
-    args = ("convert-picks", project / "particles.star", "-o", out, "--tomograms", project / "tomograms")
+    args = (
+        "convert-picks",
+        project / "particles.star",
+        "-o",
+        out,
+        "--tomograms",
+        project / "tomograms",
+    )
     assert_one_line_error(run_cli(*args), "--overwrite")
     assert out.read_text() == "keep me"
     assert run_cli(*args, "--overwrite").exit_code == 0
@@ -215,6 +284,8 @@ def test_many_tomograms_summarised_per_class(run_cli, real_files, tmp_path):
     out = tmp_path / "b4.csv"
     result = run_cli("convert-picks", real_files / "dynamo" / "cryocat_b4_26col.tbl", "-o", out)
     assert result.exit_code == 0, result.output
-    assert "1343 particles" in result.output and "70" in result.output  # one class row: 70 tomograms
+    assert (
+        "1343 particles" in result.output and "70" in result.output
+    )  # one class row: 70 tomograms
     table = pd.read_csv(out, dtype={"tomo": str})
     assert len(table) == 1343 and table["tomo"].nunique() == 70

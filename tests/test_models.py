@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -13,7 +14,7 @@ import torch
 
 from cryocaps.errors import CryocapsError
 from cryocaps.modelfile import load_model, save_model
-from cryocaps.models import create_model
+from cryocaps.models import create_model, routing
 from cryocaps.models.capsules import (
     ConvCapsule3d,
     ConvTransposeCapsule3d,
@@ -29,6 +30,9 @@ from cryocaps.models.losses import (
     ucaps_loss,
     weighted_reconstruction_loss,
 )
+
+# sha256 of the sorted (name, shape) pairs of a 3-class 3D-UCaps state_dict, as of cryocaps 0.1.0
+UCAPS_STATE_DICT_DIGEST = "0e3acdb644362e34"
 
 METADATA = {
     "classes": [{"label": 1, "name": "ribosome", "radius_angstrom": 120.0}],
@@ -150,6 +154,190 @@ def test_capsule_layer_gradients_with_full_routing_gradient(share_weights):
     ).double()
     capsules = torch.randn(1, 2, 3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (capsules,))
+
+
+# ------------------------------------------------- fused routing vs plain routing
+
+
+@pytest.fixture
+def fused_everywhere(monkeypatch):
+    """Fused routing also for layers with few output capsules (where it is not the default)."""
+    monkeypatch.setattr(routing, "FUSED_MIN_CAPSULES", 1)
+
+
+def _layer_outputs_and_grads(layer, capsules, fused, weights):
+    """Forward with fused or plain routing; returns outputs, coupling and all gradients."""
+    layer.fused_routing = fused
+    layer.zero_grad(set_to_none=True)
+    capsules = capsules.detach().requires_grad_()
+    out, coupling = layer(capsules, return_coupling=True)
+    (out.float() * weights).sum().backward()
+    return [
+        out.detach().float(),
+        coupling.detach().float(),
+        capsules.grad.float(),
+        layer.conv.weight.grad.float(),
+        layer.bias.grad.float(),
+    ]
+
+
+@pytest.mark.parametrize(
+    "share_weights, stride, iterations",
+    [(True, 1, 3), (True, 2, 3), (False, 2, 3), (False, 1, 2), (True, 2, 5)],
+)
+def test_fused_routing_matches_plain_in_float64(
+    share_weights, stride, iterations, fused_everywhere
+):
+    layer = ConvCapsule3d(
+        3, 4, 5, 6, stride=stride, routing_iterations=iterations, share_weights=share_weights
+    ).double()
+    assert layer.uses_fused_routing
+    capsules = torch.randn(2, 3, 4, 6, 6, 6, dtype=torch.float64)
+    weights = torch.randn(layer(capsules).shape, dtype=torch.float64)
+    fused = _layer_outputs_and_grads(layer, capsules, True, weights)
+    plain = _layer_outputs_and_grads(layer, capsules, False, weights)
+    for name, a, b in zip(["output", "coupling", "dx", "dW", "dbias"], fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_fused_routing_matches_plain_in_float32_across_blocks(fused_everywhere):
+    layer = ConvCapsule3d(4, 4, 6, 8, stride=1, routing_iterations=3)
+    capsules = torch.randn(2, 4, 4, 8, 8, 8)
+    weights = torch.randn(2, 6, 8, 8, 8, 8)
+    plain = _layer_outputs_and_grads(layer, capsules, False, weights)
+    # votes per block such that 512 voxels split into 7 blocks, the last one partial
+    for block_votes in (2 * 4 * 6 * 8 * 80, routing.BLOCK_VOTES):
+        original = routing.BLOCK_VOTES
+        routing.BLOCK_VOTES = block_votes
+        try:
+            fused = _layer_outputs_and_grads(layer, capsules, True, weights)
+        finally:
+            routing.BLOCK_VOTES = original
+        for a, b in zip(fused, plain, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_routing_under_bf16_autocast_stays_within_bf16_tolerance(fused_everywhere):
+    layer = ConvCapsule3d(8, 4, 8, 8, stride=2, routing_iterations=3)
+    capsules = torch.randn(2, 8, 4, 12, 12, 12) * 0.5
+    weights = torch.randn(2, 8, 8, 6, 6, 6)
+    reference = _layer_outputs_and_grads(layer, capsules, False, weights)  # float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = _layer_outputs_and_grads(layer, capsules, True, weights)
+        plain = _layer_outputs_and_grads(layer, capsules, False, weights)
+    for name, a, b, c in zip(
+        ["output", "coupling", "dx", "dW", "dbias"], fused, plain, reference, strict=True
+    ):
+        scale = c.abs().max()
+        # bf16 keeps 8 bits of mantissa: a few 1e-3 of the largest value
+        assert (a - c).abs().max() <= 0.03 * scale, name
+        assert (b - c).abs().max() <= 0.03 * scale, name
+        # the fused routing is no less accurate than the plain one
+        assert (a - c).norm() <= 1.5 * (b - c).norm() + 1e-6 * scale, name
+
+
+@pytest.mark.parametrize("share_weights", [True, False])
+def test_capsule_layer_gradients_do_not_depend_on_the_weight_gradient_path(
+    share_weights, monkeypatch
+):
+    layer = ConvCapsule3d(3, 4, 16, 2, stride=2, share_weights=share_weights).double()
+    assert layer.uses_fused_routing  # 16 output capsules: fused by default
+    capsules = torch.randn(2, 3, 4, 6, 6, 6, dtype=torch.float64)
+    weights = torch.randn(2, 16, 2, 3, 3, 3, dtype=torch.float64)
+    results = []
+    for gemm in (True, False):
+        monkeypatch.setattr(routing, "GEMM_WEIGHT_GRADIENT", gemm)
+        for fused in (True, False):
+            results.append(_layer_outputs_and_grads(layer, capsules, fused, weights))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_routing_gradcheck_one_iteration():
+    # one iteration (a squashed mean vote): the stop-gradient backward is the exact gradient
+    votes = torch.randn(2, 3, 5, 4, 3, dtype=torch.float64, requires_grad=True)  # (B, I, P, A, O)
+    bias = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda u, b: routing.fused_routing(u, b, 1, block_votes=100)[0], (votes, bias)
+    )
+
+
+def test_fused_routing_gradient_is_that_of_the_final_weighted_sum():
+    votes = torch.randn(2, 3, 5, 4, 3, dtype=torch.float64, requires_grad=True)  # (B, I, P, A, O)
+    bias = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    out, coupling = routing.fused_routing(votes, bias, 3, block_votes=100)
+    assert out.shape == (2, 5, 3, 4) and coupling.shape == (2, 3, 5, 3)
+    torch.testing.assert_close(coupling.sum(dim=-1), torch.ones(2, 3, 5, dtype=torch.float64))
+
+    def final_sum(u, b):  # the last iteration with the coupling held fixed
+        s = (coupling.detach().unsqueeze(-2) * u).sum(dim=1) + b
+        return routing.squash(s, dim=-2).transpose(-1, -2)
+
+    assert torch.autograd.gradcheck(final_sum, (votes, bias))
+    weights = torch.randn(out.shape, dtype=torch.float64)
+    got = torch.autograd.grad((out * weights).sum(), (votes, bias))
+    expected = torch.autograd.grad((final_sum(votes, bias) * weights).sum(), (votes, bias))
+    torch.testing.assert_close(final_sum(votes, bias), out)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 1), (2, 1), (2, 0)])
+def test_vote_convolution_gradients(stride, padding):
+    # the weight gradient as one matrix product of input patches: exact, so gradcheck applies
+    x = torch.randn(2, 3, 5, 6, 4, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    weight = torch.randn(4, 3, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(
+        routing.vote_convolution(x, weight, stride, padding),
+        torch.nn.functional.conv3d(x, weight, None, stride, padding),
+    )
+    assert torch.autograd.gradcheck(
+        lambda a, w: routing.vote_convolution(a, w, stride, padding), (x, weight)
+    )
+    # channels-first input too, and bf16 autocast within bf16 tolerance of float32
+    grads = torch.autograd.grad(
+        routing.vote_convolution(x.contiguous(), weight, stride, padding).sum(), (x, weight)
+    )
+    expected = torch.autograd.grad(
+        torch.nn.functional.conv3d(x, weight, None, stride, padding).sum(), (x, weight)
+    )
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    x32, w32 = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = routing.vote_convolution(x32, w32, stride, padding)
+    assert out.dtype == torch.bfloat16
+    (grad_weight,) = torch.autograd.grad(out.float().sum(), (w32,))
+    assert (grad_weight - expected[1]).abs().max() <= 0.02 * expected[1].abs().max()
+
+
+def test_squash_backward_matches_autograd():
+    s = torch.randn(50, 4, 7, dtype=torch.float64) * torch.logspace(-4, 2, 50).view(50, 1, 1)
+    s[0] = 0.0  # a zero vector: finite gradient
+    s.requires_grad_()
+    grad = torch.randn(50, 4, 7, dtype=torch.float64)
+    (expected,) = torch.autograd.grad((routing.squash(s, dim=1) * grad).sum(), s)
+    got = routing.squash_backward(grad, s.detach(), dim=1)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_routing_keeps_ucaps_outputs_and_parameter_names():
+    model = create_model("ucaps", 3).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    layers = [model.primary_capsules, *model.encoder]
+    assert all(layer.fused_routing for layer in layers)  # the default
+    with torch.no_grad():
+        fused = model(x)
+        for layer in layers:
+            layer.fused_routing = False
+        plain = model(x)
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+    # saved models of earlier versions load: the same parameter and buffer names and shapes
+    names = sorted((key, tuple(value.shape)) for key, value in model.state_dict().items())
+    digest = hashlib.sha256(repr(names).encode()).hexdigest()[:16]
+    assert len(names) == 58 and digest == UCAPS_STATE_DICT_DIGEST
 
 
 def test_transposed_capsule_layer_upsamples():

@@ -1,4 +1,6 @@
-"""Particle files: conventions (golden values worked out by hand), real files, round trips, errors."""
+"""Particle files: conventions (golden values worked out by hand), real files, round trips,
+errors.
+"""
 
 from __future__ import annotations
 
@@ -54,13 +56,17 @@ def stopgap_matrix(phi, psi, the) -> np.ndarray:
 
 
 def dynamo_matrix(tdrot, tilt, narot) -> np.ndarray:
-    """Dynamo: the transpose of the extrinsic zxz matrix of (tdrot, tilt, narot) aligns reference to particle."""
+    """Dynamo: the transpose of the extrinsic zxz matrix of (tdrot, tilt, narot) aligns reference
+    to particle.
+    """
     return Rotation.from_euler("zxz", [tdrot, tilt, narot], degrees=True).as_matrix().T
 
 
 def test_rotation_matrices_agree_across_conventions():
     rng = np.random.default_rng(1)
-    relion = np.column_stack([rng.uniform(-180, 180, 20), rng.uniform(0, 180, 20), rng.uniform(-180, 180, 20)])
+    relion = np.column_stack(
+        [rng.uniform(-180, 180, 20), rng.uniform(0, 180, 20), rng.uniform(-180, 180, 20)]
+    )
     stopgap = relion_to_stopgap(relion)
     dynamo = relion_to_dynamo(relion)
     for r, s, d in zip(relion, stopgap, dynamo, strict=True):
@@ -75,7 +81,9 @@ def test_simple_rotation_matches_by_hand():
     # RELION's matrix for rot = 90 alone is [[0, 1, 0], [-1, 0, 0], [0, 0, 1]], a -90° turn about z:
     # STOPGAP turns by phi + psi about z, so phi + psi = -90; Dynamo's matrix is the transpose
     # of a turn by tdrot + narot, so tdrot + narot = +90 (cryoCAT: phi = -narot, psi = -tdrot).
-    np.testing.assert_allclose(relion_matrix(90, 0, 0), [[0, 1, 0], [-1, 0, 0], [0, 0, 1]], atol=1e-12)
+    np.testing.assert_allclose(
+        relion_matrix(90, 0, 0), [[0, 1, 0], [-1, 0, 0], [0, 0, 1]], atol=1e-12
+    )
     phi, psi, the = relion_to_stopgap(np.array([[90.0, 0, 0]]))[0]
     assert the == pytest.approx(0) and (phi + psi) % 360 == pytest.approx(270)
     tdrot, tilt, narot = relion_to_dynamo(np.array([[90.0, 0, 0]]))[0]
@@ -95,7 +103,8 @@ def test_relion5_centre_is_half_the_size(tmp_path):
     star = write_text(
         tmp_path / "p.star",
         "data_particles\n\nloop_\n_rlnTomoName\n_rlnCenteredCoordinateXAngst\n"
-        "_rlnCenteredCoordinateYAngst\n_rlnCenteredCoordinateZAngst\nTS_01 0 0 0\nTS_01 100 -50 25\n",
+        "_rlnCenteredCoordinateYAngst\n_rlnCenteredCoordinateZAngst\n"
+        "TS_01 0 0 0\nTS_01 100 -50 25\n",
     )
     table = read_particles(star, tomograms=[TOMO])
     np.testing.assert_allclose(table[XYZ].to_numpy(), [[40, 30, 20], [50, 25, 22.5]])
@@ -138,7 +147,8 @@ def test_relion4_bin1_pixels_become_tomogram_voxels(tmp_path):
         "_rlnOriginXAngst\n_rlnOriginYAngst\n_rlnOriginZAngst\n_rlnOpticsGroup\n"
         "TS_01 100 200 40 5 0 -10 1\n",
     )
-    # (coordinate - origin / pixel) * pixel / voxel: (100 - 2) * 0.25, (200 - 0) * 0.25, (40 + 4) * 0.25
+    # (coordinate - origin / pixel) * pixel / voxel:
+    # (100 - 2) * 0.25, (200 - 0) * 0.25, (40 + 4) * 0.25
     table = read_particles(star, tomograms=[TOMO])
     np.testing.assert_allclose(table[XYZ].to_numpy(), [[24.5, 50, 11]])
     # the flag overrides the file's pixel size: (100 - 5/5) * 5/10, 200 * 5/10, (40 + 10/5) * 5/10
@@ -160,7 +170,9 @@ def test_tomograms_star_sizes_are_divided_by_binning(tmp_path):
 
 def test_tomograms_star_round_trip(tmp_path):
     infos = [TomogramInfo("TS_01", (64, 160, 170), 10.8), TomogramInfo("TS_02", (50, 60, 70), 10.8)]
-    star = write_tomograms_star(tmp_path / "tomograms.star", infos, tomogram_paths=["t/TS_01.mrc", "t/TS_02.mrc"])
+    star = write_tomograms_star(
+        tmp_path / "tomograms.star", infos, tomogram_paths=["t/TS_01.mrc", "t/TS_02.mrc"]
+    )
     assert tomogram_infos(star) == infos
     with pytest.raises(CryocapsError, match="exists"):
         write_tomograms_star(star, infos)
@@ -196,7 +208,9 @@ def test_real_cylindra_tomograms_star(cylindra_tomograms):
 
 
 def test_real_relion5_picks(real_files, cylindra_tomograms):
-    table = read_particles(real_files / "relion5" / "cylindra_picks_particles.star", tomograms=cylindra_tomograms)
+    table = read_particles(
+        real_files / "relion5" / "cylindra_picks_particles.star", tomograms=cylindra_tomograms
+    )
     assert len(table) == 5 and table["tomo"].tolist() == ["TS_01"] * 3 + ["TS_02"] * 2
     # first row: -176.94, 765.48005, 11.16 Å from the centre of an 84 x 136 x 44 tomogram at 10.52 Å
     np.testing.assert_allclose(
@@ -204,18 +218,24 @@ def test_real_relion5_picks(real_files, cylindra_tomograms):
         [-176.94 / 10.52 + 42, 765.48005 / 10.52 + 68, 11.16 / 10.52 + 22],
         atol=1e-5,
     )
-    np.testing.assert_allclose(table.loc[0, XYZ].to_numpy(float), [25.1806, 140.7643, 23.0608], atol=1e-4)
+    np.testing.assert_allclose(
+        table.loc[0, XYZ].to_numpy(float), [25.1806, 140.7643, 23.0608], atol=1e-4
+    )
     assert "rot" not in table.columns
 
 
-def test_real_relion5_refine3d_subtracts_origin_and_warns_outside(real_files, cylindra_tomograms, caplog):
+def test_real_relion5_refine3d_subtracts_origin_and_warns_outside(
+    real_files, cylindra_tomograms, caplog
+):
     with caplog.at_level(logging.WARNING, logger="cryocaps"):
         table = read_particles(
-            real_files / "relion5" / "cylindra_refine3d_run_it050_data.star", tomograms=cylindra_tomograms
+            real_files / "relion5" / "cylindra_refine3d_run_it050_data.star",
+            tomograms=cylindra_tomograms,
         )
     assert len(table) == 5  # rows outside the tomogram are kept
     assert "outside" in caplog.text
-    # row 2 of TS_01: y = -728.500014 Å with origin -1.55154 Å: (-728.500014 + 1.55154) / 10.52 + 68 < 0
+    # row 2 of TS_01: y = -728.500014 Å with origin -1.55154 Å:
+    # (-728.500014 + 1.55154) / 10.52 + 68 < 0
     np.testing.assert_allclose(
         table.loc[0, XYZ].to_numpy(float),
         [
@@ -227,23 +247,37 @@ def test_real_relion5_refine3d_subtracts_origin_and_warns_outside(real_files, cy
     )
     assert table.loc[2, "y"] == pytest.approx((-728.500014 + 1.55154) / 10.52 + 68)
     assert table.loc[2, "y"] < 0
-    np.testing.assert_allclose(table.loc[0, ANGLES].to_numpy(float), [-126.27895, 65.873044, 99.174441])
+    np.testing.assert_allclose(
+        table.loc[0, ANGLES].to_numpy(float), [-126.27895, 65.873044, 99.174441]
+    )
     assert table["class_name"].tolist() == ["1"] * 5
     assert table.loc[0, "score"] == pytest.approx(0.208180)  # rlnMaxValueProbDistribution
 
 
 def test_real_relion5_class3d_composes_subtomogram_orientation(real_files):
-    tomograms = [TomogramInfo("TS_01", (100, 1000, 800), 2.7), TomogramInfo("TS_02", (100, 1000, 800), 2.7)]
-    table = read_particles(real_files / "relion5" / "cylindra_class3d_run_it025_data.star", tomograms=tomograms)
+    tomograms = [
+        TomogramInfo("TS_01", (100, 1000, 800), 2.7),
+        TomogramInfo("TS_02", (100, 1000, 800), 2.7),
+    ]
+    table = read_particles(
+        real_files / "relion5" / "cylindra_class3d_run_it025_data.star", tomograms=tomograms
+    )
     assert len(table) == 10
     assert table["class_name"].tolist()[:5] == ["1", "1", "2", "2", "3"]
     # first row: subtomogram angles (174.931305, 90.261512, -129.54646), particle angles
-    # (27.128677, 92.568990, 6.654494), origin (-3.75772, 4.342283, -3.75772) Å in the subtomogram frame
+    # (27.128677, 92.568990, 6.654494), origin (-3.75772, 4.342283, -3.75772) Å in the
+    # subtomogram frame
     a_sub = relion_matrix(174.931305, 90.261512, -129.54646)
     a_part = relion_matrix(27.128677, 92.568990, 6.654494)
-    np.testing.assert_allclose(relion_matrix(*table.loc[0, ANGLES].to_numpy(float)), a_sub @ a_part, atol=1e-6)
-    centred = np.array([754.828605, -879.58025, 138.065739]) - a_sub @ np.array([-3.75772, 4.342283, -3.75772])
-    np.testing.assert_allclose(table.loc[0, XYZ].to_numpy(float), centred / 2.7 + [400, 500, 50], atol=1e-5)
+    np.testing.assert_allclose(
+        relion_matrix(*table.loc[0, ANGLES].to_numpy(float)), a_sub @ a_part, atol=1e-6
+    )
+    centred = np.array([754.828605, -879.58025, 138.065739]) - a_sub @ np.array(
+        [-3.75772, 4.342283, -3.75772]
+    )
+    np.testing.assert_allclose(
+        table.loc[0, XYZ].to_numpy(float), centred / 2.7 + [400, 500, 50], atol=1e-5
+    )
 
 
 def test_real_relion4_pseudosubtomo(real_files):
@@ -261,7 +295,9 @@ def test_real_relion4_pseudosubtomo(real_files):
         ],
         atol=1e-6,
     )
-    np.testing.assert_allclose(table.loc[0, ANGLES].to_numpy(float), [-61.71449, 150.606435, 110.442075])
+    np.testing.assert_allclose(
+        table.loc[0, ANGLES].to_numpy(float), [-61.71449, 150.606435, 110.442075]
+    )
     assert table.loc[0, "score"] == pytest.approx(0.009516)
     # without tomograms the positions stay in the file's bin-1 pixels
     table = read_particles(path)
@@ -272,11 +308,21 @@ def test_real_warp2_needs_its_pixel_size(real_files):
     path = real_files / "relion34" / "cryocat_warp2_tm_particles.star"
     tomograms = [TomogramInfo(f"TS_{k}", (200, 1000, 1000), 8.0) for k in (1, 11, 17, 23, 32)]
     table = read_particles(path, tomograms=tomograms, coords_pixel_size_angstrom=4.0)
-    assert len(table) == 1218 and sorted(table["tomo"].unique()) == ["TS_1", "TS_11", "TS_17", "TS_23", "TS_32"]
-    np.testing.assert_allclose(table.loc[0, XYZ].to_numpy(float), [354.242 / 2, 397.132 / 2, 75.828 / 2])
+    assert len(table) == 1218 and sorted(table["tomo"].unique()) == [
+        "TS_1",
+        "TS_11",
+        "TS_17",
+        "TS_23",
+        "TS_32",
+    ]
+    np.testing.assert_allclose(
+        table.loc[0, XYZ].to_numpy(float), [354.242 / 2, 397.132 / 2, 75.828 / 2]
+    )
     # angles far outside ±360° describe the same rotation
     np.testing.assert_allclose(
-        relion_matrix(*table.loc[0, ANGLES].to_numpy(float)), relion_matrix(3867.465, 671.269, 10742.958), atol=1e-9
+        relion_matrix(*table.loc[0, ANGLES].to_numpy(float)),
+        relion_matrix(3867.465, 671.269, 10742.958),
+        atol=1e-9,
     )
     assert (table[ANGLES].abs() <= 180).all().all()
     assert table["class_name"].eq("1").all()
@@ -306,15 +352,21 @@ def test_real_stopgap_motivelist(real_files):
     path = real_files / "stopgap" / "czportal_stopgap_motl.star"
     tomograms = [TomogramInfo(f"tomo_{k}", (20, 20, 20), 10.0) for k in (3, 1, 2)]
     table = read_particles(path, tomograms=tomograms)
-    assert table["tomo"].tolist() == ["tomo_1"] * 2 + ["tomo_2"] * 3 + ["tomo_3"]  # by name, not order
+    assert table["tomo"].tolist() == ["tomo_1"] * 2 + ["tomo_2"] * 3 + [
+        "tomo_3"
+    ]  # by name, not order
     # orig + shift - 1: (4 - 1.2 - 1, 8 - 2.4 - 1, 12 - 3.2 - 1)
     np.testing.assert_allclose(table.loc[0, XYZ].to_numpy(float), [1.8, 4.6, 7.8])
     np.testing.assert_allclose(table.loc[3, XYZ].to_numpy(float), [2, 7, 0])
     np.testing.assert_allclose(table["score"].iloc[:2], [0.1816, 0.1704])
     # phi 90, psi 180, the 45
-    np.testing.assert_allclose(relion_matrix(*table.loc[0, ANGLES].to_numpy(float)), stopgap_matrix(90, 180, 45), atol=1e-9)
+    np.testing.assert_allclose(
+        relion_matrix(*table.loc[0, ANGLES].to_numpy(float)), stopgap_matrix(90, 180, 45), atol=1e-9
+    )
     # unnumbered tomogram names: the k-th tomogram given
-    table = read_particles(path, tomograms=[TomogramInfo(n, (20, 20, 20), 10.0) for n in ("a", "b", "c")])
+    table = read_particles(
+        path, tomograms=[TomogramInfo(n, (20, 20, 20), 10.0) for n in ("a", "b", "c")]
+    )
     assert table["tomo"].tolist() == ["a"] * 2 + ["b"] * 3 + ["c"]
     # no tomograms: the number is the name
     assert read_particles(path)["tomo"].tolist() == ["1"] * 2 + ["2"] * 3 + ["3"]
@@ -326,15 +378,22 @@ def test_real_dynamo_tables(real_files):
     assert len(table) == 300 and table["tomo"].nunique() == 2
     assert sorted(table["class_name"].astype(int).unique()) == list(range(1, 11))
     # x + dx - 1: 141.28 + 2.5178 - 1, 114.71 - 3.523 - 1, 163.08 + 2.1043 - 1; class 9; cc 0.15858
-    np.testing.assert_allclose(table.loc[0, XYZ].to_numpy(float), [142.7978, 110.187, 164.1843], atol=1e-9)
+    np.testing.assert_allclose(
+        table.loc[0, XYZ].to_numpy(float), [142.7978, 110.187, 164.1843], atol=1e-9
+    )
     assert table.loc[0, "class_name"] == "9" and table.loc[0, "score"] == pytest.approx(0.15858)
     np.testing.assert_allclose(
-        relion_matrix(*table.loc[0, ANGLES].to_numpy(float)), dynamo_matrix(175.66, 90.681, -129.51), atol=1e-9
+        relion_matrix(*table.loc[0, ANGLES].to_numpy(float)),
+        dynamo_matrix(175.66, 90.681, -129.51),
+        atol=1e-9,
     )
 
     table = read_particles(folder / "dynamotable_t_complex.tbl")  # 41 columns, 0+1.2074e-06i tokens
     assert len(table) == 8742 and table["tomo"].nunique() == 48
-    np.testing.assert_allclose(table.loc[1, XYZ].to_numpy(float), [1006.9 - 1.4208 - 1, 751.05 + 0.58177 - 1, 641.53 + 0.57748 - 1])
+    np.testing.assert_allclose(
+        table.loc[1, XYZ].to_numpy(float),
+        [1006.9 - 1.4208 - 1, 751.05 + 0.58177 - 1, 641.53 + 0.57748 - 1],
+    )
 
     table = read_particles(folder / "cryocat_b4_26col.tbl")  # only 26 columns
     assert len(table) == 1343 and table["tomo"].nunique() == 70
@@ -343,11 +402,18 @@ def test_real_dynamo_tables(real_files):
 
     table = read_particles(folder / "dynamo2m_example.tbl")  # positions ending in .5
     assert len(table) == 4934 and table["tomo"].nunique() == 48
-    np.testing.assert_allclose(table.loc[0, XYZ].to_numpy(float), [508.5 - 1.1651 - 1, 378.5 - 2.3275 - 1, 318.5 + 3.8319 - 1])
+    np.testing.assert_allclose(
+        table.loc[0, XYZ].to_numpy(float),
+        [508.5 - 1.1651 - 1, 378.5 - 2.3275 - 1, 318.5 + 3.8319 - 1],
+    )
 
 
 def test_every_real_particle_file_is_read(real_files, cylindra_tomograms):
-    files = sorted(p for p in real_files.rglob("*") if p.suffix in (".star", ".tbl") and "tomograms" not in p.name)
+    files = sorted(
+        p
+        for p in real_files.rglob("*")
+        if p.suffix in (".star", ".tbl") and "tomograms" not in p.name
+    )
     assert len(files) == 12
     for path in files:
         tomograms = cylindra_tomograms if path.parent.name == "relion5" else None
@@ -400,16 +466,34 @@ def test_every_writer_round_trips(tmp_path, picks, format):
 @pytest.mark.parametrize("format", ["relion4", "relion3", "stopgap", "dynamo"])
 def test_round_trip_at_another_pixel_size(tmp_path, picks, format):
     path = tmp_path / "picks.out"
-    write_particles(picks, path, format=format, tomograms=TOMOGRAMS, classes=CLASSES, coords_pixel_size_angstrom=2.5)
-    back = read_particles(path, tomograms=TOMOGRAMS, classes=CLASSES, coords_pixel_size_angstrom=2.5)
+    write_particles(
+        picks,
+        path,
+        format=format,
+        tomograms=TOMOGRAMS,
+        classes=CLASSES,
+        coords_pixel_size_angstrom=2.5,
+    )
+    back = read_particles(
+        path, tomograms=TOMOGRAMS, classes=CLASSES, coords_pixel_size_angstrom=2.5
+    )
     assert_same_picks(picks, back)
     unscaled = read_particles(path, classes=CLASSES, coords_pixel_size_angstrom=None)
-    np.testing.assert_allclose(unscaled["x"], picks["x"] * 4, atol=1e-3)  # 10 Å voxels in 2.5 Å pixels
+    np.testing.assert_allclose(
+        unscaled["x"], picks["x"] * 4, atol=1e-3
+    )  # 10 Å voxels in 2.5 Å pixels
 
 
 def test_relion4_written_with_its_pixel_size(tmp_path, picks):
     path = tmp_path / "r4.star"
-    write_particles(picks, path, format="relion4", tomograms=TOMOGRAMS, classes=CLASSES, coords_pixel_size_angstrom=2.5)
+    write_particles(
+        picks,
+        path,
+        format="relion4",
+        tomograms=TOMOGRAMS,
+        classes=CLASSES,
+        coords_pixel_size_angstrom=2.5,
+    )
     import starfile
 
     blocks = starfile.read(path, always_dict=True)
@@ -424,23 +508,47 @@ def test_relion5_writer_columns(tmp_path, picks):
 
     path = write_particles(picks, tmp_path / "p.star", tomograms=TOMOGRAMS, classes=CLASSES)
     particles = starfile.read(path, always_dict=True)["particles"]
-    for column in ("rlnTomoName", "rlnCenteredCoordinateXAngst", "rlnAngleRot", "rlnClassNumber", "rlnAutopickFigureOfMerit"):
+    for column in (
+        "rlnTomoName",
+        "rlnCenteredCoordinateXAngst",
+        "rlnAngleRot",
+        "rlnClassNumber",
+        "rlnAutopickFigureOfMerit",
+    ):
         assert column in particles.columns
-    assert particles["rlnClassNumber"].tolist() == [CLASSES.by_name(n).label for n in picks["class_name"]]
+    assert particles["rlnClassNumber"].tolist() == [
+        CLASSES.by_name(n).label for n in picks["class_name"]
+    ]
     x0 = (picks.loc[0, "x"] - 35) * 10.0  # TS_01 is 70 voxels wide at 10 Å
     assert particles.loc[0, "rlnCenteredCoordinateXAngst"] == pytest.approx(x0, abs=1e-5)
 
 
 def test_stopgap_writer_columns(tmp_path, picks):
-    path = write_particles(picks, tmp_path / "m.star", format="stopgap", tomograms=TOMOGRAMS, classes=CLASSES)
+    path = write_particles(
+        picks, tmp_path / "m.star", format="stopgap", tomograms=TOMOGRAMS, classes=CLASSES
+    )
     text = path.read_text()
     assert "data_stopgap_motivelist" in text
     import starfile
 
     motl = starfile.read(path, always_dict=True)["stopgap_motivelist"]
     assert list(motl.columns) == [
-        "motl_idx", "tomo_num", "object", "subtomo_num", "halfset", "orig_x", "orig_y", "orig_z",
-        "score", "x_shift", "y_shift", "z_shift", "phi", "psi", "the", "class",
+        "motl_idx",
+        "tomo_num",
+        "object",
+        "subtomo_num",
+        "halfset",
+        "orig_x",
+        "orig_y",
+        "orig_z",
+        "score",
+        "x_shift",
+        "y_shift",
+        "z_shift",
+        "phi",
+        "psi",
+        "the",
+        "class",
     ]
     assert motl["tomo_num"].tolist() == [1] * 7 + [2] * 5
     assert set(motl["halfset"]) == {"A", "B"}
@@ -461,7 +569,9 @@ def test_csv_round_trip_without_class_table(tmp_path, picks):
 
 
 def test_several_files_are_concatenated(tmp_path, picks):
-    a = write_particles(picks.iloc[:7], tmp_path / "a.star", format="stopgap", tomograms=TOMOGRAMS, classes=CLASSES)
+    a = write_particles(
+        picks.iloc[:7], tmp_path / "a.star", format="stopgap", tomograms=TOMOGRAMS, classes=CLASSES
+    )
     b = write_particles(picks.iloc[7:], tmp_path / "b.csv")
     back = read_particles([a, b], tomograms=TOMOGRAMS, classes=CLASSES)
     assert_same_picks(picks, back)
@@ -474,10 +584,15 @@ def test_relion5_without_tomogram_sizes_says_what_to_give(real_files):
 
 
 def test_reader_names_missing_columns(tmp_path):
-    star = write_text(tmp_path / "m.star", "data_stopgap_motivelist\n\nloop_\n_motl_idx\n_tomo_num\n_orig_x\n1 1 5\n")
+    star = write_text(
+        tmp_path / "m.star",
+        "data_stopgap_motivelist\n\nloop_\n_motl_idx\n_tomo_num\n_orig_x\n1 1 5\n",
+    )
     with pytest.raises(CryocapsError, match="orig_y, orig_z"):
         read_particles(star)
-    star = write_text(tmp_path / "r.star", "data_particles\n\nloop_\n_rlnTomoName\n_rlnCoordinateX\nTS_01 5\n")
+    star = write_text(
+        tmp_path / "r.star", "data_particles\n\nloop_\n_rlnTomoName\n_rlnCoordinateX\nTS_01 5\n"
+    )
     with pytest.raises(CryocapsError, match="rlnCoordinateY, rlnCoordinateZ"):
         read_particles(star)
     tbl = write_text(tmp_path / "short.tbl", " ".join(["1"] * 20) + "\n")
@@ -502,9 +617,18 @@ def test_empty_lists_round_trip(tmp_path, format):
     from cryocaps.io.particles import empty_table
 
     suffix = {"dynamo": ".tbl", "csv": ".csv"}.get(format, ".star")  # an empty file shows no format
-    path = write_particles(empty_table(), tmp_path / f"empty{suffix}", format=format, tomograms=TOMOGRAMS)
+    path = write_particles(
+        empty_table(), tmp_path / f"empty{suffix}", format=format, tomograms=TOMOGRAMS
+    )
     back = read_particles(path, tomograms=TOMOGRAMS)
-    assert len(back) == 0 and list(back.columns[:6]) == ["tomo", "class_name", "x", "y", "z", "score"]
+    assert len(back) == 0 and list(back.columns[:6]) == [
+        "tomo",
+        "class_name",
+        "x",
+        "y",
+        "z",
+        "score",
+    ]
 
 
 def test_non_finite_positions_are_not_written(tmp_path, picks):

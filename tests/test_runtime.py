@@ -53,7 +53,12 @@ def test_distributed_info_from_torchrun_environment(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     single = runtime.distributed_info()
     assert (single.rank, single.world_size, single.is_main, single.active) == (0, 1, True, False)
-    for name, value in {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+    for name, value in {
+        "WORLD_SIZE": "4",
+        "RANK": "2",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "2",
+    }.items():
         monkeypatch.setenv(name, value)
     info = runtime.distributed_info()
     assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (2, 4, 0, 2)

@@ -38,7 +38,10 @@ def test_failed_write_leaves_no_file(tmp_path):
 
     with pytest.raises(CryocapsError):
         write_volume(tmp_path / "v.mrc", np.zeros((3, 3, 3)), 0.0)
-    with pytest.raises(ZeroDivisionError), MrcVolumeWriter(tmp_path / "w.mrc", (2, 3, 3), 1.0) as writer:
+    with (
+        pytest.raises(ZeroDivisionError),
+        MrcVolumeWriter(tmp_path / "w.mrc", (2, 3, 3), 1.0) as writer,
+    ):
         writer.data[0] = 1
         raise ZeroDivisionError
     assert list(tmp_path.iterdir()) == []

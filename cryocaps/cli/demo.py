@@ -1,4 +1,5 @@
-"""Run the whole pipeline on simulated data: simulate → make-masks → train → segment → cluster-picks → evaluate.
+"""Run the whole pipeline on simulated data: simulate → make-masks → train → segment →
+cluster-picks → evaluate.
 
 Five small tomograms with the built-in particle classes are simulated; three
 train the network (for --minutes of wall time, or --epochs), the other two are
@@ -48,7 +49,8 @@ def command(
         str,
         typer.Option(
             "--shape",
-            help=f"Size of each simulated tomogram, Z,Y,X voxels (10 Å). [default: {DEFAULTS.shape}]",
+            help="Size of each simulated tomogram, Z,Y,X voxels (10 Å). "
+            f"[default: {DEFAULTS.shape}]",
         ),
     ] = DEFAULTS.shape,
     patch_size: Annotated[
@@ -61,7 +63,8 @@ def command(
         int | None,
         typer.Option(
             "--epochs",
-            help="Train exactly this many epochs instead of for --minutes (the same steps however fast the machine). "
+            help="Train exactly this many epochs instead of for --minutes "
+            "(the same steps however fast the machine). "
             "[default: the --minutes budget]",
         ),
     ] = DEFAULTS.epochs,

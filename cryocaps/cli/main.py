@@ -61,7 +61,9 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
     setup_logging()
@@ -70,9 +72,9 @@ def _root(
 def _register() -> None:
     for name, module_name in COMMANDS:
         module = importlib.import_module(f"cryocaps.cli.{module_name}")  # a missing module is a bug
-        app.command(name, help=module.__doc__, no_args_is_help=getattr(module, "NO_ARGS_IS_HELP", True))(
-            handle_errors(module.command)
-        )
+        app.command(
+            name, help=module.__doc__, no_args_is_help=getattr(module, "NO_ARGS_IS_HELP", True)
+        )(handle_errors(module.command))
 
 
 _register()

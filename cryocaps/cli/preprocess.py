@@ -30,14 +30,27 @@ from cryocaps.cli.common import (
 
 def command(
     tomograms: Annotated[
-        list[Path], typer.Argument(help="Tomograms to preprocess (MRC files or folders of them).", show_default=False)
+        list[Path],
+        typer.Argument(
+            help="Tomograms to preprocess (MRC files or folders of them).", show_default=False
+        ),
     ],
-    out_dir: Annotated[Path, typer.Option("--out", "--output", "-o", help="Output folder (created if missing).", show_default=False)],
+    out_dir: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "--output",
+            "-o",
+            help="Output folder (created if missing).",
+            show_default=False,
+        ),
+    ],
     voxel_size_angstrom: Annotated[
         float | None,
         typer.Option(
             "--voxel-size-angstrom",
-            help="Target voxel size in Å (Fourier cropping; e.g. 10.8 bins 5.4 Å by 2). [default: keep]",
+            help="Target voxel size in Å (Fourier cropping; e.g. 10.8 bins 5.4 Å by 2). "
+            "[default: keep]",
             show_default=False,
         ),
     ] = None,
@@ -45,7 +58,8 @@ def command(
         float | None,
         typer.Option(
             "--input-voxel-size-angstrom",
-            help="Voxel size of the inputs in Å, overriding the MRC headers. [default: from the header]",
+            help="Voxel size of the inputs in Å, overriding the MRC headers. "
+            "[default: from the header]",
             show_default=False,
         ),
     ] = None,
@@ -53,7 +67,8 @@ def command(
         float | None,
         typer.Option(
             "--lowpass-angstrom",
-            help="Low-pass filter: keep detail coarser than this resolution in Å (soft cosine edge). [default: none]",
+            help="Low-pass filter: keep detail coarser than this resolution in Å "
+            "(soft cosine edge). [default: none]",
             show_default=False,
         ),
     ] = None,
@@ -61,22 +76,28 @@ def command(
         float | None,
         typer.Option(
             "--highpass-angstrom",
-            help="High-pass filter: remove variation slower than this resolution in Å (soft cosine edge). "
-            "[default: none]",
+            help="High-pass filter: remove variation slower than this resolution in Å "
+            "(soft cosine edge). [default: none]",
             show_default=False,
         ),
     ] = None,
-    invert: Annotated[bool, typer.Option("--invert", help="Invert the contrast (multiply by -1). [default: off]")] = False,
+    invert: Annotated[
+        bool, typer.Option("--invert", help="Invert the contrast (multiply by -1). [default: off]")
+    ] = False,
     normalize: Annotated[
         bool,
         typer.Option(
             "--normalize/--no-normalize",
-            help="Clip to the 0.5-99.5 percentiles, then zero mean and unit standard deviation. [default: on]",
+            help="Clip to the 0.5-99.5 percentiles, then zero mean and unit standard deviation. "
+            "[default: on]",
         ),
     ] = True,
     allow_upsample: Annotated[
         bool,
-        typer.Option("--allow-upsample", help="Allow a target voxel size smaller than the input's. [default: off]"),
+        typer.Option(
+            "--allow-upsample",
+            help="Allow a target voxel size smaller than the input's. [default: off]",
+        ),
     ] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,

@@ -68,29 +68,34 @@ def command(
         float,
         typer.Option(
             "--voxel-size-angstrom",
-            help=f"Voxel (and detector pixel) size in Å. [default: {DEFAULTS.voxel_size_angstrom:g}]",
+            help="Voxel (and detector pixel) size in Å. "
+            f"[default: {DEFAULTS.voxel_size_angstrom:g}]",
         ),
     ] = DEFAULTS.voxel_size_angstrom,
     structures: Annotated[
         Path | None,
         typer.Option(
             "--structures",
-            help="Folder of density maps (.mrc/.map, any voxel size) and atomic models (.pdb/.cif, .gz ok); "
-            "one class per name (1bxn_10A.mrc and 1bxn.pdb.gz are both class 1bxn). [default: built-in classes]",
+            help="Folder of density maps (.mrc/.map, any voxel size) "
+            "and atomic models (.pdb/.cif, .gz ok); "
+            "one class per name (1bxn_10A.mrc and 1bxn.pdb.gz are both class 1bxn). "
+            "[default: built-in classes]",
         ),
     ] = None,
     classes_from: Annotated[
         str | None,
         typer.Option(
             "--classes-from",
-            help="Comma-separated class names to use, e.g. 1bxn,3gl1,4v4r (or globule,ribosome). [default: all]",
+            help="Comma-separated class names to use, e.g. 1bxn,3gl1,4v4r (or globule,ribosome). "
+            "[default: all]",
         ),
     ] = None,
     prefer: Annotated[
         str,
         typer.Option(
             "--prefer",
-            help="When a class has both: use its map (maps) or its atomic model (models). [default: maps]",
+            help="When a class has both: use its map (maps) or its atomic model (models). "
+            "[default: maps]",
         ),
     ] = "maps",
     snr: Annotated[
@@ -105,7 +110,8 @@ def command(
         float,
         typer.Option(
             "--tilt-range-deg",
-            help=f"Tilts from -T to +T degrees, tilt axis Y; in (0, 90]. [default: {DEFAULTS.tilt_range_deg:g}]",
+            help="Tilts from -T to +T degrees, tilt axis Y; in (0, 90]. "
+            f"[default: {DEFAULTS.tilt_range_deg:g}]",
         ),
     ] = DEFAULTS.tilt_range_deg,
     tilt_step_deg: Annotated[
@@ -142,7 +148,8 @@ def command(
         int | None,
         typer.Option(
             "--n-particles",
-            help="Particles per tomogram, split evenly over the classes. [default: from --crowding]",
+            help="Particles per tomogram, split evenly over the classes. "
+            "[default: from --crowding]",
         ),
     ] = DEFAULTS.n_particles,
     crowding: Annotated[

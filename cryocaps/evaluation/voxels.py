@@ -196,22 +196,11 @@ def evaluate_label_files(
     ``<tomo>_probs.mrc`` beside a predicted map adds voxel AUPRC. Returns
     (:meth:`VoxelScores.result`, tomogram names scored).
     """
-    from cryocaps.io.layout import companion_path, map_tomogram_name
-    from cryocaps.io.volumes import check_same_voxel_size, read_tomogram
+    from cryocaps.io.layout import companion_path, index_by_tomogram
+    from cryocaps.io.volumes import check_same_voxel_size, read_probabilities, read_tomogram
 
-    def by_name(paths, flag):
-        table = {}
-        for path in map(Path, paths):
-            name = map_tomogram_name(path)
-            if name in table:
-                raise CryocapsError(
-                    f"{flag}: two label maps for tomogram {name!r}: {table[name]} and {path}"
-                )
-            table[name] = path
-        return table
-
-    predicted_maps = by_name(predicted, "--labels-pred")
-    true_maps = by_name(true, "--labels-true")
+    predicted_maps = index_by_tomogram(predicted, "--labels-pred")
+    true_maps = index_by_tomogram(true, "--labels-true")
     common = sorted(set(predicted_maps) & set(true_maps))
     if not common:
         raise CryocapsError(
@@ -237,13 +226,7 @@ def evaluate_label_files(
         probabilities = None
         probs_path = companion_path(predicted_maps[name], "probs") if use_probabilities else None
         if probs_path is not None:
-            probabilities = read_tomogram(
-                probs_path,
-                allow_stack=True,
-                mmap=True,
-                check_finite=False,
-                voxel_size_angstrom=pred.voxel_size_angstrom,
-            ).data
+            probabilities = read_probabilities(probs_path, pred.voxel_size_angstrom)
         try:
             scores.add(pred.data, true_map.data, probabilities)
         except CryocapsError as error:

@@ -38,7 +38,8 @@ __all__ = [
 
 
 def write_score_thresholds(table: pd.DataFrame, folder: str | os.PathLike) -> Path:
-    """Write ``table`` (:data:`THRESHOLD_COLUMNS`) as ``folder/pick_thresholds.csv``; returns the path.
+    """Write ``table`` (:data:`THRESHOLD_COLUMNS`) as ``folder/pick_thresholds.csv``; returns
+    the path.
 
     Replaces an existing file: callers check for it (``--overwrite``) before any work.
     """
@@ -47,7 +48,9 @@ def write_score_thresholds(table: pd.DataFrame, folder: str | os.PathLike) -> Pa
 
 
 def read_score_thresholds(path: str | os.PathLike, classes: ClassTable) -> dict[str, float]:
-    """``{class_name: min_score}`` from a ``pick_thresholds.csv`` (classes kept whole are left out)."""
+    """``{class_name: min_score}`` from a ``pick_thresholds.csv`` (classes kept whole are left
+    out).
+    """
     path = Path(path)
     if not path.is_file():
         raise CryocapsError(f"--thresholds {path}: no such file")

@@ -406,3 +406,21 @@ def _update_header_stats_in_slabs(mrc, voxels_per_slab: int = 2**20) -> None:
 def _mode(dtype: str) -> int:
     # uint8 label maps are stored as MRC mode 0 (8-bit); labels must be < 128.
     return {"int8": 0, "int16": 1, "float32": 2, "float16": 12, "uint8": 0}[dtype]
+
+
+def read_probabilities(path: str | os.PathLike, voxel_size_angstrom: float) -> np.ndarray:
+    """The (C, Z, Y, X) class-probability stack ``segment --probabilities`` wrote, memory-mapped.
+
+    Its geometry is the label map's (``voxel_size_angstrom``): a stack's header may say
+    otherwise in z.
+    """
+    probabilities = read_tomogram(
+        path,
+        allow_stack=True,
+        mmap=True,
+        check_finite=False,
+        voxel_size_angstrom=voxel_size_angstrom,
+    ).data
+    if probabilities.ndim != 4:
+        raise CryocapsError(f"{path}: expected a (C, Z, Y, X) probability stack")
+    return probabilities

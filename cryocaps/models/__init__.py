@@ -26,7 +26,9 @@ def available_models() -> list[str]:
 
 def model_class(name: str):
     if name not in REGISTRY:
-        raise CryocapsError(f"unknown model {name!r}; choose one of {', '.join(available_models())}")
+        raise CryocapsError(
+            f"unknown model {name!r}; choose one of {', '.join(available_models())}"
+        )
     module_name, class_name = REGISTRY[name].split(":")
     try:
         module = importlib.import_module(module_name)

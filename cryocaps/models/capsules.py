@@ -15,12 +15,23 @@ capsules o) weight the votes, ``s[o] = sum_i c[i, o] u[i, o] + b[o]``,
 ``<u[i, o], v[o]>`` for the next iteration.
 
 All votes come from one ``conv3d`` call (channels-last, so oneDNN's fast
-path runs it); one copy puts them voxel-major, (B, D, H, W, O, I, A), where
-every (voxel, output capsule) owns a small I x A matrix, and each routing
-iteration is two batched mat-vec products (``bmm``) plus elementwise work on
-tensors I or A times smaller than the votes. The routing iterations are the
-only Python loop. Routing reads the votes, the layer's largest tensor, about
-five times, so it is bound by memory bandwidth rather than arithmetic.
+path runs it). Two routing implementations give the same values:
+
+- fused (``routing.fused_routing``, the default for layers that route, i.e.
+  more than one iteration): the votes stay where the convolution wrote them,
+  with the kernels' output channels reordered to (atom, capsule) so that the
+  capsule index is innermost; routing runs block by block of voxels in
+  float32, in cache, and its backward pass saves only the final coupling and
+  pre-squash sums. The vote convolution's weight gradient is one GEMM
+  (``routing.vote_convolution``).
+- plain (``route_voxel_major``; for one iteration, ``full_gradient``,
+  transposed layers, or ``fused_routing=False``): one copy puts the votes
+  voxel-major, (B, D, H, W, O, I, A), where every (voxel, output capsule) owns
+  a small I x A matrix, and each iteration is two batched mat-vec products
+  (``bmm``) over the whole vote tensor.
+
+Either way routing is bound by memory traffic and dispatch, not arithmetic;
+``benchmarks/models.py`` measures the two side by side.
 """
 
 from __future__ import annotations
@@ -30,6 +41,9 @@ import math
 import torch
 from torch import nn
 
+from cryocaps.models import routing
+from cryocaps.models.routing import fused_routing, squash, vote_convolution
+
 __all__ = [
     "ConvCapsule3d",
     "ConvTransposeCapsule3d",
@@ -38,18 +52,6 @@ __all__ = [
     "route_voxel_major",
     "squash",
 ]
-
-
-def squash(s: torch.Tensor, dim: int = 2, eps: float = 1e-12) -> torch.Tensor:
-    """Squash non-linearity: ``v = |s|² / (1 + |s|²) · s / |s|`` along ``dim``.
-
-    Keeps the direction of ``s`` and maps its length into [0, 1): short
-    vectors shrink towards 0, long ones approach length 1. Written as
-    ``s · |s| / (1 + |s|²)`` (no division by |s|); ``eps`` only keeps the
-    gradient of a zero vector finite.
-    """
-    squared_norm = (s * s).sum(dim=dim, keepdim=True)
-    return s * (torch.sqrt(squared_norm.clamp_min(eps)) / (1 + squared_norm))
 
 
 def capsule_lengths(capsules: torch.Tensor) -> torch.Tensor:
@@ -176,9 +178,11 @@ class _CapsuleLayer(nn.Module):
         routing_iterations: int = 3,
         share_weights: bool = True,
         full_gradient: bool = False,
+        fused_routing: bool = True,
     ):
         super().__init__()
         self.full_gradient = bool(full_gradient)
+        self.fused_routing = bool(fused_routing)
         if routing_iterations < 1:
             raise ValueError(f"routing needs at least one iteration, got {routing_iterations}")
         self.in_capsules = int(in_capsules)
@@ -211,36 +215,149 @@ class _CapsuleLayer(nn.Module):
         # A small positive bias, as in SegCaps / 3D-UCaps.
         self.bias = nn.Parameter(torch.full((out_capsules, out_atoms), 0.1))
 
-    def voxel_major_votes(self, capsules: torch.Tensor) -> torch.Tensor:
-        """(B, I, A_in, D, H, W) -> votes (B, D', H', W', O, I, A_out), contiguous.
-
-        One (grouped) convolution over channels-last input; its output is
-        (B·I, D', H', W', O·A) or (B, D', H', W', I·O·A) in memory, which one
-        permuting copy turns into the routing layout.
-        """
+    def _check_capsules(self, capsules: torch.Tensor) -> None:
         if capsules.dim() != 6 or tuple(capsules.shape[1:3]) != (self.in_capsules, self.in_atoms):
             raise ValueError(
-                f"expected capsules (B, {self.in_capsules}, {self.in_atoms}, D, H, W), got {tuple(capsules.shape)}"
+                f"expected capsules (B, {self.in_capsules}, {self.in_atoms}, D, H, W), "
+                f"got {tuple(capsules.shape)}"
             )
+
+    def vote_map(self, capsules: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """(B, I, A_in, D, H, W) -> votes (B, I, P, O, A_out) and the grid (D', H', W').
+
+        P = D'·H'·W' voxels.
+
+        One (grouped) convolution over channels-last input; the result is a
+        view of its output, whose memory is (B, I, P, O, A) for shared weights
+        and (B, P, I, O, A) for one kernel per input type: no copy.
+        """
+        self._check_capsules(capsules)
         batch, spatial = capsules.shape[0], capsules.shape[3:]
-        channels_last = torch.channels_last_3d
         if self.share_weights:
             flat = capsules.reshape(batch * self.in_capsules, self.in_atoms, *spatial)
         else:
             flat = capsules.reshape(batch, self.in_capsules * self.in_atoms, *spatial)
-        out = self.conv(flat.contiguous(memory_format=channels_last))
-        grid = out.shape[2:]
+        out = self._convolve(flat.contiguous(memory_format=torch.channels_last_3d))
+        grid = tuple(out.shape[2:])
         out = out.permute(0, 2, 3, 4, 1)  # channels-last memory: a free view
         n_in, n_out, n_atoms = self.in_capsules, self.out_capsules, self.out_atoms
-        if self.share_weights:  # (B, I, *S, O, A) -> (B, *S, O, I, A)
-            out = out.reshape(batch, n_in, *grid, n_out, n_atoms).permute(0, 2, 3, 4, 5, 1, 6)
-        else:  # (B, *S, I, O, A) -> (B, *S, O, I, A)
-            out = out.reshape(batch, *grid, n_in, n_out, n_atoms).transpose(-3, -2)
-        return out.contiguous()
+        if self.share_weights:
+            return out.reshape(batch, n_in, -1, n_out, n_atoms), grid
+        return out.reshape(batch, -1, n_in, n_out, n_atoms).transpose(1, 2), grid
+
+    def voxel_major_votes(self, capsules: torch.Tensor) -> torch.Tensor:
+        """(B, I, A_in, D, H, W) -> votes (B, D', H', W', O, I, A_out), contiguous.
+
+        The layout of the plain routing (``route_voxel_major``): the vote map
+        and one permuting copy.
+        """
+        votes, grid = self.vote_map(capsules)  # (B, I, P, O, A)
+        batch, n_in, _, n_out, n_atoms = votes.shape
+        voxel_major = votes.permute(0, 2, 3, 1, 4).contiguous()
+        return voxel_major.view(batch, *grid, n_out, n_in, n_atoms)
 
     def votes(self, capsules: torch.Tensor) -> torch.Tensor:
         """(B, I, A_in, D, H, W) -> votes (B, I, O, A_out, D', H', W') (a strided view)."""
         return self.voxel_major_votes(capsules).permute(0, 5, 4, 6, 1, 2, 3)
+
+    def _convolve(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The vote convolution of ``x`` with ``weight`` (default: the layer's kernels).
+
+        Its weight gradient is one GEMM (``routing.vote_convolution``) where
+        ``routing.use_gemm_weight_gradient()``, the input has at most
+        ``routing.GEMM_MAX_IN_CHANNELS`` channels and the convolution is a plain
+        one (one group, not transposed, the same stride and padding on all axes).
+        """
+        conv = self.conv
+        if self.transposed:
+            return conv(x)
+        weight = conv.weight if weight is None else weight
+        cubic = len(set(conv.stride)) == 1 and len(set(conv.padding)) == 1
+        few_inputs = weight.shape[1] <= routing.GEMM_MAX_IN_CHANNELS
+        if conv.groups == 1 and cubic and few_inputs and routing.use_gemm_weight_gradient():
+            return vote_convolution(x, weight, conv.stride[0], conv.padding[0])
+        return conv._conv_forward(x, weight, None)
+
+    def _vote_sum(self, capsules: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        """(B, P, C) sum over the input capsules of their votes, or None.
+
+        For shared weights ``sum_i W * x_i = W * sum_i x_i``: the first
+        routing pass from a convolution I times smaller than the votes'.
+        ``C`` = O·A channels in the order of ``weight``.
+        """
+        if not (self.share_weights and self.in_capsules > 1):
+            return None
+        summed = capsules.sum(dim=1).contiguous(memory_format=torch.channels_last_3d)
+        out = self._convolve(summed, weight).permute(0, 2, 3, 4, 1)
+        return out.reshape(capsules.shape[0], -1, out.shape[-1])
+
+    def _atom_major_weight(self) -> torch.Tensor:
+        """The vote kernels with output channels reordered from (O, A) to (A, O) per group."""
+        weight = self.conv.weight
+        groups = self.conv.groups
+        reordered = weight.view(groups, self.out_capsules, self.out_atoms, *weight.shape[1:])
+        reordered = reordered.transpose(1, 2).reshape(weight.shape)
+        return reordered.contiguous(memory_format=torch.channels_last_3d)
+
+    def _fused_forward(self, capsules: torch.Tensor):
+        """Fused routing on votes laid out (B, I, P, A, O); see ``routing.fused_routing``.
+
+        Returns (B, *S, O, A) capsules and the (B, I, *S, O) coupling (None
+        after one iteration).
+        """
+        self._check_capsules(capsules)
+        batch, spatial = capsules.shape[0], capsules.shape[3:]
+        n_in, n_out, n_atoms = self.in_capsules, self.out_capsules, self.out_atoms
+        weight = self._atom_major_weight()
+        if self.share_weights:
+            flat = capsules.reshape(batch * n_in, self.in_atoms, *spatial)
+        else:
+            flat = capsules.reshape(batch, n_in * self.in_atoms, *spatial)
+        out = self._convolve(flat.contiguous(memory_format=torch.channels_last_3d), weight)
+        grid = tuple(out.shape[2:])
+        out = out.permute(0, 2, 3, 4, 1)  # channels-last memory: a free view
+        if self.share_weights:
+            votes = out.reshape(batch, n_in, -1, n_atoms, n_out)
+        else:
+            votes = out.reshape(batch, -1, n_in, n_atoms, n_out).transpose(1, 2)
+        with torch.no_grad():  # the fused backward reaches the votes without it
+            vote_sum = self._vote_sum(capsules, weight.detach())
+        if vote_sum is not None:
+            vote_sum = vote_sum.view(batch, -1, n_atoms, n_out)
+        outputs, coupling = fused_routing(votes, self.bias.t(), self.routing_iterations, vote_sum)
+        if coupling is not None:
+            coupling = coupling.view(batch, n_in, *grid, n_out)
+        return outputs.view(batch, *grid, n_out, n_atoms), coupling
+
+    def _plain_forward(self, capsules: torch.Tensor):
+        """Plain routing (``route_voxel_major``); returns (B, *S, O, A) and (B, *S, O, I)."""
+        votes = self.voxel_major_votes(capsules)
+        batch, grid = capsules.shape[0], tuple(votes.shape[1:4])
+        with torch.set_grad_enabled(
+            torch.is_grad_enabled() and (self.full_gradient or self.routing_iterations == 1)
+        ):
+            vote_sum = self._vote_sum(capsules, self.conv.weight)
+        if vote_sum is not None:
+            vote_sum = vote_sum.view(batch, *grid, self.out_capsules * self.out_atoms)
+        return route_voxel_major(
+            votes, self.bias, self.routing_iterations, self.full_gradient, vote_sum
+        )
+
+    @property
+    def uses_fused_routing(self) -> bool:
+        """Whether ``forward`` routes with ``routing.fused_routing``.
+
+        Not for one iteration (a squashed mean vote: the plain path is as
+        cheap), fewer than ``routing.FUSED_MIN_CAPSULES`` output capsules
+        (measured slower), back-propagation through all iterations, or
+        transposed layers.
+        """
+        return (
+            self.fused_routing
+            and self.routing_iterations > 1
+            and self.out_capsules >= routing.FUSED_MIN_CAPSULES
+            and not (self.full_gradient or self.transposed)
+        )
 
     def forward(self, capsules: torch.Tensor, return_coupling: bool = False):
         """(B, I, A_in, D, H, W) -> (B, O, A_out, D', H', W') squashed capsules.
@@ -248,22 +365,26 @@ class _CapsuleLayer(nn.Module):
         The output is a strided view of a (B, D', H', W', O, A_out) tensor, so
         that ``flatten(1, 2)`` of it is a channels-last feature map. With
         ``return_coupling`` also the coupling coefficients (B, I, O, D', H', W').
+        Routing is the fused implementation where ``uses_fused_routing``, else
+        the plain one; both give the same values and, without
+        ``full_gradient``, the same gradients.
         """
-        votes = self.voxel_major_votes(capsules)
-        vote_sum = None
-        if self.share_weights and self.in_capsules > 1:
-            # sum_i W * x_i = W * sum_i x_i: the first routing pass from a conv I times smaller
-            with torch.set_grad_enabled(
-                torch.is_grad_enabled() and (self.full_gradient or self.routing_iterations == 1)
-            ):
-                summed = capsules.sum(dim=1).contiguous(memory_format=torch.channels_last_3d)
-                vote_sum = self.conv(summed).permute(0, 2, 3, 4, 1)
-        capsules, coupling = route_voxel_major(
-            votes, self.bias, self.routing_iterations, self.full_gradient, vote_sum
-        )
-        capsules = capsules.permute(0, 4, 5, 1, 2, 3)
+        if self.uses_fused_routing:
+            outputs, coupling = self._fused_forward(capsules)
+            if return_coupling and coupling is None:  # one iteration: uniform
+                wide = torch.promote_types(outputs.dtype, torch.float32)
+                shape = (outputs.shape[0], self.in_capsules, *outputs.shape[1:5])
+                coupling = torch.full(
+                    shape, 1.0 / self.out_capsules, dtype=wide, device=outputs.device
+                )
+            if return_coupling:
+                coupling = coupling.permute(0, 1, 5, 2, 3, 4)  # (B, I, O, *S)
+        else:
+            outputs, coupling = self._plain_forward(capsules)
+            coupling = coupling.permute(0, 5, 4, 1, 2, 3)  # (B, *S, O, I) -> (B, I, O, *S)
+        capsules = outputs.permute(0, 4, 5, 1, 2, 3)
         if return_coupling:
-            return capsules, coupling.permute(0, 5, 4, 1, 2, 3)
+            return capsules, coupling
         return capsules
 
     def extra_repr(self) -> str:
@@ -290,6 +411,9 @@ class ConvCapsule3d(_CapsuleLayer):
         per input type (a grouped convolution, I times the parameters)
     full_gradient : back-propagate through all routing iterations (False: only
         through the final weighted sum, coupling held fixed; same forward)
+    fused_routing : route with ``routing.fused_routing`` where it applies (True)
+        or always with the plain ``route_voxel_major``; same values and
+        gradients, not saved with the model (an implementation choice)
     """
 
 
@@ -305,4 +429,3 @@ class ConvTransposeCapsule3d(_CapsuleLayer):
 
     def __init__(self, *args, kernel_size: int = 2, stride: int = 2, **kwargs):
         super().__init__(*args, kernel_size=kernel_size, stride=stride, **kwargs)
-

@@ -133,10 +133,14 @@ def weighted_reconstruction_loss(
     """
     if class_weights is None:
         n_classes = int(labels.max()) + 1
-        class_weights = class_weights_from_frequencies(torch.bincount(labels.flatten(), minlength=n_classes))
+        class_weights = class_weights_from_frequencies(
+            torch.bincount(labels.flatten(), minlength=n_classes)
+        )
     weights = class_weights.to(reconstruction_logits.device, torch.float32)[labels].unsqueeze(1)
     target = reconstruction_target(images)
-    bce = F.binary_cross_entropy_with_logits(reconstruction_logits.float(), target, reduction="none")
+    bce = F.binary_cross_entropy_with_logits(
+        reconstruction_logits.float(), target, reduction="none"
+    )
     return (weights * bce).sum() / weights.sum().clamp_min(1e-12)
 
 
@@ -169,7 +173,13 @@ def ucaps_loss(
     targets = block_class_fractions(labels, logits.shape[1], factor)
     segmentation, parts = dice_ce_loss(logits, labels, class_weights)
     margin = margin_loss(lengths, targets, class_weights)
-    reconstruction = weighted_reconstruction_loss(reconstruction_logits, images, labels, class_weights)
+    reconstruction = weighted_reconstruction_loss(
+        reconstruction_logits, images, labels, class_weights
+    )
     loss = segmentation + margin_weight * margin + reconstruction_weight * reconstruction
-    parts = {**parts, "margin": float(margin.detach()), "reconstruction": float(reconstruction.detach())}
+    parts = {
+        **parts,
+        "margin": float(margin.detach()),
+        "reconstruction": float(reconstruction.detach()),
+    }
     return loss, parts

@@ -198,7 +198,8 @@ class UCaps3D(nn.Module):
         bad = [int(side) for side in x.shape[2:] if side % self.size_multiple]
         if bad:
             raise CryocapsError(
-                f"3D-UCaps input sides must be multiples of {self.size_multiple}, got {tuple(x.shape[2:])}"
+                f"3D-UCaps input sides must be multiples of {self.size_multiple}, "
+                f"got {tuple(x.shape[2:])}"
             )
 
     def forward(self, x: torch.Tensor, auxiliary: bool = False):
@@ -237,7 +238,9 @@ class UCaps3D(nn.Module):
         return logits, lengths, reconstruction
 
     def compute_loss(self, images, labels, class_weights=None):
-        """Dice + cross-entropy + weighted margin and reconstruction losses; returns (loss, parts)."""
+        """Dice + cross-entropy + weighted margin and reconstruction losses; returns
+        (loss, parts).
+        """
         logits, lengths, reconstruction = self(images, auxiliary=True)
         return ucaps_loss(
             logits,

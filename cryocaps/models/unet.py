@@ -17,7 +17,9 @@ from cryocaps.models.losses import dice_ce_loss
 def _conv_block(in_channels: int, out_channels: int, n: int, batch_norm: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(n):
-        layers.append(nn.Conv3d(in_channels if i == 0 else out_channels, out_channels, 3, padding=1))
+        layers.append(
+            nn.Conv3d(in_channels if i == 0 else out_channels, out_channels, 3, padding=1)
+        )
         if batch_norm:
             layers.append(nn.BatchNorm3d(out_channels))
         layers.append(nn.ReLU(inplace=True))
@@ -53,7 +55,11 @@ class UNet3D(nn.Module):
     def __init__(self, n_classes: int, widths=(32, 48, 64), batch_norm: bool = False):
         super().__init__()
         w1, w2, w3 = (int(w) for w in widths)
-        self.config = {"n_classes": int(n_classes), "widths": [w1, w2, w3], "batch_norm": bool(batch_norm)}
+        self.config = {
+            "n_classes": int(n_classes),
+            "widths": [w1, w2, w3],
+            "batch_norm": bool(batch_norm),
+        }
         self.enc1 = _conv_block(1, w1, 2, batch_norm)
         self.enc2 = _conv_block(w1, w2, 2, batch_norm)
         self.bottom = _conv_block(w2, w3, 4, batch_norm)

@@ -24,7 +24,7 @@ from cryocaps.classes import ClassTable, ParticleClass
 from cryocaps.errors import CryocapsError
 from cryocaps.io.layout import base_tomogram_name, companion_path, tomogram_name
 from cryocaps.io.particles import CANONICAL_COLUMNS
-from cryocaps.io.volumes import TomogramInfo, read_tomogram
+from cryocaps.io.volumes import TomogramInfo, read_probabilities, read_tomogram
 from cryocaps.picking.methods import PICKERS, Pick, sphere_volume_voxels
 
 log = logging.getLogger(__name__)
@@ -286,17 +286,7 @@ def _read_companions(label_path: Path, voxel_size_angstrom: float):
     probs_path = companion_path(label_path, "probs")
     score_path = companion_path(label_path, "score")
     if probs_path is not None:
-        # The map's own geometry is the label map's (a stack's header may say otherwise in z).
-        probabilities = read_tomogram(
-            probs_path,
-            allow_stack=True,
-            mmap=True,
-            check_finite=False,
-            voxel_size_angstrom=voxel_size_angstrom,
-        ).data
-        if probabilities.ndim != 4:
-            raise CryocapsError(f"{probs_path}: expected a (C, Z, Y, X) probability stack")
-        return probabilities, None, [probs_path]
+        return read_probabilities(probs_path, voxel_size_angstrom), None, [probs_path]
     if score_path is not None:
         scores = read_tomogram(
             score_path, mmap=True, check_finite=False, voxel_size_angstrom=voxel_size_angstrom

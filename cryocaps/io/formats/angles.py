@@ -55,7 +55,9 @@ def relion_to_stopgap(angles: np.ndarray) -> np.ndarray:
 
 def dynamo_to_relion(tdrot_tilt_narot: np.ndarray) -> np.ndarray:
     """Dynamo (tdrot, tilt, narot) -> RELION (rot, tilt, psi), degrees, (N, 3)."""
-    orientation = Rotation.from_euler("zxz", np.asarray(tdrot_tilt_narot, dtype=float), degrees=True).inv()
+    orientation = Rotation.from_euler(
+        "zxz", np.asarray(tdrot_tilt_narot, dtype=float), degrees=True
+    ).inv()
     return relion_angles(orientation)
 
 

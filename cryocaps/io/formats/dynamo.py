@@ -101,6 +101,8 @@ def write_dynamo(table: pd.DataFrame, path, geometry: Geometry, target=None) -> 
     with open(path, "w") as handle:
         for row in rows:
             handle.write(
-                " ".join(str(int(v)) if i in integer_columns else f"{v:.6g}" for i, v in enumerate(row))
+                " ".join(
+                    str(int(v)) if i in integer_columns else f"{v:.6g}" for i, v in enumerate(row)
+                )
                 + "\n"
             )

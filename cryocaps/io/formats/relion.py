@@ -31,7 +31,11 @@ from cryocaps.io.formats.context import (
 )
 from cryocaps.io.formats.star import loop_blocks, read_star, write_star
 
-CENTRED = ["rlnCenteredCoordinateXAngst", "rlnCenteredCoordinateYAngst", "rlnCenteredCoordinateZAngst"]
+CENTRED = [
+    "rlnCenteredCoordinateXAngst",
+    "rlnCenteredCoordinateYAngst",
+    "rlnCenteredCoordinateZAngst",
+]
 COORDS = ["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]
 ORIGIN_ANGSTROM = ["rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst"]
 ORIGIN_PIXELS = ["rlnOriginX", "rlnOriginY", "rlnOriginZ"]
@@ -45,12 +49,18 @@ REQUIRED = {
     "relion4": ["rlnTomoName", *COORDS],
     "relion3": ["rlnMicrographName", *COORDS],
 }
-TITLES = {"relion5": "RELION 5 particle", "relion4": "RELION 4 particle", "relion3": "RELION 3 particle"}
+TITLES = {
+    "relion5": "RELION 5 particle",
+    "relion4": "RELION 4 particle",
+    "relion3": "RELION 3 particle",
+}
 
 
 # --- detection -----------------------------------------------------------------
 def particle_block(blocks: dict, path) -> pd.DataFrame:
-    """The particle table of a RELION STAR file: ``data_particles`` or the block with coordinates."""
+    """The particle table of a RELION STAR file: ``data_particles`` or the block with
+    coordinates.
+    """
     loops = loop_blocks(blocks)
     if "particles" in loops:
         return loops["particles"]
@@ -110,7 +120,11 @@ def _read(path, geometry: Geometry, version: str) -> pd.DataFrame:
             centred = centred - origin  # rlnOrigin*Angst: Å, like the centred coordinates
         positions = _centred_to_voxels(centred, tomos, geometry, path)
     else:
-        pixel = _pixel_size(particles, loop_blocks(blocks).get("optics")) if version == "relion4" else None
+        pixel = (
+            _pixel_size(particles, loop_blocks(blocks).get("optics"))
+            if version == "relion4"
+            else None
+        )
         coords = _numbers(particles, COORDS, path)
         if origin is not None:
             if origin_unit == "angstrom":
@@ -137,7 +151,9 @@ def _numbers(frame: pd.DataFrame, columns: list[str], path) -> np.ndarray:
     return values
 
 
-def _centred_to_voxels(centred: np.ndarray, tomos: pd.Series, geometry: Geometry, path) -> np.ndarray:
+def _centred_to_voxels(
+    centred: np.ndarray, tomos: pd.Series, geometry: Geometry, path
+) -> np.ndarray:
     positions = np.empty_like(centred)
     for name in pd.unique(tomos):
         rows = (tomos == name).to_numpy()
@@ -158,8 +174,12 @@ def _origins(particles: pd.DataFrame, subtomogram) -> tuple[np.ndarray | None, s
     for columns, unit in ((ORIGIN_ANGSTROM, "angstrom"), (ORIGIN_PIXELS, "pixel")):
         if any(c in particles.columns for c in columns):
             offsets = np.stack(
-                [particles[c].to_numpy(dtype=float) if c in particles else np.zeros(len(particles))
-                 for c in columns],
+                [
+                    particles[c].to_numpy(dtype=float)
+                    if c in particles
+                    else np.zeros(len(particles))
+                    for c in columns
+                ],
                 axis=1,
             )
             offsets = np.nan_to_num(offsets)
@@ -176,7 +196,9 @@ def _pixel_size(particles: pd.DataFrame, optics: pd.DataFrame | None) -> np.ndar
     if optics is None or PIXEL_SIZE not in optics.columns:
         return None
     if "rlnOpticsGroup" in particles.columns and "rlnOpticsGroup" in optics.columns:
-        by_group = dict(zip(optics["rlnOpticsGroup"].astype(int), optics[PIXEL_SIZE].astype(float), strict=True))
+        by_group = dict(
+            zip(optics["rlnOpticsGroup"].astype(int), optics[PIXEL_SIZE].astype(float), strict=True)
+        )
         return particles["rlnOpticsGroup"].astype(int).map(by_group).to_numpy(dtype=float)
     return np.full(len(particles), float(optics[PIXEL_SIZE].iloc[0]))
 
@@ -189,7 +211,9 @@ def _origin_pixel_size(pixel, tomos: pd.Series, geometry: Geometry, path) -> np.
         return np.asarray(pixel, dtype=float)
     sizes = np.empty(len(tomos))
     for name in pd.unique(tomos):  # coordinates are in the tomogram's own voxels
-        info = geometry.require_tomogram(name, path, "rlnOrigin*Angst with no pixel size in the file")
+        info = geometry.require_tomogram(
+            name, path, "rlnOrigin*Angst with no pixel size in the file"
+        )
         sizes[(tomos == name).to_numpy()] = info.voxel_size_angstrom
     return sizes
 
@@ -197,8 +221,12 @@ def _origin_pixel_size(pixel, tomos: pd.Series, geometry: Geometry, path) -> np.
 def _angles(particles: pd.DataFrame, subtomogram) -> np.ndarray | None:
     if any(c in particles.columns for c in ANGLES):
         part = np.stack(
-            [np.nan_to_num(particles[c].to_numpy(dtype=float)) if c in particles else np.zeros(len(particles))
-             for c in ANGLES],
+            [
+                np.nan_to_num(particles[c].to_numpy(dtype=float))
+                if c in particles
+                else np.zeros(len(particles))
+                for c in ANGLES
+            ],
             axis=1,
         )
         if subtomogram is None:
@@ -222,13 +250,17 @@ def _common_columns(table: pd.DataFrame, geometry: Geometry, path) -> dict:
 
 
 def write_relion5(table: pd.DataFrame, path, geometry: Geometry, target=None) -> None:
-    """A RELION 5 particle list as its Import Coordinates job reads it (one data_particles block)."""
+    """A RELION 5 particle list as its Import Coordinates job reads it (one data_particles
+    block).
+    """
     tomos = table["tomo"].astype(str)
     positions = table[XYZ].to_numpy(dtype=float)
     centred = np.empty_like(positions)
     for name in pd.unique(tomos):
         rows = (tomos == name).to_numpy()
-        info = geometry.require_tomogram(name, target or path, "writing RELION 5 centred coordinates")
+        info = geometry.require_tomogram(
+            name, target or path, "writing RELION 5 centred coordinates"
+        )
         size_xyz = np.array(info.shape[::-1], dtype=float)
         centred[rows] = (positions[rows] - size_xyz / 2) * info.voxel_size_angstrom
     frame = pd.DataFrame({"rlnTomoName": tomos.to_numpy()})

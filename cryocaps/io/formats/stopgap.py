@@ -27,8 +27,16 @@ ORIGINS = ["orig_x", "orig_y", "orig_z"]
 SHIFTS = ["x_shift", "y_shift", "z_shift"]
 ANGLES = ["phi", "psi", "the"]
 COLUMNS = [
-    "motl_idx", "tomo_num", "object", "subtomo_num", "halfset",
-    *ORIGINS, "score", *SHIFTS, *ANGLES, "class",
+    "motl_idx",
+    "tomo_num",
+    "object",
+    "subtomo_num",
+    "halfset",
+    *ORIGINS,
+    "score",
+    *SHIFTS,
+    *ANGLES,
+    "class",
 ]
 
 
@@ -45,7 +53,9 @@ def read_stopgap(path, geometry: Geometry) -> pd.DataFrame:
         shifts = np.stack([_column(motl, c) for c in SHIFTS], axis=1)
         angles = np.stack([_column(motl, c) for c in ANGLES], axis=1)
     except (TypeError, ValueError):
-        raise CryocapsError(f"{path}: non-numeric values in tomo_num, orig_*, *_shift or angles") from None
+        raise CryocapsError(
+            f"{path}: non-numeric values in tomo_num, orig_*, *_shift or angles"
+        ) from None
     if not (np.isfinite(numbers).all() and np.isfinite(origins).all()):
         raise CryocapsError(f"{path}: missing values in tomo_num or orig_x/y/z")
     names = geometry.names_for_numbers(numbers.astype(int), path, "tomo_num")

@@ -34,8 +34,12 @@ def read_csv(path, geometry: Geometry) -> pd.DataFrame:
     angles = None
     if any(c in frame.columns for c in ANGLE_COLUMNS):
         angles = np.stack(
-            [np.nan_to_num(frame[c].to_numpy(dtype=float)) if c in frame else np.zeros(len(frame))
-             for c in ANGLE_COLUMNS],
+            [
+                np.nan_to_num(frame[c].to_numpy(dtype=float))
+                if c in frame
+                else np.zeros(len(frame))
+                for c in ANGLE_COLUMNS
+            ],
             axis=1,
         )
     return canonical_frame(
