@@ -54,15 +54,25 @@ print(json.dumps(result))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="32,96,96:128,384,384", help="z,y,x shapes separated by ':'")
+    parser.add_argument(
+        "--shapes", default="32,96,96:128,384,384", help="z,y,x shapes separated by ':'"
+    )
     parser.add_argument("--patch-size", type=int, default=48)
     parser.add_argument("--overlap", type=int, default=16)
-    parser.add_argument("--probabilities", action="store_true", help="also write the probability stack")
+    parser.add_argument(
+        "--probabilities", action="store_true", help="also write the probability stack"
+    )
     parser.add_argument("--score", action="store_true", help="also write the score map")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster; same buffers)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="bfloat16 autocast (faster; same buffers)"
+    )
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--input-format", choices=("mrc", "zarr"), default="mrc",
-                        help="tomogram as a memory-mapped MRC or an OME-Zarr image (64^3 chunks, read lazily)")
+    parser.add_argument(
+        "--input-format",
+        choices=("mrc", "zarr"),
+        default="mrc",
+        help="tomogram as a memory-mapped MRC or an OME-Zarr image (64^3 chunks, read lazily)",
+    )
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(":")]
 
@@ -78,24 +88,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cryocaps-mem-") as tmp:
         tmp = Path(tmp)
         model = create_model("unet", n_classes, widths=(16, 16, 16))
-        classes = [{"label": n, "name": f"c{n}", "radius_angstrom": 50.0} for n in range(1, n_classes)]
-        save_model(tmp / "model", model, {"classes": classes, "voxel_size_angstrom": 10.0, "patch_size": 48,
-                                          "normalization": {"method": "percentile_zscore"}})
+        classes = [
+            {"label": n, "name": f"c{n}", "radius_angstrom": 50.0} for n in range(1, n_classes)
+        ]
+        save_model(
+            tmp / "model",
+            model,
+            {
+                "classes": classes,
+                "voxel_size_angstrom": 10.0,
+                "patch_size": 48,
+                "normalization": {"method": "percentile_zscore"},
+            },
+        )
         for shape in shapes:
             tomogram = tmp / f"tomo_{'x'.join(map(str, shape))}.{args.input_format}"
             rng = np.random.default_rng(0)
             volume_writer = ZarrVolumeWriter if args.input_format == "zarr" else MrcVolumeWriter
-            with volume_writer(tomogram, shape, 10.0, dtype="float32") as writer:  # never whole in memory
+            with volume_writer(
+                tomogram, shape, 10.0, dtype="float32"
+            ) as writer:  # never whole in memory
                 for z in range(0, shape[0], 16):  # slabs: a Zarr chunk row is encoded once
                     slab = rng.normal(size=(min(16, shape[0] - z), *shape[1:])).astype(np.float32)
                     writer.data[z : z + len(slab)] = slab
             child_args = {
-                "model": str(tmp / "model"), "tomogram": str(tomogram), "out": str(tmp / f"out_{tomogram.stem}"),
-                "patch_size": args.patch_size, "overlap": args.overlap, "threads": args.threads,
-                "probabilities": args.probabilities, "score": args.score, "bf16": args.bf16,
+                "model": str(tmp / "model"),
+                "tomogram": str(tomogram),
+                "out": str(tmp / f"out_{tomogram.stem}"),
+                "patch_size": args.patch_size,
+                "overlap": args.overlap,
+                "threads": args.threads,
+                "probabilities": args.probabilities,
+                "score": args.score,
+                "bf16": args.bf16,
             }
             completed = subprocess.run(
-                [sys.executable, "-c", CHILD, json.dumps(child_args)], capture_output=True, text=True
+                [sys.executable, "-c", CHILD, json.dumps(child_args)],
+                capture_output=True,
+                text=True,
             )
             if completed.returncode:
                 raise SystemExit(completed.stderr)

@@ -54,13 +54,19 @@ def command(
     ],
     output: Annotated[
         Path,
-        typer.Option("--output", "--out", "-o",
-                     help="Output particle file (.star, .tbl, .csv), or a copick config.json (--format copick)."),
+        typer.Option(
+            "--output",
+            "--out",
+            "-o",
+            help="Output particle file (.star, .tbl, .csv), or a copick config.json (--format copick).",
+        ),
     ],
     format: OutputFormat = None,
     method: Annotated[
         str,
-        typer.Option("--method", help="Picking method: components, meanshift or peaks. [default: components]"),
+        typer.Option(
+            "--method", help="Picking method: components, meanshift or peaks. [default: components]"
+        ),
     ] = "components",
     classes: ClassesOption = None,
     radius_angstrom: RadiusOption = None,
@@ -155,7 +161,8 @@ def command(
     if picks.empty:
         log.warning(
             "no particles found: the maps hold no blob of a listed class larger than "
-            "--min-size-fraction %g of its sphere; writing an empty particle file", min_size_fraction
+            "--min-size-fraction %g of its sphere; writing an empty particle file",
+            min_size_fraction,
         )
     write_particles(
         picks,
@@ -172,7 +179,11 @@ def command(
         write_run_json(
             output.parent,
             command=command_line(),
-            inputs=[*inputs, *([classes] if classes else []), *([thresholds] if thresholds else [])],
+            inputs=[
+                *inputs,
+                *([classes] if classes else []),
+                *([thresholds] if thresholds else []),
+            ],
             outputs=[output],
             parameters={
                 "method": method,
@@ -183,7 +194,10 @@ def command(
                 "use_probabilities": use_probabilities,
                 "classes": class_table.to_records(),
             },
-            timings={"picking": round(picking_seconds, 3), "total": round(time.time() - started, 3)},
+            timings={
+                "picking": round(picking_seconds, 3),
+                "total": round(time.time() - started, 3),
+            },
             results={"picks": len(picks), "per_class": summary.to_dict(orient="records")},
             started=started,
         )
@@ -199,8 +213,11 @@ def _print_summary(summary, title: str) -> None:
 
     rows = [
         [
-            r.class_name, int(r.picks), int(r.tomograms),
-            shown(r.median_score), shown(r.median_size_voxels),
+            r.class_name,
+            int(r.picks),
+            int(r.tomograms),
+            shown(r.median_score),
+            shown(r.median_size_voxels),
         ]
         for r in summary.itertuples()
     ]

@@ -37,7 +37,9 @@ Device = Annotated[
         help="Torch device: auto (CUDA if available, else CPU), cpu, cuda, cuda:1 … [default: auto]",
     ),
 ]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed (numpy, torch, python). [default: 0]")]
+Seed = Annotated[
+    int, typer.Option("--seed", help="Random seed (numpy, torch, python). [default: 0]")
+]
 VoxelSize = Annotated[
     float | None,
     typer.Option(
@@ -55,7 +57,10 @@ ClassesOption = Annotated[
 ]
 RadiusOption = Annotated[
     float | None,
-    typer.Option("--radius-angstrom", help="Particle radius in Å for a single-class run (instead of --classes)."),
+    typer.Option(
+        "--radius-angstrom",
+        help="Particle radius in Å for a single-class run (instead of --classes).",
+    ),
 ]
 OutputFormat = Annotated[
     str | None,
@@ -224,8 +229,12 @@ def _format(value) -> str:
     return str(value)
 
 
-def copick_selection(user: str | None, session: str | None, objects: str | None,
-                     voxel_size_angstrom: float | None = None):
+def copick_selection(
+    user: str | None,
+    session: str | None,
+    objects: str | None,
+    voxel_size_angstrom: float | None = None,
+):
     """The ``--copick-*`` options (and the voxel spacing) as a ``CopickSelection`` (None if none given)."""
     from cryocaps.io.copick_project import CopickSelection
 

@@ -47,7 +47,10 @@ def command(
         ),
     ],
     output: Annotated[
-        Path, typer.Option("--output", "--out", "-o", help="Output particle file (or copick config.json).")
+        Path,
+        typer.Option(
+            "--output", "--out", "-o", help="Output particle file (or copick config.json)."
+        ),
     ],
     format: OutputFormat = None,
     tomograms: Annotated[
@@ -114,7 +117,8 @@ def command(
             results={
                 "particles": len(table),
                 "per_tomogram_class": [
-                    {"tomo": tomo, "class_name": name, "particles": int(n)} for (tomo, name), n in counts.items()
+                    {"tomo": tomo, "class_name": name, "particles": int(n)}
+                    for (tomo, name), n in counts.items()
                 ],
             },
             started=started,

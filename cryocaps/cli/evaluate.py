@@ -44,11 +44,15 @@ from cryocaps.errors import CryocapsError
 
 
 def command(
-    picks: Annotated[Path | None, typer.Argument(help="Picks to score (.star, .tbl, .csv, copick config.json).")] = None,
+    picks: Annotated[
+        Path | None, typer.Argument(help="Picks to score (.star, .tbl, .csv, copick config.json).")
+    ] = None,
     truth: Annotated[
         Path | None,
-        typer.Argument(help="Ground-truth particles (.star, .tbl, .csv, or a copick config.json: its picks, "
-                       "or --copick-user/--copick-session/--copick-objects; its objects are the classes)."),
+        typer.Argument(
+            help="Ground-truth particles (.star, .tbl, .csv, or a copick config.json: its picks, "
+            "or --copick-user/--copick-session/--copick-objects; its objects are the classes)."
+        ),
     ] = None,
     classes: ClassesOption = None,
     radius_angstrom: RadiusOption = None,
@@ -61,14 +65,24 @@ def command(
     ] = 0.5,
     beta: Annotated[
         float,
-        typer.Option("--beta", help="beta of the F-beta score (the CZII challenge uses 4). [default: 1]"),
+        typer.Option(
+            "--beta", help="beta of the F-beta score (the CZII challenge uses 4). [default: 1]"
+        ),
     ] = 1.0,
     report_dir: Annotated[
         Path | None,
-        typer.Option("--output", "--out", "-o", help="Report folder for report.json, PNGs and CSVs. [default: none]"),
+        typer.Option(
+            "--output",
+            "--out",
+            "-o",
+            help="Report folder for report.json, PNGs and CSVs. [default: none]",
+        ),
     ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the scores as JSON on stdout (nothing else). [default: off]")
+        bool,
+        typer.Option(
+            "--json", help="Print the scores as JSON on stdout (nothing else). [default: off]"
+        ),
     ] = False,
     voxel_size_angstrom: VoxelSize = None,
     tomograms: Annotated[
@@ -121,7 +135,14 @@ def command(
     started = time.time()
     voxel_mode = bool(labels_pred or labels_true)
     _check_options(
-        picks, truth, labels_pred, labels_true, overlay, report_dir, tolerance_fraction, beta,
+        picks,
+        truth,
+        labels_pred,
+        labels_true,
+        overlay,
+        report_dir,
+        tolerance_fraction,
+        beta,
         overlay_slices,
     )
     if classes is None and radius_angstrom is None and not voxel_mode and is_copick_config(truth):
@@ -137,7 +158,16 @@ def command(
         "classes": class_table.to_records(),
     }
     if voxel_mode:
-        _voxel_scores(labels_pred, labels_true, class_table, as_json, report_dir, parameters, started, overwrite)
+        _voxel_scores(
+            labels_pred,
+            labels_true,
+            class_table,
+            as_json,
+            report_dir,
+            parameters,
+            started,
+            overwrite,
+        )
         return
 
     from cryocaps.evaluation import evaluate_files, write_report
@@ -172,7 +202,13 @@ def command(
         write_run_json(
             report_dir,
             command=command_line(),
-            inputs=[picks, truth, *(tomograms or []), *(overlay or []), *([classes] if classes else [])],
+            inputs=[
+                picks,
+                truth,
+                *(tomograms or []),
+                *(overlay or []),
+                *([classes] if classes else []),
+            ],
             outputs=report.files,
             parameters=parameters,
             timings={"total": round(time.time() - started, 3)},
@@ -190,7 +226,14 @@ def command(
 
 
 def _check_options(
-    picks, truth, labels_pred, labels_true, overlay, report_dir, tolerance_fraction, beta,
+    picks,
+    truth,
+    labels_pred,
+    labels_true,
+    overlay,
+    report_dir,
+    tolerance_fraction,
+    beta,
     overlay_slices,
 ) -> None:
     """Refuse option combinations and values that cannot work, before reading anything."""
@@ -229,20 +272,50 @@ def _print_threshold_hint(report, scores: dict) -> None:
 
 def _print_scores(scores: dict, beta: float) -> None:
     with_fbeta = beta != 1.0
-    columns = ["class", "TP", "FP", "FN", "prec", "recall", "F1", *([f"F{beta:g}"] if with_fbeta else []), "dup", "conf"]
+    columns = [
+        "class",
+        "TP",
+        "FP",
+        "FN",
+        "prec",
+        "recall",
+        "F1",
+        *([f"F{beta:g}"] if with_fbeta else []),
+        "dup",
+        "conf",
+    ]
     rows = []
     for name, entry in scores["classes"].items():
-        values = [entry[k] if entry[k] is not None else "-" for k in ("precision", "recall", "f1", "fbeta")]
+        values = [
+            entry[k] if entry[k] is not None else "-"
+            for k in ("precision", "recall", "f1", "fbeta")
+        ]
         rows.append(
-            [name, entry["tp"], entry["fp"], entry["fn"], *values[:3], *(values[3:] if with_fbeta else []),
-             entry["duplicates"], entry["confused"]]
+            [
+                name,
+                entry["tp"],
+                entry["fp"],
+                entry["fn"],
+                *values[:3],
+                *(values[3:] if with_fbeta else []),
+                entry["duplicates"],
+                entry["confused"],
+            ]
         )
     for label in ("macro", "micro"):
         entry = scores[label]
         counts = [entry["tp"], entry["fp"], entry["fn"]] if label == "micro" else ["", "", ""]
         rows.append(
-            [label, *counts, entry["precision"], entry["recall"], entry["f1"],
-             *([entry["fbeta"]] if with_fbeta else []), "", ""]
+            [
+                label,
+                *counts,
+                entry["precision"],
+                entry["recall"],
+                entry["f1"],
+                *([entry["fbeta"]] if with_fbeta else []),
+                "",
+                "",
+            ]
         )
     _compact_table(
         f"Particle picking scores (match within {_tolerance_text(scores)}; "
@@ -254,29 +327,44 @@ def _print_scores(scores: dict, beta: float) -> None:
 
 
 def _tolerance_text(scores: dict) -> str:
-    return ", ".join(f"{name} {entry['tolerance_angstrom']:g} Å" for name, entry in scores["classes"].items())
+    return ", ".join(
+        f"{name} {entry['tolerance_angstrom']:g} Å" for name, entry in scores["classes"].items()
+    )
 
 
-def _compact_table(title: str, columns: list[str], rows: list[list], rule_before: int | None = None) -> None:
+def _compact_table(
+    title: str, columns: list[str], rows: list[list], rule_before: int | None = None
+) -> None:
     """A narrow rich table on stdout (fits 80 columns for a handful of classes)."""
     from rich import box
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    table = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False
+    )
     for i, column in enumerate(columns):
         table.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for k, row in enumerate(rows):
-        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row], end_section=k + 1 == rule_before)
+        table.add_row(
+            *[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row],
+            end_section=k + 1 == rule_before,
+        )
     stdout_console.print(table)
 
 
-def _voxel_scores(labels_pred, labels_true, class_table, as_json, report_dir, parameters, started, overwrite) -> None:
+def _voxel_scores(
+    labels_pred, labels_true, class_table, as_json, report_dir, parameters, started, overwrite
+) -> None:
     from cryocaps.evaluation import voxel_report
     from cryocaps.runinfo import write_run_json
 
     result = voxel_report(
-        labels_pred, labels_true, class_table,
-        report_dir=report_dir, parameters=parameters, overwrite=overwrite,
+        labels_pred,
+        labels_true,
+        class_table,
+        report_dir=report_dir,
+        parameters=parameters,
+        overwrite=overwrite,
     )
     scores, names = result.scores, result.tomograms
     if report_dir is not None:
@@ -300,12 +388,20 @@ def _voxel_scores(labels_pred, labels_true, class_table, as_json, report_dir, pa
     columns += ["AUPRC", "chance"] if with_auprc else []
     rows = []
     for name, entry in scores["classes"].items():
-        row = [name, entry["dice"], entry["precision"], entry["recall"], entry["tp_voxels"] + entry["fn_voxels"],
-               f"{entry['positive_fraction']:.2e}"]
+        row = [
+            name,
+            entry["dice"],
+            entry["precision"],
+            entry["recall"],
+            entry["tp_voxels"] + entry["fn_voxels"],
+            f"{entry['positive_fraction']:.2e}",
+        ]
         row += [entry["auprc"], f"{entry['auprc_baseline']:.2e}"] if with_auprc else []
         rows.append(row)
     macro = scores["macro"]
     row = ["macro", macro["dice"], "", "", "", ""]
     row += [macro["auprc"], f"{macro['auprc_baseline']:.2e}"] if with_auprc else []
     rows.append(row)
-    _compact_table(f"Voxel scores over {len(names)} tomogram(s)", columns, rows, rule_before=len(rows) - 1)
+    _compact_table(
+        f"Voxel scores over {len(names)} tomogram(s)", columns, rows, rule_before=len(rows) - 1
+    )

@@ -42,7 +42,8 @@ def command(
     coordinates: Annotated[
         list[Path],
         typer.Argument(
-            help="Particle files (.star, .tbl, .csv, copick config.json) in any supported format.", show_default=False
+            help="Particle files (.star, .tbl, .csv, copick config.json) in any supported format.",
+            show_default=False,
         ),
     ],
     tomograms: Annotated[
@@ -55,7 +56,16 @@ def command(
             show_default=False,
         ),
     ],
-    out_dir: Annotated[Path, typer.Option("--out", "--output", "-o", help="Output folder (created if missing).", show_default=False)],
+    out_dir: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "--output",
+            "-o",
+            help="Output folder (created if missing).",
+            show_default=False,
+        ),
+    ],
     classes_path: ClassesOption = None,
     radius_angstrom: RadiusOption = None,
     radius_scale: Annotated[
@@ -85,7 +95,11 @@ def command(
     coords_pixel_size_angstrom: CoordsPixelSize = None,
     voxel_size_angstrom: VoxelSize = None,
     strict: Annotated[
-        bool, typer.Option("--strict", help="Stop with an error when particles lie outside their tomogram. [default: off]")
+        bool,
+        typer.Option(
+            "--strict",
+            help="Stop with an error when particles lie outside their tomogram. [default: off]",
+        ),
     ] = False,
     copick_user: CopickUser = None,
     copick_session: CopickSession = None,

@@ -50,8 +50,15 @@ def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int] | None:
     index, count = int(match.group(1)), int(match.group(2))
     if count < 1:
         raise CryocapsError(f"--shard {text}: N must be at least 1")
-    task_id, task_min, task_max = (environ.get(f"SLURM_ARRAY_TASK_{k}") for k in ("ID", "MIN", "MAX"))
-    if task_id is not None and task_min is not None and task_max is not None and str(index) == task_id.strip():
+    task_id, task_min, task_max = (
+        environ.get(f"SLURM_ARRAY_TASK_{k}") for k in ("ID", "MIN", "MAX")
+    )
+    if (
+        task_id is not None
+        and task_min is not None
+        and task_max is not None
+        and str(index) == task_id.strip()
+    ):
         step = int(environ.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
         n_tasks = (int(task_max) - int(task_min)) // step + 1
         if n_tasks != count:
@@ -61,7 +68,9 @@ def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int] | None:
             )
         index = (index - int(task_min)) // step
     if not 0 <= index < count:
-        raise CryocapsError(f"--shard {text}: I must be from 0 to {count - 1} (shards are counted from 0)")
+        raise CryocapsError(
+            f"--shard {text}: I must be from 0 to {count - 1} (shards are counted from 0)"
+        )
     return index, count
 
 
@@ -75,9 +84,24 @@ def command(
         ),
     ],
     model_path: Annotated[
-        Path, typer.Option("--model", "-m", help="Trained model folder (config.json + model.pt).", show_default=False)
+        Path,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Trained model folder (config.json + model.pt).",
+            show_default=False,
+        ),
     ],
-    out_dir: Annotated[Path, typer.Option("--out", "--output", "-o", help="Output folder (created if missing).", show_default=False)],
+    out_dir: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "--output",
+            "-o",
+            help="Output folder (created if missing).",
+            show_default=False,
+        ),
+    ],
     patch_size: Annotated[
         int | None,
         typer.Option(
@@ -95,17 +119,26 @@ def command(
             show_default=False,
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass. [default: 1]")] = 1,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Windows per forward pass. [default: 1]")
+    ] = 1,
     blending: Annotated[
-        str, typer.Option("--blending", help="Window blending: gaussian or mean. [default: gaussian]")
+        str,
+        typer.Option("--blending", help="Window blending: gaussian or mean. [default: gaussian]"),
     ] = "gaussian",
     probabilities: Annotated[
         bool,
-        typer.Option("--probabilities", help="Also write <tomo>_probs.mrc, float16 (C, Z, Y, X). [default: off]"),
+        typer.Option(
+            "--probabilities",
+            help="Also write <tomo>_probs.mrc, float16 (C, Z, Y, X). [default: off]",
+        ),
     ] = False,
     score: Annotated[
         bool,
-        typer.Option("--score", help="Also write <tomo>_score.mrc, highest foreground probability. [default: off]"),
+        typer.Option(
+            "--score",
+            help="Also write <tomo>_score.mrc, highest foreground probability. [default: off]",
+        ),
     ] = False,
     tta: Annotated[
         bool,
@@ -141,7 +174,11 @@ def command(
     ] = False,
     threads: Annotated[
         int | None,
-        typer.Option("--threads", help="CPU threads for torch. [default: the CPUs available]", show_default=False),
+        typer.Option(
+            "--threads",
+            help="CPU threads for torch. [default: the CPUs available]",
+            show_default=False,
+        ),
     ] = None,
     out_format: Annotated[
         str,
@@ -186,10 +223,16 @@ def command(
         )
     results, skipped = summary["tomograms"], summary["skipped"]
     if skipped:
-        console.print(f"Skipped {len(skipped)} tomogram(s) already segmented in {out_dir} (--overwrite to redo).")
+        console.print(
+            f"Skipped {len(skipped)} tomogram(s) already segmented in {out_dir} (--overwrite to redo)."
+        )
     seconds = sum(r["seconds"]["total"] for r in results)
     voxels = sum(r["voxels"] for r in results)
-    run_name = "run.json" if shard_index is None else f"run_shard-{shard_index[0]}-of-{shard_index[1]}.json"
+    run_name = (
+        "run.json"
+        if shard_index is None
+        else f"run_shard-{shard_index[0]}-of-{shard_index[1]}.json"
+    )
     write_run_json(
         out_dir,
         command=command_line(),
@@ -219,10 +262,19 @@ def command(
     )
     if results:
         rows = [
-            [_shown_name(r["tomogram"]), "x".join(map(str, r["shape"])), r["seconds"]["total"], r["voxels_per_second"] / 1e6]
+            [
+                _shown_name(r["tomogram"]),
+                "x".join(map(str, r["shape"])),
+                r["seconds"]["total"],
+                r["voxels_per_second"] / 1e6,
+            ]
             for r in results
         ]
-        print_table(f"Segmented into {out_dir}", ["tomogram", "shape (z x y x x)", "seconds", "Mvoxel/s"], rows)
+        print_table(
+            f"Segmented into {out_dir}",
+            ["tomogram", "shape (z x y x x)", "seconds", "Mvoxel/s"],
+            rows,
+        )
     elif not skipped:
         console.print("No tomograms to segment in this shard.")
 

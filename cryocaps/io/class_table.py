@@ -33,7 +33,9 @@ def read_classes(path: str | os.PathLike) -> ClassTable:
         raise CryocapsError(f"{path}: not a CSV class table ({error})") from error
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
-        raise CryocapsError(f"{path}: missing column(s) {', '.join(missing)}; need label,name,radius_angstrom")
+        raise CryocapsError(
+            f"{path}: missing column(s) {', '.join(missing)}; need label,name,radius_angstrom"
+        )
     if frame.empty:
         raise CryocapsError(f"{path}: no classes listed")
     classes = []
@@ -58,7 +60,9 @@ def write_classes(table: ClassTable, path: str | os.PathLike, overwrite: bool = 
     return write_text_atomic(path, table.to_frame().to_csv(index=False), overwrite=overwrite)
 
 
-def load_class_table(classes_path: str | os.PathLike | None, radius_angstrom: float | None) -> ClassTable:
+def load_class_table(
+    classes_path: str | os.PathLike | None, radius_angstrom: float | None
+) -> ClassTable:
     """The class table a command was given: ``--classes`` or ``--radius-angstrom``."""
     if classes_path is not None and radius_angstrom is not None:
         raise CryocapsError("give either --classes or --radius-angstrom, not both")
@@ -66,7 +70,9 @@ def load_class_table(classes_path: str | os.PathLike | None, radius_angstrom: fl
         return read_classes(classes_path)
     if radius_angstrom is not None:
         return ClassTable.single(radius_angstrom)
-    raise CryocapsError("this command needs particle radii: give --classes classes.csv or --radius-angstrom")
+    raise CryocapsError(
+        "this command needs particle radii: give --classes classes.csv or --radius-angstrom"
+    )
 
 
 def load_class_table_beside(

@@ -77,7 +77,10 @@ EXTENSIONS = {".star": "relion5", ".tbl": "dynamo", ".csv": "csv"}
 
 def empty_table() -> pd.DataFrame:
     return pd.DataFrame(
-        {c: pd.Series(dtype=float if c in ("x", "y", "z", "score") else object) for c in CANONICAL_COLUMNS}
+        {
+            c: pd.Series(dtype=float if c in ("x", "y", "z", "score") else object)
+            for c in CANONICAL_COLUMNS
+        }
     )
 
 
@@ -91,7 +94,9 @@ def detect_format(path: str | os.PathLike) -> str:
     if suffix == ".json":
         if is_copick_config(path):
             return "copick"
-        raise CryocapsError(f"{path}: a JSON file that is not a copick config.json (no pickable_objects)")
+        raise CryocapsError(
+            f"{path}: a JSON file that is not a copick config.json (no pickable_objects)"
+        )
     if suffix == ".tbl":
         return "dynamo"
     head = _head(path)
@@ -197,7 +202,11 @@ def _warn_outside(table: pd.DataFrame, geometry: Geometry, path: Path) -> None:
         if outside.any():
             log.warning(
                 "%s: %d of %d particles lie outside tomogram %s (size x,y,z %s); kept",
-                path, int(outside.sum()), len(rows), name, "x".join(str(s) for s in info.shape[::-1]),
+                path,
+                int(outside.sum()),
+                len(rows),
+                name,
+                "x".join(str(s) for s in info.shape[::-1]),
             )
 
 
@@ -271,9 +280,14 @@ def convert_particles(
         check_writable(output, overwrite)
     reading = copick
     if format in PROJECT_WRITERS and copick is not None:  # --copick-user/-session name the writer
-        reading = CopickSelection(objects=copick.objects, voxel_size_angstrom=copick.voxel_size_angstrom)
+        reading = CopickSelection(
+            objects=copick.objects, voxel_size_angstrom=copick.voxel_size_angstrom
+        )
     table = read_particles(
-        inputs, tomograms=tomograms, classes=classes, coords_pixel_size_angstrom=coords_pixel_size_angstrom,
+        inputs,
+        tomograms=tomograms,
+        classes=classes,
+        coords_pixel_size_angstrom=coords_pixel_size_angstrom,
         copick=reading,
     )
     write_particles(
@@ -290,7 +304,13 @@ def convert_particles(
 
 
 # --- tomogram geometry -------------------------------------------------------------
-TOMOGRAMS_STAR_COLUMNS = ["rlnTomoName", "rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ", "rlnTomoTiltSeriesPixelSize"]
+TOMOGRAMS_STAR_COLUMNS = [
+    "rlnTomoName",
+    "rlnTomoSizeX",
+    "rlnTomoSizeY",
+    "rlnTomoSizeZ",
+    "rlnTomoTiltSeriesPixelSize",
+]
 
 
 def tomogram_infos(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[TomogramInfo]:
@@ -377,7 +397,9 @@ def _tomograms_star(path: Path) -> list[TomogramInfo]:
         size_xyz = [float(row.rlnTomoSizeX), float(row.rlnTomoSizeY), float(row.rlnTomoSizeZ)]
         pixel = float(row.rlnTomoTiltSeriesPixelSize)
         if not (pixel > 0 and binning > 0 and min(size_xyz) > 0):
-            raise CryocapsError(f"{path}: tomogram {row.rlnTomoName}: sizes, pixel size and binning must be > 0")
+            raise CryocapsError(
+                f"{path}: tomogram {row.rlnTomoName}: sizes, pixel size and binning must be > 0"
+            )
         shape = tuple(int(round(s / binning)) for s in size_xyz[::-1])
         infos.append(TomogramInfo(clean_tomogram_name(row.rlnTomoName), shape, pixel * binning))
     return infos

@@ -68,7 +68,9 @@ class Tomogram:
             self._mrc = None
 
 
-VOXEL_SIZE_TOLERANCE = 0.01  # relative; volumes whose voxel sizes differ more are refused, everywhere
+VOXEL_SIZE_TOLERANCE = (
+    0.01  # relative; volumes whose voxel sizes differ more are refused, everywhere
+)
 
 
 def same_voxel_size(a: float, b: float) -> bool:
@@ -76,8 +78,9 @@ def same_voxel_size(a: float, b: float) -> bool:
     return abs(a - b) <= VOXEL_SIZE_TOLERANCE * max(abs(a), abs(b))
 
 
-def check_same_voxel_size(what: str, voxel_size_angstrom: float, reference: str, reference_angstrom: float,
-                          hint: str = "") -> None:
+def check_same_voxel_size(
+    what: str, voxel_size_angstrom: float, reference: str, reference_angstrom: float, hint: str = ""
+) -> None:
     """Refuse ``what`` when its voxel size is not ``reference``'s (one message for every stage)."""
     if not same_voxel_size(voxel_size_angstrom, reference_angstrom):
         difference = abs(voxel_size_angstrom - reference_angstrom) / max(reference_angstrom, 1e-12)
@@ -88,8 +91,13 @@ def check_same_voxel_size(what: str, voxel_size_angstrom: float, reference: str,
         )
 
 
-def label_counts(label_map, n_labels: int, path: str | os.PathLike | None = None,
-                 flag: str = "--labels", slab: int = 16) -> np.ndarray:
+def label_counts(
+    label_map,
+    n_labels: int,
+    path: str | os.PathLike | None = None,
+    flag: str = "--labels",
+    slab: int = 16,
+) -> np.ndarray:
     """Voxels per label (n_labels,), read slab by slab; refuses values outside 0..n_labels-1.
 
     ``label_map`` : (Z, Y, X) integer (or integral float) array, possibly memory-mapped.
@@ -129,7 +137,11 @@ def _open(path: Path, mmap: bool, header_only: bool = False):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
-            return opener(path, mode="r", header_only=header_only) if header_only else opener(path, mode="r")
+            return (
+                opener(path, mode="r", header_only=header_only)
+                if header_only
+                else opener(path, mode="r")
+            )
     except (ValueError, RuntimeWarning) as strict_error:
         try:
             with warnings.catch_warnings(record=True):
@@ -142,7 +154,9 @@ def _open(path: Path, mmap: bool, header_only: bool = False):
             raise CryocapsError(f"{path}: not a readable MRC file ({error})") from error
         if mrc.data is None and not header_only:
             mrc.close()
-            raise CryocapsError(f"{path}: not a readable MRC file ({strict_error})") from strict_error
+            raise CryocapsError(
+                f"{path}: not a readable MRC file ({strict_error})"
+            ) from strict_error
         log.warning("%s: non-standard MRC header (%s); read permissively", path, strict_error)
         return mrc
     except OSError as error:
@@ -243,7 +257,9 @@ def read_info(path: str | os.PathLike, voxel_size_angstrom: float | None = None)
     """
     if is_zarr_path(path):
         volume, level = open_zarr_volume(path, voxel_size_angstrom)
-        return TomogramInfo(tomogram_name(path), volume.shape, level.voxel_size_angstrom, level.origin_angstrom)
+        return TomogramInfo(
+            tomogram_name(path), volume.shape, level.voxel_size_angstrom, level.origin_angstrom
+        )
     path = _check_path(path)
     mrc = _open(path, mmap=False, header_only=True)
     try:
@@ -260,8 +276,9 @@ def read_info(path: str | os.PathLike, voxel_size_angstrom: float | None = None)
         mrc.close()
 
 
-def _read_zarr_tomogram(path: Path, lazy: bool, voxel_size_angstrom: float | None, check_finite: bool,
-                        allow_stack: bool) -> Tomogram:
+def _read_zarr_tomogram(
+    path: Path, lazy: bool, voxel_size_angstrom: float | None, check_finite: bool, allow_stack: bool
+) -> Tomogram:
     """An OME-Zarr level as a Tomogram: lazily read data when ``lazy``, else read whole."""
     volume, level = open_zarr_volume(path, voxel_size_angstrom, allow_stack=allow_stack)
     if volume.dtype.kind == "c":
@@ -271,7 +288,9 @@ def _read_zarr_tomogram(path: Path, lazy: bool, voxel_size_angstrom: float | Non
         sample = data[:: max(1, data.shape[0] // 16)] if lazy else data
         if not np.isfinite(sample).all():
             raise CryocapsError(f"{path}: volume contains NaN or infinite values")
-    return Tomogram(data, level.voxel_size_angstrom, level.origin_angstrom, tomogram_name(path), path)
+    return Tomogram(
+        data, level.voxel_size_angstrom, level.origin_angstrom, tomogram_name(path), path
+    )
 
 
 def write_volume(
@@ -342,7 +361,9 @@ class MrcVolumeWriter:
     def __enter__(self) -> MrcVolumeWriter:
         self._context = atomic_path(self.path, overwrite=self.overwrite)
         tmp = self._context.__enter__()
-        mrc_shape = self.shape if len(self.shape) == 3 else (self.shape[0] * self.shape[1], *self.shape[2:])
+        mrc_shape = (
+            self.shape if len(self.shape) == 3 else (self.shape[0] * self.shape[1], *self.shape[2:])
+        )
         mrc = mrcfile.new_mmap(tmp, shape=mrc_shape, mrc_mode=_mode(self.dtype), overwrite=True)
         if len(self.shape) == 4:  # volume stack: nz = C*Z sections, mz = Z per volume
             mrc.header.ispg = 401
@@ -366,17 +387,31 @@ class MrcVolumeWriter:
             self._context.__exit__(exc_type, exc, tb)
 
 
-def volume_writer(path: str | os.PathLike, shape: tuple[int, ...], voxel_size_angstrom: float, *,
-                  origin_angstrom: tuple[float, float, float] = (0.0, 0.0, 0.0), dtype: str = "uint8",
-                  overwrite: bool = False):
+def volume_writer(
+    path: str | os.PathLike,
+    shape: tuple[int, ...],
+    voxel_size_angstrom: float,
+    *,
+    origin_angstrom: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    dtype: str = "uint8",
+    overwrite: bool = False,
+):
     """A slab-by-slab writer for ``path``: :class:`MrcVolumeWriter`, or for a ``.zarr`` path an
     OME-Zarr :class:`~cryocaps.io.zarr_volumes.ZarrVolumeWriter` (same interface: ``with ... as w:
     w.data[slab] = ...``, renamed into place on success)."""
     if dtype not in WRITE_DTYPES:
-        raise CryocapsError(f"unsupported volume dtype {dtype!r}; use one of {sorted(WRITE_DTYPES)}")
+        raise CryocapsError(
+            f"unsupported volume dtype {dtype!r}; use one of {sorted(WRITE_DTYPES)}"
+        )
     writer = ZarrVolumeWriter if is_zarr_path(path) else MrcVolumeWriter
-    return writer(path, shape, voxel_size_angstrom, origin_angstrom=origin_angstrom, dtype=dtype,
-                  overwrite=overwrite)
+    return writer(
+        path,
+        shape,
+        voxel_size_angstrom,
+        origin_angstrom=origin_angstrom,
+        dtype=dtype,
+        overwrite=overwrite,
+    )
 
 
 def _update_header_stats_in_slabs(mrc, voxels_per_slab: int = 2**20) -> None:

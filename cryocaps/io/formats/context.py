@@ -48,7 +48,9 @@ class Geometry:
         if px is not None and not (np.isfinite(px) and px > 0):
             raise CryocapsError(f"--coords-pixel-size-angstrom must be > 0, got {px}")
         self._by_name = {info.name: info for info in self.tomograms}
-        for info in self.tomograms:  # label/probability maps given as tomograms: TS_01_labels -> TS_01
+        for (
+            info
+        ) in self.tomograms:  # label/probability maps given as tomograms: TS_01_labels -> TS_01
             self._by_name.setdefault(base_tomogram_name(info.name), info)
 
     # --- tomograms -------------------------------------------------------
@@ -84,14 +86,22 @@ class Geometry:
         for n in numbers:
             matches = by_number.get(n, [])
             if len(matches) > 1:
-                raise CryocapsError(f"{path}: {column} {n} matches several tomograms: {', '.join(matches)}")
+                raise CryocapsError(
+                    f"{path}: {column} {n} matches several tomograms: {', '.join(matches)}"
+                )
             if matches:
                 names[n] = matches[0]
             elif 1 <= n <= len(self.tomograms):
                 names[n] = self.tomograms[n - 1].name
                 if by_number:
-                    log.warning("%s: %s %d matches no tomogram name; using tomogram %d given (%s)",
-                                path, column, n, n, names[n])
+                    log.warning(
+                        "%s: %s %d matches no tomogram name; using tomogram %d given (%s)",
+                        path,
+                        column,
+                        n,
+                        n,
+                        names[n],
+                    )
             else:
                 given = ", ".join(info.name for info in self.tomograms)
                 raise CryocapsError(
@@ -157,7 +167,9 @@ class Geometry:
         return int(number)
 
     # --- pixels <-> voxels ---------------------------------------------------
-    def pixels_to_voxels(self, positions: np.ndarray, tomos: pd.Series, pixel_size, path) -> np.ndarray:
+    def pixels_to_voxels(
+        self, positions: np.ndarray, tomos: pd.Series, pixel_size, path
+    ) -> np.ndarray:
         """Scale 0-based pixel positions (N, 3) to voxels of each row's tomogram.
 
         ``pixel_size`` (scalar, per-row array or None) is the file's pixel size;
@@ -182,11 +194,15 @@ class Geometry:
             log.warning(
                 "%s: no voxel size for tomogram(s) %s; positions stay in the file's pixels (%s Å); "
                 "give --tomograms to convert them",
-                path, ", ".join(unknown), _describe(pixel),
+                path,
+                ", ".join(unknown),
+                _describe(pixel),
             )
         return out
 
-    def voxels_to_pixels(self, positions: np.ndarray, tomos: pd.Series) -> tuple[np.ndarray, float | None]:
+    def voxels_to_pixels(
+        self, positions: np.ndarray, tomos: pd.Series
+    ) -> tuple[np.ndarray, float | None]:
         """Inverse of :meth:`pixels_to_voxels` for writers: positions in pixels and that pixel size.
 
         The pixel size is ``--coords-pixel-size-angstrom`` when given, else the
@@ -268,7 +284,11 @@ def table_angles(table: pd.DataFrame) -> np.ndarray:
 
 def table_scores(table: pd.DataFrame) -> np.ndarray:
     """Scores to write: 0 where unknown (formats without a missing-value marker)."""
-    return np.nan_to_num(table["score"].to_numpy(dtype=float)) if "score" in table else np.zeros(len(table))
+    return (
+        np.nan_to_num(table["score"].to_numpy(dtype=float))
+        if "score" in table
+        else np.zeros(len(table))
+    )
 
 
 def _number_text(value) -> str:
