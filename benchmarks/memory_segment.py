@@ -1,7 +1,8 @@
 """Peak memory of segmentation as the tomogram grows: does it stay bounded?
 
-    python benchmarks/memory_segment.py [--shapes 32,96,96:128,384,384] [--patch-size 48 --overlap 16]
-                                        [--probabilities] [--threads 2] [--input-format mrc|zarr]
+    python benchmarks/memory_segment.py [--shapes 32,96,96:128,384,384]
+                                        [--patch-size 48 --overlap 16] [--probabilities]
+                                        [--threads 2] [--input-format mrc|zarr]
 
 Segments each shape (a memory-mapped float32 MRC of noise) in a fresh
 subprocess with ``segment_tomogram`` and a small U-Net (widths 16/16/16, 4
@@ -44,8 +45,9 @@ args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 model, config = load_model(args["model"])
 before = peak_rss_bytes()
-result = segment_tomogram(model, config, args["tomogram"], args["out"], patch_size=args["patch_size"],
-                          overlap=args["overlap"], probabilities=args["probabilities"], score=args["score"],
+result = segment_tomogram(model, config, args["tomogram"], args["out"],
+                          patch_size=args["patch_size"], overlap=args["overlap"],
+                          probabilities=args["probabilities"], score=args["score"],
                           bf16=args["bf16"])
 result["rss_before_bytes"] = before
 print(json.dumps(result))
@@ -151,8 +153,10 @@ def main() -> None:
     growth = (large["peak_rss_mib"] - small["peak_rss_mib"]) * 2**20 / extra_voxels
     outputs = (large["output_mib"] - small["output_mib"]) * 2**20 / extra_voxels
     print(
-        f"peak RSS growth {growth:.2f} B/voxel ({small['peak_rss_mib']} -> {large['peak_rss_mib']} MiB); "
-        f"output maps {outputs:.2f} B/voxel; growth beyond the outputs {growth - outputs:.2f} B/voxel "
+        f"peak RSS growth {growth:.2f} B/voxel "
+        f"({small['peak_rss_mib']} -> {large['peak_rss_mib']} MiB); "
+        f"output maps {outputs:.2f} B/voxel; "
+        f"growth beyond the outputs {growth - outputs:.2f} B/voxel "
         f"(window {large['patch_size']}, overlap {args.overlap}, {n_classes} classes)"
     )
 

@@ -9,7 +9,8 @@ they reach. In the same run it measures the ceiling — a plain 64→64 3×3×3
 conv3d on a 32³ map — and a memory-copy bandwidth, then breaks the capsule
 layers of 3D-UCaps down into their vote convolution and their routing.
 
-    python benchmarks/models.py                 # ~1-2 min on 2 idle cores: 64³ and 32³, fp32 and bf16
+    python benchmarks/models.py                 # ~1-2 min on 2 idle cores: 64³ and 32³,
+                                                  fp32 and bf16
     python benchmarks/models.py --repeats 3     # steadier numbers, ~3x longer
     python benchmarks/models.py --routing-only  # ceiling + plain vs fused routing at 2 × 48³
 
@@ -59,7 +60,8 @@ def autocast(dtype):
 
 
 def best_time(fn, repeats: int, warm_up=None) -> float:
-    """Best wall-clock seconds of ``repeats`` calls after one warm-up call (``warm_up`` or ``fn``)."""
+    """Best wall-clock seconds of ``repeats`` calls after one warm-up call (``warm_up`` or
+    ``fn``)."""
     (warm_up or fn)()
     times = []
     for _ in range(repeats):
@@ -449,16 +451,19 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(
-        f"Ceiling (plain conv3d 64→64, 3³, 32³, channels-last): fp32 {ceiling_result['fp32_gflops']:.0f} GFLOP/s, "
+        "Ceiling (plain conv3d 64→64, 3³, 32³, channels-last): "
+        f"fp32 {ceiling_result['fp32_gflops']:.0f} GFLOP/s, "
         f"bf16 {ceiling_result['bf16_gflops']:.0f} GFLOP/s (channels-first: "
-        f"{ceiling_result['fp32_channels_first_gflops']:.0f} / {ceiling_result['bf16_channels_first_gflops']:.0f}); "
+        f"{ceiling_result['fp32_channels_first_gflops']:.0f} / "
+        f"{ceiling_result['bf16_channels_first_gflops']:.0f}); "
         f"copy {ceiling_result['copy_gbytes_per_s']:.1f} GB/s"
     )
     print()
     print_routing(routing, routing_patch)
     if args.routing_only:
         print(
-            f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; wrote {args.out}"
+            f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; "
+            f"wrote {args.out}"
         )
         return 0
     print()

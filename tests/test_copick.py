@@ -42,7 +42,8 @@ def _poses(seed: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @pytest.fixture
 def project(tmp_path):
-    """Two runs with a 10 Å wbp tomogram (3 OME-Zarr levels); ribosome picks in both, proteasome in one."""
+    """Two runs with a 10 Å wbp tomogram (3 OME-Zarr levels); ribosome picks in both, proteasome
+    in one."""
     from copick.models import PickableObject
 
     objects = [
@@ -634,7 +635,8 @@ def test_copick_pipeline_example(simulated_project, tmp_path):
 
 def test_agrees_with_copicks_own_relion5_export(project, tmp_path):
     """copick's RELION 5 export of its picks, read by cryocaps' RELION 5 reader, lands on the same
-    voxels and rotations as cryocaps' copick reader: the same voxel 0 and the same angle convention."""
+    voxels and rotations as cryocaps' copick reader: the same voxel 0 and the same angle
+    convention."""
     import starfile
 
     config, _ = project

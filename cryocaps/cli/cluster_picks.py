@@ -4,11 +4,12 @@ Reads <tomo>_labels.mrc maps (files or folders) and, when present beside them,
 <tomo>_probs.mrc (class probabilities) or <tomo>_score.mrc for the pick scores.
 Methods: components (connected components, touching particles split by a
 distance-transform watershed, fragments of one particle merged; the default,
-most accurate on noisy synthetic segmentations), meanshift (bandwidth = class radius) and peaks (non-maximum suppression of the
-probability map). Picks smaller than --min-size-fraction of the class's sphere
-volume, or scoring below --min-score (or the per-class --thresholds that
-`cryocaps evaluate -o` tunes on a validation tomogram), are dropped. Classes come from --classes,
-else classes.csv beside the maps. Writes run.json beside OUT.
+most accurate on noisy synthetic segmentations), meanshift (bandwidth = class
+radius) and peaks (non-maximum suppression of the probability map). Picks
+smaller than --min-size-fraction of the class's sphere volume, or scoring below
+--min-score (or the per-class --thresholds that `cryocaps evaluate -o` tunes on
+a validation tomogram), are dropped. Classes come from --classes, else
+classes.csv beside the maps. Writes run.json beside OUT.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def command(
             "--output",
             "--out",
             "-o",
-            help="Output particle file (.star, .tbl, .csv), or a copick config.json (--format copick).",
+            help="Output particle file (.star, .tbl, .csv), or a copick config.json "
+            "(--format copick).",
         ),
     ],
     format: OutputFormat = None,
@@ -90,15 +92,16 @@ def command(
         Path | None,
         typer.Option(
             "--thresholds",
-            help="Per-class score thresholds: the pick_thresholds.csv that `cryocaps evaluate -o` writes "
-            "for a validation tomogram picked with the same settings. [default: none]",
+            help="Per-class score thresholds: the pick_thresholds.csv that `cryocaps evaluate -o` "
+            "writes for a validation tomogram picked with the same settings. [default: none]",
         ),
     ] = None,
     use_probabilities: Annotated[
         bool,
         typer.Option(
             "--probabilities/--no-probabilities",
-            help="Use <tomo>_probs.mrc / <tomo>_score.mrc beside the label maps for scores. [default: on]",
+            help="Use <tomo>_probs.mrc / <tomo>_score.mrc beside the label maps for scores. "
+            "[default: on]",
         ),
     ] = True,
     voxel_size_angstrom: VoxelSize = None,

@@ -34,7 +34,8 @@ Device = Annotated[
     str,
     typer.Option(
         "--device",
-        help="Torch device: auto (CUDA if available, else CPU), cpu, cuda, cuda:1 … [default: auto]",
+        help="Torch device: auto (CUDA if available, else CPU), cpu, cuda, cuda:1 … "
+        "[default: auto]",
     ),
 ]
 Seed = Annotated[
@@ -44,8 +45,8 @@ VoxelSize = Annotated[
     float | None,
     typer.Option(
         "--voxel-size-angstrom",
-        help="Voxel size in Å: overrides the MRC header (needed when it says 0); picks the scale level of "
-        "an OME-Zarr image; the voxel spacing of copick picks. [default: from the files]",
+        help="Voxel size in Å: overrides the MRC header (needed when it says 0); picks the scale "
+        "level of an OME-Zarr image; the voxel spacing of copick picks. [default: from the files]",
     ),
 ]
 ClassesOption = Annotated[
@@ -66,17 +67,18 @@ OutputFormat = Annotated[
     str | None,
     typer.Option(
         "--format",
-        help="Output format: relion5, relion4, relion3, stopgap, dynamo, csv, or copick (picks written "
-        "into the copick project whose config.json is -o, as --copick-user/--copick-session). "
-        "[default: from the extension of -o: .star relion5, .tbl dynamo, .csv csv, a copick config.json copick]",
+        help="Output format: relion5, relion4, relion3, stopgap, dynamo, csv, or copick (picks "
+        "written into the copick project whose config.json is -o, as "
+        "--copick-user/--copick-session). [default: from the extension of -o: .star relion5, "
+        ".tbl dynamo, .csv csv, a copick config.json copick]",
     ),
 ]
 CopickUser = Annotated[
     str | None,
     typer.Option(
         "--copick-user",
-        help="copick user: whose picks a copick config.json input gives, and (needed) whom --format copick "
-        "writes as. [default: every user's]",
+        help="copick user: whose picks a copick config.json input gives, and (needed) whom "
+        "--format copick writes as. [default: every user's]",
         show_default=False,
     ),
 ]
@@ -84,8 +86,8 @@ CopickSession = Annotated[
     str | None,
     typer.Option(
         "--copick-session",
-        help="copick session: which session's picks a copick config.json input gives, and (needed) the new "
-        "session --format copick writes. [default: every session's]",
+        help="copick session: which session's picks a copick config.json input gives, and "
+        "(needed) the new session --format copick writes. [default: every session's]",
         show_default=False,
     ),
 ]
@@ -93,8 +95,8 @@ CopickObjects = Annotated[
     str | None,
     typer.Option(
         "--copick-objects",
-        help="Comma-separated copick pickable objects: the picks read from a copick config.json, and the "
-        "classes of --classes config.json. [default: every (particle) object]",
+        help="Comma-separated copick pickable objects: the picks read from a copick config.json, "
+        "and the classes of --classes config.json. [default: every (particle) object]",
         show_default=False,
     ),
 ]
@@ -102,8 +104,8 @@ CoordsPixelSize = Annotated[
     float | None,
     typer.Option(
         "--coords-pixel-size-angstrom",
-        help="Pixel size (Å) of the coordinates in RELION 3/4, STOPGAP and Dynamo files read (and written), "
-        "when it is not the tomograms' voxel size (e.g. bin-1 coordinates). "
+        help="Pixel size (Å) of the coordinates in RELION 3/4, STOPGAP and Dynamo files read "
+        "(and written), when it is not the tomograms' voxel size (e.g. bin-1 coordinates). "
         "[default: rlnTomoTiltSeriesPixelSize for RELION 4, else the tomograms' voxels]",
         show_default=False,
     ),
@@ -235,7 +237,8 @@ def copick_selection(
     objects: str | None,
     voxel_size_angstrom: float | None = None,
 ):
-    """The ``--copick-*`` options (and the voxel spacing) as a ``CopickSelection`` (None if none given)."""
+    """The ``--copick-*`` options (and the voxel spacing) as a ``CopickSelection`` (None if
+    none given)."""
     from cryocaps.io.copick_project import CopickSelection
 
     names = tuple(n.strip() for n in objects.split(",") if n.strip()) if objects else None

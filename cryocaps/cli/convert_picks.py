@@ -1,4 +1,5 @@
-"""Convert particle lists between RELION 5/4/3 STAR, STOPGAP motivelists, Dynamo tables, CSV and copick.
+"""Convert particle lists between RELION 5/4/3 STAR, STOPGAP motivelists, Dynamo tables, CSV
+and copick.
 
 The input format is detected from each file (a copick config.json: every pick of the
 project, or of --copick-user/--copick-session/--copick-objects, in voxels at each run's
@@ -43,7 +44,8 @@ def command(
     picks: Annotated[
         list[Path],
         typer.Argument(
-            help="Particle files (.star RELION 3/4/5 or STOPGAP, .tbl Dynamo, .csv, copick config.json), any mix."
+            help="Particle files (.star RELION 3/4/5 or STOPGAP, .tbl Dynamo, .csv, copick "
+            "config.json), any mix."
         ),
     ],
     output: Annotated[
@@ -57,9 +59,10 @@ def command(
         list[Path] | None,
         typer.Option(
             "--tomograms",
-            help="Tomogram MRC files or .zarr images, folders of them, a copick config.json[:TYPE@SPACING], "
-            "or a RELION 5 tomograms.star (repeatable): sizes and voxel sizes for RELION 5 centred Å "
-            "coordinates, names for STOPGAP/Dynamo tomogram numbers. [default: none]",
+            help="Tomogram MRC files or .zarr images, folders of them, a copick "
+            "config.json[:TYPE@SPACING], or a RELION 5 tomograms.star (repeatable): sizes and "
+            "voxel sizes for RELION 5 centred Å coordinates, names for STOPGAP/Dynamo tomogram "
+            "numbers. [default: none]",
         ),
     ] = None,
     classes: ClassesOption = None,

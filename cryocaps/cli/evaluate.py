@@ -8,9 +8,10 @@ class radius. Picks on a particle of another class count as class confusions.
 over pick scores, AUPRC in the legend), matches.csv, overlay PNGs (--overlay),
 run.json and pick_thresholds.csv: per class the score threshold with the best F1
 here. Score a validation tomogram, then pick the others with
-`cryocaps cluster-picks --thresholds REPORT_DIR/pick_thresholds.csv`. With --labels-pred/--labels-true instead of PICKS TRUTH: voxel
-Dice per class and, with <tomo>_probs.mrc beside the predicted maps, voxel AUPRC
-next to its chance level (the positive fraction).
+`cryocaps cluster-picks --thresholds REPORT_DIR/pick_thresholds.csv`. With
+--labels-pred/--labels-true instead of PICKS TRUTH: voxel Dice per class and,
+with <tomo>_probs.mrc beside the predicted maps, voxel AUPRC next to its chance
+level (the positive fraction).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def command(
         float,
         typer.Option(
             "--tolerance-fraction",
-            help="A pick matches a particle within this fraction of the class radius. [default: 0.5]",
+            help="A pick matches a particle within this fraction of the class radius. "
+            "[default: 0.5]",
         ),
     ] = 0.5,
     beta: Annotated[
@@ -89,9 +91,10 @@ def command(
         list[Path] | None,
         typer.Option(
             "--tomograms",
-            help="Tomogram MRC files, .zarr images, folders of them, a copick config.json[:TYPE@SPACING], "
-            "or a RELION 5 tomograms.star (repeatable): voxel sizes (class radii in voxels), sizes for "
-            "RELION 5 coordinates; only these tomograms are scored. [default: none: every tomogram of TRUTH]",
+            help="Tomogram MRC files, .zarr images, folders of them, a copick "
+            "config.json[:TYPE@SPACING], or a RELION 5 tomograms.star (repeatable): voxel sizes "
+            "(class radii in voxels), sizes for RELION 5 coordinates; only these tomograms are "
+            "scored. [default: none: every tomogram of TRUTH]",
         ),
     ] = None,
     coords_pixel_size_angstrom: CoordsPixelSize = None,
@@ -99,8 +102,9 @@ def command(
         list[Path] | None,
         typer.Option(
             "--overlay",
-            help="Tomogram MRC or .zarr to draw picks on (repeatable): REPORT_DIR/overlay_<tomo>.png with true "
-            "positives, false positives and misses circled. Needs -o. [default: none]",
+            help="Tomogram MRC or .zarr to draw picks on (repeatable): "
+            "REPORT_DIR/overlay_<tomo>.png with true positives, false positives and misses "
+            "circled. Needs -o. [default: none]",
         ),
     ] = None,
     overlay_slices: Annotated[
@@ -110,14 +114,16 @@ def command(
         list[Path] | None,
         typer.Option(
             "--labels-pred",
-            help="Predicted label maps (files or folders; repeatable) for voxel-level scores. [default: none]",
+            help="Predicted label maps (files or folders; repeatable) for voxel-level scores. "
+            "[default: none]",
         ),
     ] = None,
     labels_true: Annotated[
         list[Path] | None,
         typer.Option(
             "--labels-true",
-            help="True label maps (files or folders; repeatable), paired by tomogram name. [default: none]",
+            help="True label maps (files or folders; repeatable), paired by tomogram name. "
+            "[default: none]",
         ),
     ] = None,
     copick_user: CopickUser = None,

@@ -52,7 +52,8 @@ def command(
             "--tomograms",
             "-t",
             help="Tomograms (MRC files, .zarr OME-Zarr images, folders of them, a copick "
-            "config.json[:TYPE@SPACING], or a RELION 5 tomograms.star); only headers are read. Repeat for several.",
+            "config.json[:TYPE@SPACING], or a RELION 5 tomograms.star); only headers are read. "
+            "Repeat for several.",
             show_default=False,
         ),
     ],
@@ -72,24 +73,26 @@ def command(
         float,
         typer.Option(
             "--radius-scale",
-            help="Multiply every class radius by this factor (no unit; sphere and gaussian shapes). [default: 1.0]",
+            help="Multiply every class radius by this factor (no unit; sphere and gaussian "
+            "shapes). [default: 1.0]",
         ),
     ] = 1.0,
     shape: Annotated[
         str,
         typer.Option(
             "--shape",
-            help="sphere (solid, radius from the class table), gaussian (float16 soft targets exp(-d²/2σ²), "
-            "σ = radius/2, cut at 3σ) or template (the class's density map from classes.csv, rotated by the "
-            "particle's RELION angles and thresholded). [default: sphere]",
+            help="sphere (solid, radius from the class table), gaussian (float16 soft targets "
+            "exp(-d²/2σ²), σ = radius/2, cut at 3σ) or template (the class's density map from "
+            "classes.csv, rotated by the particle's RELION angles and thresholded). "
+            "[default: sphere]",
         ),
     ] = "sphere",
     template_threshold: Annotated[
         float,
         typer.Option(
             "--template-threshold",
-            help="With --shape template: inside where the density exceeds this fraction of the template's "
-            "maximum (0-1). [default: 0.2]",
+            help="With --shape template: inside where the density exceeds this fraction of the "
+            "template's maximum (0-1). [default: 0.2]",
         ),
     ] = 0.2,
     coords_pixel_size_angstrom: CoordsPixelSize = None,

@@ -63,7 +63,8 @@ def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int] | None:
         n_tasks = (int(task_max) - int(task_min)) // step + 1
         if n_tasks != count:
             raise CryocapsError(
-                f"--shard {text}: the SLURM array has {n_tasks} tasks ({task_min}-{task_max}) but N is {count}; "
+                f"--shard {text}: the SLURM array has {n_tasks} tasks ({task_min}-{task_max}) "
+                f"but N is {count}; "
                 f"use --array=0-{count - 1} or make N match"
             )
         index = (index - int(task_min)) // step
@@ -78,8 +79,9 @@ def command(
     tomograms: Annotated[
         list[Path],
         typer.Argument(
-            help="Tomograms to segment: MRC files, OME-Zarr .zarr images (the level at the model's voxel size), "
-            "folders of them, or a copick config.json[:TYPE@SPACING] (that tomogram of every run).",
+            help="Tomograms to segment: MRC files, OME-Zarr .zarr images (the level at the model's "
+            "voxel size), folders of them, or a copick config.json[:TYPE@SPACING] (that tomogram "
+            "of every run).",
             show_default=False,
         ),
     ],
@@ -106,8 +108,9 @@ def command(
         int | None,
         typer.Option(
             "--patch-size",
-            help="Window side in voxels (a multiple of the model's size multiple: unet 4, ucaps 8); "
-            "shrunk to fit small volumes. [default: the larger of 96 and the training patch]",
+            help="Window side in voxels (a multiple of the model's size multiple: unet 4, "
+            "ucaps 8); shrunk to fit small volumes. "
+            "[default: the larger of 96 and the training patch]",
             show_default=False,
         ),
     ] = None,
@@ -115,7 +118,8 @@ def command(
         int | None,
         typer.Option(
             "--overlap",
-            help="Voxels shared by neighbouring windows, below the patch size (the paper used 25). [default: 16]",
+            help="Voxels shared by neighbouring windows, below the patch size (the paper used 25). "
+            "[default: 16]",
             show_default=False,
         ),
     ] = None,
@@ -144,7 +148,8 @@ def command(
         bool,
         typer.Option(
             "--tta",
-            help="Average 4 orientations (identity, 180° about Z, Y, X: keep wedge and hand); 4x slower. [default: off]",
+            help="Average 4 orientations (identity, 180° about Z, Y, X: keep wedge and hand); "
+            "4x slower. [default: off]",
         ),
     ] = False,
     bf16: Annotated[
@@ -160,7 +165,8 @@ def command(
         str | None,
         typer.Option(
             "--shard",
-            help="Run only share I of N (I from 0 to N-1), e.g. --shard $SLURM_ARRAY_TASK_ID/8. [default: all]",
+            help="Run only share I of N (I from 0 to N-1), e.g. --shard $SLURM_ARRAY_TASK_ID/8. "
+            "[default: all]",
             show_default=False,
         ),
     ] = None,
@@ -184,7 +190,8 @@ def command(
         str,
         typer.Option(
             "--out-format",
-            help="mrc, or zarr: the maps as one-level OME-Zarr images <tomo>_labels.zarr etc. [default: mrc]",
+            help="mrc, or zarr: the maps as one-level OME-Zarr images <tomo>_labels.zarr etc. "
+            "[default: mrc]",
         ),
     ] = "mrc",
     device: Device = "auto",
@@ -224,7 +231,8 @@ def command(
     results, skipped = summary["tomograms"], summary["skipped"]
     if skipped:
         console.print(
-            f"Skipped {len(skipped)} tomogram(s) already segmented in {out_dir} (--overwrite to redo)."
+            f"Skipped {len(skipped)} tomogram(s) already segmented in {out_dir} "
+            "(--overwrite to redo)."
         )
     seconds = sum(r["seconds"]["total"] for r in results)
     voxels = sum(r["voxels"] for r in results)
@@ -280,7 +288,8 @@ def command(
 
 
 def _shown_name(path: str) -> str:
-    """The input's file name; for a .zarr image its tomogram name (copick images are all TYPE.zarr)."""
+    """The input's file name; for a .zarr image its tomogram name (copick images are all
+    TYPE.zarr)."""
     from cryocaps.io.layout import tomogram_name
 
     return tomogram_name(path) if path.rstrip("/").endswith(".zarr") else Path(path).name

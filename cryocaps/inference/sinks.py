@@ -58,7 +58,8 @@ class ArraySink:
 
 
 class MrcMapsSink:
-    """A :class:`BlendSink` writing blended probabilities to MRC files (OME-Zarr for ``.zarr`` paths).
+    """A :class:`BlendSink` writing blended probabilities to MRC files (OME-Zarr for ``.zarr``
+    paths).
 
     Each block of (K, dz, dy, dx) probabilities becomes its argmax in the uint8
     label map, and, when their paths are given, float16 probabilities in the

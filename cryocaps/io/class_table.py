@@ -21,7 +21,8 @@ from cryocaps.io.layout import find_class_table_beside
 
 
 def read_classes(path: str | os.PathLike) -> ClassTable:
-    """Read and validate a ``classes.csv``, or a copick ``config.json``'s pickable particle objects."""
+    """Read and validate a ``classes.csv``, or a copick ``config.json``'s pickable particle
+    objects."""
     path = Path(path)
     if not path.is_file():
         raise CryocapsError(f"{path}: no such classes file")

@@ -1,4 +1,5 @@
-"""copick projects on a local filesystem: config, runs, voxel spacings, tomograms, picks files, objects.
+"""copick projects on a local filesystem: config, runs, voxel spacings, tomograms, picks files,
+objects.
 
 A copick project (https://github.com/copick/copick, filesystem backend) is a
 ``config.json`` and one or two roots (``overlay_root``, writable, and an optional
@@ -143,7 +144,8 @@ class CopickProject:
         kind = config.get("config_type", "filesystem")
         if kind != "filesystem":
             raise CryocapsError(
-                f"{self.config_path}: copick config_type {kind!r}; cryocaps reads 'filesystem' projects only"
+                f"{self.config_path}: copick config_type {kind!r}; "
+                "cryocaps reads 'filesystem' projects only"
             )
         if "overlay_root" not in config:
             raise CryocapsError(f"{self.config_path}: copick config has no overlay_root")
@@ -158,7 +160,8 @@ class CopickProject:
     # --- layout ------------------------------------------------------------------
     @property
     def roots(self) -> list[Path]:
-        """Overlay root first (it wins when both hold a file), then the static root if it differs."""
+        """Overlay root first (it wins when both hold a file), then the static root if it
+        differs."""
         roots = [self.overlay_root]
         if self.static_root is not None and self.static_root != self.overlay_root:
             roots.append(self.static_root)
@@ -255,7 +258,8 @@ class CopickProject:
         for obj in chosen:
             if obj.radius_angstrom is None:
                 raise CryocapsError(
-                    f"{self.config_path}: pickable object {obj.name!r} has no radius; give --classes classes.csv"
+                    f"{self.config_path}: pickable object {obj.name!r} has no radius; "
+                    "give --classes classes.csv"
                 )
             classes.append(ParticleClass(obj.label, obj.name, obj.radius_angstrom))
         return ClassTable(classes, source=str(self.config_path))
@@ -293,8 +297,8 @@ class CopickProject:
                 continue
             if particle.label in by_label:
                 raise CryocapsError(
-                    f"{self.config_path}: label {particle.label} of class {particle.name!r} is object "
-                    f"{by_label[particle.label]!r}'s"
+                    f"{self.config_path}: label {particle.label} of class {particle.name!r} "
+                    f"is object {by_label[particle.label]!r}'s"
                 )
             entries.append(
                 {
@@ -334,7 +338,8 @@ class CopickProject:
                 f"{where}: run {run!r} has no VoxelSpacing folder; give --voxel-size-angstrom"
             )
         raise CryocapsError(
-            f"{where}: run {run!r} has voxel spacings {listed} Å; choose one with --voxel-size-angstrom"
+            f"{where}: run {run!r} has voxel spacings {listed} Å; "
+            "choose one with --voxel-size-angstrom"
         )
 
 
@@ -390,13 +395,17 @@ def project_tomograms(
             for kind, path in project.tomograms(run, spacing).items():
                 if tomo_type is None or kind == tomo_type:
                     kinds.setdefault((spacing, kind), {})[run] = path
-    asked = f"{' of type ' + tomo_type if tomo_type else ''}{f' at {voxel_size_angstrom:g} Å' if voxel_size_angstrom else ''}"
+    asked = (
+        f"{' of type ' + tomo_type if tomo_type else ''}"
+        f"{f' at {voxel_size_angstrom:g} Å' if voxel_size_angstrom else ''}"
+    )
     if not kinds:
         raise CryocapsError(f"{flag} {config_path}: the copick project has no tomograms{asked}")
     if len(kinds) > 1:
         listed = ", ".join(f"{kind}@{spacing:g}" for spacing, kind in sorted(kinds))
         raise CryocapsError(
-            f"{flag} {config_path}: the project has tomograms {listed}; name one as {config_path}:TYPE@SPACING"
+            f"{flag} {config_path}: the project has tomograms {listed}; "
+            f"name one as {config_path}:TYPE@SPACING"
         )
     by_run = next(iter(kinds.values()))
     missing = [run for run in runs if run not in by_run]
@@ -406,7 +415,8 @@ def project_tomograms(
 
 
 def copick_run_of(path: str | os.PathLike) -> str | None:
-    """The run a copick tomogram belongs to: ``.../ExperimentRuns/RUN/VoxelSpacing10.000/wbp.zarr`` -> RUN."""
+    """The run a copick tomogram belongs to:
+    ``.../ExperimentRuns/RUN/VoxelSpacing10.000/wbp.zarr`` -> RUN."""
     path = Path(path)
     spacing, run = path.parent, path.parent.parent
     if SPACING_FOLDER.match(spacing.name) and run.parent.name == RUNS_FOLDER:

@@ -82,7 +82,8 @@ def output_paths(
 
 
 def companion_path(label_path: str | os.PathLike, kind: str) -> Path | None:
-    """``<tomo>_probs.mrc`` / ``<tomo>_score.mrc`` beside ``<tomo>_labels.mrc`` (or ``.zarr``), if present."""
+    """``<tomo>_probs.mrc`` / ``<tomo>_score.mrc`` beside ``<tomo>_labels.mrc`` (or ``.zarr``),
+    if present."""
     label_path = Path(label_path)
     candidate = label_path.with_name(f"{map_tomogram_name(label_path)}_{kind}{label_path.suffix}")
     return candidate if is_volume_file(candidate) and candidate != label_path else None
@@ -159,7 +160,8 @@ def match_label_maps(tomograms: Sequence[Path], labels: Sequence[Path]) -> list[
         seen[name] = tomogram
         if name not in by_name:
             raise CryocapsError(
-                f"--tomograms {tomogram}: no label map {name}_labels.mrc or {name}.mrc among --labels"
+                f"--tomograms {tomogram}: no label map {name}_labels.mrc or {name}.mrc "
+                "among --labels"
             )
         pairs.append((tomogram, by_name[name]))
     unused = sorted(set(by_name) - set(seen))

@@ -1,4 +1,5 @@
-"""Particle lists: the canonical table and RELION 3/4/5, STOPGAP, Dynamo, CSV files and copick projects.
+"""Particle lists: the canonical table and RELION 3/4/5, STOPGAP, Dynamo, CSV files and copick
+projects.
 
 Canonical table (pandas DataFrame), one row per particle:
 
@@ -116,7 +117,8 @@ def detect_format(path: str | os.PathLike) -> str:
     except ValueError:
         pass
     raise CryocapsError(
-        f"{path}: unknown particle file format (expected .star, .tbl or .csv with tomo,x,y,z columns)"
+        f"{path}: unknown particle file format "
+        "(expected .star, .tbl or .csv with tomo,x,y,z columns)"
     )
 
 
@@ -215,7 +217,8 @@ def check_format(format: str) -> str:
     """``format`` if it names an output format, else a CryocapsError naming the choices."""
     if format not in WRITERS and format not in PROJECT_WRITERS:
         raise CryocapsError(
-            f"--format {format!r}: unknown format; use one of {', '.join(FORMATS + PROJECT_FORMATS)}"
+            f"--format {format!r}: unknown format; "
+            f"use one of {', '.join(FORMATS + PROJECT_FORMATS)}"
         )
     return format
 

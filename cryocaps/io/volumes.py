@@ -114,7 +114,8 @@ def label_counts(
             raise CryocapsError(f"{where}: negative label value {low}")
         if high >= n_labels:
             raise CryocapsError(
-                f"{where}: label value {high} is above the class table's highest label {n_labels - 1}"
+                f"{where}: label value {high} is above the class table's "
+                f"highest label {n_labels - 1}"
             )
         counts += np.bincount(block.ravel(), minlength=n_labels)
     return counts
@@ -122,7 +123,8 @@ def label_counts(
 
 @dataclass(frozen=True)
 class TomogramInfo:
-    """Geometry of a tomogram without its voxels (from an MRC header, OME-Zarr metadata or a tomograms.star)."""
+    """Geometry of a tomogram without its voxels (from an MRC header, OME-Zarr metadata or a
+    tomograms.star)."""
 
     name: str
     shape: tuple[int, int, int]  # (z, y, x)

@@ -105,7 +105,8 @@ def _multiscales(path: Path, attributes: dict) -> dict:
         entries = attributes["ome"].get("multiscales")
     if not entries or not isinstance(entries, list) or not isinstance(entries[0], dict):
         raise CryocapsError(
-            f"{path}: Zarr group without OME-Zarr 'multiscales' metadata (no voxel size or scale levels)"
+            f"{path}: Zarr group without OME-Zarr 'multiscales' metadata "
+            "(no voxel size or scale levels)"
         )
     return entries[0]
 
@@ -215,7 +216,8 @@ def choose_level(image: MultiscaleImage, voxel_size_angstrom: float | None = Non
         if same_voxel_size(level.voxel_size_angstrom, voxel_size_angstrom):
             return level
     raise CryocapsError(
-        f"{image.path}: no scale level at {voxel_size_angstrom:g} Å; the image has {image.spacings_text()}"
+        f"{image.path}: no scale level at {voxel_size_angstrom:g} Å; "
+        f"the image has {image.spacings_text()}"
     )
 
 
@@ -250,7 +252,8 @@ class ZarrVolume:
         others = [a for a in range(array.ndim) if a not in spatial_axes]
         if any(array.shape[a] != 1 for a in others):
             raise CryocapsError(
-                f"{path}: OME-Zarr image has non-spatial axes longer than 1 (shape {tuple(array.shape)}); "
+                f"{path}: OME-Zarr image has non-spatial axes longer than 1 "
+                f"(shape {tuple(array.shape)}); "
                 "expected one 3D volume"
             )
         self.array = array
@@ -353,7 +356,8 @@ def multiscales_metadata(
 
 @contextlib.contextmanager
 def atomic_zarr_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary ``.zarr`` folder beside ``path``; rename it to ``path`` if the block succeeds.
+    """Yield a temporary ``.zarr`` folder beside ``path``; rename it to ``path`` if the block
+    succeeds.
 
     An existing ``path`` is refused unless ``overwrite``; then it is replaced only
     after the new image is complete.
@@ -414,7 +418,8 @@ def write_zarr_volume(
     chunks=DEFAULT_CHUNKS,
     overwrite: bool = False,
 ) -> Path:
-    """Write a (Z, Y, X) volume (or (C, Z, Y, X) stack) as a one-level OME-Zarr image, atomically."""
+    """Write a (Z, Y, X) volume (or (C, Z, Y, X) stack) as a one-level OME-Zarr image,
+    atomically."""
     if not voxel_size_angstrom > 0:
         raise CryocapsError(f"{path}: voxel size must be > 0, got {voxel_size_angstrom}")
     with atomic_zarr_dir(path, overwrite=overwrite) as tmp:

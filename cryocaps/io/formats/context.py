@@ -62,8 +62,9 @@ class Geometry:
         if info is None:
             known = ", ".join(sorted(self._by_name)) or "none"
             raise CryocapsError(
-                f"{path}: {purpose} needs the size and voxel size of tomogram {name!r}; give its MRC "
-                f"file or a RELION 5 tomograms.star with --tomograms (tomograms given: {known})"
+                f"{path}: {purpose} needs the size and voxel size of tomogram {name!r}; "
+                "give its MRC file or a RELION 5 tomograms.star with --tomograms "
+                f"(tomograms given: {known})"
             )
         return info
 
@@ -110,7 +111,8 @@ class Geometry:
         return names
 
     def numbers_for_names(self, names: Sequence[str]) -> dict[str, int]:
-        """STOPGAP/Dynamo tomogram number for each tomogram name (inverse of :meth:`names_for_numbers`)."""
+        """STOPGAP/Dynamo tomogram number for each tomogram name (inverse of
+        :meth:`names_for_numbers`)."""
         unique = list(dict.fromkeys(str(n) for n in names))
         numbers = {name: trailing_number(name) for name in unique}
         values = list(numbers.values())
@@ -162,7 +164,8 @@ class Geometry:
             number = float("nan")
         if not (np.isfinite(number) and number == int(number)):
             raise CryocapsError(
-                f"{path}: class {name!r} is not a number; give --classes classes.csv to number the classes"
+                f"{path}: class {name!r} is not a number; "
+                "give --classes classes.csv to number the classes"
             )
         return int(number)
 
@@ -216,8 +219,8 @@ class Geometry:
             if len(sizes) > 1:
                 raise CryocapsError(
                     "the tomograms have different voxel sizes "
-                    f"({', '.join(f'{s:g}' for s in sorted(sizes))} Å); give --coords-pixel-size-angstrom "
-                    "to write all coordinates at one pixel size"
+                    f"({', '.join(f'{s:g}' for s in sorted(sizes))} Å); "
+                    "give --coords-pixel-size-angstrom to write all coordinates at one pixel size"
                 )
             return positions, (sizes.pop() if sizes else None)
         out = positions.copy()

@@ -48,7 +48,8 @@ ROTATION_TOLERANCE = 1e-3  # |R R^T - I| and |det R - 1| above this are not rota
 def _run_spacing(
     project: CopickProject, run: str, geometry: Geometry, selection: CopickSelection, where
 ) -> float:
-    """Voxel spacing (Å) of ``run``'s positions: ``--voxel-size-angstrom``, a tomogram given, or the run's one."""
+    """Voxel spacing (Å) of ``run``'s positions: ``--voxel-size-angstrom``, a tomogram given,
+    or the run's one."""
     from cryocaps.io.volumes import check_same_voxel_size
 
     info = geometry.tomogram(run)
@@ -124,7 +125,8 @@ def _check_rotations(matrices: np.ndarray, path) -> None:
 
 
 def read_copick(path, geometry: Geometry) -> pd.DataFrame:
-    """Every pick of the project (or the selection's user/session/objects) as the canonical table."""
+    """Every pick of the project (or the selection's user/session/objects) as the canonical
+    table."""
     selection = geometry.copick or CopickSelection()
     project = CopickProject(path)
     files = project.picks_files(selection)
@@ -185,7 +187,8 @@ def write_copick(
     unknown = sorted(set(table["tomo"].astype(str)) - runs)
     if unknown:
         raise CryocapsError(
-            f"{path}: the copick project has no run(s) {', '.join(unknown)} (runs: {', '.join(sorted(runs)) or 'none'})"
+            f"{path}: the copick project has no run(s) {', '.join(unknown)} "
+            f"(runs: {', '.join(sorted(runs)) or 'none'})"
         )
     new_config = project.with_classes(geometry.classes) if geometry.classes is not None else None
     if new_config is not None:
