@@ -125,7 +125,6 @@ def command(
     from cryocaps.io.files import check_writable
     from cryocaps.io.particles import (
         PROJECT_FORMATS,
-        check_format,
         format_from_extension,
         write_particles,
     )
@@ -134,16 +133,11 @@ def command(
     from cryocaps.runinfo import write_run_json
 
     started = time.time()
-    if format is not None:
-        check_format(format)
-    if method not in METHOD_NAMES:
-        raise CryocapsError(f"--method {method!r}: use one of {', '.join(METHOD_NAMES)}")
+    _check_options(format, method, thresholds, min_score)
     label_paths = find_label_maps(maps)
     class_table, classes = load_class_table_beside(label_paths, classes, radius_angstrom)
     class_table = narrow_classes(class_table, copick_objects)
     if thresholds is not None:
-        if min_score is not None:
-            raise CryocapsError("--min-score and --thresholds both set a score threshold; give one")
         min_score = read_score_thresholds(thresholds, class_table)
     project_output = (format or format_from_extension(output)) in PROJECT_FORMATS
     if not project_output:  # a copick project exists already; its writer checks its own picks
@@ -206,6 +200,18 @@ def command(
         )
     if not is_quiet():
         _print_summary(summary, f"{len(picks)} picks from {len(label_paths)} map(s) -> {output}")
+
+
+def _check_options(format, method: str, thresholds, min_score) -> None:
+    """Refuse unknown formats and methods, and two score thresholds at once."""
+    from cryocaps.io.particles import check_format
+
+    if format is not None:
+        check_format(format)
+    if method not in METHOD_NAMES:
+        raise CryocapsError(f"--method {method!r}: use one of {', '.join(METHOD_NAMES)}")
+    if thresholds is not None and min_score is not None:
+        raise CryocapsError("--min-score and --thresholds both set a score threshold; give one")
 
 
 def _print_summary(summary, title: str) -> None:

@@ -136,7 +136,6 @@ def command(
     setup_logging(quiet, verbose)
     from cryocaps.io.class_table import load_class_table_beside
     from cryocaps.io.copick_project import is_copick_config
-    from cryocaps.runinfo import write_run_json
 
     started = time.time()
     voxel_mode = bool(labels_pred or labels_true)
@@ -176,7 +175,7 @@ def command(
         )
         return
 
-    from cryocaps.evaluation import evaluate_files, write_report
+    from cryocaps.evaluation import evaluate_files
     from cryocaps.io.particles import tomogram_infos
 
     infos = tomogram_infos(tomograms) if tomograms else None
@@ -195,32 +194,12 @@ def command(
     )
     report = None
     if report_dir is not None:
-        report = write_report(
-            report_dir,
-            scores,
-            matching,
-            parameters=parameters,
-            overlays=overlay or [],
-            overlay_voxel_size_angstrom=voxel_size_angstrom,
-            n_slices=overlay_slices,
-            overwrite=overwrite,
-        )
-        write_run_json(
-            report_dir,
-            command=command_line(),
-            inputs=[
-                picks,
-                truth,
-                *(tomograms or []),
-                *(overlay or []),
-                *([classes] if classes else []),
-            ],
-            outputs=report.files,
-            parameters=parameters,
-            timings={"total": round(time.time() - started, 3)},
-            results={"macro": scores["macro"], "micro": scores["micro"]},
-            started=started,
-        )
+        extras = [*(tomograms or []), *(overlay or []), *([classes] if classes else [])]
+        inputs = [picks, truth, *extras]
+        report = _write_particle_report(
+            report_dir, scores, matching, parameters, overlay, voxel_size_angstrom,
+            overlay_slices, overwrite, inputs, started,
+        )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(scores))
         return
@@ -229,6 +208,37 @@ def command(
         if report is not None:
             _print_threshold_hint(report, scores)
             stdout_console.print(f"Report written to {report_dir}")
+
+
+def _write_particle_report(
+    report_dir, scores, matching, parameters, overlay, voxel_size_angstrom, overlay_slices,
+    overwrite, inputs, started,
+):  # fmt: skip
+    """Report files (tables, PR curves, overlays) and run.json in ``report_dir``; the report."""
+    from cryocaps.evaluation import write_report
+    from cryocaps.runinfo import write_run_json
+
+    report = write_report(
+        report_dir,
+        scores,
+        matching,
+        parameters=parameters,
+        overlays=overlay or [],
+        overlay_voxel_size_angstrom=voxel_size_angstrom,
+        n_slices=overlay_slices,
+        overwrite=overwrite,
+    )
+    write_run_json(
+        report_dir,
+        command=command_line(),
+        inputs=inputs,
+        outputs=report.files,
+        parameters=parameters,
+        timings={"total": round(time.time() - started, 3)},
+        results={"macro": scores["macro"], "micro": scores["micro"]},
+        started=started,
+    )
+    return report
 
 
 def _check_options(

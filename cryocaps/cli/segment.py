@@ -268,6 +268,11 @@ def command(
         started=started,
         name=run_name,
     )
+    _print_summary(results, skipped, out_dir)
+
+
+def _print_summary(results: list[dict], skipped: list, out_dir: Path) -> None:
+    """One row per segmented tomogram: shape, seconds, Mvoxel/s."""
     if results:
         rows = [
             [
