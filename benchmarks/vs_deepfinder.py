@@ -138,6 +138,19 @@ def parse_args(argv=None):
         "--df-batch-size", type=int, default=2, help="DeepFinder batch size [default: 2]"
     )
     parser.add_argument(
+        "--df-minutes",
+        type=float,
+        default=None,
+        help="DeepFinder's own wall-clock training budget, minutes [default: --minutes]; "
+        "DeepFinder leaves its background plateau later than cryocaps learns (RESULTS.md)",
+    )
+    parser.add_argument(
+        "--df-max-steps",
+        type=int,
+        default=0,
+        help="also stop DeepFinder's training after this many steps [default: 0, no limit]",
+    )
+    parser.add_argument(
         "--df-patch-size",
         type=int,
         default=48,
@@ -183,6 +196,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.minutes is None:
         args.minutes = 2.0 if args.quick else 12.0
+    if args.df_minutes is None:
+        args.df_minutes = args.minutes
     if args.reuse_training:
         args.reuse_data = True
     if args.datasets is None:
@@ -576,7 +591,7 @@ def train_deepfinder(data: dict, args, folder: Path, n_classes: int, radii: dict
         logs / "prepare.log",
     )
 
-    say(f"DeepFinder: train {args.minutes:g} min")
+    say(f"DeepFinder: train {args.df_minutes:g} min")
     train = run_measured(
         driver_cmd(
             "train",
@@ -587,7 +602,9 @@ def train_deepfinder(data: dict, args, folder: Path, n_classes: int, radii: dict
             "--out",
             folder / "model",
             "--minutes",
-            args.minutes,
+            args.df_minutes,
+            "--max-steps",
+            args.df_max_steps,
             "--batch-size",
             args.df_batch_size,
             "--patch-size",
@@ -599,6 +616,26 @@ def train_deepfinder(data: dict, args, folder: Path, n_classes: int, radii: dict
     )
     train |= json.loads((folder / "model" / "train.json").read_text())
     return prepare, train
+
+
+def deepfinder_learned(train: dict, segment: dict) -> dict:
+    """Did DeepFinder learn: its own validation verdict and an object voxel in the test map.
+
+    ``train["learned"]`` comes from the driver (an object class at voxel F1 >= 0.2
+    on DeepFinder's validation patches with the final weights); a model trained
+    before the driver kept that verdict is judged by its test label map alone.
+    """
+    test_objects = int(sum(segment["label_voxels"][1:]))
+    final = train.get("final_validation") or {}
+    verdict = test_objects > 0 and train.get("learned", True)
+    return {
+        "verdict": bool(verdict),
+        "test_object_voxels": test_objects,
+        "validation_voxel_f1": final.get("valid_f1"),
+        "first_loss": train.get("first_loss"),
+        "last_loss": train.get("last_loss"),
+        "steps": train.get("steps"),
+    }
 
 
 def run_deepfinder(data: dict, args, folder: Path, classes, truth, dataset: str) -> dict:
@@ -625,8 +662,6 @@ def run_deepfinder(data: dict, args, folder: Path, classes, truth, dataset: str)
         prepare, train = train_deepfinder(data, args, folder, n_classes, radii, particles_csv)
     else:
         prepare = {"reused_from_earlier_run": True}
-
-    objls = {}
 
     objls = {}
     segments = {}
@@ -693,6 +728,7 @@ def run_deepfinder(data: dict, args, folder: Path, classes, truth, dataset: str)
     )
     return {
         "tool": "DeepFinder 0.2.1",
+        "learned": deepfinder_learned(train, segments["test"]),
         "prepare": prepare,
         "train": train,
         "segment": segments["test"],
@@ -786,20 +822,78 @@ TABLE_ROWS = [
 ]
 
 
+def learned_verdict(entry: dict) -> dict | None:
+    """Whether a DeepFinder entry learned; also for results written before the verdict was kept.
+
+    Earlier results JSON has no ``learned`` entry; there a test label map with
+    no object voxel (``segment.label_voxels``) is the evidence that it did not.
+    """
+    if "learned" in entry:
+        return entry["learned"]
+    counts = (entry.get("segment") or {}).get("label_voxels")
+    if not counts:
+        return None
+    objects = int(sum(counts[1:]))
+    return {"verdict": objects > 0, "test_object_voxels": objects, "validation_voxel_f1": None}
+
+
+def learned_note(entry: dict) -> str:
+    """``; validation voxel F1 per class …`` for the DeepFinder notes line, when known."""
+    verdict = learned_verdict(entry) or {}
+    f1 = verdict.get("validation_voxel_f1")
+    if not f1:
+        return ""
+    return (
+        f"; validation voxel F1 per class (background first, final weights) "
+        f"{', '.join(f'{v:.2f}' for v in f1)}"
+    )
+
+
+def learned_cell(entry: dict) -> str:
+    verdict = learned_verdict(entry)
+    if verdict is None:
+        return "–"
+    if verdict["verdict"]:
+        return "yes"
+    return "**no**: background-only" if verdict["test_object_voxels"] == 0 else "**no**"
+
+
+# Rows whose numbers mean nothing for a tool that did not learn: they say so beside the number.
+ACCURACY_ROWS = ("macro F1", "worst-class F1")
+
+
 def comparison_rows(tools: dict, class_names: list[str]) -> list[str]:
     """Markdown rows, one column per tool; per-class F1 rows after the worst-class row."""
     per_class = [(f"F1 {c}", lambda e, c=c: fmt(e["f1_per_class"].get(c))) for c in class_names]
     rows = TABLE_ROWS[:2] + per_class + TABLE_ROWS[2:]
+    if any(learned_verdict(e) is not None for e in tools.values()):
+        rows = [("learned?", learned_cell), *rows]
+    accuracy = {*ACCURACY_ROWS, *(label for label, _ in per_class)}
     lines = []
     for label, cell in rows:
         cells = []
         for entry in tools.values():
             try:
-                cells.append(cell(entry))
+                text = cell(entry)
             except (KeyError, TypeError):
-                cells.append("–")
+                text = "–"
+            verdict = learned_verdict(entry)
+            if label in accuracy and verdict is not None and not verdict["verdict"]:
+                text += " (did not learn)"
+            cells.append(text)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
+
+
+def deepfinder_budget_note(settings: dict) -> str:
+    """`` (DeepFinder: 40 min)`` when DeepFinder had its own budget."""
+    df_minutes = settings.get("df_minutes")
+    notes = []
+    if df_minutes is not None and df_minutes != settings["minutes"]:
+        notes.append(f"{df_minutes:g} min")
+    if settings.get("df_max_steps"):
+        notes.append(f"at most {settings['df_max_steps']} steps")
+    return f" (DeepFinder: {', '.join(notes)})" if notes else ""
 
 
 def markdown_section(report: dict) -> str:
@@ -823,7 +917,9 @@ def markdown_section(report: dict) -> str:
         f"{probe['start']['gflops_per_second']:.0f} GFLOP/s at start, {probe['end']['gflops_per_second']:.0f} GFLOP/s at end.",
         "",
         f"Same data and budget for every tool: `cryocaps simulate` 5 tomograms (3 train, 1 validation "
-        f"given to both, 1 test), {report['settings']['minutes']:g} min wall-clock training each, "
+        f"given to both, 1 test), {report['settings']['minutes']:g} min wall-clock training each"
+        + deepfinder_budget_note(report["settings"])
+        + ", "
         "the test tomogram scored by `cryocaps.evaluation.evaluate_picks` (tolerance 0.5 × class radius). "
         "cryocaps: CLI defaults (`train --max-minutes`, `segment`, `cluster-picks`), picks filtered with "
         "the per-class score thresholds `evaluate -o` tuned on the validation tomogram "
@@ -865,7 +961,9 @@ def markdown_section(report: dict) -> str:
                 f"without them {fmt(df['macro_f1_without_thresholds'])}; cluster radius "
                 f"{df['cluster_radius_voxels']} voxels; Segment patch {df['segment'].get('patch_size')}; "
                 f"training loss {df['train'].get('first_loss')} at the first step, "
-                f"{df['train'].get('last_loss')} at the last."
+                f"{df['train'].get('last_loss')} at the last"
+                + learned_note(df)
+                + "."
                 + (" Model reused from the previous run (training numbers are that run's)."
                    if df["train"].get("reused_from_earlier_run") else "")
             )
