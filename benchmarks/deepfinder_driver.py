@@ -462,7 +462,17 @@ def cluster(args) -> None:
     if present:
         clust = Cluster(clustRadius=int(args.radius_voxels))
         clust.obs_list = []
-        objl = clust.launch(labelmap)
+        # Cluster.launch counts each cluster's votes for labels 1..(number of labels
+        # present), so when a class is missing from the map (say labels 2, 3, 4) the
+        # highest label gets no vote and its objects come out as label 1. MeanShift
+        # runs on the positions of all object voxels whatever their label, so handing
+        # it ranks 1..N and mapping the winners back gives exactly what it computes
+        # when every class is present.
+        rank_of = np.zeros(int(labelmap.max()) + 1, dtype=np.int8)
+        rank_of[present] = np.arange(1, len(present) + 1)
+        objl = clust.launch(rank_of[labelmap])
+        for obj in objl:
+            obj["label"] = present[int(obj["label"]) - 1]
     else:
         objl = []  # MeanShift cannot run on an empty label map: nothing was found
     seconds = time.perf_counter() - started
@@ -472,11 +482,9 @@ def cluster(args) -> None:
     write_objl_csv(objl, out.with_suffix(".csv"), args.tomo)
     notes = []
     if present and present != list(range(1, len(present) + 1)):
-        # Cluster.launch counts votes for labels 1..(number of labels present),
-        # so a missing lower label shifts every vote: record it, do not patch it.
         notes.append(
-            f"labels present {present} are not 1..{len(present)}: DeepFinder's Cluster "
-            "assigns only labels 1..N, so some objects may carry a wrong class"
+            f"labels present {present} are not 1..{len(present)}: handed to DeepFinder's "
+            "Cluster as 1..N and mapped back (it would give the highest label's objects label 1)"
         )
     write_json(
         out.with_suffix(".json"),
