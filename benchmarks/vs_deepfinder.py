@@ -74,6 +74,14 @@ STRUCTURES = HERE.parent.parent / "shared" / "data" / "structures"
 # --------------------------------------------------------------------------- settings
 
 
+# DeepFinder's training patch: 48 as in its parameter file where that learns; on sparse
+# sets (simulate's default crowding 0.1) 48³ patches are 88% background and its training
+# collapses onto the background plateau within 20 steps, while 32³ patches (its documented
+# knob for smaller memory) leave the plateau after ~200 steps (RESULTS.md).
+DOCUMENTED_DF_PATCH = 48
+SPARSE_DF_PATCH = 32
+
+
 def data_sets(args) -> dict[str, dict]:
     """Name -> ``cryocaps simulate`` options for each data set of this run."""
     shape = "48,96,96" if args.quick else args.shape
@@ -81,12 +89,14 @@ def data_sets(args) -> dict[str, dict]:
         "procedural": {
             "description": f"built-in procedural classes, SNR {args.snr}",
             "options": ["--shape", shape, "--snr", str(args.snr)],
+            "df_patch_size": SPARSE_DF_PATCH,
         },
         # The procedural classes packed three times as densely (cryocaps simulate's default
         # crowding is 0.1): where DeepFinder's documented settings learn (RESULTS.md).
         "crowded": {
             "description": f"built-in procedural classes, SNR {args.snr}, crowding {args.crowding}",
             "options": ["--shape", shape, "--snr", str(args.snr), "--crowding", str(args.crowding)],
+            "df_patch_size": DOCUMENTED_DF_PATCH,
         },
         "structures": {
             "description": f"{', '.join(args.structure_classes)} from {args.structures}, SNR {args.structures_snr}",
@@ -100,6 +110,7 @@ def data_sets(args) -> dict[str, dict]:
                 "--classes-from",
                 ",".join(args.structure_classes),
             ],
+            "df_patch_size": SPARSE_DF_PATCH,
         },
     }
     return {name: sets[name] for name in args.datasets}
@@ -173,8 +184,10 @@ def parse_args(argv=None):
     parser.add_argument(
         "--df-patch-size",
         type=int,
-        default=48,
-        help="DeepFinder training patch, voxels [default: 48, its parameter file]",
+        default=None,
+        help=f"DeepFinder training patch, voxels, for every set [default: {DOCUMENTED_DF_PATCH} (its "
+        f"parameter file) on the crowded set, {SPARSE_DF_PATCH} on the sparse sets, where "
+        f"{DOCUMENTED_DF_PATCH} stays on its background plateau]",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for simulate and both tools [default: 0]"
@@ -628,7 +641,7 @@ def train_deepfinder(data: dict, args, folder: Path, n_classes: int, radii: dict
             "--batch-size",
             args.df_batch_size,
             "--patch-size",
-            args.df_patch_size,
+            data["df_patch_size"],
             "--seed",
             args.seed,
         ),
@@ -783,7 +796,7 @@ def throughput_at_patch(model: str, data: dict, args, folder: Path) -> dict:
             args.throughput_minutes,
             args.seed,
             "--patch-size",
-            args.df_patch_size,
+            data["df_patch_size"],
             "--batch-size",
             args.df_batch_size,
             "--steps-per-epoch",
@@ -796,7 +809,7 @@ def throughput_at_patch(model: str, data: dict, args, folder: Path) -> dict:
     log = read_training_log(run_dir)
     return {
         "model": model,
-        "patch_size": args.df_patch_size,
+        "patch_size": data["df_patch_size"],
         "batch_size": args.df_batch_size,
         "steps": log.get("steps"),
         "seconds_per_step": log.get("seconds_per_step"),
@@ -944,8 +957,10 @@ def markdown_section(report: dict) -> str:
         "cryocaps: CLI defaults (`train --max-minutes`, `segment`, `cluster-picks`), picks filtered with "
         "the per-class score thresholds `evaluate -o` tuned on the validation tomogram "
         "(`cluster-picks --thresholds`). DeepFinder: "
-        f"TargetBuilder spheres, Train (patch {report['settings']['df_patch_size']}, batch "
-        f"{report['settings']['df_batch_size']}, bootstrap, Lrnd 13), Segment, Cluster (MeanShift), per-class "
+        f"TargetBuilder spheres, Train (batch {report['settings']['df_batch_size']}, patch as in the "
+        f"'batch × patch' row: {DOCUMENTED_DF_PATCH} as in its parameter file where that learns, "
+        f"{SPARSE_DF_PATCH} on sparse sets, where {DOCUMENTED_DF_PATCH} stays on its background "
+        "plateau; bootstrap, Lrnd 13), Segment, Cluster (MeanShift), per-class "
         "cluster-size thresholds chosen on the validation tomogram. Segmentation and picking are timed as whole "
         "processes (imports and file I/O included); peak RSS is that process's own.",
         "",
@@ -1061,6 +1076,7 @@ def main(argv=None) -> int:
     for name, spec in data_sets(args).items():
         folder = args.work / name
         data = simulate(name, spec, args, folder / "data")
+        data["df_patch_size"] = args.df_patch_size or spec["df_patch_size"]
         classes, truth = load_truth(data)
         from cryocaps.io.volumes import read_info
 
@@ -1095,7 +1111,7 @@ def main(argv=None) -> int:
         if args.throughput_minutes > 0 and "throughput_equal_patch" not in report:
             report["throughput_equal_patch"] = {"dataset": name, "deepfinder": tools.get("deepfinder", {}).get("train")}
             for model in args.models:
-                say(f"cryocaps {model}: training throughput at patch {args.df_patch_size}, batch {args.df_batch_size}")
+                say(f"cryocaps {model}: training throughput at patch {data['df_patch_size']}, batch {args.df_batch_size}")
                 try:
                     report["throughput_equal_patch"][model] = throughput_at_patch(model, data, args, folder)
                 except (RuntimeError, OSError) as error:
