@@ -19,9 +19,10 @@ does that). One run:
 5. records whether DeepFinder learned (an object class at voxel F1 >= 0.2 on its
    validation patches with the final weights, and object voxels in the test
    label map); where it did not, the table says "did not learn" beside its F1.
-   On sparse sets (simulate's default crowding 0.1) its documented settings stay
-   on the background plateau; the ``crowded`` set (crowding 0.3) is where they
-   learn (RESULTS.md, "A DeepFinder that learned");
+   On sparse sets (simulate's default crowding 0.1) its documented 48³ patches
+   stay on the background plateau, so it trains on 32³ patches there; on the
+   ``crowded`` set (crowding 0.3) its documented settings learn (RESULTS.md,
+   "A DeepFinder that learned");
 6. writes ``benchmarks/results/vs_deepfinder.json`` and the section between
    ``<!-- vs_deepfinder:start -->`` and ``<!-- vs_deepfinder:end -->`` of
    ``benchmarks/RESULTS.md`` (the rest of that file is kept).
@@ -172,8 +173,8 @@ def parse_args(argv=None):
         "--df-minutes",
         type=float,
         default=None,
-        help="DeepFinder's own wall-clock training budget, minutes [default: --minutes]; "
-        "DeepFinder leaves its background plateau later than cryocaps learns (RESULTS.md)",
+        help="DeepFinder's own wall-clock training budget, minutes [default: --minutes], "
+        "to see what more time gives it",
     )
     parser.add_argument(
         "--df-max-steps",
