@@ -149,9 +149,11 @@ class BudgetObserver:
     so the weights saved afterwards are those of the last finished step.
     """
 
-    def __init__(self, budget_seconds: float, log):
+    def __init__(self, budget_seconds: float, log, max_steps: int = 0, probe=None):
         self.started = time.perf_counter()
         self.deadline = self.started + budget_seconds
+        self.max_steps = max_steps  # 0: no step budget
+        self.probe = probe  # a ProbeTrace, or None
         self.log = log
         self.step_seconds: list[float] = []
         self.losses: list[float] = []
@@ -164,13 +166,148 @@ class BudgetObserver:
         if message.startswith("epoch ") and " - it " in message:
             self.step_seconds.append(now - self._last)
             self.losses.append(float(message.split("loss:")[1].split()[0]))
+            if self.probe is not None:
+                self.probe.after_step(len(self.losses))
+                now = time.perf_counter()  # probing is not training time
             self._last = now
-            if now >= self.deadline:
+            if now >= self.deadline or 0 < self.max_steps <= len(self.losses):
                 raise TrainingBudgetReached
         elif message.startswith("EPOCH "):
             self.epochs_finished += 1
         if message.startswith("=" * 10):
             self._last = now  # validation and history plots are not training steps
+
+
+class ProbeTrace:
+    """Soft per-class scores of the network on fixed validation patches, every ``every`` steps.
+
+    On DeepFinder's background plateau the argmax maps are empty and the loss
+    is flat to three decimals; what still moves underneath is the probability
+    each object class gets on its own voxels against elsewhere. The patches are
+    drawn once, with numpy's random state saved and restored around the draw,
+    so the training batches are the same as without probing.
+    """
+
+    def __init__(self, trainer, path_data, path_target, objl_valid, every: int, n_batches: int = 2):
+        import numpy as np
+        from deepfinder.utils import core
+
+        self.trainer, self.every = trainer, every
+        data_list, target_list = core.load_dataset(path_data, path_target, trainer.h5_dset_name)
+        state = np.random.get_state()
+        self.batches = [
+            trainer.generate_batch_from_array(data_list, target_list, trainer.batch_size, objl_valid)[:2]
+            for _ in range(n_batches)
+        ]
+        np.random.set_state(state)
+        self.trace: list[dict] = []
+
+    def after_step(self, step: int) -> None:
+        if step % self.every and step != 1:
+            return
+        import numpy as np
+
+        n_classes = self.trainer.Ncl
+        on, off, total_p, total_g = (np.zeros(n_classes) for _ in range(4))
+        n_on, n_off = np.zeros(n_classes), np.zeros(n_classes)
+        for batch, target in self.batches:
+            predicted = self.trainer.net.predict(batch, verbose=0)
+            for c in range(n_classes):
+                p, g = predicted[..., c], target[..., c] > 0
+                on[c] += p[g].sum()
+                off[c] += p[~g].sum()
+                n_on[c] += g.sum()
+                n_off[c] += (~g).sum()
+                total_p[c] += p.sum()
+                total_g[c] += g.sum()
+
+        def log10(values):
+            return [round(float(np.log10(max(v, 1e-30))), 2) for v in values]
+
+        entry = {
+            "step": step,
+            "log10_p_on_own_voxels": log10(on / np.maximum(n_on, 1)),
+            "log10_p_elsewhere": log10(off / np.maximum(n_off, 1)),
+            "soft_dice": [round(float(v), 4) for v in 2 * on / (total_p + total_g)],
+        }
+        self.trace.append(entry)
+        print("probe " + json.dumps(entry), flush=True)
+
+
+# Voxel F1 (DeepFinder's own validation metric) an object class must reach on the
+# validation patches for the run to count as learned; a background-only network scores 0.
+LEARNED_VOXEL_F1 = 0.2
+
+
+def epoch_history(path: Path, n_classes: int) -> list[dict]:
+    """Per epoch of ``net_train_history.h5``: mean train/valid loss and per-class valid metrics."""
+    import numpy as np
+    from deepfinder.utils import core
+
+    if not path.exists():
+        return []
+    history = core.read_history(str(path))
+    epochs = []
+    for e in range(len(history["val_loss"])):
+        epochs.append(
+            {
+                "epoch": e + 1,
+                "train_loss": float(np.mean(history["loss"][e])),
+                "valid_loss": float(np.mean(history["val_loss"][e])),
+                # per class (background first), mean over the validation batches
+                "valid_f1": [round(float(v), 4) for v in np.mean(history["val_f1"][e], axis=0)],
+                "valid_precision": [
+                    round(float(v), 4) for v in np.mean(history["val_precision"][e], axis=0)
+                ],
+                "valid_recall": [
+                    round(float(v), 4) for v in np.mean(history["val_recall"][e], axis=0)
+                ],
+            }
+        )
+    assert all(len(e["valid_f1"]) == n_classes for e in epochs)
+    return epochs
+
+
+def validate_final(trainer, path_data, path_target, objl_valid, n_batches: int) -> dict:
+    """DeepFinder's epoch-end validation, on the final weights (the budget may end mid-epoch).
+
+    Same batches as its own validation (``generate_batch_from_array`` on the
+    validation objects, bootstrap as in training), same metric (voxel precision,
+    recall, F1 per class from scikit-learn on the argmax).
+    """
+    import numpy as np
+    from deepfinder.utils import core
+    from sklearn.metrics import precision_recall_fscore_support
+
+    data_list, target_list = core.load_dataset(path_data, path_target, trainer.h5_dset_name)
+    scores, predicted_counts = [], np.zeros(trainer.Ncl, dtype=np.int64)
+    for _ in range(n_batches):
+        batch, target, _ = trainer.generate_batch_from_array(
+            data_list, target_list, trainer.batch_size, objl_valid
+        )
+        predicted = trainer.net.predict(batch, verbose=0).argmax(axis=-1).ravel()
+        predicted_counts += np.bincount(predicted, minlength=trainer.Ncl)
+        scores.append(
+            precision_recall_fscore_support(
+                target.argmax(axis=-1).ravel(),
+                predicted,
+                average=None,
+                labels=trainer.label_list,
+                zero_division=0,
+            )
+        )
+    precision, recall, f1 = (np.mean([s[i] for s in scores], axis=0) for i in range(3))
+    object_f1 = [float(v) for v in f1[1:]]
+    return {
+        "batches": n_batches,
+        "valid_f1": [round(float(v), 4) for v in f1],
+        "valid_precision": [round(float(v), 4) for v in precision],
+        "valid_recall": [round(float(v), 4) for v in recall],
+        "predicted_voxels": [int(n) for n in predicted_counts],
+        "learned": max(object_f1) >= LEARNED_VOXEL_F1,
+        "learned_rule": f"an object class reaches voxel F1 >= {LEARNED_VOXEL_F1} "
+        "on the validation patches with the final weights",
+    }
 
 
 def train(args) -> None:
@@ -196,7 +333,10 @@ def train(args) -> None:
 
     started = time.perf_counter()
     with open(out / "train.log", "w") as log:
-        observer = BudgetObserver(args.minutes * 60.0, log)
+        probe = None
+        if args.trace_every:
+            probe = ProbeTrace(trainer, path_data, path_target, objl_valid, args.trace_every)
+        observer = BudgetObserver(args.minutes * 60.0, log, args.max_steps, probe)
         trainer.obs_list = [observer]
         stopped_by_budget = False
         try:
@@ -206,6 +346,7 @@ def train(args) -> None:
     train_seconds = time.perf_counter() - started
     weights = out / "net_weights_FINAL.h5"
     trainer.net.save(str(weights))
+    final = validate_final(trainer, path_data, path_target, objl_valid, args.steps_per_valid)
 
     steps = len(observer.step_seconds)
     # All steps, the first (graph tracing) included, as cryocaps counts its own;
@@ -229,8 +370,15 @@ def train(args) -> None:
             "patch_size": args.patch_size,
             "steps_per_epoch": args.steps_per_epoch,
             "steps_per_valid": args.steps_per_valid,
+            "max_steps": args.max_steps,
+            "seed": args.seed,
             "first_loss": observer.losses[0] if observer.losses else None,
             "last_loss": observer.losses[-1] if observer.losses else None,
+            "losses": observer.losses,
+            "epochs": epoch_history(out / "net_train_history.h5", args.n_classes),
+            "final_validation": final,
+            "learned": final["learned"],
+            "trace": probe.trace if probe else None,
             "train_tomograms": len({int(o["tomo_idx"]) for o in objl_train}),
             "train_objects": len(objl_train),
             "valid_objects": len(objl_valid),
@@ -314,7 +462,17 @@ def cluster(args) -> None:
     if present:
         clust = Cluster(clustRadius=int(args.radius_voxels))
         clust.obs_list = []
-        objl = clust.launch(labelmap)
+        # Cluster.launch counts each cluster's votes for labels 1..(number of labels
+        # present), so when a class is missing from the map (say labels 2, 3, 4) the
+        # highest label gets no vote and its objects come out as label 1. MeanShift
+        # runs on the positions of all object voxels whatever their label, so handing
+        # it ranks 1..N and mapping the winners back gives exactly what it computes
+        # when every class is present.
+        rank_of = np.zeros(int(labelmap.max()) + 1, dtype=np.int8)
+        rank_of[present] = np.arange(1, len(present) + 1)
+        objl = clust.launch(rank_of[labelmap])
+        for obj in objl:
+            obj["label"] = present[int(obj["label"]) - 1]
     else:
         objl = []  # MeanShift cannot run on an empty label map: nothing was found
     seconds = time.perf_counter() - started
@@ -324,11 +482,9 @@ def cluster(args) -> None:
     write_objl_csv(objl, out.with_suffix(".csv"), args.tomo)
     notes = []
     if present and present != list(range(1, len(present) + 1)):
-        # Cluster.launch counts votes for labels 1..(number of labels present),
-        # so a missing lower label shifts every vote: record it, do not patch it.
         notes.append(
-            f"labels present {present} are not 1..{len(present)}: DeepFinder's Cluster "
-            "assigns only labels 1..N, so some objects may carry a wrong class"
+            f"labels present {present} are not 1..{len(present)}: handed to DeepFinder's "
+            "Cluster as 1..N and mapped back (it would give the highest label's objects label 1)"
         )
     write_json(
         out.with_suffix(".json"),
@@ -382,6 +538,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2, help="default 2")
     p.add_argument("--steps-per-epoch", type=int, default=100, help="default 100")
     p.add_argument("--steps-per-valid", type=int, default=10, help="default 10")
+    p.add_argument(
+        "--max-steps", type=int, default=0, help="also stop after this many steps (0: no limit)"
+    )
+    p.add_argument(
+        "--trace-every",
+        type=int,
+        default=0,
+        help="every N steps, record per-class soft scores on 2 fixed validation batches (0: off)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=train)
 

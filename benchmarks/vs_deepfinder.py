@@ -16,7 +16,14 @@ does that). One run:
    thresholds ``evaluate -o`` tunes on the validation tomogram; DeepFinder
    ``Cluster`` MeanShift + cluster-size thresholds tuned on the same tomogram),
    and scores both with ``cryocaps.evaluation.evaluate_picks``;
-5. writes ``benchmarks/results/vs_deepfinder.json`` and the section between
+5. records whether DeepFinder learned (an object class at voxel F1 >= 0.2 on its
+   validation patches with the final weights, and object voxels in the test
+   label map); where it did not, the table says "did not learn" beside its F1.
+   On sparse sets (simulate's default crowding 0.1) its documented 48³ patches
+   stay on the background plateau, so it trains on 32³ patches there; on the
+   ``crowded`` set (crowding 0.3) its documented settings learn (RESULTS.md,
+   "A DeepFinder that learned");
+6. writes ``benchmarks/results/vs_deepfinder.json`` and the section between
    ``<!-- vs_deepfinder:start -->`` and ``<!-- vs_deepfinder:end -->`` of
    ``benchmarks/RESULTS.md`` (the rest of that file is kept).
 
@@ -68,6 +75,14 @@ STRUCTURES = HERE.parent.parent / "shared" / "data" / "structures"
 # --------------------------------------------------------------------------- settings
 
 
+# DeepFinder's training patch: 48 as in its parameter file where that learns; on sparse
+# sets (simulate's default crowding 0.1) 48³ patches are 88% background and its training
+# collapses onto the background plateau within 20 steps, while 32³ patches (its documented
+# knob for smaller memory) leave the plateau after ~200 steps (RESULTS.md).
+DOCUMENTED_DF_PATCH = 48
+SPARSE_DF_PATCH = 32
+
+
 def data_sets(args) -> dict[str, dict]:
     """Name -> ``cryocaps simulate`` options for each data set of this run."""
     shape = "48,96,96" if args.quick else args.shape
@@ -75,6 +90,14 @@ def data_sets(args) -> dict[str, dict]:
         "procedural": {
             "description": f"built-in procedural classes, SNR {args.snr}",
             "options": ["--shape", shape, "--snr", str(args.snr)],
+            "df_patch_size": SPARSE_DF_PATCH,
+        },
+        # The procedural classes packed three times as densely (cryocaps simulate's default
+        # crowding is 0.1): where DeepFinder's documented settings learn (RESULTS.md).
+        "crowded": {
+            "description": f"built-in procedural classes, SNR {args.snr}, crowding {args.crowding}",
+            "options": ["--shape", shape, "--snr", str(args.snr), "--crowding", str(args.crowding)],
+            "df_patch_size": DOCUMENTED_DF_PATCH,
         },
         "structures": {
             "description": f"{', '.join(args.structure_classes)} from {args.structures}, SNR {args.structures_snr}",
@@ -88,6 +111,7 @@ def data_sets(args) -> dict[str, dict]:
                 "--classes-from",
                 ",".join(args.structure_classes),
             ],
+            "df_patch_size": SPARSE_DF_PATCH,
         },
     }
     return {name: sets[name] for name in args.datasets}
@@ -114,12 +138,20 @@ def parse_args(argv=None):
     parser.add_argument(
         "--datasets",
         default=None,
-        help="procedural,structures [default: both; procedural with --quick]",
+        help="procedural,crowded,structures [default: all three; procedural with --quick]",
     )
     parser.add_argument(
         "--shape", default="64,160,160", help="tomogram shape Z,Y,X in voxels [default: 64,160,160]"
     )
-    parser.add_argument("--snr", type=float, default=0.4, help="procedural set SNR [default: 0.4]")
+    parser.add_argument(
+        "--snr", type=float, default=0.4, help="procedural and crowded sets' SNR [default: 0.4]"
+    )
+    parser.add_argument(
+        "--crowding",
+        type=float,
+        default=0.3,
+        help="crowded set: fraction of the slab filled by particles [default: 0.3; simulate's is 0.1]",
+    )
     parser.add_argument(
         "--structures",
         type=Path,
@@ -138,10 +170,25 @@ def parse_args(argv=None):
         "--df-batch-size", type=int, default=2, help="DeepFinder batch size [default: 2]"
     )
     parser.add_argument(
+        "--df-minutes",
+        type=float,
+        default=None,
+        help="DeepFinder's own wall-clock training budget, minutes [default: --minutes], "
+        "to see what more time gives it",
+    )
+    parser.add_argument(
+        "--df-max-steps",
+        type=int,
+        default=0,
+        help="also stop DeepFinder's training after this many steps [default: 0, no limit]",
+    )
+    parser.add_argument(
         "--df-patch-size",
         type=int,
-        default=48,
-        help="DeepFinder training patch, voxels [default: 48, its parameter file]",
+        default=None,
+        help=f"DeepFinder training patch, voxels, for every set [default: {DOCUMENTED_DF_PATCH} (its "
+        f"parameter file) on the crowded set, {SPARSE_DF_PATCH} on the sparse sets, where "
+        f"{DOCUMENTED_DF_PATCH} stays on its background plateau]",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for simulate and both tools [default: 0]"
@@ -183,16 +230,18 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.minutes is None:
         args.minutes = 2.0 if args.quick else 12.0
+    if args.df_minutes is None:
+        args.df_minutes = args.minutes
     if args.reuse_training:
         args.reuse_data = True
     if args.datasets is None:
-        args.datasets = "procedural" if args.quick else "procedural,structures"
+        args.datasets = "procedural" if args.quick else "procedural,crowded,structures"
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.structure_classes = [c.strip() for c in args.structure_classes.split(",") if c.strip()]
-    unknown = [d for d in args.datasets if d not in ("procedural", "structures")]
+    unknown = [d for d in args.datasets if d not in ("procedural", "crowded", "structures")]
     if unknown:
-        parser.error(f"--datasets: unknown {unknown}; use procedural, structures")
+        parser.error(f"--datasets: unknown {unknown}; use procedural, crowded, structures")
     return args
 
 
@@ -576,7 +625,7 @@ def train_deepfinder(data: dict, args, folder: Path, n_classes: int, radii: dict
         logs / "prepare.log",
     )
 
-    say(f"DeepFinder: train {args.minutes:g} min")
+    say(f"DeepFinder: train {args.df_minutes:g} min")
     train = run_measured(
         driver_cmd(
             "train",
@@ -587,11 +636,13 @@ def train_deepfinder(data: dict, args, folder: Path, n_classes: int, radii: dict
             "--out",
             folder / "model",
             "--minutes",
-            args.minutes,
+            args.df_minutes,
+            "--max-steps",
+            args.df_max_steps,
             "--batch-size",
             args.df_batch_size,
             "--patch-size",
-            args.df_patch_size,
+            data["df_patch_size"],
             "--seed",
             args.seed,
         ),
@@ -599,6 +650,26 @@ def train_deepfinder(data: dict, args, folder: Path, n_classes: int, radii: dict
     )
     train |= json.loads((folder / "model" / "train.json").read_text())
     return prepare, train
+
+
+def deepfinder_learned(train: dict, segment: dict) -> dict:
+    """Did DeepFinder learn: its own validation verdict and an object voxel in the test map.
+
+    ``train["learned"]`` comes from the driver (an object class at voxel F1 >= 0.2
+    on DeepFinder's validation patches with the final weights); a model trained
+    before the driver kept that verdict is judged by its test label map alone.
+    """
+    test_objects = int(sum(segment["label_voxels"][1:]))
+    final = train.get("final_validation") or {}
+    verdict = test_objects > 0 and train.get("learned", True)
+    return {
+        "verdict": bool(verdict),
+        "test_object_voxels": test_objects,
+        "validation_voxel_f1": final.get("valid_f1"),
+        "first_loss": train.get("first_loss"),
+        "last_loss": train.get("last_loss"),
+        "steps": train.get("steps"),
+    }
 
 
 def run_deepfinder(data: dict, args, folder: Path, classes, truth, dataset: str) -> dict:
@@ -625,8 +696,6 @@ def run_deepfinder(data: dict, args, folder: Path, classes, truth, dataset: str)
         prepare, train = train_deepfinder(data, args, folder, n_classes, radii, particles_csv)
     else:
         prepare = {"reused_from_earlier_run": True}
-
-    objls = {}
 
     objls = {}
     segments = {}
@@ -693,6 +762,7 @@ def run_deepfinder(data: dict, args, folder: Path, classes, truth, dataset: str)
     )
     return {
         "tool": "DeepFinder 0.2.1",
+        "learned": deepfinder_learned(train, segments["test"]),
         "prepare": prepare,
         "train": train,
         "segment": segments["test"],
@@ -727,7 +797,7 @@ def throughput_at_patch(model: str, data: dict, args, folder: Path) -> dict:
             args.throughput_minutes,
             args.seed,
             "--patch-size",
-            args.df_patch_size,
+            data["df_patch_size"],
             "--batch-size",
             args.df_batch_size,
             "--steps-per-epoch",
@@ -740,7 +810,7 @@ def throughput_at_patch(model: str, data: dict, args, folder: Path) -> dict:
     log = read_training_log(run_dir)
     return {
         "model": model,
-        "patch_size": args.df_patch_size,
+        "patch_size": data["df_patch_size"],
         "batch_size": args.df_batch_size,
         "steps": log.get("steps"),
         "seconds_per_step": log.get("seconds_per_step"),
@@ -786,20 +856,78 @@ TABLE_ROWS = [
 ]
 
 
+def learned_verdict(entry: dict) -> dict | None:
+    """Whether a DeepFinder entry learned; also for results written before the verdict was kept.
+
+    Earlier results JSON has no ``learned`` entry; there a test label map with
+    no object voxel (``segment.label_voxels``) is the evidence that it did not.
+    """
+    if "learned" in entry:
+        return entry["learned"]
+    counts = (entry.get("segment") or {}).get("label_voxels")
+    if not counts:
+        return None
+    objects = int(sum(counts[1:]))
+    return {"verdict": objects > 0, "test_object_voxels": objects, "validation_voxel_f1": None}
+
+
+def learned_note(entry: dict) -> str:
+    """``; validation voxel F1 per class …`` for the DeepFinder notes line, when known."""
+    verdict = learned_verdict(entry) or {}
+    f1 = verdict.get("validation_voxel_f1")
+    if not f1:
+        return ""
+    return (
+        f"; validation voxel F1 per class (background first, final weights) "
+        f"{', '.join(f'{v:.2f}' for v in f1)}"
+    )
+
+
+def learned_cell(entry: dict) -> str:
+    verdict = learned_verdict(entry)
+    if verdict is None:
+        return "–"
+    if verdict["verdict"]:
+        return "yes"
+    return "**no**: background-only" if verdict["test_object_voxels"] == 0 else "**no**"
+
+
+# Rows whose numbers mean nothing for a tool that did not learn: they say so beside the number.
+ACCURACY_ROWS = ("macro F1", "worst-class F1")
+
+
 def comparison_rows(tools: dict, class_names: list[str]) -> list[str]:
     """Markdown rows, one column per tool; per-class F1 rows after the worst-class row."""
     per_class = [(f"F1 {c}", lambda e, c=c: fmt(e["f1_per_class"].get(c))) for c in class_names]
     rows = TABLE_ROWS[:2] + per_class + TABLE_ROWS[2:]
+    if any(learned_verdict(e) is not None for e in tools.values()):
+        rows = [("learned?", learned_cell), *rows]
+    accuracy = {*ACCURACY_ROWS, *(label for label, _ in per_class)}
     lines = []
     for label, cell in rows:
         cells = []
         for entry in tools.values():
             try:
-                cells.append(cell(entry))
+                text = cell(entry)
             except (KeyError, TypeError):
-                cells.append("–")
+                text = "–"
+            verdict = learned_verdict(entry)
+            if label in accuracy and verdict is not None and not verdict["verdict"]:
+                text += " (did not learn)"
+            cells.append(text)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
+
+
+def deepfinder_budget_note(settings: dict) -> str:
+    """`` (DeepFinder: 40 min)`` when DeepFinder had its own budget."""
+    df_minutes = settings.get("df_minutes")
+    notes = []
+    if df_minutes is not None and df_minutes != settings["minutes"]:
+        notes.append(f"{df_minutes:g} min")
+    if settings.get("df_max_steps"):
+        notes.append(f"at most {settings['df_max_steps']} steps")
+    return f" (DeepFinder: {', '.join(notes)})" if notes else ""
 
 
 def markdown_section(report: dict) -> str:
@@ -823,13 +951,17 @@ def markdown_section(report: dict) -> str:
         f"{probe['start']['gflops_per_second']:.0f} GFLOP/s at start, {probe['end']['gflops_per_second']:.0f} GFLOP/s at end.",
         "",
         f"Same data and budget for every tool: `cryocaps simulate` 5 tomograms (3 train, 1 validation "
-        f"given to both, 1 test), {report['settings']['minutes']:g} min wall-clock training each, "
+        f"given to both, 1 test), {report['settings']['minutes']:g} min wall-clock training each"
+        + deepfinder_budget_note(report["settings"])
+        + ", "
         "the test tomogram scored by `cryocaps.evaluation.evaluate_picks` (tolerance 0.5 × class radius). "
         "cryocaps: CLI defaults (`train --max-minutes`, `segment`, `cluster-picks`), picks filtered with "
         "the per-class score thresholds `evaluate -o` tuned on the validation tomogram "
         "(`cluster-picks --thresholds`). DeepFinder: "
-        f"TargetBuilder spheres, Train (patch {report['settings']['df_patch_size']}, batch "
-        f"{report['settings']['df_batch_size']}, bootstrap, Lrnd 13), Segment, Cluster (MeanShift), per-class "
+        f"TargetBuilder spheres, Train (batch {report['settings']['df_batch_size']}, patch as in the "
+        f"'batch × patch' row: {DOCUMENTED_DF_PATCH} as in its parameter file where that learns, "
+        f"{SPARSE_DF_PATCH} on sparse sets, where {DOCUMENTED_DF_PATCH} stays on its background "
+        "plateau; bootstrap, Lrnd 13), Segment, Cluster (MeanShift), per-class "
         "cluster-size thresholds chosen on the validation tomogram. Segmentation and picking are timed as whole "
         "processes (imports and file I/O included); peak RSS is that process's own.",
         "",
@@ -865,7 +997,9 @@ def markdown_section(report: dict) -> str:
                 f"without them {fmt(df['macro_f1_without_thresholds'])}; cluster radius "
                 f"{df['cluster_radius_voxels']} voxels; Segment patch {df['segment'].get('patch_size')}; "
                 f"training loss {df['train'].get('first_loss')} at the first step, "
-                f"{df['train'].get('last_loss')} at the last."
+                f"{df['train'].get('last_loss')} at the last"
+                + learned_note(df)
+                + "."
                 + (" Model reused from the previous run (training numbers are that run's)."
                    if df["train"].get("reused_from_earlier_run") else "")
             )
@@ -943,6 +1077,7 @@ def main(argv=None) -> int:
     for name, spec in data_sets(args).items():
         folder = args.work / name
         data = simulate(name, spec, args, folder / "data")
+        data["df_patch_size"] = args.df_patch_size or spec["df_patch_size"]
         classes, truth = load_truth(data)
         from cryocaps.io.volumes import read_info
 
@@ -977,7 +1112,7 @@ def main(argv=None) -> int:
         if args.throughput_minutes > 0 and "throughput_equal_patch" not in report:
             report["throughput_equal_patch"] = {"dataset": name, "deepfinder": tools.get("deepfinder", {}).get("train")}
             for model in args.models:
-                say(f"cryocaps {model}: training throughput at patch {args.df_patch_size}, batch {args.df_batch_size}")
+                say(f"cryocaps {model}: training throughput at patch {data['df_patch_size']}, batch {args.df_batch_size}")
                 try:
                     report["throughput_equal_patch"][model] = throughput_at_patch(model, data, args, folder)
                 except (RuntimeError, OSError) as error:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # cryocaps side by side with DeepFinder 0.2.1 (see benchmarks/vs_deepfinder.py --help).
 #   benchmarks/vs_deepfinder.sh --quick          # plumbing check, ~12 min on 2 cores
-#   benchmarks/vs_deepfinder.sh                  # full run: 12-min budgets, 2 data sets, ~80 min
-#   benchmarks/vs_deepfinder.sh --minutes 10     # 65 min measured (+1.5 min throughput runs)
-#   benchmarks/vs_deepfinder.sh --datasets procedural   # one data set, ~40 min
+#   benchmarks/vs_deepfinder.sh                  # full run: 12-min budgets, 3 data sets, ~2 h
+#   benchmarks/vs_deepfinder.sh --datasets procedural,structures --minutes 10   # 65 min measured
+#   benchmarks/vs_deepfinder.sh --datasets crowded      # one data set, ~40 min
+#   benchmarks/vs_deepfinder.sh --datasets crowded --models ''   # DeepFinder alone, ~15 min
 #   benchmarks/vs_deepfinder.sh --reuse-training        # redo segment/pick/score on the last run's models
 # PYTHON: the interpreter with cryocaps installed [default: python3 on PATH].
 # The DeepFinder venv (benchmarks/.venv-deepfinder, ~2.3 GB) is made on first use.
