@@ -739,3 +739,29 @@ def test_segment_on_zarr_equals_segment_on_mrc(project, tmp_path):
         CryocapsError, match=r"wbp.zarr: no scale level at 15 Å; the image has 10, 20, 40 Å"
     ):
         segment_files([image], _tiny_model(tmp_path / "model15", 15.0), tmp_path / "out15")
+
+
+def test_train_data_from_a_project_skips_runs_without_label_maps(project, tmp_path):
+    from cryocaps.classes import ClassTable, ParticleClass
+    from cryocaps.io.class_table import write_classes
+    from cryocaps.training import TrainConfig
+    from cryocaps.training.data import prepare_data
+
+    config, _ = project
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    label_map = np.zeros(SHAPE, np.uint8)
+    label_map[1:4, 2:5, 2:5] = 1  # two particles, in the first run only
+    label_map[7:10, 10:13, 14:17] = 1
+    write_volume(masks / f"{RUNS[0]}_labels.mrc", label_map, SPACING)
+    write_classes(ClassTable([ParticleClass(1, "ribosome", 20.0)]), masks / "classes.csv")
+    settings = dict(labels=[masks], out_dir=tmp_path / "run", patch_size=8, val_fraction=0.5)
+    data = prepare_data(TrainConfig(tomograms=[f"{config}:wbp@10"], **settings))
+    try:
+        assert [volume.name for volume in data.volumes] == [RUNS[0]]
+    finally:
+        data.close()
+    # named one by one (not as a project), a tomogram without a label map is still an error
+    images = expand_volume_paths([str(config)], "--tomograms")
+    with pytest.raises(CryocapsError, match=f"--tomograms .*{RUNS[1]}.*no label map"):
+        prepare_data(TrainConfig(tomograms=images, **settings))

@@ -146,8 +146,14 @@ def index_by_tomogram(paths: Iterable[str | os.PathLike], flag: str) -> dict[str
     return table
 
 
-def match_label_maps(tomograms: Sequence[Path], labels: Sequence[Path]) -> list[tuple[Path, Path]]:
-    """Pair each tomogram with its label map (``<tomo>_labels.mrc`` or ``<tomo>.mrc``)."""
+def match_label_maps(
+    tomograms: Sequence[Path], labels: Sequence[Path], skip_unlabelled: bool = False
+) -> list[tuple[Path, Path]]:
+    """Pair each tomogram with its label map (``<tomo>_labels.mrc`` or ``<tomo>.mrc``).
+
+    A tomogram without one is refused, or with ``skip_unlabelled`` left out with a warning
+    (a copick project's runs that have no picks).
+    """
     by_name = index_by_tomogram(labels, "--labels")
     pairs = []
     seen: dict[str, Path] = {}
@@ -159,11 +165,16 @@ def match_label_maps(tomograms: Sequence[Path], labels: Sequence[Path]) -> list[
             )
         seen[name] = tomogram
         if name not in by_name:
+            if skip_unlabelled:
+                log.warning("tomogram %s has no label map among --labels; not trained on", name)
+                continue
             raise CryocapsError(
                 f"--tomograms {tomogram}: no label map {name}_labels.mrc or {name}.mrc "
                 "among --labels"
             )
         pairs.append((tomogram, by_name[name]))
+    if not pairs:
+        raise CryocapsError("--tomograms: no tomogram has a label map among --labels")
     unused = sorted(set(by_name) - set(seen))
     if unused:
         log.warning("label maps without a tomogram ignored: %s", ", ".join(unused))

@@ -18,6 +18,7 @@ import numpy as np
 from cryocaps.classes import ClassTable
 from cryocaps.errors import CryocapsError
 from cryocaps.io.class_table import load_class_table_beside
+from cryocaps.io.copick_project import parse_tomogram_spec
 from cryocaps.io.layout import (
     base_tomogram_name,
     expand_volume_paths,
@@ -185,7 +186,9 @@ def prepare_data(config: TrainConfig) -> TrainingData:
     """
     tomogram_paths = expand_volume_paths(config.tomograms, "--tomograms", skip_outputs=True)
     label_paths = expand_volume_paths(config.labels, "--labels", skip_outputs=False)
-    pairs = match_label_maps(tomogram_paths, label_paths)
+    # a copick project names every run; those without picks (no label map) are not trained on
+    from_project = any(parse_tomogram_spec(path) is not None for path in config.tomograms)
+    pairs = match_label_maps(tomogram_paths, label_paths, skip_unlabelled=from_project)
     classes = find_class_table(config.classes, [label for _, label in pairs])
     volumes, counts = load_volumes(pairs, classes.n_labels, config.voxel_size_angstrom)
     if config.patch_size is None:
