@@ -189,8 +189,9 @@ def test_fused_routing_matches_plain_in_float64(
     share_weights, stride, iterations, fused_everywhere
 ):
     layer = ConvCapsule3d(
-        3, 4, 5, 6, stride=stride, routing_iterations=iterations, share_weights=share_weights
-    ).double()
+        3, 4, 5, 6, stride=stride, routing_iterations=iterations, share_weights=share_weights,
+        fused_routing=True,
+    ).double()  # fmt: skip
     assert layer.uses_fused_routing
     capsules = torch.randn(2, 3, 4, 6, 6, 6, dtype=torch.float64)
     weights = torch.randn(layer(capsules).shape, dtype=torch.float64)
@@ -240,8 +241,10 @@ def test_fused_routing_under_bf16_autocast_stays_within_bf16_tolerance(fused_eve
 def test_capsule_layer_gradients_do_not_depend_on_the_weight_gradient_path(
     share_weights, monkeypatch
 ):
-    layer = ConvCapsule3d(3, 4, 16, 2, stride=2, share_weights=share_weights).double()
-    assert layer.uses_fused_routing  # 16 output capsules: fused by default
+    layer = ConvCapsule3d(
+        3, 4, 16, 2, stride=2, share_weights=share_weights, fused_routing=True
+    ).double()
+    assert layer.uses_fused_routing  # 16 output capsules: fused where asked
     capsules = torch.randn(2, 3, 4, 6, 6, 6, dtype=torch.float64)
     weights = torch.randn(2, 16, 2, 3, 3, 3, dtype=torch.float64)
     results = []
@@ -327,12 +330,12 @@ def test_fused_routing_keeps_ucaps_outputs_and_parameter_names():
     model = create_model("ucaps", 3).eval()
     x = torch.randn(1, 1, 16, 16, 16)
     layers = [model.primary_capsules, *model.encoder]
-    assert all(layer.fused_routing for layer in layers)  # the default
+    assert not any(layer.fused_routing for layer in layers)  # plain routing is the default
     with torch.no_grad():
-        fused = model(x)
-        for layer in layers:
-            layer.fused_routing = False
         plain = model(x)
+        for layer in layers:
+            layer.fused_routing = True
+        fused = model(x)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
     # saved models of earlier versions load: the same parameter and buffer names and shapes
     names = sorted((key, tuple(value.shape)) for key, value in model.state_dict().items())

@@ -72,16 +72,17 @@ def test_routing_of_large_half_precision_votes_is_finite(implementation):
     assert votes.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("out_capsules", [16, 8])  # fused and plain routing
-def test_capsule_layer_under_float16_autocast_is_finite_and_close_to_float32(out_capsules):
-    layer = ConvCapsule3d(8, 4, out_capsules, 8, stride=2, routing_iterations=3)
+@pytest.mark.parametrize("fused", [True, False])
+def test_capsule_layer_under_float16_autocast_is_finite_and_close_to_float32(fused):
+    layer = ConvCapsule3d(8, 4, 16, 8, stride=2, routing_iterations=3, fused_routing=fused)
+    assert layer.uses_fused_routing == fused
     capsules = torch.randn(1, 8, 4, 8, 8, 8)
     reference = layer(capsules)
     with torch.autocast("cpu", dtype=torch.float16):
         half = layer(capsules.requires_grad_())
         half.float().sum().backward()
     assert _finite(half) and _finite(capsules.grad) and _finite(layer.conv.weight.grad)
-    assert (half.float() - reference).abs().max() < 1e-2
+    assert (half.float() - reference).abs().max() < 3e-2  # float16 votes, sums of 4 x 27 terms
 
 
 def _training_step(name: str, precision) -> tuple[torch.nn.Module, torch.Tensor, dict]:

@@ -13,9 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ruff_is_clean():
-    if shutil.which("ruff") is None and subprocess.run(
-        [sys.executable, "-m", "ruff", "--version"], capture_output=True
-    ).returncode:
+    if (
+        shutil.which("ruff") is None
+        and subprocess.run(
+            [sys.executable, "-m", "ruff", "--version"], capture_output=True
+        ).returncode
+    ):
         pytest.skip("ruff is not installed (it is in the test extra)")
     done = subprocess.run(
         [sys.executable, "-m", "ruff", "check", "--no-cache", "cryocaps", "tests", "benchmarks"],

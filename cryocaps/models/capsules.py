@@ -17,15 +17,16 @@ capsules o) weight the votes, ``s[o] = sum_i c[i, o] u[i, o] + b[o]``,
 All votes come from one ``conv3d`` call (channels-last, so oneDNN's fast
 path runs it). Two routing implementations give the same values:
 
-- fused (``routing.fused_routing``, the default for layers that route, i.e.
-  more than one iteration): the votes stay where the convolution wrote them,
+- fused (``routing.fused_routing``, opt-in with ``fused_routing=True``, for layers
+  that route, i.e. more than one iteration; slower than plain on an idle 2-core
+  CPU, see benchmarks/RESULTS.md): the votes stay where the convolution wrote them,
   with the kernels' output channels reordered to (atom, capsule) so that the
   capsule index is innermost; routing runs block by block of voxels in
   float32, in cache, and its backward pass saves only the final coupling and
   pre-squash sums. The vote convolution's weight gradient is one GEMM
   (``routing.vote_convolution``).
-- plain (``route_voxel_major``; for one iteration, ``full_gradient``,
-  transposed layers, or ``fused_routing=False``): one copy puts the votes
+- plain (``route_voxel_major``; the default, and always for one iteration,
+  ``full_gradient`` and transposed layers): one copy puts the votes
   voxel-major, (B, D, H, W, O, I, A), where every (voxel, output capsule) owns
   a small I x A matrix, and each iteration is two batched mat-vec products
   (``bmm``) over the whole vote tensor.
@@ -178,7 +179,7 @@ class _CapsuleLayer(nn.Module):
         routing_iterations: int = 3,
         share_weights: bool = True,
         full_gradient: bool = False,
-        fused_routing: bool = True,
+        fused_routing: bool = False,
     ):
         super().__init__()
         self.full_gradient = bool(full_gradient)

@@ -54,10 +54,10 @@ BLOCK_VOTES = 1 << 19
 # capsules, 10-25% slower for 8 or 4 (benchmarks/models.py, 1 thread).
 FUSED_MIN_CAPSULES = 16
 # Weight gradient of the capsule layers' vote convolution as one GEMM
-# (``vote_convolution``): None = where torch runs more than one thread (oneDNN's bf16
-# weight gradient of these shapes measured 1.2-9x slower with 2 threads on a shared
-# 2-core machine, ~7% faster with 1 thread); True / False force it (benchmarks).
-GEMM_WEIGHT_GRADIENT: bool | None = None
+# (``vote_convolution``): False = never (the default: on an idle 2-core AMD EPYC it made a
+# 3D-UCaps training step slower, 1.89 -> 1.93 s; the 1.2-9x gains were measured on a
+# heavily shared machine); None = where torch runs more than one thread; True = always.
+GEMM_WEIGHT_GRADIENT: bool | None = False
 # ... and only for few input channels (the patches are k³ x C_in wide): the primary
 # capsules' 64-channel convolution measured 1.4x slower with it, 4-32 channels faster.
 GEMM_MAX_IN_CHANNELS = 32
