@@ -26,6 +26,12 @@ log = logging.getLogger("cryocaps")
 
 # --- options shared by commands (declare with these types) -----------------
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+OutDir = Annotated[
+    Path,
+    typer.Option(
+        "--out", "--output", "-o", help="Output folder (created if missing).", show_default=False
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only print warnings and errors.")]
 Verbose = Annotated[
     bool, typer.Option("--verbose", "-v", help="Print debug messages and full tracebacks.")

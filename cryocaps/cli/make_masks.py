@@ -24,6 +24,7 @@ from cryocaps.cli.common import (
     CopickObjects,
     CopickSession,
     CopickUser,
+    OutDir,
     Overwrite,
     Quiet,
     RadiusOption,
@@ -57,16 +58,7 @@ def command(
             show_default=False,
         ),
     ],
-    out_dir: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            "--output",
-            "-o",
-            help="Output folder (created if missing).",
-            show_default=False,
-        ),
-    ],
+    out_dir: OutDir,
     classes_path: ClassesOption = None,
     radius_angstrom: RadiusOption = None,
     radius_scale: Annotated[

@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from cryocaps.cli.common import (
+    OutDir,
     Overwrite,
     Quiet,
     Verbose,
@@ -35,16 +36,7 @@ def command(
             help="Tomograms to preprocess (MRC files or folders of them).", show_default=False
         ),
     ],
-    out_dir: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            "--output",
-            "-o",
-            help="Output folder (created if missing).",
-            show_default=False,
-        ),
-    ],
+    out_dir: OutDir,
     voxel_size_angstrom: Annotated[
         float | None,
         typer.Option(

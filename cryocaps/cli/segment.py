@@ -27,6 +27,7 @@ import typer
 
 from cryocaps.cli.common import (
     Device,
+    OutDir,
     Overwrite,
     Quiet,
     Verbose,
@@ -94,16 +95,7 @@ def command(
             show_default=False,
         ),
     ],
-    out_dir: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            "--output",
-            "-o",
-            help="Output folder (created if missing).",
-            show_default=False,
-        ),
-    ],
+    out_dir: OutDir,
     patch_size: Annotated[
         int | None,
         typer.Option(
