@@ -12,7 +12,8 @@ layers of 3D-UCaps down into their vote convolution and their routing.
     python benchmarks/models.py                 # ~1-2 min on 2 idle cores: 64³ and 32³,
                                                   fp32 and bf16
     python benchmarks/models.py --repeats 3     # steadier numbers, ~3x longer
-    python benchmarks/models.py --routing-only  # ceiling + plain vs fused routing at 2 × 48³
+    python benchmarks/models.py --routing-only  # ceiling, plain vs fused routing and the
+                                                  networks by routing iterations at 2 × 48³
 
 Plain vs fused routing (``capsules.route_voxel_major`` vs ``routing.fused_routing``)
 is timed layer by layer and for the whole 3D-UCaps at DeepFinder's training
@@ -292,6 +293,63 @@ def routing_rows(batch: int, size: int, repeats: int, dtype_name: str = "bf16") 
     return rows
 
 
+# The networks of the iteration table: (row name, model name, options).
+ITERATION_VARIANTS = [
+    ("ucaps (3 iterations, the paper's)", "ucaps", {}),
+    ("ucaps, 2 iterations", "ucaps", {"routing_iterations": 2}),
+    ("ucaps-fast (1 iteration)", "ucaps-fast", {}),
+    ("unet (DeepFinder's)", "unet", {}),
+]
+
+
+def iteration_rows(batch: int, size: int, repeats: int, dtype_name: str = "bf16") -> list[dict]:
+    """Whole networks by routing iterations at DeepFinder's training batch and patch.
+
+    Forward (eval, no_grad) and training step (loss + backward), timed in turn
+    (``interleaved``) so that all variants see the same load; training samples/s
+    is ``batch`` over the step time.
+    """
+    x = torch.randn(batch, 1, size, size, size).contiguous(memory_format=torch.channels_last_3d)
+    labels = torch.randint(0, N_CLASSES, (batch, size, size, size))
+    fns = {}
+    for row_name, name, options in ITERATION_VARIANTS:
+        model = create_model(name, N_CLASSES, **options)
+
+        def forward(model=model):
+            model.eval()
+            with torch.no_grad(), autocast(DTYPES[dtype_name]):
+                model(x)
+
+        def step(model=model):
+            model.train()
+            model.zero_grad(set_to_none=True)
+            with autocast(DTYPES[dtype_name]):
+                loss, _ = model.compute_loss(x, labels)
+            loss.backward()
+
+        fns[(row_name, "fwd")] = forward
+        fns[(row_name, "step")] = step
+    times = interleaved(fns, repeats)
+    rows = []
+    reference = times[(ITERATION_VARIANTS[0][0], "step")][0]
+    reference_fwd = times[(ITERATION_VARIANTS[0][0], "fwd")][0]
+    for row_name, _, _ in ITERATION_VARIANTS:
+        fwd, step = times[(row_name, "fwd")][0], times[(row_name, "step")][0]
+        rows.append(
+            {
+                "network": row_name,
+                "dtype": dtype_name,
+                "fwd_s": fwd,
+                "step_s": step,
+                "train_samples_per_s": batch / step,
+                "fwd_speedup": reference_fwd / fwd,
+                "step_speedup": reference / step,
+            }
+        )
+        print(f"  {row_name}: forward {fwd:.3f} s, fwd+bwd {step:.3f} s", flush=True)
+    return rows
+
+
 def _compare(name, shape, forward, step, switch, repeats) -> dict:
     """Interleaved timings of plain routing, fused routing with oneDNN's weight
     gradient of the vote convolution, and the defaults (fused routing where it
@@ -419,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     routing_patch = f"{args.routing_batch} × {args.routing_size}³"
     print(f"plain vs fused routing, {routing_patch}, bf16 ...", flush=True)
     routing = routing_rows(args.routing_batch, args.routing_size, args.repeats + 1)
+    print(f"networks by routing iterations, {routing_patch}, bf16 ...", flush=True)
+    iterations = iteration_rows(args.routing_batch, args.routing_size, args.repeats + 1)
     rows, capsules = [], []
     if not args.routing_only:
         for size in args.sizes:
@@ -445,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         "capsule_layers": capsules,
         "routing_patch": routing_patch,
         "routing": routing,
+        "iterations": iterations,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -460,6 +521,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print_routing(routing, routing_patch)
+    print()
+    print(f"Networks by routing iterations, {routing_patch}, bf16 autocast (interleaved):")
+    print()
+    print(
+        markdown(
+            iterations,
+            [
+                ("network", "network", "s"),
+                ("fwd s", "fwd_s", ".3f"),
+                ("fwd speed-up", "fwd_speedup", ".2f"),
+                ("fwd+bwd s", "step_s", ".3f"),
+                ("fwd+bwd speed-up", "step_speedup", ".2f"),
+                ("training samples/s", "train_samples_per_s", ".2f"),
+            ],
+        )
+    )
     if args.routing_only:
         print(
             f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; "

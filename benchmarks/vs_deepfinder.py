@@ -81,6 +81,10 @@ STRUCTURES = HERE.parent.parent / "shared" / "data" / "structures"
 # knob for smaller memory) leave the plateau after ~200 steps (RESULTS.md).
 DOCUMENTED_DF_PATCH = 48
 SPARSE_DF_PATCH = 32
+# The hard set: 3gl1 (a small complex, ~65 Å), 3j9i (20S proteasome: hollow barrel),
+# 1qvr (elongated), 4v4r_30S (ribosomal subunit).
+DATASET_NAMES = ("procedural", "crowded", "structures", "hard")
+HARD_CLASSES = ("3gl1", "3j9i", "1qvr", "4v4r_30S")
 
 
 def data_sets(args) -> dict[str, dict]:
@@ -113,6 +117,25 @@ def data_sets(args) -> dict[str, dict]:
             ],
             "df_patch_size": SPARSE_DF_PATCH,
         },
+        # Harder, of our own making (issue 18): a small complex among large ones, one of
+        # them a hollow ring-stacked barrel (the 20S proteasome), low SNR, crowded.
+        "hard": {
+            "description": f"{', '.join(HARD_CLASSES)} from {args.structures}, SNR {args.hard_snr}, "
+            f"crowding {args.hard_crowding}",
+            "options": [
+                "--shape",
+                shape,
+                "--snr",
+                str(args.hard_snr),
+                "--crowding",
+                str(args.hard_crowding),
+                "--structures",
+                str(args.structures),
+                "--classes-from",
+                ",".join(HARD_CLASSES),
+            ],
+            "df_patch_size": DOCUMENTED_DF_PATCH,
+        },
     }
     return {name: sets[name] for name in args.datasets}
 
@@ -132,13 +155,13 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--models",
-        default="ucaps,unet",
-        help="cryocaps models, comma-separated [default: ucaps,unet]",
+        default="ucaps,ucaps-fast,unet",
+        help="cryocaps models, comma-separated [default: ucaps,ucaps-fast,unet]",
     )
     parser.add_argument(
         "--datasets",
         default=None,
-        help="procedural,crowded,structures [default: all three; procedural with --quick]",
+        help="procedural,crowded,structures,hard [default: all four; procedural with --quick]",
     )
     parser.add_argument(
         "--shape", default="64,160,160", help="tomogram shape Z,Y,X in voxels [default: 64,160,160]"
@@ -165,6 +188,12 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--structures-snr", type=float, default=0.2, help="structures set SNR [default: 0.2]"
+    )
+    parser.add_argument(
+        "--hard-snr", type=float, default=0.15, help="hard set SNR [default: 0.15]"
+    )
+    parser.add_argument(
+        "--hard-crowding", type=float, default=0.25, help="hard set crowding [default: 0.25]"
     )
     parser.add_argument(
         "--df-batch-size", type=int, default=2, help="DeepFinder batch size [default: 2]"
@@ -235,13 +264,13 @@ def parse_args(argv=None):
     if args.reuse_training:
         args.reuse_data = True
     if args.datasets is None:
-        args.datasets = "procedural" if args.quick else "procedural,crowded,structures"
+        args.datasets = "procedural" if args.quick else ",".join(DATASET_NAMES)
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.structure_classes = [c.strip() for c in args.structure_classes.split(",") if c.strip()]
-    unknown = [d for d in args.datasets if d not in ("procedural", "crowded", "structures")]
+    unknown = [d for d in args.datasets if d not in DATASET_NAMES]
     if unknown:
-        parser.error(f"--datasets: unknown {unknown}; use procedural, crowded, structures")
+        parser.error(f"--datasets: unknown {unknown}; use {', '.join(DATASET_NAMES)}")
     return args
 
 
@@ -417,6 +446,24 @@ def score(picks, truth, classes, tomogram: Path) -> dict:
         "worst_class_f1": min(per_class.values()) if per_class else None,
         "detail": result,
     }
+
+
+def at_defaults(scored: dict) -> dict:
+    """Macro F1 and, per class, precision, recall, F1, false and duplicate picks of a
+    ``score`` result: what a user without a validation tomogram gets."""
+    keys = ("precision", "recall", "f1", "fp", "duplicates", "n_picks", "n_truth")
+    return {
+        "macro_f1": scored["macro_f1"],
+        "classes": {
+            name: {key: entry.get(key) for key in keys}
+            for name, entry in scored["detail"]["classes"].items()
+        },
+    }
+
+
+def without_thresholds(scored: dict) -> dict:
+    """The entries of a tool's result for its picks without validation-tuned thresholds."""
+    return {"macro_f1_without_thresholds": scored["macro_f1"], "at_defaults": at_defaults(scored)}
 
 
 def deepfinder_picks(csv_path: Path, classes):
@@ -597,7 +644,7 @@ def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth, dat
             name: (None if value != value else round(float(value), 4))
             for name, value in zip(thresholds["class_name"], thresholds["min_score"], strict=True)
         },
-        "macro_f1_without_thresholds": score(raw, truth, classes, data["test"])["macro_f1"],
+        **without_thresholds(score(raw, truth, classes, data["test"])),
         "n_picks": len(picks),
         **score(picks, truth, classes, data["test"]),
     }
@@ -771,7 +818,7 @@ def run_deepfinder(data: dict, args, folder: Path, classes, truth, dataset: str)
         "pick_valid": clusters["valid"],
         "cluster_radius_voxels": cluster_radius,
         "thresholds": {classes.by_label(label).name: t for label, t in thresholds.items()},
-        "macro_f1_without_thresholds": raw_test["macro_f1"],
+        **without_thresholds(raw_test),
         "n_picks": len(picks),
         **score(pd.DataFrame(picks), truth, classes, data["test"]),
     }
@@ -919,6 +966,40 @@ def comparison_rows(tools: dict, class_names: list[str]) -> list[str]:
     return lines
 
 
+def defaults_rows(tools: dict, class_names: list[str]) -> list[str]:
+    """Picks without validation-tuned thresholds (cryocaps' CLI defaults; DeepFinder's
+    Cluster without cluster-size thresholds): per class precision, duplicates and F1."""
+    with_defaults = {key: e for key, e in tools.items() if e.get("at_defaults")}
+    if not with_defaults:
+        return []
+
+    def cell(entry: dict, name: str) -> str:
+        found = entry["at_defaults"]["classes"].get(name) or {}
+        if not found.get("n_picks"):
+            return "no picks"
+        duplicates = found.get("duplicates") or 0
+        return (
+            f"P {fmt(found.get('precision'))}, dup {duplicates}/{found['n_picks']}, "
+            f"F1 {fmt(found.get('f1'))}"
+        )
+
+    lines = [
+        "Without a validation tomogram (cryocaps `cluster-picks` at its defaults; DeepFinder's "
+        "Cluster without size thresholds): precision, duplicate picks / picks, F1 per class.",
+        "",
+        "| | " + " | ".join(e["tool"] for e in with_defaults.values()) + " |",
+        "|---" * (len(with_defaults) + 1) + "|",
+        "| macro F1 | "
+        + " | ".join(fmt(e["at_defaults"]["macro_f1"]) for e in with_defaults.values())
+        + " |",
+    ]
+    for name in class_names:
+        lines.append(
+            f"| {name} | " + " | ".join(cell(e, name) for e in with_defaults.values()) + " |"
+        )
+    return [*lines, ""]
+
+
 def deepfinder_budget_note(settings: dict) -> str:
     """`` (DeepFinder: 40 min)`` when DeepFinder had its own budget."""
     df_minutes = settings.get("df_minutes")
@@ -982,6 +1063,7 @@ def markdown_section(report: dict) -> str:
             if "error" in entry:
                 lines.append(f"\n{entry['tool']} FAILED: `{entry['error'].splitlines()[0]}`")
         lines.append("")
+        lines += defaults_rows(tools, [c["name"] for c in dataset["classes"]])
         for key, entry in tools.items():
             if key.startswith("cryocaps") and "thresholds" in entry:
                 lines.append(

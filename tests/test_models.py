@@ -112,7 +112,8 @@ def _reference_capsule_layer(layer: ConvCapsule3d, capsules: np.ndarray) -> np.n
 
 
 @pytest.mark.parametrize(
-    "share_weights, stride, iterations", [(True, 1, 3), (True, 2, 3), (False, 2, 3), (False, 1, 1)]
+    "share_weights, stride, iterations",
+    [(True, 1, 3), (True, 2, 3), (False, 2, 3), (False, 1, 1), (True, 2, 1), (False, 2, 2)],
 )
 def test_vectorised_capsule_layer_matches_plain_reference(share_weights, stride, iterations):
     layer = ConvCapsule3d(
@@ -125,6 +126,28 @@ def test_vectorised_capsule_layer_matches_plain_reference(share_weights, stride,
         via_votes = dynamic_routing(layer.votes(capsules), layer.bias, iterations).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(via_votes, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("share_weights", [True, False])
+def test_one_iteration_layer_skips_the_votes_with_the_same_values_and_gradients(share_weights):
+    """One routing iteration is the squashed mean vote: the layer computes it from one
+    convolution I times smaller than the votes' and must match routing the votes."""
+    layer = ConvCapsule3d(
+        3, 4, 2, 5, stride=2, routing_iterations=1, share_weights=share_weights
+    ).double()
+    capsules = torch.randn(2, 3, 4, 6, 4, 6, dtype=torch.float64, requires_grad=True)
+    fast = layer(capsules)
+    slow = dynamic_routing(layer.votes(capsules), layer.bias, 1)
+    assert fast.shape == slow.shape == (2, 2, 5, 3, 2, 3)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+    weights = torch.randn_like(fast)
+    params = (capsules, layer.conv.weight, layer.bias)
+    grads_fast = torch.autograd.grad((fast * weights).sum(), params)
+    grads_slow = torch.autograd.grad((slow * weights).sum(), params)
+    for got, expected in zip(grads_fast, grads_slow, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    _, coupling = layer(capsules, return_coupling=True)
+    torch.testing.assert_close(coupling, torch.full_like(coupling, 0.5))
 
 
 def test_routing_gradients():
@@ -397,6 +420,7 @@ def test_ucaps_rejects_bad_sizes_and_options():
     [
         ("ucaps", {}, 2.8e6, 3.6e6),
         ("ucaps", {"variant": "2layer"}, 0.8e6, 1.3e6),
+        ("ucaps-fast", {}, 2.8e6, 3.6e6),
         ("unet", {}, 0.85e6, 0.95e6),
     ],
 )
@@ -505,6 +529,7 @@ def _fixed_batch(side: int = 16):
     [
         pytest.param("ucaps", {}, marks=pytest.mark.slow),
         pytest.param("ucaps", {"full_routing_gradient": True}, marks=pytest.mark.slow),
+        ("ucaps-fast", {}),
         ("unet", {}),
     ],
 )
@@ -540,7 +565,8 @@ def test_training_step_under_bf16_autocast(name):
 
 
 @pytest.mark.parametrize(
-    "name, options", [("ucaps", {}), ("ucaps", {"variant": "2layer"}), ("unet", {})]
+    "name, options",
+    [("ucaps", {}), ("ucaps", {"variant": "2layer"}), ("ucaps-fast", {}), ("unet", {})],
 )
 def test_save_load_round_trip_gives_identical_outputs(tmp_path, name, options):
     model = create_model(name, 3, **options)
@@ -605,3 +631,21 @@ def test_random_bytes_and_foreign_files_are_rejected(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "model": "resnet"}))
     with pytest.raises(CryocapsError, match="unknown model"):
         load_model(folder)
+
+
+def test_ucaps_fast_is_the_paper_network_with_one_routing_iteration():
+    """The named variant keeps the paper's parameters and, given the same weights,
+    gives what ``ucaps`` with ``routing_iterations=1`` gives; the model file says which."""
+    fast = create_model("ucaps-fast", 3)
+    paper = create_model("ucaps", 3)
+    assert fast.name == "ucaps-fast" and fast.config["routing_iterations"] == 1
+    assert [(k, v.shape) for k, v in fast.state_dict().items()] == [
+        (k, v.shape) for k, v in paper.state_dict().items()
+    ]
+    one_iteration = create_model("ucaps", 3, routing_iterations=1)
+    one_iteration.load_state_dict(fast.state_dict())
+    paper.load_state_dict(fast.state_dict())
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(x), one_iteration.eval()(x))
+        assert not torch.allclose(fast(x), paper.eval()(x), atol=1e-4)  # routing matters

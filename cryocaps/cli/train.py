@@ -109,7 +109,8 @@ def command(
         str,
         typer.Option(
             "--model",
-            help=f"Network: ucaps (3D-UCaps) or unet (DeepFinder). [default: {DEFAULT['model']}]",
+            help="Network: ucaps (3D-UCaps), ucaps-fast (3D-UCaps, one routing iteration) or unet "
+            f"(DeepFinder). [default: {DEFAULT['model']}]",
         ),
     ] = DEFAULT["model"],
     model_option: Annotated[

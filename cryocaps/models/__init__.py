@@ -1,4 +1,4 @@
-"""Networks by name: ``create_model("ucaps" | "unet", n_classes, **options)``.
+"""Networks by name: ``create_model("ucaps" | "ucaps-fast" | "unet", n_classes, **options)``.
 
 Every model maps (B, 1, D, H, W) float input to (B, n_classes, D, H, W) logits
 (``n_classes`` counts background as label 0), exposes ``size_multiple`` (input
@@ -17,6 +17,7 @@ from cryocaps.errors import CryocapsError
 REGISTRY = {
     "unet": "cryocaps.models.unet:UNet3D",
     "ucaps": "cryocaps.models.ucaps:UCaps3D",
+    "ucaps-fast": "cryocaps.models.ucaps:UCaps3DFast",
 }
 
 

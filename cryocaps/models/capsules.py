@@ -280,17 +280,45 @@ class _CapsuleLayer(nn.Module):
         return conv._conv_forward(x, weight, None)
 
     def _vote_sum(self, capsules: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-        """(B, P, C) sum over the input capsules of their votes, or None.
+        """(B, D', H', W', C) sum over the input capsules of their votes, or None for one input.
 
-        For shared weights ``sum_i W * x_i = W * sum_i x_i``: the first
-        routing pass from a convolution I times smaller than the votes'.
+        ``sum_i W_i * x_i`` is one convolution I times smaller than the votes':
+        of the summed input capsules with the shared kernel (``W * sum_i x_i``),
+        or of all input atoms with the per-type kernels laid side by side.
         ``C`` = O·A channels in the order of ``weight``.
         """
-        if not (self.share_weights and self.in_capsules > 1):
+        if self.in_capsules == 1 or self.transposed:
             return None
-        summed = capsules.sum(dim=1).contiguous(memory_format=torch.channels_last_3d)
-        out = self._convolve(summed, weight).permute(0, 2, 3, 4, 1)
-        return out.reshape(capsules.shape[0], -1, out.shape[-1])
+        if self.share_weights:
+            summed = capsules.sum(dim=1)
+        else:
+            n_in, taps = self.in_capsules, weight.shape[2:]
+            weight = weight.view(n_in, -1, self.in_atoms, *taps).transpose(0, 1)
+            weight = weight.reshape(-1, n_in * self.in_atoms, *taps)
+            summed = capsules.flatten(1, 2)
+        summed = summed.contiguous(memory_format=torch.channels_last_3d)
+        conv = self.conv
+        out = nn.functional.conv3d(summed, weight, None, conv.stride, conv.padding)
+        return out.permute(0, 2, 3, 4, 1)  # channels-last memory: a free view
+
+    def _mean_vote_forward(self, capsules: torch.Tensor):
+        """One routing iteration without the votes: ``squash(sum_i u[i, o] / O + b[o])``.
+
+        The same values as ``route_voxel_major`` with one iteration, from the
+        vote sum alone (``_vote_sum``); returns (B, *S, O, A) capsules and the
+        uniform (B, *S, O, I) coupling.
+        """
+        self._check_capsules(capsules)
+        vote_sum = self._vote_sum(capsules, self.conv.weight)
+        batch, n_out, n_atoms = capsules.shape[0], self.out_capsules, self.out_atoms
+        grid = vote_sum.shape[1:4]
+        s = vote_sum.view(batch, *grid, n_out, n_atoms) * (1.0 / n_out)
+        outputs = squash(s + self.bias.to(s.dtype), dim=-1)
+        wide = torch.promote_types(outputs.dtype, torch.float32)
+        coupling = torch.full(
+            (batch, *grid, n_out, self.in_capsules), 1.0 / n_out, dtype=wide, device=s.device
+        )
+        return outputs, coupling
 
     def _atom_major_weight(self) -> torch.Tensor:
         """The vote kernels with output channels reordered from (O, A) to (A, O) per group."""
@@ -332,6 +360,8 @@ class _CapsuleLayer(nn.Module):
 
     def _plain_forward(self, capsules: torch.Tensor):
         """Plain routing (``route_voxel_major``); returns (B, *S, O, A) and (B, *S, O, I)."""
+        if self.routing_iterations == 1 and self.in_capsules > 1 and not self.transposed:
+            return self._mean_vote_forward(capsules)
         votes = self.voxel_major_votes(capsules)
         batch, grid = capsules.shape[0], tuple(votes.shape[1:4])
         with torch.set_grad_enabled(
