@@ -8,6 +8,9 @@ below is applied to the same maps and scored with ``cryocaps.evaluation.evaluate
     python benchmarks/picking_levers.py                 # both sets, U-Net, 800 steps (~1 h loaded)
     python benchmarks/picking_levers.py --steps 200 --sets procedural   # a quick look
     python benchmarks/picking_levers.py --work DIR      # reuse DIR's data, models and maps
+    python benchmarks/picking_levers.py --vs-deepfinder benchmarks/work/vs_deepfinder
+        # the models a vs_deepfinder.py run trained (every set, every cryocaps model):
+        # segment its validation and test tomograms with --probabilities, then score the variants
 
 Variants: the default (components, min size 0.2 of the class sphere), larger size limits, a
 minimum mean probability, and probabilities blurred per class (sigma a fraction of the radius)
@@ -87,7 +90,9 @@ def variants(labels, probabilities, classes, voxel_size) -> dict[str, tuple[np.n
         "min size 0.5": (labels, {"min_size_fraction": 0.5}),
         "min score 0.5": (labels, {"min_score": 0.5}),
         "blur 0.5 r": (blur_50, {}),
+        "blur 0.35 r": (blur_35, {}),
         "blur 0.35 r + min size 0.5": (blur_35, {"min_size_fraction": 0.5}),
+        "blur 0.5 r + min size 0.5": (blur_50, {"min_size_fraction": 0.5}),
     }
 
 
@@ -130,14 +135,51 @@ def table(set_name: str, results: dict) -> str:
     return "\n".join(lines)
 
 
+def segment_vs_deepfinder_models(work: Path, models: list[str]) -> list[tuple[Path, str]]:
+    """(set folder, model) of every cryocaps model a vs_deepfinder.py run left in ``work``,
+    with its validation and test tomograms segmented with --probabilities into
+    ``<set>/seg_<model>`` (skipped when there)."""
+    found = []
+    for folder in sorted(p for p in work.iterdir() if (p / "data" / "particles.csv").is_file()):
+        for model in models:
+            run = folder / f"cryocaps-{model}" / "model"
+            if not (run / "model.pt").is_file():
+                continue
+            segmentation = folder / f"seg_{model}"
+            if not (segmentation / "tomo_05_probs.mrc").is_file():
+                tomograms = [str(folder / "data" / "tomograms" / f"{t}.mrc") for t in TOMOGRAMS]
+                cryocaps("segment", *tomograms, "--model", str(run), "--probabilities",
+                         "-o", str(segmentation), "--overwrite")  # fmt: skip
+            found.append((folder, model))
+    return found
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=HERE / "work" / "picking_levers")
     parser.add_argument("--sets", default=",".join(SETS), help="procedural,structures")
-    parser.add_argument("--model", default="unet", choices=["unet", "ucaps"])
+    parser.add_argument("--model", default="unet", choices=["unet", "ucaps", "ucaps-fast"])
     parser.add_argument("--steps", type=int, default=800, help="training steps (fixed)")
+    parser.add_argument(
+        "--vs-deepfinder",
+        type=Path,
+        default=None,
+        help="score the models of this vs_deepfinder.py --work folder instead of training",
+    )
+    parser.add_argument(
+        "--models", default="ucaps,ucaps-fast,unet", help="with --vs-deepfinder: which models"
+    )
     args = parser.parse_args(argv)
     report = {}
+    if args.vs_deepfinder is not None:
+        for folder, model in segment_vs_deepfinder_models(
+            args.vs_deepfinder, args.models.split(",")
+        ):
+            name = f"{folder.name} {model}"
+            report[name] = score_set(folder, model)
+            print(table(name, report[name]), flush=True)
+        (args.vs_deepfinder / "picking_levers.json").write_text(json.dumps(report, indent=1))
+        return 0
     for set_name in args.sets.split(","):
         folder = args.work / set_name
         prepare(folder, SETS[set_name], args.model, args.steps)
