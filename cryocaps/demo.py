@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryocaps.errors import CryocapsError
+from cryocaps.models import available_models
 
 __all__ = [
     "DemoSettings",
@@ -30,7 +31,6 @@ N_TOMOGRAMS = 5
 TRAIN_TOMOGRAMS = ("tomo_01", "tomo_02", "tomo_03")
 VALIDATION_TOMOGRAM = "tomo_04"
 TEST_TOMOGRAM = "tomo_05"
-MODELS = ("ucaps", "unet")
 
 
 @dataclass
@@ -51,8 +51,10 @@ def check_settings(settings: DemoSettings) -> None:
     """Refuse settings the demo cannot run with (one-line :class:`CryocapsError`)."""
     if not settings.minutes > 0:
         raise CryocapsError(f"--minutes must be > 0, got {settings.minutes}")
-    if settings.model not in MODELS:
-        raise CryocapsError(f"--model {settings.model!r}: choose ucaps or unet")
+    if settings.model not in available_models():
+        raise CryocapsError(
+            f"--model {settings.model!r}: choose one of {', '.join(available_models())}"
+        )
     if settings.epochs is not None and settings.epochs < 1:
         raise CryocapsError(f"--epochs must be >= 1, got {settings.epochs}")
     if settings.steps_per_epoch is not None and settings.steps_per_epoch < 1:

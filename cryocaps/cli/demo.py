@@ -42,7 +42,8 @@ def command(
         str,
         typer.Option(
             "--model",
-            help=f"Network to train: ucaps (3D-UCaps) or unet. [default: {DEFAULTS.model}]",
+            help="Network to train: ucaps (3D-UCaps), ucaps-fast (3D-UCaps, one routing iteration) "
+            f"or unet. [default: {DEFAULTS.model}]",
         ),
     ] = DEFAULTS.model,
     shape: Annotated[
