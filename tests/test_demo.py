@@ -13,11 +13,10 @@ import starfile
 from cryocaps.demo import DemoSettings, demo_stages
 
 # Macro F1 on the test tomogram (tomo_05: 9 particles) that the tiny demo below must reach
-# (seed 0, 10 epochs x 40 steps, U-Net, 40x96x96 voxels). 10 x 20 steps gave 0.50 on an AMD
-# EPYC but 0.20 on an Intel Xeon with AMX (bf16 kernels differ), so 400 steps: 0.49 there.
-# Measured 0.50 on 2 CPU cores, bf16 (AMD, 200 steps):
-# barrel and ribosome found with F1 1.0, globule and dumbbell 0. After one step (no learning)
-# the demo scored 0 (11 false picks); 40x64x64 tomograms hold one particle per class and
+# (seed 0, 10 epochs x 40 steps, U-Net, 40x96x96 voxels, bf16). Measured 0.49 on 2 cores of an
+# Intel Xeon with AMX. 10 x 20 steps gave 0.50 on an AMD EPYC (barrel and ribosome F1 1.0,
+# globule and dumbbell 0) but 0.20 on the Xeon, whose bf16 kernels differ. After one step (no
+# learning) the demo scored 0 (11 false picks); 40x64x64 tomograms hold one particle per class and
 # 10 x 20 steps reached only 0.06 there, hence the larger box.
 F1_FLOOR = 0.3
 
