@@ -576,6 +576,45 @@ def test_saved_model_is_the_best_epoch_by_the_chosen_score(dataset, tmp_path, se
     assert saved["training"]["epoch"] == result["best_epoch"]
 
 
+def test_cosine_lr_warms_up_then_anneals_to_the_floor():
+    from cryocaps.training.hooks import cosine_lr
+
+    assert cosine_lr(1.0, 0.0, 0.1, 0.01) == pytest.approx(0.1)
+    assert cosine_lr(1.0, 0.05, 0.1, 0.01) == pytest.approx(0.55)
+    assert cosine_lr(1.0, 0.1, 0.1, 0.01) == pytest.approx(1.0)
+    assert cosine_lr(1.0, 0.55, 0.1, 0.01) == pytest.approx(0.505)  # half way down
+    assert cosine_lr(1.0, 1.0, 0.1, 0.01) == pytest.approx(0.01)
+    after = [cosine_lr(1.0, p, 0.1, 0.01) for p in np.linspace(0.1, 1.0, 50)]
+    assert all(a > b for a, b in zip(after, after[1:]))
+
+
+def test_cosine_schedule_follows_the_time_budget_when_it_ends_the_run(monkeypatch):
+    from cryocaps.training import hooks
+
+    now = [1000.0]
+    monkeypatch.setattr(hooks.time, "time", lambda: now[0])
+    schedule = hooks.CosineSchedule(lr=1e-3, total_steps=30000, max_minutes=10)
+    assert schedule.progress(0) == 0.0
+    now[0] += 300  # half the budget, few steps: time decides
+    assert schedule.progress(100) == pytest.approx(0.5)
+    assert schedule.progress(24000) == pytest.approx(0.8)  # steps ahead of time: steps decide
+    now[0] += 600
+    assert schedule.progress(200) == 1.0
+    without_budget = hooks.CosineSchedule(lr=1e-3, total_steps=400, max_minutes=None)
+    assert without_budget.progress(100) == pytest.approx(0.25)
+
+
+@pytest.mark.slow
+def test_train_with_cosine_schedule_records_the_falling_rate(dataset, tmp_path):
+    from cryocaps.training import train
+
+    result = train(_config(dataset, tmp_path / "cos", epochs=3, lr=1e-3, lr_schedule="cosine"))
+    rates = [row["lr"] for row in result["history"]]
+    # each row holds the rate set after the epoch's last step: 3, 6, 9 of 9 steps
+    assert rates[0] < 1e-3 and rates[0] > rates[1] > rates[2]
+    assert rates[2] == pytest.approx(1e-5)
+
+
 def test_whole_tomogram_holdout(dataset, tmp_path):
     from cryocaps.training import prepare_data
 

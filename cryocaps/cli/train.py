@@ -160,7 +160,9 @@ def command(
         str,
         typer.Option(
             "--lr-schedule",
-            help="none, cosine (over --epochs) or plateau (halve on a stalled val loss). "
+            help="none, cosine (3% warm-up, then down to 1% of --lr by the end of the run: "
+            "--epochs or --max-minutes, whichever ends it first) or plateau (halve on a "
+            "stalled val loss). "
             f"[default: {DEFAULT['lr_schedule']}]",
         ),
     ] = DEFAULT["lr_schedule"],

@@ -129,6 +129,53 @@ def first_validation_estimate(n_patches: float, batch_size: int, step_seconds: f
     return math.ceil(n_patches / batch_size) * step_seconds / 3
 
 
+class CosineSchedule(Hook):
+    """``--lr-schedule cosine``: a short warm-up, then a cosine from ``--lr`` to 1% of it.
+
+    The cosine spans the whole run, whichever limit ends it first: ``--epochs`` ×
+    ``--steps-per-epoch`` steps, or ``--max-minutes`` of wall-clock time (so a
+    time-budgeted run anneals by the end of its budget, not of epochs it will never
+    reach). The learning rate is set before every step from the progress through the
+    run; nothing is saved, so a resumed run with ``--max-minutes`` anneals again over
+    its new budget (its step count carries over).
+    """
+
+    WARMUP = 0.03  # of the run, linear from 10% of the learning rate
+    FLOOR = 0.01  # of the learning rate, at the end
+
+    def __init__(self, lr: float, total_steps: int, max_minutes: float | None):
+        self.lr, self.total_steps = lr, total_steps
+        self.budget_seconds = max_minutes * 60 if max_minutes else None
+        self.start = time.time()
+
+    def on_train_begin(self, trainer) -> None:
+        self.start = time.time()
+        self._apply(trainer)
+
+    def on_step_end(self, trainer, step_seconds: float) -> None:
+        self._apply(trainer)
+
+    def progress(self, total_steps_done: int) -> float:
+        """Fraction of the run done, 0 to 1 (the larger of steps and time)."""
+        done = total_steps_done / self.total_steps
+        if self.budget_seconds:
+            done = max(done, (time.time() - self.start) / self.budget_seconds)
+        return min(done, 1.0)
+
+    def _apply(self, trainer) -> None:
+        lr = cosine_lr(self.lr, self.progress(trainer.state.total_steps), self.WARMUP, self.FLOOR)
+        for group in trainer.state.optimizer.param_groups:
+            group["lr"] = lr
+
+
+def cosine_lr(lr: float, progress: float, warmup: float, floor: float) -> float:
+    """Learning rate at ``progress`` (0-1): linear warm-up from 0.1 lr, then cosine to floor × lr."""
+    if progress < warmup:
+        return lr * (0.1 + 0.9 * progress / warmup)
+    t = (progress - warmup) / (1.0 - warmup)
+    return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
 class EarlyStopping(Hook):
     """Stop after ``patience`` epochs without a better validation score."""
 

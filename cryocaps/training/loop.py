@@ -79,7 +79,7 @@ class TrainState:
     model_saved: bool = False
     model: Any = _driven()
     optimizer: Any = _driven()
-    scheduler: Any = _driven()  # None without --lr-schedule
+    scheduler: Any = _driven()  # only for --lr-schedule plateau
     scaler: Any = _driven()  # CUDA float16 gradient scaler (disabled elsewhere)
     sampler_streams: Any = _driven()  # the patch samplers' generators, every rank's
     process_rng: Any = _driven(default_factory=ProcessRng)
@@ -269,11 +269,8 @@ class Trainer:
             state.best_epoch, state.bad_epochs = state.epoch + 1, 0
         else:
             state.bad_epochs += 1
-        if state.scheduler is not None:
-            if config.lr_schedule == "plateau":
-                state.scheduler.step(val_loss)
-            else:
-                state.scheduler.step()
+        if state.scheduler is not None:  # plateau; cosine is a per-step hook
+            state.scheduler.step(val_loss)
         state.epoch += 1
         state.step_in_epoch, state.epoch_loss_sum, state.epoch_loss_count = 0, 0.0, 0
         state.epoch_seconds = 0.0
@@ -353,6 +350,9 @@ def default_hooks(config: TrainConfig, ranks: Ranks, progress: Callable[..., Non
     hooks.append(loop_hooks.StopOnSignal())
     if config.max_minutes:
         hooks.append(loop_hooks.TimeBudget(config.max_minutes))
+    if config.lr_schedule == "cosine":
+        total_steps = config.epochs * config.steps_per_epoch
+        hooks.append(loop_hooks.CosineSchedule(config.lr, total_steps, config.max_minutes))
     hooks.append(loop_hooks.EarlyStopping(config.patience))
     hooks.append(loop_hooks.Checkpointing(config.out_dir))
     if ranks.is_main:
@@ -439,10 +439,6 @@ def _loss_module(model, device: str, ranks: Ranks):
 def _make_scheduler(optimizer, config: TrainConfig):
     import torch
 
-    if config.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=config.epochs, eta_min=config.lr * 0.01
-        )
     if config.lr_schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=0.5, patience=max(1, config.patience // 3)
