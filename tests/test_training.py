@@ -585,7 +585,7 @@ def test_cosine_lr_warms_up_then_anneals_to_the_floor():
     assert cosine_lr(1.0, 0.55, 0.1, 0.01) == pytest.approx(0.505)  # half way down
     assert cosine_lr(1.0, 1.0, 0.1, 0.01) == pytest.approx(0.01)
     after = [cosine_lr(1.0, p, 0.1, 0.01) for p in np.linspace(0.1, 1.0, 50)]
-    assert all(a > b for a, b in zip(after, after[1:]))
+    assert all(a > b for a, b in zip(after[:-1], after[1:], strict=True))
 
 
 def test_cosine_schedule_follows_the_time_budget_when_it_ends_the_run(monkeypatch):

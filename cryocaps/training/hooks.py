@@ -169,7 +169,7 @@ class CosineSchedule(Hook):
 
 
 def cosine_lr(lr: float, progress: float, warmup: float, floor: float) -> float:
-    """Learning rate at ``progress`` (0-1): linear warm-up from 0.1 lr, then cosine to floor × lr."""
+    """The rate at ``progress`` (0-1): linear warm-up from 0.1 lr, then cosine to floor × lr."""
     if progress < warmup:
         return lr * (0.1 + 0.9 * progress / warmup)
     t = (progress - warmup) / (1.0 - warmup)
