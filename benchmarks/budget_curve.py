@@ -143,9 +143,7 @@ def plot(store: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     datasets = sorted(store)
-    fig, axes = plt.subplots(
-        len(datasets), 2, figsize=(10, 3.6 * len(datasets)), squeeze=False
-    )
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(10, 3.6 * len(datasets)), squeeze=False)
     for row, dataset in zip(axes, datasets, strict=True):
         tools = sorted({p["tool"] for p in store[dataset]})
         for tool in tools:

@@ -196,7 +196,9 @@ class ProbeTrace:
         data_list, target_list = core.load_dataset(path_data, path_target, trainer.h5_dset_name)
         state = np.random.get_state()
         self.batches = [
-            trainer.generate_batch_from_array(data_list, target_list, trainer.batch_size, objl_valid)[:2]
+            trainer.generate_batch_from_array(
+                data_list, target_list, trainer.batch_size, objl_valid
+            )[:2]
             for _ in range(n_batches)
         ]
         np.random.set_state(state)

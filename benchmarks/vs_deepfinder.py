@@ -189,9 +189,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--structures-snr", type=float, default=0.2, help="structures set SNR [default: 0.2]"
     )
-    parser.add_argument(
-        "--hard-snr", type=float, default=0.15, help="hard set SNR [default: 0.15]"
-    )
+    parser.add_argument("--hard-snr", type=float, default=0.15, help="hard set SNR [default: 0.15]")
     parser.add_argument(
         "--hard-crowding", type=float, default=0.25, help="hard set crowding [default: 0.25]"
     )
@@ -277,10 +275,8 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------- processes
 
 
-
 def driver_cmd(*args) -> list[str]:
     return [str(VENV / "bin" / "python"), str(DRIVER), *[str(a) for a in args]]
-
 
 
 # --------------------------------------------------------------------------- DeepFinder venv
@@ -339,7 +335,6 @@ def ensure_deepfinder_venv(work: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- machine
-
 
 
 def conv3d_probe(seconds: float = 3.0) -> dict:
@@ -600,32 +595,61 @@ def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth, dat
         )
     # Like DeepFinder's cluster-size thresholds: per-class score thresholds tuned on the
     # validation tomogram (`evaluate -o` writes them), applied to the test tomogram.
-    label_maps = {role: seg_dir / role / f"{data[role].stem}_labels.mrc" for role in ("valid", "test")}
+    label_maps = {
+        role: seg_dir / role / f"{data[role].stem}_labels.mrc" for role in ("valid", "test")
+    }
     say(f"cryocaps {model}: cluster-picks, thresholds from the validation tomogram")
     picks_paths["valid"] = folder / "picks_valid.csv"
     run_measured(
-        cryocaps_cmd("cluster-picks", label_maps["valid"], "-o", picks_paths["valid"], "--classes", data["classes_csv"]),
+        cryocaps_cmd(
+            "cluster-picks",
+            label_maps["valid"],
+            "-o",
+            picks_paths["valid"],
+            "--classes",
+            data["classes_csv"],
+        ),
         logs / "cluster_picks_valid.log",
     )
     valid_report = folder / "valid_report"
     run_measured(
         cryocaps_cmd(
-            "evaluate", picks_paths["valid"], data["particles"], "--classes", data["classes_csv"],
-            "--tomograms", data["valid"], "-o", valid_report,
+            "evaluate",
+            picks_paths["valid"],
+            data["particles"],
+            "--classes",
+            data["classes_csv"],
+            "--tomograms",
+            data["valid"],
+            "-o",
+            valid_report,
         ),
         logs / "evaluate_valid.log",
     )
     thresholds_csv = valid_report / "pick_thresholds.csv"
     picks_paths["raw"] = folder / "picks_without_thresholds.csv"
     run_measured(
-        cryocaps_cmd("cluster-picks", label_maps["test"], "-o", picks_paths["raw"], "--classes", data["classes_csv"]),
+        cryocaps_cmd(
+            "cluster-picks",
+            label_maps["test"],
+            "-o",
+            picks_paths["raw"],
+            "--classes",
+            data["classes_csv"],
+        ),
         logs / "cluster_picks_raw.log",
     )
     picks_paths["test"] = folder / "picks.csv"
     pick = run_measured(
         cryocaps_cmd(
-            "cluster-picks", label_maps["test"], "-o", picks_paths["test"], "--classes", data["classes_csv"],
-            "--thresholds", thresholds_csv,
+            "cluster-picks",
+            label_maps["test"],
+            "-o",
+            picks_paths["test"],
+            "--classes",
+            data["classes_csv"],
+            "--thresholds",
+            thresholds_csv,
         ),
         logs / "cluster_picks.log",
     )
@@ -650,7 +674,9 @@ def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth, dat
     }
 
 
-def train_deepfinder(data: dict, args, folder: Path, n_classes: int, radii: dict, particles_csv: Path):
+def train_deepfinder(
+    data: dict, args, folder: Path, n_classes: int, radii: dict, particles_csv: Path
+):
     """TargetBuilder targets and object lists, then Train under the budget; (prepare, train) measurements."""
     logs = folder / "logs"
     dataset = folder / "dataset"
@@ -875,7 +901,6 @@ def add_rates(entry: dict, voxels: int) -> None:
 # --------------------------------------------------------------------------- report
 
 
-
 def gib(n_bytes) -> str:
     return "–" if n_bytes is None else f"{n_bytes / 2**30:.2f} GiB"
 
@@ -1069,8 +1094,11 @@ def markdown_section(report: dict) -> str:
                 lines.append(
                     f"{entry['tool']} score thresholds from validation: {entry['thresholds']}; macro F1 "
                     f"without them {fmt(entry.get('macro_f1_without_thresholds'))}."
-                    + (" Model reused from the previous run (training numbers are that run's)."
-                       if entry["train"].get("reused_from_earlier_run") else "")
+                    + (
+                        " Model reused from the previous run (training numbers are that run's)."
+                        if entry["train"].get("reused_from_earlier_run")
+                        else ""
+                    )
                 )
         df = tools.get("deepfinder")
         if df:
@@ -1082,8 +1110,11 @@ def markdown_section(report: dict) -> str:
                 f"{df['train'].get('last_loss')} at the last"
                 + learned_note(df)
                 + "."
-                + (" Model reused from the previous run (training numbers are that run's)."
-                   if df["train"].get("reused_from_earlier_run") else "")
+                + (
+                    " Model reused from the previous run (training numbers are that run's)."
+                    if df["train"].get("reused_from_earlier_run")
+                    else ""
+                )
             )
             notes = df["pick"].get("notes") or []
             lines += [f"Note: {n}" for n in notes]
@@ -1132,7 +1163,9 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     if args.render:
-        replace_section(RESULTS_MD, markdown_section(json.loads(args.render.read_text())), START_MARK, END_MARK)
+        replace_section(
+            RESULTS_MD, markdown_section(json.loads(args.render.read_text())), START_MARK, END_MARK
+        )
         say(f"rewrote the vs_deepfinder section of {RESULTS_MD} from {args.render}")
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
@@ -1146,7 +1179,9 @@ def main(argv=None) -> int:
         ),
         "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "settings": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "previous_report"
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k != "previous_report"
         },
     }
     report["deepfinder_versions"] = ensure_deepfinder_venv(args.work)
@@ -1192,11 +1227,18 @@ def main(argv=None) -> int:
             partial = args.work / "partial_results.json"
             partial.write_text(json.dumps(report, indent=2, default=str) + "\n")
         if args.throughput_minutes > 0 and "throughput_equal_patch" not in report:
-            report["throughput_equal_patch"] = {"dataset": name, "deepfinder": tools.get("deepfinder", {}).get("train")}
+            report["throughput_equal_patch"] = {
+                "dataset": name,
+                "deepfinder": tools.get("deepfinder", {}).get("train"),
+            }
             for model in args.models:
-                say(f"cryocaps {model}: training throughput at patch {data['df_patch_size']}, batch {args.df_batch_size}")
+                say(
+                    f"cryocaps {model}: training throughput at patch {data['df_patch_size']}, batch {args.df_batch_size}"
+                )
                 try:
-                    report["throughput_equal_patch"][model] = throughput_at_patch(model, data, args, folder)
+                    report["throughput_equal_patch"][model] = throughput_at_patch(
+                        model, data, args, folder
+                    )
                 except (RuntimeError, OSError) as error:
                     report["throughput_equal_patch"][model] = {"error": str(error)}
 
