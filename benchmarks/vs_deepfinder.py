@@ -159,6 +159,18 @@ def parse_args(argv=None):
         help="cryocaps models, comma-separated [default: ucaps,ucaps-fast,unet]",
     )
     parser.add_argument(
+        "--train-args",
+        default="",
+        help="extra options for every `cryocaps train`, one quoted string (e.g. "
+        "'--lr-schedule cosine'), to measure a training lever on the same data; the tools are "
+        "then named with them",
+    )
+    parser.add_argument(
+        "--no-deepfinder",
+        action="store_true",
+        help="run only the cryocaps models (a lever against an earlier run's DeepFinder)",
+    )
+    parser.add_argument(
         "--datasets",
         default=None,
         help="procedural,crowded,structures,hard [default: all four; procedural with --quick]",
@@ -571,6 +583,7 @@ def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth, dat
                 model,
                 args.minutes,
                 args.seed,
+                *shlex.split(args.train_args),
                 val_tomogram=data["valid"].stem,
             ),
             logs / "train.log",
@@ -659,7 +672,7 @@ def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth, dat
     picks = read_particles([picks_paths["test"]], classes=classes)
     raw = read_particles([picks_paths["raw"]], classes=classes)
     return {
-        "tool": f"cryocaps {model}",
+        "tool": f"cryocaps {model} {args.train_args}".strip(),
         "train": train,
         "segment": segments["test"],
         "segment_valid": segments["valid"],
@@ -1184,8 +1197,10 @@ def main(argv=None) -> int:
             if k != "previous_report"
         },
     }
-    report["deepfinder_versions"] = ensure_deepfinder_venv(args.work)
-    say(f"DeepFinder venv ready: {report['deepfinder_versions']}")
+    report["deepfinder_versions"] = {}
+    if not args.no_deepfinder:
+        report["deepfinder_versions"] = ensure_deepfinder_venv(args.work)
+        say(f"DeepFinder venv ready: {report['deepfinder_versions']}")
     report["machine"] = machine_info()
     report["conv3d_probe"] = {"start": conv3d_probe()}
     say(f"conv3d probe: {report['conv3d_probe']['start']['gflops_per_second']:.0f} GFLOP/s")
@@ -1209,7 +1224,9 @@ def main(argv=None) -> int:
             "classes": classes.to_records(),
             "tools": tools,
         }
-        runs = [("deepfinder", "DeepFinder 0.2.1", run_deepfinder, ())]
+        runs = (
+            [] if args.no_deepfinder else [("deepfinder", "DeepFinder 0.2.1", run_deepfinder, ())]
+        )
         runs += [(f"cryocaps-{m}", f"cryocaps {m}", run_cryocaps, (m,)) for m in args.models]
         for key, label, run, extra in runs:
             try:
