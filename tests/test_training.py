@@ -293,6 +293,7 @@ def test_train_state_saves_and_restores_every_field():
             model=Driven(value),
             optimizer=Driven(value),
             scheduler=Driven(value),
+            ema=Driven(value),
             scaler=Driven(value),
             sampler_streams=Driven(value),
             process_rng=Driven(value),
@@ -309,6 +310,8 @@ def test_train_state_saves_and_restores_every_field():
         assert value in (7, 7.0, True, [{"epoch": 7}]), name
     with pytest.raises(CryocapsError, match="lacks epoch"):
         restored.load_state_dict({k: v for k, v in saved.items() if k != "epoch"})
+    restored.load_state_dict({k: v for k, v in saved.items() if k != "ema"})  # added later
+    assert restored.ema.value == 7  # nothing saved: left as it was
     assert math.isinf(TrainState().best_score)
 
 
@@ -613,6 +616,34 @@ def test_train_with_cosine_schedule_records_the_falling_rate(dataset, tmp_path):
     # each row holds the rate set after the epoch's last step: 3, 6, 9 of 9 steps
     assert rates[0] < 1e-3 and rates[0] > rates[1] > rates[2]
     assert rates[2] == pytest.approx(1e-5)
+
+
+@pytest.mark.slow
+def test_ema_weights_are_the_ones_validated_saved_and_resumed(dataset, tmp_path):
+    import torch
+
+    from cryocaps.modelfile import load_model
+    from cryocaps.training import train
+    from cryocaps.training.checkpoint import load_checkpoint
+
+    run = tmp_path / "ema"
+    train(_config(dataset, run, epochs=1, ema=0.9, patience=0))
+    state = load_checkpoint(run / "checkpoint_last.pt")["state"]
+    assert int(state["ema"]["n_averaged"]) == 3  # one update per step
+    saved, _ = load_model(run)
+    for name, value in saved.state_dict().items():
+        average = state["ema"][f"module.{name}"]
+        assert torch.equal(value, average.to(value.dtype)), name
+    trained = state["model"]
+    assert any(
+        not torch.equal(trained[name], state["ema"][f"module.{name}"])
+        for name in trained
+        if trained[name].is_floating_point()
+    )
+    resumed = train(_config(dataset, run, epochs=2, ema=0.9, patience=0, resume=True))
+    assert resumed["epochs_done"] == 2
+    state = load_checkpoint(run / "checkpoint_last.pt")["state"]
+    assert int(state["ema"]["n_averaged"]) == 6  # the average carried over
 
 
 def test_whole_tomogram_holdout(dataset, tmp_path):

@@ -166,6 +166,15 @@ def command(
             f"[default: {DEFAULT['lr_schedule']}]",
         ),
     ] = DEFAULT["lr_schedule"],
+    ema: Annotated[
+        float,
+        typer.Option(
+            "--ema",
+            help="Validate and save an exponential moving average of the weights with this "
+            "decay (e.g. 0.99: about the last 100 steps); 0 for the weights as trained. "
+            f"[default: {DEFAULT['ema']:g}]",
+        ),
+    ] = DEFAULT["ema"],
     patience: Annotated[
         int,
         typer.Option(
@@ -322,6 +331,7 @@ def command(
         steps_per_epoch=steps_per_epoch,
         lr=lr,
         lr_schedule=lr_schedule,
+        ema=ema,
         patience=patience,
         select_by=select_by,
         val_fraction=val_fraction,

@@ -46,6 +46,7 @@ class TrainConfig:
     steps_per_epoch: int = 100
     lr: float = 1e-3
     lr_schedule: str = "none"
+    ema: float = 0.0  # decay of the weights' moving average; 0 = off
     patience: int = 20  # epochs without a better validation score; 0 = never stop early
     select_by: str = "dice"  # best model: highest mean validation Dice ("dice") or lowest loss
     val_fraction: float = 0.17
@@ -116,6 +117,10 @@ def check_settings(config: TrainConfig) -> None:
         (0 < c.val_fraction < 1, f"--val-fraction {c.val_fraction}: must be in (0, 1)"),
         (c.patience >= 0, f"--patience {c.patience}: must be >= 0"),
         (c.select_by in SELECTION_SCORES, f"--select-by {c.select_by!r}: choose dice or loss"),
+        (
+            c.ema == 0 or 0.5 <= c.ema < 1,
+            f"--ema {c.ema}: give a decay in [0.5, 1), e.g. 0.99, or 0 for none",
+        ),
         (
             c.lr_schedule in LR_SCHEDULES,
             f"--lr-schedule {c.lr_schedule!r}: choose {', '.join(LR_SCHEDULES)}",

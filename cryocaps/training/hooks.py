@@ -203,7 +203,7 @@ class Checkpointing(Hook):
         from cryocaps.modelfile import save_model
 
         metadata = model_metadata(trainer.config, trainer.data, training)
-        save_model(self.out_dir, trainer.state.model, metadata)
+        save_model(self.out_dir, trainer.judged_model, metadata)
 
     def on_epoch_end(self, trainer, row: dict, improved: bool) -> None:
         state = trainer.state

@@ -54,6 +54,9 @@ def _driven(**kwargs):
     return field(metadata={"state_dict": True}, **kwargs)
 
 
+ADDED_LATER = ("ema",)  # TrainState fields a checkpoint of the same format may lack
+
+
 @dataclass
 class TrainState:
     """Everything the loop changes: a checkpoint is :meth:`state_dict`; resuming, its inverse.
@@ -80,6 +83,7 @@ class TrainState:
     model: Any = _driven()
     optimizer: Any = _driven()
     scheduler: Any = _driven()  # only for --lr-schedule plateau
+    ema: Any = _driven()  # --ema: the weights' moving average (validated and saved), else None
     scaler: Any = _driven()  # CUDA float16 gradient scaler (disabled elsewhere)
     sampler_streams: Any = _driven()  # the patch samplers' generators, every rank's
     process_rng: Any = _driven(default_factory=ProcessRng)
@@ -94,6 +98,7 @@ class TrainState:
         return saved
 
     def load_state_dict(self, saved: dict) -> None:
+        saved = {name: None for name in ADDED_LATER} | saved  # older checkpoints lack them
         missing = [item.name for item in fields(self) if item.name not in saved]
         if missing:
             raise CryocapsError(f"--resume: the checkpoint lacks {', '.join(missing)}")
@@ -148,6 +153,7 @@ class Trainer:
             model=model,
             optimizer=optimizer,
             scheduler=_make_scheduler(optimizer, config),
+            ema=_make_ema(model, config),
             scaler=torch.amp.GradScaler("cuda", enabled=is_cuda),
             sampler_streams=SamplerStreams(self.sampler, ranks),
         )
@@ -158,6 +164,11 @@ class Trainer:
 
     def autocast(self):
         return runtime.autocast(self.device, self.bf16)
+
+    @property
+    def judged_model(self):
+        """The weights validation judges and the saved model holds: the average with --ema."""
+        return self.state.model if self.state.ema is None else self.state.ema.module
 
     # --- checkpoints ------------------------------------------------------------------
     def checkpoint(self) -> dict:
@@ -229,6 +240,8 @@ class Trainer:
         state.scaler.scale(loss).backward()
         state.scaler.step(state.optimizer)
         state.scaler.update()
+        if state.ema is not None:
+            state.ema.update_parameters(state.model)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise CryocapsError(
@@ -248,7 +261,7 @@ class Trainer:
         state, config = self.state, self.config
         val_start = time.time()
         val_loss, dice = validate(
-            state.model,
+            self.judged_model,
             self.val_locations,
             self.data.volumes,
             config.patch_size,
@@ -434,6 +447,15 @@ def _loss_module(model, device: str, ranks: Ranks):
 
     device_ids = [torch.device(device).index] if runtime.device_type(device) == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def _make_ema(model, config: TrainConfig):
+    """``--ema DECAY``: an exponential moving average of the weights (and BatchNorm statistics)."""
+    if not config.ema:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
 
 
 def _make_scheduler(optimizer, config: TrainConfig):
