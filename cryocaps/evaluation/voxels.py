@@ -196,8 +196,8 @@ def evaluate_label_files(
     ``<tomo>_probs.mrc`` beside a predicted map adds voxel AUPRC. Returns
     (:meth:`VoxelScores.result`, tomogram names scored).
     """
-    from cryocaps.io.layout import companion_path, index_by_tomogram
-    from cryocaps.io.volumes import check_same_voxel_size, read_probabilities, read_tomogram
+    from cryocaps.io.layout import index_by_tomogram
+    from cryocaps.io.volumes import read_tomogram
 
     predicted_maps = index_by_tomogram(predicted, "--labels-pred")
     true_maps = index_by_tomogram(true, "--labels-true")
@@ -217,20 +217,34 @@ def evaluate_label_files(
     for name in common:
         pred = read_tomogram(predicted_maps[name])
         true_map = read_tomogram(true_maps[name])
-        check_same_voxel_size(
-            f"--labels-pred {predicted_maps[name]}",
-            pred.voxel_size_angstrom,
-            str(true_maps[name]),
-            true_map.voxel_size_angstrom,
-        )
-        probabilities = None
-        probs_path = companion_path(predicted_maps[name], "probs") if use_probabilities else None
-        if probs_path is not None:
-            probabilities = read_probabilities(probs_path, pred.voxel_size_angstrom)
         try:
-            scores.add(pred.data, true_map.data, probabilities)
-        except CryocapsError as error:
-            raise CryocapsError(f"{predicted_maps[name]}: {error}") from None
+            _score_pair(
+                scores, pred, true_map, predicted_maps[name], true_maps[name], use_probabilities
+            )
+        finally:  # memory maps: one pair open at a time
+            pred.close()
+            true_map.close()
         if progress is not None:
             progress(name)
     return scores.result(), common
+
+
+def _score_pair(scores, pred, true_map, pred_path, true_path, use_probabilities: bool) -> None:
+    """Add one tomogram's predicted and true label maps (and probabilities) to ``scores``."""
+    from cryocaps.io.layout import companion_path
+    from cryocaps.io.volumes import check_same_voxel_size, read_probabilities
+
+    check_same_voxel_size(
+        f"--labels-pred {pred_path}",
+        pred.voxel_size_angstrom,
+        str(true_path),
+        true_map.voxel_size_angstrom,
+    )
+    probabilities = None
+    probs_path = companion_path(pred_path, "probs") if use_probabilities else None
+    if probs_path is not None:
+        probabilities = read_probabilities(probs_path, pred.voxel_size_angstrom)
+    try:
+        scores.add(pred.data, true_map.data, probabilities)
+    except CryocapsError as error:
+        raise CryocapsError(f"{pred_path}: {error}") from None

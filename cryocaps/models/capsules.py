@@ -60,6 +60,15 @@ def capsule_lengths(capsules: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(capsules.float(), dim=2)
 
 
+def uniform_coupling(shape, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """Routing's start: each input capsule split equally among ``n_out`` outputs.
+
+    In ``like``'s dtype promoted to at least float32 (couplings are kept wide) and on its device.
+    """
+    wide = torch.promote_types(like.dtype, torch.float32)
+    return torch.full(shape, 1.0 / n_out, dtype=wide, device=like.device)
+
+
 def dynamic_routing(
     votes: torch.Tensor,
     bias: torch.Tensor | None,
@@ -153,12 +162,7 @@ def route_voxel_major(
             coupling = torch.softmax(logits, dim=1)  # over the output capsules
     v = capsules_from(coupling)
     if coupling is None:
-        coupling = torch.full(
-            (matrices.shape[0] // n_out, n_out, n_in),
-            1.0 / n_out,
-            dtype=logit_dtype,
-            device=votes.device,
-        )
+        coupling = uniform_coupling((matrices.shape[0] // n_out, n_out, n_in), n_out, votes)
     return v.view(*grid, n_out, n_atoms), coupling.view(*grid, n_out, n_in)
 
 
@@ -314,10 +318,7 @@ class _CapsuleLayer(nn.Module):
         grid = vote_sum.shape[1:4]
         s = vote_sum.view(batch, *grid, n_out, n_atoms) * (1.0 / n_out)
         outputs = squash(s + self.bias.to(s.dtype), dim=-1)
-        wide = torch.promote_types(outputs.dtype, torch.float32)
-        coupling = torch.full(
-            (batch, *grid, n_out, self.in_capsules), 1.0 / n_out, dtype=wide, device=s.device
-        )
+        coupling = uniform_coupling((batch, *grid, n_out, self.in_capsules), n_out, outputs)
         return outputs, coupling
 
     def _atom_major_weight(self) -> torch.Tensor:
@@ -403,11 +404,8 @@ class _CapsuleLayer(nn.Module):
         if self.uses_fused_routing:
             outputs, coupling = self._fused_forward(capsules)
             if return_coupling and coupling is None:  # one iteration: uniform
-                wide = torch.promote_types(outputs.dtype, torch.float32)
                 shape = (outputs.shape[0], self.in_capsules, *outputs.shape[1:5])
-                coupling = torch.full(
-                    shape, 1.0 / self.out_capsules, dtype=wide, device=outputs.device
-                )
+                coupling = uniform_coupling(shape, self.out_capsules, outputs)
             if return_coupling:
                 coupling = coupling.permute(0, 1, 5, 2, 3, 4)  # (B, I, O, *S)
         else:
