@@ -132,28 +132,11 @@ def relion_euler_to_matrix(rot, tilt, psi) -> np.ndarray:
     -------
     (..., 3, 3) float64, acting on (x, y, z) column vectors
     """
-    alpha, beta, gamma = (np.deg2rad(np.asarray(a, dtype=np.float64)) for a in (rot, tilt, psi))
-    alpha, beta, gamma = np.broadcast_arrays(alpha, beta, gamma)
-    ca, sa, cb, sb, cg, sg = (
-        np.cos(alpha),
-        np.sin(alpha),
-        np.cos(beta),
-        np.sin(beta),
-        np.cos(gamma),
-        np.sin(gamma),
-    )
-    cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
-    matrix = np.empty(alpha.shape + (3, 3))
-    matrix[..., 0, 0] = cg * cc - sg * sa
-    matrix[..., 0, 1] = cg * cs + sg * ca
-    matrix[..., 0, 2] = -cg * sb
-    matrix[..., 1, 0] = -sg * cc - cg * sa
-    matrix[..., 1, 1] = -sg * cs + cg * ca
-    matrix[..., 1, 2] = sg * sb
-    matrix[..., 2, 0] = sc
-    matrix[..., 2, 1] = ss
-    matrix[..., 2, 2] = cb
-    return matrix
+    from cryocaps.io.formats.angles import relion_orientation
+
+    angles = np.stack(np.broadcast_arrays(*(np.asarray(a, float) for a in (rot, tilt, psi))), -1)
+    matrices = relion_orientation(angles.reshape(-1, 3)).as_matrix()  # RELION's A is O
+    return matrices.reshape(angles.shape[:-1] + (3, 3))
 
 
 # --- built-in procedural classes ---------------------------------------------
