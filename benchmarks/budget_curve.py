@@ -12,6 +12,7 @@ built budget by budget across sessions. Writes ``benchmarks/results/budget_curve
                                     # a 4-minute run, plus the 12-minute points of the last
                                     # vs_deepfinder run (same data set and seed)
     python benchmarks/budget_curve.py --render                   # only the PNG and the section
+    python benchmarks/budget_curve.py --render --drop 'cryocaps ucaps-fast@12'   # minus a point
 
 Every point records its budget, tool, steps done, macro and worst-class F1 and macro
 precision with validation-tuned thresholds and without (CLI defaults; DeepFinder without
@@ -65,6 +66,14 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for the data and every tool [default: 0]"
+    )
+    parser.add_argument(
+        "--drop",
+        action="append",
+        default=[],
+        metavar="TOOL@MINUTES",
+        help="remove a stored point, e.g. 'cryocaps ucaps-fast@12' (one measured on another "
+        "machine); repeatable",
     )
     parser.add_argument("--render", action="store_true", help="only redraw the PNG and section")
     args = parser.parse_args(argv)
@@ -234,6 +243,10 @@ def main(argv=None) -> int:
             report = run_budget(args, minutes)
             merge(store, args.dataset, points_from(report, args.dataset, args.seed))
             write_json_atomic(RESULTS_JSON, {**store, "updated": utc_now()})
+    for item in args.drop:
+        tool, _, minutes = item.rpartition("@")
+        for points in store.values():
+            points[:] = [p for p in points if (p["tool"], p["minutes"]) != (tool, float(minutes))]
     if not store:
         raise SystemExit("no points: give --minutes or --add")
     write_json_atomic(RESULTS_JSON, {**store, "updated": utc_now()})
