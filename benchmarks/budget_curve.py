@@ -89,6 +89,7 @@ def points_from(report: dict, dataset: str, seed: int) -> list[dict]:
     if int(settings.get("seed", 0)) != seed:
         raise SystemExit(f"--add: the report was run with seed {settings.get('seed')}, not {seed}")
     points = []
+    probe = (report.get("conv3d_probe") or {}).get("start") or {}
     for key, entry in report["datasets"][dataset]["tools"].items():
         if "error" in entry:
             continue
@@ -108,6 +109,8 @@ def points_from(report: dict, dataset: str, seed: int) -> list[dict]:
                 "macro_f1_defaults": defaults.get("macro_f1"),
                 "macro_precision_defaults": macro_precision(defaults),
                 "learned": None if learned is None else bool(learned["verdict"]),
+                "seconds_per_step": entry["train"].get("seconds_per_step"),
+                "conv3d_gflops_at_start": probe.get("gflops_per_second"),
             }
         )
     return points
@@ -214,10 +217,26 @@ def section(store: dict) -> str:
                 found = [p for p in points if p["tool"] == tool and p["minutes"] == minutes]
                 cells.append(point_cell(found[0]) if found else "not run")
             lines.append(f"| {tool} | " + " | ".join(cells) + " |")
-        runs = sorted({p["run"] for p in points})
-        lines += ["", f"Runs: {', '.join(runs)} UTC.", ""]
+        lines += ["", "Runs (UTC) and the machine's speed in each:", ""]
+        for run in sorted({p["run"] for p in points}):
+            lines.append(f"- {run}: {run_speed([p for p in points if p['run'] == run])}")
+        lines.append("")
     lines.append(END_MARK)
     return "\n".join(lines) + "\n"
+
+
+def run_speed(points: list[dict]) -> str:
+    """The conv3d probe at the run's start and each tool's seconds per training step."""
+    probe = next(
+        (p["conv3d_gflops_at_start"] for p in points if p.get("conv3d_gflops_at_start")), None
+    )
+    steps = ", ".join(
+        f"{p['tool']} {p['seconds_per_step']:.2f} s/step ({p['minutes']:g} min)"
+        for p in points
+        if p.get("seconds_per_step")
+    )
+    text = f"conv3d probe {probe:.0f} GFLOP/s at start" if probe else "conv3d probe not recorded"
+    return f"{text}; {steps}" if steps else text
 
 
 def point_cell(point: dict) -> str:
