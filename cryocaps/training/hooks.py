@@ -163,7 +163,9 @@ class CosineSchedule(Hook):
         return min(done, 1.0)
 
     def _apply(self, trainer) -> None:
-        lr = cosine_lr(self.lr, self.progress(trainer.state.total_steps), self.WARMUP, self.FLOOR)
+        # the ranks' clocks differ slightly: they must set the same rate (a collective)
+        progress = trainer.ranks.mean(self.progress(trainer.state.total_steps))
+        lr = cosine_lr(self.lr, progress, self.WARMUP, self.FLOOR)
         for group in trainer.state.optimizer.param_groups:
             group["lr"] = lr
 
