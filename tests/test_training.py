@@ -693,6 +693,11 @@ def test_torchrun_two_processes(dataset, tmp_path):
         "2",
         "--max-val-patches",
         "4",
+        # the ranks average the schedule's progress and keep one weight average each
+        "--lr-schedule",
+        "cosine",
+        "--ema",
+        "0.9",
         "--quiet",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -701,7 +706,9 @@ def test_torchrun_two_processes(dataset, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["results"]["world_size"] == 2
     assert run["results"]["steps_done"] == 2
-    assert len(pd.read_csv(out / "metrics.csv")) == 1
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert len(metrics) == 1
+    assert metrics["lr"].iloc[0] < 1e-3 * 0.5  # annealed past half of the default --lr
     assert not list(out.glob("*.part"))
 
 
