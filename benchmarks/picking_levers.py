@@ -12,9 +12,10 @@ below is applied to the same maps and scored with ``cryocaps.evaluation.evaluate
         # the models a vs_deepfinder.py run trained (every set, every cryocaps model):
         # segment its validation and test tomograms with --probabilities, then score the variants
 
-Variants: the default (components, min size 0.2 of the class sphere), larger size limits, a
-minimum mean probability, and probabilities blurred per class (sigma a fraction of the radius)
-before the argmax, alone and with a size limit. Results: DIR/picking_levers.json and a table.
+Variants: the old default (components, min size 0.2 of the class sphere), the default (that
+and 0.5 of the class's typical pick in the map), larger size limits, a minimum mean
+probability, and probabilities blurred per class (sigma a fraction of the radius) before the
+argmax, alone and with a size limit. Results: DIR/picking_levers.json and a table.
 """
 
 from __future__ import annotations
@@ -85,14 +86,16 @@ def blurred_labels(probabilities: np.ndarray, classes, voxel_size: float, fracti
 def variants(labels, probabilities, classes, voxel_size) -> dict[str, tuple[np.ndarray, dict]]:
     blur_50 = blurred_labels(probabilities, classes, voxel_size, 0.5)
     blur_35 = blurred_labels(probabilities, classes, voxel_size, 0.35)
+    sphere_only = {"relative_min_size": 0.0}  # the default of 0.1.0
     return {
-        "default (min size 0.2)": (labels, {}),
-        "min size 0.5": (labels, {"min_size_fraction": 0.5}),
-        "min score 0.5": (labels, {"min_score": 0.5}),
-        "blur 0.5 r": (blur_50, {}),
-        "blur 0.35 r": (blur_35, {}),
-        "blur 0.35 r + min size 0.5": (blur_35, {"min_size_fraction": 0.5}),
-        "blur 0.5 r + min size 0.5": (blur_50, {"min_size_fraction": 0.5}),
+        "min size 0.2 of the sphere (the old default)": (labels, sphere_only),
+        "default (0.2 of the sphere + 0.5 of the typical pick)": (labels, {}),
+        "min size 0.5": (labels, {"min_size_fraction": 0.5, **sphere_only}),
+        "min score 0.5": (labels, {"min_score": 0.5, **sphere_only}),
+        "blur 0.5 r": (blur_50, sphere_only),
+        "blur 0.35 r": (blur_35, sphere_only),
+        "blur 0.35 r + min size 0.5": (blur_35, {"min_size_fraction": 0.5, **sphere_only}),
+        "blur 0.5 r + min size 0.5": (blur_50, {"min_size_fraction": 0.5, **sphere_only}),
     }
 
 

@@ -117,8 +117,12 @@ def test_size_and_score_filters(classes):
     label_map[5, 5, 5:8] = 3  # a 3-voxel speck of the large class
     picks = pick_particles(label_map, classes, VOXEL, min_size_fraction=0.15)
     assert len(picks) == 1
-    kept_speck = pick_particles(label_map, classes, VOXEL, min_size_fraction=0.0)
+    kept_speck = pick_particles(
+        label_map, classes, VOXEL, min_size_fraction=0.0, relative_min_size=0.0
+    )
     assert len(kept_speck) == 2
+    # 3 voxels against a typical 905: the relative limit drops the speck by default
+    assert len(pick_particles(label_map, classes, VOXEL, min_size_fraction=0.0)) == 1
     sphere = np.count_nonzero(label_map == 3) - 3
     assert sphere == pytest.approx(sphere_volume_voxels(6.0), rel=0.1)
     assert (
@@ -314,6 +318,29 @@ def test_fragments_of_one_particle_give_one_pick(classes):
     picks = pick_particles(label_map, classes, VOXEL, method="components")
     assert len(picks) == 1
     assert picks[["x", "y", "z"]].to_numpy()[0] == pytest.approx([30, 30, 18], abs=1.0)
+
+
+def test_fragments_far_smaller_than_the_typical_pick_are_dropped(classes):
+    """Background blobs above the sphere limit but a third the size of the segmented particles."""
+    truth = pd.DataFrame(
+        {"class_name": ["large"] * 3, "z": [10, 10, 26], "y": [12, 40, 26], "x": [12, 40, 52]}
+    )
+    label_map = _label_map(truth, classes)
+    sphere = sphere_volume_voxels(6.0)  # the large class, 905 voxels
+    for z, y, x in [(26, 12, 12), (26, 52, 12)]:
+        label_map[z - 3 : z + 4, y - 3 : y + 4, x - 3 : x + 4] = 3  # 343 voxels = 0.38 sphere
+    kept_all = pick_particles(label_map, classes, VOXEL, relative_min_size=0.0)
+    assert len(kept_all) == 5 and kept_all["size_voxels"].min() == 343 > 0.2 * sphere
+    picks = pick_particles(label_map, classes, VOXEL, tomo_name="t")
+    truth["tomo"] = "t"
+    scores = evaluate_picks(picks, truth, classes, VOXEL)
+    assert scores["classes"]["large"]["precision"] == 1.0 == scores["classes"]["large"]["recall"]
+    # alone in its map a blob is its own typical size: the sphere limit alone decides
+    alone = np.zeros_like(label_map)
+    alone[23:30, 9:16, 9:16] = 3
+    assert len(pick_particles(alone, classes, VOXEL)) == 1
+    with pytest.raises(CryocapsError, match="--relative-min-size"):
+        pick_particles(label_map, classes, VOXEL, relative_min_size=1.0)
 
 
 def test_class_table_is_found_beside_the_maps_or_one_folder_up(classes, tmp_path):

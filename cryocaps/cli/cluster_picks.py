@@ -80,6 +80,15 @@ def command(
             "(4/3 pi r^3). [default: 0.2]",
         ),
     ] = 0.2,
+    relative_min_size: Annotated[
+        float,
+        typer.Option(
+            "--relative-min-size",
+            help="Drop picks with fewer voxels than this fraction of the class's typical pick in "
+            "the same map (the 90th percentile of its pick sizes): background fragments are far "
+            "smaller than the particles the network segments whole. 0 keeps them. [default: 0.5]",
+        ),
+    ] = 0.5,
     min_score: Annotated[
         float | None,
         typer.Option(
@@ -149,6 +158,7 @@ def command(
             class_table,
             method=method,
             min_size_fraction=min_size_fraction,
+            relative_min_size=relative_min_size,
             min_score=min_score,
             use_probabilities=use_probabilities,
             voxel_size_angstrom=voxel_size_angstrom,
@@ -185,6 +195,7 @@ def command(
             parameters={
                 "method": method,
                 "min_size_fraction": min_size_fraction,
+                "relative_min_size": relative_min_size,
                 "min_score": min_score,
                 "thresholds": str(thresholds) if thresholds else None,
                 "format": format or output.suffix,

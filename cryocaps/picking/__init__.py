@@ -8,6 +8,7 @@ from cryocaps.picking.methods import MEANSHIFT_MAX_POINTS, Pick, sphere_volume_v
 from cryocaps.picking.pick import (
     DEFAULT_METHOD,
     DEFAULT_MIN_SIZE_FRACTION,
+    DEFAULT_RELATIVE_MIN_SIZE,
     METHODS,
     find_label_maps,
     pick_files,
@@ -18,6 +19,7 @@ from cryocaps.picking.pick import (
 __all__ = [
     "DEFAULT_METHOD",
     "DEFAULT_MIN_SIZE_FRACTION",
+    "DEFAULT_RELATIVE_MIN_SIZE",
     "MEANSHIFT_MAX_POINTS",
     "METHODS",
     "Pick",

@@ -7,7 +7,16 @@ Three ways to turn a segmentation into one pick per particle, chosen with
 Every pick gets a size (voxels of its class assigned to it) and a score: the
 mean class probability over those voxels, else the mean of the per-voxel
 score map, else the size. Picks smaller than ``min_size_fraction`` of the
-class's sphere volume, or scoring below ``min_score``, are dropped.
+class's sphere volume, or than ``relative_min_size`` of the class's typical pick
+in the same map, or scoring below ``min_score``, are dropped.
+
+The typical pick is the 90th percentile of the sizes of the class's picks that pass
+the sphere limit. A network segments the particles it finds whole, so their sizes
+cluster, while background fragments and speckle are smaller by a large factor; a
+limit relative to what this network made of this class in this map follows hollow,
+elongated and small particles and masks bigger or smaller than the nominal sphere,
+where a fixed fraction of the sphere cannot (measured in benchmarks/RESULTS.md,
+"Picking at defaults").
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ log = logging.getLogger(__name__)
 METHODS = tuple(PICKERS)
 DEFAULT_METHOD = "components"
 DEFAULT_MIN_SIZE_FRACTION = 0.2
+DEFAULT_RELATIVE_MIN_SIZE = 0.5
+TYPICAL_SIZE_PERCENTILE = 90
 
 
 def pick_particles(
@@ -43,6 +54,7 @@ def pick_particles(
     scores: np.ndarray | None = None,
     method: str = DEFAULT_METHOD,
     min_size_fraction: float = DEFAULT_MIN_SIZE_FRACTION,
+    relative_min_size: float = DEFAULT_RELATIVE_MIN_SIZE,
     min_score: float | Mapping[str, float] | None = None,
     tomo_name: str = "",
     progress: Callable[[str], None] | None = None,
@@ -62,6 +74,8 @@ def pick_particles(
     method : "components", "meanshift" or "peaks"
     min_size_fraction : drop picks with fewer voxels than this fraction of the
         class's sphere volume (4/3 π r³)
+    relative_min_size : drop picks with fewer voxels than this fraction of the class's
+        typical pick in this map (0 keeps them); see the module docstring
     min_score : drop picks scoring below this (None keeps all); a mapping gives
         one threshold per class name (classes missing from it keep all), as
         ``evaluate`` tunes them on a validation tomogram
@@ -76,6 +90,8 @@ def pick_particles(
     label_map = _checked_inputs(
         label_map, probabilities, scores, classes, method, voxel_size_angstrom, min_size_fraction
     )
+    if not 0 <= relative_min_size < 1:
+        raise CryocapsError(f"--relative-min-size must be in [0, 1), got {relative_min_size}")
     rows = []
     for particle_class in classes:
         class_min_score = (
@@ -90,7 +106,7 @@ def pick_particles(
             picks,
             particle_class.name,
             tomo_name,
-            min_size,
+            max(min_size, relative_min_size * typical_size(picks, min_size)),
             class_min_score,
             with_weights=weights is not None,
         )
@@ -125,6 +141,15 @@ def _checked_inputs(
             f"score map shape {scores.shape} differs from label map shape {label_map.shape}"
         )
     return label_map
+
+
+def typical_size(picks: list[Pick], min_size: float) -> float:
+    """The 90th percentile of the sizes (voxels) of the picks of at least ``min_size``; 0 if none.
+
+    A high percentile rather than the median: fragments may outnumber the particles.
+    """
+    sizes = [pick.size for pick in picks if pick.size >= min_size]
+    return float(np.percentile(sizes, TYPICAL_SIZE_PERCENTILE)) if sizes else 0.0
 
 
 def _kept_rows(
@@ -218,6 +243,7 @@ def pick_files(
     *,
     method: str = DEFAULT_METHOD,
     min_size_fraction: float = DEFAULT_MIN_SIZE_FRACTION,
+    relative_min_size: float = DEFAULT_RELATIVE_MIN_SIZE,
     min_score: float | Mapping[str, float] | None = None,
     use_probabilities: bool = True,
     voxel_size_angstrom: float | None = None,
@@ -255,6 +281,7 @@ def pick_files(
                 scores=scores,
                 method=method,
                 min_size_fraction=min_size_fraction,
+                relative_min_size=relative_min_size,
                 min_score=min_score,
                 tomo_name=tomo,
             )
