@@ -166,11 +166,7 @@ def command(
         )
     picking_seconds = time.time() - started
     if picks.empty:
-        log.warning(
-            "no particles found: the maps hold no blob of a listed class larger than "
-            "--min-size-fraction %g of its sphere; writing an empty particle file",
-            min_size_fraction,
-        )
+        _warn_no_particles(min_size_fraction)
     write_particles(
         picks,
         output,
@@ -211,6 +207,14 @@ def command(
         )
     if not is_quiet():
         _print_summary(summary, f"{len(picks)} picks from {len(label_paths)} map(s) -> {output}")
+
+
+def _warn_no_particles(min_size_fraction: float) -> None:
+    log.warning(
+        "no particles found: the maps hold no blob of a listed class larger than "
+        "--min-size-fraction %g of its sphere; writing an empty particle file",
+        min_size_fraction,
+    )
 
 
 def _check_options(format, method: str, thresholds, min_score) -> None:
