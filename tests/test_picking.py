@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -249,12 +251,16 @@ def test_cli_stopgap_and_methods(run_cli, segmentation, classes, tmp_path):
     assert len(picks) == len(truth)
     csv_out = tmp_path / "picks.csv"
     result = run_cli(
-        "cluster-picks", *maps, "-o", csv_out, "--method", "peaks", "--no-probabilities"
-    )
+        "cluster-picks", *maps, "-o", csv_out, "--method", "peaks", "--no-probabilities",
+        "--relative-min-size", "0",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     picks = pd.read_csv(csv_out)
     assert len(picks) == len(truth)
     assert picks["score"].min() > 50  # sizes in voxels without probabilities
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["parameters"]["relative_min_size"] == 0
+    assert run["parameters"]["min_size_fraction"] == 0.2
 
 
 def test_cli_per_class_thresholds(run_cli, segmentation, classes, tmp_path):
@@ -293,6 +299,7 @@ def test_cli_bad_inputs(run_cli, segmentation, tmp_path):
         (["cluster-picks", label_path, "-o", out, "--format", "pdb"], "--format"),
         (["cluster-picks", tmp_path / "missing.mrc", "-o", out], "missing.mrc"),
         (["cluster-picks", label_path, "-o", out, "--classes", tmp_path / "nope.csv"], "nope.csv"),
+        (["cluster-picks", label_path, "-o", out, "--relative-min-size", "1.5"], "1.5"),
     ]
     lonely = tmp_path / "lonely"
     lonely.mkdir()
