@@ -88,10 +88,15 @@ def pick_particles(
     score``, voxels) plus ``size_voxels``, sorted by class then descending score.
     """
     label_map = _checked_inputs(
-        label_map, probabilities, scores, classes, method, voxel_size_angstrom, min_size_fraction
+        label_map,
+        probabilities,
+        scores,
+        classes,
+        method,
+        voxel_size_angstrom,
+        min_size_fraction,
+        relative_min_size,
     )
-    if not 0 <= relative_min_size < 1:
-        raise CryocapsError(f"--relative-min-size must be in [0, 1), got {relative_min_size}")
     rows = []
     for particle_class in classes:
         class_min_score = (
@@ -122,7 +127,14 @@ def pick_particles(
 
 
 def _checked_inputs(
-    label_map, probabilities, scores, classes, method, voxel_size_angstrom, min_size_fraction
+    label_map,
+    probabilities,
+    scores,
+    classes,
+    method,
+    voxel_size_angstrom,
+    min_size_fraction,
+    relative_min_size,
 ) -> np.ndarray:
     """Refuse unusable inputs; returns the label map as unsigned labels."""
     if method not in METHODS:
@@ -133,6 +145,8 @@ def _checked_inputs(
         raise CryocapsError(f"voxel size must be > 0 Å, got {voxel_size_angstrom}")
     if min_size_fraction < 0:
         raise CryocapsError(f"--min-size-fraction must be >= 0, got {min_size_fraction}")
+    if not 0 <= relative_min_size < 1:
+        raise CryocapsError(f"--relative-min-size must be in [0, 1), got {relative_min_size}")
     label_map = _as_labels(label_map)
     if probabilities is not None:
         _check_probabilities(probabilities, label_map.shape, classes)
