@@ -12,13 +12,14 @@ layers of 3D-UCaps down into their vote convolution and their routing.
     python benchmarks/models.py                 # ~1-2 min on 2 idle cores: 64³ and 32³,
                                                   fp32 and bf16
     python benchmarks/models.py --repeats 3     # steadier numbers, ~3x longer
-    python benchmarks/models.py --routing-only  # ceiling, plain vs fused routing and the
-                                                  networks by routing iterations at 2 × 48³
+    python benchmarks/models.py --routing-only  # ceiling, the routing implementations and
+                                                  the networks by routing iterations at 2 × 48³
 
-Plain vs fused routing (``capsules.route_voxel_major`` vs ``routing.fused_routing``)
-is timed layer by layer and for the whole 3D-UCaps at DeepFinder's training
-patch and batch (2 × 48³), forward and forward+backward, the two taking
-turns in the same process so that both see the same load.
+The routing implementations — plain (``capsules.route_voxel_major``), fused in
+PyTorch (``routing.fused_routing`` block by block) and the C kernel
+(``models.native``, the default) — are timed layer by layer and for the whole
+3D-UCaps at DeepFinder's training patch and batch (2 × 48³), forward and
+forward+backward, taking turns in the same process so that all see the same load.
 
 Prints markdown tables and writes benchmarks/results/models.json. Times are
 the best of ``--repeats`` runs after one warm-up (wall clock, batch 1); on a
@@ -199,10 +200,20 @@ def capsule_rows(size: int, repeats: int) -> list[dict]:
     return rows
 
 
-def set_routing(model, fused: bool) -> None:
-    """Switch every capsule layer of a 3D-UCaps between fused and plain routing."""
-    for layer in [model.primary_capsules, *model.encoder]:
-        layer.fused_routing = fused
+# Routing implementations compared: (fused_routing, native_routing) of the layers.
+# "plain": cryocaps 0.1.0's routing in PyTorch; "fused": PyTorch block by block
+# (routing.fused_routing); "native": the C kernel (models.native), the default.
+ROUTING_VARIANTS = {"plain": (False, False), "fused": (True, False), "native": (False, True)}
+
+
+def set_routing(layers, impl: str) -> None:
+    """Switch capsule layers to one of ``ROUTING_VARIANTS``."""
+    for layer in layers:
+        layer.fused_routing, layer.native_routing = ROUTING_VARIANTS[impl]
+
+
+def capsule_layers(model) -> list:
+    return [model.primary_capsules, *model.encoder]
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
@@ -225,7 +236,7 @@ def interleaved(fns: dict, repeats: int) -> dict:
 
 
 def routing_rows(batch: int, size: int, repeats: int, dtype_name: str = "bf16") -> list[dict]:
-    """Plain vs fused routing: each capsule layer and the whole 3D-UCaps, forward and fwd+bwd.
+    """The routing implementations: each capsule layer and the whole 3D-UCaps, fwd and fwd+bwd.
 
     At DeepFinder's training patch and batch (2 × 48³). Forward: eval mode,
     no_grad; forward+backward: a layer's output squared and summed, then
@@ -261,7 +272,7 @@ def routing_rows(batch: int, size: int, repeats: int, dtype_name: str = "bf16") 
                     layer.extra_repr().split(", kernel")[0],
                     forward,
                     step,
-                    lambda fused, layer=layer: setattr(layer, "fused_routing", fused),
+                    lambda impl, layer=layer: set_routing([layer], impl),
                     repeats,
                 )
             )
@@ -284,7 +295,7 @@ def routing_rows(batch: int, size: int, repeats: int, dtype_name: str = "bf16") 
                 f"{batch} × {size}³",
                 model_forward,
                 model_step,
-                lambda fused: set_routing(model, fused),
+                lambda impl: set_routing(capsule_layers(model), impl),
                 repeats,
             )
         )
@@ -296,6 +307,7 @@ def routing_rows(batch: int, size: int, repeats: int, dtype_name: str = "bf16") 
 # The networks of the iteration table: (row name, model name, options).
 ITERATION_VARIANTS = [
     ("ucaps (3 iterations, the paper's)", "ucaps", {}),
+    ("ucaps, routing in PyTorch (cryocaps <= 0.2)", "ucaps", {"routing": "plain"}),
     ("ucaps, 2 iterations", "ucaps", {"routing_iterations": 2}),
     ("ucaps-fast (1 iteration)", "ucaps-fast", {}),
     ("unet (DeepFinder's)", "unet", {}),
@@ -313,7 +325,11 @@ def iteration_rows(batch: int, size: int, repeats: int, dtype_name: str = "bf16"
     labels = torch.randint(0, N_CLASSES, (batch, size, size, size))
     fns = {}
     for row_name, name, options in ITERATION_VARIANTS:
+        options = dict(options)
+        impl = options.pop("routing", "native")
         model = create_model(name, N_CLASSES, **options)
+        if name.startswith("ucaps"):
+            set_routing(capsule_layers(model), impl)
 
         def forward(model=model):
             model.eval()
@@ -350,40 +366,41 @@ def iteration_rows(batch: int, size: int, repeats: int, dtype_name: str = "bf16"
     return rows
 
 
-def _compare(name, shape, forward, step, switch, repeats) -> dict:
-    """Interleaved timings of plain routing, fused routing with oneDNN's weight
-    gradient of the vote convolution, and the defaults (fused routing where it
-    pays, the GEMM weight gradient where torch runs more than one thread)."""
+def _speedups(row: dict) -> None:
+    """Plain over native (the default) and plain over fused, wall and CPU time."""
+    for kind in ("fwd", "step"):
+        for impl in ("native", "fused"):
+            row[f"{kind}_speedup_{impl}"] = row[f"plain_{kind}_s"] / row[f"{impl}_{kind}_s"]
+            cpu = row[f"plain_{kind}_cpu_s"] / row[f"{impl}_{kind}_cpu_s"]
+            row[f"{kind}_speedup_{impl}_cpu"] = cpu
 
-    def under(fused, gemm, fn):
+
+def _compare(name, shape, forward, step, switch, repeats) -> dict:
+    """Interleaved timings of the ``ROUTING_VARIANTS`` (vote convolution: oneDNN's)."""
+
+    def under(impl, fn):
         def run():
-            switch(fused)
-            routing.GEMM_WEIGHT_GRADIENT = gemm
+            switch(impl)
             fn()
 
         return run
 
-    # "fused": the library's defaults (fused routing where it pays, GEMM weight
-    # gradient where more than one thread runs); "plain": cryocaps 0.1.0's layers
-    variants = {"plain": (False, False), "fused_onednn": (True, False), "fused": (True, None)}
+    routing.GEMM_WEIGHT_GRADIENT = False
     fns = {}
     for kind, fn in (("fwd", forward), ("step", step)):
-        for impl, (fused, gemm) in variants.items():
-            fns[(impl, kind)] = under(fused, gemm, fn)
+        for impl in ROUTING_VARIANTS:
+            fns[(impl, kind)] = under(impl, fn)
     times = interleaved(fns, repeats)
-    routing.GEMM_WEIGHT_GRADIENT = None
+    switch("native")
     row = {"layer": name, "shape": shape}
     for (impl, kind), (wall, cpu) in times.items():
         row[f"{impl}_{kind}_s"] = wall
         row[f"{impl}_{kind}_cpu_s"] = cpu
-    for kind in ("fwd", "step"):
-        row[f"{kind}_speedup_wall"] = row[f"plain_{kind}_s"] / row[f"fused_{kind}_s"]
-        row[f"{kind}_speedup_cpu"] = row[f"plain_{kind}_cpu_s"] / row[f"fused_{kind}_cpu_s"]
-    row["step_speedup_onednn_wall"] = row["plain_step_s"] / row["fused_onednn_step_s"]
+    _speedups(row)
     print(
-        f"  {name}: forward {row['plain_fwd_s']:.3f} -> {row['fused_fwd_s']:.3f} s, "
-        f"fwd+bwd {row['plain_step_s']:.3f} -> {row['fused_onednn_step_s']:.3f} "
-        f"(oneDNN weight gradient) / {row['fused_step_s']:.3f} s (wall)",
+        f"  {name}: forward plain {row['plain_fwd_s']:.3f}, fused {row['fused_fwd_s']:.3f}, "
+        f"native {row['native_fwd_s']:.3f} s; fwd+bwd {row['plain_step_s']:.3f}, "
+        f"{row['fused_step_s']:.3f}, {row['native_step_s']:.3f} s (wall)",
         flush=True,
     )
     return row
@@ -395,10 +412,7 @@ def total_row(rows: list[dict], name: str) -> dict:
     for key in rows[0]:
         if key.endswith("_s"):
             total[key] = sum(row[key] for row in rows)
-    for kind in ("fwd", "step"):
-        total[f"{kind}_speedup_wall"] = total[f"plain_{kind}_s"] / total[f"fused_{kind}_s"]
-        total[f"{kind}_speedup_cpu"] = total[f"plain_{kind}_cpu_s"] / total[f"fused_{kind}_cpu_s"]
-    total["step_speedup_onednn_wall"] = total["plain_step_s"] / total["fused_onednn_step_s"]
+    _speedups(total)
     return total
 
 
@@ -411,7 +425,10 @@ def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 
 def print_routing(rows: list[dict], patch: str) -> None:
-    print(f"Plain vs fused routing, 3D-UCaps, {patch}, bf16 autocast (best of interleaved runs):")
+    print(
+        f"Routing in PyTorch (plain, fused) vs the C kernel (native, the default), 3D-UCaps, "
+        f"{patch}, bf16 autocast (best of interleaved runs):"
+    )
     print()
     print(
         markdown(
@@ -420,14 +437,15 @@ def print_routing(rows: list[dict], patch: str) -> None:
                 ("layer", "layer", "s"),
                 ("capsules", "shape", "s"),
                 ("fwd plain s", "plain_fwd_s", ".3f"),
-                ("fwd default s", "fused_fwd_s", ".3f"),
-                ("fwd speed-up", "fwd_speedup_wall", ".2f"),
-                ("fwd speed-up (CPU time)", "fwd_speedup_cpu", ".2f"),
+                ("fwd fused s", "fused_fwd_s", ".3f"),
+                ("fwd native s", "native_fwd_s", ".3f"),
+                ("fwd speed-up", "fwd_speedup_native", ".2f"),
+                ("fwd speed-up (CPU time)", "fwd_speedup_native_cpu", ".2f"),
                 ("fwd+bwd plain s", "plain_step_s", ".3f"),
-                ("fwd+bwd fused, oneDNN weight grad s", "fused_onednn_step_s", ".3f"),
-                ("fwd+bwd default s", "fused_step_s", ".3f"),
-                ("fwd+bwd speed-up", "step_speedup_wall", ".2f"),
-                ("fwd+bwd speed-up (CPU time)", "step_speedup_cpu", ".2f"),
+                ("fwd+bwd fused s", "fused_step_s", ".3f"),
+                ("fwd+bwd native s", "native_step_s", ".3f"),
+                ("fwd+bwd speed-up", "step_speedup_native", ".2f"),
+                ("fwd+bwd speed-up (CPU time)", "step_speedup_native_cpu", ".2f"),
             ],
         )
     )
@@ -452,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--routing-only",
         action="store_true",
-        help="only the ceiling and plain vs fused routing (default: also the networks)",
+        help="only the ceiling and the routing implementations (default: also the networks)",
     )
     parser.add_argument(
         "--routing-batch", type=int, default=2, help="batch of the routing comparison (default 2)"
@@ -475,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     print("ceiling ...", flush=True)
     ceiling_result = ceiling(args.repeats)
     routing_patch = f"{args.routing_batch} × {args.routing_size}³"
-    print(f"plain vs fused routing, {routing_patch}, bf16 ...", flush=True)
+    print(f"routing implementations, {routing_patch}, bf16 ...", flush=True)
     routing = routing_rows(args.routing_batch, args.routing_size, args.repeats + 1)
     print(f"networks by routing iterations, {routing_patch}, bf16 ...", flush=True)
     iterations = iteration_rows(args.routing_batch, args.routing_size, args.repeats + 1)

@@ -14,7 +14,7 @@ import torch
 
 from cryocaps.errors import CryocapsError
 from cryocaps.modelfile import load_model, save_model
-from cryocaps.models import create_model, routing
+from cryocaps.models import create_model, native, routing
 from cryocaps.models.capsules import (
     ConvCapsule3d,
     ConvTransposeCapsule3d,
@@ -189,8 +189,10 @@ def fused_everywhere(monkeypatch):
 
 
 def _layer_outputs_and_grads(layer, capsules, fused, weights):
-    """Forward with fused or plain routing; returns outputs, coupling and all gradients."""
-    layer.fused_routing = fused
+    """Forward with fused (True), plain (False) or C ("native") routing; returns outputs,
+    coupling and all gradients."""
+    layer.fused_routing = fused is True
+    layer.native_routing = fused == "native"
     layer.zero_grad(set_to_none=True)
     capsules = capsules.detach().requires_grad_()
     out, coupling = layer(capsules, return_coupling=True)
@@ -307,6 +309,111 @@ def test_fused_routing_gradient_is_that_of_the_final_weighted_sum():
     torch.testing.assert_close(final_sum(votes, bias), out)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------- the C routing kernel (models.native)
+
+
+@pytest.fixture
+def kernel():
+    """The C routing kernel; skipped only where there is no C compiler at all."""
+    if not native.available():
+        if native._compiler() is None:
+            pytest.skip(native.build_error())
+        pytest.fail(f"there is a C compiler, but the kernel did not build: {native.build_error()}")
+    return native
+
+
+def _transposed_votes(shape, dtype=torch.float32):
+    """Votes (B, I, P, A, O) laid out (B, P, I, A, O), as a per-type layer's convolution writes."""
+    batch, n_in, n_voxels, n_atoms, n_out = shape
+    return torch.randn(batch, n_voxels, n_in, n_atoms, n_out).to(dtype).transpose(1, 2)
+
+
+@pytest.mark.parametrize("n_out", [16, 8, 4, 5])  # the constant-size paths and the generic one
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["shared", "per-type"])
+def test_native_routing_matches_the_pytorch_blocks(kernel, n_out, iterations, layout):
+    shape = (2, 3, 37, 6, n_out)
+    votes = torch.randn(shape) * 3 if layout == "shared" else _transposed_votes(shape) * 3
+    bias = torch.randn(6, n_out) * 0.1
+    pre_squash, coupling = kernel.forward(votes, bias, iterations)
+    expected_s, expected_c = routing._route_blocks(votes, bias, iterations, None, 10)
+    torch.testing.assert_close(pre_squash, expected_s, rtol=1e-5, atol=1e-5)
+    if iterations == 1:
+        assert coupling is None and expected_c is None
+    else:
+        torch.testing.assert_close(coupling, expected_c, rtol=1e-5, atol=1e-6)
+    grad_s = torch.randn(2, 37, 6, n_out)
+    meta = (votes.dtype, votes.shape, votes.stride())
+    grad = kernel.backward(coupling, grad_s, meta)
+    assert grad.stride() == votes.stride()
+    torch.testing.assert_close(grad, routing._vote_gradient(coupling, grad_s, meta, n_out, 5))
+
+
+@pytest.mark.parametrize("threads", [1, 3])  # 100 voxels split unevenly over 3 workers
+def test_native_routing_of_bf16_votes_is_float32_routing_of_their_values(kernel, threads):
+    votes = torch.randn(2, 4, 50, 8, 16).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pre_squash, coupling = kernel.forward(votes, None, 3)
+    finally:
+        torch.set_num_threads(before)
+    expected_s, expected_c = routing._route_blocks(votes.float(), None, 3, None, 10)
+    torch.testing.assert_close(pre_squash, expected_s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(coupling, expected_c, rtol=1e-5, atol=1e-6)
+    grad_s = torch.randn(2, 50, 8, 16)
+    grad = kernel.backward(coupling, grad_s, (votes.dtype, votes.shape, votes.stride()))
+    assert grad.dtype == torch.bfloat16
+    expected = (coupling.unsqueeze(-2) * grad_s.unsqueeze(1)).to(torch.bfloat16)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)  # both round to nearest even
+
+
+@pytest.mark.parametrize("share_weights, iterations", [(True, 3), (False, 2)])
+def test_capsule_layer_routes_natively_by_default_with_the_plain_values(
+    kernel, share_weights, iterations
+):
+    layer = ConvCapsule3d(
+        4, 4, 6, 8, stride=2, routing_iterations=iterations, share_weights=share_weights
+    )
+    capsules = torch.randn(2, 4, 4, 8, 8, 8)
+    assert layer.routes_natively(capsules) and not layer.uses_fused_routing
+    assert not layer.routes_natively(capsules.double())  # float64: PyTorch
+    weights = torch.randn(2, 6, 8, 4, 4, 4)
+    got = _layer_outputs_and_grads(layer, capsules, "native", weights)
+    plain = _layer_outputs_and_grads(layer, capsules, False, weights)
+    for name, a, b in zip(["output", "coupling", "dx", "dW", "dbias"], got, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_native_routing_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("CRYOCAPS_NATIVE_ROUTING", "0")
+    native._library.cache_clear()
+    try:
+        assert not native.available()
+        assert "CRYOCAPS_NATIVE_ROUTING" in native.build_error()
+        layer = ConvCapsule3d(2, 4, 3, 4)
+        assert not layer.routes_natively(torch.randn(1, 2, 4, 4, 4, 4))
+    finally:
+        monkeypatch.delenv("CRYOCAPS_NATIVE_ROUTING")
+        native._library.cache_clear()
+
+
+def test_without_a_compiler_layers_route_in_pytorch(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        assert not native.available()
+        assert "no C compiler" in native.build_error()
+        layer = ConvCapsule3d(2, 4, 3, 4)
+        capsules = torch.randn(1, 2, 4, 4, 4, 4)
+        assert not layer.routes_natively(capsules)
+        assert layer(capsules).shape == (1, 3, 4, 4, 4, 4)
+    finally:
+        native._library.cache_clear()
 
 
 @pytest.mark.parametrize("stride, padding", [(1, 1), (2, 1), (2, 0)])

@@ -42,7 +42,7 @@ import math
 import torch
 from torch import nn
 
-from cryocaps.models import routing
+from cryocaps.models import native, routing
 from cryocaps.models.routing import fused_routing, squash, vote_convolution
 
 __all__ = [
@@ -184,10 +184,12 @@ class _CapsuleLayer(nn.Module):
         share_weights: bool = True,
         full_gradient: bool = False,
         fused_routing: bool = False,
+        native_routing: bool = True,
     ):
         super().__init__()
         self.full_gradient = bool(full_gradient)
         self.fused_routing = bool(fused_routing)
+        self.native_routing = bool(native_routing)
         if routing_iterations < 1:
             raise ValueError(f"routing needs at least one iteration, got {routing_iterations}")
         self.in_capsules = int(in_capsules)
@@ -350,11 +352,16 @@ class _CapsuleLayer(nn.Module):
             votes = out.reshape(batch, n_in, -1, n_atoms, n_out)
         else:
             votes = out.reshape(batch, -1, n_in, n_atoms, n_out).transpose(1, 2)
-        with torch.no_grad():  # the fused backward reaches the votes without it
-            vote_sum = self._vote_sum(capsules, weight.detach())
+        vote_sum = None
+        natively = self.native_routing and native.supports(votes) and native.available()
+        if not natively:  # the C kernel sums the votes in cache
+            with torch.no_grad():  # the fused backward reaches the votes without it
+                vote_sum = self._vote_sum(capsules, weight.detach())
         if vote_sum is not None:
             vote_sum = vote_sum.view(batch, -1, n_atoms, n_out)
-        outputs, coupling = fused_routing(votes, self.bias.t(), self.routing_iterations, vote_sum)
+        outputs, coupling = fused_routing(
+            votes, self.bias.t(), self.routing_iterations, vote_sum, native_kernel=natively
+        )
         if coupling is not None:
             coupling = coupling.view(batch, n_in, *grid, n_out)
         return outputs.view(batch, *grid, n_out, n_atoms), coupling
@@ -391,6 +398,23 @@ class _CapsuleLayer(nn.Module):
             and not (self.full_gradient or self.transposed)
         )
 
+    def routes_natively(self, capsules: torch.Tensor) -> bool:
+        """Whether ``forward(capsules)`` routes with the C kernel (``native``).
+
+        Where ``native_routing`` is set (the default), the layer routes (more
+        than one iteration, stop-gradient, not transposed), the input is on the
+        CPU in float32 or under bf16 autocast (also bf16 input), and the kernel
+        built.
+        """
+        if not self.native_routing or self.routing_iterations == 1:
+            return False
+        if self.full_gradient or self.transposed or capsules.device.type != "cpu":
+            return False
+        dtype = capsules.dtype
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+        return dtype in native.DTYPES and native.available()
+
     def forward(self, capsules: torch.Tensor, return_coupling: bool = False):
         """(B, I, A_in, D, H, W) -> (B, O, A_out, D', H', W') squashed capsules.
 
@@ -401,7 +425,7 @@ class _CapsuleLayer(nn.Module):
         the plain one; both give the same values and, without
         ``full_gradient``, the same gradients.
         """
-        if self.uses_fused_routing:
+        if self.uses_fused_routing or self.routes_natively(capsules):
             outputs, coupling = self._fused_forward(capsules)
             if return_coupling and coupling is None:  # one iteration: uniform
                 shape = (outputs.shape[0], self.in_capsules, *outputs.shape[1:5])

@@ -33,6 +33,8 @@ import contextlib
 
 import torch
 
+from cryocaps.models import native
+
 __all__ = [
     "BLOCK_VOTES",
     "FUSED_MIN_CAPSULES",
@@ -175,27 +177,41 @@ def _vote_gradient(
     return grad_votes
 
 
+def _route_blocks(votes, bias, iterations, vote_sum, block_voxels):
+    """``_route_block`` over all blocks of voxels: pre-squash sums (B, P, A, O), coupling."""
+    batch, n_in, n_voxels, n_atoms, n_out = votes.shape
+    wide = torch.promote_types(votes.dtype, torch.float32)
+    pre_squash = votes.new_empty((batch, n_voxels, n_atoms, n_out), dtype=wide)
+    coupling = None
+    if iterations > 1:
+        coupling = votes.new_empty((batch, n_in, n_voxels, n_out), dtype=wide)
+    # the block's products stay in float32 also under autocast
+    with _without_autocast(votes.device.type):
+        for start in range(0, n_voxels, block_voxels):
+            block = slice(start, min(start + block_voxels, n_voxels))
+            block_sum = None if vote_sum is None else vote_sum[:, block]
+            s, c = _route_block(votes[:, :, block], bias, iterations, block_sum)
+            pre_squash[:, block] = s
+            if c is not None:
+                coupling[:, :, block] = c
+    return pre_squash, coupling
+
+
 class _FusedRouting(torch.autograd.Function):
     """Routing by agreement on votes (B, I, P, A, O); stop-gradient backward."""
 
     @staticmethod
-    def forward(ctx, votes, bias, vote_sum, iterations, block_voxels):
-        batch, n_in, n_voxels, n_atoms, n_out = votes.shape
+    def forward(ctx, votes, bias, vote_sum, iterations, block_voxels, use_native):
+        n_out = votes.shape[-1]
         wide = torch.promote_types(votes.dtype, torch.float32)
         wide_bias = None if bias is None else bias.to(wide)
-        pre_squash = votes.new_empty((batch, n_voxels, n_atoms, n_out), dtype=wide)
-        coupling = None
-        if iterations > 1:
-            coupling = votes.new_empty((batch, n_in, n_voxels, n_out), dtype=wide)
-        # the block's products stay in float32 also under autocast
-        with _without_autocast(votes.device.type):
-            for start in range(0, n_voxels, block_voxels):
-                block = slice(start, min(start + block_voxels, n_voxels))
-                block_sum = None if vote_sum is None else vote_sum[:, block]
-                s, c = _route_block(votes[:, :, block], wide_bias, iterations, block_sum)
-                pre_squash[:, block] = s
-                if c is not None:
-                    coupling[:, :, block] = c
+        ctx.native = use_native and native.supports(votes) and native.available()
+        if ctx.native:  # all voxels in C, each voxel's votes read once (the vote sum too)
+            pre_squash, coupling = native.forward(votes, wide_bias, iterations)
+        else:
+            pre_squash, coupling = _route_blocks(
+                votes, wide_bias, iterations, vote_sum, block_voxels
+            )
         ctx.n_out = n_out
         ctx.block_voxels = block_voxels
         ctx.has_bias = bias is not None
@@ -215,13 +231,15 @@ class _FusedRouting(torch.autograd.Function):
             grad_v = grad_capsules.transpose(-1, -2).to(pre_squash.dtype)
             grad_s = squash_backward(grad_v, pre_squash, dim=-2)  # (B, P, A, O)
             grad_votes = grad_bias = None
-            if ctx.needs_input_grad[0]:
+            if ctx.needs_input_grad[0] and ctx.native:
+                grad_votes = native.backward(coupling, grad_s, ctx.vote_meta)
+            elif ctx.needs_input_grad[0]:
                 grad_votes = _vote_gradient(
                     coupling, grad_s, ctx.vote_meta, ctx.n_out, ctx.block_voxels
                 )
             if ctx.has_bias and ctx.needs_input_grad[1]:
                 grad_bias = grad_s.sum(dim=(0, 1))
-        return grad_votes, grad_bias, None, None, None
+        return grad_votes, grad_bias, None, None, None, None
 
 
 def fused_routing(
@@ -230,6 +248,7 @@ def fused_routing(
     iterations: int = 3,
     vote_sum: torch.Tensor | None = None,
     block_votes: int | None = None,
+    native_kernel: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dynamic routing on votes (B, I, P, A, O) in any memory layout.
 
@@ -243,6 +262,9 @@ def fused_routing(
     vote_sum : (B, P, A, O) sum of the votes over I, if known more cheaply
         than summing them (the first, uniform-coupling iteration uses it)
     block_votes : votes per block of voxels routed at once (default ``BLOCK_VOTES``)
+    native_kernel : route with the C kernel (``native``) where it takes the votes
+        (CPU, float32 or bfloat16; ``vote_sum`` and ``block_votes`` are then not
+        needed) and built; else block by block in PyTorch
 
     Returns
     -------
@@ -259,7 +281,9 @@ def fused_routing(
     batch, n_in, _, n_atoms, n_out = votes.shape
     block_votes = BLOCK_VOTES if block_votes is None else block_votes
     block_voxels = max(1, block_votes // (batch * n_in * n_out * n_atoms))
-    return _FusedRouting.apply(votes, bias, vote_sum, int(iterations), block_voxels)
+    return _FusedRouting.apply(
+        votes, bias, vote_sum, int(iterations), block_voxels, bool(native_kernel)
+    )
 
 
 def _patches(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
