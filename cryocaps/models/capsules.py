@@ -166,6 +166,19 @@ def route_voxel_major(
     return v.view(*grid, n_out, n_atoms), coupling.view(*grid, n_out, n_in)
 
 
+def _capsules_as_batch(capsules: torch.Tensor) -> torch.Tensor:
+    """(B, I, A, D, H, W) -> (B·I, A, D, H, W) channels-last, with at most one copy.
+
+    A layer's output is a view of (B, D, H, W, I, A) memory, where B and I
+    cannot merge without a copy; ``reshape`` then ``contiguous(channels_last)``
+    would copy twice (channels-first, then channels-last), and so would the
+    backward pass.
+    """
+    batch, n_in, n_atoms, *spatial = capsules.shape
+    atoms_last = capsules.permute(0, 1, 3, 4, 5, 2).reshape(batch * n_in, *spatial, n_atoms)
+    return atoms_last.permute(0, 4, 1, 2, 3)
+
+
 class _CapsuleLayer(nn.Module):
     """Shared parts of the convolutional and transposed capsule layers."""
 
@@ -241,7 +254,7 @@ class _CapsuleLayer(nn.Module):
         self._check_capsules(capsules)
         batch, spatial = capsules.shape[0], capsules.shape[3:]
         if self.share_weights:
-            flat = capsules.reshape(batch * self.in_capsules, self.in_atoms, *spatial)
+            flat = _capsules_as_batch(capsules)
         else:
             flat = capsules.reshape(batch, self.in_capsules * self.in_atoms, *spatial)
         out = self._convolve(flat.contiguous(memory_format=torch.channels_last_3d))
@@ -342,7 +355,7 @@ class _CapsuleLayer(nn.Module):
         n_in, n_out, n_atoms = self.in_capsules, self.out_capsules, self.out_atoms
         weight = self._atom_major_weight()
         if self.share_weights:
-            flat = capsules.reshape(batch * n_in, self.in_atoms, *spatial)
+            flat = _capsules_as_batch(capsules)
         else:
             flat = capsules.reshape(batch, n_in * self.in_atoms, *spatial)
         out = self._convolve(flat.contiguous(memory_format=torch.channels_last_3d), weight)
