@@ -756,3 +756,9 @@ def test_ucaps_fast_is_the_paper_network_with_one_routing_iteration():
     with torch.no_grad():
         torch.testing.assert_close(fast.eval()(x), one_iteration.eval()(x))
         assert not torch.allclose(fast(x), paper.eval()(x), atol=1e-4)  # routing matters
+
+
+def test_run_json_says_how_capsule_layers_route(kernel):
+    from cryocaps.runinfo import environment
+
+    assert environment()["capsule_routing_cpu"] == "C kernel"

@@ -99,6 +99,7 @@ def _build(compiler: str, target: Path) -> None:
 def _library() -> ctypes.CDLL | None:
     """The loaded kernel, or None (with the reason in ``build_error()``)."""
     global _build_error
+    _build_error = None
     switch = os.environ.get("CRYOCAPS_NATIVE_ROUTING", "1").strip().lower()
     if switch in {"0", "false", "no", "off"}:
         _build_error = "switched off by CRYOCAPS_NATIVE_ROUTING"
