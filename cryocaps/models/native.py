@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "backward", "build_error", "forward", "library_path"]
+__all__ = ["available", "backward", "build_error", "forward", "library_path", "supports"]
 
 log = logging.getLogger(__name__)
 
