@@ -365,3 +365,24 @@ def test_class_table_is_found_beside_the_maps_or_one_folder_up(classes, tmp_path
     assert (
         path is None and len(table) == 1 and table.by_name(table.names[0]).radius_angstrom == 30.0
     )
+
+
+def test_cluster_picks_cli_defaults_are_the_librarys():
+    # the command spells its defaults out (its module must not import the picking code, for a
+    # fast --help); they must stay those of pick_particles, and its help must say them
+    import inspect
+    import typing
+
+    from cryocaps.cli import cluster_picks
+    from cryocaps.picking import pick
+
+    parameters = inspect.signature(cluster_picks.command).parameters
+    hints = typing.get_type_hints(cluster_picks.command, include_extras=True)
+    for option, constant in [
+        ("method", pick.DEFAULT_METHOD),
+        ("min_size_fraction", pick.DEFAULT_MIN_SIZE_FRACTION),
+        ("relative_min_size", pick.DEFAULT_RELATIVE_MIN_SIZE),
+    ]:
+        assert parameters[option].default == constant, option
+        help_text = hints[option].__metadata__[0].help
+        assert f"[default: {constant}]" in help_text, option
