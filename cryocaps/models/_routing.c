@@ -243,12 +243,10 @@ static int run_split(Job *prototype, int threads, void *(*work)(void *)) {
     return status;
 }
 
-int cryocaps_route(const void *votes, int dtype, int64_t batch, int64_t n_in, int64_t n_voxels,
-                   int64_t n_atoms, int64_t n_out, int64_t stride_b, int64_t stride_i,
-                   int64_t stride_p, const float *bias, int iterations, float *pre_squash,
-                   float *coupling, int threads) {
+/* The shape and layout of the votes (B, I, P, A, O), common to both entry points. */
+static Job vote_job(int dtype, int64_t batch, int64_t n_in, int64_t n_voxels, int64_t n_atoms,
+                    int64_t n_out, int64_t stride_b, int64_t stride_i, int64_t stride_p) {
     Job job = {0};
-    job.votes = votes;
     job.dtype = dtype;
     job.batch = batch;
     job.n_in = n_in;
@@ -258,6 +256,15 @@ int cryocaps_route(const void *votes, int dtype, int64_t batch, int64_t n_in, in
     job.stride_b = stride_b;
     job.stride_i = stride_i;
     job.stride_p = stride_p;
+    return job;
+}
+
+int cryocaps_route(const void *votes, int dtype, int64_t batch, int64_t n_in, int64_t n_voxels,
+                   int64_t n_atoms, int64_t n_out, int64_t stride_b, int64_t stride_i,
+                   int64_t stride_p, const float *bias, int iterations, float *pre_squash,
+                   float *coupling, int threads) {
+    Job job = vote_job(dtype, batch, n_in, n_voxels, n_atoms, n_out, stride_b, stride_i, stride_p);
+    job.votes = votes;
     job.bias = bias;
     job.iterations = iterations;
     job.pre_squash = pre_squash;
@@ -269,18 +276,9 @@ int cryocaps_route_backward(void *grad_votes, int dtype, int64_t batch, int64_t 
                             int64_t n_voxels, int64_t n_atoms, int64_t n_out, int64_t stride_b,
                             int64_t stride_i, int64_t stride_p, const float *coupling,
                             const float *grad_s, int threads) {
-    Job job = {0};
+    Job job = vote_job(dtype, batch, n_in, n_voxels, n_atoms, n_out, stride_b, stride_i, stride_p);
     job.grad_votes = grad_votes;
-    job.dtype = dtype;
-    job.batch = batch;
-    job.n_in = n_in;
-    job.n_voxels = n_voxels;
-    job.n_atoms = n_atoms;
-    job.n_out = n_out;
-    job.stride_b = stride_b;
-    job.stride_i = stride_i;
-    job.stride_p = stride_p;
-    job.coupling = (float *)coupling;
+    job.coupling = (float *)coupling; /* read only here */
     job.grad_s = grad_s;
     return run_split(&job, threads, gradient_range);
 }
