@@ -15,8 +15,13 @@ capsules o) weight the votes, ``s[o] = sum_i c[i, o] u[i, o] + b[o]``,
 ``<u[i, o], v[o]>`` for the next iteration.
 
 All votes come from one ``conv3d`` call (channels-last, so oneDNN's fast
-path runs it). Two routing implementations give the same values:
+path runs it). Three routing implementations give the same values:
 
+- native (the default on CPUs, ``native_routing=True``): the votes laid out as
+  for the fused routing below, routed by the C kernel of ``native`` one voxel at
+  a time, all iterations on that voxel's votes in cache (``routing.fused_routing``
+  with ``native_kernel=True``); where the kernel is not built, the layers fall
+  back to the plain routing.
 - fused (``routing.fused_routing``, opt-in with ``fused_routing=True``, for layers
   that route, i.e. more than one iteration; slower than plain on an idle 2-core
   CPU, see benchmarks/RESULTS.md): the votes stay where the convolution wrote them,
@@ -25,14 +30,14 @@ path runs it). Two routing implementations give the same values:
   float32, in cache, and its backward pass saves only the final coupling and
   pre-squash sums. The vote convolution's weight gradient is one GEMM
   (``routing.vote_convolution``).
-- plain (``route_voxel_major``; the default, and always for one iteration,
-  ``full_gradient`` and transposed layers): one copy puts the votes
-  voxel-major, (B, D, H, W, O, I, A), where every (voxel, output capsule) owns
-  a small I x A matrix, and each iteration is two batched mat-vec products
-  (``bmm``) over the whole vote tensor.
+- plain (``route_voxel_major``; the default on GPUs and where there is no C
+  compiler, and always for one iteration, ``full_gradient`` and transposed
+  layers): one copy puts the votes voxel-major, (B, D, H, W, O, I, A), where
+  every (voxel, output capsule) owns a small I x A matrix, and each iteration
+  is two batched mat-vec products (``bmm``) over the whole vote tensor.
 
-Either way routing is bound by memory traffic and dispatch, not arithmetic;
-``benchmarks/models.py`` measures the two side by side.
+In PyTorch routing is bound by memory traffic and dispatch, not arithmetic;
+``benchmarks/models.py`` measures the three side by side.
 """
 
 from __future__ import annotations
@@ -434,9 +439,9 @@ class _CapsuleLayer(nn.Module):
         The output is a strided view of a (B, D', H', W', O, A_out) tensor, so
         that ``flatten(1, 2)`` of it is a channels-last feature map. With
         ``return_coupling`` also the coupling coefficients (B, I, O, D', H', W').
-        Routing is the fused implementation where ``uses_fused_routing``, else
-        the plain one; both give the same values and, without
-        ``full_gradient``, the same gradients.
+        Routing is the C kernel where ``routes_natively``, the fused PyTorch
+        implementation where ``uses_fused_routing``, else the plain one; all
+        give the same values and, without ``full_gradient``, the same gradients.
         """
         if self.uses_fused_routing or self.routes_natively(capsules):
             outputs, coupling = self._fused_forward(capsules)
@@ -477,9 +482,11 @@ class ConvCapsule3d(_CapsuleLayer):
         per input type (a grouped convolution, I times the parameters)
     full_gradient : back-propagate through all routing iterations (False: only
         through the final weighted sum, coupling held fixed; same forward)
-    fused_routing : route with ``routing.fused_routing`` where it applies (True)
-        or always with the plain ``route_voxel_major``; same values and
+    fused_routing : route with ``routing.fused_routing`` in PyTorch where it applies
+        (True) or with the plain ``route_voxel_major``; same values and
         gradients, not saved with the model (an implementation choice)
+    native_routing : route with the C kernel (``native``) on the CPU where it is
+        built (True, the default); takes precedence over ``fused_routing``
     """
 
 
