@@ -23,6 +23,11 @@ the final coupling ``c`` (B, I, P, O) and the pre-squash sums ``s``
 ``c ⊗ dL/ds`` block by block in the votes' own dtype and memory layout, so
 the convolution's backward reads it without a copy. The votes are not saved.
 
+On the CPU, with float32 or bfloat16 votes, the same autograd Function hands
+the forward iterations and the vote gradient to the C kernel of ``native``
+(one voxel at a time instead of blocks; the default where it is built) and the
+blocks below run only where it is not.
+
 ``vote_convolution`` is the layers' conv3d with its weight gradient as one
 GEMM of input patches, where oneDNN's half-precision weight gradient is slow.
 """
