@@ -17,11 +17,9 @@ capsules o) weight the votes, ``s[o] = sum_i c[i, o] u[i, o] + b[o]``,
 All votes come from one ``conv3d`` call (channels-last, so oneDNN's fast
 path runs it). Three routing implementations give the same values:
 
-- native (the default on CPUs, ``native_routing=True``): the votes laid out as
-  for the fused routing below, routed by the C kernel of ``native`` one voxel at
-  a time, all iterations on that voxel's votes in cache (``routing.fused_routing``
-  with ``native_kernel=True``); where the kernel is not built, the layers fall
-  back to the plain routing.
+- native (the default on CPUs, ``native_routing=True``): the fused layout
+  below, routed by the C kernel of ``native`` voxel by voxel in cache; where the
+  kernel is not built, the plain routing.
 - fused (``routing.fused_routing``, opt-in with ``fused_routing=True``, for layers
   that route, i.e. more than one iteration; slower than plain on an idle 2-core
   CPU, see benchmarks/RESULTS.md): the votes stay where the convolution wrote them,
@@ -417,13 +415,9 @@ class _CapsuleLayer(nn.Module):
         )
 
     def routes_natively(self, capsules: torch.Tensor) -> bool:
-        """Whether ``forward(capsules)`` routes with the C kernel (``native``).
-
-        Where ``native_routing`` is set (the default), the layer routes (more
-        than one iteration, stop-gradient, not transposed), the input is on the
-        CPU in float32 or under bf16 autocast (also bf16 input), and the kernel
-        built.
-        """
+        """Whether ``forward(capsules)`` routes with the C kernel (``native``): where
+        ``native_routing`` is set, the layer routes (more than one iteration, stop-gradient,
+        not transposed), the input is float32 or bf16 on the CPU and the kernel built."""
         if not self.native_routing or self.routing_iterations == 1:
             return False
         if self.full_gradient or self.transposed or capsules.device.type != "cpu":
