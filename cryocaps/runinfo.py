@@ -53,9 +53,9 @@ def environment() -> dict:
         info["cuda"] = bool(torch.cuda.is_available())
         info["torch_threads"] = torch.get_num_threads()
     native = sys.modules.get("cryocaps.models.native")
-    if native is not None:  # capsule layers ran: say how they routed on the CPU
-        error = native.build_error()
-        info["capsule_routing_cpu"] = "C kernel" if error is None else f"PyTorch ({error})"
+    routing = None if native is None else native.status()
+    if routing is not None:  # capsule layers routed on the CPU: say how
+        info["capsule_routing_cpu"] = routing
     return info
 
 

@@ -761,4 +761,8 @@ def test_ucaps_fast_is_the_paper_network_with_one_routing_iteration():
 def test_run_json_says_how_capsule_layers_route(kernel):
     from cryocaps.runinfo import environment
 
+    native._library.cache_clear()  # as in a process where no capsule layer has run yet
+    assert native.status() is None and "capsule_routing_cpu" not in environment()
+    assert native._library.cache_info().currsize == 0  # asking did not build or load it
+    assert native.available()
     assert environment()["capsule_routing_cpu"] == "C kernel"

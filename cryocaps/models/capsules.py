@@ -369,7 +369,7 @@ class _CapsuleLayer(nn.Module):
         else:
             votes = out.reshape(batch, -1, n_in, n_atoms, n_out).transpose(1, 2)
         vote_sum = None
-        natively = self.native_routing and native.supports(votes) and native.available()
+        natively = self.native_routing and native.supports(votes)
         if not natively:  # the C kernel sums the votes in cache
             with torch.no_grad():  # the fused backward reaches the votes without it
                 vote_sum = self._vote_sum(capsules, weight.detach())

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "backward", "build_error", "forward", "library_path", "supports"]
+__all__ = [
+    "available", "backward", "build_error", "forward", "library_path", "status", "supports",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +137,21 @@ def build_error() -> str | None:
 
 
 def supports(votes: torch.Tensor) -> bool:
-    """Whether ``forward``/``backward`` take these votes (B, I, P, A, O): CPU, float32 or
-    bfloat16, each voxel's (A, O) block contiguous."""
+    """Whether the kernel is built and ``forward``/``backward`` take these votes (B, I, P,
+    A, O): CPU, float32 or bfloat16, each voxel's (A, O) block contiguous."""
     if votes.device.type != "cpu" or votes.dtype not in DTYPES or votes.dim() != 5:
         return False
     n_out = votes.shape[-1]
-    return votes.stride(-1) == 1 and (votes.shape[-2] == 1 or votes.stride(-2) == n_out)
+    layout = votes.stride(-1) == 1 and (votes.shape[-2] == 1 or votes.stride(-2) == n_out)
+    return layout and available()
+
+
+def status() -> str | None:
+    """How capsule layers route on the CPU in this process ("C kernel" or "PyTorch (why)"),
+    or None if nothing has asked for the kernel yet (no build is started to find out)."""
+    if _library.cache_info().currsize == 0:
+        return None
+    return "C kernel" if _library() is not None else f"PyTorch ({_build_error})"
 
 
 def _threads() -> int:

@@ -210,7 +210,7 @@ class _FusedRouting(torch.autograd.Function):
         n_out = votes.shape[-1]
         wide = torch.promote_types(votes.dtype, torch.float32)
         wide_bias = None if bias is None else bias.to(wide)
-        ctx.native = use_native and native.supports(votes) and native.available()
+        ctx.native = use_native and native.supports(votes)
         if ctx.native:  # all voxels in C, each voxel's votes read once (the vote sum too)
             pre_squash, coupling = native.forward(votes, wide_bias, iterations)
         else:
