@@ -290,6 +290,9 @@ def test_train_state_saves_and_restores_every_field():
             best_epoch=value,
             bad_epochs=value,
             model_saved=bool(value),
+            annealing=bool(value),
+            anneal_from_step=value,
+            ema_decay=float(value),
             model=Driven(value),
             optimizer=Driven(value),
             scheduler=Driven(value),
@@ -644,6 +647,113 @@ def test_ema_weights_are_the_ones_validated_saved_and_resumed(dataset, tmp_path)
     assert resumed["epochs_done"] == 2
     state = load_checkpoint(run / "checkpoint_last.pt")["state"]
     assert int(state["ema"]["n_averaged"]) == 6  # the average carried over
+
+
+class _Ranks:
+    def mean(self, value):
+        return value
+
+
+def _auto_trainer(**config):
+    """Just what hooks.AutoRecipe reads and calls: config, state, ranks, start_ema."""
+    from types import SimpleNamespace
+
+    from cryocaps.training.loop import TrainState
+
+    settings = dict(lr=1e-3, epochs=300, steps_per_epoch=100, max_minutes=None) | config
+    trainer = SimpleNamespace(
+        config=SimpleNamespace(**settings),
+        state=TrainState(optimizer=SimpleNamespace(param_groups=[{"lr": settings["lr"]}])),
+        ranks=_Ranks(),
+        steps_at_start=0,
+        started_ema=[],
+    )
+    trainer.start_ema = trainer.started_ema.append
+    return trainer
+
+
+def test_auto_recipe_anneals_only_runs_known_to_be_long():
+    from cryocaps.training import hooks
+
+    long_run = _auto_trainer(epochs=5)  # 500 steps, no time limit: decided at the start
+    recipe = hooks.AutoRecipe(long_run.config, min_steps=500, ema_decay=0.99)
+    recipe.on_train_begin(long_run)
+    assert long_run.state.annealing and long_run.state.anneal_from_step == 0
+    assert long_run.started_ema == [0.99]
+    assert long_run.state.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # warm-up
+    short_run = _auto_trainer(epochs=4, max_minutes=60)  # 400 steps, whatever the time
+    recipe = hooks.AutoRecipe(short_run.config, min_steps=500, ema_decay=0.99)
+    recipe.on_train_begin(short_run)
+    recipe.on_step_end(short_run, 0.1)
+    assert short_run.state.annealing is False and short_run.state.anneal_from_step is None
+    assert short_run.started_ema == []
+    assert short_run.state.optimizer.param_groups[0]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("seconds_per_epoch, anneals", [(60.0, True), (180.0, False)])
+def test_auto_recipe_projects_a_timed_run_from_its_first_epoch(
+    monkeypatch, seconds_per_epoch, anneals
+):
+    from cryocaps.training import hooks
+
+    now = [1000.0]
+    monkeypatch.setattr(hooks.time, "time", lambda: now[0])
+    trainer = _auto_trainer(max_minutes=10)  # 600 s: 10 or 3.3 epochs of 100 steps
+    recipe = hooks.AutoRecipe(trainer.config, min_steps=500, ema_decay=0.99)
+    recipe.on_train_begin(trainer)
+    assert trainer.state.annealing is None  # not known yet
+    now[0] += seconds_per_epoch
+    trainer.state.total_steps = 100
+    recipe.on_step_end(trainer, 0.5)
+    assert trainer.state.optimizer.param_groups[0]["lr"] == 1e-3  # constant until decided
+    recipe.on_epoch_end(trainer, {}, True)
+    assert trainer.state.annealing is anneals
+    assert trainer.started_ema == ([0.99] if anneals else [])
+    recipe.on_step_end(trainer, 0.5)
+    rate = trainer.state.optimizer.param_groups[0]["lr"]
+    if anneals:  # the cosine from the progress made: 10% of the run, no warm-up again
+        assert rate == pytest.approx(hooks.cosine_lr(1e-3, 0.1, 0.03, 0.01))
+        assert 0.9e-3 < rate < 1e-3
+    else:
+        assert rate == 1e-3
+
+
+@pytest.mark.slow
+def test_auto_recipe_in_a_run_is_recorded_and_survives_resume(dataset, tmp_path, monkeypatch):
+    import torch
+
+    from cryocaps.training import loop, train
+    from cryocaps.training.checkpoint import load_checkpoint
+
+    monkeypatch.setattr(loop, "AUTO_ANNEAL_MIN_STEPS", 5)  # the tiny run counts as long
+    run = tmp_path / "auto"
+    result = train(_config(dataset, run, epochs=2, max_minutes=30, patience=0))
+    assert result["lr_schedule"] == "cosine" and result["annealed_from_step"] == 3
+    assert result["ema"] == pytest.approx(0.99)
+    rates = [row["lr"] for row in result["history"]]
+    assert rates[0] == pytest.approx(1e-3) and rates[1] < rates[0]
+    state = load_checkpoint(run / "checkpoint_last.pt")["state"]
+    assert int(state["ema"]["n_averaged"]) == 3  # the average began after the first epoch
+    resumed = train(_config(dataset, run, epochs=3, max_minutes=30, patience=0, resume=True))
+    assert resumed["lr_schedule"] == "cosine" and resumed["annealed_from_step"] == 3
+    state = load_checkpoint(run / "checkpoint_last.pt")["state"]
+    assert int(state["ema"]["n_averaged"]) == 6
+    assert state["annealing"] is True
+    assert torch.is_tensor(state["ema"]["n_averaged"])
+    short = train(_config(dataset, tmp_path / "short", epochs=1, patience=0))  # 3 < 5 steps
+    assert short["lr_schedule"] == "none" and short["ema"] is None
+    assert short["annealed_from_step"] is None
+
+
+def test_ema_flag_takes_auto_or_a_decay():
+    from cryocaps.training.config import check_settings, parse_ema
+
+    assert parse_ema("auto") == "auto" and parse_ema(" AUTO ") == "auto"
+    assert parse_ema("0.99") == 0.99 and parse_ema("0") == 0.0
+    with pytest.raises(CryocapsError, match="--ema 'often'"):
+        parse_ema("often")
+    with pytest.raises(CryocapsError, match="--ema 1.5"):
+        check_settings(_config(Path("."), Path("o"), ema=1.5))
 
 
 def test_whole_tomogram_holdout(dataset, tmp_path):

@@ -35,11 +35,14 @@ from cryocaps.cli.common import (
 )
 from cryocaps.errors import CryocapsError
 from cryocaps.training.config import (
+    AUTO_ANNEAL_MIN_STEPS,
+    AUTO_EMA_DECAY,
     AUTO_PATCH_CONTEXT,
     AUTO_PATCH_MIN,
     AUTO_PATCH_MULTIPLE,
     PAPER,
     defaults,
+    parse_ema,
 )
 
 DEFAULT = defaults()  # TrainConfig's: the one source of the defaults below and in the help
@@ -160,21 +163,24 @@ def command(
         str,
         typer.Option(
             "--lr-schedule",
-            help="none, cosine (3% warm-up, then down to 1% of --lr by the end of the run: "
-            "--epochs or --max-minutes, whichever ends it first) or plateau (halve on a "
-            "stalled val loss). "
+            help="auto: cosine when the run makes >= "
+            f"{AUTO_ANNEAL_MIN_STEPS} steps (known from --epochs, or projected after the first "
+            "epoch under --max-minutes), else constant; none; cosine (3% warm-up, then down to "
+            "1% of --lr by the end of the run: --epochs or --max-minutes, whichever ends it "
+            "first); plateau (halve on a stalled val loss). "
             f"[default: {DEFAULT['lr_schedule']}]",
         ),
     ] = DEFAULT["lr_schedule"],
     ema: Annotated[
-        float,
+        str,
         typer.Option(
             "--ema",
             help="Validate and save an exponential moving average of the weights with this "
-            "decay (e.g. 0.99: about the last 100 steps); 0 for the weights as trained. "
-            f"[default: {DEFAULT['ema']:g}]",
+            "decay (e.g. 0.99: about the last 100 steps); 0 for the weights as trained; "
+            f"auto: {AUTO_EMA_DECAY:g} while the rate anneals. "
+            f"[default: {DEFAULT['ema']}]",
         ),
-    ] = DEFAULT["ema"],
+    ] = str(DEFAULT["ema"]),
     patience: Annotated[
         int,
         typer.Option(
@@ -331,7 +337,7 @@ def command(
         steps_per_epoch=steps_per_epoch,
         lr=lr,
         lr_schedule=lr_schedule,
-        ema=ema,
+        ema=parse_ema(ema),
         patience=patience,
         select_by=select_by,
         val_fraction=val_fraction,

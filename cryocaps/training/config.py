@@ -11,7 +11,13 @@ from pathlib import Path
 
 from cryocaps.errors import CryocapsError
 
-LR_SCHEDULES = ("none", "cosine", "plateau")
+LR_SCHEDULES = ("auto", "none", "cosine", "plateau")
+# --lr-schedule auto: anneal (cosine + a weight average) only in runs of at least this many
+# steps. Measured with 3D-UCaps (benchmarks/RESULTS.md, levers table): cosine + EMA 0.99 won at
+# 700, 800 and 1841 steps on two differently simulated sets and lost at the demo's ~250 steps;
+# 500 lies between (the crossover itself was not measured).
+AUTO_ANNEAL_MIN_STEPS = 500
+AUTO_EMA_DECAY = 0.99  # --ema auto, when the rate anneals
 SELECTION_SCORES = ("dice", "loss")
 # The automatic patch side (data.auto_patch_size): 2 x largest radius + context, rounded up.
 AUTO_PATCH_MIN = 32
@@ -45,10 +51,10 @@ class TrainConfig:
     epochs: int = 300
     steps_per_epoch: int = 100
     lr: float = 1e-3
-    # "cosine" + ema 0.99 lifted 3D-UCaps at 700-800 steps on two benchmark sets but lost at
-    # the demo's ~250 steps (benchmarks/RESULTS.md, levers table): options, not defaults
-    lr_schedule: str = "none"
-    ema: float = 0.0  # decay of the weights' moving average; 0 = off
+    # "auto": constant, or cosine + ema from AUTO_ANNEAL_MIN_STEPS steps (hooks.AutoRecipe)
+    lr_schedule: str = "auto"
+    # decay of the weights' moving average; 0 = off; "auto": AUTO_EMA_DECAY when the rate anneals
+    ema: float | str = "auto"
     patience: int = 20  # epochs without a better validation score; 0 = never stop early
     select_by: str = "dice"  # best model: highest mean validation Dice ("dice") or lowest loss
     val_fraction: float = 0.17
@@ -120,8 +126,8 @@ def check_settings(config: TrainConfig) -> None:
         (c.patience >= 0, f"--patience {c.patience}: must be >= 0"),
         (c.select_by in SELECTION_SCORES, f"--select-by {c.select_by!r}: choose dice or loss"),
         (
-            c.ema == 0 or 0.5 <= c.ema < 1,
-            f"--ema {c.ema}: give a decay in [0.5, 1), e.g. 0.99, or 0 for none",
+            c.ema == "auto" or (not isinstance(c.ema, str) and (c.ema == 0 or 0.5 <= c.ema < 1)),
+            f"--ema {c.ema}: give a decay in [0.5, 1), e.g. 0.99, 0 for none, or auto",
         ),
         (
             c.lr_schedule in LR_SCHEDULES,
@@ -138,6 +144,24 @@ def check_settings(config: TrainConfig) -> None:
         if not ok:
             raise CryocapsError(message)
     parse_fold(c.fold)
+
+
+def parse_ema(text: str) -> float | str:
+    """``--ema`` as typed: ``"auto"`` or a decay (range checked by :func:`check_settings`)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        message = f"--ema {text!r}: give a decay such as 0.99, 0 for none, or auto"
+        raise CryocapsError(message) from None
+
+
+def initial_ema_decay(config: TrainConfig) -> float:
+    """The weight average's decay from the first step (0: none yet; auto may start one later)."""
+    if config.ema != "auto":
+        return float(config.ema)
+    return AUTO_EMA_DECAY if config.lr_schedule == "cosine" else 0.0
 
 
 def config_dict(config: TrainConfig) -> dict:

@@ -178,6 +178,66 @@ def cosine_lr(lr: float, progress: float, warmup: float, floor: float) -> float:
     return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
+class AutoRecipe(Hook):
+    """``--lr-schedule auto`` (the default): anneal, with a weight average, only a long run.
+
+    A cosine to 1% of ``--lr`` plus an EMA of the weights helped 3D-UCaps in runs of
+    700 steps and more and hurt at ~250 (benchmarks/RESULTS.md), so the run's length
+    decides. Without ``--max-minutes`` it is known at the start (``--epochs`` ×
+    ``--steps-per-epoch``); with it, it is projected at the end of the first epoch from
+    that epoch's pace (steps and validation). From ``min_steps`` on, the rest of the run
+    follows :class:`CosineSchedule` from the progress already made and ``--ema auto``
+    starts averaging; below, the rate stays at ``--lr``. The decision is kept in the
+    checkpoint (``TrainState.annealing``), so a resumed run keeps it.
+    """
+
+    def __init__(self, config, min_steps: int, ema_decay: float):
+        self.planned_steps = config.epochs * config.steps_per_epoch
+        self.cosine = CosineSchedule(config.lr, self.planned_steps, config.max_minutes)
+        self.budget_seconds = config.max_minutes * 60 if config.max_minutes else None
+        self.min_steps, self.ema_decay = min_steps, ema_decay
+        self.start = time.time()
+
+    def on_train_begin(self, trainer) -> None:
+        self.start = self.cosine.start = time.time()
+        state = trainer.state
+        if state.annealing is None and (
+            self.budget_seconds is None or self.planned_steps < self.min_steps
+        ):
+            self._decide(trainer, self.planned_steps)
+        if state.annealing:
+            self.cosine._apply(trainer)
+
+    def on_step_end(self, trainer, step_seconds: float) -> None:
+        if trainer.state.annealing:
+            self.cosine._apply(trainer)
+
+    def on_epoch_end(self, trainer, row: dict, improved: bool) -> None:
+        if trainer.state.annealing is None:
+            self._decide(trainer, self.projected_steps(trainer))
+
+    def projected_steps(self, trainer) -> float:
+        """Steps the run will make at this run's pace so far (validation included)."""
+        done = trainer.state.total_steps - trainer.steps_at_start
+        elapsed = time.time() - self.start
+        more = (self.budget_seconds - elapsed) * done / max(elapsed, 1e-9)
+        projected = min(self.planned_steps, trainer.state.total_steps + max(0.0, more))
+        return trainer.ranks.mean(projected)  # every rank must decide alike
+
+    def _decide(self, trainer, steps: float) -> None:
+        state = trainer.state
+        state.annealing = steps >= self.min_steps
+        state.anneal_from_step = state.total_steps if state.annealing else None
+        if state.annealing and self.ema_decay and state.ema is None:
+            trainer.start_ema(self.ema_decay)
+        if state.annealing:
+            average = f" and --ema {self.ema_decay:g}" if self.ema_decay else ""
+            plan = f"cosine from step {state.total_steps}{average}"
+        else:
+            plan = f"a constant rate (annealing needs {self.min_steps} steps)"
+        log.info("--lr-schedule auto: about %d steps in this run: %s", steps, plan)
+
+
 class EarlyStopping(Hook):
     """Stop after ``patience`` epochs without a better validation score."""
 

@@ -38,7 +38,13 @@ from cryocaps.training.checkpoint import (
     load_checkpoint,
     run_identity,
 )
-from cryocaps.training.config import TrainConfig, check_settings
+from cryocaps.training.config import (
+    AUTO_ANNEAL_MIN_STEPS,
+    AUTO_EMA_DECAY,
+    TrainConfig,
+    check_settings,
+    initial_ema_decay,
+)
 from cryocaps.training.data import TrainingData, class_weights, prepare_data, training_sampler
 from cryocaps.training.ranks import Ranks
 from cryocaps.training.sampling import validation_locations
@@ -54,7 +60,8 @@ def _driven(**kwargs):
     return field(metadata={"state_dict": True}, **kwargs)
 
 
-ADDED_LATER = ("ema",)  # TrainState fields a checkpoint of the same format may lack
+# TrainState fields a checkpoint of the same format may lack
+ADDED_LATER = ("ema", "annealing", "anneal_from_step", "ema_decay")
 
 
 @dataclass
@@ -80,6 +87,9 @@ class TrainState:
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs since the best one
     model_saved: bool = False
+    annealing: bool | None = None  # --lr-schedule auto: decided to anneal (None: not yet)
+    anneal_from_step: int | None = None
+    ema_decay: float = 0.0  # of the weight average in ``ema`` (0: none)
     model: Any = _driven()
     optimizer: Any = _driven()
     scheduler: Any = _driven()  # only for --lr-schedule plateau
@@ -153,10 +163,10 @@ class Trainer:
             model=model,
             optimizer=optimizer,
             scheduler=_make_scheduler(optimizer, config),
-            ema=_make_ema(model, config),
             scaler=torch.amp.GradScaler("cuda", enabled=is_cuda),
             sampler_streams=SamplerStreams(self.sampler, ranks),
         )
+        self.start_ema(initial_ema_decay(config))
         self.identity = run_identity(config, model, data)
         self.stopped = "completed"
         self.val_seconds = 0.0  # the last validation's duration (0: none timed yet)
@@ -169,6 +179,15 @@ class Trainer:
     def judged_model(self):
         """The weights validation judges and the saved model holds: the average with --ema."""
         return self.state.model if self.state.ema is None else self.state.ema.module
+
+    def start_ema(self, decay: float) -> None:
+        """Average the weights from now on (``--ema``; 0: no average)."""
+        if decay:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            average = get_ema_multi_avg_fn(decay)
+            self.state.ema = AveragedModel(self.state.model, multi_avg_fn=average, use_buffers=True)
+            self.state.ema_decay = decay
 
     # --- checkpoints ------------------------------------------------------------------
     def checkpoint(self) -> dict:
@@ -183,7 +202,10 @@ class Trainer:
 
     def restore(self, checkpoint: dict) -> None:
         """Continue from ``checkpoint`` (checked by :func:`.checkpoint.check_resumable` first)."""
-        self.state.load_state_dict(checkpoint["state"])
+        saved = checkpoint["state"]
+        if saved.get("ema") and self.state.ema is None:  # started by --lr-schedule auto
+            self.start_ema(saved.get("ema_decay") or AUTO_EMA_DECAY)
+        self.state.load_state_dict(saved)
         self.steps_at_start = self.state.total_steps
         self.train_seconds_at_start = self.state.train_seconds
         log.info("resuming at epoch %d step %d", self.state.epoch + 1, self.state.step_in_epoch)
@@ -341,6 +363,9 @@ class Trainer:
             * config.batch_size
             * self.ranks.world_size
             / max(run_train_seconds, 1e-9),
+            "lr_schedule": _schedule_used(config.lr_schedule, state),
+            "annealed_from_step": state.anneal_from_step,
+            "ema": state.ema_decay or None,
             "best_epoch": state.best_epoch,
             "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
             "best_dice": {n: best_row[f"dice_{n}"] for n in names} if best_row else {},
@@ -366,6 +391,9 @@ def default_hooks(config: TrainConfig, ranks: Ranks, progress: Callable[..., Non
     if config.lr_schedule == "cosine":
         total_steps = config.epochs * config.steps_per_epoch
         hooks.append(loop_hooks.CosineSchedule(config.lr, total_steps, config.max_minutes))
+    elif config.lr_schedule == "auto":
+        ema_decay = AUTO_EMA_DECAY if config.ema == "auto" else 0.0  # else: on from the start
+        hooks.append(loop_hooks.AutoRecipe(config, AUTO_ANNEAL_MIN_STEPS, ema_decay))
     hooks.append(loop_hooks.EarlyStopping(config.patience))
     hooks.append(loop_hooks.Checkpointing(config.out_dir))
     if ranks.is_main:
@@ -449,13 +477,11 @@ def _loss_module(model, device: str, ranks: Ranks):
     return DistributedDataParallel(module, device_ids=device_ids)
 
 
-def _make_ema(model, config: TrainConfig):
-    """``--ema DECAY``: an exponential moving average of the weights (and BatchNorm statistics)."""
-    if not config.ema:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+def _schedule_used(asked: str, state: TrainState) -> str:
+    """The schedule that ran: ``--lr-schedule`` with auto resolved (auto: none or cosine)."""
+    if asked != "auto":
+        return asked
+    return "cosine" if state.annealing else "none"
 
 
 def _make_scheduler(optimizer, config: TrainConfig):
