@@ -371,6 +371,10 @@ def test_train_cli_writes_model_metrics_and_run_json(run_cli, dataset, tmp_path)
     assert run["results"]["world_size"] == 1
     assert run["results"]["steps_done"] == 6
     assert run["results"]["samples_per_second"] > 0
+    # 6 steps: too short to anneal, so --lr-schedule auto kept the rate, without an average
+    assert run["parameters"]["lr_schedule"] == "auto" and run["parameters"]["ema"] == "auto"
+    assert run["results"]["lr_schedule"] == "none" and run["results"]["ema"] is None
+    assert "Learning rate: constant" in result.output
     model, config = load_model(out)
     assert config["patch_size"] == 16 and config["voxel_size_angstrom"] == VOXEL
     assert [c["name"] for c in config["classes"]] == ["small", "large"]
@@ -565,6 +569,9 @@ def test_bad_settings(run_cli, dataset, tmp_path):
     assert "--val-tomograms" in _bad(run_cli, dataset, tmp_path / "o", "--val-tomograms", "nope")
     assert "--select-by" in _bad(run_cli, dataset, tmp_path / "o", "--select-by", "f1")
     assert "--hard-negatives" in _bad(run_cli, dataset, tmp_path / "o", "--hard-negatives", "2")
+    assert "--ema 'often'" in _bad(run_cli, dataset, tmp_path / "o", "--ema", "often")
+    assert "--ema 1.0" in _bad(run_cli, dataset, tmp_path / "o", "--ema", "1")
+    assert "--lr-schedule" in _bad(run_cli, dataset, tmp_path / "o", "--lr-schedule", "step")
 
 
 @pytest.mark.slow

@@ -404,3 +404,11 @@ def _print_summary(result: dict, out_dir: Path) -> None:
         f"{result['samples_per_second']:.1f} patches/s on {result['device']} "
         f"x{result['world_size']}; stopped: {result['stopped']}; model in {out_dir}"
     )
+    schedule = {"none": "constant", "plateau": "halved on plateaus"}.get(
+        result["lr_schedule"], result["lr_schedule"]
+    )
+    if result["annealed_from_step"] is not None:
+        schedule += f" from step {result['annealed_from_step']}"
+    if result["ema"]:
+        schedule += f"; the model is the weights' moving average (EMA {result['ema']:g})"
+    console.print(f"Learning rate: {schedule}")
