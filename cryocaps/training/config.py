@@ -157,11 +157,12 @@ def parse_ema(text: str) -> float | str:
         raise CryocapsError(message) from None
 
 
-def initial_ema_decay(config: TrainConfig) -> float:
-    """The weight average's decay from the first step (0: none yet; auto may start one later)."""
+def ema_decay(config: TrainConfig, annealing: bool) -> float:
+    """The weight average's decay (0: none): ``--ema`` as given, or for ``auto``
+    AUTO_EMA_DECAY while the rate anneals."""
     if config.ema != "auto":
         return float(config.ema)
-    return AUTO_EMA_DECAY if config.lr_schedule == "cosine" else 0.0
+    return AUTO_EMA_DECAY if annealing else 0.0
 
 
 def config_dict(config: TrainConfig) -> dict:

@@ -150,10 +150,10 @@ class CosineSchedule(Hook):
 
     def on_train_begin(self, trainer) -> None:
         self.start = time.time()
-        self._apply(trainer)
+        self.apply(trainer)
 
     def on_step_end(self, trainer, step_seconds: float) -> None:
-        self._apply(trainer)
+        self.apply(trainer)
 
     def progress(self, total_steps_done: int) -> float:
         """Fraction of the run done, 0 to 1 (the larger of steps and time)."""
@@ -162,7 +162,7 @@ class CosineSchedule(Hook):
             done = max(done, (time.time() - self.start) / self.budget_seconds)
         return min(done, 1.0)
 
-    def _apply(self, trainer) -> None:
+    def apply(self, trainer) -> None:
         # the ranks' clocks differ slightly: they must set the same rate (a collective)
         progress = trainer.ranks.mean(self.progress(trainer.state.total_steps))
         lr = cosine_lr(self.lr, progress, self.WARMUP, self.FLOOR)
@@ -193,24 +193,23 @@ class AutoRecipe(Hook):
 
     def __init__(self, config, min_steps: int, ema_decay: float):
         self.planned_steps = config.epochs * config.steps_per_epoch
+        # its clock and budget are this hook's too
         self.cosine = CosineSchedule(config.lr, self.planned_steps, config.max_minutes)
-        self.budget_seconds = config.max_minutes * 60 if config.max_minutes else None
         self.min_steps, self.ema_decay = min_steps, ema_decay
-        self.start = time.time()
 
     def on_train_begin(self, trainer) -> None:
-        self.start = self.cosine.start = time.time()
+        self.cosine.start = time.time()
         state = trainer.state
         if state.annealing is None and (
-            self.budget_seconds is None or self.planned_steps < self.min_steps
+            self.cosine.budget_seconds is None or self.planned_steps < self.min_steps
         ):
             self._decide(trainer, self.planned_steps)
         if state.annealing:
-            self.cosine._apply(trainer)
+            self.cosine.apply(trainer)
 
     def on_step_end(self, trainer, step_seconds: float) -> None:
         if trainer.state.annealing:
-            self.cosine._apply(trainer)
+            self.cosine.apply(trainer)
 
     def on_epoch_end(self, trainer, row: dict, improved: bool) -> None:
         if trainer.state.annealing is None:
@@ -219,8 +218,8 @@ class AutoRecipe(Hook):
     def projected_steps(self, trainer) -> float:
         """Steps the run will make at this run's pace so far (validation included)."""
         done = trainer.state.total_steps - trainer.steps_at_start
-        elapsed = time.time() - self.start
-        more = (self.budget_seconds - elapsed) * done / max(elapsed, 1e-9)
+        elapsed = time.time() - self.cosine.start
+        more = (self.cosine.budget_seconds - elapsed) * done / max(elapsed, 1e-9)
         projected = min(self.planned_steps, trainer.state.total_steps + max(0.0, more))
         return trainer.ranks.mean(projected)  # every rank must decide alike
 

@@ -43,7 +43,7 @@ from cryocaps.training.config import (
     AUTO_EMA_DECAY,
     TrainConfig,
     check_settings,
-    initial_ema_decay,
+    ema_decay,
 )
 from cryocaps.training.data import TrainingData, class_weights, prepare_data, training_sampler
 from cryocaps.training.ranks import Ranks
@@ -166,7 +166,7 @@ class Trainer:
             scaler=torch.amp.GradScaler("cuda", enabled=is_cuda),
             sampler_streams=SamplerStreams(self.sampler, ranks),
         )
-        self.start_ema(initial_ema_decay(config))
+        self.start_ema(ema_decay(config, annealing=config.lr_schedule == "cosine"))
         self.identity = run_identity(config, model, data)
         self.stopped = "completed"
         self.val_seconds = 0.0  # the last validation's duration (0: none timed yet)
@@ -392,8 +392,9 @@ def default_hooks(config: TrainConfig, ranks: Ranks, progress: Callable[..., Non
         total_steps = config.epochs * config.steps_per_epoch
         hooks.append(loop_hooks.CosineSchedule(config.lr, total_steps, config.max_minutes))
     elif config.lr_schedule == "auto":
-        ema_decay = AUTO_EMA_DECAY if config.ema == "auto" else 0.0  # else: on from the start
-        hooks.append(loop_hooks.AutoRecipe(config, AUTO_ANNEAL_MIN_STEPS, ema_decay))
+        # a decay given with --ema has averaged from the start; auto starts when annealing does
+        average = ema_decay(config, annealing=True)
+        hooks.append(loop_hooks.AutoRecipe(config, AUTO_ANNEAL_MIN_STEPS, average))
     hooks.append(loop_hooks.EarlyStopping(config.patience))
     hooks.append(loop_hooks.Checkpointing(config.out_dir))
     if ranks.is_main:
