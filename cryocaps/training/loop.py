@@ -309,10 +309,6 @@ class Trainer:
         state.epoch += 1
         state.step_in_epoch, state.epoch_loss_sum, state.epoch_loss_count = 0, 0.0, 0
         state.epoch_seconds = 0.0
-        for hook in hooks:
-            reason = hook.on_epoch_end(self, row, improved)
-            if reason is not None and self.stopped == "completed":
-                self.stopped = reason
         log.info(
             "epoch %d: train loss %.4f, val loss %.4f, mean Dice %.3f%s",
             state.epoch,
@@ -321,6 +317,10 @@ class Trainer:
             row["mean_dice"],
             " (best)" if improved else "",
         )
+        for hook in hooks:
+            reason = hook.on_epoch_end(self, row, improved)
+            if reason is not None and self.stopped == "completed":
+                self.stopped = reason
 
     def _epoch_row(self, val_loss: float, dice: list[float], epoch_start: float) -> dict:
         """The epoch's metrics.csv row (the train loss is averaged over the ranks)."""
