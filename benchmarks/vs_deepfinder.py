@@ -166,6 +166,19 @@ def parse_args(argv=None):
         "then named with them",
     )
     parser.add_argument(
+        "--label-shape",
+        choices=("sphere", "template"),
+        default="sphere",
+        help="label maps cryocaps trains on: spheres of the class radius or the particles' "
+        "envelopes (`simulate --label-shape`; the same tomograms either way) [default: sphere]",
+    )
+    parser.add_argument(
+        "--pick-args",
+        default="",
+        help="extra options for every `cryocaps cluster-picks`, one quoted string (e.g. "
+        "'--min-size-fraction 0.05'); the tools are then named with them",
+    )
+    parser.add_argument(
         "--no-deepfinder",
         action="store_true",
         help="run only the cryocaps models (a lever against an earlier run's DeepFinder)",
@@ -381,6 +394,8 @@ def conv3d_probe(seconds: float = 3.0) -> dict:
 def simulate(name: str, spec: dict, args, folder: Path) -> dict:
     """``cryocaps simulate`` 5 tomograms (with --reuse-data, kept if the same options made them)."""
     options = ["--n-tomograms", "5", "--seed", str(args.seed), *spec["options"]]
+    if args.label_shape != "sphere":
+        options += ["--label-shape", args.label_shape]
     stamp = folder / "simulate_options.json"
     if (
         folder.exists()
@@ -567,6 +582,16 @@ def fresh_folder(folder: Path, keep: list[str]) -> None:
             child.unlink()
 
 
+def tool_name(model: str, args) -> str:
+    """``cryocaps <model>`` and whatever the run changed from the defaults."""
+    words = ["cryocaps", model, args.train_args]
+    if args.label_shape != "sphere":
+        words.append(f"(labels: {args.label_shape})")
+    if args.pick_args:
+        words.append(f"(cluster-picks {args.pick_args})")
+    return " ".join(w for w in words if w)
+
+
 def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth, dataset: str) -> dict:
     run_dir, seg_dir = folder / "model", folder / "segment"
     logs = folder / "logs"
@@ -621,6 +646,7 @@ def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth, dat
             picks_paths["valid"],
             "--classes",
             data["classes_csv"],
+            *shlex.split(args.pick_args),
         ),
         logs / "cluster_picks_valid.log",
     )
@@ -649,6 +675,7 @@ def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth, dat
             picks_paths["raw"],
             "--classes",
             data["classes_csv"],
+            *shlex.split(args.pick_args),
         ),
         logs / "cluster_picks_raw.log",
     )
@@ -663,6 +690,7 @@ def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth, dat
             data["classes_csv"],
             "--thresholds",
             thresholds_csv,
+            *shlex.split(args.pick_args),
         ),
         logs / "cluster_picks.log",
     )
@@ -672,7 +700,7 @@ def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth, dat
     picks = read_particles([picks_paths["test"]], classes=classes)
     raw = read_particles([picks_paths["raw"]], classes=classes)
     return {
-        "tool": f"cryocaps {model} {args.train_args}".strip(),
+        "tool": tool_name(model, args),
         "train": train,
         "segment": segments["test"],
         "segment_valid": segments["valid"],
