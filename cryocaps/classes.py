@@ -1,13 +1,17 @@
 """The class table: which label is which particle, and how big it is.
 
 ``classes.csv`` has the columns ``label,name,radius_angstrom`` and optionally
-``template`` (path to a density map, relative to the CSV). Label 0 is
-background and is not listed.
+``template`` (path to a density map, relative to the CSV) and
+``label_volume_angstrom3`` (the volume one particle of the class covers in the
+training label maps, which ``make-masks`` and ``simulate`` record: a template's
+envelope is a fraction of the sphere of the class radius, and picking expects
+segmented particles of that size). Label 0 is background and is not listed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -18,15 +22,27 @@ REQUIRED_COLUMNS = ("label", "name", "radius_angstrom")
 MAX_LABEL = 127  # label maps are 8-bit MRC (mode 0)
 
 
+def sphere_volume_voxels(radius_voxels: float) -> float:
+    """Volume of a sphere of ``radius_voxels``, in voxels."""
+    return 4.0 / 3.0 * math.pi * radius_voxels**3
+
+
 @dataclass(frozen=True)
 class ParticleClass:
     label: int
     name: str
     radius_angstrom: float
     template: Path | None = None
+    label_volume_angstrom3: float | None = None
 
     def radius_voxels(self, voxel_size_angstrom: float) -> float:
         return self.radius_angstrom / voxel_size_angstrom
+
+    def label_volume_voxels(self, voxel_size_angstrom: float) -> float:
+        """Voxels one particle covers in the label maps: as recorded, else the class sphere."""
+        if self.label_volume_angstrom3 is not None:
+            return self.label_volume_angstrom3 / voxel_size_angstrom**3
+        return sphere_volume_voxels(self.radius_voxels(voxel_size_angstrom))
 
 
 class ClassTable:
@@ -51,6 +67,11 @@ class ClassTable:
             if not c.radius_angstrom > 0:
                 raise CryocapsError(
                     f"{source}: class {c.name!r} has radius {c.radius_angstrom}; must be > 0 Å"
+                )
+            if c.label_volume_angstrom3 is not None and not c.label_volume_angstrom3 > 0:
+                raise CryocapsError(
+                    f"{source}: class {c.name!r} has label_volume_angstrom3 "
+                    f"{c.label_volume_angstrom3}; must be > 0 Å³ (or empty)"
                 )
         self.classes = sorted(classes, key=lambda c: c.label)
 
@@ -98,15 +119,30 @@ class ClassTable:
             ) from None
 
     def to_frame(self) -> pd.DataFrame:
-        rows = [
-            {"label": c.label, "name": c.name, "radius_angstrom": c.radius_angstrom}
-            | ({"template": str(c.template)} if c.template else {})
-            for c in self.classes
-        ]
-        return pd.DataFrame(rows)
+        return pd.DataFrame(self.to_records())
+
+    def with_label_volumes(self, volumes_angstrom3: dict[str, float]) -> ClassTable:
+        """This table with the label volumes of the classes named in ``volumes_angstrom3``."""
+        return ClassTable(
+            [
+                replace(c, label_volume_angstrom3=volumes_angstrom3.get(c.name))
+                for c in self.classes
+            ],
+            self.source,
+        )
 
     def to_records(self) -> list[dict]:
-        return self.to_frame().to_dict(orient="records")
+        """One dict per class; the optional columns only where a class has them."""
+        return [
+            {"label": c.label, "name": c.name, "radius_angstrom": c.radius_angstrom}
+            | ({"template": str(c.template)} if c.template else {})
+            | (
+                {"label_volume_angstrom3": round(c.label_volume_angstrom3, 1)}
+                if c.label_volume_angstrom3 is not None
+                else {}
+            )
+            for c in self.classes
+        ]
 
     @classmethod
     def from_records(cls, records: list[dict], source: str = "classes") -> ClassTable:
@@ -116,7 +152,12 @@ class ClassTable:
                     int(r["label"]),
                     str(r["name"]),
                     float(r["radius_angstrom"]),
-                    Path(r["template"]) if r.get("template") else None,
+                    Path(r["template"]) if _given(r.get("template")) else None,
+                    (
+                        float(r["label_volume_angstrom3"])
+                        if _given(r.get("label_volume_angstrom3"))
+                        else None
+                    ),
                 )
                 for r in records
             ],
@@ -129,3 +170,10 @@ class ClassTable:
         if not radius_angstrom > 0:
             raise CryocapsError(f"--radius-angstrom must be > 0, got {radius_angstrom}")
         return cls([ParticleClass(1, name, float(radius_angstrom))], "--radius-angstrom")
+
+
+def _given(value) -> bool:
+    """A table cell with a value (not missing, NaN or blank)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return bool(str(value).strip())

@@ -74,6 +74,12 @@ class ParticleTemplate:
     def envelope_level(self) -> float:
         return ENVELOPE_FRACTION * float(self.density.max())
 
+    @property
+    def envelope_volume_angstrom3(self) -> float:
+        """Volume inside the envelope contour (what ``simulate --label-shape template`` labels)."""
+        inside = int((self.density >= self.envelope_level).sum())
+        return inside * self.voxel_size_angstrom**3
+
 
 def make_template(
     name: str, density: np.ndarray, voxel_size_angstrom: float, source: str

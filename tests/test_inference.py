@@ -581,3 +581,23 @@ def test_cli_bad_options(tmp_path, tiny_model, run_cli, options, fragment):
     )
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_segment_writes_the_models_label_volumes_beside_the_maps(tmp_path):
+    """classes.csv beside the maps carries what the training labels recorded, for picking."""
+    from cryocaps.errors import CryocapsError
+    from cryocaps.inference.segment import write_model_classes
+    from cryocaps.io.class_table import read_classes
+
+    records = [
+        {"label": 1, "name": "rod", "radius_angstrom": 100.0, "label_volume_angstrom3": 7.1e5},
+        {"label": 2, "name": "ball", "radius_angstrom": 40.0},
+    ]
+    path = write_model_classes({"classes": records}, tmp_path)
+    table = read_classes(path)
+    assert table.by_name("rod").label_volume_angstrom3 == 7.1e5
+    assert table.by_name("ball").label_volume_angstrom3 is None
+    assert write_model_classes({"classes": records}, tmp_path) == path  # same table: kept
+    without = [{k: v for k, v in r.items() if k != "label_volume_angstrom3"} for r in records]
+    with pytest.raises(CryocapsError, match="--overwrite"):
+        write_model_classes({"classes": without}, tmp_path)

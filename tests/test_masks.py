@@ -484,3 +484,44 @@ def test_overlapping_templates_match_brute_force():
     expected = np.where(alone.any(axis=0), labels[owner], 0)
     assert alone.sum() > np.count_nonzero(expected)  # the shapes do overlap
     np.testing.assert_array_equal(label_map, expected)
+
+
+def _ball(radius):
+    return 4 / 3 * np.pi * radius**3
+
+
+HALF_MAXIMUM = np.sqrt(2 * np.log(2))  # a Gaussian exceeds 1/2 within this many sigmas
+
+
+@pytest.mark.parametrize(
+    "options, volume_of",
+    [
+        ([], lambda r, template: _ball(r)),
+        (["--radius-scale", "0.5"], lambda r, template: _ball(r / 2)),
+        (["--shape", "gaussian"], lambda r, template: _ball(r / 2 * HALF_MAXIMUM)),  # sigma = r/2
+        (["--shape", "template"], lambda r, t: (t.density > t.threshold).sum() * 1e3),
+    ],
+)
+def test_classes_csv_records_the_label_volume_picking_expects(
+    mask_project, run_cli, options, volume_of
+):
+    from cryocaps.masks import load_template
+
+    root, _, files = mask_project
+    out = root / "volumes"
+    result = run_cli(
+        "make-masks", files["csv"], "-t", root / "tomos", "-o", out,
+        "--classes", root / "classes.csv", *options,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    written = read_classes(out / "classes.csv")
+    for particle_class in read_classes(root / "classes.csv"):
+        template = load_template(particle_class, 10.0, 0.2)
+        expected = volume_of(particle_class.radius_angstrom, template)
+        recorded = written.by_name(particle_class.name)
+        assert recorded.label_volume_angstrom3 == pytest.approx(expected, rel=1e-3)
+        assert recorded.radius_angstrom == particle_class.radius_angstrom  # unscaled
+    if options == ["--shape", "template"]:  # what a particle covers in the map drawn
+        label_map = read_tomogram(out / "TS_01_labels.mrc").data
+        arm = written.by_name("ribo").label_volume_voxels(10.0)  # two ribos, at 0 and 90°
+        assert np.count_nonzero(label_map == 1) == pytest.approx(2 * arm, rel=0.15)

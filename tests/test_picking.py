@@ -386,3 +386,44 @@ def test_cluster_picks_cli_defaults_are_the_librarys():
         assert parameters[option].default == constant, option
         help_text = hints[option].__metadata__[0].help
         assert f"[default: {constant}]" in help_text, option
+
+
+def test_size_limit_follows_the_label_volume_of_the_training_labels(classes, tmp_path):
+    """Envelope-shaped picks (a tenth of the sphere) are kept where classes.csv records their
+    label volume, and dropped by the sphere limit where it does not."""
+    from cryocaps.io.class_table import read_classes
+
+    envelope = np.zeros(SHAPE, dtype=np.uint8)
+    for y in (12, 32, 52):  # three elongated 2 x 2 x 20 rods of the large class: 80 voxels
+        envelope[17:19, y : y + 2, 22:42] = 3
+    sphere = sphere_volume_voxels(6.0)
+    assert 80 < 0.2 * sphere  # the sphere limit (181 voxels) drops them
+    assert len(pick_particles(envelope, classes, VOXEL)) == 0
+    rods = ClassTable(
+        [
+            c if c.name != "large" else ParticleClass(3, "large", 60.0, None, 80 * VOXEL**3)
+            for c in classes
+        ]
+    )
+    assert rods.by_name("large").label_volume_voxels(VOXEL) == pytest.approx(80)
+    assert rods.by_name("small").label_volume_voxels(VOXEL) == pytest.approx(
+        sphere_volume_voxels(3)
+    )
+    picks = pick_particles(envelope, rods, VOXEL)
+    assert len(picks) == 3 and set(picks["size_voxels"]) == {80}
+    # the column survives classes.csv (and classes without it keep the sphere)
+    write_classes(rods, tmp_path / "classes.csv")
+    frame = pd.read_csv(tmp_path / "classes.csv")
+    assert frame["label_volume_angstrom3"].isna().tolist() == [True, True, False]
+    again = read_classes(tmp_path / "classes.csv")
+    assert [c.label_volume_angstrom3 for c in again] == [None, None, 80000.0]
+    assert ClassTable.from_records(again.to_records()).by_name("large") == again.by_name("large")
+    frame = frame.astype({"label_volume_angstrom3": object})
+    frame.loc[2, "label_volume_angstrom3"] = "lots"
+    frame.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(CryocapsError, match="bad.csv: bad label_volume_angstrom3"):
+        read_classes(tmp_path / "bad.csv")
+    frame.loc[2, "label_volume_angstrom3"] = -1
+    frame.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(CryocapsError, match="label_volume_angstrom3 -1.0; must be > 0"):
+        read_classes(tmp_path / "bad.csv")

@@ -496,3 +496,38 @@ def test_template_labels_agree_with_make_masks():
     either = (drawn > 0) | (result.labels > 0)
     assert either.sum() > 100
     assert (drawn == result.labels)[either].mean() > 0.98
+
+
+def test_template_labels_are_picked_whole_at_the_defaults(tmp_path, run_cli):
+    """simulate --label-shape template records each class's envelope volume in classes.csv,
+    so cluster-picks' size limit expects envelopes (the dumbbell's is a tenth of its sphere)."""
+    from cryocaps.evaluation import evaluate_picks
+    from cryocaps.io.class_table import read_classes
+    from cryocaps.io.particles import read_particles
+
+    out = tmp_path / "sim"
+    result = run_cli(
+        "simulate", out, *TINY, "--seed", "5", "--label-shape", "template", "--no-distractors"
+    )
+    assert result.exit_code == 0, result.output
+    classes = read_classes(out / "classes.csv")
+    for t in builtin_templates(20.0):
+        assert classes.by_name(t.name).label_volume_angstrom3 == pytest.approx(
+            t.envelope_volume_angstrom3, rel=1e-3
+        )
+    dumbbell = classes.by_name("dumbbell")
+    assert (
+        dumbbell.label_volume_voxels(20.0)
+        < 0.2 * 4 / 3 * np.pi * (dumbbell.radius_angstrom / 20) ** 3
+    )
+    labels = out / "labels" / "tomo_01.mrc"
+    picked = run_cli(
+        "cluster-picks", labels, "--classes", out / "classes.csv", "-o", tmp_path / "p.csv"
+    )
+    assert picked.exit_code == 0, picked.output
+    picks = read_particles([tmp_path / "p.csv"], classes=classes).assign(tomo="tomo_01")
+    truth = read_particles([out / "particles.csv"], classes=classes)
+    scores = evaluate_picks(picks, truth, classes, 20.0)
+    assert scores["classes"]["dumbbell"]["n_truth"] > 0
+    for name, entry in scores["classes"].items():
+        assert entry["recall"] >= 0.8, (name, entry)

@@ -6,7 +6,10 @@ Methods: components (connected components, touching particles split by a
 distance-transform watershed, fragments of one particle merged; the default,
 most accurate on noisy synthetic segmentations), meanshift (bandwidth = class
 radius) and peaks (non-maximum suppression of the probability map). Picks
-smaller than --min-size-fraction of the class's sphere volume, or scoring below
+smaller than --min-size-fraction of the class's label volume (classes.csv's
+label_volume_angstrom3, what one particle covered in the training labels, else
+the sphere of its radius), or than --relative-min-size of the class's typical
+pick in the map, or scoring below
 --min-score (or the per-class --thresholds that `cryocaps evaluate -o` tunes on
 a validation tomogram), are dropped. Classes come from --classes, else
 classes.csv beside the maps. Writes run.json beside OUT.
@@ -76,8 +79,9 @@ def command(
         float,
         typer.Option(
             "--min-size-fraction",
-            help="Drop picks with fewer voxels than this fraction of the class's sphere volume "
-            "(4/3 pi r^3). [default: 0.2]",
+            help="Drop picks with fewer voxels than this fraction of the class's label volume: "
+            "label_volume_angstrom3 in classes.csv (what one particle covered in the training "
+            "label maps; make-masks records it), else the sphere 4/3 pi r^3. [default: 0.2]",
         ),
     ] = 0.2,
     relative_min_size: Annotated[
@@ -212,7 +216,7 @@ def command(
 def _warn_no_particles(min_size_fraction: float) -> None:
     log.warning(
         "no particles found: the maps hold no blob of a listed class larger than "
-        "--min-size-fraction %g of its sphere; writing an empty particle file",
+        "--min-size-fraction %g of its label volume; writing an empty particle file",
         min_size_fraction,
     )
 

@@ -150,7 +150,7 @@ def write_model_classes(config: dict, out_dir, overwrite: bool = False) -> Path 
 
 
 def _class_rows(table) -> list[tuple]:
-    return [(c.label, c.name, c.radius_angstrom) for c in table]
+    return [(c.label, c.name, c.radius_angstrom, c.label_volume_angstrom3) for c in table]
 
 
 def _n_outputs(model, config: dict) -> int:

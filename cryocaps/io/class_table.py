@@ -1,7 +1,8 @@
 """Reading and writing the class table ``classes.csv`` (the types are in :mod:`cryocaps.classes`).
 
 ``classes.csv`` has the columns ``label,name,radius_angstrom`` and optionally
-``template`` (path to a density map, relative to the CSV). A copick ``config.json``
+``template`` (path to a density map, relative to the CSV) and ``label_volume_angstrom3``
+(:mod:`cryocaps.classes`). A copick ``config.json``
 given as a class table means its pickable particle objects.
 """
 
@@ -52,7 +53,12 @@ def read_classes(path: str | os.PathLike) -> ClassTable:
             template_path = Path(template)
             if not template_path.is_absolute():
                 template_path = path.parent / template_path
-        classes.append(ParticleClass(label, str(row.name), radius, template_path))
+        volume = getattr(row, "label_volume_angstrom3", None)
+        try:
+            volume = None if volume is None or pd.isna(volume) else float(volume)
+        except (TypeError, ValueError):
+            raise CryocapsError(f"{path}: bad label_volume_angstrom3 in row {row}") from None
+        classes.append(ParticleClass(label, str(row.name), radius, template_path, volume))
     return ClassTable(classes, str(path))
 
 

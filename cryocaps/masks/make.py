@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from cryocaps.classes import ClassTable, ParticleClass
+from cryocaps.classes import ClassTable, sphere_volume_voxels
 from cryocaps.errors import CryocapsError
 from cryocaps.io.volumes import TomogramInfo, label_counts
 from cryocaps.masks.draw import (
@@ -108,7 +110,8 @@ def make_masks(
         if progress is not None:
             progress(1, info=plan.info.name)
 
-    outputs.append(write_used_classes(classes, out_dir / "classes.csv"))
+    volumes = label_volumes_angstrom3(classes, shape, radius_scale, voxel_size, templates)
+    outputs.append(write_used_classes(classes.with_label_volumes(volumes), out_dir / "classes.csv"))
     return {
         "voxel_size_angstrom": voxel_size,
         "shape": shape,
@@ -237,17 +240,38 @@ def write_soft_targets(
                 writer.data[channel, part] = soft_targets(label_map[part], value_map[part], channel)
 
 
+def label_volumes_angstrom3(
+    classes: ClassTable,
+    shape: str,
+    radius_scale: float,
+    voxel_size_angstrom: float,
+    templates: dict[str, Template],
+) -> dict[str, float]:
+    """Volume one whole particle of each class covers in the maps drawn (Å³), for picking.
+
+    A sphere of the scaled radius; for Gaussian targets the ball where the target exceeds
+    one half (where a network trained on them calls the class); a template's voxels above
+    its threshold (classes without a loaded template are left out).
+    """
+    if shape == "template":
+        return {
+            name: float((t.density > t.threshold).sum()) * voxel_size_angstrom**3
+            for name, t in templates.items()
+        }
+    factor = radius_scale
+    if shape == "gaussian":
+        factor *= GAUSSIAN_SIGMA_PER_RADIUS * math.sqrt(2.0 * math.log(2.0))
+    return {
+        c.name: sphere_volume_voxels(c.radius_angstrom * factor) for c in classes
+    }  # a sphere of r Å has sphere_volume_voxels(r) Å³
+
+
 def write_used_classes(classes: ClassTable, path: Path) -> Path:
     """Write the class table used (template paths made absolute, so it works from any folder)."""
     from cryocaps.io.class_table import write_classes
 
     used_table = ClassTable(
-        [
-            ParticleClass(
-                c.label, c.name, c.radius_angstrom, c.template.resolve() if c.template else None
-            )
-            for c in classes
-        ],
+        [replace(c, template=c.template.resolve() if c.template else None) for c in classes],
         classes.source,
     )
     return write_classes(used_table, path, overwrite=True)

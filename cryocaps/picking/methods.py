@@ -32,6 +32,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from cryocaps.classes import sphere_volume_voxels
+
 # Largest number of voxel coordinates mean shift clusters per class; more are subsampled on a grid.
 MEANSHIFT_MAX_POINTS = 200_000
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
@@ -46,11 +48,6 @@ class Pick:
     x: float
     size: float
     score: float
-
-
-def sphere_volume_voxels(radius_voxels: float) -> float:
-    """Volume of a sphere of ``radius_voxels``, in voxels."""
-    return 4.0 / 3.0 * math.pi * radius_voxels**3
 
 
 def _mean_weight(weights, index) -> float:

@@ -7,11 +7,13 @@ Three ways to turn a segmentation into one pick per particle, chosen with
 Every pick gets a size (voxels of its class assigned to it) and a score: the
 mean class probability over those voxels, else the mean of the per-voxel
 score map, else the size. Picks smaller than ``min_size_fraction`` of the
-class's sphere volume, or than ``relative_min_size`` of the class's typical pick
-in the same map, or scoring below ``min_score``, are dropped.
+class's label volume (what one particle covered in the training label maps, as
+classes.csv records it; else the sphere of the class radius), or than
+``relative_min_size`` of the class's typical pick in the same map, or scoring below
+``min_score``, are dropped.
 
 The typical pick is the 90th percentile of the sizes of the class's picks that pass
-the sphere limit. A network segments the particles it finds whole, so their sizes
+the first limit. A network segments the particles it finds whole, so their sizes
 cluster, while background fragments and speckle are smaller by a large factor; a
 limit relative to what this network made of this class in this map follows hollow,
 elongated and small particles and masks bigger or smaller than the nominal sphere,
@@ -34,7 +36,7 @@ from cryocaps.errors import CryocapsError
 from cryocaps.io.layout import base_tomogram_name, companion_path, tomogram_name
 from cryocaps.io.particles import CANONICAL_COLUMNS
 from cryocaps.io.volumes import TomogramInfo, read_probabilities, read_tomogram
-from cryocaps.picking.methods import PICKERS, Pick, sphere_volume_voxels
+from cryocaps.picking.methods import PICKERS, Pick
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,8 @@ def pick_particles(
         are no probabilities
     method : "components", "meanshift" or "peaks"
     min_size_fraction : drop picks with fewer voxels than this fraction of the
-        class's sphere volume (4/3 π r³)
+        class's label volume (``ParticleClass.label_volume_voxels``: as recorded by
+        make-masks or simulate, else the sphere 4/3 π r³)
     relative_min_size : drop picks with fewer voxels than this fraction of the class's
         typical pick in this map (0 keeps them); see the module docstring
     min_score : drop picks scoring below this (None keeps all); a mapping gives
@@ -105,7 +108,9 @@ def pick_particles(
         radius = particle_class.radius_voxels(voxel_size_angstrom)
         weights = _weight_map(particle_class, probabilities, scores)
         mask = label_map == particle_class.label
-        min_size = min_size_fraction * sphere_volume_voxels(radius)
+        # the size one particle had in the training labels (a template's envelope may be a
+        # tenth of the sphere), else the sphere of the class radius
+        min_size = min_size_fraction * particle_class.label_volume_voxels(voxel_size_angstrom)
         picks = PICKERS[method](mask, radius, weights, min_size) if mask.any() else []
         rows += _kept_rows(
             picks,

@@ -132,6 +132,8 @@ def simulate_dataset(
         overwrite,
     )
     table = class_table(templates, with_templates=True)
+    if params.label_shape == "template":  # picking then expects envelopes, not spheres
+        table = table.with_label_volumes({t.name: t.envelope_volume_angstrom3 for t in templates})
     seeds = np.random.SeedSequence(params.seed).spawn(params.n_tomograms)
     outputs, tables, details = [], [], {}
     for name, seed in zip(tomogram_names(params.n_tomograms), seeds, strict=True):
