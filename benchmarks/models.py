@@ -323,7 +323,7 @@ def iteration_rows(batch: int, size: int, repeats: int, dtype_name: str = "bf16"
     """
     x = torch.randn(batch, 1, size, size, size).contiguous(memory_format=torch.channels_last_3d)
     labels = torch.randint(0, N_CLASSES, (batch, size, size, size))
-    fns = {}
+    fns, step_flops = {}, {}
     for row_name, name, options in ITERATION_VARIANTS:
         options = dict(options)
         impl = options.pop("routing", "native")
@@ -345,6 +345,7 @@ def iteration_rows(batch: int, size: int, repeats: int, dtype_name: str = "bf16"
 
         fns[(row_name, "fwd")] = forward
         fns[(row_name, "step")] = step
+        step_flops[row_name] = count_flops(step)  # convolutions and matrix products
     times = interleaved(fns, repeats)
     rows = []
     reference = times[(ITERATION_VARIANTS[0][0], "step")][0]
@@ -360,6 +361,8 @@ def iteration_rows(batch: int, size: int, repeats: int, dtype_name: str = "bf16"
                 "train_samples_per_s": batch / step,
                 "fwd_speedup": reference_fwd / fwd,
                 "step_speedup": reference / step,
+                "step_gflop": step_flops[row_name] / 1e9,
+                "step_gflops": step_flops[row_name] / step / 1e9,
             }
         )
         print(f"  {row_name}: forward {fwd:.3f} s, fwd+bwd {step:.3f} s", flush=True)
@@ -497,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     routing = routing_rows(args.routing_batch, args.routing_size, args.repeats + 1)
     print(f"networks by routing iterations, {routing_patch}, bf16 ...", flush=True)
     iterations = iteration_rows(args.routing_batch, args.routing_size, args.repeats + 1)
+    for row in iterations:  # a step's FLOPs alone at the ceiling: no implementation is faster
+        row["step_s_at_ceiling"] = row["step_gflop"] / ceiling_result["bf16_gflops"]
     rows, capsules = [], []
     if not args.routing_only:
         for size in args.sizes:
@@ -552,8 +557,15 @@ def main(argv: list[str] | None = None) -> int:
                 ("fwd+bwd s", "step_s", ".3f"),
                 ("fwd+bwd speed-up", "step_speedup", ".2f"),
                 ("training samples/s", "train_samples_per_s", ".2f"),
+                ("GFLOP / step", "step_gflop", ".0f"),
+                ("step GFLOP/s", "step_gflops", ".0f"),
             ],
         )
+    )
+    print()
+    print(
+        "A training step at the bf16 ceiling (its GFLOP / the ceiling's GFLOP/s): "
+        + ", ".join(f"{row['network']} {row['step_s_at_ceiling']:.2f} s" for row in iterations)
     )
     if args.routing_only:
         print(
