@@ -28,7 +28,10 @@ does that). One run:
    ``benchmarks/RESULTS.md`` (the rest of that file is kept).
 
 ``--quick`` checks the plumbing in minutes (2-minute budgets, small tomograms,
-one data set); its numbers say nothing about either tool.
+one data set); its numbers say nothing about either tool. ``--train-args``,
+``--label-shape template`` (cryocaps trains on the particles' envelopes instead of
+spheres; the same tomograms) and ``--pick-args`` measure a lever of cryocaps on the
+same data, usually with ``--no-deepfinder --no-write``.
 """
 
 from __future__ import annotations
