@@ -597,6 +597,7 @@ def tool_name(model: str, args) -> str:
 
 def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth, dataset: str) -> dict:
     run_dir, seg_dir = folder / "model", folder / "segment"
+    pick_options = shlex.split(args.pick_args)  # every cluster-picks call gets them
     logs = folder / "logs"
     train = previous_training(args, dataset, f"cryocaps-{model}", folder, run_dir / "model.pt")
     fresh_folder(folder, keep=["model"] if train else [])
@@ -649,7 +650,7 @@ def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth, dat
             picks_paths["valid"],
             "--classes",
             data["classes_csv"],
-            *shlex.split(args.pick_args),
+            *pick_options,
         ),
         logs / "cluster_picks_valid.log",
     )
@@ -678,7 +679,7 @@ def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth, dat
             picks_paths["raw"],
             "--classes",
             data["classes_csv"],
-            *shlex.split(args.pick_args),
+            *pick_options,
         ),
         logs / "cluster_picks_raw.log",
     )
@@ -693,7 +694,7 @@ def run_cryocaps(model: str, data: dict, args, folder: Path, classes, truth, dat
             data["classes_csv"],
             "--thresholds",
             thresholds_csv,
-            *shlex.split(args.pick_args),
+            *pick_options,
         ),
         logs / "cluster_picks.log",
     )

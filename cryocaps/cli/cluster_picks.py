@@ -9,10 +9,10 @@ radius) and peaks (non-maximum suppression of the probability map). Picks
 smaller than --min-size-fraction of the class's label volume (classes.csv's
 label_volume_angstrom3, what one particle covered in the training labels, else
 the sphere of its radius), or than --relative-min-size of the class's typical
-pick in the map, or scoring below
---min-score (or the per-class --thresholds that `cryocaps evaluate -o` tunes on
-a validation tomogram), are dropped. Classes come from --classes, else
-classes.csv beside the maps. Writes run.json beside OUT.
+pick in the map, or scoring below --min-score (or the per-class --thresholds
+that `cryocaps evaluate -o` tunes on a validation tomogram), are dropped.
+Classes come from --classes, else classes.csv beside the maps. Writes run.json
+beside OUT.
 """
 
 from __future__ import annotations

@@ -254,16 +254,12 @@ def label_volumes_angstrom3(
     its threshold (classes without a loaded template are left out).
     """
     if shape == "template":
-        return {
-            name: float((t.density > t.threshold).sum()) * voxel_size_angstrom**3
-            for name, t in templates.items()
-        }
+        return {name: t.inside_voxels * voxel_size_angstrom**3 for name, t in templates.items()}
     factor = radius_scale
     if shape == "gaussian":
         factor *= GAUSSIAN_SIGMA_PER_RADIUS * math.sqrt(2.0 * math.log(2.0))
-    return {
-        c.name: sphere_volume_voxels(c.radius_angstrom * factor) for c in classes
-    }  # a sphere of r Å has sphere_volume_voxels(r) Å³
+    # a sphere of radius r in Å has sphere_volume_voxels(r) Å³
+    return {c.name: sphere_volume_voxels(c.radius_angstrom * factor) for c in classes}
 
 
 def write_used_classes(classes: ClassTable, path: Path) -> Path:

@@ -36,12 +36,14 @@ class Template:
     centre_zyx : the particle's centre in voxels of ``density``; default
         (Z//2, Y//2, X//2), RELION's box centre
     reach_voxels : distance from the centre to the farthest inside voxel (+1)
+    inside_voxels : how many voxels are inside (the particle's label volume, unrotated)
     """
 
     density: np.ndarray
     threshold: float
     centre_zyx: np.ndarray | None = None
     reach_voxels: float = field(init=False)
+    inside_voxels: int = field(init=False)
 
     def __post_init__(self) -> None:
         if self.centre_zyx is None:
@@ -50,6 +52,7 @@ class Template:
         inside = np.argwhere(self.density > self.threshold)
         if len(inside) == 0:
             raise CryocapsError("template is empty at this threshold; lower --template-threshold")
+        self.inside_voxels = len(inside)
         self.reach_voxels = (
             float(np.sqrt(((inside - self.centre_zyx) ** 2).sum(axis=1).max())) + 1.0
         )
