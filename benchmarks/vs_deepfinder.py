@@ -1295,6 +1295,8 @@ def main(argv=None) -> int:
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     report["finished"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     report["total_seconds"] = time.time() - started
+    # the finished report, also for --no-write runs: `--render` takes it as it is
+    (args.work / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     if not args.no_write:
         write_results(report)
         say(f"wrote {RESULTS_JSON} and the vs_deepfinder section of {RESULTS_MD}")

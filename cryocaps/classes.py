@@ -146,23 +146,9 @@ class ClassTable:
 
     @classmethod
     def from_records(cls, records: list[dict], source: str = "classes") -> ClassTable:
-        return cls(
-            [
-                ParticleClass(
-                    int(r["label"]),
-                    str(r["name"]),
-                    float(r["radius_angstrom"]),
-                    Path(r["template"]) if _given(r.get("template")) else None,
-                    (
-                        float(r["label_volume_angstrom3"])
-                        if _given(r.get("label_volume_angstrom3"))
-                        else None
-                    ),
-                )
-                for r in records
-            ],
-            source,
-        )
+        """A table from rows with the ``classes.csv`` columns (a CSV's rows, a model config's
+        list); a template path is taken as written."""
+        return cls([_class_from_record(r, source) for r in records], source)
 
     @classmethod
     def single(cls, radius_angstrom: float, name: str = "particle") -> ClassTable:
@@ -177,3 +163,20 @@ def _given(value) -> bool:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return False
     return bool(str(value).strip())
+
+
+def _class_from_record(record: dict, source: str) -> ParticleClass:
+    """One class from a row with the ``classes.csv`` columns (optional ones may be absent)."""
+    try:
+        label = int(record["label"])
+        radius = float(record["radius_angstrom"])
+    except (TypeError, ValueError):
+        raise CryocapsError(f"{source}: bad label/radius in row {record}") from None
+    volume = record.get("label_volume_angstrom3")
+    try:
+        volume = float(volume) if _given(volume) else None
+    except (TypeError, ValueError):
+        raise CryocapsError(f"{source}: bad label_volume_angstrom3 in row {record}") from None
+    template = record.get("template")
+    template = Path(str(template).strip()) if _given(template) else None
+    return ParticleClass(label, str(record["name"]), radius, template, volume)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
-from cryocaps.classes import REQUIRED_COLUMNS, ClassTable, ParticleClass
+from cryocaps.classes import REQUIRED_COLUMNS, ClassTable
 from cryocaps.errors import CryocapsError
 from cryocaps.io.copick_project import CopickProject
 from cryocaps.io.files import write_text_atomic
@@ -40,26 +41,16 @@ def read_classes(path: str | os.PathLike) -> ClassTable:
         )
     if frame.empty:
         raise CryocapsError(f"{path}: no classes listed")
-    classes = []
-    for row in frame.itertuples(index=False):
-        try:
-            label = int(row.label)
-            radius = float(row.radius_angstrom)
-        except (TypeError, ValueError):
-            raise CryocapsError(f"{path}: bad label/radius in row {row}") from None
-        template = getattr(row, "template", None)
-        template_path = None
-        if isinstance(template, str) and template.strip():
-            template_path = Path(template)
-            if not template_path.is_absolute():
-                template_path = path.parent / template_path
-        volume = getattr(row, "label_volume_angstrom3", None)
-        try:
-            volume = None if volume is None or pd.isna(volume) else float(volume)
-        except (TypeError, ValueError):
-            raise CryocapsError(f"{path}: bad label_volume_angstrom3 in row {row}") from None
-        classes.append(ParticleClass(label, str(row.name), radius, template_path, volume))
-    return ClassTable(classes, str(path))
+    table = ClassTable.from_records(frame.to_dict("records"), str(path))
+    return ClassTable(
+        [
+            replace(c, template=path.parent / c.template)
+            if c.template is not None and not c.template.is_absolute()
+            else c
+            for c in table.classes
+        ],
+        str(path),
+    )
 
 
 def write_classes(table: ClassTable, path: str | os.PathLike, overwrite: bool = True) -> Path:
