@@ -145,10 +145,12 @@ class ClassTable:
         ]
 
     @classmethod
-    def from_records(cls, records: list[dict], source: str = "classes") -> ClassTable:
+    def from_records(
+        cls, records: list[dict], source: str = "classes", folder: Path | None = None
+    ) -> ClassTable:
         """A table from rows with the ``classes.csv`` columns (a CSV's rows, a model config's
-        list); a template path is taken as written."""
-        return cls([_class_from_record(r, source) for r in records], source)
+        list); a relative template path is taken inside ``folder`` if given, else as written."""
+        return cls([_class_from_record(r, source, folder) for r in records], source)
 
     @classmethod
     def single(cls, radius_angstrom: float, name: str = "particle") -> ClassTable:
@@ -165,7 +167,7 @@ def _given(value) -> bool:
     return bool(str(value).strip())
 
 
-def _class_from_record(record: dict, source: str) -> ParticleClass:
+def _class_from_record(record: dict, source: str, folder: Path | None) -> ParticleClass:
     """One class from a row with the ``classes.csv`` columns (optional ones may be absent)."""
     try:
         label = int(record["label"])
@@ -179,4 +181,6 @@ def _class_from_record(record: dict, source: str) -> ParticleClass:
         raise CryocapsError(f"{source}: bad label_volume_angstrom3 in row {record}") from None
     template = record.get("template")
     template = Path(str(template).strip()) if _given(template) else None
+    if template is not None and folder is not None and not template.is_absolute():
+        template = folder / template
     return ParticleClass(label, str(record["name"]), radius, template, volume)

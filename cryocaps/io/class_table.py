@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -41,16 +40,7 @@ def read_classes(path: str | os.PathLike) -> ClassTable:
         )
     if frame.empty:
         raise CryocapsError(f"{path}: no classes listed")
-    table = ClassTable.from_records(frame.to_dict("records"), str(path))
-    return ClassTable(
-        [
-            replace(c, template=path.parent / c.template)
-            if c.template is not None and not c.template.is_absolute()
-            else c
-            for c in table.classes
-        ],
-        str(path),
-    )
+    return ClassTable.from_records(frame.to_dict("records"), str(path), folder=path.parent)
 
 
 def write_classes(table: ClassTable, path: str | os.PathLike, overwrite: bool = True) -> Path:
