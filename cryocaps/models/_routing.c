@@ -17,14 +17,22 @@
  * (B, I, P, O), both float32 and contiguous; the caller squashes s.
  *
  * Plain C99 and POSIX threads, no Python or torch headers: built at run time by
- * the system C compiler and loaded with ctypes. Returns 0, or -1 if a worker
- * thread could not start or allocate (the caller then routes in PyTorch).
+ * the system C compiler and loaded with ctypes. Both entry points return 0, or -1
+ * if a worker could not allocate its buffers (a few kB per thread, forward pass
+ * only; a thread that cannot start has its share done by the calling thread).
+ * The caller raises MemoryError then: routing in PyTorch would need more memory.
+ *
+ * cryocaps_routing_abi() returns CRYOCAPS_ROUTING_ABI, which native.py compares
+ * with its own ABI before it uses a library: bump both whenever an entry point's
+ * arguments or meaning change.
  */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#define CRYOCAPS_ROUTING_ABI 2
 
 enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
 
@@ -282,3 +290,5 @@ int cryocaps_route_backward(void *grad_votes, int dtype, int64_t batch, int64_t 
     job.grad_s = grad_s;
     return run_split(&job, threads, gradient_range);
 }
+
+int cryocaps_routing_abi(void) { return CRYOCAPS_ROUTING_ABI; }
