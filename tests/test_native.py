@@ -163,6 +163,16 @@ def test_cache_folders_and_library_are_private_whatever_the_umask(
     _routes_like_pytorch()
 
 
+def test_a_build_removes_what_killed_builds_left(cache, copying_compiler):
+    folder = _kernel_folder(cache)
+    abandoned, running = folder / ".routing-abandoned.tmp", folder / ".routing-running.tmp"
+    for path in (abandoned, running):
+        path.write_bytes(b"half a library")
+    os.utime(abandoned, (0, 0))
+    assert native.available(), native.build_error()
+    assert not abandoned.exists() and running.exists()  # another process may still build
+
+
 @pytest.mark.parametrize(
     "danger", ["group-writable folder", "other owner", "group-writable parent", "writable file"]
 )

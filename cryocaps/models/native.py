@@ -38,6 +38,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -209,10 +210,22 @@ def _compile(compiler: str, flags: list[str], output: str) -> None:
         raise OSError(result.stderr.strip().splitlines()[-1] if result.stderr else "failed")
 
 
+def _remove_abandoned_builds(folder: Path) -> None:
+    """Remove temporary files of builds killed before they finished (older than an hour;
+    a build times out after five minutes)."""
+    for temporary in folder.glob(".routing-*.tmp"):
+        try:
+            if time.time() - temporary.lstat().st_mtime > 3600:
+                temporary.unlink()
+        except OSError:
+            pass  # another process removed it first
+
+
 def _build(compiler: str, flags: list[str], target: Path) -> None:
     """Compile into a temporary file in the target's folder, make it 0700 and rename it into
     place: a process building or loading at the same time sees the old file or the whole new
     one, never a part."""
+    _remove_abandoned_builds(target.parent)
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".routing-", suffix=".tmp")
     os.close(handle)
     try:
