@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -201,7 +202,8 @@ def portable(value):
     benchmark ran on goes into the repository."""
     if isinstance(value, str):
         for folder, shown in ((REPO, ""), (REPO.parent, "../")):
-            value = value.replace(f"{folder}{os.sep}", shown)
+            # only where a path starts: "benchmarks/work/x" is not the folder "/work"
+            value = re.sub(rf"(?<![\w.\-/]){re.escape(f'{folder}{os.sep}')}", shown, value)
         return value
     if isinstance(value, dict):
         return {key: portable(item) for key, item in value.items()}
