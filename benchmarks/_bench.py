@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -182,10 +183,56 @@ def training_summary(run_dir: Path) -> dict:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path``, replacing it: for scratch files (partial results, stamps).
+
+    Raw results that RESULTS.md quotes go through :func:`append_run`, which never drops a run.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def portable(value):
+    """``value`` with every path inside this checkout made relative to it (``benchmarks/...``),
+    and paths beside it relative to it too (``../shared/...``): no folder of the machine a
+    benchmark ran on goes into the repository."""
+    if isinstance(value, str):
+        for folder, shown in ((REPO, ""), (REPO.parent, "../")):
+            # only where a path starts: "benchmarks/work/x" is not the folder "/work"
+            value = re.sub(rf"(?<![\w.\-/]){re.escape(f'{folder}{os.sep}')}", shown, value)
+        return value
+    if isinstance(value, dict):
+        return {key: portable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(item) for item in value]
+    return value
+
+
+def runs_in(data) -> list[dict]:
+    """The runs a raw results file holds: ``{"runs": [...]}``, or one run (the older layout)."""
+    if isinstance(data, dict) and isinstance(data.get("runs"), list):
+        return data["runs"]
+    return [data] if data else []
+
+
+def latest_run(path: Path) -> dict:
+    """The newest run of a raw results file (``{}`` when it does not exist)."""
+    runs = runs_in(json.loads(path.read_text())) if path.exists() else []
+    return runs[-1] if runs else {}
+
+
+def append_run(path: Path, run: dict) -> None:
+    """Add ``run`` (with its paths made :func:`portable`) to the raw results file ``path``.
+
+    The file holds ``{"runs": [oldest, ..., newest]}``; a file of one run in the older layout
+    becomes the first entry. Tables in RESULTS.md quote these numbers, so no run is dropped.
+    """
+    earlier = runs_in(json.loads(path.read_text())) if path.exists() else []
+    write_json_atomic(path, {"runs": portable([*earlier, run])})
 
 
 def replace_section(markdown_path: Path, section: str, start_mark: str, end_mark: str) -> None:
@@ -195,7 +242,7 @@ def replace_section(markdown_path: Path, section: str, start_mark: str, end_mark
     is appended. The file is rewritten atomically.
     """
     text = markdown_path.read_text() if markdown_path.exists() else "# Benchmark results\n"
-    section = section.rstrip("\n")
+    section = portable(section.rstrip("\n"))
     if start_mark in text and end_mark in text:
         head, rest = text.split(start_mark, 1)
         text = head + section + rest.split(end_mark, 1)[1]

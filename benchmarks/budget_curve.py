@@ -3,9 +3,11 @@
 Each budget is one ``vs_deepfinder.py`` run (same data, same validation tomogram, same
 matcher, same machine) with ``--minutes`` set to it; the points are kept in
 ``benchmarks/results/budget_curve.json`` and added to by later runs, so a curve can be
-built budget by budget across sessions. Writes ``benchmarks/results/budget_curve.png``
-(macro F1 and macro precision against minutes, one line per tool) and the section between
-``<!-- budget_curve:start -->`` and ``<!-- budget_curve:end -->`` of RESULTS.md.
+built budget by budget across sessions; a point replaced by a later one of the same tool and
+budget (or dropped with ``--drop``) moves to ``budget_curve_replaced.json``, never lost.
+Writes ``benchmarks/results/budget_curve.png`` (macro F1 and macro precision against
+minutes, one line per tool) and the section between ``<!-- budget_curve:start -->`` and
+``<!-- budget_curve:end -->`` of RESULTS.md.
 
     python benchmarks/budget_curve.py --minutes 4,12,36          # ~3 h 20 min on 2 cores
     python benchmarks/budget_curve.py --minutes 4 --add benchmarks/results/vs_deepfinder.json
@@ -27,10 +29,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _bench import fmt, replace_section, say, utc_now, write_json_atomic
+from _bench import append_run, fmt, latest_run, replace_section, say, utc_now, write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results" / "budget_curve.json"
+REPLACED_JSON = HERE / "results" / "budget_curve_replaced.json"
 RESULTS_PNG = HERE / "results" / "budget_curve.png"
 RESULTS_MD = HERE / "RESULTS.md"
 START_MARK = "<!-- budget_curve:start -->"
@@ -138,14 +141,20 @@ def run_budget(args, minutes: float) -> dict:
 
 
 def merge(store: dict, dataset: str, points: list[dict]) -> None:
-    """Add points to the store; a later point replaces one of the same tool and budget."""
+    """Add points to the store; a later point replaces one of the same tool and budget (the
+    earlier one is kept in REPLACED_JSON)."""
     kept = store.setdefault(dataset, [])
     for point in points:
-        kept[:] = [
-            p for p in kept if (p["tool"], p["minutes"]) != (point["tool"], point["minutes"])
-        ]
+        same = [p for p in kept if (p["tool"], p["minutes"]) == (point["tool"], point["minutes"])]
+        keep_replaced(dataset, same)
+        kept[:] = [p for p in kept if p not in same]
         kept.append(point)
     kept.sort(key=lambda p: (p["tool"], p["minutes"]))
+
+
+def keep_replaced(dataset: str, points: list[dict]) -> None:
+    for point in points:
+        append_run(REPLACED_JSON, {"dataset": dataset, "replaced": utc_now(), **point})
 
 
 def plot(store: dict, path: Path) -> None:
@@ -255,7 +264,7 @@ def main(argv=None) -> int:
     store = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
     store.pop("updated", None)
     if not args.render:
-        reports = (json.loads(path.read_text()) for path in args.add)
+        reports = (latest_run(path) for path in args.add)
         for report in reports:
             merge(store, args.dataset, points_from(report, args.dataset, args.seed))
         for minutes in args.minutes:
@@ -264,8 +273,10 @@ def main(argv=None) -> int:
             write_json_atomic(RESULTS_JSON, {**store, "updated": utc_now()})
     for item in args.drop:
         tool, _, minutes = item.rpartition("@")
-        for points in store.values():
-            points[:] = [p for p in points if (p["tool"], p["minutes"]) != (tool, float(minutes))]
+        for dataset, points in store.items():
+            dropped = [p for p in points if (p["tool"], p["minutes"]) == (tool, float(minutes))]
+            keep_replaced(dataset, dropped)
+            points[:] = [p for p in points if p not in dropped]
     if not store:
         raise SystemExit("no points: give --minutes or --add")
     write_json_atomic(RESULTS_JSON, {**store, "updated": utc_now()})

@@ -30,7 +30,6 @@ after the run is recorded with them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -47,6 +46,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _bench import append_run  # noqa: E402
 
 from cryocaps.models import create_model, routing  # noqa: E402
 from cryocaps.runtime import autocast as runtime_autocast  # noqa: E402
@@ -530,8 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         "routing": routing,
         "iterations": iterations,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    append_run(args.out, result)  # earlier runs stay in the file
 
     print()
     print(

@@ -26,7 +26,7 @@ patch size does for small particles; ``--patch-size 64`` gives the paper's setti
 ``--quick`` checks the plumbing (tiny tomograms, 0.5-minute budgets); its numbers say
 nothing about the models.
 
-Run: ``/work/venv/bin/python benchmarks/paper_tables.py [--quick]``.
+Run: ``python benchmarks/paper_tables.py [--quick]`` (in the venv cryocaps is installed in).
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ import time
 from pathlib import Path
 
 from _bench import (
+    append_run,
     cryocaps_cmd,
     fmt,
+    latest_run,
     machine_info,
     machine_sentence,
     read_run_json,
@@ -556,7 +558,7 @@ def markdown_section(report: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render:
-        report = json.loads(args.render.read_text())
+        report = latest_run(args.render)
         replace_section(RESULTS_MD, markdown_section(report), START_MARK, END_MARK)
         say(f"rewrote the paper_tables section of {RESULTS_MD} from {args.render}")
         return 0
@@ -613,7 +615,7 @@ def main(argv=None) -> int:
     if args.no_write:
         print(markdown_section(report))
     else:
-        write_json_atomic(RESULTS_JSON, report)  # first: the numbers survive a rendering bug
+        append_run(RESULTS_JSON, report)  # first: the numbers survive a rendering bug
         replace_section(RESULTS_MD, markdown_section(report), START_MARK, END_MARK)
         say(f"wrote {RESULTS_JSON} and the paper_tables section of {RESULTS_MD}")
     say(f"done in {report['total_seconds'] / 60:.1f} min")

@@ -1,15 +1,15 @@
-"""Speed of ``cryocaps segment`` on CPU, for both networks, against DeepFinder's 69 s.
+"""Speed of ``cryocaps segment`` on CPU, for both networks.
 
     python benchmarks/segment.py [--shape 64,160,160] [--models unet,ucaps]
                                  [--variants default,bf16] [--threads 2] [--json OUT.json]
 
 For each model (freshly initialised at its paper size: speed does not depend
 on the weights) and each variant, runs the whole ``cryocaps segment`` command
-in a subprocess on one simulated tomogram (default 64 x 160 x 160, the size
-DeepFinder's Segment took 69 s for on this 2-core machine), and reports:
+in a subprocess on one simulated tomogram (default 64 x 160 x 160, the size of
+the benchmark sets' tomograms), and reports:
 
 - wall time of the whole process (start-up, model load, normalisation,
-  inference, writing) and the speed-up over DeepFinder's 69 s;
+  inference, writing);
 - output voxels per second (from the command's run.json);
 - useful FLOPs per output voxel: the network's FLOPs per window voxel
   (counted by torch's FlopCounterMode, a multiply-add = 2 FLOPs);
@@ -31,15 +31,16 @@ Variants: ``default`` (CLI defaults: bf16 on CPUs that have it natively),
 ``fp32`` (--no-bf16), ``bf16``, ``paper`` (64^3 windows, 25-voxel overlap,
 float32, as the paper), ``paper-bf16``, ``batch2`` (two windows per pass).
 Channels-last memory format is always on. The CPU of the machine the numbers were taken on
-may be shared: the load average before and after is printed with them.
+may be shared: the load average before and after is printed with them. DeepFinder is not
+run here: ``vs_deepfinder.py`` times its Segment and ours on the same tomogram in one run
+(its "segment wall" rows). ``--json`` adds the run to that file's list of runs.
 
 Measured 2026-11-25 on the shared 2-CPU machine (load average ~5), 64x160x160,
 windows 80x96x96 (4), overhead 1.8: conv3d ceiling 85.5 (float32) / 213.5
-(bfloat16) GFLOP/s; unet default (bf16) 10.4 s wall = 6.7x faster than
-DeepFinder, 145 GFLOP/s, 0.61 GiB; unet float32 18.3 s = 3.8x; ucaps default
-(bf16) 54.4 s = 1.27x, 1255 kFLOP/voxel at 73 GFLOP/s, 1.28 GiB; ucaps float32
-66.2 s = 1.04x, 2.0 GiB. A second run at load ~4 (ceiling 129 / 366 GFLOP/s):
-unet default 7.0 s = 9.9x at 211 GFLOP/s; ucaps default 48.6 s = 1.42x.
+(bfloat16) GFLOP/s; unet default (bf16) 10.4 s wall, 145 GFLOP/s, 0.61 GiB;
+unet float32 18.3 s; ucaps default (bf16) 54.4 s, 1255 kFLOP/voxel at 73 GFLOP/s,
+1.28 GiB; ucaps float32 66.2 s, 2.0 GiB. A second run at load ~4 (ceiling 129 / 366
+GFLOP/s): unet default 7.0 s at 211 GFLOP/s; ucaps default 48.6 s.
 ``--agreement`` (toy U-Net, Dice vs truth 0.93/0.96): default windows differ
 from the border-free reference on 14 of 786k voxels, bf16 on 45, the paper's
 64/25 on 210 (and take 5x longer), no overlap on 609 (Dice -0.008).
@@ -56,7 +57,8 @@ import tempfile
 import time
 from pathlib import Path
 
-DEEPFINDER_SECONDS = 69.0  # DeepFinder 0.2.1 Segment, 64 x 160 x 160, this machine (DESIGN.md)
+from _bench import append_run
+
 VARIANTS = {
     "default": [],  # bf16 where the CPU has it natively
     "fp32": ["--no-bf16"],
@@ -290,7 +292,7 @@ def main() -> None:
         for row in rows:
             print(json.dumps(row), flush=True)
         if args.json:
-            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+            append_run(args.json, {"agreement": rows})
         return
     shape = tuple(int(s) for s in args.shape.split(","))
     models = [m for m in args.models.split(",") if m]
@@ -326,7 +328,6 @@ def main() -> None:
                     "windows": result["windows"],
                     "wall_seconds": run["wall_seconds"],
                     "inference_seconds": seconds,
-                    "speedup_vs_deepfinder": round(DEEPFINDER_SECONDS / run["wall_seconds"], 2),
                     "voxels_per_second": result["voxels_per_second"],
                     "useful_kflop_per_voxel": round(useful / 1e3, 1),
                     "overlap_overhead": result["overhead"],
@@ -343,7 +344,6 @@ def main() -> None:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "conv3d_ceiling_gflop_per_second": ceiling,
-        "deepfinder_segment_seconds": DEEPFINDER_SECONDS,
         "runs": rows,
     }
     print(
@@ -351,20 +351,17 @@ def main() -> None:
         f"after {summary['load_average_after']} "
         f"on {os.cpu_count()} CPUs (a shared machine slows every number here)"
     )
-    header = (
-        "model  variant     wall s  x DeepFinder  Mvox/s  kFLOP/vox  overhead  GFLOP/s  peak GiB"
-    )
+    header = "model  variant     wall s  Mvox/s  kFLOP/vox  overhead  GFLOP/s  peak GiB"
     print(header)
     for r in rows:
         print(
             f"{r['model']:6s} {r['variant']:10s} {r['wall_seconds']:7.1f} "
-            f"{r['speedup_vs_deepfinder']:12.2f} "
             f"{r['voxels_per_second'] / 1e6:7.3f} {r['useful_kflop_per_voxel']:10.0f} "
             f"{r['overlap_overhead']:9.2f} "
             f"{r['achieved_gflop_per_second']:8.1f} {r['peak_rss_gib']:9.2f}"
         )
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        append_run(args.json, summary)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _bench import append_run
 
 from cryocaps.evaluation import evaluate_picks
 from cryocaps.io.class_table import read_classes
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
         raise SystemExit("no cryocaps-*/segment/*/*_labels.mrc under the given folders")
     print(table(results))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=float) + "\n")
+        append_run(args.json, json.loads(json.dumps(results, default=float)))
     return 0
 
 

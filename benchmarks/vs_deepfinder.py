@@ -48,14 +48,15 @@ import time
 from pathlib import Path
 
 from _bench import (
+    append_run,
     cryocaps_cmd,
     fmt,
+    latest_run,
     machine_info,
     replace_section,
     run_measured,
     say,
     train_cmd,
-    write_json_atomic,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -1196,7 +1197,7 @@ def throughput_lines(throughput: dict | None) -> list[str]:
 
 
 def write_results(report: dict) -> None:
-    write_json_atomic(RESULTS_JSON, report)
+    append_run(RESULTS_JSON, report)  # the earlier runs stay: older tables quote them
     replace_section(RESULTS_MD, markdown_section(report), START_MARK, END_MARK)
 
 
@@ -1208,9 +1209,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     if args.render:
-        replace_section(
-            RESULTS_MD, markdown_section(json.loads(args.render.read_text())), START_MARK, END_MARK
-        )
+        replace_section(RESULTS_MD, markdown_section(latest_run(args.render)), START_MARK, END_MARK)
         say(f"rewrote the vs_deepfinder section of {RESULTS_MD} from {args.render}")
         return 0
     args.work.mkdir(parents=True, exist_ok=True)

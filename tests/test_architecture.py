@@ -193,7 +193,7 @@ def test_the_checker_sees_function_level_and_relative_imports():
 
 
 def function_body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
-    """Lines of a function's body, signature and docstring not counted (as /work/check_sizes.py)."""
+    """Lines of a function's body, signature and docstring not counted (as the size check)."""
     body = node.body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]

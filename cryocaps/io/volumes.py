@@ -385,8 +385,14 @@ class MrcVolumeWriter:
             if exc_type is None:
                 _update_header_stats_in_slabs(self._mrc)
             self._mrc.close()
-        finally:
+        except BaseException as error:
+            # closing writes the header (a full disk fails here): the file is not complete, so
+            # it must not be renamed into place
+            if exc_type is None:
+                exc_type, exc, tb = type(error), error, error.__traceback__
             self._context.__exit__(exc_type, exc, tb)
+            raise
+        self._context.__exit__(exc_type, exc, tb)
 
 
 def volume_writer(
