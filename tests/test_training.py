@@ -818,7 +818,8 @@ def test_whole_tomogram_holdout(dataset, tmp_path):
     data = prepare_data(_config(dataset, tmp_path / "o", val_tomograms=["tomo_1"]))
     assert set(data.train_particles.volume.tolist()) == {0}
     assert set(data.val_particles.volume.tolist()) == {1}
-    assert data.val_volumes == [1]
+    assert [region.volume for region in data.holdout.regions] == [1]
+    assert [source for source, _ in data.holdout.view_sources] == [0]  # trains on tomo_0 only
     with pytest.raises(CryocapsError):
         prepare_data(_config(dataset, tmp_path / "o", val_tomograms=["tomo_0", "tomo_1"]))
 

@@ -339,7 +339,8 @@ class Trainer:
         )
 
     def _regions_due(self) -> bool:
-        """Validate the whole regions this epoch: the first, the last, and every --val-every."""
+        """Validate the whole regions this epoch: every --val-every epochs and the last (auto:
+        the first, to time it, then as often as keeps them to their share of the time)."""
         state, config = self.state, self.config
         last = state.epoch + 1 >= config.epochs or self.stopped != "completed"
         every = config.val_every or math.ceil((state.region_interval or 1.0) - 1e-9)
