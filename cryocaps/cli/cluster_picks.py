@@ -10,7 +10,9 @@ smaller than --min-size-fraction of the class's label volume (classes.csv's
 label_volume_angstrom3, what one particle covered in the training labels, else
 the sphere of its radius), or than --relative-min-size of the class's typical
 pick in the map, or scoring below --min-score (or the per-class --thresholds
-that `cryocaps evaluate -o` tunes on a validation tomogram), are dropped.
+that `cryocaps evaluate -o` tunes on a validation tomogram; by default those
+training calibrated, in the pick_thresholds.csv segment wrote beside the maps),
+are dropped.
 Classes come from --classes, else classes.csv beside the maps. Writes run.json
 beside OUT.
 """
