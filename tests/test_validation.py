@@ -95,12 +95,14 @@ def test_slab_is_the_last_fraction_of_the_longer_in_plane_axis(dataset, tmp_path
     assert [v.shape for v in whole.train_views] == [(24, 40, 40)]
 
 
-def test_a_tomogram_too_small_for_a_slab_is_refused(dataset, tmp_path, run_cli):
+def test_a_tomogram_too_small_for_a_slab_is_refused(dataset, tmp_path):
     from cryocaps.errors import CryocapsError
     from cryocaps.training import prepare_data
 
     with pytest.raises(CryocapsError, match="too small to hold out"):
         prepare_data(_config(dataset, tmp_path / "o", patch_size=24, val_fraction=0.5))
+    with pytest.raises(CryocapsError, match="thinner than a patch"):
+        prepare_data(_config(dataset, tmp_path / "o", patch_size=16, fold="10/10"))
 
 
 def test_region_cap_crops_the_regions_centred(dataset, tmp_path):

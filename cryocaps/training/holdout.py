@@ -149,6 +149,12 @@ def _slab(index, volume, patch_size, margin, val_fraction, fold):
         )
     box = _along(volume.shape, axis, start, stop)
     context = _along(volume.shape, axis, max(0, start - margin), min(length, stop + margin))
+    if context[axis].stop - context[axis].start < patch_size:
+        raise CryocapsError(
+            f"--fold {fold[0]}/{fold[1]}: the held-out slab of tomogram {volume.name} "
+            f"({stop - start} voxels of axis {'ZYX'[axis]}) and its margin are thinner than a "
+            f"patch ({patch_size}); choose fewer folds"
+        )
     return HeldOutRegion(index, volume.name, box, context), parts
 
 
