@@ -105,15 +105,22 @@ def test_a_tomogram_too_small_for_a_slab_is_refused(dataset, tmp_path):
         prepare_data(_config(dataset, tmp_path / "o", patch_size=16, fold="10/10"))
 
 
-def test_region_cap_crops_the_regions_centred(dataset, tmp_path):
+def test_region_cap_keeps_slabs_in_fewer_tomograms_then_crops(dataset, tmp_path):
     from cryocaps.training import prepare_data
 
+    # each slab's context is 24 x 16 x 40 = 15,360 voxels: one of the two fits in 20,000
     data = prepare_data(_config(dataset, tmp_path / "o", patch_size=16, max_val_voxels=20_000))
-    for region in data.holdout.regions:
-        assert region.context[2] == slice(7, 33)  # X: 26 of 40 voxels, centred
-        assert region.box[2] == slice(15, 25)  # inside by the margin: context only beyond
-        assert region.box[1] == slice(32, 40)  # the slab itself is kept
-    assert sum(math.prod(r.context_shape) for r in data.holdout.regions) <= 20_000
+    assert [r.name for r in data.holdout.regions] == ["tomo_0"]
+    assert data.holdout.regions[0].context == (slice(0, 24), slice(24, 40), slice(0, 40))
+    assert [v.shape for v in data.train_views] == [(24, 24, 40), (24, 40, 40)]  # tomo_1 whole
+    assert "the 1 of 2 tomograms' (tomo_0)" in data.holdout.description
+    # below one slab: that slab is cropped along X, centred
+    data = prepare_data(_config(dataset, tmp_path / "o", patch_size=16, max_val_voxels=10_000))
+    (region,) = data.holdout.regions
+    assert region.context[2] == slice(7, 33)  # X: 26 of 40 voxels, centred
+    assert region.box[2] == slice(15, 25)  # inside by the margin: context only beyond
+    assert region.box[1] == slice(32, 40)  # the slab itself is kept
+    assert math.prod(region.context_shape) <= 10_000
     assert len(data.val_particles) and (data.val_particles.zyx[:, 2] == 20).all()
 
 

@@ -95,10 +95,12 @@ def hold_out(
 ) -> Holdout:
     """Split ``volumes`` into held-out regions and training views (see the module docstring).
 
-    ``val_volumes`` (indices) are held out whole; when empty, every volume keeps
-    a slab. The regions' contexts together hold at most about ``max_voxels``
-    voxels: larger ones are cropped, centred, along their in-plane axes that are
-    not the slab's (the rest of those slabs is used by nothing).
+    ``val_volumes`` (indices) are held out whole; when empty, volumes keep a slab.
+    The regions' contexts together hold at most about ``max_voxels`` voxels: when
+    the slabs of all volumes would hold more, only as many volumes as fit keep one
+    (spread over the list; the others train whole); a region still larger is
+    cropped, centred, along its in-plane axes that are not the slab's (the rest of
+    that slab is used by nothing).
     """
     margin = math.ceil(patch_size / 2)
     regions, views, sources = [], [], []
@@ -112,19 +114,42 @@ def hold_out(
                 sources.append((index, (0, 0, 0)))
         description = f"whole tomograms {', '.join(volumes[i].name for i in val_volumes)}"
     else:
+        slabs = [_slab(i, v, patch_size, margin, val_fraction, fold) for i, v in enumerate(volumes)]
+        chosen = _fitting(slabs, max_voxels)
         for index, volume in enumerate(volumes):
-            region, parts = _slab(index, volume, patch_size, margin, val_fraction, fold)
-            regions.append(region)
+            region, parts = slabs[index]
+            if index not in chosen:
+                parts = [(0, volume.shape[slab_axis(volume.shape)])]
+            else:
+                regions.append(region)
             for start, stop in parts:
                 views.append(_view(volume, slab_axis(volume.shape), start, stop))
                 sources.append((index, _offset(slab_axis(volume.shape), start)))
         axes = sorted({"ZYX"[slab_axis(v.shape)] for v in volumes})
         which = f"slab {fold[0]} of {fold[1]}" if fold else f"the last {val_fraction:g}"
-        description = f"{which} of each tomogram's {'/'.join(axes)} extent (margin {margin} voxels)"
+        whose = "each tomogram's"
+        if len(chosen) < len(volumes):
+            whose = f"the {len(chosen)} of {len(volumes)} tomograms' ({_names(volumes, chosen)})"
+        description = f"{which} of {whose} {'/'.join(axes)} extent (margin {margin} voxels)"
     regions = _capped(regions, volumes, max_voxels, margin)
     train_particles = _in_views(particles, views, sources)
     val_particles = _in_regions(particles, regions)
     return Holdout(regions, views, sources, train_particles, val_particles, description)
+
+
+def _fitting(slabs, max_voxels: int) -> list[int]:
+    """Indices of the volumes that keep their slab: all, or as many as ``max_voxels`` holds
+    (at least one), spread evenly over the list."""
+    sizes = [math.prod(region.context_shape) for region, _ in slabs]
+    if sum(sizes) <= max_voxels:
+        return list(range(len(slabs)))
+    n = min(len(slabs), max(1, int(max_voxels // (sum(sizes) / len(sizes)))))
+    return sorted({int(round(i)) for i in np.linspace(0, len(slabs) - 1, n)})
+
+
+def _names(volumes, indices, limit: int = 4) -> str:
+    names = [volumes[i].name for i in indices]
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
 
 
 def _slab(index, volume, patch_size, margin, val_fraction, fold):
