@@ -86,9 +86,10 @@ def demo_stages(out: Path, settings: DemoSettings) -> list[list[str]]:
          *_training_length(settings), "--seed", str(settings.seed), "-o", str(run), *again],
         ["segment", val_tomogram, test_tomogram, "--model", str(run), "--probabilities",
          "-o", str(segmentation), *again],
-        # validation: tune one score threshold per class on a tomogram the network did not train on
+        # validation: tune one score threshold per class on a tomogram the network did not train
+        # on, from all its picks (not those the model's own thresholds keep)
         ["cluster-picks", str(segmentation / f"{VALIDATION_TOMOGRAM}_labels.mrc"),
-         "-o", str(validation / "picks.star"), *again],
+         "--thresholds", "none", "-o", str(validation / "picks.star"), *again],
         ["evaluate", str(validation / "picks.star"), *truth, "--tomograms", val_tomogram,
          "-o", str(validation / "report"), *again],
         # test: picked with those thresholds, scored once

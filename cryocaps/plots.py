@@ -171,18 +171,21 @@ def plot_overlay(
 
 
 def learning_curve_figure(metrics):
-    """The learning-curve figure: loss (left axes) and validation Dice (right axes) per epoch.
+    """The learning-curve figure: loss, validation Dice and, when recorded, the held-out
+    regions' particle scores, per epoch.
 
     Parameters
     ----------
     metrics : a ``metrics.csv`` path or a DataFrame with columns ``epoch``,
         ``train_loss``, ``val_loss`` and ``dice_<class>`` (one per class),
-        optionally ``mean_dice``.
+        optionally ``mean_dice``, and ``val_macro_f1`` with
+        ``val_background_share_<class>`` (NaN in epochs without a region validation).
 
     Returns
     -------
     A matplotlib Figure (Agg) whose lines are labelled "train loss", "val loss",
-    each class name and "mean"; close it with ``matplotlib.pyplot.close``.
+    each class name and "mean" (and in the third axes "macro F1" and each class
+    name's background share); close it with ``matplotlib.pyplot.close``.
     """
     plt = _pyplot()
     import pandas as pd
@@ -190,7 +193,10 @@ def learning_curve_figure(metrics):
 
     frame = metrics if isinstance(metrics, pd.DataFrame) else pd.read_csv(metrics)
     dice_columns = [c for c in frame.columns if c.startswith("dice_")]
-    figure, (loss_axes, dice_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    with_regions = "val_macro_f1" in frame and frame["val_macro_f1"].notna().any()
+    n_axes = 3 if with_regions else 2
+    figure, axes_row = plt.subplots(1, n_axes, figsize=(5 * n_axes, 4))
+    loss_axes, dice_axes = axes_row[0], axes_row[1]
     for column, style in (("train_loss", "-"), ("val_loss", "--")):
         if column in frame:
             loss_axes.plot(
@@ -209,13 +215,40 @@ def learning_curve_figure(metrics):
     dice_axes.set_xlabel("epoch")
     dice_axes.set_ylabel("validation Dice")
     dice_axes.set_ylim(0, 1)
-    dice_axes.set_title("Validation Dice")
-    for axes in (loss_axes, dice_axes):
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    dice_axes.set_title("Validation Dice (patches)")
     if dice_columns:
         dice_axes.legend(fontsize="small")
+    if with_regions:
+        _held_out_panel(axes_row[2], frame)
+    for axes in axes_row:
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
     return figure
+
+
+def _held_out_panel(axes, frame) -> None:
+    """Macro F1 of the held-out regions' picks (left scale) and each class's share of the
+    annotated background (right scale, log), at the epochs that validated them."""
+    rows = frame[frame["val_macro_f1"].notna()]
+    axes.plot(rows["epoch"], rows["val_macro_f1"], "k-", marker="o", linewidth=2, label="macro F1")
+    axes.set_ylim(0, 1.02)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("validation macro F1 (picks)")
+    axes.set_title("Held-out regions")
+    share_axes = axes.twinx()
+    for column in [c for c in frame.columns if c.startswith("val_background_share_")]:
+        share_axes.plot(
+            rows["epoch"],
+            rows[column].clip(lower=1e-6),
+            ":",
+            marker=".",
+            label=f"{column.removeprefix('val_background_share_')} (background share)",
+        )
+    share_axes.set_yscale("log")
+    share_axes.set_ylabel("share of background voxels called the class")
+    handles = axes.get_legend_handles_labels()
+    more = share_axes.get_legend_handles_labels()
+    axes.legend(handles[0] + more[0], handles[1] + more[1], fontsize="x-small")
 
 
 def plot_learning_curve(metrics, png_path: str | os.PathLike) -> Path:

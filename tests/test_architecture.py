@@ -2,8 +2,12 @@
 
 Imports run down these layers (DESIGN.md, "Package layout"); a module may import
 its own package (its unit below) or a unit of a lower rank, never one of the
-same rank or higher. So stages never import each other and nothing but the CLI
-imports the CLI. Function-level imports count as much as module-level ones.
+same rank or higher. So stages of one rank never import each other and nothing
+but the CLI imports the CLI. Function-level imports count as much as module-level
+ones. Training ranks above the stages it validates with: it segments, picks and
+scores held-out regions as a user's run would, through those stages' public
+names only (their package, never a submodule), and none of them imports it, so
+no cycle can form.
 """
 
 from __future__ import annotations
@@ -32,15 +36,17 @@ RANKS = {
     # mid, built on them: templates are rescaled by preprocess; a model file builds a model
     "masks": 4,
     "modelfile": 4,
-    # stages: one job each, never importing another
+    # stages: one job each, never importing another of their rank
     "demo": 5,
     "simulate": 5,
-    "training": 5,
     "inference": 5,
     "picking": 5,
     "evaluation": 5,
-    "cli": 6,
+    # validates as a user would run the stages above: segment, pick, score (public names only)
+    "training": 6,
+    "cli": 7,
 }
+STAGES = ("demo", "simulate", "inference", "picking", "evaluation", "training")
 # Top-level modules that belong to a unit above (until they move into it).
 UNIT_OF = {
     "__main__": "cli",
@@ -135,6 +141,21 @@ def test_imports_run_down_the_layers():
             where = f"{path.relative_to(PACKAGE.parent)}:{line}"
             ranks = f"{source} {RANKS.get(source)} -> {destination} {RANKS.get(destination)}"
             violations.append(f"{where} imports {target} (ranks {ranks})")
+    assert not violations, "\n".join(violations)
+
+
+def test_a_stage_uses_another_stage_by_its_public_names_only():
+    violations = []
+    for name, path, tree in ALL:
+        source = unit(name)
+        for line, target, _ in imports(name, path, tree):
+            if not target.startswith("cryocaps."):
+                continue
+            destination = unit(target)
+            if source in STAGES and destination in STAGES and destination != source:
+                if target != f"cryocaps.{destination}":
+                    where = f"{path.relative_to(PACKAGE.parent)}:{line}"
+                    violations.append(f"{where} imports {target}, not cryocaps.{destination}")
     assert not violations, "\n".join(violations)
 
 

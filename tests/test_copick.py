@@ -609,7 +609,7 @@ def test_copick_pipeline_example(simulated_project, tmp_path):
         "MODEL": "unet",
         "USER_ID": "cryocaps",
         "SESSION": "9",
-        "TRAIN_ARGS": "--val-fraction 0.5",
+        "TRAIN_ARGS": "--val-tomograms tomo_02",  # tiny runs: a slab would hold no particle
     }
     result = subprocess.run(
         ["bash", str(script), str(project / "config.json"), str(tmp_path / "out")],
@@ -755,7 +755,8 @@ def test_train_data_from_a_project_skips_runs_without_label_maps(project, tmp_pa
     label_map[7:10, 10:13, 14:17] = 1
     write_volume(masks / f"{RUNS[0]}_labels.mrc", label_map, SPACING)
     write_classes(ClassTable([ParticleClass(1, "ribosome", 20.0)]), masks / "classes.csv")
-    settings = dict(labels=[masks], out_dir=tmp_path / "run", patch_size=8, val_fraction=0.5)
+    # 0.3: a 6-voxel slab of X (20) holds the second particle, and leaves 10 voxels for patches
+    settings = dict(labels=[masks], out_dir=tmp_path / "run", patch_size=8, val_fraction=0.3)
     data = prepare_data(TrainConfig(tomograms=[f"{config}:wbp@10"], **settings))
     try:
         assert [volume.name for volume in data.volumes] == [RUNS[0]]

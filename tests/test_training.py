@@ -242,6 +242,31 @@ def test_plot_learning_curve_draws_the_metrics(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_learning_curve_has_a_panel_for_the_held_out_regions(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from cryocaps.plots import learning_curve_figure
+
+    nan = float("nan")
+    frame = pd.DataFrame(
+        {
+            "epoch": [1, 2, 3],
+            "train_loss": [1.0, 0.5, 0.25],
+            "val_loss": [1.1, 0.7, 0.65],
+            "dice_a": [0.1, 0.4, 0.5],
+            "val_macro_f1": [0.2, nan, 0.8],  # epoch 2 had no region validation
+            "val_background_share_a": [0.3, nan, 0.01],
+        }
+    )
+    figure = learning_curve_figure(frame)
+    assert len(figure.axes) == 4  # loss, Dice, held-out F1 and its twin for the shares
+    drawn = {line.get_label(): line for axes in figure.axes for line in axes.get_lines()}
+    np.testing.assert_array_equal(drawn["macro F1"].get_xdata(), [1, 3])
+    np.testing.assert_array_equal(drawn["macro F1"].get_ydata(), [0.2, 0.8])
+    np.testing.assert_array_equal(drawn["a (background share)"].get_ydata(), [0.3, 0.01])
+    plt.close(figure)
+
+
 def test_cli_defaults_are_the_config_defaults():
     import inspect
 
@@ -285,10 +310,14 @@ def test_train_state_saves_and_restores_every_field():
             epoch_seconds=float(value),
             train_seconds=float(value),
             rows=[{"epoch": value}],
-            best_score=float(value),
+            best_score=[float(value)],
             best_val_loss=float(value),
             best_epoch=value,
             bad_epochs=value,
+            best_thresholds={"epoch": value},
+            best_regions={"epoch": value},
+            region_interval=float(value),
+            last_region_epoch=value,
             model_saved=bool(value),
             annealing=bool(value),
             anneal_from_step=value,
@@ -310,12 +339,16 @@ def test_train_state_saves_and_restores_every_field():
     for name in names:
         value = getattr(restored, name)
         value = value.value if isinstance(value, Driven) else value
-        assert value in (7, 7.0, True, [{"epoch": 7}]), name
+        assert value in (7, 7.0, True, [{"epoch": 7}], [7.0], {"epoch": 7}), name
     with pytest.raises(CryocapsError, match="lacks epoch"):
         restored.load_state_dict({k: v for k, v in saved.items() if k != "epoch"})
     restored.load_state_dict({k: v for k, v in saved.items() if k != "ema"})  # added later
     assert restored.ema.value == 7  # nothing saved: left as it was
-    assert math.isinf(TrainState().best_score)
+    assert TrainState().best_score is None
+    restored.load_state_dict({**saved, "best_score": 0.5})  # a float: written before lists
+    assert restored.best_score == [0.5]
+    restored.load_state_dict({**saved, "best_score": -math.inf})
+    assert restored.best_score is None
 
 
 # --- the command -------------------------------------------------------------------
@@ -474,7 +507,8 @@ def test_checkpoint_of_format_1_loads_as_a_train_state(tmp_path):
     state = TrainState(process_rng=None)  # driven fields left None are not loaded
     state.load_state_dict(checkpoint["state"])  # every field present, or it raises
     for name, value in loop.items():
-        assert getattr(state, name) == value, name
+        expected = [value] if name == "best_score" else value  # scores are lists now
+        assert getattr(state, name) == expected, name
     assert state.rows == [{"epoch": 1}, {"epoch": 2}]
     assert checkpoint["state"]["sampler_streams"] == [{"s": 1}]
     assert torch.equal(checkpoint["state"]["model"]["w"], torch.ones(2))
@@ -567,7 +601,9 @@ def test_bad_settings(run_cli, dataset, tmp_path):
     assert "--fold" in _bad(run_cli, dataset, tmp_path / "o", "--fold", "7/6")
     assert "--model-option" in _bad(run_cli, dataset, tmp_path / "o", "--model-option", "depth=3")
     assert "--val-tomograms" in _bad(run_cli, dataset, tmp_path / "o", "--val-tomograms", "nope")
-    assert "--select-by" in _bad(run_cli, dataset, tmp_path / "o", "--select-by", "f1")
+    assert "--select-by" in _bad(run_cli, dataset, tmp_path / "o", "--select-by", "auc")
+    assert "--val-every 0" in _bad(run_cli, dataset, tmp_path / "o", "--val-every", "0")
+    assert "--max-val-voxels" in _bad(run_cli, dataset, tmp_path / "o", "--max-val-voxels", "0")
     assert "--hard-negatives" in _bad(run_cli, dataset, tmp_path / "o", "--hard-negatives", "2")
     assert "--ema 'often'" in _bad(run_cli, dataset, tmp_path / "o", "--ema", "often")
     assert "--ema 1.0" in _bad(run_cli, dataset, tmp_path / "o", "--ema", "1")
@@ -575,18 +611,31 @@ def test_bad_settings(run_cli, dataset, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("select_by", ["dice", "loss"])
+@pytest.mark.parametrize("select_by", ["f1", "dice", "loss"])
 def test_saved_model_is_the_best_epoch_by_the_chosen_score(dataset, tmp_path, select_by):
     from cryocaps.training import train
 
-    config = _config(dataset, tmp_path / select_by, epochs=4, select_by=select_by, patience=0)
+    config = _config(
+        dataset, tmp_path / select_by, epochs=4, select_by=select_by, patience=0, val_every=1
+    )
     result = train(config)
     history = pd.DataFrame(result["history"])
-    scores = history["mean_dice"] if select_by == "dice" else -history["val_loss"]
+    if select_by == "f1":  # macro F1, then less background taken, then a lower loss
+        keys = [history["val_macro_f1"], -history["val_background_share"], -history["val_loss"]]
+        scores = list(zip(*keys, strict=True))
+    else:
+        scores = list(history["mean_dice"] if select_by == "dice" else -history["val_loss"])
     # the first of the best epochs (later ties are not improvements)
-    assert result["best_epoch"] == int(history["epoch"][scores.to_numpy().argmax()])
+    assert result["best_epoch"] == int(history["epoch"][scores.index(max(scores))])
     saved = json.loads((tmp_path / select_by / "config.json").read_text())
     assert saved["training"]["epoch"] == result["best_epoch"]
+    # the thresholds in the model were tuned on the best epoch's picks
+    assert saved["pick_thresholds"]["epoch"] == result["best_epoch"]
+    assert saved["pick_thresholds"] == {
+        "calibrated_on": result["validation"]["held_out"],
+        "epoch": result["best_epoch"],
+        **result["pick_thresholds"],
+    }
 
 
 def test_cosine_lr_warms_up_then_anneals_to_the_floor():
@@ -769,7 +818,8 @@ def test_whole_tomogram_holdout(dataset, tmp_path):
     data = prepare_data(_config(dataset, tmp_path / "o", val_tomograms=["tomo_1"]))
     assert set(data.train_particles.volume.tolist()) == {0}
     assert set(data.val_particles.volume.tolist()) == {1}
-    assert data.val_volumes == [1]
+    assert [region.volume for region in data.holdout.regions] == [1]
+    assert [source for source, _ in data.holdout.view_sources] == [0]  # trains on tomo_0 only
     with pytest.raises(CryocapsError):
         prepare_data(_config(dataset, tmp_path / "o", val_tomograms=["tomo_0", "tomo_1"]))
 

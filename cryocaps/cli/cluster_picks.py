@@ -10,7 +10,9 @@ smaller than --min-size-fraction of the class's label volume (classes.csv's
 label_volume_angstrom3, what one particle covered in the training labels, else
 the sphere of its radius), or than --relative-min-size of the class's typical
 pick in the map, or scoring below --min-score (or the per-class --thresholds
-that `cryocaps evaluate -o` tunes on a validation tomogram), are dropped.
+that `cryocaps evaluate -o` tunes on a validation tomogram; by default those
+training calibrated, in the pick_thresholds.csv segment wrote beside the maps),
+are dropped.
 Classes come from --classes, else classes.csv beside the maps. Writes run.json
 beside OUT.
 """
@@ -102,11 +104,14 @@ def command(
         ),
     ] = None,
     thresholds: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--thresholds",
             help="Per-class score thresholds: the pick_thresholds.csv that `cryocaps evaluate -o` "
-            "writes for a validation tomogram picked with the same settings. [default: none]",
+            "writes for a validation tomogram picked with the same settings; none: no "
+            "thresholds. [default: the pick_thresholds.csv segment wrote beside the label maps "
+            "(calibrated during training on held-out annotated regions), if there is one]",
+            show_default=False,
         ),
     ] = None,
     use_probabilities: Annotated[
@@ -141,7 +146,7 @@ def command(
         format_from_extension,
         write_particles,
     )
-    from cryocaps.io.thresholds import read_score_thresholds
+    from cryocaps.io.thresholds import picking_score_kind, read_score_thresholds
     from cryocaps.picking import find_label_maps, pick_files, summary_by_class
     from cryocaps.runinfo import write_run_json
 
@@ -150,8 +155,10 @@ def command(
     label_paths = find_label_maps(maps)
     class_table, classes = load_class_table_beside(label_paths, classes, radius_angstrom)
     class_table = narrow_classes(class_table, copick_objects)
+    score_kind = picking_score_kind(label_paths, use_probabilities)
+    thresholds = _thresholds_file(thresholds, min_score, label_paths, score_kind)
     if thresholds is not None:
-        min_score = read_score_thresholds(thresholds, class_table)
+        min_score = read_score_thresholds(thresholds, class_table, score_kind)
     project_output = (format or format_from_extension(output)) in PROJECT_FORMATS
     if not project_output:  # a copick project exists already; its writer checks its own picks
         check_writable(output, overwrite)
@@ -221,6 +228,30 @@ def _warn_no_particles(min_size_fraction: float) -> None:
     )
 
 
+def _thresholds_file(given: str | None, min_score, label_paths, score_kind) -> Path | None:
+    """``--thresholds`` as a file: as given, none for ``none``, by default the companion
+    pick_thresholds.csv beside the maps (unless --min-score is given); says which it uses."""
+    from cryocaps.io.thresholds import companion_thresholds
+
+    if given is not None:
+        return None if given.strip().lower() == "none" else Path(given)
+    found = companion_thresholds(label_paths) if min_score is None else None
+    if found is not None and score_kind is None:
+        log.warning(
+            "%s not used: some maps have probability or score maps beside them and others "
+            "not, so their picks are scored differently; pick them separately",
+            found,
+        )
+        return None
+    if found is not None:
+        log.info(
+            "score thresholds for %s scores from %s (--thresholds none to pick without)",
+            score_kind.replace("_", " "),
+            found,
+        )
+    return found
+
+
 def _check_options(format, method: str, thresholds, min_score) -> None:
     """Refuse unknown formats and methods, and two score thresholds at once."""
     from cryocaps.io.particles import check_format
@@ -229,7 +260,7 @@ def _check_options(format, method: str, thresholds, min_score) -> None:
         check_format(format)
     if method not in METHOD_NAMES:
         raise CryocapsError(f"--method {method!r}: use one of {', '.join(METHOD_NAMES)}")
-    if thresholds is not None and min_score is not None:
+    if thresholds is not None and thresholds.strip().lower() != "none" and min_score is not None:
         raise CryocapsError("--min-score and --thresholds both set a score threshold; give one")
 
 

@@ -4,10 +4,12 @@ Writes OUT_DIR/<tomo>_labels.mrc (uint8, 0 = background; .zarr OME-Zarr images w
 --out-format zarr), with --probabilities
 OUT_DIR/<tomo>_probs.mrc (float16 volume stack (C, Z, Y, X), C = classes incl.
 background), with --score OUT_DIR/<tomo>_score.mrc (float16, highest foreground
-probability), plus OUT_DIR/classes.csv (from the model) and OUT_DIR/run.json
-(timings, voxels/s, peak memory). Tomograms whose outputs already exist are
-skipped unless --overwrite. The input is memory-mapped and written slab by
-slab: memory does not grow with the tomogram's depth.
+probability), plus OUT_DIR/classes.csv (from the model), OUT_DIR/pick_thresholds.csv
+(the per-class score thresholds training calibrated on its held-out region, which
+cluster-picks uses by default) and OUT_DIR/run.json (timings, voxels/s, peak
+memory). Tomograms whose outputs already exist are skipped unless --overwrite.
+The input is memory-mapped and written slab by slab: memory does not grow with
+the tomogram's depth.
 
 Many tomograms on a cluster: --shard I/N runs the I-th of N disjoint shares
 (I from 0). In a SLURM array, `--shard $SLURM_ARRAY_TASK_ID/N` works for both
@@ -237,7 +239,8 @@ def command(
         out_dir,
         command=command_line(),
         inputs=[r["tomogram"] for r in results],
-        outputs=[p for r in results for p in r["outputs"].values()],
+        outputs=[p for r in results for p in r["outputs"].values()]
+        + ([summary["thresholds"]] if summary["thresholds"] else []),
         parameters={
             "model": str(model_path),
             "model_name": summary["model_name"],

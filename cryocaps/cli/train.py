@@ -41,6 +41,7 @@ from cryocaps.training.config import (
     AUTO_PATCH_MIN,
     AUTO_PATCH_MULTIPLE,
     PAPER,
+    VAL_TIME_SHARE,
     defaults,
     parse_ema,
 )
@@ -185,8 +186,8 @@ def command(
         int,
         typer.Option(
             "--patience",
-            help="Stop after this many epochs without a better validation score (--select-by); "
-            "0 = never. "
+            help="Stop after this many validations without a better score (--select-by; with f1 "
+            "the held-out regions' validations count); 0 = never. "
             f"[default: {DEFAULT['patience']}]",
         ),
     ] = DEFAULT["patience"],
@@ -194,17 +195,20 @@ def command(
         str,
         typer.Option(
             "--select-by",
-            help="Keep the model of the epoch with the highest mean validation Dice (dice) or the "
-            "lowest "
-            f"validation loss (loss, the paper's rule). [default: {DEFAULT['select_by']}]",
+            help="Keep the model of the epoch with the highest macro F1 of the picks in the "
+            "held-out regions (f1; ties: less background called a class, then lower loss), the "
+            "highest mean patch Dice (dice) or the lowest patch loss (loss, the paper's rule). "
+            f"[default: {DEFAULT['select_by']}]",
         ),
     ] = DEFAULT["select_by"],
     val_fraction: Annotated[
         float,
         typer.Option(
             "--val-fraction",
-            help="Fraction of each class's particles held out for validation "
-            f"(paper: {PAPER['val_fraction']}). [default: {DEFAULT['val_fraction']}]",
+            help="Hold out this fraction of each tomogram for validation: a slab at the end of "
+            "its longer in-plane axis, full Z, kept half a patch away from every training patch "
+            f"(paper: {PAPER['val_fraction']} of the particles). "
+            f"[default: {DEFAULT['val_fraction']}]",
         ),
     ] = DEFAULT["val_fraction"],
     val_tomograms: Annotated[
@@ -218,10 +222,28 @@ def command(
         str | None,
         typer.Option(
             "--fold",
-            help="Cross-validation fold k/K, e.g. 2/6: fold k of each class's particles is "
-            "validation.",
+            help="Cross-validation fold k/K, e.g. 2/6: the k-th of K slabs along each tomogram's "
+            "longer in-plane axis is held out.",
         ),
     ] = DEFAULT["fold"],
+    val_every: Annotated[
+        int | None,
+        typer.Option(
+            "--val-every",
+            help="Segment, pick and score the held-out regions every N epochs (and at the last "
+            f"one). [default: as often as keeps it to about {VAL_TIME_SHARE:.0%} of the "
+            "training time, measured]",
+            show_default=False,
+        ),
+    ] = DEFAULT["val_every"],
+    max_val_voxels: Annotated[
+        int,
+        typer.Option(
+            "--max-val-voxels",
+            help="Segment at most about this many held-out voxels per validation (larger regions "
+            f"are cropped, centred). [default: {DEFAULT['max_val_voxels']}]",
+        ),
+    ] = DEFAULT["max_val_voxels"],
     background_fraction: Annotated[
         float,
         typer.Option(
@@ -343,6 +365,8 @@ def command(
         val_fraction=val_fraction,
         val_tomograms=val_tomograms or [],
         fold=fold,
+        val_every=val_every,
+        max_val_voxels=max_val_voxels,
         background_fraction=background_fraction,
         hard_negative_fraction=hard_negative_fraction,
         jitter_voxels=jitter_voxels,
@@ -393,11 +417,38 @@ def _write_run_json(config, result: dict) -> None:
 
 
 def _print_summary(result: dict, out_dir: Path) -> None:
-    rows = [[name, dice] for name, dice in result["best_dice"].items()]
+    best = result["best_validation"] or {}
+    thresholds = {
+        row["class_name"]: row["min_score"]
+        for row in (result["pick_thresholds"] or {}).get("probability", [])
+    }
+
+    def shown(value):
+        return "-" if value is None else value
+
+    rows = [
+        [
+            name,
+            dice,
+            *(shown(best.get(f"val_{key}_{name}")) for key in ("precision", "recall", "f1")),
+            shown(best.get(f"val_background_share_{name}")),
+            shown(thresholds.get(name)),
+        ]
+        for name, dice in result["best_dice"].items()
+    ]
     print_table(
         f"Best epoch {result['best_epoch']} of {result['epochs_done']}",  # short: no wrapping
-        ["class", "val Dice"],
+        ["class", "patch Dice", "precision", "recall", "F1", "background", "min score"],
         rows,
+    )
+    validation = result["validation"]
+    macro = best.get("val_macro_f1")
+    share = validation["time_share"]
+    console.print(
+        f"Held out {validation['held_out']}: macro F1 "
+        f"{'-' if macro is None else f'{macro:.3f}'} at the best epoch (min score: its picks' "
+        "best-F1 thresholds, kept in the model; segment writes them beside its maps); "
+        f"validation took {'-' if share is None else f'{share:.0%}'} of the time."
     )
     console.print(
         f"{result['steps_done']} steps, {result['seconds_per_step']:.2f} s/step, "

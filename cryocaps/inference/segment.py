@@ -34,6 +34,7 @@ from cryocaps.inference.windows import count_windows, overlap_overhead, plan_win
 from cryocaps.io.class_table import read_classes, write_classes
 from cryocaps.io.layout import CLASS_TABLE_NAME, output_paths, tomogram_name
 from cryocaps.io.pages import release_pages
+from cryocaps.io.thresholds import SCORE_KINDS, write_companion_thresholds
 from cryocaps.io.volumes import check_same_voxel_size, read_info, read_tomogram
 from cryocaps.io.zarr_volumes import is_zarr_path, level_voxel_size
 from cryocaps.preprocess import DEFAULT_CLIP_PERCENTILES, apply_normalization, normalization_stats
@@ -147,6 +148,19 @@ def write_model_classes(config: dict, out_dir, overwrite: bool = False) -> Path 
             )
         return path
     return write_classes(table, path, overwrite=True)
+
+
+def write_model_thresholds(config: dict, out_dir, overwrite: bool = False) -> Path | None:
+    """Write the pick-score thresholds tuned during training to ``out_dir/pick_thresholds.csv``.
+
+    The companion file cluster-picks uses by default (both score kinds; see
+    :mod:`cryocaps.io.thresholds`); None when the model has none (trained before 0.2).
+    """
+    thresholds = config.get("pick_thresholds")
+    if not isinstance(thresholds, dict):
+        return None
+    kinds = {kind: thresholds.get(kind) for kind in SCORE_KINDS if thresholds.get(kind)}
+    return write_companion_thresholds(kinds, out_dir, overwrite=overwrite) if kinds else None
 
 
 def _class_rows(table) -> list[tuple]:
@@ -390,7 +404,8 @@ def segment_files(
     -------
     dict with ``tomograms`` (one :func:`segment_tomogram` result each),
     ``skipped`` (paths), ``model_name``, ``device``, ``bf16``, ``patch_size``
-    and ``overlap`` (requested, z y x).
+    and ``overlap`` (requested, z y x), ``thresholds`` (the companion
+    ``pick_thresholds.csv`` written from the model, or None).
     """
     from cryocaps.modelfile import load_model
 
@@ -418,6 +433,7 @@ def segment_files(
     )
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_model_classes(config, out_dir, overwrite=overwrite)
+    thresholds_path = write_model_thresholds(config, out_dir, overwrite=overwrite)
 
     advance = progress or (lambda *args, **kwargs: None)
     windows = [
@@ -457,4 +473,5 @@ def segment_files(
         "bf16": bf16,
         "patch_size": list(patches),
         "overlap": list(overlaps),
+        "thresholds": str(thresholds_path) if thresholds_path else None,
     }

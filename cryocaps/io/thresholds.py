@@ -4,6 +4,13 @@
 class on a validation tomogram); ``cryocaps cluster-picks --thresholds`` reads it
 back to pick other tomograms. Columns: :data:`THRESHOLD_COLUMNS`; ``min_score`` is
 empty (NaN) for a class best kept whole.
+
+``cryocaps segment`` writes the thresholds a model was calibrated with during
+training beside its maps (the *companion* file), with one more column,
+``score``: what the threshold applies to, as cluster-picks scores a pick —
+``probability`` (mean class probability, when ``<tomo>_probs``/``_score`` maps lie
+beside the label map) or ``size_voxels`` (a label map alone) — one row per class
+and kind. ``cluster-picks`` uses the rows of the kind its picks get.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import pandas as pd
 from cryocaps.classes import ClassTable
 from cryocaps.errors import CryocapsError
 from cryocaps.io.files import write_text_atomic
-from cryocaps.io.layout import THRESHOLDS_NAME
+from cryocaps.io.layout import THRESHOLDS_NAME, companion_path
 
 THRESHOLD_COLUMNS = [
     "class_name",
@@ -29,10 +36,18 @@ THRESHOLD_COLUMNS = [
     "n_picks",
 ]
 
+SCORE_COLUMN = "score"  # in a companion file: what min_score applies to
+SCORE_KINDS = ("probability", "size_voxels")
+
 __all__ = [
+    "SCORE_COLUMN",
+    "SCORE_KINDS",
     "THRESHOLDS_NAME",
     "THRESHOLD_COLUMNS",
+    "companion_thresholds",
+    "picking_score_kind",
     "read_score_thresholds",
+    "write_companion_thresholds",
     "write_score_thresholds",
 ]
 
@@ -47,9 +62,67 @@ def write_score_thresholds(table: pd.DataFrame, folder: str | os.PathLike) -> Pa
     return write_text_atomic(Path(folder) / THRESHOLDS_NAME, text)
 
 
-def read_score_thresholds(path: str | os.PathLike, classes: ClassTable) -> dict[str, float]:
+def write_companion_thresholds(
+    kinds: dict[str, list[dict]], folder: str | os.PathLike, overwrite: bool = False
+) -> Path:
+    """Write ``folder/pick_thresholds.csv`` with a ``score`` column from ``{kind: records}``.
+
+    Records hold :data:`THRESHOLD_COLUMNS` (``min_score`` None: keep all). An existing
+    file with the same rows is kept; one with other rows is refused unless ``overwrite``.
+    """
+    frames = [
+        pd.DataFrame(records, columns=THRESHOLD_COLUMNS).assign(**{SCORE_COLUMN: kind})
+        for kind, records in kinds.items()
+        if kind in SCORE_KINDS and records
+    ]
+    table = pd.concat(frames, ignore_index=True)[[*THRESHOLD_COLUMNS, SCORE_COLUMN]]
+    text = table.to_csv(index=False, float_format="%.6g")
+    path = Path(folder) / THRESHOLDS_NAME
+    if path.is_file() and not overwrite:
+        try:
+            same = path.read_text() == text
+        except (OSError, UnicodeDecodeError):
+            same = False
+        if not same:
+            raise CryocapsError(
+                f"{path} exists with other thresholds than the model's; pass --overwrite to "
+                "replace it"
+            )
+        return path
+    return write_text_atomic(path, text)
+
+
+def picking_score_kind(label_paths, use_probabilities: bool) -> str | None:
+    """What cluster-picks will score the picks of these label maps by (one of
+    :data:`SCORE_KINDS`), or None when the maps differ (some with probability maps beside)."""
+    kinds = {
+        "probability"
+        if use_probabilities and (companion_path(path, "probs") or companion_path(path, "score"))
+        else "size_voxels"
+        for path in label_paths
+    }
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def companion_thresholds(label_paths) -> Path | None:
+    """The ``pick_thresholds.csv`` segment wrote beside the label maps: one file for all of
+    them, else None (none, or the maps lie in folders that do not share one)."""
+    found = {
+        (Path(path).parent / THRESHOLDS_NAME).resolve()
+        if (Path(path).parent / THRESHOLDS_NAME).is_file()
+        else None
+        for path in label_paths
+    }
+    return found.pop() if len(found) == 1 else None
+
+
+def read_score_thresholds(
+    path: str | os.PathLike, classes: ClassTable, score_kind: str | None = None
+) -> dict[str, float]:
     """``{class_name: min_score}`` from a ``pick_thresholds.csv`` (classes kept whole are left
     out).
+
+    A companion file (with a ``score`` column) gives the rows of ``score_kind``.
     """
     path = Path(path)
     if not path.is_file():
@@ -64,6 +137,14 @@ def read_score_thresholds(path: str | os.PathLike, classes: ClassTable) -> dict[
             f"--thresholds {path}: no column {', '.join(missing)}; expected the {THRESHOLDS_NAME} "
             "that `cryocaps evaluate -o` writes"
         )
+    if SCORE_COLUMN in table.columns:  # a companion file: the rows for these picks' scores
+        if score_kind not in SCORE_KINDS:
+            raise CryocapsError(
+                f"--thresholds {path}: holds thresholds per kind of score, and these maps' picks "
+                "are scored differently (some have probability or score maps beside them); "
+                "pick them separately"
+            )
+        table = table[table[SCORE_COLUMN].astype(str) == score_kind]
     thresholds = {}
     for name, value in zip(table["class_name"].astype(str), table["min_score"], strict=True):
         if name not in classes.names:

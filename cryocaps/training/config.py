@@ -18,7 +18,10 @@ LR_SCHEDULES = ("auto", "none", "cosine", "plateau")
 # 500 lies between (the crossover itself was not measured).
 AUTO_ANNEAL_MIN_STEPS = 500
 AUTO_EMA_DECAY = 0.99  # --ema auto, when the rate anneals
-SELECTION_SCORES = ("dice", "loss")
+SELECTION_SCORES = ("f1", "dice", "loss")
+# --val-every auto: validate the held-out regions as often as keeps them to about this share of
+# the run's time (measured after each region validation; see validation.region_interval)
+VAL_TIME_SHARE = 0.15
 # The automatic patch side (data.auto_patch_size): 2 x largest radius + context, rounded up.
 AUTO_PATCH_MIN = 32
 AUTO_PATCH_MULTIPLE = 8  # fits both networks (unet 4, ucaps 8)
@@ -55,9 +58,13 @@ class TrainConfig:
     lr_schedule: str = "auto"
     # decay of the weights' moving average; 0 = off; "auto": AUTO_EMA_DECAY when the rate anneals
     ema: float | str = "auto"
-    patience: int = 20  # epochs without a better validation score; 0 = never stop early
-    select_by: str = "dice"  # best model: highest mean validation Dice ("dice") or lowest loss
-    val_fraction: float = 0.17
+    patience: int = 20  # validations without a better score (--select-by); 0 = never stop early
+    # best model: highest particle-level macro F1 on the held-out regions ("f1"; ties: less
+    # background taken, then lower loss), highest mean patch Dice ("dice") or lowest loss
+    select_by: str = "f1"
+    val_fraction: float = 0.17  # of each tomogram's longer in-plane axis, held out as a slab
+    val_every: int | None = None  # epochs between region validations; None: auto (VAL_TIME_SHARE)
+    max_val_voxels: int = 8_000_000  # held-out voxels segmented per validation, at most
     val_tomograms: list[str] = field(default_factory=list)
     fold: str | None = None  # "k/K"
     background_fraction: float = 0.3
@@ -124,7 +131,12 @@ def check_settings(config: TrainConfig) -> None:
         ),
         (0 < c.val_fraction < 1, f"--val-fraction {c.val_fraction}: must be in (0, 1)"),
         (c.patience >= 0, f"--patience {c.patience}: must be >= 0"),
-        (c.select_by in SELECTION_SCORES, f"--select-by {c.select_by!r}: choose dice or loss"),
+        (
+            c.select_by in SELECTION_SCORES,
+            f"--select-by {c.select_by!r}: choose {', '.join(SELECTION_SCORES)}",
+        ),
+        (c.val_every is None or c.val_every >= 1, f"--val-every {c.val_every}: must be >= 1"),
+        (c.max_val_voxels >= 1, f"--max-val-voxels {c.max_val_voxels}: must be >= 1"),
         (
             c.ema == "auto" or (not isinstance(c.ema, str) and (c.ema == 0 or 0.5 <= c.ema < 1)),
             f"--ema {c.ema}: give a decay in [0.5, 1), e.g. 0.99, 0 for none, or auto",

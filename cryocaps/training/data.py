@@ -2,8 +2,9 @@
 
 :func:`prepare_data` reads and checks everything a run trains on (memory-mapped
 volumes, class table, particles from label-map components or ``--coords``) and
-splits the particles; :func:`training_sampler` and :func:`class_weights` build
-what the loop draws its patches and loss weights from.
+holds out the validation regions (:mod:`cryocaps.training.holdout`);
+:func:`training_sampler` and :func:`class_weights` build what the loop draws its
+patches and loss weights from.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from cryocaps.training.config import (
     TrainConfig,
     parse_fold,
 )
+from cryocaps.training.holdout import Holdout, hold_out
 from cryocaps.training.sampling import (
     Augmentation,
     ParticleSet,
@@ -41,7 +43,6 @@ from cryocaps.training.sampling import (
     TrainingVolume,
     hard_negative_places,
     particles_from_label_map,
-    split_particles,
 )
 
 log = logging.getLogger(__name__)
@@ -161,21 +162,36 @@ def auto_patch_size(classes: ClassTable, volumes: list[TrainingVolume]) -> int:
 
 @dataclass
 class TrainingData:
-    """What a run trains and validates on (volume indices refer to ``volumes``)."""
+    """What a run trains and validates on.
+
+    Training patches come from ``holdout.train_views`` (views of ``volumes`` that
+    never reach a held-out region): ``train_particles`` index those views, in their
+    voxels. ``val_particles`` index ``volumes``; ``holdout.regions`` are what
+    validation segments and scores.
+    """
 
     volumes: list[TrainingVolume]
     classes: ClassTable
-    train_particles: ParticleSet
-    val_particles: ParticleSet
-    train_volumes: list[int]
-    val_volumes: list[int]
-    voxel_counts: np.ndarray  # (n_labels,) in the training volumes
+    holdout: Holdout
+    voxel_counts: np.ndarray  # (n_labels,) in the volumes trained on
     inputs: list[Path]
     hard_centres: list | None = None  # hard-negative places, computed once by the first sampler
 
+    @property
+    def train_particles(self) -> ParticleSet:
+        return self.holdout.train_particles
+
+    @property
+    def val_particles(self) -> ParticleSet:
+        return self.holdout.val_particles
+
+    @property
+    def train_views(self) -> list[TrainingVolume]:
+        return self.holdout.train_views
+
     def close(self) -> None:
         """Drop the memory maps."""
-        for volume in self.volumes:
+        for volume in [*self.volumes, *self.holdout.train_views]:
             volume.data = volume.label_map = None
 
 
@@ -207,22 +223,26 @@ def prepare_data(config: TrainConfig) -> TrainingData:
         particles = ParticleSet.concat(
             [particles_from_label_map(v.label_map, i, labels) for i, v in enumerate(volumes)]
         )
-    if val_volumes:
-        in_val = np.isin(particles.volume, val_volumes)
-    else:
-        fold = parse_fold(config.fold)
-        _, in_val = split_particles(
-            particles, val_fraction=config.val_fraction, fold=fold, seed=config.seed
-        )
-    train_particles, val_particles = particles.subset(~in_val), particles.subset(in_val)
-    _check_split(classes, train_particles, val_particles)
+    holdout = hold_out(
+        volumes,
+        particles,
+        patch_size=config.patch_size,
+        val_fraction=config.val_fraction,
+        fold=parse_fold(config.fold),
+        val_volumes=val_volumes,
+        max_voxels=config.max_val_voxels,
+    )
+    log.info(
+        "validation: %s; %d training and %d validation particles",
+        holdout.description,
+        len(holdout.train_particles),
+        len(holdout.val_particles),
+    )
+    _check_split(classes, holdout.train_particles, holdout.val_particles)
     return TrainingData(
         volumes,
         classes,
-        train_particles,
-        val_particles,
-        train_volumes,
-        val_volumes or train_volumes,
+        holdout,
         voxel_counts=np.sum([counts[i] for i in train_volumes], axis=0),
         inputs=[p for pair in pairs for p in pair] + [Path(p) for p in config.coords],
     )
@@ -273,17 +293,18 @@ def training_sampler(
     ``seed`` seeds the sampler's own stream (``[config.seed, rank]`` for training);
     ``augment=False`` draws plain patches (for measuring class frequencies).
     """
+    views = data.train_views
     if config.hard_negative_fraction > 0 and data.hard_centres is None:
-        data.hard_centres = hard_negative_places(data.volumes, data.train_volumes)
+        data.hard_centres = hard_negative_places(views, list(range(len(views))))
     augmentation = None
     if augment:
         augmentation = Augmentation(
             mirror=config.mirror, rot90=config.rot90, intensity=config.intensity_augmentation
         )
     return PatchSampler(
-        data.volumes,
+        views,
         data.train_particles,
-        data.train_volumes,
+        list(range(len(views))),
         config.patch_size,
         background_fraction=config.background_fraction,
         hard_negative_fraction=config.hard_negative_fraction,
@@ -308,7 +329,7 @@ def class_weights(data: TrainingData, config: TrainConfig, n_patches: int = 128)
     p = config.patch_size
     for _ in range(n_patches):
         index, (z, y, x) = probe.next_location()
-        block = np.asarray(data.volumes[index].label_map[z : z + p, y : y + p, x : x + p])
+        block = np.asarray(data.train_views[index].label_map[z : z + p, y : y + p, x : x + p])
         counts += np.bincount(block.astype(np.int64).ravel(), minlength=len(counts))
     # labels between the table's labels (gaps) never occur: give them the background count
     present = np.array([0] + [c.label for c in data.classes])

@@ -115,18 +115,9 @@ class TimeBudget(Hook):
         self.start = time.time()
 
     def on_step_end(self, trainer, step_seconds: float) -> str | None:
-        val_seconds = trainer.val_seconds or first_validation_estimate(
-            len(trainer.val_locations) / trainer.ranks.world_size,
-            trainer.config.batch_size,
-            step_seconds,
-        )
-        needed = step_seconds + val_seconds + 5
+        # the last epoch always validates the whole held-out regions
+        needed = step_seconds + trainer.validator.seconds_needed(step_seconds) + 5
         return "max_minutes" if time.time() - self.start + needed > self.budget_seconds else None
-
-
-def first_validation_estimate(n_patches: float, batch_size: int, step_seconds: float) -> float:
-    """Seconds a validation may take before one was timed: a forward is ~1/3 of a training step."""
-    return math.ceil(n_patches / batch_size) * step_seconds / 3
 
 
 class CosineSchedule(Hook):
@@ -264,6 +255,13 @@ class Checkpointing(Hook):
         from cryocaps.modelfile import save_model
 
         metadata = model_metadata(trainer.config, trainer.data, training)
+        thresholds = trainer.state.best_thresholds
+        if thresholds is not None:
+            metadata["pick_thresholds"] = {
+                "calibrated_on": trainer.data.holdout.description,
+                "epoch": trainer.state.best_epoch,
+                **thresholds,
+            }
         save_model(self.out_dir, trainer.judged_model, metadata)
 
     def on_epoch_end(self, trainer, row: dict, improved: bool) -> None:
@@ -275,10 +273,13 @@ class Checkpointing(Hook):
             return
         if improved:
             names = trainer.data.classes.names
-            dice = {name: row[f"dice_{name}"] for name in names}
-            self._save_model(
-                trainer, {"epoch": state.best_epoch, "val_loss": state.best_val_loss, "dice": dice}
-            )
+            training = {
+                "epoch": state.best_epoch,
+                "val_loss": state.best_val_loss,
+                "dice": {name: row[f"dice_{name}"] for name in names},
+                "validation": state.best_regions,
+            }
+            self._save_model(trainer, training)
             save_checkpoint(self.out_dir / BEST_CHECKPOINT, checkpoint)
         save_checkpoint(self.out_dir / LAST_CHECKPOINT, checkpoint)
 

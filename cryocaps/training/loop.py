@@ -27,6 +27,7 @@ from typing import Any
 from cryocaps import runtime
 from cryocaps.errors import CryocapsError
 from cryocaps.training import hooks as loop_hooks
+from cryocaps.training.build import create_model, loss_module, make_scheduler, schedule_used
 from cryocaps.training.checkpoint import (
     CHECKPOINT_FORMAT,
     LAST_CHECKPOINT,
@@ -47,8 +48,7 @@ from cryocaps.training.config import (
 )
 from cryocaps.training.data import TrainingData, class_weights, prepare_data, training_sampler
 from cryocaps.training.ranks import Ranks
-from cryocaps.training.sampling import validation_locations
-from cryocaps.training.validation import mean_dice, selection_score, validate
+from cryocaps.training.validation import Validator, mean_dice, region_interval, selection_score
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,16 @@ def _driven(**kwargs):
 
 
 # TrainState fields a checkpoint of the same format may lack
-ADDED_LATER = ("ema", "annealing", "anneal_from_step", "ema_decay")
+ADDED_LATER = (
+    "ema",
+    "annealing",
+    "anneal_from_step",
+    "ema_decay",
+    "best_thresholds",
+    "best_regions",
+    "region_interval",
+    "last_region_epoch",
+)
 
 
 @dataclass
@@ -82,10 +91,14 @@ class TrainState:
     epoch_seconds: float = 0.0  # time already spent in the unfinished epoch
     train_seconds: float = 0.0  # time spent in training steps, over all runs
     rows: list[dict] = field(default_factory=list)  # metrics.csv, one row per finished epoch
-    best_score: float = -math.inf  # higher is better: mean Dice, or minus the loss
+    best_score: list | None = None  # validation.selection_score of the best epoch (None: none)
     best_val_loss: float = math.inf  # of the best epoch
     best_epoch: int = 0
-    bad_epochs: int = 0  # epochs since the best one
+    bad_epochs: int = 0  # validations with a score since the best one
+    best_thresholds: dict | None = None  # pick-score thresholds tuned on the best epoch's picks
+    best_regions: dict | None = None  # the best epoch's region validation (metrics.csv entries)
+    region_interval: float | None = None  # --val-every auto: epochs between region validations
+    last_region_epoch: int = 0  # the epoch of the last region validation
     model_saved: bool = False
     annealing: bool | None = None  # --lr-schedule auto: decided to anneal (None: not yet)
     anneal_from_step: int | None = None
@@ -118,6 +131,8 @@ class TrainState:
                 setattr(self, item.name, copy.deepcopy(value))
             elif getattr(self, item.name) is not None and value:  # None/{}: nothing was saved
                 getattr(self, item.name).load_state_dict(value)
+        if isinstance(self.best_score, float):  # written before scores became lists
+            self.best_score = [self.best_score] if math.isfinite(self.best_score) else None
 
 
 class Trainer:
@@ -125,8 +140,8 @@ class Trainer:
 
     ``state`` (:class:`TrainState`) is everything a resumed run continues from.
     The few other attributes that change belong to this run only, on purpose:
-    ``stopped`` (why it ended), ``val_seconds`` (the last validation's duration,
-    for the time budget) and the step and time counters at its start.
+    ``stopped`` (why it ended), the ``validator``'s timings (for the time budget)
+    and the step and time counters at its start.
     """
 
     def __init__(
@@ -143,33 +158,24 @@ class Trainer:
         self.config, self.data, self.device, self.ranks = config, data, device, ranks
         self.started = time.time() if started is None else started
         self.sampler = training_sampler(data, config, [config.seed, ranks.rank])
-        self.val_locations = validation_locations(
-            data.volumes,
-            data.val_particles,
-            data.val_volumes,
-            config.patch_size,
-            background_fraction=config.background_fraction,
-            max_patches=config.max_val_patches,
-            seed=config.seed,
-        )
         self.class_weights = None
         if config.class_weights:
             self.class_weights = class_weights(data, config).to(device)
-        self.loss_module = _loss_module(model, device, ranks)
+        self.bf16 = runtime.use_bf16(device, config.bf16)
+        self.validator = Validator(data, config, self.class_weights, device, self.bf16, ranks)
+        self.loss_module = loss_module(model, device, ranks)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         is_cuda = runtime.device_type(device) == "cuda"
-        self.bf16 = runtime.use_bf16(device, config.bf16)
         self.state = TrainState(
             model=model,
             optimizer=optimizer,
-            scheduler=_make_scheduler(optimizer, config),
+            scheduler=make_scheduler(optimizer, config),
             scaler=torch.amp.GradScaler("cuda", enabled=is_cuda),
             sampler_streams=SamplerStreams(self.sampler, ranks),
         )
         self.start_ema(ema_decay(config, annealing=config.lr_schedule == "cosine"))
         self.identity = run_identity(config, model, data)
         self.stopped = "completed"
-        self.val_seconds = 0.0  # the last validation's duration (0: none timed yet)
         self.steps_at_start, self.train_seconds_at_start = 0, 0.0
 
     def autocast(self):
@@ -281,40 +287,44 @@ class Trainer:
     def _end_epoch(self, hooks, epoch_start: float) -> None:
         """Validate, record the epoch's row, update the best model and schedule, call the hooks."""
         state, config = self.state, self.config
-        val_start = time.time()
-        val_loss, dice = validate(
-            self.judged_model,
-            self.val_locations,
-            self.data.volumes,
-            config.patch_size,
-            config.batch_size,
-            self.class_weights,
-            self.device,
-            self.autocast,
-            self.ranks,
-            self.data.classes.n_labels,
-        )
-        self.val_seconds = time.time() - val_start
-        row = self._epoch_row(val_loss, dice, epoch_start)
+        train_seconds = time.time() - epoch_start
+        val_loss, dice = self.validator.patches(self.judged_model, self.autocast)
+        row = self._epoch_row(val_loss, dice)
+        regions = None
+        if self._regions_due() or (
+            config.select_by != "f1" and self._beats_best(row)  # its thresholds go with it
+        ):
+            regions = self._validate_regions(train_seconds)
+        row |= regions.metrics if regions else dict.fromkeys(self._region_columns(), math.nan)
+        row |= {
+            "val_seconds": time.time() - epoch_start - train_seconds,
+            "lr": state.optimizer.param_groups[0]["lr"],
+            "seconds": time.time() - epoch_start,
+            "elapsed_seconds": time.time() - self.started,
+        }
         state.rows.append(row)
-        score = selection_score(config.select_by, val_loss, row["mean_dice"])
-        improved = score > state.best_score
+        score = selection_score(config.select_by, row)
+        improved = self._beats_best(row)
         if improved:
             state.best_score, state.best_val_loss = score, val_loss
             state.best_epoch, state.bad_epochs = state.epoch + 1, 0
-        else:
+            state.best_thresholds = regions.thresholds
+            state.best_regions = regions.metrics_for_json()
+        elif score is not None:
             state.bad_epochs += 1
         if state.scheduler is not None:  # plateau; cosine is a per-step hook
             state.scheduler.step(val_loss)
         state.epoch += 1
         state.step_in_epoch, state.epoch_loss_sum, state.epoch_loss_count = 0, 0.0, 0
         state.epoch_seconds = 0.0
+        region_text = f", val macro F1 {row['val_macro_f1']:.3f}" if regions else ""
         log.info(
-            "epoch %d: train loss %.4f, val loss %.4f, mean Dice %.3f%s",
+            "epoch %d: train loss %.4f, val loss %.4f, mean Dice %.3f%s%s",
             state.epoch,
             row["train_loss"],
             val_loss,
             row["mean_dice"],
+            region_text,
             " (best)" if improved else "",
         )
         for hook in hooks:
@@ -322,8 +332,39 @@ class Trainer:
             if reason is not None and self.stopped == "completed":
                 self.stopped = reason
 
-    def _epoch_row(self, val_loss: float, dice: list[float], epoch_start: float) -> dict:
-        """The epoch's metrics.csv row (the train loss is averaged over the ranks)."""
+    def _beats_best(self, row: dict) -> bool:
+        score = selection_score(self.config.select_by, row)
+        return score is not None and (
+            self.state.best_score is None or score > self.state.best_score
+        )
+
+    def _regions_due(self) -> bool:
+        """Validate the whole regions this epoch: every --val-every epochs and the last (auto:
+        the first, to time it, then as often as keeps them to their share of the time)."""
+        state, config = self.state, self.config
+        last = state.epoch + 1 >= config.epochs or self.stopped != "completed"
+        every = config.val_every or math.ceil((state.region_interval or 1.0) - 1e-9)
+        return last or state.epoch + 1 - state.last_region_epoch >= every
+
+    def _validate_regions(self, train_seconds: float):
+        scores = self.validator.whole_regions(self.judged_model)
+        self.state.last_region_epoch = self.state.epoch + 1
+        if self.config.val_every is None:
+            interval = region_interval(self.validator.region_seconds, train_seconds)
+            self.state.region_interval = self.ranks.mean(interval)
+        return scores
+
+    def _region_columns(self) -> list[str]:
+        names = self.data.classes.names
+        per_class = [
+            f"val_{key}_{name}"
+            for name in names
+            for key in ("precision", "recall", "f1", "background_share")
+        ]
+        return [*per_class, "val_macro_f1", "val_background_share", "val_picks"]
+
+    def _epoch_row(self, val_loss: float, dice: list[float]) -> dict:
+        """The epoch's metrics.csv row so far (the train loss is averaged over the ranks)."""
         state = self.state
         classes = self.data.classes
         class_dice = [dice[c.label] for c in classes]
@@ -334,9 +375,7 @@ class Trainer:
             "val_loss": val_loss,
         }
         row |= {f"dice_{name}": d for name, d in zip(classes.names, class_dice, strict=True)}
-        row |= {"mean_dice": mean_dice(class_dice), "lr": state.optimizer.param_groups[0]["lr"]}
-        row |= {"seconds": time.time() - epoch_start, "elapsed_seconds": time.time() - self.started}
-        return row
+        return row | {"mean_dice": mean_dice(class_dice)}
 
     def summary(self) -> dict:
         """The run in numbers (written to run.json by the CLI)."""
@@ -363,7 +402,7 @@ class Trainer:
             * config.batch_size
             * self.ranks.world_size
             / max(run_train_seconds, 1e-9),
-            "lr_schedule": _schedule_used(config.lr_schedule, state),
+            "lr_schedule": schedule_used(config.lr_schedule, state),
             "annealed_from_step": state.anneal_from_step,
             "ema": state.ema_decay or None,
             "best_epoch": state.best_epoch,
@@ -372,7 +411,10 @@ class Trainer:
             "best_mean_dice": best_row["mean_dice"] if best_row else None,
             "n_train_particles": data.train_particles.counts(),
             "n_val_particles": data.val_particles.counts(),
-            "n_val_patches": len(self.val_locations),
+            "n_val_patches": len(self.validator.locations),
+            "validation": self.validator.summary(state),
+            "best_validation": state.best_regions,
+            "pick_thresholds": state.best_thresholds,
             "class_weights": None if self.class_weights is None else self.class_weights.tolist(),
             "history": state.rows,
             "inputs": [str(p) for p in data.inputs],
@@ -421,7 +463,7 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
 
     data = prepare_data(config)
     runtime.seed_everything(config.seed)
-    model = _create_model(config, data.classes.n_labels)
+    model = create_model(config, data.classes.n_labels)
     if checkpoint is not None:
         check_resumable(
             checkpoint,
@@ -439,57 +481,3 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
     data.close()
     ranks.barrier()
     return result
-
-
-def _create_model(config: TrainConfig, n_labels: int):
-    """The network by name, its options checked (CryocapsError names the flag)."""
-    from cryocaps.models import create_model
-
-    try:
-        model = create_model(config.model, n_labels, **config.model_options)
-    except TypeError as error:
-        raise CryocapsError(f"--model-option: {error}") from None
-    if config.patch_size % model.size_multiple:
-        raise CryocapsError(
-            f"--patch-size {config.patch_size}: must be a multiple of {model.size_multiple} "
-            f"for {config.model}"
-        )
-    return model
-
-
-def _loss_module(model, device: str, ranks: Ranks):
-    """``model.compute_loss`` as a module's forward, so DistributedDataParallel syncs gradients."""
-    import torch
-
-    class LossModule(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, images, labels, class_weights):
-            return self.inner.compute_loss(images, labels, class_weights)
-
-    module = LossModule(model)
-    if not ranks.active:
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [torch.device(device).index] if runtime.device_type(device) == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids)
-
-
-def _schedule_used(asked: str, state: TrainState) -> str:
-    """The schedule that ran: ``--lr-schedule`` with auto resolved (auto: none or cosine)."""
-    if asked != "auto":
-        return asked
-    return "cosine" if state.annealing else "none"
-
-
-def _make_scheduler(optimizer, config: TrainConfig):
-    import torch
-
-    if config.lr_schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=0.5, patience=max(1, config.patience // 3)
-        )
-    return None

@@ -1,19 +1,43 @@
-"""Validation: the model's loss and per-label Dice on fixed patches; the score picking the best."""
+"""Validation: held-out regions segmented, picked and scored; patches for loss and Dice.
+
+:class:`Validator` runs both at the end of an epoch. Every epoch: the model's
+loss and per-label Dice on fixed patches of the held-out regions (cheap; the
+loss drives ``--lr-schedule plateau``). Every ``--val-every`` epochs (auto: as
+often as keeps it near :data:`~cryocaps.training.config.VAL_TIME_SHARE` of the
+run), at the last epoch, and at any epoch that becomes the best by Dice or
+loss: the whole regions, as :mod:`cryocaps.training.regions` describes.
+:func:`selection_score` turns an epoch's row into the score the best model is
+chosen by.
+"""
 
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
+from cryocaps.training.config import VAL_TIME_SHARE
+from cryocaps.training.holdout import context_view, in_context
 from cryocaps.training.ranks import Ranks
-from cryocaps.training.sampling import TrainingVolume, extract_patch
+from cryocaps.training.regions import RegionScores, validate_regions
+from cryocaps.training.sampling import TrainingVolume, extract_patch, validation_locations
 
 
-def selection_score(select_by: str, val_loss: float, mean_dice: float) -> float:
-    """Higher is better: mean Dice ("dice") or minus the loss ("loss"); NaN never wins."""
-    value = mean_dice if select_by == "dice" else -val_loss
-    return value if math.isfinite(value) else -math.inf
+def selection_score(select_by: str, row: dict) -> list[float] | None:
+    """Higher is better, compared in order; None when this epoch's row cannot say.
+
+    ``f1``: validation macro F1 on the held-out regions, then less background taken
+    by the classes, then a lower loss (None in epochs without a region validation);
+    ``dice``: mean patch Dice; ``loss``: minus the patch loss. NaN never wins.
+    """
+    if select_by == "f1":
+        if not math.isfinite(row.get("val_macro_f1", math.nan)):
+            return None
+        values = [row["val_macro_f1"], -row["val_background_share"], -row["val_loss"]]
+    else:
+        values = [row["mean_dice"] if select_by == "dice" else -row["val_loss"]]
+    return [v if math.isfinite(v) else -math.inf for v in values]
 
 
 def mean_dice(class_dice: list[float]) -> float:
@@ -21,6 +45,114 @@ def mean_dice(class_dice: list[float]) -> float:
     if all(map(math.isnan, class_dice)):
         return float("nan")
     return float(np.nanmean(class_dice))
+
+
+def region_interval(region_seconds: float, train_seconds: float) -> float:
+    """Epochs between region validations that keep them near ``VAL_TIME_SHARE`` of the time.
+
+    With ``v`` seconds per region validation and ``e`` per epoch of training, one every
+    ``k`` epochs takes ``v / (k e + v)`` of the time: ``k = v (1 - share) / (share e)``.
+    """
+    if train_seconds <= 0:
+        return 1.0
+    return max(1.0, region_seconds * (1 - VAL_TIME_SHARE) / (VAL_TIME_SHARE * train_seconds))
+
+
+class Validator:
+    """The validation of a run: fixed patches every epoch, whole regions when due.
+
+    Parameters
+    ----------
+    data : the run's :class:`~cryocaps.training.data.TrainingData`
+    config : its :class:`~cryocaps.training.config.TrainConfig`
+    """
+
+    def __init__(self, data, config, class_weights, device: str, bf16: bool, ranks: Ranks):
+        self.data, self.config, self.class_weights = data, config, class_weights
+        self.device, self.bf16, self.ranks = device, bf16, ranks
+        self.regions = data.holdout.regions
+        self.views = [context_view(data.volumes[r.volume], r) for r in self.regions]
+        self.locations = validation_locations(
+            self.views,
+            in_context(data.val_particles, self.regions),
+            list(range(len(self.views))),
+            config.patch_size,
+            background_fraction=config.background_fraction,
+            max_patches=config.max_val_patches,
+            seed=config.seed,
+        )
+        self.patch_seconds = 0.0  # the last patch validation's duration
+        self.region_seconds = 0.0  # the last region validation's (0: none yet)
+
+    @property
+    def region_voxels(self) -> int:
+        return sum(math.prod(region.context_shape) for region in self.regions)
+
+    def seconds_needed(self, step_seconds: float) -> float:
+        """What the next validation may take: the last ones timed, else an estimate from a
+        training step (a forward is ~1/3 of a step; a region costs its voxels' worth of
+        patches, twice for the window overlap)."""
+        config = self.config
+        patches = (
+            self.patch_seconds
+            or math.ceil(len(self.locations) / self.ranks.world_size / config.batch_size)
+            * step_seconds
+            / 3
+        )
+        step_voxels = config.batch_size * config.patch_size**3
+        regions = self.region_seconds or (
+            2 * self.region_voxels / self.ranks.world_size / step_voxels * step_seconds / 3
+        )
+        return patches + regions
+
+    def summary(self, state) -> dict:
+        """What was held out, and what validating it cost (measured over ``state.rows``)."""
+        rows = state.rows
+        total = sum(r["seconds"] for r in rows)
+        return {
+            "held_out": self.data.holdout.description,
+            "regions": len(self.regions),
+            "region_voxels": self.region_voxels,
+            "region_validations": sum(math.isfinite(r["val_macro_f1"]) for r in rows),
+            "val_every": self.config.val_every or "auto",
+            "auto_interval_epochs": state.region_interval,
+            "last_region_seconds": self.region_seconds,
+            "time_share": sum(r["val_seconds"] for r in rows) / total if total else None,
+        }
+
+    def patches(self, model, autocast) -> tuple[float, list[float]]:
+        """Loss and per-label Dice on the fixed patches (:func:`validate`)."""
+        started = time.time()
+        result = validate(
+            model,
+            self.locations,
+            self.views,
+            self.config.patch_size,
+            self.config.batch_size,
+            self.class_weights,
+            self.device,
+            autocast,
+            self.ranks,
+            self.data.classes.n_labels,
+        )
+        self.patch_seconds = time.time() - started
+        return result
+
+    def whole_regions(self, model) -> RegionScores:
+        """Segment, pick and score the held-out regions."""
+        scores = validate_regions(
+            model,
+            self.data.volumes,
+            self.regions,
+            self.data.val_particles,
+            self.data.classes,
+            device=self.device,
+            bf16=self.bf16,
+            ranks=self.ranks,
+            config={"patch_size": self.config.patch_size},
+        )
+        self.region_seconds = self.ranks.mean(scores.seconds)
+        return scores
 
 
 def validate(

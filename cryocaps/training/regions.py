@@ -1,0 +1,229 @@
+"""Validation on held-out regions: segmented, picked and scored as a user's run would be.
+
+Each region (:mod:`cryocaps.training.holdout`) is segmented whole with the
+sliding window ``cryocaps segment`` runs (its default window, overlap and
+Gaussian blending, the whole tomogram's normalisation), picked with
+``cluster-picks``' defaults (:func:`cryocaps.picking.pick_particles`) and scored
+at particle level against the region's annotated particles with ``evaluate``'s
+matcher and default tolerance (:func:`cryocaps.evaluation.match_picks`). The
+picks are scored twice, as ``cluster-picks`` would score them: by the mean
+class probability (beside ``segment --probabilities`` or ``--score`` maps) and
+by their size in voxels (beside a label map alone); each gives its own per-class
+best-F1 score thresholds (:func:`cryocaps.evaluation.best_score_thresholds`).
+
+Background share of class c: of the voxels in the scored boxes that the
+annotation labels background (0), the fraction the segmentation labels c.
+Annotated particles of other classes are not counted in the denominator; a
+class that runs away over the background shows as a large share, whatever the
+patch Dice says.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from cryocaps.training.holdout import HeldOutRegion
+from cryocaps.training.sampling import ParticleSet, TrainingVolume
+
+SCORE_KINDS = ("probability", "size_voxels")  # what a pick's score is, as cluster-picks gives it
+
+
+@dataclass
+class RegionScores:
+    """One region validation: metrics.csv entries, the thresholds it tunes, its duration.
+
+    ``metrics`` has ``val_precision_<c>``, ``val_recall_<c>``, ``val_f1_<c>``,
+    ``val_background_share_<c>`` per class, ``val_macro_f1``, ``val_background_share``
+    (all classes together) and ``val_picks``; ``thresholds`` maps each of
+    :data:`SCORE_KINDS` to records of :data:`cryocaps.io.thresholds.THRESHOLD_COLUMNS`
+    (``min_score`` None: keep every pick).
+    """
+
+    metrics: dict
+    thresholds: dict
+    seconds: float
+
+    def metrics_for_json(self) -> dict:
+        """``metrics`` with NaN (a class neither picked nor present) as None."""
+        return {k: None if _is_nan(v) else v for k, v in self.metrics.items()}
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+class _LabelScoreSink:
+    """Keeps the argmax labels (uint8) and the highest foreground probability (float16),
+    as segment's label and score maps hold them."""
+
+    def __init__(self, shape):
+        self.labels = np.zeros(shape, np.uint8)
+        self.score = np.zeros(shape, np.float16)
+
+    def aggregate(self, region, block: np.ndarray) -> None:
+        self.labels[region] = block.argmax(axis=0)
+        self.score[region] = block[1:].max(axis=0)
+
+    def finalize(self):
+        return self.labels, self.score
+
+
+def segment_region(model, volume: TrainingVolume, region: HeldOutRegion, *, device, bf16, config):
+    """Labels (uint8) and score (float16) maps of a region's context, (Z, Y, X) of the context.
+
+    ``config`` is the model's config (``patch_size``), which sets segment's default window.
+    """
+    from cryocaps.inference import ProbabilityPredictor, resolve_window, sliding_window
+    from cryocaps.preprocess import apply_normalization
+
+    multiple = int(getattr(model, "size_multiple", 1))
+    patches, overlaps = resolve_window(config, multiple)
+    was_training = model.training
+    try:
+        # channels-last, as the networks keep their weights (a change would alter training)
+        predictor = ProbabilityPredictor(model)
+        return sliding_window(
+            volume.data[region.context],
+            predictor,
+            patches,
+            overlaps,
+            size_multiple=multiple,
+            device=device,
+            bf16=bf16,
+            transform=lambda block: apply_normalization(block, volume.stats),
+            sink=_LabelScoreSink(region.context_shape),
+        )
+    finally:
+        model.train(was_training)
+
+
+def region_outcome(
+    labels, score, volume: TrainingVolume, region: HeldOutRegion, particles: ParticleSet, classes
+) -> dict:
+    """Picks (both score kinds), truth and background counts of one segmented region.
+
+    Positions are voxels of the region's context; picks and particles outside its
+    box are left out (the margin is context only).
+    """
+    from cryocaps.picking import pick_particles
+
+    box = region.box_in_context
+    picks = {}
+    for kind, weights in zip(SCORE_KINDS, (score, None), strict=True):
+        table = pick_particles(
+            labels, classes, volume.voxel_size_angstrom, scores=weights, tomo_name=region.name
+        )
+        picks[kind] = table[_inside_table(table, box)]
+    mine = particles.subset(particles.volume == region.volume)
+    offset = np.array([s.start for s in region.context])
+    zyx = mine.zyx - offset
+    truth = pd.DataFrame(
+        {
+            "tomo": region.name,
+            "class_name": [classes.by_label(int(label)).name for label in mine.label],
+            "x": zyx[:, 2].astype(float),
+            "y": zyx[:, 1].astype(float),
+            "z": zyx[:, 0].astype(float),
+        }
+    )
+    truth = truth[_inside_table(truth, box)]
+    annotation = np.asarray(volume.label_map[region.box])
+    if annotation.dtype == np.int8:
+        annotation = annotation.view(np.uint8)
+    background = annotation == 0
+    counts = np.bincount(labels[box][background].ravel(), minlength=classes.n_labels)
+    return {
+        "picks": picks,
+        "truth": truth,
+        "background_counts": counts[: classes.n_labels],
+        "background_voxels": int(background.sum()),
+        "voxel_size_angstrom": volume.voxel_size_angstrom,
+        "width": region.context_shape[2],
+    }
+
+
+def _inside_table(table: pd.DataFrame, box) -> np.ndarray:
+    inside = np.ones(len(table), dtype=bool)
+    for column, extent in zip(("z", "y", "x"), box, strict=True):
+        position = np.rint(table[column].to_numpy(dtype=float))
+        inside &= (position >= extent.start) & (position < extent.stop)
+    return inside
+
+
+HELD_OUT = "held-out"  # the name all regions are scored under, laid side by side along X
+REGION_GAP_VOXELS = 1000  # between regions so laid out: far beyond any matching tolerance
+
+
+def score_outcomes(outcomes: list[dict], classes) -> tuple[dict, dict]:
+    """Metrics and thresholds (see :class:`RegionScores`) from every region's outcome.
+
+    The regions are scored together as one tomogram: each is shifted along X past
+    the previous one by its width and :data:`REGION_GAP_VOXELS`, so no pick can
+    match a particle of another region, and the picks of a region without
+    validation particles count as false positives.
+    """
+    from cryocaps.evaluation import best_score_thresholds, match_picks, summarize
+
+    shift = 0.0
+    truth_parts, pick_parts = [], {kind: [] for kind in SCORE_KINDS}
+    for outcome in outcomes:
+        truth_parts.append(_laid_out(outcome["truth"], shift))
+        for kind in SCORE_KINDS:
+            pick_parts[kind].append(_laid_out(outcome["picks"][kind], shift))
+        shift += outcome["width"] + REGION_GAP_VOXELS
+    truth = pd.concat(truth_parts, ignore_index=True)
+    voxel_size = outcomes[0]["voxel_size_angstrom"]  # one voxel size: load_volumes checks it
+    thresholds, summary = {}, None
+    for kind in SCORE_KINDS:
+        picks = pd.concat(pick_parts[kind], ignore_index=True)
+        matching = match_picks(picks, truth, classes, voxel_size)
+        summary = summary or summarize(matching)
+        table = best_score_thresholds(matching)
+        thresholds[kind] = [
+            {k: None if _is_nan(v) else v for k, v in row.items()}
+            for row in table.to_dict(orient="records")
+        ]
+    background = np.sum([o["background_counts"] for o in outcomes], axis=0)
+    n_background = max(1, sum(o["background_voxels"] for o in outcomes))
+    metrics = {}
+    for particle_class in classes:
+        entry = summary["classes"][particle_class.name]
+        for key in ("precision", "recall", "f1"):
+            value = entry[key]
+            metrics[f"val_{key}_{particle_class.name}"] = np.nan if value is None else value
+        share = background[particle_class.label] / n_background
+        metrics[f"val_background_share_{particle_class.name}"] = float(share)
+    metrics["val_macro_f1"] = float(summary["macro"]["f1"])
+    metrics["val_background_share"] = float(background[1:].sum() / n_background)
+    metrics["val_picks"] = int(sum(len(o["picks"][SCORE_KINDS[0]]) for o in outcomes))
+    return metrics, thresholds
+
+
+def _laid_out(table: pd.DataFrame, shift: float) -> pd.DataFrame:
+    return table.assign(tomo=HELD_OUT, x=table["x"].astype(float) + shift)
+
+
+def validate_regions(
+    model, volumes, regions, particles: ParticleSet, classes, *, device, bf16, ranks, config
+) -> RegionScores:
+    """Segment, pick and score every held-out region (each rank its share; all get the result).
+
+    ``particles`` are the validation particles (indexing ``volumes``); ``config``
+    the model's config (its ``patch_size`` sets the window, as in segment).
+    """
+    started = time.perf_counter()
+    outcomes = []
+    for region in ranks.share(regions):
+        volume = volumes[region.volume]
+        labels, score = segment_region(
+            model, volume, region, device=device, bf16=bf16, config=config
+        )
+        outcomes.append(region_outcome(labels, score, volume, region, particles, classes))
+    outcomes = [o for rank_outcomes in ranks.gather(outcomes) for o in rank_outcomes]
+    metrics, thresholds = score_outcomes(outcomes, classes)
+    return RegionScores(metrics, thresholds, time.perf_counter() - started)
