@@ -359,9 +359,11 @@ def make_annotations(data: dict, fraction: float, args, folder: Path) -> dict:
 
 
 def read_labels(path: Path) -> np.ndarray:
+    """A label map as int64 (DeepFinder writes voxel size 0 in its headers: not needed here)."""
     from cryocaps.io.volumes import read_tomogram
 
-    return np.asarray(read_tomogram(path, check_finite=False).data).astype(np.int64)
+    label_map = read_tomogram(path, voxel_size_angstrom=VOXEL_SIZE_ANGSTROM, check_finite=False)
+    return np.asarray(label_map.data).astype(np.int64)
 
 
 def background_share(predicted_paths, truth_paths, n_labels: int) -> dict:
@@ -415,22 +417,48 @@ def score_tool(picks, truth, classes, test_names: list[str], shares: dict | None
 
 # --------------------------------------------------------------------------- tools
 
+TRAINED = "trained.json"  # a tool's training measurements and settings, beside its model
+
+
+def reused_training(args, folder: Path, model_file: Path, settings: dict) -> dict | None:
+    """With ``--reuse-training``: what the earlier training of the model in ``folder`` measured,
+    when it was trained with the same ``settings`` (else None: train afresh)."""
+    record = folder / TRAINED
+    if not (args.reuse_training and model_file.exists() and record.exists()):
+        return None
+    earlier = json.loads(record.read_text())
+    if earlier.get("settings") != settings:
+        return None
+    say(f"{folder.name}: reusing the model trained earlier in {folder}")
+    return earlier
+
+
+def keep_training(folder: Path, settings: dict, measured: dict) -> None:
+    (folder / TRAINED).write_text(json.dumps({"settings": settings} | measured, default=str))
+
 
 def run_cryocaps_tool(model: str, data, annotations, args, folder: Path, classes, truth) -> dict:
     """``cryocaps train`` (defaults, no validation tomogram) -> ``segment`` the test tomograms
     -> ``cluster-picks`` at its defaults; scored."""
+    import vs_deepfinder as vs
+
     from cryocaps.io.particles import read_particles
 
-    if folder.exists():
-        shutil.rmtree(folder)
     run_dir, seg_dir, logs = folder / "model", folder / "segment", folder / "logs"
-    say(f"cryocaps {model}: train {args.minutes:g} min")
-    train = run_measured(
-        train_cmd(data["train"], annotations["train_labels"], data["classes_csv"], run_dir,
-                  model, args.minutes, data["draw"]["seed"], *shlex.split(args.train_args)),
-        logs / "train.log",
-    )  # fmt: skip
-    train |= training_summary(run_dir)
+    settings = {"minutes": args.minutes, "train_args": args.train_args}
+    earlier = reused_training(args, folder, run_dir / "model.pt", settings)
+    vs.fresh_folder(folder, keep=["model", TRAINED] if earlier else [])
+    if earlier:
+        train = earlier["train"] | {"reused_from_earlier_run": True}
+    else:
+        say(f"cryocaps {model}: train {args.minutes:g} min")
+        train = run_measured(
+            train_cmd(data["train"], annotations["train_labels"], data["classes_csv"], run_dir,
+                      model, args.minutes, data["draw"]["seed"], *shlex.split(args.train_args)),
+            logs / "train.log",
+        )  # fmt: skip
+        train |= training_summary(run_dir)
+        keep_training(folder, settings, {"train": train})
     say(f"cryocaps {model}: segment {', '.join(t.name for t in data['test'])}")
     segment = run_measured(
         cryocaps_cmd("segment", *data["test"], "--model", run_dir, "-o", seg_dir),
@@ -461,17 +489,12 @@ def run_deepfinder_tool(data, annotations, args, folder: Path, classes, truth) -
     per-class cluster-size thresholds tuned on the (equally annotated) validation tomogram."""
     import vs_deepfinder as vs
 
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
     logs = folder / "logs"
     n_classes = classes.n_labels
     radii = {c.label: c.radius_angstrom / VOXEL_SIZE_ANGSTROM for c in classes}
     cluster_radius = max(1, round(sum(radii.values()) / len(radii)))
     particles = annotations["particles"].copy()
     particles["label"] = [classes.by_name(name).label for name in particles["class_name"]]
-    particles_csv = folder / "particles_labels.csv"
-    particles[["tomo", "label", "x", "y", "z"]].to_csv(particles_csv, index=False)
     df_args = copy.copy(args)
     df_args.seed = data["draw"]["seed"]
     crowding = data["draw"]["crowding"]
@@ -479,8 +502,22 @@ def run_deepfinder_tool(data, annotations, args, folder: Path, classes, truth) -
         vs.DOCUMENTED_DF_PATCH if crowding >= DF_DENSE_CROWDING else vs.SPARSE_DF_PATCH
     )
     df_data = {"train": data["train"], "valid": data["valid"], "df_patch_size": patch}
-    prepare, train = vs.train_deepfinder(df_data, df_args, folder, n_classes, radii, particles_csv)
     weights = folder / "model" / "net_weights_FINAL.h5"
+    settings = {"minutes": args.df_minutes, "max_steps": args.df_max_steps, "patch": patch,
+                "batch_size": args.df_batch_size}  # fmt: skip
+    earlier = reused_training(args, folder, weights, settings)
+    vs.fresh_folder(folder, keep=["model", "dataset", TRAINED] if earlier else [])
+    folder.mkdir(parents=True, exist_ok=True)
+    particles_csv = folder / "particles_labels.csv"
+    particles[["tomo", "label", "x", "y", "z"]].to_csv(particles_csv, index=False)
+    if earlier:
+        prepare = earlier["prepare"]
+        train = earlier["train"] | {"reused_from_earlier_run": True}
+    else:
+        prepare, train = vs.train_deepfinder(
+            df_data, df_args, folder, n_classes, radii, particles_csv
+        )
+        keep_training(folder, settings, {"prepare": prepare, "train": train})
 
     segments, clusters, objls, label_maps = {}, {}, {}, {}
     for tomogram in [data["valid"], *data["test"]]:
@@ -585,13 +622,13 @@ def summarize(draws: list[dict]) -> dict:
                 if c.get("background_ratio") is not None
             ]
             imprecise = [
-                f"{d['draw']['seed']}:{name}"
+                f"{name} (draw {d['draw']['seed']})"
                 for d, e in done
                 for name, c in e["classes"].items()
                 if (c.get("recall") or 0) >= 0.5 and (c.get("precision") or 0) < 0.8
             ]
             to_full = []
-            for d, e in done:
+            for d, e in done if float(fraction) < 1 else []:
                 full = d["fractions"].get("1", {}).get("tools", {}).get(key, {})
                 if full.get("macro_f1"):
                     to_full.append(e["macro_f1"] / full["macro_f1"])
@@ -641,6 +678,10 @@ def describe_class(spec: dict) -> str:
     return text
 
 
+def first_line(error: str) -> str:
+    return error.splitlines()[0] if error else ""
+
+
 def cell(row: dict) -> str:
     """``P 0.91 R 0.85 F1 0.88, bg 0.2×`` for one class and tool."""
     text = f"P {fmt(row.get('precision'))} R {fmt(row.get('recall'))} F1 {fmt(row.get('f1'))}"
@@ -657,11 +698,11 @@ def summary_lines(summary: dict) -> list[str]:
         f"annotated {float(f):.0%}: mean / worst macro F1" for f in fractions
     )
     lines = [
-        header + " | largest background ratio | classes P < 0.8 at R ≥ 0.5 |",
-        "|---" * (len(fractions) + 3) + "|",
+        header + " | mean worst-class F1 | largest background ratio | classes P < 0.8 at R ≥ 0.5 |",
+        "|---" * (len(fractions) + 4) + "|",
     ]
     for key in tools:
-        cells, ratios, imprecise = [], [], []
+        cells, ratios, imprecise, worst = [], [], [], []
         name = key
         for f in fractions:
             s = summary[f].get(key)
@@ -675,12 +716,16 @@ def summary_lines(summary: dict) -> list[str]:
             if s["n_failed"]:
                 text += f" ({s['n_failed']} failed)"
             cells.append(text)
+            worst.append(f"{fmt(s['mean_worst_class_f1'])}")
             if s["max_background_ratio"] is not None:
                 ratios.append(s["max_background_ratio"])
             imprecise += s["imprecise_classes"]
         largest = fmt(max(ratios) if ratios else None, ".1f", "×")
         listed = ", ".join(imprecise) if imprecise else "none"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {largest} | {listed} |")
+        worst_cell = " / ".join(worst) or "–"
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {worst_cell} | {largest} | {listed} |"
+        )
     return lines
 
 
@@ -694,7 +739,7 @@ def draw_lines(draw: dict) -> list[str]:
         "",
     ]
     if "error" in draw:
-        return [*lines, f"FAILED: `{draw['error'].splitlines()[0]}`", ""]
+        return [*lines, f"FAILED: `{first_line(draw['error'])}`", ""]
     specs = {c["name"]: c for c in d["classes"]}
     for fraction, result in draw.get("fractions", {}).items():
         tools = result["tools"]
@@ -720,7 +765,7 @@ def draw_lines(draw: dict) -> list[str]:
             )
         for e in tools.values():
             if "error" in e:
-                lines.append(f"\n{e['tool']} FAILED: `{e['error'].splitlines()[0]}`")
+                lines.append(f"\n{e['tool']} FAILED: `{first_line(e['error'])}`")
             if e.get("learned") and not e["learned"].get("verdict"):
                 lines.append(f"\n{e['tool']}: **did not learn** (its numbers mean nothing).")
         lines.append("")
@@ -754,8 +799,9 @@ def markdown_section(run: dict | None, plumbing: dict | None) -> str:
         "label map takes, divided by the fraction of the tomograms its particles fill; above 3 "
         "the class runs away over the background.",
         "",
-        "Command (about an hour per draw and annotated fraction at 12-minute budgets on this "
-        "machine): `python benchmarks/vs_deepfinder.py --family 5 --annotated-fraction 0.1,0.3,1`",
+        "Command: `python benchmarks/vs_deepfinder.py --family 5 --annotated-fraction 0.1,0.3,1` "
+        "(training alone takes 4 tools × 12 min for each of the 15 draw-fraction pairs, 12 h; "
+        "`--quick` checks the plumbing on one small draw).",
         "",
     ]
     if run is None:
@@ -775,21 +821,37 @@ def markdown_section(run: dict | None, plumbing: dict | None) -> str:
         for draw in run["draws"]:
             lines += draw_lines(draw)
     if plumbing is not None:
-        tools = sorted({k for d in plumbing["draws"] for f in d.get("fractions", {}).values()
-                        for k, e in f["tools"].items() if "error" not in e})  # fmt: skip
+        entries = [(k, e) for d in plumbing["draws"] for f in d.get("fractions", {}).values()
+                   for k, e in f["tools"].items()]  # fmt: skip
+        ran = sorted({k for k, e in entries if "error" not in e})
+        failed = sorted({k for k, e in entries if "error" in e})
         lines += [
             "",
             f"Last plumbing check (`--quick`, numbers mean nothing): {plumbing['finished']} UTC, "
-            f"{plumbing['total_seconds'] / 60:.0f} min, ran end to end for {', '.join(tools)}.",
+            f"{plumbing['total_seconds'] / 60:.0f} min, ran end to end for {', '.join(ran)}"
+            + (f"; FAILED: {', '.join(failed)}" if failed else "")
+            + ".",
         ]
     lines += ["", "Raw numbers: `benchmarks/results/family.json` (every run kept).", END_MARK]
     return "\n".join(lines) + "\n"
 
 
+def relative_paths(value):
+    """``value`` with the repository's absolute path made relative in every string (no path of
+    the benchmark machine goes into the repository)."""
+    if isinstance(value, str):
+        return value.replace(str(REPO) + os.sep, "").replace(str(REPO), ".")
+    if isinstance(value, dict):
+        return {key: relative_paths(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [relative_paths(item) for item in value]
+    return value
+
+
 def append_run(report: dict, path: Path = RESULTS_JSON) -> dict:
     """Add this run to the results file (earlier runs kept); the whole file's contents."""
     history = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    history["runs"].append(report)
+    history["runs"].append(relative_paths(json.loads(json.dumps(report, default=str))))
     write_json_atomic(path, history)
     return history
 
