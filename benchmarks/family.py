@@ -202,13 +202,14 @@ def class_templates(draw: dict, structures: Path, voxel_size_angstrom: float) ->
     """The draw's classes as :class:`cryocaps.structures.ParticleTemplate`, in draw order."""
     from dataclasses import replace
 
+    from cryocaps import assemblies
     from cryocaps import structures as built
 
     builders = {
-        "ring": built.subunit_ring,
-        "stacked-rings": built.stacked_rings,
-        "filament": built.filament_segment,
-        "shell": built.hollow_shell,
+        "ring": assemblies.subunit_ring,
+        "stacked-rings": assemblies.stacked_rings,
+        "filament": assemblies.filament_segment,
+        "shell": assemblies.hollow_shell,
     }
     templates = []
     for spec in draw["classes"]:

@@ -6,10 +6,7 @@ density (1 = the mean density of protein, 0 = the surrounding ice).
 
 - Built-in classes are procedural (unions of soft-edged ellipsoids and tubes
   defined in Å), so they need no files and come out right at any voxel size.
-  Besides the four default ones there are assemblies of point-like subunits
-  (a ring, stacked rings, a helical filament segment, a hollow shell), made by
-  :func:`subunit_ring`, :func:`stacked_rings`, :func:`filament_segment` and
-  :func:`hollow_shell` with any parameters, or by name (``ASSEMBLY_SHAPES``).
+  Assemblies of point-like subunits are in :mod:`cryocaps.assemblies`.
 - Density maps (MRC, any voxel size) are resampled to the target voxel size.
 - Atomic models (PDB or mmCIF, optionally gzipped; read by :mod:`cryocaps.io.atoms`)
   become density by summing per-atom Gaussians weighted by atomic number, on the
@@ -162,6 +159,10 @@ class _Ellipsoid:
         local = _to_local(points, self.centre, self.angles) / np.array(self.axes)
         return (np.sqrt((local**2).sum(axis=-1)) - 1.0) * min(self.axes)
 
+    @property
+    def reach(self) -> float:  # Å from the origin
+        return float(np.linalg.norm(self.centre)) + max(self.axes)
+
 
 @dataclass(frozen=True)
 class _Tube:
@@ -176,6 +177,10 @@ class _Tube:
         rho = np.sqrt(local[..., 0] ** 2 + local[..., 1] ** 2)
         radial = np.maximum(rho - self.outer, self.inner - rho)
         return np.maximum(radial, np.abs(local[..., 2]) - self.height / 2)
+
+    @property
+    def reach(self) -> float:
+        return float(np.linalg.norm(self.centre) + np.hypot(self.outer, self.height / 2))
 
 
 def _to_local(points: np.ndarray, centre, angles) -> np.ndarray:
@@ -210,106 +215,16 @@ BUILTIN_SHAPES: dict[str, list] = {
 }
 
 
-# --- assemblies of point-like subunits -----------------------------------------
-#
-# Each subunit is a sphere of a few Å to a couple of voxels: what an assembly looks
-# like in a tomogram is the arrangement, not the subunit. Positions are x, y, z in Å
-# from the assembly's centre; the ring axis (and the filament axis) is local z.
-
-
-def _subunit(centre, radius_angstrom: float) -> _Ellipsoid:
-    return _Ellipsoid(tuple(float(c) for c in centre), (radius_angstrom,) * 3)
-
-
-def subunit_ring(
-    n_subunits: int,
-    ring_radius_angstrom: float,
-    subunit_radius_angstrom: float,
-    *,
-    z_angstrom: float = 0.0,
-    phase_deg: float = 0.0,
-) -> list[_Ellipsoid]:
-    """``n_subunits`` spheres evenly spaced on a circle in the plane ``z = z_angstrom``."""
-    angles = np.deg2rad(phase_deg) + 2 * np.pi * np.arange(n_subunits) / n_subunits
-    return [
-        _subunit((ring_radius_angstrom * np.cos(a), ring_radius_angstrom * np.sin(a), z_angstrom),
-                 subunit_radius_angstrom)
-        for a in angles
-    ]  # fmt: skip
-
-
-def stacked_rings(
-    n_rings: int,
-    n_subunits: int,
-    ring_radius_angstrom: float,
-    subunit_radius_angstrom: float,
-    ring_spacing_angstrom: float,
-) -> list[_Ellipsoid]:
-    """A barrel: ``n_rings`` rings stacked along z, each turned half a subunit from the last."""
-    shapes = []
-    for k in range(n_rings):
-        z = (k - (n_rings - 1) / 2) * ring_spacing_angstrom
-        phase = 180.0 / n_subunits * (k % 2)
-        shapes += subunit_ring(
-            n_subunits, ring_radius_angstrom, subunit_radius_angstrom, z_angstrom=z,
-            phase_deg=phase,
-        )  # fmt: skip
-    return shapes
-
-
-def filament_segment(
-    n_subunits: int,
-    helix_radius_angstrom: float,
-    rise_angstrom: float,
-    twist_deg: float,
-    subunit_radius_angstrom: float,
-) -> list[_Ellipsoid]:
-    """A helical filament segment along z: subunit k at angle k x twist, height k x rise."""
-    heights = (np.arange(n_subunits) - (n_subunits - 1) / 2) * rise_angstrom
-    angles = np.deg2rad(twist_deg) * np.arange(n_subunits)
-    return [
-        _subunit((helix_radius_angstrom * np.cos(a), helix_radius_angstrom * np.sin(a), z),
-                 subunit_radius_angstrom)
-        for a, z in zip(angles, heights, strict=True)
-    ]  # fmt: skip
-
-
-def hollow_shell(
-    n_subunits: int, shell_radius_angstrom: float, subunit_radius_angstrom: float
-) -> list[_Ellipsoid]:
-    """``n_subunits`` spheres spread evenly over a sphere's surface (a Fibonacci lattice)."""
-    k = np.arange(n_subunits) + 0.5
-    z = 1 - 2 * k / n_subunits
-    rho = np.sqrt(1 - z**2)
-    phi = np.pi * (3 - np.sqrt(5)) * k  # the golden angle: no two rows line up
-    points = shell_radius_angstrom * np.stack([rho * np.cos(phi), rho * np.sin(phi), z], axis=1)
-    return [_subunit(p, subunit_radius_angstrom) for p in points]
-
-
-# Named assemblies for ``--classes-from`` (not in the default set of classes): sizes
-# like the barrel's (~60 Å radius), subunits of ~12 Å (about a voxel at 10 Å).
-ASSEMBLY_SHAPES: dict[str, list] = {
-    "ring": subunit_ring(12, 55.0, 12.0),
-    "stacked-rings": stacked_rings(3, 10, 48.0, 12.0, 26.0),
-    "filament": filament_segment(14, 20.0, 14.0, 166.0, 12.0),
-    "shell": hollow_shell(40, 52.0, 12.0),
-}
-
-
 def builtin_template(name: str, voxel_size_angstrom: float) -> ParticleTemplate:
-    """Render a built-in class or assembly at ``voxel_size_angstrom`` (soft edges, half a voxel
-    wide)."""
-    shapes = BUILTIN_SHAPES[name] if name in BUILTIN_SHAPES else ASSEMBLY_SHAPES[name]
-    return shapes_template(name, shapes, voxel_size_angstrom)
+    """Render a built-in class at ``voxel_size_angstrom`` (soft edges, half a voxel wide)."""
+    return shapes_template(name, BUILTIN_SHAPES[name], voxel_size_angstrom)
 
 
 def shapes_template(name: str, shapes: Sequence, voxel_size_angstrom: float) -> ParticleTemplate:
-    """Render a union of shapes (those the functions above return) as a template named ``name``.
-
-    Edges are soft (tanh, half a voxel wide), so a shape smaller than a voxel still
-    leaves its mass on the grid.
-    """
-    reach = max(_reach(shape) for shape in shapes)
+    """Render a union of shapes (each with ``distance(points)``, the signed distance in Å of
+    (..., 3) x, y, z points, and ``reach``, Å from the origin) with soft edges (tanh, half a
+    voxel wide: a shape smaller than a voxel still leaves its mass on the grid)."""
+    reach = max(shape.reach for shape in shapes)
     half = int(np.ceil(reach / voxel_size_angstrom)) + 2
     axis = (np.arange(2 * half + 1) - half) * voxel_size_angstrom
     z, y, x = np.meshgrid(axis, axis, axis, indexing="ij")
@@ -320,21 +235,11 @@ def shapes_template(name: str, shapes: Sequence, voxel_size_angstrom: float) -> 
 
 
 def with_contrast(template: ParticleTemplate, factor: float, name: str) -> ParticleTemplate:
-    """A copy of ``template`` named ``name`` whose density is ``factor`` times the original:
-    a low-contrast class (e.g. less dense protein, or a complex in a denser medium).
-
-    The radius and envelope (fractions of the maximum) are those of the original.
-    """
+    """A copy of ``template`` named ``name``, its density ``factor`` times the original's (a
+    low-contrast class); radius and envelope (fractions of the maximum) stay the same."""
     if not 0 < factor:
         raise CryocapsError(f"{name}: contrast factor must be > 0, got {factor}")
     return replace(template, name=name, density=(template.density * factor).astype(np.float32))
-
-
-def _reach(shape) -> float:
-    centre = np.linalg.norm(shape.centre)
-    if isinstance(shape, _Ellipsoid):
-        return centre + max(shape.axes)
-    return centre + float(np.hypot(shape.outer, shape.height / 2))
 
 
 def atoms_to_density(
@@ -570,14 +475,12 @@ def load_structure(
 def builtin_templates(
     voxel_size_angstrom: float, names: Sequence[str] | None = None
 ) -> list[ParticleTemplate]:
-    """The built-in classes (the four default ones, or those in ``names``, which may also name
-    assemblies of ``ASSEMBLY_SHAPES``) at ``voxel_size_angstrom``."""
+    """The built-in classes (all, or those in ``names``) at ``voxel_size_angstrom``."""
     if names:
-        unknown = [n for n in names if n not in BUILTIN_SHAPES and n not in ASSEMBLY_SHAPES]
+        unknown = [n for n in names if n not in BUILTIN_SHAPES]
         if unknown:
             raise CryocapsError(
                 f"--classes-from: unknown built-in class(es) {', '.join(unknown)}; "
-                f"built-in: {', '.join([*BUILTIN_SHAPES, *ASSEMBLY_SHAPES])} "
-                "(or give --structures DIR)"
+                f"built-in: {', '.join(BUILTIN_SHAPES)} (or give --structures DIR)"
             )
     return [builtin_template(n, voxel_size_angstrom) for n in (names or BUILTIN_SHAPES)]

@@ -45,6 +45,7 @@ RANKS = {
 UNIT_OF = {
     "__main__": "cli",
     "sampling": "training",  # training patches; training/sampling.py in the target layout
+    "assemblies": "structures",  # built-in densities of subunit assemblies
 }
 NO_TORCH = ("io",)  # io/ knows nothing of torch
 NOT_IN_MODELS = ("cryocaps.io", "cryocaps.modelfile", "mrcfile", "starfile")  # models know no files

@@ -6,18 +6,21 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from cryocaps.assemblies import (
+    ASSEMBLY_SHAPES,
+    filament_segment,
+    hollow_shell,
+    named_templates,
+    stacked_rings,
+    subunit_ring,
+)
 from cryocaps.errors import CryocapsError
 from cryocaps.simulate import SimulationParameters, ctf_2d
 from cryocaps.structures import (
-    ASSEMBLY_SHAPES,
     BUILTIN_SHAPES,
     builtin_template,
     builtin_templates,
-    filament_segment,
-    hollow_shell,
     shapes_template,
-    stacked_rings,
-    subunit_ring,
     with_contrast,
 )
 
@@ -80,17 +83,20 @@ def test_hollow_shell_has_its_subunits_at_one_radius_and_nothing_inside():
 
 def test_named_assemblies_render_but_are_not_default_classes():
     assert set(ASSEMBLY_SHAPES).isdisjoint(BUILTIN_SHAPES)
-    assert [t.name for t in builtin_templates(20.0)] == list(BUILTIN_SHAPES)
-    templates = builtin_templates(10.0, ["shell", "globule"])
+    assert [t.name for t in named_templates(20.0)] == list(BUILTIN_SHAPES)
+    templates = named_templates(10.0, ["shell", "globule"])
     assert [t.name for t in templates] == ["shell", "globule"]
+    np.testing.assert_array_equal(templates[1].density, builtin_template("globule", 10.0).density)
     for name in ASSEMBLY_SHAPES:
-        assert builtin_template(name, 10.0).radius_angstrom > 40.0
+        assert named_templates(10.0, [name])[0].radius_angstrom > 40.0
     with pytest.raises(CryocapsError, match="stacked-rings"):  # the message lists them
-        builtin_templates(10.0, ["no-such-shape"])
+        named_templates(10.0, ["no-such-shape"])
+    with pytest.raises(CryocapsError, match="ring"):  # not a default built-in class
+        builtin_templates(10.0, ["ring"])
 
 
 def test_low_contrast_copy_scales_the_density_only():
-    ring = builtin_template("ring", 10.0)
+    (ring,) = named_templates(10.0, ["ring"])
     faint = with_contrast(ring, 0.5, "ring-faint")
     assert faint.name == "ring-faint" and ring.name == "ring"
     np.testing.assert_allclose(faint.density, 0.5 * ring.density, rtol=1e-6)
