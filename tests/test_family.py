@@ -109,3 +109,32 @@ def test_background_share_counts_a_class_outside_the_true_particles(family, tmp_
     assert shares["share"][1] == pytest.approx(5 / background)
     assert shares["share"][2] == pytest.approx(200 / background)
     assert shares["true_fraction"][2] == pytest.approx(20 / 800)
+
+
+def _tool(macro: float, classes: dict) -> dict:
+    worst = min(c["f1"] for c in classes.values())
+    return {"tool": "t", "macro_f1": macro, "worst_class_f1": worst, "classes": classes}
+
+
+def test_summary_over_draws_gives_mean_worst_spread_and_ratio_to_full(family):
+    good = {"a": {"precision": 0.9, "recall": 0.9, "f1": 0.9, "background_ratio": 0.5}}
+    runaway = {"a": {"precision": 0.5, "recall": 0.6, "f1": 0.55, "background_ratio": 7.0}}
+    draws = [
+        {"draw": {"seed": 0}, "fractions": {
+            "1": {"tools": {"x": _tool(0.9, good)}},
+            "0.3": {"tools": {"x": _tool(0.45, runaway)}}}},
+        {"draw": {"seed": 1}, "fractions": {
+            "1": {"tools": {"x": _tool(0.5, runaway)}},
+            "0.3": {"tools": {"x": {"tool": "t", "error": "exit 1"}}}}},
+    ]  # fmt: skip
+    summary = family.summarize(draws)
+    assert list(summary) == ["1", "0.3"]
+    full, partial = summary["1"]["x"], summary["0.3"]["x"]
+    assert full["mean_macro_f1"] == pytest.approx(0.7) and full["worst_macro_f1"] == 0.5
+    assert full["max_background_ratio"] == 7.0
+    assert full["imprecise_classes"] == ["a (draw 1)"]
+    assert full["mean_ratio_to_full"] is None
+    assert partial["n_draws"] == 1 and partial["n_failed"] == 1
+    assert partial["mean_ratio_to_full"] == pytest.approx(0.5)
+    table = "\n".join(family.summary_lines(summary))
+    assert "0.70 / 0.50" in table and "0.45 / 0.45 (0.50 × full) (1 failed)" in table
