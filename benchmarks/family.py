@@ -696,14 +696,14 @@ def summary_lines(summary: dict) -> list[str]:
     fractions = list(summary)
     tools = list(dict.fromkeys(key for f in fractions for key in summary[f]))
     header = "| tool | " + " | ".join(
-        f"annotated {float(f):.0%}: mean / worst macro F1" for f in fractions
+        f"annotated {float(f):.0%}: macro F1 mean / worst (mean worst class)" for f in fractions
     )
     lines = [
-        header + " | mean worst-class F1 | largest background ratio | classes P < 0.8 at R ≥ 0.5 |",
-        "|---" * (len(fractions) + 4) + "|",
+        header + " | largest background ratio | classes P < 0.8 at R ≥ 0.5 |",
+        "|---" * (len(fractions) + 3) + "|",
     ]
     for key in tools:
-        cells, ratios, imprecise, worst = [], [], [], []
+        cells, ratios, imprecise = [], [], []
         name = key
         for f in fractions:
             s = summary[f].get(key)
@@ -711,22 +711,21 @@ def summary_lines(summary: dict) -> list[str]:
                 cells.append("–")
                 continue
             name = s["tool"]
-            text = f"{fmt(s['mean_macro_f1'])} / {fmt(s['worst_macro_f1'])}"
+            text = (
+                f"{fmt(s['mean_macro_f1'])} / {fmt(s['worst_macro_f1'])} "
+                f"({fmt(s['mean_worst_class_f1'])})"
+            )
             if float(f) < 1 and s.get("mean_ratio_to_full") is not None:
                 text += f" ({s['mean_ratio_to_full']:.2f} × full)"
             if s["n_failed"]:
                 text += f" ({s['n_failed']} failed)"
             cells.append(text)
-            worst.append(f"{fmt(s['mean_worst_class_f1'])}")
             if s["max_background_ratio"] is not None:
                 ratios.append(s["max_background_ratio"])
             imprecise += s["imprecise_classes"]
         largest = fmt(max(ratios) if ratios else None, ".1f", "×")
         listed = ", ".join(imprecise) if imprecise else "none"
-        worst_cell = " / ".join(worst) or "–"
-        lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {worst_cell} | {largest} | {listed} |"
-        )
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {largest} | {listed} |")
     return lines
 
 
@@ -1031,8 +1030,8 @@ def run_family(args) -> int:
     report["total_seconds"] = time.time() - started
     report["summary"] = summarize(report["draws"])
     (work / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    if args.no_write:
-        print(render({"runs": [report]}))
+    if args.no_write:  # this run's tables, quick or not
+        print(markdown_section(relative_paths(json.loads(json.dumps(report, default=str))), None))
         return 0
     history = append_run(report)
     replace_section(RESULTS_MD, render(history), START_MARK, END_MARK)

@@ -118,7 +118,7 @@ def _tool(macro: float, classes: dict) -> dict:
 
 def test_summary_over_draws_gives_mean_worst_spread_and_ratio_to_full(family):
     good = {"a": {"precision": 0.9, "recall": 0.9, "f1": 0.9, "background_ratio": 0.5}}
-    runaway = {"a": {"precision": 0.5, "recall": 0.6, "f1": 0.55, "background_ratio": 7.0}}
+    runaway = {"a": {"precision": 0.5, "recall": 0.6, "f1": 0.5, "background_ratio": 7.0}}
     draws = [
         {"draw": {"seed": 0}, "fractions": {
             "1": {"tools": {"x": _tool(0.9, good)}},
@@ -137,4 +137,4 @@ def test_summary_over_draws_gives_mean_worst_spread_and_ratio_to_full(family):
     assert partial["n_draws"] == 1 and partial["n_failed"] == 1
     assert partial["mean_ratio_to_full"] == pytest.approx(0.5)
     table = "\n".join(family.summary_lines(summary))
-    assert "0.70 / 0.50" in table and "0.45 / 0.45 (0.50 × full) (1 failed)" in table
+    assert "0.70 / 0.50 (0.70)" in table and "0.45 / 0.45 (0.50) (0.50 × full) (1 failed)" in table
