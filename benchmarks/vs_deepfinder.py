@@ -27,8 +27,15 @@ does that). One run:
    ``<!-- vs_deepfinder:start -->`` and ``<!-- vs_deepfinder:end -->`` of
    ``benchmarks/RESULTS.md`` (the rest of that file is kept).
 
+``--family N`` runs a randomized family of N simulated sets instead of the four
+fixed ones (``benchmarks/family.py`` says how draws are made), with
+``--annotated-fraction`` for partial annotations; its results go to
+``benchmarks/results/family.json`` (runs appended) and the section between
+``<!-- family:start -->`` and ``<!-- family:end -->`` of RESULTS.md.
+
 ``--quick`` checks the plumbing in minutes (2-minute budgets, small tomograms,
-one data set); its numbers say nothing about either tool. ``--train-args``,
+one data set; with ``--family``: one draw of small tomograms, 1.5-minute budgets);
+its numbers say nothing about either tool. ``--train-args``,
 ``--label-shape template`` (cryocaps trains on the particles' envelopes instead of
 spheres; the same tomograms) and ``--pick-args`` measure a lever of cryocaps on the
 same data, usually with ``--no-deepfinder --no-write``.
@@ -47,6 +54,7 @@ import sys
 import time
 from pathlib import Path
 
+import family
 from _bench import (
     append_run,
     cryocaps_cmd,
@@ -252,8 +260,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--work",
         type=Path,
-        default=HERE / "work" / "vs_deepfinder",
-        help="scratch folder (git-ignored) [default: benchmarks/work/vs_deepfinder]",
+        default=None,
+        help="scratch folder (git-ignored) [default: benchmarks/work/vs_deepfinder; "
+        "benchmarks/work/family with --family]",
     )
     parser.add_argument(
         "--reuse-data",
@@ -283,9 +292,14 @@ def parse_args(argv=None):
         default=None,
         help="only rewrite the RESULTS.md section from this results JSON (no runs)",
     )
+    family.add_arguments(parser)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    family.check_arguments(args, parser)
+    if args.work is None:
+        args.work = HERE / "work" / ("family" if args.family else "vs_deepfinder")
     if args.minutes is None:
-        args.minutes = 2.0 if args.quick else 12.0
+        args.minutes = (1.5 if args.family else 2.0) if args.quick else 12.0
     if args.df_minutes is None:
         args.df_minutes = args.minutes
     if args.reuse_training:
@@ -1208,6 +1222,8 @@ def main(argv=None) -> int:
     from cryocaps.errors import CryocapsError
 
     args = parse_args(argv)
+    if args.family or (args.render and args.render.name.startswith("family")):
+        return family.run_family(args)
     if args.render:
         replace_section(RESULTS_MD, markdown_section(latest_run(args.render)), START_MARK, END_MARK)
         say(f"rewrote the vs_deepfinder section of {RESULTS_MD} from {args.render}")
@@ -1225,7 +1241,7 @@ def main(argv=None) -> int:
         "settings": {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items()
-            if k != "previous_report"
+            if k not in ("previous_report", "argv")
         },
     }
     report["deepfinder_versions"] = {}

@@ -6,6 +6,7 @@ density (1 = the mean density of protein, 0 = the surrounding ice).
 
 - Built-in classes are procedural (unions of soft-edged ellipsoids and tubes
   defined in Å), so they need no files and come out right at any voxel size.
+  Assemblies of point-like subunits are in :mod:`cryocaps.assemblies`.
 - Density maps (MRC, any voxel size) are resampled to the target voxel size.
 - Atomic models (PDB or mmCIF, optionally gzipped; read by :mod:`cryocaps.io.atoms`)
   become density by summing per-atom Gaussians weighted by atomic number, on the
@@ -23,7 +24,7 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,10 @@ class _Ellipsoid:
         local = _to_local(points, self.centre, self.angles) / np.array(self.axes)
         return (np.sqrt((local**2).sum(axis=-1)) - 1.0) * min(self.axes)
 
+    @property
+    def reach(self) -> float:  # Å from the origin
+        return float(np.linalg.norm(self.centre)) + max(self.axes)
+
 
 @dataclass(frozen=True)
 class _Tube:
@@ -172,6 +177,10 @@ class _Tube:
         rho = np.sqrt(local[..., 0] ** 2 + local[..., 1] ** 2)
         radial = np.maximum(rho - self.outer, self.inner - rho)
         return np.maximum(radial, np.abs(local[..., 2]) - self.height / 2)
+
+    @property
+    def reach(self) -> float:
+        return float(np.linalg.norm(self.centre) + np.hypot(self.outer, self.height / 2))
 
 
 def _to_local(points: np.ndarray, centre, angles) -> np.ndarray:
@@ -208,8 +217,14 @@ BUILTIN_SHAPES: dict[str, list] = {
 
 def builtin_template(name: str, voxel_size_angstrom: float) -> ParticleTemplate:
     """Render a built-in class at ``voxel_size_angstrom`` (soft edges, half a voxel wide)."""
-    shapes = BUILTIN_SHAPES[name]
-    reach = max(_reach(shape) for shape in shapes)
+    return shapes_template(name, BUILTIN_SHAPES[name], voxel_size_angstrom)
+
+
+def shapes_template(name: str, shapes: Sequence, voxel_size_angstrom: float) -> ParticleTemplate:
+    """Render a union of shapes (each with ``distance(points)``, the signed distance in Å of
+    (..., 3) x, y, z points, and ``reach``, Å from the origin) with soft edges (tanh, half a
+    voxel wide: a shape smaller than a voxel still leaves its mass on the grid)."""
+    reach = max(shape.reach for shape in shapes)
     half = int(np.ceil(reach / voxel_size_angstrom)) + 2
     axis = (np.arange(2 * half + 1) - half) * voxel_size_angstrom
     z, y, x = np.meshgrid(axis, axis, axis, indexing="ij")
@@ -219,11 +234,12 @@ def builtin_template(name: str, voxel_size_angstrom: float) -> ParticleTemplate:
     return make_template(name, density.astype(np.float32), voxel_size_angstrom, "built-in")
 
 
-def _reach(shape) -> float:
-    centre = np.linalg.norm(shape.centre)
-    if isinstance(shape, _Ellipsoid):
-        return centre + max(shape.axes)
-    return centre + float(np.hypot(shape.outer, shape.height / 2))
+def with_contrast(template: ParticleTemplate, factor: float, name: str) -> ParticleTemplate:
+    """A copy of ``template`` named ``name``, its density ``factor`` times the original's (a
+    low-contrast class); radius and envelope (fractions of the maximum) stay the same."""
+    if not 0 < factor:
+        raise CryocapsError(f"{name}: contrast factor must be > 0, got {factor}")
+    return replace(template, name=name, density=(template.density * factor).astype(np.float32))
 
 
 def atoms_to_density(

@@ -51,6 +51,7 @@ STAGES = ("demo", "simulate", "inference", "picking", "evaluation", "training")
 UNIT_OF = {
     "__main__": "cli",
     "sampling": "training",  # training patches; training/sampling.py in the target layout
+    "assemblies": "structures",  # built-in densities of subunit assemblies
 }
 NO_TORCH = ("io",)  # io/ knows nothing of torch
 NOT_IN_MODELS = ("cryocaps.io", "cryocaps.modelfile", "mrcfile", "starfile")  # models know no files

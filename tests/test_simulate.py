@@ -418,6 +418,8 @@ def _one_line_error(result) -> None:
         ["--n-tomograms", "0"],
         ["--crowding", "0.9"],
         ["--label-shape", "cube"],
+        ["--blur-angstrom", "-1"],
+        ["--blur-angstrom", "nan"],
     ],
 )
 def test_bad_values_exit_2_with_one_line(tmp_path, run_cli, arguments):

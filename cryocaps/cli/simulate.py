@@ -5,8 +5,9 @@ labels), OUT_DIR/particles.star (RELION 5, with tomograms.star),
 OUT_DIR/particles.csv, OUT_DIR/particles_stopgap.star, OUT_DIR/classes.csv
 (label, name, radius measured from the density, template), the class densities
 OUT_DIR/templates/<class>.mrc and OUT_DIR/run.json. Particles are the built-in classes
-(globule ~35 Å, barrel ~60 Å, dumbbell ~95 Å, ribosome-like ~125 Å radius) or
-the density maps / atomic models in --structures DIR. Orientations are RELION
+(globule ~35 Å, barrel ~60 Å, dumbbell ~95 Å, ribosome-like ~125 Å radius; by
+name also assemblies of point-like subunits: ring, stacked-rings, filament,
+shell) or the density maps / atomic models in --structures DIR. Orientations are RELION
 ZYZ angles (rot, tilt, psi): a particle is its class density rotated by
 RELION's matrix A(rot, tilt, psi). SNR is the variance of the CTF-modulated
 particle projections over the variance of the added noise.
@@ -86,7 +87,8 @@ def command(
         str | None,
         typer.Option(
             "--classes-from",
-            help="Comma-separated class names to use, e.g. 1bxn,3gl1,4v4r (or globule,ribosome). "
+            help="Comma-separated class names to use, e.g. 1bxn,3gl1,4v4r (or globule,ribosome; "
+            "the assemblies ring, stacked-rings, filament, shell only by name). "
             "[default: all]",
         ),
     ] = None,
@@ -144,6 +146,15 @@ def command(
             help=f"Amplitude contrast fraction. [default: {DEFAULTS.amplitude_contrast:g}]",
         ),
     ] = DEFAULTS.amplitude_contrast,
+    blur_angstrom: Annotated[
+        float,
+        typer.Option(
+            "--blur-angstrom",
+            help="Gaussian blur of the tilt images, standard deviation in Å (drift, beam "
+            "damage, alignment errors; an envelope on the CTF); 0 = none. "
+            f"[default: {DEFAULTS.blur_angstrom:g}]",
+        ),
+    ] = DEFAULTS.blur_angstrom,
     n_particles: Annotated[
         int | None,
         typer.Option(
@@ -210,6 +221,7 @@ def command(
         voltage_kv=voltage_kv,
         cs_mm=cs_mm,
         amplitude_contrast=amplitude_contrast,
+        blur_angstrom=blur_angstrom,
         n_particles=n_particles,
         crowding=crowding,
         slab_thickness_angstrom=slab_thickness_angstrom,

@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cryocaps.assemblies import named_templates
 from cryocaps.classes import ClassTable, ParticleClass
 from cryocaps.errors import CryocapsError
 from cryocaps.io.class_table import write_classes
 from cryocaps.simulate.parameters import SimulationParameters, check_box, check_parameters
 from cryocaps.simulate.tomogram import SimulatedTomogram, simulate_tomogram
-from cryocaps.structures import ParticleTemplate, builtin_templates, load_structure_templates
+from cryocaps.structures import ParticleTemplate, load_structure_templates
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,15 @@ def load_templates(
     names: Sequence[str] | None = None,
     prefer: str = "maps",
 ) -> list[ParticleTemplate]:
-    """Built-in classes, or the maps/models in ``structures`` (optionally only ``names``).
+    """Built-in classes (by name also assemblies), or the maps/models in ``structures``
+    (optionally only ``names``).
 
     ``prefer`` ("maps" or "models") picks the file of a class that has both.
     """
     if prefer not in STRUCTURE_PREFERENCES:
         raise CryocapsError(f"--prefer {prefer!r}: use maps or models")
     if structures is None:
-        return builtin_templates(voxel_size_angstrom, names)
+        return named_templates(voxel_size_angstrom, names)
     return load_structure_templates(structures, voxel_size_angstrom, names=names, prefer=prefer)
 
 

@@ -6,7 +6,8 @@
    Fourier space (exact sub-voxel shifts) and summing: no loop over voxels.
 2. **CTF** per tilt image (voltage, Cs, amplitude contrast, defocus), with
    the defocus gradient of a tilted specimen across the tilt axis; with
-   underfocus the protein comes out dark, as in real data.
+   underfocus the protein comes out dark, as in real data. An optional
+   Gaussian envelope blurs the images (``blur_angstrom``).
 3. **Noise**: white Gaussian noise added to each tilt image. The SNR is the
    variance of the CTF-modulated projections of the particles alone (all tilt
    images, whole detector) divided by the variance of the added noise.
@@ -246,7 +247,9 @@ def ctf_2d(
 
     CTF(k) = -(sqrt(1 - A^2) sin chi + A cos chi),
     chi = pi lambda df k^2 - pi/2 Cs lambda^3 k^4, df > 0 underfocus
-    (``defocus_angstrom``, default ``params.defocus_um``).
+    (``defocus_angstrom``, default ``params.defocus_um``). With ``params.blur_angstrom``
+    = s > 0 it is multiplied by exp(-2 pi^2 s^2 k^2), a Gaussian blur of standard
+    deviation s (drift, beam damage and alignment errors; a B-factor of 8 pi^2 s^2).
     """
     wavelength = electron_wavelength_angstrom(params.voltage_kv)
     ky = np.fft.fftfreq(shape[0], d=voxel_size_angstrom)[:, None]
@@ -256,7 +259,10 @@ def ctf_2d(
     cs = params.cs_mm * 1e7
     chi = np.pi * wavelength * defocus * k2 - 0.5 * np.pi * cs * wavelength**3 * k2**2
     amplitude = params.amplitude_contrast
-    return (-(np.sqrt(1 - amplitude**2) * np.sin(chi) + amplitude * np.cos(chi))).astype(np.float32)
+    ctf = -(np.sqrt(1 - amplitude**2) * np.sin(chi) + amplitude * np.cos(chi))
+    if params.blur_angstrom > 0:
+        ctf *= np.exp(-2 * np.pi**2 * params.blur_angstrom**2 * k2)
+    return ctf.astype(np.float32)
 
 
 def apply_ctf(

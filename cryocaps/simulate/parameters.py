@@ -32,6 +32,7 @@ class SimulationParameters:
     voltage_kv: float = 300.0
     cs_mm: float = 2.7
     amplitude_contrast: float = 0.07
+    blur_angstrom: float = 0.0  # Gaussian blur of the tilt images (std dev), Å; 0 = none
     n_particles: int | None = None  # per tomogram; None: from crowding
     crowding: float = 0.1  # fraction of the slab volume filled by envelope spheres
     slab_thickness_angstrom: float | None = None  # None: 80% of the box height
@@ -71,6 +72,8 @@ def check_parameters(params: SimulationParameters) -> None:
         raise CryocapsError(
             "--voltage-kv must be > 0, --cs-mm >= 0 and --amplitude-contrast in [0, 1)"
         )
+    if not (params.blur_angstrom >= 0 and math.isfinite(params.blur_angstrom)):
+        raise CryocapsError(f"--blur-angstrom must be >= 0, got {params.blur_angstrom}")
     if params.n_particles is not None and params.n_particles < 0:
         raise CryocapsError(f"--n-particles must be >= 0, got {params.n_particles}")
     if not 0 <= params.crowding <= 0.4:

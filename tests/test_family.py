@@ -1,0 +1,140 @@
+"""The randomized benchmark family (benchmarks/family.py): draws, annotated subsets, scores."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def family():
+    sys.path.insert(0, str(BENCHMARKS))  # family imports its sibling _bench
+    try:
+        spec = importlib.util.spec_from_file_location("family", BENCHMARKS / "family.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_draws_are_reproducible_varied_and_within_their_ranges(family, structures_dir):
+    draws = [family.draw_set(seed, structures_dir) for seed in range(20)]
+    assert family.draw_set(3, structures_dir) == draws[3]
+    assert len({d["snr"] for d in draws}) == 20
+    for draw in draws:
+        for key in ("snr", "tilt_range_deg", "defocus_um", "blur_angstrom", "crowding"):
+            low, high = family.RANGES[key]
+            assert low <= draw[key] <= high
+        classes = draw["classes"]
+        assert 3 <= len(classes) <= 5
+        names = [c["name"] for c in classes]
+        assert len(set(names)) == len(names)
+        kinds = [c["kind"] for c in classes]
+        assert kinds.count("assembly") >= 1
+        similar = [c["structure"] for c in classes if c["kind"] == "similar-size"]
+        assert len(similar) >= 2 and set(similar) <= set(family.SHREC19)
+        faint = [c for c in classes if c["contrast"] != 1.0]
+        assert len(faint) == 1 and 0.4 <= faint[0]["contrast"] <= 0.7
+        assert faint[0]["name"].endswith("-faint")
+    every_kind = {c["shape"] for d in draws for c in d["classes"] if c["kind"] == "assembly"}
+    assert every_kind == set(family.ASSEMBLY_KINDS)
+
+
+def test_similar_size_classes_are_nearest_in_diameter(family, structures_dir):
+    diameters = family.read_diameters(structures_dir)
+    for seed in range(10):
+        chosen = family.similar_size_classes(np.random.default_rng(seed), diameters, 2)
+        anchor, partner = chosen
+        gap = abs(np.log(diameters[partner] / diameters[anchor]))
+        for other in family.SHREC19:
+            if other != anchor:
+                assert abs(np.log(diameters[other] / diameters[anchor])) >= gap
+
+
+def test_tomograms_grow_until_the_particles_fit(family):
+    assert family.plan_shape((64, 160, 160), 0.2, [3.0, 4.0], 80) == (64, 160, 160)
+    z, y, x = family.plan_shape((64, 160, 160), 0.1, [14.0, 12.0], 80)
+    assert y == x and y > 160 and y % 16 == 0
+    mean_volume = np.mean([4 / 3 * np.pi * r**3 for r in (14.0, 12.0)])
+    assert 0.1 * 0.8 * z * y * x / mean_volume >= 80
+    assert family.plan_shape((16, 64, 64), 0.1, [10.0], 0)[0] * 0.8 >= 23  # deep enough
+
+
+def test_annotated_subset_takes_a_fraction_of_each_tomogram_and_class(family):
+    rows = [
+        {"tomo": tomo, "class_name": name, "x": float(k), "y": 0.0, "z": 0.0}
+        for tomo in ("tomo_01", "tomo_02", "tomo_05")
+        for name, n in (("ring", 20), ("3gl1", 3))
+        for k in range(n)
+    ]
+    particles = pd.DataFrame(rows)
+    subset = family.annotated_subset(particles, ["tomo_01", "tomo_02"], 0.3, seed=7)
+    counts = subset.groupby(["tomo", "class_name"]).size().to_dict()
+    assert counts == {
+        ("tomo_01", "3gl1"): 1, ("tomo_01", "ring"): 6,
+        ("tomo_02", "3gl1"): 1, ("tomo_02", "ring"): 6,
+    }  # fmt: skip
+    assert subset.merge(particles).shape[0] == len(subset)  # rows of the original
+    again = family.annotated_subset(particles, ["tomo_01", "tomo_02"], 0.3, seed=7)
+    pd.testing.assert_frame_equal(subset, again)
+    other = family.annotated_subset(particles, ["tomo_01", "tomo_02"], 0.3, seed=8)
+    assert not subset.equals(other)
+    full = family.annotated_subset(particles, ["tomo_01", "tomo_02"], 1.0, seed=7)
+    assert len(full) == 46
+
+
+def test_background_share_counts_a_class_outside_the_true_particles(family, tmp_path):
+    from cryocaps.io.volumes import write_volume
+
+    truth = np.zeros((8, 10, 10), np.uint8)
+    truth[0:2, :5, :5] = 1  # 50 voxels of class 1
+    truth[4, :2, :] = 2  # 20 voxels of class 2
+    predicted = truth.copy()
+    predicted[6:8, :, :] = 2  # 200 background voxels called class 2
+    predicted[0, 0, :] = 1  # 5 of them already class 1 (50 inside), 5 new on background
+    paths = []
+    for name, volume in (("pred", predicted), ("truth", truth)):
+        paths.append(write_volume(tmp_path / f"{name}.mrc", volume, 10.0, dtype="uint8"))
+    shares = family.background_share([paths[0]], [paths[1]], 3)
+    background = 800 - 70
+    assert shares["background_voxels"] == background
+    assert shares["share"][1] == pytest.approx(5 / background)
+    assert shares["share"][2] == pytest.approx(200 / background)
+    assert shares["true_fraction"][2] == pytest.approx(20 / 800)
+
+
+def _tool(macro: float, classes: dict) -> dict:
+    worst = min(c["f1"] for c in classes.values())
+    return {"tool": "t", "macro_f1": macro, "worst_class_f1": worst, "classes": classes}
+
+
+def test_summary_over_draws_gives_mean_worst_spread_and_ratio_to_full(family):
+    good = {"a": {"precision": 0.9, "recall": 0.9, "f1": 0.9, "background_ratio": 0.5}}
+    runaway = {"a": {"precision": 0.5, "recall": 0.6, "f1": 0.5, "background_ratio": 7.0}}
+    draws = [
+        {"draw": {"seed": 0}, "fractions": {
+            "1": {"tools": {"x": _tool(0.9, good)}},
+            "0.3": {"tools": {"x": _tool(0.45, runaway)}}}},
+        {"draw": {"seed": 1}, "fractions": {
+            "1": {"tools": {"x": _tool(0.5, runaway)}},
+            "0.3": {"tools": {"x": {"tool": "t", "error": "exit 1"}}}}},
+    ]  # fmt: skip
+    summary = family.summarize(draws)
+    assert list(summary) == ["1", "0.3"]
+    full, partial = summary["1"]["x"], summary["0.3"]["x"]
+    assert full["mean_macro_f1"] == pytest.approx(0.7) and full["worst_macro_f1"] == 0.5
+    assert full["max_background_ratio"] == 7.0
+    assert full["imprecise_classes"] == ["a (draw 1)"]
+    assert full["mean_ratio_to_full"] is None
+    assert partial["n_draws"] == 1 and partial["n_failed"] == 1
+    assert partial["mean_ratio_to_full"] == pytest.approx(0.5)
+    table = "\n".join(family.summary_lines(summary))
+    assert "0.70 / 0.50 (0.70)" in table and "0.45 / 0.45 (0.50) (0.50 × full) (1 failed)" in table
