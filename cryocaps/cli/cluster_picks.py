@@ -11,8 +11,8 @@ label_volume_angstrom3, what one particle covered in the training labels, else
 the sphere of its radius), or than --relative-min-size of the class's typical
 pick in the map, or scoring below --min-score (or the per-class --thresholds
 that `cryocaps evaluate -o` tunes on a validation tomogram), are dropped.
-Classes come from --classes, else classes.csv beside the maps. Writes run.json
-beside OUT.
+Classes come from --classes, else classes.csv beside the maps; a label in a map
+that the class table does not list is refused. Writes run.json beside OUT.
 """
 
 from __future__ import annotations
@@ -36,9 +36,12 @@ from cryocaps.cli.common import (
     VoxelSize,
     command_line,
     copick_selection,
+    finite,
+    in_range,
     is_quiet,
     log,
     narrow_classes,
+    positive,
     print_table,
     progress,
     setup_logging,
@@ -79,6 +82,7 @@ def command(
         float,
         typer.Option(
             "--min-size-fraction",
+            callback=in_range(0),
             help="Drop picks with fewer voxels than this fraction of the class's label volume: "
             "label_volume_angstrom3 in classes.csv (what one particle covered in the training "
             "label maps; make-masks records it), else the sphere 4/3 pi r^3. [default: 0.2]",
@@ -88,6 +92,7 @@ def command(
         float,
         typer.Option(
             "--relative-min-size",
+            callback=in_range(0),
             help="Drop picks with fewer voxels than this fraction of the class's typical pick in "
             "the same map (the 90th percentile of its pick sizes): background fragments are far "
             "smaller than the particles the network segments whole. 0 keeps them. [default: 0.5]",
@@ -97,6 +102,7 @@ def command(
         float | None,
         typer.Option(
             "--min-score",
+            callback=finite,
             help="Drop picks scoring below this (mean class probability 0-1 with probability maps, "
             "else the size in voxels). [default: keep all]",
         ),
@@ -122,6 +128,7 @@ def command(
         float | None,
         typer.Option(
             "--coords-pixel-size-angstrom",
+            callback=positive,
             help="Write RELION 3/4, STOPGAP and Dynamo coordinates in pixels of this size (Å). "
             "[default: the label maps' voxels]",
         ),
@@ -148,8 +155,9 @@ def command(
     started = time.time()
     _check_options(format, method, thresholds, min_score)
     label_paths = find_label_maps(maps)
-    class_table, classes = load_class_table_beside(label_paths, classes, radius_angstrom)
-    class_table = narrow_classes(class_table, copick_objects)
+    full_table, classes = load_class_table_beside(label_paths, classes, radius_angstrom)
+    class_table = narrow_classes(full_table, copick_objects)
+    left_out = {c.label for c in full_table} - {c.label for c in class_table}
     if thresholds is not None:
         min_score = read_score_thresholds(thresholds, class_table)
     project_output = (format or format_from_extension(output)) in PROJECT_FORMATS
@@ -167,6 +175,7 @@ def command(
             use_probabilities=use_probabilities,
             voxel_size_angstrom=voxel_size_angstrom,
             progress=lambda tomo: advance(info=tomo),
+            ignored_labels=left_out,
         )
     picking_seconds = time.time() - started
     if picks.empty:

@@ -443,11 +443,12 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
 
 def _create_model(config: TrainConfig, n_labels: int):
     """The network by name, its options checked (CryocapsError names the flag)."""
-    from cryocaps.models import create_model
+    from cryocaps.models import create_model, model_class
 
+    model_class(config.model)  # an unknown --model is not an option's fault
     try:
         model = create_model(config.model, n_labels, **config.model_options)
-    except TypeError as error:
+    except (TypeError, ValueError, CryocapsError) as error:
         raise CryocapsError(f"--model-option: {error}") from None
     if config.patch_size % model.size_multiple:
         raise CryocapsError(
