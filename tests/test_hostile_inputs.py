@@ -92,6 +92,7 @@ CASES = [
     ),
     case("simulate-output-exists", SIM, "{out}/classes.csv", "--overwrite", setup="old_outputs"),
     case("simulate-disk-full", SIM, "{out}", "No space left", setup="disk_full"),
+    case("simulate-read-only", SIM, "{out}", "Permission denied", setup="read_only"),
     case("simulate-structures-garbage", SIM + " --structures {bad}/maps", "garbage.mrc"),
     # --- preprocess
     case("preprocess-truncated-mrc", "preprocess {bad}/truncated.mrc -o {out}", "truncated.mrc"),
@@ -164,6 +165,11 @@ CASES = [
     ),
     case("masks-voxel-inf", MASKS + " --voxel-size-angstrom inf", "--voxel-size-angstrom", "inf"),
     case("masks-out-is-a-file", MASKS.replace("{out}", "{file}"), "{file}"),
+    case(
+        "masks-classes-missing-parent",
+        MASKS.replace("{classes}", "{bad}/gone/classes.csv"),
+        "gone/classes.csv",
+    ),
     # --- train
     case("train-threads-negative", TRAIN + " --threads -1", "--threads", "-1"),
     case("train-threads-zero", TRAIN + " --threads 0", "--threads", "0"),
@@ -176,6 +182,11 @@ CASES = [
     case("train-batch-zero", TRAIN + " --batch-size 0", "--batch-size", "0"),
     case("train-patch-huge", TRAIN + " --patch-size 4096", "--patch-size", "4096"),
     case("train-epochs-zero", TRAIN + " --epochs 0", "--epochs", "0"),
+    case("train-steps-zero", TRAIN + " --steps-per-epoch 0", "--steps-per-epoch", "0"),
+    case("train-val-patches-zero", TRAIN + " --max-val-patches 0", "--max-val-patches", "0"),
+    case("train-voxel-negative", TRAIN + " --voxel-size-angstrom -1", "--voxel-size-angstrom"),
+    case("train-seed-huge", TRAIN + " --seed 18446744073709551616", "--seed"),
+    case("train-patch-zero", TRAIN + " --patch-size 0", "--patch-size", "0"),
     case("train-val-fraction-nan", TRAIN + " --val-fraction nan", "--val-fraction", "nan"),
     case("train-background-negative", TRAIN + " --background-fraction -0.1", "--background"),
     case("train-max-minutes-nan", TRAIN + " --max-minutes nan", "--max-minutes", "nan"),
@@ -246,6 +257,7 @@ CASES = [
     case("segment-threads-zero", SEG + " --threads 0", "--threads", "0"),
     case("segment-batch-zero", SEG + " --batch-size 0", "--batch-size", "0"),
     case("segment-overlap-negative", SEG + " --overlap -1", "--overlap", "-1"),
+    case("segment-patch-zero", SEG + " --patch-size 0", "--patch-size", "0"),
     case("segment-complex-tomogram", "segment {bad}/complex.mrc --model {model} -o {out}", "mode"),
     case(
         "segment-zarr-no-metadata",
@@ -253,12 +265,26 @@ CASES = [
         "bare.zarr",
     ),
     case("segment-disk-full", SEG, "{out}", "No space left", setup="disk_full"),
+    case("segment-read-only", SEG, "{out}", "Permission denied", setup="read_only"),
+    case("segment-model-missing-parent", "segment {tomo} --model {out}/a/b -o {out}", "{out}/a/b"),
     # --- cluster-picks
     case("picks-min-size-nan", PICK + " --min-size-fraction nan", "--min-size-fraction", "nan"),
     case("picks-min-size-negative", PICK + " --min-size-fraction -1", "--min-size-fraction"),
     case("picks-relative-inf", PICK + " --relative-min-size inf", "--relative-min-size", "inf"),
     case("picks-min-score-nan", PICK + " --min-score nan", "--min-score", "nan"),
     case("picks-voxel-zero", PICK + " --voxel-size-angstrom 0", "--voxel-size-angstrom", "0"),
+    case(
+        "picks-radius-nan",
+        "cluster-picks {label} --radius-angstrom nan -o {out}/p.star",
+        "--radius-angstrom",
+        "nan",
+    ),
+    case(
+        "picks-pixel-size-negative",
+        PICK + " --coords-pixel-size-angstrom -2",
+        "--coords-pixel-size-angstrom",
+        "-2",
+    ),
     case(
         "picks-labels-not-in-classes",
         PICK.replace("{label}", "{bad}/labels_9/tomo_01.mrc"),
@@ -298,11 +324,24 @@ CASES = [
     case("convert-out-is-a-folder", "convert-picks {csv} -o {bad}/folder.csv", "folder.csv"),
     case("convert-out-under-a-file", "convert-picks {star} -o {file}/p.csv", "{file}"),
     case("convert-output-exists", CONVERT, "{out}/picks.csv", "--overwrite", setup="old_outputs"),
+    case("convert-voxel-inf", CONVERT + " --voxel-size-angstrom inf", "--voxel-size-angstrom"),
     case("convert-disk-full", CONVERT, "{out}/picks.csv", "No space left", setup="disk_full"),
+    case("convert-read-only", CONVERT, "{out}/picks.csv", "Permission", setup="read_only"),
     # --- evaluate
     case("evaluate-tolerance-nan", EVAL + " --tolerance-fraction nan", "--tolerance-fraction"),
     case("evaluate-tolerance-zero", EVAL + " --tolerance-fraction 0", "--tolerance-fraction"),
     case("evaluate-beta-inf", EVAL + " --beta inf", "--beta", "inf"),
+    case("evaluate-beta-zero", EVAL + " --beta 0", "--beta", "0"),
+    case(
+        "evaluate-radius-zero",
+        "evaluate {csv} {csv} --radius-angstrom 0 --voxel-size-angstrom 20",
+        "--radius-angstrom",
+    ),
+    case(
+        "evaluate-pixel-size-nan",
+        EVAL + " --coords-pixel-size-angstrom nan",
+        "--coords-pixel-size-angstrom",
+    ),
     case("evaluate-overlay-slices-zero", EVAL + " --overlay-slices 0", "--overlay-slices", "0"),
     case("evaluate-voxel-nan", EVAL + " --voxel-size-angstrom nan", "--voxel-size-angstrom"),
     case(
@@ -311,6 +350,7 @@ CASES = [
         "truncated.star",
     ),
     case("evaluate-report-is-a-file", EVAL + " -o {file}", "{file}"),
+    case("evaluate-truth-missing-parent", "evaluate {csv} {out}/x/truth.csv", "truth.csv"),
     case(
         "evaluate-labels-not-in-classes",
         "evaluate --labels-pred {bad}/labels_9/tomo_01.mrc --labels-true {label} "
@@ -325,6 +365,7 @@ CASES = [
     case("demo-patch-zero", DEMO + " --patch-size 0", "--patch-size", "0"),
     case("demo-patch-larger-than-shape", DEMO + " --patch-size 512", "--patch-size", "512"),
     case("demo-epochs-zero", "demo {out} --epochs 0", "--epochs", "0"),
+    case("demo-steps-zero", "demo {out} --steps-per-epoch 0", "--steps-per-epoch", "0"),
     case("demo-seed-negative", "demo {out} --seed -1", "--seed", "-1"),
     case("demo-into-a-file", "demo {file}", "{file}"),
 ]
@@ -344,11 +385,16 @@ GOOD_LINES = {
 
 
 def test_the_campaign_covers_every_command_with_many_inputs():
-    from tests.test_cli_basics import COMMANDS as CONTRACT
+    from cryocaps.cli.main import COMMANDS as APP_COMMANDS
 
-    assert COMMANDS == set(CONTRACT)
+    assert COMMANDS == {name for name, _ in APP_COMMANDS}
     assert len(CASES) >= 60
     assert len({c.name for c in CASES}) == len(CASES)
+
+
+def test_the_readme_gives_the_campaign_size():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"{len(CASES)} bad inputs across all nine commands" in " ".join(readme.split())
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -480,12 +526,27 @@ def disk_full(out: Path, monkeypatch) -> None:
         monkeypatch.setattr(module, "atomic_path", full)
 
 
+def read_only(out: Path, monkeypatch) -> None:
+    """The output folder refuses new files, as a read-only folder does for a user who is not
+    root (the tests run as root here, where chmod would not stop a write)."""
+    import tempfile
+
+    real_mkstemp = tempfile.mkstemp
+
+    def refusing_mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).is_relative_to(out):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refusing_mkstemp)
+
+
 def truncated_checkpoint(out: Path, monkeypatch) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "checkpoint_last.pt").write_bytes(b"PK\x03\x04 not a whole checkpoint")
 
 
-SETUPS = {f.__name__: f for f in (old_outputs, disk_full, truncated_checkpoint)}
+SETUPS = {f.__name__: f for f in (old_outputs, disk_full, read_only, truncated_checkpoint)}
 
 
 def snapshot(*roots: Path) -> dict[str, tuple]:
@@ -533,7 +594,7 @@ def test_bad_input_gives_one_line_and_changes_nothing(hostile, world, tmp_path, 
     assert "no check caught" not in line, line
     after = snapshot(tmp_path, world["sim"], world["bad"], world["model"])
     added = sorted(after.keys() - before.keys())
-    if hostile.setup == "disk_full":  # the write needed its folder; no file may be left in it
+    if hostile.setup in ("disk_full", "read_only"):  # the write made its folder; no file in it
         added = [path for path in added if after[path] != ("dir",)]
     assert added == [], "added"
     assert sorted(before.keys() - after.keys()) == [], "removed"
