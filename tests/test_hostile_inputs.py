@@ -186,6 +186,7 @@ CASES = [
     case("train-val-patches-zero", TRAIN + " --max-val-patches 0", "--max-val-patches", "0"),
     case("train-voxel-negative", TRAIN + " --voxel-size-angstrom -1", "--voxel-size-angstrom"),
     case("train-seed-huge", TRAIN + " --seed 18446744073709551616", "--seed"),
+    case("train-epochs-400-digits", TRAIN + " --epochs -" + "9" * 400, "--epochs"),
     case("train-patch-zero", TRAIN + " --patch-size 0", "--patch-size", "0"),
     case("train-val-fraction-nan", TRAIN + " --val-fraction nan", "--val-fraction", "nan"),
     case("train-background-negative", TRAIN + " --background-fraction -0.1", "--background"),
@@ -645,6 +646,30 @@ def test_verbose_keeps_the_traceback(world, tmp_path, monkeypatch):
     )
     assert result.exit_code == 2
     assert "Traceback" in result.output
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "words"),
+    [
+        (ValueError("bad number"), 2, ["cryocaps simulate", "ValueError: bad number", "report"]),
+        (OSError(errno.EACCES, "Permission denied", "/data/x.mrc"), 2, ["/data/x.mrc: Perm"]),
+        (OSError(errno.EIO, "Input/output error"), 2, ["cryocaps simulate: Input/output"]),
+        (MemoryError(), 1, ["cryocaps simulate: out of memory", "--shape"]),
+    ],
+)
+def test_what_no_check_caught_is_still_one_line(raised, code, words, capsys, monkeypatch):
+    import typer
+
+    monkeypatch.setitem(common._state, "verbose", False)
+
+    def command():
+        raise raised
+
+    with pytest.raises(typer.Exit) as stopped:
+        common.handle_errors(command, "simulate")()
+    assert stopped.value.exit_code == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and all(word in lines[0] for word in words), lines
 
 
 def test_memory_error_names_what_the_command_can_change():

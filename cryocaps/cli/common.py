@@ -50,7 +50,7 @@ def in_range(
     def check(value):
         if value is None:
             return value
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # ints are all finite
             raise typer.BadParameter(f"{value} is not a finite number")
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
