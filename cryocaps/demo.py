@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryocaps.errors import CryocapsError
-from cryocaps.models import available_models
+from cryocaps.models import available_models, model_class
 
 __all__ = [
     "DemoSettings",
@@ -59,6 +59,24 @@ def check_settings(settings: DemoSettings) -> None:
         raise CryocapsError(f"--epochs must be >= 1, got {settings.epochs}")
     if settings.steps_per_epoch is not None and settings.steps_per_epoch < 1:
         raise CryocapsError(f"--steps-per-epoch must be >= 1, got {settings.steps_per_epoch}")
+    # train's refusal would come after simulate has written its data: refuse it first (a bad
+    # --shape itself is refused by simulate, before it writes anything)
+    if settings.patch_size is not None:
+        multiple = model_class(settings.model).size_multiple
+        smallest = min(_sizes(settings.shape), default=settings.patch_size)
+        if not multiple <= settings.patch_size <= smallest or settings.patch_size % multiple:
+            raise CryocapsError(
+                f"--patch-size {settings.patch_size}: must be a multiple of {multiple} for "
+                f"{settings.model}, at most the smallest side of --shape {settings.shape}"
+            )
+
+
+def _sizes(shape: str) -> list[int]:
+    """The sizes in ``--shape`` (none if it does not parse: simulate names the problem)."""
+    try:
+        return [int(v) for v in shape.replace("x", ",").split(",")]
+    except ValueError:
+        return []
 
 
 def demo_stages(out: Path, settings: DemoSettings) -> list[list[str]]:

@@ -71,11 +71,20 @@ def load_model(path: str | os.PathLike, device: str = "cpu"):
     from cryocaps.models import create_model
 
     config, weights = read_config(path)
-    options = dict(config.get("options", {}))
+    options = config.get("options", {})
+    if not isinstance(options, dict):
+        raise CryocapsError(f"--model {path}: config.json's options must be a mapping")
+    options = dict(options)
     n_classes = options.pop("n_classes", None)
     if not isinstance(n_classes, int):
         raise CryocapsError(f"--model {path}: config has no n_classes")
-    model = create_model(config["model"], n_classes, **options)
+    try:
+        model = create_model(config["model"], n_classes, **options)
+    except (TypeError, ValueError, CryocapsError) as error:
+        raise CryocapsError(
+            f"--model {path}: config.json does not describe a network this cryocaps builds "
+            f"({error})"
+        ) from error
     try:
         data = weights.read_bytes()
         state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)

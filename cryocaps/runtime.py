@@ -165,11 +165,21 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def configure_threads(threads: int | None = None, processes_on_node: int = 1) -> int:
-    """Use ``threads`` torch threads (default: this process's share of the CPUs); returns the
-    number."""
+    """Use ``threads`` torch threads (None: this process's share of the CPUs); returns the
+    number. Fewer than 1 is refused (0 does not mean "all" anywhere in cryocaps)."""
     import torch
 
+    if threads is not None and threads < 1:
+        raise CryocapsError(f"--threads {threads}: must be at least 1")
     wanted = threads or max(1, available_cpus() // max(1, processes_on_node))
     if torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)

@@ -13,8 +13,8 @@ pick in the map, or scoring below --min-score (or the per-class --thresholds
 that `cryocaps evaluate -o` tunes on a validation tomogram; by default those
 training calibrated, in the pick_thresholds.csv segment wrote beside the maps),
 are dropped.
-Classes come from --classes, else classes.csv beside the maps. Writes run.json
-beside OUT.
+Classes come from --classes, else classes.csv beside the maps; a label in a map
+that the class table does not list is refused. Writes run.json beside OUT.
 """
 
 from __future__ import annotations
@@ -38,9 +38,12 @@ from cryocaps.cli.common import (
     VoxelSize,
     command_line,
     copick_selection,
+    finite,
+    in_range,
     is_quiet,
     log,
     narrow_classes,
+    positive,
     print_table,
     progress,
     setup_logging,
@@ -81,6 +84,7 @@ def command(
         float,
         typer.Option(
             "--min-size-fraction",
+            callback=in_range(0),
             help="Drop picks with fewer voxels than this fraction of the class's label volume: "
             "label_volume_angstrom3 in classes.csv (what one particle covered in the training "
             "label maps; make-masks records it), else the sphere 4/3 pi r^3. [default: 0.2]",
@@ -90,6 +94,7 @@ def command(
         float,
         typer.Option(
             "--relative-min-size",
+            callback=in_range(0),
             help="Drop picks with fewer voxels than this fraction of the class's typical pick in "
             "the same map (the 90th percentile of its pick sizes): background fragments are far "
             "smaller than the particles the network segments whole. 0 keeps them. [default: 0.5]",
@@ -99,6 +104,7 @@ def command(
         float | None,
         typer.Option(
             "--min-score",
+            callback=finite,
             help="Drop picks scoring below this (mean class probability 0-1 with probability maps, "
             "else the size in voxels). [default: keep all]",
         ),
@@ -127,6 +133,7 @@ def command(
         float | None,
         typer.Option(
             "--coords-pixel-size-angstrom",
+            callback=positive,
             help="Write RELION 3/4, STOPGAP and Dynamo coordinates in pixels of this size (Å). "
             "[default: the label maps' voxels]",
         ),
@@ -153,8 +160,9 @@ def command(
     started = time.time()
     _check_options(format, method, thresholds, min_score)
     label_paths = find_label_maps(maps)
-    class_table, classes = load_class_table_beside(label_paths, classes, radius_angstrom)
-    class_table = narrow_classes(class_table, copick_objects)
+    full_table, classes = load_class_table_beside(label_paths, classes, radius_angstrom)
+    class_table = narrow_classes(full_table, copick_objects)
+    left_out = {c.label for c in full_table} - {c.label for c in class_table}
     score_kind = picking_score_kind(label_paths, use_probabilities)
     thresholds = _thresholds_file(thresholds, min_score, label_paths, score_kind)
     if thresholds is not None:
@@ -174,6 +182,7 @@ def command(
             use_probabilities=use_probabilities,
             voxel_size_angstrom=voxel_size_angstrom,
             progress=lambda tomo: advance(info=tomo),
+            ignored_labels=left_out,
         )
     picking_seconds = time.time() - started
     if picks.empty:

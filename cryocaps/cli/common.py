@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import shlex
 import sys
@@ -23,6 +24,47 @@ from cryocaps.errors import CryocapsError
 console = Console(stderr=True, highlight=False)
 stdout_console = Console(highlight=False)
 log = logging.getLogger("cryocaps")
+
+# --- number checks Typer runs while parsing ----------------------------------
+# Declared on each numeric option as its callback. Not Typer's min=/max=: NaN passes
+# click's ranges, they have no open bounds, and newer Typers word their refusal without
+# the value typed.
+
+
+def in_range(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Callable[[float | None], float | None]:
+    """A Typer callback refusing NaN, ±inf and numbers outside ``[low, high]`` (an open end
+    with ``low_open``/``high_open``); the message names the value, click adds the flag."""
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        bounds.append(f"{'<' if high_open else '<='} {high}")
+    wanted = " and ".join(bounds)
+
+    def check(value):
+        if value is None:
+            return value
+        if isinstance(value, float) and not math.isfinite(value):  # ints are all finite
+            raise typer.BadParameter(f"{value} is not a finite number")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise typer.BadParameter(f"{value} is not {wanted}")
+        return value
+
+    return check
+
+
+finite = in_range()
+positive = in_range(0, low_open=True)
+
+SEED_MAX = 2**32 - 1  # numpy's legacy generator takes seeds below 2**32
 
 # --- options shared by commands (declare with these types) -----------------
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
@@ -45,12 +87,18 @@ Device = Annotated[
     ),
 ]
 Seed = Annotated[
-    int, typer.Option("--seed", help="Random seed (numpy, torch, python). [default: 0]")
+    int,
+    typer.Option(
+        "--seed",
+        callback=in_range(0, SEED_MAX),
+        help=f"Random seed (numpy, torch, python), 0 to {SEED_MAX}. [default: 0]",
+    ),
 ]
 VoxelSize = Annotated[
     float | None,
     typer.Option(
         "--voxel-size-angstrom",
+        callback=positive,
         help="Voxel size in Å: overrides the MRC header (needed when it says 0); picks the scale "
         "level of an OME-Zarr image; the voxel spacing of copick picks. [default: from the files]",
     ),
@@ -66,6 +114,7 @@ RadiusOption = Annotated[
     float | None,
     typer.Option(
         "--radius-angstrom",
+        callback=positive,
         help="Particle radius in Å for a single-class run (instead of --classes).",
     ),
 ]
@@ -110,6 +159,7 @@ CoordsPixelSize = Annotated[
     float | None,
     typer.Option(
         "--coords-pixel-size-angstrom",
+        callback=positive,
         help="Pixel size (Å) of the coordinates in RELION 3/4, STOPGAP and Dynamo files read "
         "(and written), when it is not the tomograms' voxel size (e.g. bin-1 coordinates). "
         "[default: rlnTomoTiltSeriesPixelSize for RELION 4, else the tomograms' voxels]",
@@ -156,24 +206,89 @@ def _escape(text: str) -> str:
     return escape(text.replace("\n", " "))
 
 
-def handle_errors(function: Callable) -> Callable:
-    """Turn :class:`CryocapsError` into one red line and exit code 2 (traceback with --verbose)."""
+# What each command can change to need less memory (its own options only).
+MEMORY_HINTS = {
+    "simulate": "a smaller --shape or --n-particles",
+    "preprocess": "fewer or smaller tomograms, or a larger --voxel-size-angstrom",
+    "make-masks": "fewer tomograms at a time",
+    "train": "a smaller --batch-size or --patch-size",
+    "segment": "a smaller --batch-size or --patch-size",
+    "cluster-picks": "fewer label maps at a time, or --method components",
+    "convert-picks": "fewer particle files at a time",
+    "evaluate": "fewer particle files at a time",
+    "demo": "a smaller --shape or --patch-size",
+}
+
+
+def handle_errors(function: Callable, name: str | None = None) -> Callable:
+    """Turn what bad input raises into one red line (traceback with --verbose).
+
+    :class:`CryocapsError` and :class:`OSError` (with its path) exit with code 2,
+    MemoryError with 1 (the input was fine; the machine was too small), with a hint
+    that fits command ``name``. A ValueError or TypeError that got this far comes from
+    a value no check caught: it still gets one line, naming the command, and says so.
+    """
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
+        command = f"cryocaps {name or _command_name()}"
         try:
             return function(*args, **kwargs)
         except CryocapsError as error:
-            if _state["verbose"]:
-                console.print_exception()
+            _traceback_if_verbose()
             fail(str(error), 2)
         except KeyboardInterrupt:
             console.print("[yellow]Interrupted.[/]")
             raise typer.Exit(130) from None
-        except MemoryError:
-            fail("out of memory; try a smaller --batch-size or --patch-size", 1)
+        except MemoryError as error:
+            _traceback_if_verbose()
+            fail(memory_message(name or _command_name(), error), 1)
+        except OSError as error:
+            _traceback_if_verbose()
+            fail(os_error_message(error, command), 2)
+        except (ValueError, TypeError) as error:
+            _traceback_if_verbose()
+            fail(
+                f"{command}: {type(error).__name__}: {error} (a value no check caught: please "
+                "report it; --verbose shows where)",
+                2,
+            )
 
     return wrapper
+
+
+def _command_name() -> str:
+    import click
+
+    context = click.get_current_context(silent=True)
+    return context.info_name if context is not None and context.info_name else "command"
+
+
+def _traceback_if_verbose() -> None:
+    if _state["verbose"]:
+        console.print_exception()
+
+
+def memory_message(command: str, error: MemoryError) -> str:
+    """``cryocaps COMMAND: out of memory (...); try <what this command can change>``."""
+    detail = str(error).splitlines()[0] if str(error) else ""
+    hint = MEMORY_HINTS.get(command)
+    return (
+        f"cryocaps {command}: out of memory"
+        + (f" ({detail})" if detail else "")
+        + (f"; try {hint}" if hint else "")
+    )
+
+
+def os_error_message(error: OSError, command: str) -> str:
+    """``PATH: reason`` (``PATH -> PATH2: reason`` for renames), else ``COMMAND: reason``."""
+    reason = error.strerror or (os.strerror(error.errno) if error.errno else str(error))
+    if error.filename is None:
+        return f"{command}: {reason}"
+    where = os.fsdecode(error.filename)
+    if error.filename2 is not None:
+        where += f" -> {os.fsdecode(error.filename2)}"
+    return f"{where}: {reason}"
 
 
 def command_line() -> str:

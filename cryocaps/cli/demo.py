@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from cryocaps.cli.common import Overwrite, Seed, console, setup_logging
+from cryocaps.cli.common import Overwrite, Seed, console, in_range, positive, setup_logging
 from cryocaps.demo import DemoSettings, check_settings, demo_figures, demo_stages
 from cryocaps.errors import CryocapsError
 
@@ -35,6 +35,7 @@ def command(
         float,
         typer.Option(
             "--minutes",
+            callback=positive,
             help=f"Training budget in minutes of wall time. [default: {DEFAULTS.minutes:g}]",
         ),
     ] = DEFAULTS.minutes,
@@ -57,13 +58,16 @@ def command(
     patch_size: Annotated[
         int | None,
         typer.Option(
-            "--patch-size", help="Training patch side in voxels. [default: train's default]"
+            "--patch-size",
+            callback=in_range(8),
+            help="Training patch side in voxels. [default: train's default]",
         ),
     ] = DEFAULTS.patch_size,
     epochs: Annotated[
         int | None,
         typer.Option(
             "--epochs",
+            callback=in_range(1),
             help="Train exactly this many epochs instead of for --minutes "
             "(the same steps however fast the machine). "
             "[default: the --minutes budget]",
@@ -72,7 +76,9 @@ def command(
     steps_per_epoch: Annotated[
         int | None,
         typer.Option(
-            "--steps-per-epoch", help="Optimiser steps per epoch. [default: train's default]"
+            "--steps-per-epoch",
+            callback=in_range(1),
+            help="Optimiser steps per epoch. [default: train's default]",
         ),
     ] = DEFAULTS.steps_per_epoch,
     seed: Seed = DEFAULTS.seed,
@@ -80,11 +86,13 @@ def command(
 ) -> None:
     setup_logging()
     from cryocaps.cli.main import app
+    from cryocaps.io.files import check_folder
 
     settings = DemoSettings(
         minutes, model, shape, patch_size, epochs, steps_per_epoch, seed, overwrite
     )
     check_settings(settings)
+    check_folder(out_dir, "OUT_DIR")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise CryocapsError(
             f"{out_dir} exists and is not empty; pass --overwrite or choose another folder"

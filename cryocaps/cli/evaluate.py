@@ -36,8 +36,10 @@ from cryocaps.cli.common import (
     VoxelSize,
     command_line,
     copick_selection,
+    in_range,
     is_quiet,
     narrow_classes,
+    positive,
     setup_logging,
     stdout_console,
 )
@@ -61,6 +63,7 @@ def command(
         float,
         typer.Option(
             "--tolerance-fraction",
+            callback=positive,
             help="A pick matches a particle within this fraction of the class radius. "
             "[default: 0.5]",
         ),
@@ -68,7 +71,9 @@ def command(
     beta: Annotated[
         float,
         typer.Option(
-            "--beta", help="beta of the F-beta score (the CZII challenge uses 4). [default: 1]"
+            "--beta",
+            callback=positive,
+            help="beta of the F-beta score (the CZII challenge uses 4). [default: 1]",
         ),
     ] = 1.0,
     report_dir: Annotated[
@@ -108,7 +113,10 @@ def command(
         ),
     ] = None,
     overlay_slices: Annotated[
-        int, typer.Option("--overlay-slices", help="Slabs per overlay figure. [default: 3]")
+        int,
+        typer.Option(
+            "--overlay-slices", callback=in_range(1), help="Slabs per overlay figure. [default: 3]"
+        ),
     ] = 3,
     labels_pred: Annotated[
         list[Path] | None,
@@ -152,10 +160,10 @@ def command(
     )
     if classes is None and radius_angstrom is None and not voxel_mode and is_copick_config(truth):
         classes = truth  # the project's pickable objects
-    class_table, classes = load_class_table_beside(
+    full_table, classes = load_class_table_beside(
         [labels_true[0]] if voxel_mode else [truth], classes, radius_angstrom
     )
-    class_table = narrow_classes(class_table, copick_objects)
+    class_table = narrow_classes(full_table, copick_objects)
     parameters = {
         "tolerance_fraction": tolerance_fraction,
         "beta": beta,
@@ -167,6 +175,7 @@ def command(
             labels_pred,
             labels_true,
             class_table,
+            {c.label for c in full_table} - {c.label for c in class_table},
             as_json,
             report_dir,
             parameters,
@@ -369,7 +378,15 @@ def _compact_table(
 
 
 def _voxel_scores(
-    labels_pred, labels_true, class_table, as_json, report_dir, parameters, started, overwrite
+    labels_pred,
+    labels_true,
+    class_table,
+    left_out,
+    as_json,
+    report_dir,
+    parameters,
+    started,
+    overwrite,
 ) -> None:
     from cryocaps.evaluation import voxel_report
     from cryocaps.runinfo import write_run_json
@@ -381,6 +398,7 @@ def _voxel_scores(
         report_dir=report_dir,
         parameters=parameters,
         overwrite=overwrite,
+        ignored_labels=left_out,
     )
     scores, names = result.scores, result.tomograms
     if report_dir is not None:

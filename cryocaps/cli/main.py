@@ -74,7 +74,7 @@ def _register() -> None:
         module = importlib.import_module(f"cryocaps.cli.{module_name}")  # a missing module is a bug
         app.command(
             name, help=module.__doc__, no_args_is_help=getattr(module, "NO_ARGS_IS_HELP", True)
-        )(handle_errors(module.command))
+        )(handle_errors(module.command, name))
 
 
 _register()

@@ -32,7 +32,9 @@ from cryocaps.cli.common import (
     VoxelSize,
     command_line,
     copick_selection,
+    in_range,
     narrow_classes,
+    positive,
     print_table,
     progress,
     setup_logging,
@@ -65,6 +67,7 @@ def command(
         float,
         typer.Option(
             "--radius-scale",
+            callback=positive,
             help="Multiply every class radius by this factor (no unit; sphere and gaussian "
             "shapes). [default: 1.0]",
         ),
@@ -83,6 +86,7 @@ def command(
         float,
         typer.Option(
             "--template-threshold",
+            callback=in_range(0, 1),
             help="With --shape template: inside where the density exceeds this fraction of the "
             "template's maximum (0-1). [default: 0.2]",
         ),

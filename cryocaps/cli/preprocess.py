@@ -23,6 +23,7 @@ from cryocaps.cli.common import (
     Verbose,
     collect_mrc_files,
     command_line,
+    positive,
     print_table,
     progress,
     setup_logging,
@@ -41,6 +42,7 @@ def command(
         float | None,
         typer.Option(
             "--voxel-size-angstrom",
+            callback=positive,
             help="Target voxel size in Å (Fourier cropping; e.g. 10.8 bins 5.4 Å by 2). "
             "[default: keep]",
             show_default=False,
@@ -50,6 +52,7 @@ def command(
         float | None,
         typer.Option(
             "--input-voxel-size-angstrom",
+            callback=positive,
             help="Voxel size of the inputs in Å, overriding the MRC headers. "
             "[default: from the header]",
             show_default=False,
@@ -59,6 +62,7 @@ def command(
         float | None,
         typer.Option(
             "--lowpass-angstrom",
+            callback=positive,
             help="Low-pass filter: keep detail coarser than this resolution in Å "
             "(soft cosine edge). [default: none]",
             show_default=False,
@@ -68,6 +72,7 @@ def command(
         float | None,
         typer.Option(
             "--highpass-angstrom",
+            callback=positive,
             help="High-pass filter: remove variation slower than this resolution in Å "
             "(soft cosine edge). [default: none]",
             show_default=False,

@@ -36,6 +36,7 @@ from cryocaps.cli.common import (
     collect_mrc_files,
     command_line,
     console,
+    in_range,
     print_table,
     progress,
     setup_logging,
@@ -62,20 +63,38 @@ def parse_shard(text: str | None, environ=os.environ) -> tuple[int, int] | None:
         and task_max is not None
         and str(index) == task_id.strip()
     ):
-        step = int(environ.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
-        n_tasks = (int(task_max) - int(task_min)) // step + 1
+        step = _slurm_number(environ, "SLURM_ARRAY_TASK_STEP", minimum=1)
+        task_min = _slurm_number(environ, "SLURM_ARRAY_TASK_MIN", minimum=0)
+        task_max = _slurm_number(environ, "SLURM_ARRAY_TASK_MAX", minimum=task_min)
+        n_tasks = (task_max - task_min) // step + 1
         if n_tasks != count:
             raise CryocapsError(
                 f"--shard {text}: the SLURM array has {n_tasks} tasks ({task_min}-{task_max}) "
                 f"but N is {count}; "
                 f"use --array=0-{count - 1} or make N match"
             )
-        index = (index - int(task_min)) // step
+        index = (index - task_min) // step
     if not 0 <= index < count:
         raise CryocapsError(
             f"--shard {text}: I must be from 0 to {count - 1} (shards are counted from 0)"
         )
     return index, count
+
+
+def _slurm_number(environ, name: str, minimum: int) -> int:
+    """A SLURM array variable as an integer of at least ``minimum`` (a step left empty is 1)."""
+    text = (environ.get(name) or "").strip()
+    if name == "SLURM_ARRAY_TASK_STEP" and not text:
+        return 1
+    try:
+        value = int(text)
+    except ValueError:
+        raise CryocapsError(f"{name}={text!r}: not an integer (set by SLURM for --shard)") from None
+    if value < minimum:
+        raise CryocapsError(
+            f"{name}={value}: must be at least {minimum} (set by SLURM for --shard)"
+        )
+    return value
 
 
 def command(
@@ -102,6 +121,7 @@ def command(
         int | None,
         typer.Option(
             "--patch-size",
+            callback=in_range(1),
             help="Window side in voxels (a multiple of the model's size multiple: unet 4, "
             "ucaps 8); shrunk to fit small volumes. "
             "[default: the larger of 96 and the training patch]",
@@ -112,13 +132,17 @@ def command(
         int | None,
         typer.Option(
             "--overlap",
+            callback=in_range(0),
             help="Voxels shared by neighbouring windows, below the patch size (the paper used 25). "
             "[default: 16]",
             show_default=False,
         ),
     ] = None,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Windows per forward pass. [default: 1]")
+        int,
+        typer.Option(
+            "--batch-size", callback=in_range(1), help="Windows per forward pass. [default: 1]"
+        ),
     ] = 1,
     blending: Annotated[
         str,
@@ -176,7 +200,8 @@ def command(
         int | None,
         typer.Option(
             "--threads",
-            help="CPU threads for torch. [default: the CPUs available]",
+            callback=in_range(1),
+            help="CPU threads for torch, at least 1 (as in train). [default: the CPUs available]",
             show_default=False,
         ),
     ] = None,

@@ -27,27 +27,16 @@ from cryocaps.cli.common import (
     Seed,
     command_line,
     console,
+    in_range,
+    positive,
     print_table,
     progress,
     setup_logging,
 )
-from cryocaps.errors import CryocapsError
-from cryocaps.simulate.parameters import SimulationParameters
+from cryocaps.simulate.parameters import SimulationParameters, parse_shape
 
 DEFAULTS = SimulationParameters()  # the library's defaults (that module imports nothing heavy)
 _DEFAULT_SHAPE = ",".join(map(str, DEFAULTS.shape))
-
-
-def _parse_shape(text: str) -> tuple[int, int, int]:
-    try:
-        values = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise CryocapsError(
-            f"--shape {text!r}: expected three integers Z,Y,X, e.g. 64,128,128"
-        ) from None
-    if len(values) != 3:
-        raise CryocapsError(f"--shape {text!r}: expected three integers Z,Y,X, e.g. 64,128,128")
-    return values  # type: ignore[return-value]
 
 
 def command(
@@ -55,7 +44,9 @@ def command(
     n_tomograms: Annotated[
         int,
         typer.Option(
-            "--n-tomograms", help=f"Number of tomograms. [default: {DEFAULTS.n_tomograms}]"
+            "--n-tomograms",
+            callback=in_range(1),
+            help=f"Number of tomograms. [default: {DEFAULTS.n_tomograms}]",
         ),
     ] = DEFAULTS.n_tomograms,
     shape: Annotated[
@@ -69,6 +60,7 @@ def command(
         float,
         typer.Option(
             "--voxel-size-angstrom",
+            callback=positive,
             help="Voxel (and detector pixel) size in Å. "
             f"[default: {DEFAULTS.voxel_size_angstrom:g}]",
         ),
@@ -104,6 +96,7 @@ def command(
         float,
         typer.Option(
             "--snr",
+            callback=positive,
             help="Signal-to-noise ratio of the tilt images: variance of the CTF-modulated "
             f"particle projections / noise variance. [default: {DEFAULTS.snr:g}]",
         ),
@@ -112,6 +105,7 @@ def command(
         float,
         typer.Option(
             "--tilt-range-deg",
+            callback=in_range(0, 90, low_open=True),
             help="Tilts from -T to +T degrees, tilt axis Y; in (0, 90]. "
             f"[default: {DEFAULTS.tilt_range_deg:g}]",
         ),
@@ -120,29 +114,39 @@ def command(
         float,
         typer.Option(
             "--tilt-step-deg",
+            callback=positive,
             help=f"Tilt increment in degrees. [default: {DEFAULTS.tilt_step_deg:g}]",
         ),
     ] = DEFAULTS.tilt_step_deg,
     defocus_um: Annotated[
         float,
         typer.Option(
-            "--defocus-um", help=f"Underfocus in µm (positive). [default: {DEFAULTS.defocus_um:g}]"
+            "--defocus-um",
+            callback=positive,
+            help=f"Underfocus in µm (positive). [default: {DEFAULTS.defocus_um:g}]",
         ),
     ] = DEFAULTS.defocus_um,
     voltage_kv: Annotated[
         float,
         typer.Option(
-            "--voltage-kv", help=f"Acceleration voltage in kV. [default: {DEFAULTS.voltage_kv:g}]"
+            "--voltage-kv",
+            callback=positive,
+            help=f"Acceleration voltage in kV. [default: {DEFAULTS.voltage_kv:g}]",
         ),
     ] = DEFAULTS.voltage_kv,
     cs_mm: Annotated[
         float,
-        typer.Option("--cs-mm", help=f"Spherical aberration in mm. [default: {DEFAULTS.cs_mm:g}]"),
+        typer.Option(
+            "--cs-mm",
+            callback=in_range(0),
+            help=f"Spherical aberration in mm. [default: {DEFAULTS.cs_mm:g}]",
+        ),
     ] = DEFAULTS.cs_mm,
     amplitude_contrast: Annotated[
         float,
         typer.Option(
             "--amplitude-contrast",
+            callback=in_range(0, 1),
             help=f"Amplitude contrast fraction. [default: {DEFAULTS.amplitude_contrast:g}]",
         ),
     ] = DEFAULTS.amplitude_contrast,
@@ -159,6 +163,7 @@ def command(
         int | None,
         typer.Option(
             "--n-particles",
+            callback=in_range(0),
             help="Particles per tomogram, split evenly over the classes. "
             "[default: from --crowding]",
         ),
@@ -167,6 +172,7 @@ def command(
         float,
         typer.Option(
             "--crowding",
+            callback=in_range(0, 0.4),
             help="Fraction of the slab volume filled by particle envelope spheres, 0-0.4. "
             f"[default: {DEFAULTS.crowding:g}]",
         ),
@@ -175,6 +181,7 @@ def command(
         float | None,
         typer.Option(
             "--slab-thickness-angstrom",
+            callback=positive,
             help="Sample (ice) thickness in Å; particles stay inside it. "
             "[default: 80% of the box height]",
         ),
@@ -212,7 +219,7 @@ def command(
     started = time.time()
     params = SimulationParameters(
         n_tomograms=n_tomograms,
-        shape=_parse_shape(shape),
+        shape=parse_shape(shape),
         voxel_size_angstrom=voxel_size_angstrom,
         snr=snr,
         tilt_range_deg=tilt_range_deg,

@@ -29,6 +29,8 @@ from cryocaps.cli.common import (
     VoxelSize,
     command_line,
     console,
+    in_range,
+    positive,
     print_table,
     progress,
     setup_logging,
@@ -128,6 +130,7 @@ def command(
         int | None,
         typer.Option(
             "--patch-size",
+            callback=in_range(8),
             help=f"Patch side in voxels (paper: {PAPER['patch_size']}). "
             f"[default: {AUTO_PATCH_MIN}, "
             f"or 2 x the largest particle radius + {AUTO_PATCH_CONTEXT} rounded up to a multiple "
@@ -138,18 +141,24 @@ def command(
         int,
         typer.Option(
             "--batch-size",
+            callback=in_range(1),
             help=f"Patches per step and process (paper: {PAPER['batch_size']}). "
             f"[default: {DEFAULT['batch_size']}]",
         ),
     ] = DEFAULT["batch_size"],
     epochs: Annotated[
         int,
-        typer.Option("--epochs", help=f"Maximum number of epochs. [default: {DEFAULT['epochs']}]"),
+        typer.Option(
+            "--epochs",
+            callback=in_range(1),
+            help=f"Maximum number of epochs. [default: {DEFAULT['epochs']}]",
+        ),
     ] = DEFAULT["epochs"],
     steps_per_epoch: Annotated[
         int,
         typer.Option(
             "--steps-per-epoch",
+            callback=in_range(1),
             help=f"Optimiser steps per epoch. [default: {DEFAULT['steps_per_epoch']}]",
         ),
     ] = DEFAULT["steps_per_epoch"],
@@ -157,6 +166,7 @@ def command(
         float,
         typer.Option(
             "--lr",
+            callback=positive,
             help=f"Adam learning rate (paper: {PAPER['lr']:g}). [default: {DEFAULT['lr']:g}]",
         ),
     ] = DEFAULT["lr"],
@@ -186,6 +196,7 @@ def command(
         int,
         typer.Option(
             "--patience",
+            callback=in_range(0),
             help="Stop after this many validations without a better score (--select-by; with f1 "
             "the held-out regions' validations count); 0 = never. "
             f"[default: {DEFAULT['patience']}]",
@@ -205,6 +216,7 @@ def command(
         float,
         typer.Option(
             "--val-fraction",
+            callback=in_range(0, 1),
             help="Hold out this fraction of each tomogram for validation: a slab at the end of "
             "its longer in-plane axis, full Z, kept half a patch away from every training patch "
             f"(paper: {PAPER['val_fraction']} of the particles). "
@@ -248,6 +260,7 @@ def command(
         float,
         typer.Option(
             "--background-fraction",
+            callback=in_range(0, 1),
             help="Fraction of patches placed off the particles (background). "
             f"[default: {DEFAULT['background_fraction']}]",
         ),
@@ -256,6 +269,7 @@ def command(
         float,
         typer.Option(
             "--hard-negatives",
+            callback=in_range(0, 1),
             help="Share of the background patches centred on label-free places of high contrast "
             "(membranes, gold, carbon edges) instead of at random; 0 = all random. "
             f"[default: {DEFAULT['hard_negative_fraction']}]",
@@ -265,6 +279,7 @@ def command(
         int | None,
         typer.Option(
             "--jitter-voxels",
+            callback=in_range(0),
             help="Random shift of particle patches, voxels per axis. [default: patch size / 4]",
         ),
     ] = DEFAULT["jitter_voxels"],
@@ -296,6 +311,7 @@ def command(
         int,
         typer.Option(
             "--max-val-patches",
+            callback=in_range(1),
             help="At most this many validation patches per epoch. "
             f"[default: {DEFAULT['max_val_patches']}]",
         ),
@@ -312,6 +328,7 @@ def command(
         float | None,
         typer.Option(
             "--max-minutes",
+            callback=positive,
             help="Wall-time budget in minutes: the epoch running out of time ends early, is "
             "validated and checkpointed, and training stops.",
         ),
@@ -332,7 +349,10 @@ def command(
     threads: Annotated[
         int | None,
         typer.Option(
-            "--threads", help="Torch threads per process. [default: CPUs / processes on this node]"
+            "--threads",
+            callback=in_range(1),
+            help="Torch threads per process, at least 1 (as in segment). "
+            "[default: the CPUs available / processes on this node]",
         ),
     ] = DEFAULT["threads"],
     voxel_size_angstrom: VoxelSize = DEFAULT["voxel_size_angstrom"],

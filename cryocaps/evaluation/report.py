@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,18 +296,20 @@ def voxel_report(
     report_dir: str | os.PathLike | None = None,
     parameters: dict | None = None,
     overwrite: bool = False,
+    ignored_labels: Collection[int] = (),
 ) -> VoxelReport:
     """Voxel scores of label maps (files or folders), and ``report_dir/voxel_report.json``.
 
-    See :func:`label_map_files` and :func:`evaluate_label_files`. An existing report
-    is refused unless ``overwrite``, before any map is read.
+    See :func:`label_map_files` and :func:`evaluate_label_files` (``ignored_labels``:
+    labels of classes left out on purpose). An existing report is refused unless
+    ``overwrite``, before any map is read.
     """
     from cryocaps.io.files import check_writable, write_text_atomic
 
     predicted, true = label_map_files(labels_pred, labels_true)
     if report_dir is not None:
         check_writable(Path(report_dir) / VOXEL_REPORT_NAME, overwrite)
-    scores, names = evaluate_label_files(predicted, true, classes)
+    scores, names = evaluate_label_files(predicted, true, classes, ignored_labels=ignored_labels)
     written = []
     if report_dir is not None:
         content = {**scores, "tomograms": names, "parameters": parameters or {}}

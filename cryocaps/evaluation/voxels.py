@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -189,11 +189,14 @@ def evaluate_label_files(
     *,
     use_probabilities: bool = True,
     progress: Callable[[str], None] | None = None,
+    ignored_labels: Collection[int] = (),
 ) -> tuple[dict, list[str]]:
     """Voxel scores of predicted label maps against true ones, paired by tomogram name.
 
     ``<tomo>_labels.mrc`` pairs with ``<tomo>.mrc`` or ``<tomo>_labels.mrc``;
-    ``<tomo>_probs.mrc`` beside a predicted map adds voxel AUPRC. Returns
+    ``<tomo>_probs.mrc`` beside a predicted map adds voxel AUPRC. A label in either
+    map that is neither in ``classes`` nor in ``ignored_labels`` (classes left out on
+    purpose) is refused: the maps were made with another class table. Returns
     (:meth:`VoxelScores.result`, tomogram names scored).
     """
     from cryocaps.io.layout import index_by_tomogram
@@ -218,6 +221,8 @@ def evaluate_label_files(
         pred = read_tomogram(predicted_maps[name])
         true_map = read_tomogram(true_maps[name])
         try:
+            for volume, flag in ((pred, "--labels-pred"), (true_map, "--labels-true")):
+                _check_labels(volume.data, classes, ignored_labels, f"{flag} {volume.path}")
             _score_pair(
                 scores, pred, true_map, predicted_maps[name], true_maps[name], use_probabilities
             )
@@ -227,6 +232,25 @@ def evaluate_label_files(
         if progress is not None:
             progress(name)
     return scores.result(), common
+
+
+def _check_labels(
+    label_map: np.ndarray, classes: ClassTable, ignored: Collection[int], where: str
+) -> None:
+    """Refuse labels that neither ``classes`` nor ``ignored`` list."""
+    labels = _labels(label_map)
+    present = (
+        np.nonzero(np.bincount(labels.ravel()))[0]
+        if labels.dtype == np.uint8
+        else np.unique(labels)
+    )
+    known = {0, *(c.label for c in classes), *ignored}
+    unknown = [int(v) if float(v).is_integer() else float(v) for v in present if v not in known]
+    if unknown:
+        raise CryocapsError(
+            f"{where}: label(s) {', '.join(map(str, unknown))} are not in the class table "
+            f"{classes.source} (labels there: {', '.join(str(c.label) for c in classes)})"
+        )
 
 
 def _score_pair(scores, pred, true_map, pred_path, true_path, use_probabilities: bool) -> None:

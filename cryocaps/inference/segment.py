@@ -32,6 +32,7 @@ from cryocaps.inference.blend import (
 from cryocaps.inference.sinks import MrcMapsSink
 from cryocaps.inference.windows import count_windows, overlap_overhead, plan_windows, resolve_window
 from cryocaps.io.class_table import read_classes, write_classes
+from cryocaps.io.files import check_folder
 from cryocaps.io.layout import CLASS_TABLE_NAME, output_paths, tomogram_name
 from cryocaps.io.pages import release_pages
 from cryocaps.io.thresholds import SCORE_KINDS, write_companion_thresholds
@@ -410,6 +411,7 @@ def segment_files(
     from cryocaps.modelfile import load_model
 
     check_blending(blending)
+    check_folder(out_dir, "-o")
     if batch_size < 1:
         raise CryocapsError(f"--batch-size {batch_size}: must be at least 1")
     if threads is not None and threads < 1:

@@ -21,14 +21,43 @@ log = logging.getLogger(__name__)
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse to replace an existing file unless ``overwrite``; create the parent folder."""
+    """Refuse to replace an existing file unless ``overwrite``, and a path that cannot be a
+    file. Creates nothing: the writer (:func:`atomic_path`) makes the folder when it writes,
+    so a run refused later leaves no empty folder behind."""
     path = Path(path)
+    if path.is_dir():
+        raise CryocapsError(f"{path} is a folder, expected a file name")
+    blocking = _file_in_the_way(path.parent)
+    if blocking is not None:
+        raise CryocapsError(f"{path}: {blocking} is a file, not a folder")
     if path.exists() and not overwrite:
         raise CryocapsError(f"{path} exists; pass --overwrite to replace it")
-    if path.exists() and path.is_dir():
-        raise CryocapsError(f"{path} is a folder, expected a file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def check_folder(folder: str | os.PathLike, flag: str | None = None) -> Path:
+    """Refuse an output folder that is a file or lies under one (nothing is created)."""
+    folder = Path(folder)
+    blocking = _file_in_the_way(folder)
+    if blocking is not None:
+        where = f"{flag} {folder}" if flag else str(folder)
+        if blocking == folder:
+            raise CryocapsError(f"{where}: is a file, expected a folder")
+        raise CryocapsError(f"{where}: {blocking} is a file, not a folder")
+    return folder
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The nearest existing path among ``folder`` and its parents, if it is not a folder."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists() or p.is_symlink()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
+def make_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` and its parents; a CryocapsError when a file stands in the way."""
+    folder = check_folder(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @contextlib.contextmanager
@@ -42,8 +71,12 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     parts no living process holds (:func:`remove_stale_parts`).
     """
     path = check_writable(path, overwrite)
+    make_folder(path.parent)
     remove_stale_parts(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as error:  # the error would name the temporary file, not the one asked for
+        raise OSError(error.errno, error.strerror, str(path)) from None
     if fcntl is not None:
         with contextlib.suppress(OSError):  # a file system without locks: the part looks stale
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -53,6 +86,13 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if error.filename is None or os.fsdecode(error.filename) == tmp_name:
+            # a failed write (disk full, quota) names no file: name the one being written
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

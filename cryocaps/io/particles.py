@@ -182,7 +182,7 @@ def read_particles(
         if path.is_dir():
             raise CryocapsError(f"{path}: is a folder, expected a particle file")
         format = detect_format(path)
-        frame = READERS[format](path, geometry)
+        frame = _read_one(path, format, geometry)
         log.debug("%s: %d particles read as %s", path, len(frame), format)
         _warn_outside(frame, geometry, path)
         frames.append(frame)
@@ -190,6 +190,16 @@ def read_particles(
     if any(c in table.columns for c in ANGLE_COLUMNS):
         table[ANGLE_COLUMNS] = table.reindex(columns=ANGLE_COLUMNS).fillna(0.0)
     return table
+
+
+def _read_one(path: Path, format: str, geometry: Geometry) -> pd.DataFrame:
+    """One file through its format's reader; content a reader cannot take (text where a number
+    belongs, a row cut short, a missing key) is the file's fault and named as such."""
+    try:
+        return READERS[format](path, geometry)
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CryocapsError(f"{path}: not a readable {format} particle file ({reason})") from error
 
 
 def _warn_outside(table: pd.DataFrame, geometry: Geometry, path: Path) -> None:

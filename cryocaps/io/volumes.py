@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
+from mrcfile.utils import data_dtype_from_header
 
 from cryocaps.errors import CryocapsError
 from cryocaps.io.files import atomic_path
@@ -272,10 +273,33 @@ def read_info(path: str | os.PathLike, voxel_size_angstrom: float | None = None)
         shape = (nz, int(header.ny), int(header.nx))
         if min(shape) < 2:
             raise CryocapsError(f"{path}: expected a 3D volume, got shape {shape}")
+        _check_mode_and_size(mrc, path)
         voxel = _voxel_size(mrc, path, voxel_size_angstrom)
         return TomogramInfo(tomogram_name(path), shape, voxel, _origin(mrc))
     finally:
         mrc.close()
+
+
+def _check_mode_and_size(mrc, path: Path) -> None:
+    """Refuse, from the header alone, complex or unknown modes and a file shorter than its
+    header says (a copy cut short), before anything is computed or written."""
+    header = mrc.header
+    mode = int(header.mode)
+    if mode in (3, 4):
+        raise CryocapsError(f"{path}: MRC mode {mode} (complex) data is not supported")
+    try:
+        dtype = data_dtype_from_header(header)
+    except ValueError:
+        raise CryocapsError(f"{path}: unknown MRC mode {mode}") from None
+    if mode == 101:  # 4-bit values, two a byte: mrcfile checks those sizes itself
+        return
+    voxels = int(header.nx) * int(header.ny) * int(header.nz)
+    needed = header.nbytes + int(header.nsymbt) + voxels * dtype.itemsize
+    size = path.stat().st_size
+    if size < needed:
+        raise CryocapsError(
+            f"{path}: truncated MRC file ({size} bytes; its header describes {needed})"
+        )
 
 
 def _read_zarr_tomogram(

@@ -8,9 +8,12 @@ connections by concatenation, ReLU, a 1×1×1 output convolution to K classes
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
+from cryocaps.errors import CryocapsError
 from cryocaps.models.losses import dice_ce_loss
 
 
@@ -39,6 +42,18 @@ def pointwise_conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 4, 1, 2, 3)
 
 
+def _three_widths(widths) -> tuple[int, int, int]:
+    """``widths`` as three positive channel counts (CryocapsError otherwise)."""
+    values = list(widths) if isinstance(widths, (list, tuple)) else [widths]
+    if len(values) != 3 or not all(
+        isinstance(w, numbers.Integral) and not isinstance(w, bool) and w > 0 for w in values
+    ):
+        raise CryocapsError(
+            f"widths {widths!r}: give three positive channel counts, shallow to deep, e.g. 32,48,64"
+        )
+    return values[0], values[1], values[2]
+
+
 class UNet3D(nn.Module):
     """DeepFinder-style 3D U-Net.
 
@@ -54,7 +69,7 @@ class UNet3D(nn.Module):
 
     def __init__(self, n_classes: int, widths=(32, 48, 64), batch_norm: bool = False):
         super().__init__()
-        w1, w2, w3 = (int(w) for w in widths)
+        w1, w2, w3 = _three_widths(widths)
         self.config = {
             "n_classes": int(n_classes),
             "widths": [w1, w2, w3],

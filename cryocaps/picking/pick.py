@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -267,11 +267,15 @@ def pick_files(
     use_probabilities: bool = True,
     voxel_size_angstrom: float | None = None,
     progress: Callable[[str], None] | None = None,
+    ignored_labels: Collection[int] = (),
 ) -> tuple[pd.DataFrame, list[TomogramInfo], list[Path]]:
     """Pick every label map file (``<tomo>_labels.mrc``), with its ``_probs``/``_score`` companions.
 
-    Returns the particle table (``tomo`` = tomogram name without the ``_labels``
-    suffix), the tomograms' geometry (for writers that need sizes) and the files read.
+    A label in a map that is neither in ``classes`` nor in ``ignored_labels`` (classes
+    left out on purpose, e.g. by ``--copick-objects``) means the wrong class table: a
+    CryocapsError. Returns the particle table (``tomo`` = tomogram name without the
+    ``_labels`` suffix), the tomograms' geometry (for writers that need sizes) and the
+    files read.
     """
     tables, infos, inputs = [], [], []
     for path in map(Path, label_paths):
@@ -290,7 +294,7 @@ def pick_files(
         if use_probabilities:
             probabilities, scores, companions = _read_companions(path, voxel)
             inputs += companions
-        _warn_unknown_labels(label_tomogram.data, classes, path)
+        _check_labels(label_tomogram.data, classes, path, ignored_labels)
         try:
             table = pick_particles(
                 label_tomogram.data,
@@ -341,21 +345,22 @@ def _read_companions(label_path: Path, voxel_size_angstrom: float):
     return None, None, []
 
 
-def _warn_unknown_labels(label_map: np.ndarray, classes: ClassTable, path: Path) -> None:
+def _check_labels(
+    label_map: np.ndarray, classes: ClassTable, path: Path, ignored: Collection[int]
+) -> None:
+    """Refuse labels the class table does not know (those in ``ignored`` are skipped)."""
     counts = np.bincount(
         np.asarray(label_map).view(np.uint8).ravel()
         if label_map.dtype.itemsize == 1
         else np.asarray(label_map, dtype=np.int64).ravel().clip(0)
     )
-    known = {0, *(c.label for c in classes)}
-    unknown = [label for label in np.nonzero(counts)[0] if label not in known]
+    known = {0, *(c.label for c in classes), *ignored}
+    unknown = [int(label) for label in np.nonzero(counts)[0] if label not in known]
     if unknown:
-        log.warning(
-            "%s: label(s) %s are not in the class table %s and are ignored (labels there: %s)",
-            path,
-            ", ".join(map(str, unknown)),
-            classes.source,
-            ", ".join(str(c.label) for c in classes),
+        raise CryocapsError(
+            f"{path}: label(s) {', '.join(map(str, unknown))} are not in the class table "
+            f"{classes.source} (labels there: {', '.join(str(c.label) for c in classes)}); "
+            "give the classes.csv the map was made with (--classes)"
         )
 
 

@@ -231,10 +231,11 @@ def plan_files(
     without voxel size, a bad option, an output that would replace its input,
     two inputs with the same file name, or an existing output without ``overwrite``.
     """
-    from cryocaps.io.files import check_writable
+    from cryocaps.io.files import check_folder, check_writable
     from cryocaps.io.layout import tomogram_name
     from cryocaps.io.zarr_volumes import is_zarr_path, level_voxel_size
 
+    check_folder(out_dir, "-o")
     plans = []
     seen = {}
     for path in map(Path, paths):

@@ -16,6 +16,7 @@ from cryocaps.assemblies import named_templates
 from cryocaps.classes import ClassTable, ParticleClass
 from cryocaps.errors import CryocapsError
 from cryocaps.io.class_table import write_classes
+from cryocaps.io.files import check_folder
 from cryocaps.simulate.parameters import SimulationParameters, check_box, check_parameters
 from cryocaps.simulate.tomogram import SimulatedTomogram, simulate_tomogram
 from cryocaps.structures import ParticleTemplate, load_structure_templates
@@ -172,6 +173,7 @@ def simulate_dataset(
 def _check_outputs(out_dir: Path, planned: list[Path], overwrite: bool) -> None:
     """Refuse existing outputs (unless ``overwrite``); warn of MRC files this run leaves beside
     them."""
+    check_folder(out_dir, "OUT_DIR")
     existing = [p for p in planned if p.exists()]
     if existing and not overwrite:
         raise CryocapsError(f"{existing[0]} exists; pass --overwrite to replace it")

@@ -11,11 +11,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cryocaps.errors import CryocapsError
+from cryocaps.runtime import physical_memory_bytes
 
 if TYPE_CHECKING:
     from cryocaps.structures import ParticleTemplate
 
-__all__ = ["SimulationParameters", "check_box", "check_parameters"]
+__all__ = ["SimulationParameters", "check_box", "check_memory", "check_parameters", "parse_shape"]
+
+# The simulator holds several float32 copies of a tomogram at once (the volume, its
+# back-projection, the label map, noise): peak memory measured 437 MB at 64x128x128 and
+# 660 MB at 64x256x256, ~70 bytes per added voxel. A box needing more than this floor per
+# voxel cannot fit in the machine's memory, so it is refused before anything is computed.
+BYTES_PER_VOXEL_FLOOR = 16
+MIN_SIDE = 8
 
 
 @dataclass
@@ -47,14 +55,54 @@ class SimulationParameters:
         return self.slab_thickness_angstrom / self.voxel_size_angstrom
 
 
+def parse_shape(text: str, flag: str = "--shape") -> tuple[int, int, int]:
+    """``"Z,Y,X"`` (or ``ZxYxX``) -> three sizes of at least :data:`MIN_SIDE` voxels."""
+    example = f"expected three integers Z,Y,X of at least {MIN_SIDE}, e.g. 64,128,128"
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise CryocapsError(f"{flag} {text!r}: {example}") from None
+    if len(values) != 3 or min(values) < MIN_SIDE:
+        raise CryocapsError(f"{flag} {text!r}: {example}")
+    return values  # type: ignore[return-value]
+
+
+def check_memory(shape: Sequence[int], flag: str = "--shape") -> None:
+    """Refuse a tomogram too large to simulate in this machine's memory."""
+    memory = physical_memory_bytes()
+    needed = math.prod(shape) * BYTES_PER_VOXEL_FLOOR
+    if memory is not None and needed > memory:
+        raise CryocapsError(
+            f"{flag} {','.join(map(str, shape))}: simulating {math.prod(shape):.3g} voxels needs "
+            f"more than {needed / 2**30:.3g} GiB of memory ({BYTES_PER_VOXEL_FLOOR} bytes a voxel "
+            f"at least); this machine has {memory / 2**30:.3g} GiB. Use a smaller {flag}"
+        )
+
+
 def check_parameters(params: SimulationParameters) -> None:
     """Refuse values that cannot make a tomogram (one-line :class:`CryocapsError`)."""
+    numbers = {
+        "--voxel-size-angstrom": params.voxel_size_angstrom,
+        "--snr": params.snr,
+        "--tilt-range-deg": params.tilt_range_deg,
+        "--tilt-step-deg": params.tilt_step_deg,
+        "--defocus-um": params.defocus_um,
+        "--voltage-kv": params.voltage_kv,
+        "--cs-mm": params.cs_mm,
+        "--amplitude-contrast": params.amplitude_contrast,
+        "--crowding": params.crowding,
+        "--slab-thickness-angstrom": params.slab_thickness_angstrom,
+    }
+    for flag, value in numbers.items():
+        if value is not None and not math.isfinite(value):
+            raise CryocapsError(f"{flag} {value}: not a finite number")
     if params.n_tomograms < 1:
         raise CryocapsError(f"--n-tomograms must be >= 1, got {params.n_tomograms}")
-    if len(params.shape) != 3 or min(params.shape) < 8:
+    if len(params.shape) != 3 or min(params.shape) < MIN_SIDE:
         raise CryocapsError(
-            f"--shape must be three sizes Z,Y,X of at least 8 voxels, got {params.shape}"
+            f"--shape must be three sizes Z,Y,X of at least {MIN_SIDE} voxels, got {params.shape}"
         )
+    check_memory(params.shape)
     if not params.voxel_size_angstrom > 0:
         raise CryocapsError(f"--voxel-size-angstrom must be > 0, got {params.voxel_size_angstrom}")
     if not (params.snr > 0 and math.isfinite(params.snr)):
@@ -103,3 +151,15 @@ def check_box(params: SimulationParameters, templates: Sequence[ParticleTemplate
             f"{params.slab_voxels:.0f} x {params.shape[1]} x {params.shape[2]} voxels; "
             "use a larger --shape or --voxel-size-angstrom"
         )
+    if params.n_particles is not None:
+        # more envelope volume than the slab holds can never be placed (the placement would
+        # try every particle in vain, and keep a table of them all)
+        mean_volume = sum(4 / 3 * math.pi * t.radius_voxels**3 for t in templates) / len(templates)
+        fits = int(params.slab_voxels * params.shape[1] * params.shape[2] / mean_volume)
+        if params.n_particles > fits:
+            raise CryocapsError(
+                f"--n-particles {params.n_particles}: the sample slab "
+                f"({params.slab_voxels:.0f} x {params.shape[1]} x {params.shape[2]} voxels) holds "
+                f"the envelopes of at most {fits} particles of these classes; use a smaller "
+                "--n-particles or a larger --shape"
+            )

@@ -11,10 +11,12 @@ from cryocaps.training.ranks import Ranks
 def create_model(config: TrainConfig, n_labels: int):
     """The network by name, its options checked (CryocapsError names the flag)."""
     from cryocaps.models import create_model as create_network
+    from cryocaps.models import model_class
 
+    model_class(config.model)  # an unknown --model is not an option's fault
     try:
         model = create_network(config.model, n_labels, **config.model_options)
-    except TypeError as error:
+    except (TypeError, ValueError, CryocapsError) as error:
         raise CryocapsError(f"--model-option: {error}") from None
     if config.patch_size % model.size_multiple:
         raise CryocapsError(

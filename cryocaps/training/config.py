@@ -120,7 +120,7 @@ def check_settings(config: TrainConfig) -> None:
         (c.batch_size >= 1, f"--batch-size {c.batch_size}: must be >= 1"),
         (c.epochs >= 1, f"--epochs {c.epochs}: must be >= 1"),
         (c.steps_per_epoch >= 1, f"--steps-per-epoch {c.steps_per_epoch}: must be >= 1"),
-        (c.lr > 0, f"--lr {c.lr}: must be > 0"),
+        (0 < c.lr < float("inf"), f"--lr {c.lr}: must be a finite number > 0"),
         (
             0 <= c.background_fraction < 1,
             f"--background-fraction {c.background_fraction}: must be in [0, 1)",
@@ -150,6 +150,11 @@ def check_settings(config: TrainConfig) -> None:
             f"--max-minutes {c.max_minutes}: must be > 0",
         ),
         (c.max_val_patches >= 1, f"--max-val-patches {c.max_val_patches}: must be >= 1"),
+        (c.threads is None or c.threads >= 1, f"--threads {c.threads}: must be >= 1"),
+        (
+            c.jitter_voxels is None or c.jitter_voxels >= 0,
+            f"--jitter-voxels {c.jitter_voxels}: must be >= 0",
+        ),
         (not (c.fold and c.val_tomograms), "give --fold or --val-tomograms, not both"),
     ]
     for ok, message in checks:

@@ -13,7 +13,8 @@ def read_star(path) -> dict:
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as error:  # noqa: BLE001 - any parse failure is a bad file
-        raise CryocapsError(f"{path}: not a readable STAR file ({error})") from error
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CryocapsError(f"{path}: not a readable STAR file ({reason})") from error
     if not blocks:
         raise CryocapsError(f"{path}: empty STAR file (no data blocks)")
     return blocks
