@@ -239,6 +239,17 @@ def command(
             f"[default: {DEFAULT['hard_negative_fraction']}]",
         ),
     ] = DEFAULT["hard_negative_fraction"],
+    mined_negative_fraction: Annotated[
+        float,
+        typer.Option(
+            "--mined-negatives",
+            help="Share of the background patches centred on the network's own false positives: "
+            "at the end of every epoch it segments a few random training windows, and voxels it "
+            "calls a class where the label map says background become patch centres (the rest "
+            "follow --hard-negatives); 0 = off. "
+            f"[default: {DEFAULT['mined_negative_fraction']}]",
+        ),
+    ] = DEFAULT["mined_negative_fraction"],
     jitter_voxels: Annotated[
         int | None,
         typer.Option(
@@ -345,6 +356,7 @@ def command(
         fold=fold,
         background_fraction=background_fraction,
         hard_negative_fraction=hard_negative_fraction,
+        mined_negative_fraction=mined_negative_fraction,
         jitter_voxels=jitter_voxels,
         rot90=rot90,
         mirror=mirror,

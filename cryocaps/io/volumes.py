@@ -12,6 +12,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
+from cryocaps.classes import IGNORE_LABEL
 from cryocaps.errors import CryocapsError
 from cryocaps.io.files import atomic_path
 from cryocaps.io.layout import (  # noqa: F401 - the names volumes are known by
@@ -101,6 +102,8 @@ def label_counts(
     """Voxels per label (n_labels,), read slab by slab; refuses values outside 0..n_labels-1.
 
     ``label_map`` : (Z, Y, X) integer (or integral float) array, possibly memory-mapped.
+    Voxels of :data:`~cryocaps.classes.IGNORE_LABEL` (unknown, in partly annotated maps)
+    are allowed and not counted.
     """
     where = f"{flag} {path}" if path is not None else flag
     counts = np.zeros(n_labels, dtype=np.int64)
@@ -109,6 +112,9 @@ def label_counts(
         if block.dtype.kind == "f" and not np.all(block == np.round(block)):
             raise CryocapsError(f"{where}: label map holds non-integer values")
         block = block.astype(np.int64)
+        block = block[block != IGNORE_LABEL]
+        if block.size == 0:
+            continue
         low, high = int(block.min()), int(block.max())
         if low < 0:
             raise CryocapsError(f"{where}: negative label value {low}")

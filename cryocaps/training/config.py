@@ -62,6 +62,8 @@ class TrainConfig:
     fold: str | None = None  # "k/K"
     background_fraction: float = 0.3
     hard_negative_fraction: float = 0.5  # of the background patches, share on hard negatives
+    # of the background patches, share on the network's false positives mined between epochs
+    mined_negative_fraction: float = 0.0
     jitter_voxels: int | None = None  # default: patch_size // 4
     rot90: bool = False
     mirror: bool = False
@@ -121,6 +123,10 @@ def check_settings(config: TrainConfig) -> None:
         (
             0 <= c.hard_negative_fraction <= 1,
             f"--hard-negatives {c.hard_negative_fraction}: must be in [0, 1]",
+        ),
+        (
+            0 <= c.mined_negative_fraction <= 1,
+            f"--mined-negatives {c.mined_negative_fraction}: must be in [0, 1]",
         ),
         (0 < c.val_fraction < 1, f"--val-fraction {c.val_fraction}: must be in (0, 1)"),
         (c.patience >= 0, f"--patience {c.patience}: must be >= 0"),
