@@ -274,3 +274,71 @@ def test_defaults_are_documented(run_cli):
     assert f"[default: {defaults()['mined_negative_fraction']}]" in " ".join(train_help.split())
     masks_help = " ".join(run_cli("make-masks", "--help").output.split())
     assert "--unannotated" in masks_help and "[default: background]" in masks_help
+
+
+# --- a run ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_training_on_unknown_voxels_with_mining_runs_and_checkpoints_the_places(tmp_path):
+    from cryocaps.training import TrainConfig, train
+    from cryocaps.training.checkpoint import LAST_CHECKPOINT, load_checkpoint
+
+    rng = np.random.default_rng(0)
+    shape = (16, 32, 32)
+    (tmp_path / "tomograms").mkdir()
+    (tmp_path / "labels").mkdir()
+    zz, yy, xx = np.indices(shape)
+    for t in range(2):
+        volume = rng.normal(0, 0.5, shape).astype(np.float32)
+        label_map = np.full(shape, IGNORE_LABEL, np.uint8)  # unknown but near the particles
+        for z, y, x in ((8, 8, 8), (8, 22, 22), (8, 8, 24)):
+            distance = np.sqrt((zz - z) ** 2 + (yy - y) ** 2 + (xx - x) ** 2)
+            label_map[distance <= 6] = 0
+            label_map[distance <= 3] = 1
+            volume[distance <= 3] -= 2.0
+        write_volume(tmp_path / "tomograms" / f"tomo_{t}.mrc", volume, 10.0)
+        write_volume(
+            tmp_path / "labels" / f"tomo_{t}.mrc", label_map.view(np.int8), 10.0, dtype="int8"
+        )
+    (tmp_path / "classes.csv").write_text("label,name,radius_angstrom\n1,blob,30\n")
+    config = TrainConfig(
+        tomograms=[tmp_path / "tomograms"],
+        labels=[tmp_path / "labels"],
+        out_dir=tmp_path / "run",
+        model="unet",
+        model_options={"widths": [4, 4, 4]},
+        patch_size=16,
+        epochs=2,
+        steps_per_epoch=3,
+        max_val_patches=4,
+        mined_negative_fraction=0.5,
+        val_fraction=0.3,
+    )
+    result = train(config)
+    assert result["steps_done"] == 6
+    assert all(np.isfinite(row["train_loss"]) for row in result["history"])
+    sampler_state = load_checkpoint(tmp_path / "run" / LAST_CHECKPOINT)["state"]["sampler_streams"]
+    assert "mined" in sampler_state[0]
+    # (a network this small may not have made mistakes yet; those it made are on background)
+    places = np.array(sampler_state[0]["mined"]).reshape(-1, 4)
+    labels_at = [
+        np.asarray(read_tomogram(tmp_path / "labels" / f"tomo_{v}.mrc").data).view(np.uint8)[
+            z, y, x
+        ]
+        for v, z, y, x in places
+    ]
+    assert all(label == 0 for label in labels_at)
+
+
+def test_class_weight_power_keeps_more_of_the_priors():
+    from cryocaps.models.losses import class_weights_from_frequencies
+
+    counts = [9000, 100, 100, 10]
+    full = class_weights_from_frequencies(counts)
+    root = class_weights_from_frequencies(counts, power=0.5)
+    flat = class_weights_from_frequencies(counts, power=0.0)
+    assert torch.allclose(flat, torch.ones(4))
+    # the same order, square-rooted ratios: rarest / background 900 -> 30
+    assert float(full[3] / full[0]) == pytest.approx(900.0, rel=1e-5)
+    assert float(root[3] / root[0]) == pytest.approx(30.0, rel=1e-5)

@@ -297,6 +297,16 @@ def command(
             f"[default: {_on_off(DEFAULT['class_weights'])}]",
         ),
     ] = DEFAULT["class_weights"],
+    class_weight_power: Annotated[
+        float,
+        typer.Option(
+            "--class-weight-power",
+            help="Class weights are (median frequency / frequency) to this power: 1 balances "
+            "the classes fully, 0.5 (the square root) keeps more of their priors, so the "
+            "background, most of a tomogram, is not weighted down as far. "
+            f"[default: {DEFAULT['class_weight_power']}]",
+        ),
+    ] = DEFAULT["class_weight_power"],
     max_minutes: Annotated[
         float | None,
         typer.Option(
@@ -363,6 +373,7 @@ def command(
         intensity_augmentation=intensity_augmentation,
         max_val_patches=max_val_patches,
         class_weights=class_weights,
+        class_weight_power=class_weight_power,
         max_minutes=max_minutes,
         resume=resume,
         overwrite=overwrite,

@@ -55,17 +55,20 @@ def dice_ce_loss(
     return dice + ce, {"dice": float(dice.detach()), "ce": float(ce.detach())}
 
 
-def class_weights_from_frequencies(voxel_counts, max_weight: float = 50.0) -> torch.Tensor:
+def class_weights_from_frequencies(
+    voxel_counts, max_weight: float = 50.0, power: float = 1.0
+) -> torch.Tensor:
     """Inverse-frequency class weights, normalised to mean 1 and capped.
 
-    ``voxel_counts`` (K,) voxels of each label in the training data. Classes
-    with no voxels get weight 0 … avoided by the cap; weights are
-    ``median(freq) / freq`` (median-frequency balancing).
+    ``voxel_counts`` (K,) voxels of each label in the training data. Weights are
+    ``(median(freq) / freq) ** power`` (median-frequency balancing at ``power`` 1; 0.5 is
+    its square root, which keeps more of the classes' priors: background, most of a
+    tomogram, is not weighted down as far), capped at ``max_weight ** power`` (labels
+    without voxels get the cap), then normalised to mean 1.
     """
     counts = torch.as_tensor(voxel_counts, dtype=torch.float64).clamp_min(1.0)
     freq = counts / counts.sum()
-    weights = freq.median() / freq
-    weights = weights.clamp(max=max_weight)
+    weights = (freq.median() / freq).clamp(max=max_weight) ** power
     weights = weights / weights.mean()
     return weights.float()
 

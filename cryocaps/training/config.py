@@ -70,6 +70,8 @@ class TrainConfig:
     intensity_augmentation: bool = True
     max_val_patches: int = 64
     class_weights: bool = True
+    # weights (median freq / freq) ** power: 1 = median-frequency balancing, 0.5 its square root
+    class_weight_power: float = 1.0
     max_minutes: float | None = None
     resume: bool = False
     overwrite: bool = False
@@ -127,6 +129,10 @@ def check_settings(config: TrainConfig) -> None:
         (
             0 <= c.mined_negative_fraction <= 1,
             f"--mined-negatives {c.mined_negative_fraction}: must be in [0, 1]",
+        ),
+        (
+            0 <= c.class_weight_power <= 1,
+            f"--class-weight-power {c.class_weight_power}: must be in [0, 1]",
         ),
         (0 < c.val_fraction < 1, f"--val-fraction {c.val_fraction}: must be in (0, 1)"),
         (c.patience >= 0, f"--patience {c.patience}: must be >= 0"),

@@ -319,4 +319,4 @@ def class_weights(data: TrainingData, config: TrainConfig, n_patches: int = 128)
     present = np.array([0] + [c.label for c in data.classes])
     absent = np.setdiff1d(np.arange(len(counts)), present)
     counts[absent] = counts[0]
-    return class_weights_from_frequencies(counts)
+    return class_weights_from_frequencies(counts, power=config.class_weight_power)
