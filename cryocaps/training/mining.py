@@ -39,14 +39,19 @@ def mine_false_positives(
 ) -> tuple[np.ndarray, float]:
     """False-positive places in ``n_windows`` random windows the sampler could draw.
 
-    Returns the places (N, 4) volume index, z, y, x (at most ``per_window`` per window)
-    and the share of the windows' background voxels predicted as a class. Windows
+    Returns the places (N, 4) volume index, z, y, x (at most ``per_window`` per window,
+    in its central half) and the share of those background voxels predicted as a class. Windows
     and choices come from the sampler's generator, so a resumed run mines the same.
     """
     import torch
 
     windows = [w for w in (_window(sampler) for _ in range(n_windows)) if w is not None]
     size = sampler.patch_size
+    # only a window's central half counts: near its faces the network lacks the context the
+    # sliding window of `segment` gives every voxel, so mistakes there are not its own
+    margin = size // 4
+    centre = np.zeros((size,) * 3, bool)
+    centre[margin : size - margin, margin : size - margin, margin : size - margin] = True
     places, false_positive, background = [], 0, 0
     model.eval()
     try:
@@ -62,9 +67,9 @@ def mine_false_positives(
                 for (index, corner), (_, labels), guess in zip(
                     batch, patches, predicted, strict=True
                 ):
-                    wrong = np.argwhere((guess != 0) & (labels == 0))
+                    wrong = np.argwhere(centre & (guess != 0) & (labels == 0))
                     false_positive += len(wrong)
-                    background += int((labels == 0).sum())
+                    background += int((centre & (labels == 0)).sum())
                     chosen = sampler.rng.permutation(len(wrong))[:per_window]
                     for zyx in wrong[chosen] + np.asarray(corner):
                         places.append((index, *zyx.tolist()))
