@@ -234,8 +234,9 @@ def command(
         float,
         typer.Option(
             "--hard-negatives",
-            help="Share of the background patches centred on label-free places of high contrast "
-            "(membranes, gold, carbon edges) instead of at random; 0 = all random. "
+            help="Share of the background patches (those not on mined false positives) centred "
+            "on label-free places of high contrast (membranes, gold, carbon edges) instead of "
+            "at random; 0 = all random. "
             f"[default: {DEFAULT['hard_negative_fraction']}]",
         ),
     ] = DEFAULT["hard_negative_fraction"],
