@@ -5,7 +5,9 @@
 ``label_volume_angstrom3`` (the volume one particle of the class covers in the
 training label maps, which ``make-masks`` and ``simulate`` record: a template's
 envelope is a fraction of the sphere of the class radius, and picking expects
-segmented particles of that size). Label 0 is background and is not listed.
+segmented particles of that size). Label 0 is background and is not listed;
+label 255 (:data:`IGNORE_LABEL`) marks voxels whose class is unknown (partial
+annotations: ``make-masks --unannotated unknown``) and is never a class.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from cryocaps.errors import CryocapsError
 
 REQUIRED_COLUMNS = ("label", "name", "radius_angstrom")
 MAX_LABEL = 127  # label maps are 8-bit MRC (mode 0)
+# Unknown voxels of a partly annotated label map: neither a class nor background. Training
+# losses skip them. Stored as the byte 0xFF (read back as -1 by readers of signed mode 0,
+# as 255 by ours, which view 8-bit label maps as unsigned).
+IGNORE_LABEL = 255
 
 
 def sphere_volume_voxels(radius_voxels: float) -> float:

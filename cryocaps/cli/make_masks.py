@@ -1,8 +1,9 @@
 """Make training label maps from particle coordinates: one map per tomogram.
 
 Writes OUT_DIR/<tomo>_labels.mrc with the tomogram's shape, voxel size and
-origin (uint8, 0 = background, class labels from the class table; float16
-(C, Z, Y, X) soft targets with --shape gaussian), OUT_DIR/classes.csv (the
+origin (uint8, 0 = background, class labels from the class table, 255 = unknown
+with --unannotated unknown; float16 (C, Z, Y, X) soft targets with --shape
+gaussian), OUT_DIR/classes.csv (the
 class table used, for train) and OUT_DIR/run.json. Coordinates may be RELION
 3/4/5 STAR, STOPGAP motivelists, Dynamo .tbl, CSV or a copick config.json (its
 picks, or --copick-user/--copick-session/--copick-objects); particles are matched
@@ -31,6 +32,7 @@ from cryocaps.cli.common import (
     Verbose,
     VoxelSize,
     command_line,
+    console,
     copick_selection,
     in_range,
     narrow_classes,
@@ -91,6 +93,16 @@ def command(
             "template's maximum (0-1). [default: 0.2]",
         ),
     ] = 0.2,
+    unannotated: Annotated[
+        str,
+        typer.Option(
+            "--unannotated",
+            help="What the places no annotated particle covers are: background (every particle "
+            "is annotated), or unknown for partial annotations (label 255, which training "
+            "skips) except a shell one class radius wide around each annotated particle, "
+            "which is background. [default: background]",
+        ),
+    ] = "background",
     coords_pixel_size_angstrom: CoordsPixelSize = None,
     voxel_size_angstrom: VoxelSize = None,
     strict: Annotated[
@@ -126,6 +138,7 @@ def command(
             radius_scale=radius_scale,
             coords_pixel_size_angstrom=coords_pixel_size_angstrom,
             template_threshold=template_threshold,
+            unannotated=unannotated,
             strict=strict,
             overwrite=overwrite,
             copick=copick_selection(copick_user, copick_session, copick_objects),
@@ -137,6 +150,7 @@ def command(
         "radius_scale": radius_scale,
         "shape": shape,
         "template_threshold": template_threshold if shape == "template" else None,
+        "unannotated": unannotated,
         "coords_pixel_size_angstrom": coords_pixel_size_angstrom,
         "voxel_size_angstrom": voxel_size_angstrom,
         "strict": strict,
@@ -162,3 +176,6 @@ def _print_summary(summary: dict) -> None:
         ["class", "label", "particles", "voxels"],
         [[name, c["label"], c["particles"], c["voxels"]] for name, c in summary["classes"].items()],
     )
+    if summary["unannotated"] == "unknown":
+        unknown = sum(t["unknown_voxels"] for t in summary["tomograms"])
+        console.print(f"Unknown (label 255, skipped in training): {unknown} voxels")

@@ -270,11 +270,23 @@ def command(
         typer.Option(
             "--hard-negatives",
             callback=in_range(0, 1),
-            help="Share of the background patches centred on label-free places of high contrast "
-            "(membranes, gold, carbon edges) instead of at random; 0 = all random. "
+            help="Share of the background patches (those not on mined false positives) centred "
+            "on label-free places of high contrast (membranes, gold, carbon edges) instead of "
+            "at random; 0 = all random. "
             f"[default: {DEFAULT['hard_negative_fraction']}]",
         ),
     ] = DEFAULT["hard_negative_fraction"],
+    mined_negative_fraction: Annotated[
+        float,
+        typer.Option(
+            "--mined-negatives",
+            help="Share of the background patches centred on the network's own false positives: "
+            "at the end of every epoch it segments a few random training windows, and voxels it "
+            "calls a class where the label map says background become patch centres (the rest "
+            "follow --hard-negatives); 0 = off. "
+            f"[default: {DEFAULT['mined_negative_fraction']}]",
+        ),
+    ] = DEFAULT["mined_negative_fraction"],
     jitter_voxels: Annotated[
         int | None,
         typer.Option(
@@ -324,6 +336,16 @@ def command(
             f"[default: {_on_off(DEFAULT['class_weights'])}]",
         ),
     ] = DEFAULT["class_weights"],
+    class_weight_power: Annotated[
+        float,
+        typer.Option(
+            "--class-weight-power",
+            help="Class weights are (median frequency / frequency) to this power: 1 balances "
+            "the classes fully, 0.5 (the square root) keeps more of their priors, so the "
+            "background, most of a tomogram, is not weighted down as far. "
+            f"[default: {DEFAULT['class_weight_power']}]",
+        ),
+    ] = DEFAULT["class_weight_power"],
     max_minutes: Annotated[
         float | None,
         typer.Option(
@@ -389,12 +411,14 @@ def command(
         max_val_voxels=max_val_voxels,
         background_fraction=background_fraction,
         hard_negative_fraction=hard_negative_fraction,
+        mined_negative_fraction=mined_negative_fraction,
         jitter_voxels=jitter_voxels,
         rot90=rot90,
         mirror=mirror,
         intensity_augmentation=intensity_augmentation,
         max_val_patches=max_val_patches,
         class_weights=class_weights,
+        class_weight_power=class_weight_power,
         max_minutes=max_minutes,
         resume=resume,
         overwrite=overwrite,

@@ -13,6 +13,7 @@ import mrcfile
 import numpy as np
 from mrcfile.utils import data_dtype_from_header
 
+from cryocaps.classes import IGNORE_LABEL
 from cryocaps.errors import CryocapsError
 from cryocaps.io.files import atomic_path
 from cryocaps.io.layout import (  # noqa: F401 - the names volumes are known by
@@ -102,6 +103,8 @@ def label_counts(
     """Voxels per label (n_labels,), read slab by slab; refuses values outside 0..n_labels-1.
 
     ``label_map`` : (Z, Y, X) integer (or integral float) array, possibly memory-mapped.
+    Voxels of :data:`~cryocaps.classes.IGNORE_LABEL` (unknown, in partly annotated maps)
+    are allowed and not counted.
     """
     where = f"{flag} {path}" if path is not None else flag
     counts = np.zeros(n_labels, dtype=np.int64)
@@ -110,6 +113,9 @@ def label_counts(
         if block.dtype.kind == "f" and not np.all(block == np.round(block)):
             raise CryocapsError(f"{where}: label map holds non-integer values")
         block = block.astype(np.int64)
+        block = block[block != IGNORE_LABEL]
+        if block.size == 0:
+            continue
         low, high = int(block.min()), int(block.max())
         if low < 0:
             raise CryocapsError(f"{where}: negative label value {low}")
@@ -252,8 +258,16 @@ def read_tomogram(
     return Tomogram(data, voxel, origin, tomogram_name(path), path, _mrc=mrc)
 
 
-def read_info(path: str | os.PathLike, voxel_size_angstrom: float | None = None) -> TomogramInfo:
+def read_info(
+    path: str | os.PathLike,
+    voxel_size_angstrom: float | None = None,
+    *,
+    needs_voxels: bool = True,
+) -> TomogramInfo:
     """Shape (z, y, x), voxel size and origin of an MRC file, reading only its header.
+
+    ``needs_voxels``: refuse a file shorter than its header says (its voxels will be read
+    later); False for readers that only need the geometry (make-masks, particle files).
 
     For an OME-Zarr image, those of the scale level at ``voxel_size_angstrom``
     (None: the finest), from its metadata.
@@ -273,16 +287,16 @@ def read_info(path: str | os.PathLike, voxel_size_angstrom: float | None = None)
         shape = (nz, int(header.ny), int(header.nx))
         if min(shape) < 2:
             raise CryocapsError(f"{path}: expected a 3D volume, got shape {shape}")
-        _check_mode_and_size(mrc, path)
+        _check_mode_and_size(mrc, path, needs_voxels)
         voxel = _voxel_size(mrc, path, voxel_size_angstrom)
         return TomogramInfo(tomogram_name(path), shape, voxel, _origin(mrc))
     finally:
         mrc.close()
 
 
-def _check_mode_and_size(mrc, path: Path) -> None:
-    """Refuse, from the header alone, complex or unknown modes and a file shorter than its
-    header says (a copy cut short), before anything is computed or written."""
+def _check_mode_and_size(mrc, path: Path, check_size: bool = True) -> None:
+    """Refuse, from the header alone, complex or unknown modes and (``check_size``) a file
+    shorter than its header says (a copy cut short), before anything is computed or written."""
     header = mrc.header
     mode = int(header.mode)
     if mode in (3, 4):
@@ -291,7 +305,7 @@ def _check_mode_and_size(mrc, path: Path) -> None:
         dtype = data_dtype_from_header(header)
     except ValueError:
         raise CryocapsError(f"{path}: unknown MRC mode {mode}") from None
-    if mode == 101:  # 4-bit values, two a byte: mrcfile checks those sizes itself
+    if mode == 101 or not check_size:  # 4-bit values, two a byte: mrcfile checks those itself
         return
     voxels = int(header.nx) * int(header.ny) * int(header.nz)
     needed = header.nbytes + int(header.nsymbt) + voxels * dtype.itemsize

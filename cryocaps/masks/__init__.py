@@ -1,9 +1,10 @@
 """Label maps from particle coordinates: spheres (default), Gaussian soft targets, templates.
 
 Label maps are (Z, Y, X) uint8, 0 = background, class labels from the class
-table. Gaussian soft targets are (C, Z, Y, X) float16 with C = number of
-labels (channel 0 = background = 1 - the particle channels), like the
-probability maps ``segment`` writes.
+table, :data:`IGNORE_LABEL` (255) = unknown (``make-masks --unannotated unknown``).
+Gaussian soft targets are (C, Z, Y, X) float16 with C = number of labels
+(channel 0 = background = 1 - the particle channels), like the probability maps
+``segment`` writes.
 
 - :mod:`~cryocaps.masks.draw`: the painter (nearest centre wins), spheres, Gaussians
 - :mod:`~cryocaps.masks.templates`: density maps rotated by RELION angles, thresholded
@@ -11,6 +12,7 @@ probability maps ``segment`` writes.
 - :mod:`~cryocaps.masks.make`: :func:`make_masks`, the whole command as one call
 """
 
+from cryocaps.classes import IGNORE_LABEL
 from cryocaps.masks.draw import (
     GAUSSIAN_REACH_SIGMAS,
     GAUSSIAN_SIGMA_PER_RADIUS,
@@ -19,7 +21,14 @@ from cryocaps.masks.draw import (
     paint_particles,
     soft_targets,
 )
-from cryocaps.masks.make import SHAPES, draw_mask, make_masks, read_labelled_particles
+from cryocaps.masks.make import (
+    SHAPES,
+    UNANNOTATED,
+    UNANNOTATED_SHELL_RADII,
+    draw_mask,
+    make_masks,
+    read_labelled_particles,
+)
 from cryocaps.masks.plan import (
     MaskPlan,
     assign_labels,
@@ -39,7 +48,10 @@ __all__ = [
     "DEFAULT_TEMPLATE_THRESHOLD",
     "GAUSSIAN_REACH_SIGMAS",
     "GAUSSIAN_SIGMA_PER_RADIUS",
+    "IGNORE_LABEL",
     "SHAPES",
+    "UNANNOTATED",
+    "UNANNOTATED_SHELL_RADII",
     "MaskPlan",
     "Template",
     "assign_labels",

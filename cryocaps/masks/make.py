@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryocaps.classes import ClassTable, sphere_volume_voxels
+from cryocaps.classes import IGNORE_LABEL, ClassTable, sphere_volume_voxels
 from cryocaps.errors import CryocapsError
 from cryocaps.io.volumes import TomogramInfo, label_counts
 from cryocaps.masks.draw import (
@@ -29,6 +29,11 @@ from cryocaps.masks.templates import (
 )
 
 SHAPES = ("sphere", "gaussian", "template")
+# What the voxels no annotated particle covers are (--unannotated): background (every
+# particle is annotated), or unknown (IGNORE_LABEL) except a shell around each annotated
+# particle, out to this many class radii beyond its own radius, which is background.
+UNANNOTATED = ("background", "unknown")
+UNANNOTATED_SHELL_RADII = 1.0
 _SOFT_TARGET_SLAB_VOXELS = 2**22  # soft targets are written ~4 M voxels (8 MB of float16) at a time
 
 
@@ -43,12 +48,17 @@ def make_masks(
     radius_scale: float = 1.0,
     coords_pixel_size_angstrom: float | None = None,
     template_threshold: float = DEFAULT_TEMPLATE_THRESHOLD,
+    unannotated: str = "background",
     strict: bool = False,
     overwrite: bool = False,
     copick=None,
     progress: Callable | None = None,
 ) -> dict:
     """Draw a label map per tomogram into ``out_dir/<tomo>_labels.mrc``; table in ``classes.csv``.
+
+    ``unannotated="unknown"`` (partial annotations) paints IGNORE_LABEL on every voxel
+    farther than ``1 + UNANNOTATED_SHELL_RADII`` class radii from every annotated
+    particle: only the shell around an annotated particle is known to be background.
 
     ``copick`` (a :class:`~cryocaps.io.copick_project.CopickSelection`) selects the
     picks of a copick ``config.json`` among ``particle_files``.
@@ -65,6 +75,13 @@ def make_masks(
 
     if shape not in SHAPES:
         raise CryocapsError(f"--shape {shape!r}: use one of {', '.join(SHAPES)}")
+    if unannotated not in UNANNOTATED:
+        raise CryocapsError(f"--unannotated {unannotated!r}: use one of {', '.join(UNANNOTATED)}")
+    if unannotated == "unknown" and shape == "gaussian":
+        raise CryocapsError(
+            "--unannotated unknown needs a label map: use --shape sphere or template "
+            "(soft targets have no unknown label)"
+        )
     if not radius_scale > 0:
         raise CryocapsError(f"--radius-scale must be > 0, got {radius_scale}")
     if not tomograms:
@@ -90,8 +107,8 @@ def make_masks(
     outputs = []
     for plan in plans:
         started = time.perf_counter()
-        voxels = _draw_and_write(
-            plan, classes, shape, radius_scale, voxel_size, templates, overwrite
+        voxels, unknown = _draw_and_write(
+            plan, classes, shape, radius_scale, voxel_size, templates, unannotated, overwrite
         )
         labels = plan.particles["label"].to_numpy(dtype=int)
         for c in classes:
@@ -103,6 +120,7 @@ def make_masks(
                 "output": str(plan.path),
                 "particles": len(plan.particles),
                 "outside": plan.n_outside,
+                "unknown_voxels": unknown,
                 "seconds": round(time.perf_counter() - started, 3),
             }
         )
@@ -115,6 +133,7 @@ def make_masks(
     return {
         "voxel_size_angstrom": voxel_size,
         "shape": shape,
+        "unannotated": unannotated,
         "classes": per_class,
         "tomograms": per_tomogram,
         "outputs": [str(p) for p in outputs],
@@ -160,14 +179,38 @@ def draw_mask(
     radius_scale: float,
     voxel_size_angstrom: float,
     templates: dict[str, Template],
+    unannotated: str = "background",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The label map of one tomogram and, for ``shape="gaussian"``, its blob values.
 
     Returns
     -------
-    label_map : (Z, Y, X) uint8, 0 = background
+    label_map : (Z, Y, X) uint8, 0 = background, IGNORE_LABEL = unknown (only with
+        ``unannotated="unknown"``: beyond the shells around the annotated particles)
     value_map : (Z, Y, X) float16 Gaussian value of the owning particle, or None
     """
+    label_map, value_map = _draw_particles(
+        plan, classes, shape, radius_scale, voxel_size_angstrom, templates
+    )
+    if unannotated == "unknown":
+        rows = plan.particles
+        radii_angstrom = np.array([classes.by_name(n).radius_angstrom for n in rows["class_name"]])
+        reach = radii_angstrom * radius_scale * (1 + UNANNOTATED_SHELL_RADII) / voxel_size_angstrom
+        centres = rows[["z", "y", "x"]].to_numpy(dtype=float)
+        known = draw_spheres(plan.info.shape, centres, 1, reach)
+        label_map[(label_map == 0) & (known == 0)] = IGNORE_LABEL
+    return label_map, value_map
+
+
+def _draw_particles(
+    plan: MaskPlan,
+    classes: ClassTable,
+    shape: str,
+    radius_scale: float,
+    voxel_size_angstrom: float,
+    templates: dict[str, Template],
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The particles' shapes (:func:`draw_mask` without unknown voxels)."""
     rows = plan.particles
     centres = rows[["z", "y", "x"]].to_numpy(dtype=float)
     labels = rows["label"].to_numpy(dtype=int)
@@ -189,13 +232,15 @@ def _draw_and_write(
     radius_scale: float,
     voxel_size_angstrom: float,
     templates: dict[str, Template],
+    unannotated: str,
     overwrite: bool,
-) -> np.ndarray:
-    """Draw and write one tomogram's map; returns its voxel count per label, (n_labels,)."""
+) -> tuple[np.ndarray, int]:
+    """Draw and write one tomogram's map; returns its voxel count per label, (n_labels,), and
+    its number of unknown voxels."""
     from cryocaps.io.volumes import write_volume
 
     label_map, value_map = draw_mask(
-        plan, classes, shape, radius_scale, voxel_size_angstrom, templates
+        plan, classes, shape, radius_scale, voxel_size_angstrom, templates, unannotated
     )
     if value_map is not None:
         write_soft_targets(
@@ -203,15 +248,17 @@ def _draw_and_write(
         )
         del value_map  # counting below needs only the label map
     else:
+        # 8-bit (mode 0) also with IGNORE_LABEL, which a uint8 writer would widen to 16 bits
         write_volume(
             plan.path,
-            label_map,
+            label_map.view(np.int8),
             voxel_size_angstrom,
-            dtype="uint8",
+            dtype="int8",
             origin_angstrom=plan.info.origin_angstrom,
             overwrite=overwrite,
         )
-    return label_counts(label_map, classes.n_labels)
+    unknown = int(np.count_nonzero(label_map == IGNORE_LABEL))
+    return label_counts(label_map, classes.n_labels), unknown
 
 
 def write_soft_targets(

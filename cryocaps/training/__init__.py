@@ -3,10 +3,10 @@
 ``train(TrainConfig(tomograms=..., labels=..., out_dir=...))`` is the whole
 stage; the rest is public for tests, notebooks and benchmarks. Submodules:
 ``config`` (TrainConfig, checks, PAPER), ``data`` (reading and splitting),
-``sampling`` (patches, augmentation, hard negatives), ``loop`` (Trainer,
-TrainState, train), ``hooks`` (loop features), ``validation``,
-``checkpoint``, ``ranks`` (torchrun collectives). Nothing here imports torch
-until a function runs.
+``sampling`` (patches, augmentation, hard negatives), ``mining`` (false
+positives mined between epochs), ``loop`` (Trainer, TrainState, train),
+``hooks`` (loop features), ``validation``, ``checkpoint``, ``ranks`` (torchrun
+collectives). Nothing here imports torch until a function runs.
 """
 
 from __future__ import annotations

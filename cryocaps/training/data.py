@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cryocaps.classes import ClassTable
+from cryocaps.classes import IGNORE_LABEL, ClassTable
 from cryocaps.errors import CryocapsError
 from cryocaps.io.class_table import load_class_table_beside
 from cryocaps.io.copick_project import parse_tomogram_spec
@@ -176,6 +176,8 @@ class TrainingData:
     voxel_counts: np.ndarray  # (n_labels,) in the volumes trained on
     inputs: list[Path]
     hard_centres: list | None = None  # hard-negative places, computed once by the first sampler
+    # regions no training patch may overlap (sampling.ExcludedBox: volume, lower, upper corner)
+    excluded_boxes: list = field(default_factory=list)
 
     @property
     def train_particles(self) -> ParticleSet:
@@ -309,6 +311,8 @@ def training_sampler(
         background_fraction=config.background_fraction,
         hard_negative_fraction=config.hard_negative_fraction,
         hard_centres=data.hard_centres,
+        mined_negative_fraction=config.mined_negative_fraction,
+        excluded_boxes=data.excluded_boxes,
         jitter_voxels=jitter_voxels(config),
         augmentation=augmentation,
         seed=np.random.SeedSequence(seed),
@@ -330,9 +334,10 @@ def class_weights(data: TrainingData, config: TrainConfig, n_patches: int = 128)
     for _ in range(n_patches):
         index, (z, y, x) = probe.next_location()
         block = np.asarray(data.train_views[index].label_map[z : z + p, y : y + p, x : x + p])
+        block = block[block != IGNORE_LABEL]  # unknown voxels (partial annotations) count nowhere
         counts += np.bincount(block.astype(np.int64).ravel(), minlength=len(counts))
     # labels between the table's labels (gaps) never occur: give them the background count
     present = np.array([0] + [c.label for c in data.classes])
     absent = np.setdiff1d(np.arange(len(counts)), present)
     counts[absent] = counts[0]
-    return class_weights_from_frequencies(counts)
+    return class_weights_from_frequencies(counts, power=config.class_weight_power)

@@ -47,6 +47,7 @@ from cryocaps.training.config import (
     ema_decay,
 )
 from cryocaps.training.data import TrainingData, class_weights, prepare_data, training_sampler
+from cryocaps.training.mining import MineFalsePositives
 from cryocaps.training.ranks import Ranks
 from cryocaps.training.validation import Validator, mean_dice, region_interval, selection_score
 
@@ -437,6 +438,8 @@ def default_hooks(config: TrainConfig, ranks: Ranks, progress: Callable[..., Non
         # a decay given with --ema has averaged from the start; auto starts when annealing does
         average = ema_decay(config, annealing=True)
         hooks.append(loop_hooks.AutoRecipe(config, AUTO_ANNEAL_MIN_STEPS, average))
+    if config.mined_negative_fraction > 0:  # before Checkpointing: checkpoints keep the places
+        hooks.append(MineFalsePositives())
     hooks.append(loop_hooks.EarlyStopping(config.patience))
     hooks.append(loop_hooks.Checkpointing(config.out_dir))
     if ranks.is_main:

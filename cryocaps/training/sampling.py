@@ -6,10 +6,16 @@ the label map's connected components or from a coordinate file).
 :class:`PatchSampler` draws class-balanced batches of patches centred on
 particles (with jitter) plus background patches -- some at random, some at
 label-free places of high contrast (membranes, gold, carbon edges: the hard
-negatives a segmentation most often mistakes for particles) -- and augments them
-with transformations that keep the missing wedge where it is. All randomness
-comes from the sampler's own numpy generator, whose state is saved in
-checkpoints so a resumed run draws the same patches.
+negatives a segmentation most often mistakes for particles), some on the
+network's own false positives (mined between epochs, :mod:`.mining`) -- and
+augments them with transformations that keep the missing wedge where it is. No
+patch overlaps an excluded box (a held-out validation region). All randomness
+comes from the sampler's own numpy generator, whose state (with the mined
+places) is saved in checkpoints so a resumed run draws the same patches.
+
+Label maps may hold :data:`~cryocaps.classes.IGNORE_LABEL` (unknown, partial
+annotations): such voxels are never "label-free", so no hard negative and no
+mined place is centred there.
 """
 
 from __future__ import annotations
@@ -19,9 +25,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cryocaps.errors import CryocapsError
 from cryocaps.preprocess import apply_normalization
 
 log = logging.getLogger(__name__)
+
+# A box no training patch may overlap: (volume index, (z0, y0, x0), (z1, y1, x1)), voxels,
+# lower corner inclusive, upper exclusive (e.g. a held-out validation slab).
+ExcludedBox = tuple[int, tuple[int, int, int], tuple[int, int, int]]
+_PLACEMENT_TRIES = 100  # draws before a patch clear of the excluded boxes is declared impossible
 
 
 @dataclass
@@ -232,6 +244,31 @@ def centred_corner(centre, shape, size: int, offset=(0, 0, 0)) -> tuple[int, int
     )
 
 
+def _overlaps(corner, size: int, lower, upper) -> bool:
+    return all(c < u and c + size > lo for c, lo, u in zip(corner, lower, upper, strict=True))
+
+
+def clear_of_boxes(corner, size: int, shape, boxes) -> tuple[int, int, int] | None:
+    """``corner`` moved the least along one axis so that its ``size``³ patch overlaps none of
+    ``boxes`` (``(lower, upper)`` pairs) and stays inside ``shape``; None when it cannot."""
+    corner = [int(c) for c in corner]
+    for _ in range(len(boxes) + 1):
+        hit = next((b for b in boxes if _overlaps(corner, size, *b)), None)
+        if hit is None:
+            return tuple(corner)  # type: ignore[return-value]
+        moves = [
+            (abs(target - corner[axis]), axis, target)
+            for axis in range(3)
+            for target in (hit[0][axis] - size, hit[1][axis])
+            if 0 <= target <= shape[axis] - size
+        ]
+        if not moves:
+            return None
+        _, axis, target = min(moves)
+        corner[axis] = target
+    return None
+
+
 class PatchSampler:
     """Draw training batches: class-balanced particle patches plus background patches.
 
@@ -246,6 +283,10 @@ class PatchSampler:
         negatives (:func:`hard_background_centres`); the others are placed at random
     hard_centres : those places as :func:`hard_negative_places` returns them, when
         already computed (else computed here, reading each background volume once)
+    mined_negative_fraction : share of the background patches centred on the places
+        :meth:`set_mined_places` gave (the network's false positives), while there are
+        any; the rest are split by ``hard_negative_fraction``
+    excluded_boxes : :data:`ExcludedBox` regions no patch may overlap
     jitter_voxels : particle patches are shifted by up to this many voxels per axis
     augmentation : applied to every patch (None: no augmentation)
     seed : seeds the sampler's own generator (give each process its own)
@@ -264,6 +305,8 @@ class PatchSampler:
         seed: int | np.random.SeedSequence,
         hard_negative_fraction: float = 0.0,
         hard_centres: list[tuple[int, np.ndarray]] | None = None,
+        mined_negative_fraction: float = 0.0,
+        excluded_boxes: list[ExcludedBox] = (),
     ):
         self.volumes = volumes
         self.particles = particles
@@ -289,27 +332,48 @@ class PatchSampler:
             self._hard = [(index, centres) for index, centres in hard_centres if len(centres)]
         counts = np.array([len(c) for _, c in self._hard], dtype=np.float64)
         self._hard_p = counts / counts.sum() if len(counts) else None
+        self.mined_negative_fraction = float(mined_negative_fraction)
+        self.mined = np.zeros((0, 4), np.int64)  # (N, 4): volume index, z, y, x
+        self._boxes: dict[int, list] = {}
+        for index, lower, upper in excluded_boxes:
+            self._boxes.setdefault(int(index), []).append((tuple(lower), tuple(upper)))
 
     # --- state for checkpoints -------------------------------------------------
     def state(self) -> dict:
-        return self.rng.bit_generator.state
+        return {"rng": self.rng.bit_generator.state, "mined": self.mined.tolist()}
 
     def set_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state
+        if "rng" not in state:  # checkpoints before mining: the generator's state alone
+            state = {"rng": state, "mined": []}
+        self.rng.bit_generator.state = state["rng"]
+        self.set_mined_places(np.array(state["mined"], np.int64).reshape(-1, 4))
+
+    def set_mined_places(self, places: np.ndarray) -> None:
+        """Centres (N, 4) volume index, z, y, x for the mined share of the background patches."""
+        self.mined = np.asarray(places, np.int64).reshape(-1, 4)
 
     # --- drawing ---------------------------------------------------------------
-    def _background_corner(self) -> tuple[int, tuple[int, int, int]]:
-        if self._hard_p is not None and self.rng.random() < self.hard_negative_fraction:
-            index, centres = self._hard[int(self.rng.choice(len(self._hard), p=self._hard_p))]
-            centre = centres[int(self.rng.integers(len(centres)))]
-            offset = self.rng.integers(-HARD_NEGATIVE_BLOCK, HARD_NEGATIVE_BLOCK + 1, size=3)
-            return index, centred_corner(centre, self.volumes[index].shape, self.patch_size, offset)
+    def random_corner(self) -> tuple[int, tuple[int, int, int]]:
+        """A uniformly random patch of a background volume (size-weighted)."""
         index = self.background_volumes[
             int(self.rng.choice(len(self.background_volumes), p=self._background_p))
         ]
         shape = self.volumes[index].shape
         corner = tuple(int(self.rng.integers(0, s - self.patch_size + 1)) for s in shape)
         return index, corner
+
+    def _background_corner(self) -> tuple[int, tuple[int, int, int]]:
+        mining = self.mined_negative_fraction > 0 and len(self.mined)
+        if mining and self.rng.random() < self.mined_negative_fraction:
+            index, *centre = (int(v) for v in self.mined[int(self.rng.integers(len(self.mined)))])
+            offset = self.rng.integers(-HARD_NEGATIVE_BLOCK, HARD_NEGATIVE_BLOCK + 1, size=3)
+            return index, centred_corner(centre, self.volumes[index].shape, self.patch_size, offset)
+        if self._hard_p is not None and self.rng.random() < self.hard_negative_fraction:
+            index, centres = self._hard[int(self.rng.choice(len(self._hard), p=self._hard_p))]
+            centre = centres[int(self.rng.integers(len(centres)))]
+            offset = self.rng.integers(-HARD_NEGATIVE_BLOCK, HARD_NEGATIVE_BLOCK + 1, size=3)
+            return index, centred_corner(centre, self.volumes[index].shape, self.patch_size, offset)
+        return self.random_corner()
 
     def _particle_corner(self) -> tuple[int, tuple[int, int, int]]:
         label = self.class_labels[int(self.rng.integers(len(self.class_labels)))]  # class-balanced
@@ -323,10 +387,26 @@ class PatchSampler:
         return index, corner
 
     def next_location(self) -> tuple[int, tuple[int, int, int]]:
-        use_background = self._background_p is not None and (
-            not self.class_labels or self.rng.random() < self.background_fraction
+        """(volume index, corner z, y, x) of the next patch, clear of the excluded boxes."""
+        for _ in range(_PLACEMENT_TRIES):
+            use_background = self._background_p is not None and (
+                not self.class_labels or self.rng.random() < self.background_fraction
+            )
+            index, corner = self._background_corner() if use_background else self._particle_corner()
+            corner = self.clear(index, corner)
+            if corner is not None:
+                return index, corner
+        raise CryocapsError(
+            f"no {self.patch_size}³ training patch fits beside the held-out region in "
+            f"{_PLACEMENT_TRIES} tries; hold out less or use a smaller --patch-size"
         )
-        return self._background_corner() if use_background else self._particle_corner()
+
+    def clear(self, index: int, corner) -> tuple[int, int, int] | None:
+        """``corner`` moved clear of volume ``index``'s excluded boxes (None: impossible)."""
+        boxes = self._boxes.get(int(index))
+        if not boxes:
+            return tuple(int(c) for c in corner)  # type: ignore[return-value]
+        return clear_of_boxes(corner, self.patch_size, self.volumes[index].shape, boxes)
 
     def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """A batch: images (B, 1, P, P, P) float32 and labels (B, P, P, P) int64."""
