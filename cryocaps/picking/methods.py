@@ -32,7 +32,6 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-
 # Largest number of voxel coordinates mean shift clusters per class; more are subsampled on a grid.
 MEANSHIFT_MAX_POINTS = 200_000
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
