@@ -145,6 +145,7 @@ def main(argv=None) -> int:
         }
         say(
             f"{name}: {measured['wall_seconds']:.1f} s wall, "
+            f"{measured['cpu_seconds']:.1f} s CPU, "
             f"{measured['peak_rss_bytes'] / 2**30:.2f} GiB, {runs[name]['picks']} picks"
         )
         label_path.unlink()

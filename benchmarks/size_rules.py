@@ -11,7 +11,9 @@ validation tomogram gets). Label maps only, as ``cryocaps cluster-picks`` sees t
   wrote for tomograms of the ``cryocaps simulate`` folder DATA_DIR (e.g. those that
   ``picking_levers.py`` leaves in ``<work>/<set>/seg_<model>``);
 - ``--simulated DATA_DIR``: the truth label maps of a ``cryocaps simulate`` folder
-  (``labels/<tomo>.mrc``; the maps a perfect network would make), as they are and with
+  (``labels/<tomo>.mrc``; the maps a perfect network would make), as they are, grown by a
+  voxel with a false fragment of 0.3-0.8 V per particle (a network right about every
+  particle, with larger masks and fragments: where the relative limit pays), and with
   blobs of one class painted over the background (``--runaway``: 10, 20 and 30% of the
   volume; smoothed noise at the class's radius, thresholded; blobs that touch a particle
   of that class merge with it): the map a network makes when it calls background a faint
@@ -25,7 +27,8 @@ Variants (V = the class's label volume, classes.csv's ``label_volume_angstrom3``
 limit alone (0.2 V), the relative limit as it was until 2026-12-07 (0.5 of the 90th
 percentile of all of the class's pick sizes, blobs included; picked here with today's
 splitting), upper bounds of 2, 3 and 4 V alone and with the relative limit taken from the
-picks within the bounds (the default since 2026-12-07: 0.2 V, 3 V, relative 0.5).
+picks within the bounds, uncapped or capped at 0.5, 0.75 or 1 V (the default since
+2026-12-07: 0.2 V, at most 3 V, relative 0.5 capped at 0.75 V).
 """
 
 from __future__ import annotations
@@ -41,22 +44,28 @@ from scipy import ndimage
 from cryocaps.evaluation import evaluate_picks
 from cryocaps.io.class_table import read_classes
 from cryocaps.io.volumes import read_tomogram
+from cryocaps.masks import draw_spheres
 from cryocaps.picking import pick_particles
 
 NO_UPPER = 1e6  # an upper bound no component reaches
-DEFAULT = "0.2 V + 0.5 x p90 in [0.2, 3] V, max 3 V (default)"
+NO_CAP = 1e6  # a cap the relative limit never reaches
+DEFAULT = "0.2 V + min(0.5 x p90 in [0.2, 3] V, 0.75 V), max 3 V (default)"
 VARIANTS = {
     "0.2 V alone": {"relative_min_size": 0.0, "max_size_factor": NO_UPPER},
-    "0.2 V + 0.5 x p90 of all picks (before)": {"max_size_factor": NO_UPPER},
+    "0.2 V + 0.5 x p90 of all picks (before)": {
+        "max_size_factor": NO_UPPER,
+        "relative_cap": NO_CAP,
+    },
     "0.2 V, max 2 V": {"relative_min_size": 0.0, "max_size_factor": 2.0},
     "0.2 V, max 3 V": {"relative_min_size": 0.0, "max_size_factor": 3.0},
     "0.2 V, max 4 V": {"relative_min_size": 0.0, "max_size_factor": 4.0},
-    "0.2 V + 0.5 x p90 in [0.2, 2] V, max 2 V": {"max_size_factor": 2.0},
+    "0.2 V + 0.5 x p90 in [0.2, 2] V, max 2 V": {"max_size_factor": 2.0, "relative_cap": NO_CAP},
+    "0.2 V + 0.5 x p90 in [0.2, 3] V, max 3 V": {"max_size_factor": 3.0, "relative_cap": NO_CAP},
+    "0.2 V + 0.5 x p90 in [0.2, 4] V, max 4 V": {"max_size_factor": 4.0, "relative_cap": NO_CAP},
+    "0.2 V + min(0.5 x p90 in [0.2, 3] V, 0.5 V), max 3 V": {"relative_cap": 0.5},
     DEFAULT: {},
-    "0.2 V + 0.5 x p90 in [0.2, 4] V, max 4 V": {"max_size_factor": 4.0},
-    "default, relative limit <= 0.5 V": {"relative_cap": 0.5},
-    "default, relative limit <= 0.75 V": {"relative_cap": 0.75},
-    "default, relative limit <= 1 V": {"relative_cap": 1.0},
+    "0.2 V + min(0.5 x p90 in [0.2, 3] V, 1 V), max 3 V": {"relative_cap": 1.0},
+    "0.2 V + min(0.5 x p90 in [0.2, 4] V, 0.75 V), max 4 V": {"max_size_factor": 4.0},
 }
 RUNAWAY_FRACTIONS = (0.1, 0.2, 0.3)
 
@@ -85,6 +94,24 @@ def with_runaway_class(label_map, label: int, fraction: float, radius_voxels: fl
     return painted
 
 
+def with_fragments(label_map, classes, voxel: float, seed: int):
+    """What a network that found every particle may still make of them: masks one voxel
+    larger all round (1.3-1.8 label volumes for these radii) and, for every particle, a false
+    fragment of its class (a ball of 0.3-0.8 label volumes) somewhere in the background."""
+    rng = np.random.default_rng(seed)
+    grown = ndimage.grey_dilation(label_map, footprint=ndimage.generate_binary_structure(3, 1))
+    label_map = np.where(label_map > 0, label_map, grown)
+    counts = np.bincount(label_map.ravel(), minlength=classes.n_labels)
+    for particle_class in classes:
+        volume = particle_class.label_volume_voxels(voxel)
+        n = max(1, int(round(counts[particle_class.label] / (1.5 * volume))))
+        radii = (rng.uniform(0.3, 0.8, n) * volume * 3 / (4 * np.pi)) ** (1 / 3)
+        centres = rng.uniform(0, 1, (n, 3)) * np.array(label_map.shape)
+        balls = draw_spheres(label_map.shape, centres, [particle_class.label] * n, radii)
+        label_map = np.where((label_map == 0) & (balls > 0), balls, label_map)
+    return label_map.astype(np.uint8)
+
+
 def simulated_maps(data: Path, runaway: bool, tomograms: list[str] | None):
     """(key, label map, truth, classes, voxel size, tomo) for a simulate folder's truth maps."""
     classes = read_classes(data / "classes.csv")
@@ -97,6 +124,8 @@ def simulated_maps(data: Path, runaway: bool, tomograms: list[str] | None):
         label_map = np.asarray(label_file.data).view(np.uint8)
         voxel = label_file.voxel_size_angstrom
         yield f"{data.parent.name}/truth/{tomo}", label_map, truth, classes, voxel, tomo
+        fragments = with_fragments(label_map, classes, voxel, seed=len(tomo))
+        yield f"{data.parent.name}/grown + fragments/{tomo}", fragments, truth, classes, voxel, tomo
         if not runaway:
             continue
         for particle_class in classes:

@@ -442,17 +442,21 @@ def test_a_huge_blob_of_a_class_does_not_suppress_its_particle_sized_picks(class
     label_map = _label_map(truth, classes)
     label_map[4:34, 20:50, 20:50] = 3  # 27,000 voxels: 30 spheres of the class (905 voxels)
     before = pick_particles(
-        label_map, classes, VOXEL, tomo_name="t", max_size_factor=1e6
-    )  # no upper bound: every pick, the blob included, sets the typical size
+        label_map, classes, VOXEL, tomo_name="t", max_size_factor=1e6, relative_cap=1e6
+    )  # the rule until 2026-12-07: every pick, the blob included, set the typical size
     assert len(before) == 1 and before["size_voxels"].iloc[0] == 27_000
     picks = pick_particles(label_map, classes, VOXEL, tomo_name="t")
     scores = evaluate_picks(picks, truth, classes, VOXEL)
     assert scores["classes"]["large"]["precision"] == 1.0 == scores["classes"]["large"]["recall"]
-    # blobs of a few label volumes beside them cannot raise the size limit above them either
-    for corner in (20, 35):
-        label_map[corner : corner + 12, 3:15, 30:45] = 3  # 2,160 voxels: 2.4 label volumes
-    picks = pick_particles(label_map, classes, VOXEL, tomo_name="t", max_size_factor=3.0)
+    # blobs of a few label volumes beside them cannot raise the size limit above them either:
+    # the relative limit is capped at 0.75 V
+    for z in (2, 20):
+        label_map[z : z + 12, 3:15, 28:43] = 3  # 2,160 voxels: 2.4 label volumes
+    uncapped = pick_particles(label_map, classes, VOXEL, tomo_name="t", relative_cap=1e6)
+    assert set(uncapped["size_voxels"]) == {2160}  # half the 90th percentile: 1,080 > 905
+    picks = pick_particles(label_map, classes, VOXEL, tomo_name="t")
     assert evaluate_picks(picks, truth, classes, VOXEL)["classes"]["large"]["recall"] == 1.0
+    assert len(picks) == 5
 
 
 def test_touching_spheres_of_one_class_are_split_near_their_centres(classes):

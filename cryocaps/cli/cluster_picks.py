@@ -2,19 +2,20 @@
 
 Reads <tomo>_labels.mrc maps (files or folders) and, when present beside them,
 <tomo>_probs.mrc (class probabilities) or <tomo>_score.mrc for the pick scores.
-Methods: components (connected components, touching particles split by a
-distance-transform watershed, fragments of one particle merged; the default,
+Methods: components (connected components, touching particles split at the
+distance transform's maxima, fragments of one particle merged; the default,
 most accurate on noisy synthetic segmentations), meanshift (bandwidth = class
 radius) and peaks (non-maximum suppression of the probability map).
 
-Every size rule is a multiple of the class's label volume V (classes.csv's
+Size limits are multiples of the class's label volume V (classes.csv's
 label_volume_angstrom3, what one particle covered in the training labels, else
-the sphere of its radius), never of what the map itself holds: picks smaller than
---min-size-fraction x V are dropped; components larger than --max-size-factor x V
-are split into particle-sized pieces and the pieces still larger dropped;
-components larger than 40 V (no cluster of touching particles) are dropped
-unsplit. Picks smaller than --relative-min-size of the class's typical pick in the
-map (taken from its picks within those limits only), or scoring below --min-score
+the sphere of its radius): picks smaller than --min-size-fraction x V are
+dropped; components larger than --max-size-factor x V are split into
+particle-sized pieces and the pieces still larger dropped; components larger
+than 40 V (no cluster of touching particles) are dropped unsplit. Picks smaller
+than --relative-min-size of the class's typical pick in the map (taken from its
+picks within those limits only, and never above 0.75 V, so background blobs of a
+class that ran away cannot drop its particles), or scoring below --min-score
 (or the per-class --thresholds that `cryocaps evaluate -o` tunes on a validation
 tomogram), are dropped too. A class that covers more than 3x its share of the
 training label maps (classes.csv's label_fraction) gets one warning line: the

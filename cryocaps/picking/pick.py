@@ -6,19 +6,32 @@ Three ways to turn a segmentation into one pick per particle, chosen with
 
 Every pick gets a size (voxels of its class assigned to it) and a score: the
 mean class probability over those voxels, else the mean of the per-voxel
-score map, else the size. Picks smaller than ``min_size_fraction`` of the
-class's label volume (what one particle covered in the training label maps, as
-classes.csv records it; else the sphere of the class radius), or than
-``relative_min_size`` of the class's typical pick in the same map, or scoring below
-``min_score``, are dropped.
+score map, else the size. The size limits are multiples of the class's label
+volume V (what one particle covered in the training label maps, as classes.csv
+records it; else the sphere of the class radius); the one limit taken from the map
+itself is bounded by them:
 
-The typical pick is the 90th percentile of the sizes of the class's picks that pass
-the first limit. A network segments the particles it finds whole, so their sizes
-cluster, while background fragments and speckle are smaller by a large factor; a
-limit relative to what this network made of this class in this map follows hollow,
-elongated and small particles and masks bigger or smaller than the nominal sphere,
-where a fixed fraction of the sphere cannot (measured in benchmarks/RESULTS.md,
-"Picking at defaults").
+- picks smaller than ``min_size_fraction`` V (0.2) are dropped;
+- components larger than ``max_size_factor`` V (3) are split into particle-sized
+  pieces, and pieces (or picks) still larger are dropped; components larger than
+  :data:`MAX_CLUSTER_VOLUMES` V (40), more than any cluster of touching particles
+  could fill, are dropped unsplit;
+- picks smaller than ``relative_min_size`` (0.5) of the class's typical pick in
+  the same map are dropped, where the typical pick is the 90th percentile of the
+  sizes of the picks within the two limits above, and this limit never exceeds
+  :data:`RELATIVE_CAP` V (0.75);
+- picks scoring below ``min_score`` are dropped.
+
+A network segments the particles it finds whole, so their sizes cluster, while
+background fragments and speckle are smaller by a large factor; the relative limit
+follows hollow, elongated and small particles and masks bigger or smaller than the
+nominal sphere, where a fixed fraction cannot. Until 2026-12-07 its reference was
+taken from all picks, so a class that ran away over the background (a network that
+called a quarter of a tomogram "barrel") had its typical pick set by background blobs,
+and its real particles were dropped as fragments while the blobs were kept. Bounded
+from above and capped, blobs can neither set the reference nor raise the limit above
+the particles (measured in benchmarks/RESULTS.md, "Size rules that a runaway class
+cannot swamp").
 """
 
 from __future__ import annotations
@@ -51,8 +64,12 @@ DEFAULT_METHOD = "components"
 DEFAULT_MIN_SIZE_FRACTION = 0.2
 DEFAULT_MAX_SIZE_FACTOR = 3.0
 DEFAULT_RELATIVE_MIN_SIZE = 0.5
-RELATIVE_CAP = 1e9
-# Components of more label volumes than this are no cluster of touching particles (TODO measure)
+# The relative limit never exceeds this many label volumes, however large the class's picks in
+# the map are: particle-sized picks survive blobs of particle size too (benchmarks/RESULTS.md,
+# "Size rules that a runaway class cannot swamp").
+RELATIVE_CAP = 0.75
+# Components of more label volumes than this are no cluster of touching particles: dropped
+# unsplit (a cost bound too: splitting is the expensive part of picking a wrong map).
 MAX_CLUSTER_VOLUMES = 40.0
 TYPICAL_SIZE_PERCENTILE = 90
 
