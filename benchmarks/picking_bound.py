@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,6 +110,14 @@ def build(name: str, shape, seed: int = 0) -> np.ndarray:
     raise SystemExit(f"unknown map {name!r}")
 
 
+def write_map(name: str, shape, label_path: Path) -> None:
+    """The map as uint8 MRC, and beside it (.json) each label's share of its voxels."""
+    label_map = build(name, shape).astype(np.uint8)
+    coverage = np.bincount(label_map.ravel(), minlength=N_LABELS) / label_map.size
+    write_volume(label_path, label_map, VOXEL, dtype="uint8", overwrite=True)
+    label_path.with_suffix(".json").write_text(json.dumps([round(float(c), 4) for c in coverage]))
+
+
 MAPS = [
     "one_class_everywhere", "random_labels", "random_two", "checkerboard_1", "checkerboard_8",
     "checkerboard_16", "blobs_4", "blobs_8", "blobs_16", "runaway_26",
@@ -122,17 +131,25 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=HERE / "work" / "picking_bound")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "picking_bound.json")
     parser.add_argument("--note", default="", help="recorded with the run")
+    parser.add_argument("--build", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     shape = tuple(int(n) for n in args.shape.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.build:
+        write_map(args.build, shape, args.work / f"{args.build}_labels.mrc")
+        return 0
     classes_csv = write_classes(class_table(), args.work / "classes.csv")
     runs = {}
     for name in args.maps.split(","):
         label_path = args.work / f"{name}_labels.mrc"
-        label_map = build(name, shape).astype(np.uint8)
-        coverage = np.bincount(label_map.ravel(), minlength=N_LABELS) / label_map.size
-        write_volume(label_path, label_map, VOXEL, dtype="uint8", overwrite=True)
-        del label_map
+        # built in a process of its own: a child forked from a parent holding the map would
+        # count the parent's pages in its peak memory
+        subprocess.run(
+            [sys.executable, __file__, "--build", name, "--shape", args.shape,
+             "--work", str(args.work)],
+            check=True,
+        )  # fmt: skip
+        coverage = json.loads(label_path.with_suffix(".json").read_text())
         out = args.work / f"{name}_picks.star"
         cmd = cryocaps_cmd("cluster-picks", label_path, "--classes", classes_csv, "-o", out,
                            "--overwrite", "--quiet")  # fmt: skip
@@ -141,7 +158,7 @@ def main(argv=None) -> int:
         runs[name] = measured | {
             "picks": run_json["results"]["picks"],
             "picking_seconds": run_json["timings_seconds"]["picking"],
-            "coverage": [round(float(c), 4) for c in coverage],
+            "coverage": coverage,
         }
         say(
             f"{name}: {measured['wall_seconds']:.1f} s wall, "
@@ -149,6 +166,7 @@ def main(argv=None) -> int:
             f"{measured['peak_rss_bytes'] / 2**30:.2f} GiB, {runs[name]['picks']} picks"
         )
         label_path.unlink()
+        label_path.with_suffix(".json").unlink()
     history = json.loads(args.results.read_text()) if args.results.is_file() else []
     history.append({"date": utc_now(), "shape": list(shape), "note": args.note,
                     "machine": machine_info(), "maps": runs})  # fmt: skip
