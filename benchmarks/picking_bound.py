@@ -139,6 +139,7 @@ def main(argv=None) -> int:
         write_map(args.build, shape, args.work / f"{args.build}_labels.mrc")
         return 0
     classes_csv = write_classes(class_table(), args.work / "classes.csv")
+    machine = machine_info()  # the load average before the runs
     runs = {}
     for name in args.maps.split(","):
         label_path = args.work / f"{name}_labels.mrc"
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
         label_path.with_suffix(".json").unlink()
     history = json.loads(args.results.read_text()) if args.results.is_file() else []
     history.append({"date": utc_now(), "shape": list(shape), "note": args.note,
-                    "machine": machine_info(), "maps": runs})  # fmt: skip
+                    "machine": machine, "maps": runs})  # fmt: skip
     write_json_atomic(args.results, history)
     return 0
 

@@ -154,7 +154,7 @@ def pick_particles(
         if picks.split_skipped:
             log.warning(
                 "%s class %s: %d more components could hold several particles; judged whole "
-                "(at most %d, with boxes of an eighth of the map's voxels, are split per class)",
+                "(at most %d per class are split, with boxes of an eighth of a large map's voxels)",
                 tomo_name or "map",
                 particle_class.name,
                 picks.split_skipped,
