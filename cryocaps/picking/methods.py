@@ -81,11 +81,11 @@ class Picks:
 
 # --- components -------------------------------------------------------------
 
-# At most this many components of one class are split in one map, looking at no more voxels
-# (of their bounding boxes) than an eighth of the map or 2^23 (a second or two of distance
-# transforms), whichever is more; the smallest go first, since touching
-# particles make small clusters. A map of tens of thousands of multi-particle blobs is a failed
-# segmentation: splitting them all would take many minutes, and their pieces would be false picks.
+# At most this many components of one class are split in one map, looking at no more voxels (of
+# their bounding boxes) than an eighth of the map or 2^23 (a second or two of distance
+# transforms), whichever is more; the smallest go first, since touching particles make small
+# clusters. A map of tens of thousands of multi-particle blobs is a failed segmentation:
+# splitting them all would take many minutes, and their pieces would be false picks.
 MAX_SPLITS = 2000
 SPLIT_BOX_FRACTION = 0.125
 MIN_SPLIT_BOX_VOXELS = 1 << 23
