@@ -5,7 +5,10 @@
 ``label_volume_angstrom3`` (the volume one particle of the class covers in the
 training label maps, which ``make-masks`` and ``simulate`` record: a template's
 envelope is a fraction of the sphere of the class radius, and picking expects
-segmented particles of that size). Label 0 is background and is not listed;
+segmented particles of that size) and ``label_fraction`` (the class's share of all voxels
+of the training label maps, which ``make-masks``, ``simulate`` and ``train`` record: a
+class that covers far more of a segmented tomogram than that has run away over the
+background). Label 0 is background and is not listed;
 label 255 (:data:`IGNORE_LABEL`) marks voxels whose class is unknown (partial
 annotations: ``make-masks --unannotated unknown``) and is never a class.
 """
@@ -26,6 +29,9 @@ MAX_LABEL = 127  # label maps are 8-bit MRC (mode 0)
 # losses skip them. Stored as the byte 0xFF (read back as -1 by readers of signed mode 0,
 # as 255 by ours, which view 8-bit label maps as unsigned).
 IGNORE_LABEL = 255
+# A class covering more than this many times its share of the training label maps has run away
+# over the background (issue 28: 7-10x on data a network had not seen; correct maps stay near 1x).
+OVERSEGMENTED_FACTOR = 3.0
 
 
 def sphere_volume_voxels(radius_voxels: float) -> float:
@@ -40,6 +46,7 @@ class ParticleClass:
     radius_angstrom: float
     template: Path | None = None
     label_volume_angstrom3: float | None = None
+    label_fraction: float | None = None
 
     def radius_voxels(self, voxel_size_angstrom: float) -> float:
         return self.radius_angstrom / voxel_size_angstrom
@@ -78,6 +85,11 @@ class ClassTable:
                 raise CryocapsError(
                     f"{source}: class {c.name!r} has label_volume_angstrom3 "
                     f"{c.label_volume_angstrom3}; must be > 0 Å³ (or empty)"
+                )
+            if c.label_fraction is not None and not 0 <= c.label_fraction <= 1:
+                raise CryocapsError(
+                    f"{source}: class {c.name!r} has label_fraction {c.label_fraction}; "
+                    "must be from 0 to 1 (or empty)"
                 )
         self.classes = sorted(classes, key=lambda c: c.label)
 
@@ -137,6 +149,27 @@ class ClassTable:
             self.source,
         )
 
+    def with_label_fractions(self, fractions: dict[str, float]) -> ClassTable:
+        """This table with the label fractions of the classes named in ``fractions`` (others
+        keep theirs)."""
+        return ClassTable(
+            [replace(c, label_fraction=fractions.get(c.name, c.label_fraction)) for c in self],
+            self.source,
+        )
+
+    def with_label_fractions_from_counts(self, voxels_per_label) -> ClassTable:
+        """:meth:`with_label_fractions` from voxel counts of label maps (index = label)."""
+        total = float(sum(voxels_per_label))
+        if not total > 0:
+            return self
+        return self.with_label_fractions(
+            {
+                c.name: float(voxels_per_label[c.label]) / total
+                for c in self
+                if c.label < len(voxels_per_label)
+            }
+        )
+
     def to_records(self) -> list[dict]:
         """One dict per class; the optional columns only where a class has them."""
         return [
@@ -147,6 +180,7 @@ class ClassTable:
                 if c.label_volume_angstrom3 is not None
                 else {}
             )
+            | ({"label_fraction": float(f"{c.label_fraction:.4g}")} if c.label_fraction else {})
             for c in self.classes
         ]
 
@@ -185,8 +219,50 @@ def _class_from_record(record: dict, source: str, folder: Path | None) -> Partic
         volume = float(volume) if _given(volume) else None
     except (TypeError, ValueError):
         raise CryocapsError(f"{source}: bad label_volume_angstrom3 in row {record}") from None
+    fraction = record.get("label_fraction")
+    try:
+        fraction = float(fraction) if _given(fraction) else None
+    except (TypeError, ValueError):
+        raise CryocapsError(f"{source}: bad label_fraction in row {record}") from None
     template = record.get("template")
     template = Path(str(template).strip()) if _given(template) else None
     if template is not None and folder is not None and not template.is_absolute():
         template = folder / template
-    return ParticleClass(label, str(record["name"]), radius, template, volume)
+    return ParticleClass(label, str(record["name"]), radius, template, volume, fraction)
+
+
+def oversegmented_classes(
+    classes: ClassTable, voxels_per_label, factor: float = OVERSEGMENTED_FACTOR
+) -> list[dict]:
+    """Classes covering more than ``factor`` times their share of the training label maps.
+
+    ``voxels_per_label`` : voxel counts of one label map (index = label). Classes without a
+    recorded ``label_fraction`` are not judged. Returns one dict per such class: ``name``,
+    ``fraction`` (of the map's voxels), ``expected`` (the label fraction) and ``factor``.
+    """
+    total = float(sum(voxels_per_label))
+    found = []
+    for c in classes:
+        if not c.label_fraction or c.label >= len(voxels_per_label) or not total > 0:
+            continue
+        fraction = float(voxels_per_label[c.label]) / total
+        if fraction > factor * c.label_fraction:
+            found.append(
+                {
+                    "name": c.name,
+                    "fraction": fraction,
+                    "expected": c.label_fraction,
+                    "factor": fraction / c.label_fraction,
+                }
+            )
+    return found
+
+
+def oversegmentation_message(where: str, found: dict) -> str:
+    """The one warning line for one entry of :func:`oversegmented_classes`."""
+    return (
+        f"{where}: class {found['name']} covers {100 * found['fraction']:.1f}% of the tomogram, "
+        f"{found['factor']:.1f}x the {100 * found['expected']:.2f}% it had in the training "
+        "labels: the network may call background this class (over-segmentation); its picks "
+        "are unreliable"
+    )

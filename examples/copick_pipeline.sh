@@ -13,6 +13,7 @@
 #   MODEL=ucaps MINUTES=60          model (ucaps or unet) and training budget (wall clock)
 #   PATCH=                          training patch size [default: train's]
 #   TRAIN_ARGS=                     more `cryocaps train` flags, e.g. "--val-fraction 0.3"
+#   PICK_ARGS=                      more `cryocaps cluster-picks` flags, e.g. "--min-score 0.5"
 #   DRY_RUN=1                       print the commands instead of running them
 set -euo pipefail
 config=${1:?copick config.json}; out=${2:?output folder}
@@ -24,6 +25,7 @@ picks_select=("${select[@]}")
 [[ -n "${PICKS_SESSION:-}" ]] && picks_select+=(--copick-session "$PICKS_SESSION")
 patch=(); [[ -n "${PATCH:-}" ]] && patch=(--patch-size "$PATCH")
 read -r -a train_args <<< "${TRAIN_ARGS:-}"
+read -r -a pick_args <<< "${PICK_ARGS:-}"
 run() { echo "+ $*"; [[ -n "${DRY_RUN:-}" ]] || "$@"; }
 mkdir -p "$out"
 
@@ -52,5 +54,5 @@ run cryocaps train "${training[@]}" --labels "$out/masks" --classes "$out/masks/
 # 5. segment the other runs (the Zarr level at the model's voxel size), 6. picks into the project
 run cryocaps segment "${rest[@]}" --model "$out/model" -o "$out/segmentation"
 run cryocaps cluster-picks "$out/segmentation" --format copick -o "$config" \
-    --copick-user "$USER_ID" --copick-session "$SESSION"
+    --copick-user "$USER_ID" --copick-session "$SESSION" "${pick_args[@]}"
 echo "picks: $config, user $USER_ID, session $SESSION"

@@ -521,6 +521,12 @@ def test_classes_csv_records_the_label_volume_picking_expects(
         recorded = written.by_name(particle_class.name)
         assert recorded.label_volume_angstrom3 == pytest.approx(expected, rel=1e-3)
         assert recorded.radius_angstrom == particle_class.radius_angstrom  # unscaled
+    # each class's share of all voxels of the maps written (the over-segmentation reference)
+    maps = [read_tomogram(p, allow_stack=True).data for p in sorted(out.glob("*_labels.mrc"))]
+    maps = [m.view(np.uint8) for m in maps if m.ndim == 3]  # gaussian: soft targets, (C, Z, Y, X)
+    for recorded in written if maps else []:
+        share = sum(np.count_nonzero(m == recorded.label) for m in maps) / sum(m.size for m in maps)
+        assert recorded.label_fraction == pytest.approx(share, rel=1e-3)
     if options == ["--shape", "template"]:  # what a particle covers in the map drawn
         label_map = read_tomogram(out / "TS_01_labels.mrc").data
         arm = written.by_name("ribo").label_volume_voxels(10.0)  # two ribos, at 0 and 90°

@@ -14,7 +14,7 @@ from cryocaps.evaluation import evaluate_picks
 from cryocaps.io.class_table import write_classes
 from cryocaps.io.volumes import write_volume
 from cryocaps.masks import draw_spheres
-from cryocaps.picking import METHODS, pick_particles, sphere_volume_voxels
+from cryocaps.picking import METHODS, pick, pick_particles, sphere_volume_voxels
 
 VOXEL = 10.0
 SHAPE = (36, 64, 64)
@@ -427,3 +427,150 @@ def test_size_limit_follows_the_label_volume_of_the_training_labels(classes, tmp
     frame.to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(CryocapsError, match="label_volume_angstrom3 -1.0; must be > 0"):
         read_classes(tmp_path / "bad.csv")
+
+
+# --- size rules that a runaway class cannot swamp (issue 28) ------------------
+
+
+def test_a_huge_blob_of_a_class_does_not_suppress_its_particle_sized_picks(classes):
+    """A blob of 30 label volumes once set the class's typical size, so the real particles
+    were dropped as fragments and the blob kept; now the blob is dropped and they stay."""
+    truth = pd.DataFrame(
+        {"class_name": ["large"] * 3, "z": [9, 9, 27], "y": [10, 54, 10], "x": [10, 10, 54]}
+    )
+    truth["tomo"] = "t"
+    label_map = _label_map(truth, classes)
+    label_map[4:34, 20:50, 20:50] = 3  # 27,000 voxels: 30 spheres of the class (905 voxels)
+    before = pick_particles(
+        label_map, classes, VOXEL, tomo_name="t", max_size_factor=1e6, relative_cap=1e6
+    )  # the rule until 2026-12-07: every pick, the blob included, set the typical size
+    assert len(before) == 1 and before["size_voxels"].iloc[0] == 27_000
+    picks = pick_particles(label_map, classes, VOXEL, tomo_name="t")
+    scores = evaluate_picks(picks, truth, classes, VOXEL)
+    assert scores["classes"]["large"]["precision"] == 1.0 == scores["classes"]["large"]["recall"]
+    # blobs of a few label volumes beside them cannot raise the size limit above them either:
+    # the relative limit is capped at 0.75 V
+    for z in (2, 20):
+        label_map[z : z + 12, 3:15, 28:43] = 3  # 2,160 voxels: 2.4 label volumes
+    uncapped = pick_particles(label_map, classes, VOXEL, tomo_name="t", relative_cap=1e6)
+    assert set(uncapped["size_voxels"]) == {2160}  # half the 90th percentile: 1,080 > 905
+    picks = pick_particles(label_map, classes, VOXEL, tomo_name="t")
+    assert evaluate_picks(picks, truth, classes, VOXEL)["classes"]["large"]["recall"] == 1.0
+    assert len(picks) == 5
+
+
+def test_touching_spheres_of_one_class_are_split_near_their_centres(classes):
+    centres = np.array([[18, 20, 20], [18, 20, 31], [18, 30, 26]], dtype=float)  # 10-11 apart
+    label_map = draw_spheres(SHAPE, centres, [3, 3, 3], [6.0, 6.0, 6.0])
+    assert ndimage_count(label_map == 3) == 1  # one component of ~2.6 label volumes
+    for count in (2, 3):
+        picks = pick_particles(
+            np.where(_first_spheres(centres[:count]), label_map, 0), classes, VOXEL
+        )
+        assert len(picks) == count
+        found = picks[["z", "y", "x"]].to_numpy()
+        distances = np.linalg.norm(centres[:count, None] - found[None], axis=2).min(axis=1)
+        assert distances.max() < 1.0, distances
+
+
+def ndimage_count(mask: np.ndarray) -> int:
+    from scipy import ndimage
+
+    return ndimage.label(mask)[1]
+
+
+def _first_spheres(centres: np.ndarray) -> np.ndarray:
+    return draw_spheres(SHAPE, centres, [1] * len(centres), [6.0] * len(centres)) > 0
+
+
+def test_a_component_of_a_hundred_label_volumes_is_dropped_unsplit(classes, monkeypatch):
+    from cryocaps.picking import methods
+
+    calls = []
+    split = methods._split_touching
+    monkeypatch.setattr(methods, "_split_touching", lambda *args: calls.append(1) or split(*args))
+    label_map = np.zeros(SHAPE, np.uint8)
+    label_map[2:34, 4:60, 4:60] = 1  # the small class (radius 3: 113 voxels): 890 label volumes
+    label_map[10:20, 20:30, 2] = 0  # not a plain box
+    truth_centre = (30, 60, 60)
+    label_map = np.maximum(
+        label_map, draw_spheres(SHAPE, np.array([truth_centre], float), [1], [3.0])
+    )  # a true particle touching it
+    picks = pick_particles(label_map, classes, VOXEL)
+    assert picks.empty and calls == []
+    # a blob of 5 label volumes of touching particles is split, and each piece judged
+    blob = draw_spheres(SHAPE, np.array([[18, 32, 28], [18, 32, 33.5]]), [1, 1], [3.0, 3.0])
+    picks = pick_particles(blob, classes, VOXEL)
+    assert len(picks) == 2 and len(calls) == 1
+
+
+def test_budget_on_splits_keeps_wrong_maps_fast(classes, monkeypatch):
+    """More components that could hold several particles than the budget: the rest are judged
+    whole, with one warning."""
+    from cryocaps.picking import methods
+
+    monkeypatch.setattr(methods, "MAX_SPLITS", 2)
+    pairs = [[9, y, x] for y in (10, 32, 54) for x in (10, 40)]
+    centres = np.array([c for z, y, x in pairs for c in ([z, y, x], [z, y, x + 6])], float)
+    label_map = draw_spheres(SHAPE, centres, [1] * len(centres), [3.0] * len(centres))
+    limits = pick.size_limits(classes.by_name("small"), VOXEL)
+    found = methods._pick_components(label_map == 1, 3.0, None, limits)
+    assert found.split_skipped == 4 and len(found) == 2 * 2 + 4
+
+
+def test_oversegmentation_warning_fires_on_a_runaway_map_only(classes, tmp_path, caplog):
+    import logging
+
+    from cryocaps.classes import oversegmented_classes
+    from cryocaps.picking import pick_files
+
+    truth = _particles(classes, touching=False)
+    label_map = _label_map(truth, classes)
+    counts = np.bincount(label_map.ravel(), minlength=4)
+    trained = classes.with_label_fractions_from_counts(counts)  # the fractions of a right map
+    assert trained.by_name("medium").label_fraction == pytest.approx(counts[2] / label_map.size)
+    assert oversegmented_classes(trained, counts) == []
+    runaway = label_map.copy()
+    runaway[:, :20][runaway[:, :20] == 0] = 2  # background called "medium": 25% of the map
+    found = oversegmented_classes(trained, np.bincount(runaway.ravel(), minlength=4))
+    assert [f["name"] for f in found] == ["medium"] and found[0]["factor"] > 3
+    write_volume(tmp_path / "good_labels.mrc", label_map, VOXEL, dtype="uint8")
+    write_volume(tmp_path / "bad_labels.mrc", runaway, VOXEL, dtype="uint8")
+    with caplog.at_level(logging.WARNING, logger="cryocaps"):
+        pick_files([tmp_path / "good_labels.mrc"], trained)
+        assert "over-segmentation" not in caplog.text
+        pick_files([tmp_path / "bad_labels.mrc"], trained)
+    lines = [r.getMessage() for r in caplog.records if "over-segmentation" in r.getMessage()]
+    assert len(lines) == 1
+    share = 100 * np.mean(runaway == 2)
+    assert f"class medium covers {share:.1f}% of the tomogram" in lines[0]
+    assert f"{100 * trained.by_name('medium').label_fraction:.2f}%" in lines[0]
+    # a table without label fractions judges nothing
+    assert oversegmented_classes(classes, np.bincount(runaway.ravel(), minlength=4)) == []
+
+
+def test_label_fraction_round_trips_through_classes_csv_and_the_model(classes, tmp_path):
+    from types import SimpleNamespace
+
+    from cryocaps.io.class_table import read_classes
+    from cryocaps.training.checkpoint import model_metadata
+
+    table = classes.with_label_fractions({"small": 0.0123, "large": 0.2})
+    write_classes(table, tmp_path / "classes.csv")
+    again = read_classes(tmp_path / "classes.csv")
+    assert [c.label_fraction for c in again] == [0.0123, None, 0.2]
+    assert ClassTable.from_records(again.to_records()).by_name("small").label_fraction == 0.0123
+    frame = pd.read_csv(tmp_path / "classes.csv")
+    frame.loc[0, "label_fraction"] = 1.5
+    frame.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(CryocapsError, match="bad.csv: class 'small' has label_fraction 1.5"):
+        read_classes(tmp_path / "bad.csv")
+    # training records the fractions of its own label maps in the model's config
+    data = SimpleNamespace(
+        classes=classes,
+        voxel_counts=np.array([900, 50, 0, 50]),
+        volumes=[SimpleNamespace(voxel_size_angstrom=VOXEL)],
+    )
+    config = model_metadata(SimpleNamespace(patch_size=32), data, {})
+    model_table = ClassTable.from_records(config["classes"])
+    assert [c.label_fraction for c in model_table] == [0.05, None, 0.05]

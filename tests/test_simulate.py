@@ -506,6 +506,7 @@ def test_template_labels_are_picked_whole_at_the_defaults(tmp_path, run_cli):
     from cryocaps.evaluation import evaluate_picks
     from cryocaps.io.class_table import read_classes
     from cryocaps.io.particles import read_particles
+    from cryocaps.io.volumes import read_tomogram
 
     out = tmp_path / "sim"
     result = run_cli(
@@ -517,6 +518,12 @@ def test_template_labels_are_picked_whole_at_the_defaults(tmp_path, run_cli):
         assert classes.by_name(t.name).label_volume_angstrom3 == pytest.approx(
             t.envelope_volume_angstrom3, rel=1e-3
         )
+    label_maps = [read_tomogram(p).data.view(np.uint8) for p in sorted(out.glob("labels/*.mrc"))]
+    for particle_class in classes:
+        share = sum(np.count_nonzero(m == particle_class.label) for m in label_maps) / sum(
+            m.size for m in label_maps
+        )
+        assert particle_class.label_fraction == pytest.approx(share, rel=1e-3)
     dumbbell = classes.by_name("dumbbell")
     assert (
         dumbbell.label_volume_voxels(20.0)

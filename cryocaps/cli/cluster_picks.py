@@ -2,19 +2,28 @@
 
 Reads <tomo>_labels.mrc maps (files or folders) and, when present beside them,
 <tomo>_probs.mrc (class probabilities) or <tomo>_score.mrc for the pick scores.
-Methods: components (connected components, touching particles split by a
-distance-transform watershed, fragments of one particle merged; the default,
+Methods: components (connected components, touching particles split at the
+distance transform's maxima, fragments of one particle merged; the default,
 most accurate on noisy synthetic segmentations), meanshift (bandwidth = class
-radius) and peaks (non-maximum suppression of the probability map). Picks
-smaller than --min-size-fraction of the class's label volume (classes.csv's
+radius) and peaks (non-maximum suppression of the probability map).
+
+Size limits are multiples of the class's label volume V (classes.csv's
 label_volume_angstrom3, what one particle covered in the training labels, else
-the sphere of its radius), or than --relative-min-size of the class's typical
-pick in the map, or scoring below --min-score (or the per-class --thresholds
-that `cryocaps evaluate -o` tunes on a validation tomogram; by default those
-training calibrated, in the pick_thresholds.csv segment wrote beside the maps),
-are dropped.
-Classes come from --classes, else classes.csv beside the maps; a label in a map
-that the class table does not list is refused. Writes run.json beside OUT.
+the sphere of its radius): picks smaller than --min-size-fraction x V are
+dropped; components larger than --max-size-factor x V are split into
+particle-sized pieces and the pieces still larger dropped; components larger
+than 40 V (no cluster of touching particles) are dropped unsplit. Picks smaller
+than --relative-min-size of the class's typical pick in the map (taken from its
+picks within those limits only, and never above 0.75 V, so background blobs of a
+class that ran away cannot drop its particles), or scoring below --min-score
+(or the per-class --thresholds that `cryocaps evaluate -o` tunes on a validation
+tomogram; by default those training calibrated, in the pick_thresholds.csv segment
+wrote beside the maps), are dropped too. A class that covers more than 3x its share of the
+training label maps (classes.csv's label_fraction) gets one warning line: the
+network has likely called background that class (classes without a label_fraction,
+as in tables older than this, are not judged). Classes come from --classes,
+else classes.csv beside the maps; a label in a map that the class table does not
+list is refused. Writes run.json beside OUT.
 """
 
 from __future__ import annotations
@@ -90,14 +99,24 @@ def command(
             "label maps; make-masks records it), else the sphere 4/3 pi r^3. [default: 0.2]",
         ),
     ] = 0.2,
+    max_size_factor: Annotated[
+        float,
+        typer.Option(
+            "--max-size-factor",
+            help="Split components of more than this many label volumes into particle-sized "
+            "pieces (centres at distance-transform maxima), and drop pieces still larger; "
+            "components of more than 40 label volumes are dropped unsplit. [default: 3.0]",
+        ),
+    ] = 3.0,
     relative_min_size: Annotated[
         float,
         typer.Option(
             "--relative-min-size",
             callback=in_range(0),
             help="Drop picks with fewer voxels than this fraction of the class's typical pick in "
-            "the same map (the 90th percentile of its pick sizes): background fragments are far "
-            "smaller than the particles the network segments whole. 0 keeps them. [default: 0.5]",
+            "the same map (the 90th percentile of the sizes of its picks within the size limits "
+            "above, so blobs cannot set it): background fragments are far smaller than the "
+            "particles the network segments whole. 0 keeps them. [default: 0.5]",
         ),
     ] = 0.5,
     min_score: Annotated[
@@ -177,6 +196,7 @@ def command(
             class_table,
             method=method,
             min_size_fraction=min_size_fraction,
+            max_size_factor=max_size_factor,
             relative_min_size=relative_min_size,
             min_score=min_score,
             use_probabilities=use_probabilities,
@@ -211,6 +231,7 @@ def command(
             parameters={
                 "method": method,
                 "min_size_fraction": min_size_fraction,
+                "max_size_factor": max_size_factor,
                 "relative_min_size": relative_min_size,
                 "min_score": min_score,
                 "thresholds": str(thresholds) if thresholds else None,

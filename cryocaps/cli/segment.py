@@ -37,6 +37,7 @@ from cryocaps.cli.common import (
     command_line,
     console,
     in_range,
+    log,
     print_table,
     progress,
     setup_logging,
@@ -248,6 +249,7 @@ def command(
             progress=advance,
         )
     results, skipped = summary["tomograms"], summary["skipped"]
+    _warn_oversegmented(results)
     if skipped:
         console.print(
             f"Skipped {len(skipped)} tomogram(s) already segmented in {out_dir} "
@@ -289,6 +291,15 @@ def command(
         name=run_name,
     )
     _print_summary(results, skipped, out_dir)
+
+
+def _warn_oversegmented(results: list[dict]) -> None:
+    """One warning line per class that covers far more of a tomogram than it could."""
+    from cryocaps.classes import oversegmentation_message
+
+    for result in results:
+        for found in result.get("oversegmented", []):
+            log.warning(oversegmentation_message(_shown_name(result["tomogram"]), found))
 
 
 def _print_summary(results: list[dict], skipped: list, out_dir: Path) -> None:

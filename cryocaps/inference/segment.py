@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryocaps.classes import ClassTable
+from cryocaps.classes import ClassTable, oversegmented_classes
 from cryocaps.errors import CryocapsError
 from cryocaps.inference.blend import (
     DEFAULT_BATCH_SIZE,
@@ -36,7 +36,7 @@ from cryocaps.io.files import check_folder
 from cryocaps.io.layout import CLASS_TABLE_NAME, output_paths, tomogram_name
 from cryocaps.io.pages import release_pages
 from cryocaps.io.thresholds import SCORE_KINDS, write_companion_thresholds
-from cryocaps.io.volumes import check_same_voxel_size, read_info, read_tomogram
+from cryocaps.io.volumes import check_same_voxel_size, label_counts, read_info, read_tomogram
 from cryocaps.io.zarr_volumes import is_zarr_path, level_voxel_size
 from cryocaps.preprocess import DEFAULT_CLIP_PERCENTILES, apply_normalization, normalization_stats
 from cryocaps.runtime import configure_threads, resolve_device, tune_process_for, use_bf16
@@ -165,7 +165,10 @@ def write_model_thresholds(config: dict, out_dir, overwrite: bool = False) -> Pa
 
 
 def _class_rows(table) -> list[tuple]:
-    return [(c.label, c.name, c.radius_angstrom, c.label_volume_angstrom3) for c in table]
+    return [
+        (c.label, c.name, c.radius_angstrom, c.label_volume_angstrom3, c.label_fraction)
+        for c in table
+    ]
 
 
 def _n_outputs(model, config: dict) -> int:
@@ -276,7 +279,28 @@ def segment_tomogram(
     finally:
         tomogram.close()
     seconds = {"started": started, "normalized": normalized, "finished": time.perf_counter()}
-    return _tomogram_summary(tomogram_path, tomogram, paths, plans, seconds, tta=tta, bf16=bf16)
+    summary = _tomogram_summary(tomogram_path, tomogram, paths, plans, seconds, tta=tta, bf16=bf16)
+    return summary | class_coverage(paths["labels"], config)
+
+
+def class_coverage(label_path, config: dict) -> dict:
+    """Each class's share of a written label map, and the classes that cover far more than
+    their share of the training labels (``label_fraction`` in the model's class table;
+    :func:`cryocaps.classes.oversegmented_classes`)."""
+    records = config.get("classes")
+    label_map = read_tomogram(label_path, mmap=True, check_finite=False)
+    try:
+        data = label_map.data
+        counts = label_counts(data.view(np.uint8) if data.dtype == np.int8 else data, 256)
+    finally:
+        label_map.close()
+    if not records:
+        return {"class_fractions": {}, "oversegmented": []}
+    table = ClassTable.from_records(records, "model config")
+    return {
+        "class_fractions": {c.name: float(counts[c.label] / counts.sum()) for c in table},
+        "oversegmented": oversegmented_classes(table, counts),
+    }
 
 
 def _tomogram_summary(path, tomogram, paths, plans, times: dict, **settings) -> dict:

@@ -103,6 +103,7 @@ def make_masks(
     check_writable(out_dir / "classes.csv", overwrite)
 
     per_class = {c.name: {"label": c.label, "particles": 0, "voxels": 0} for c in classes}
+    voxels_per_label = np.zeros(classes.n_labels, dtype=np.int64)
     per_tomogram = []
     outputs = []
     for plan in plans:
@@ -110,6 +111,7 @@ def make_masks(
         voxels, unknown = _draw_and_write(
             plan, classes, shape, radius_scale, voxel_size, templates, unannotated, overwrite
         )
+        voxels_per_label += voxels
         labels = plan.particles["label"].to_numpy(dtype=int)
         for c in classes:
             per_class[c.name]["particles"] += int((labels == c.label).sum())
@@ -129,7 +131,11 @@ def make_masks(
             progress(1, info=plan.info.name)
 
     volumes = label_volumes_angstrom3(classes, shape, radius_scale, voxel_size, templates)
-    outputs.append(write_used_classes(classes.with_label_volumes(volumes), out_dir / "classes.csv"))
+    # what picking expects of one particle, and of all of a class in a tomogram
+    recorded = classes.with_label_volumes(volumes).with_label_fractions_from_counts(
+        voxels_per_label
+    )
+    outputs.append(write_used_classes(recorded, out_dir / "classes.csv"))
     return {
         "voxel_size_angstrom": voxel_size,
         "shape": shape,

@@ -4,28 +4,37 @@
 holds the three methods (components, meanshift, peaks).
 """
 
-from cryocaps.picking.methods import MEANSHIFT_MAX_POINTS, Pick, sphere_volume_voxels
+from cryocaps.classes import sphere_volume_voxels
+from cryocaps.picking.methods import MAX_SPLITS, MEANSHIFT_MAX_POINTS, Picks, SizeLimits
 from cryocaps.picking.pick import (
+    DEFAULT_MAX_SIZE_FACTOR,
     DEFAULT_METHOD,
     DEFAULT_MIN_SIZE_FRACTION,
     DEFAULT_RELATIVE_MIN_SIZE,
+    MAX_CLUSTER_VOLUMES,
     METHODS,
     find_label_maps,
     pick_files,
     pick_particles,
+    size_limits,
     summary_by_class,
 )
 
 __all__ = [
+    "DEFAULT_MAX_SIZE_FACTOR",
     "DEFAULT_METHOD",
     "DEFAULT_MIN_SIZE_FRACTION",
     "DEFAULT_RELATIVE_MIN_SIZE",
+    "MAX_CLUSTER_VOLUMES",
+    "MAX_SPLITS",
     "MEANSHIFT_MAX_POINTS",
     "METHODS",
-    "Pick",
+    "Picks",
+    "SizeLimits",
     "find_label_maps",
     "pick_files",
     "pick_particles",
+    "size_limits",
     "sphere_volume_voxels",
     "summary_by_class",
 ]

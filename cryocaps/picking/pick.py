@@ -6,24 +6,38 @@ Three ways to turn a segmentation into one pick per particle, chosen with
 
 Every pick gets a size (voxels of its class assigned to it) and a score: the
 mean class probability over those voxels, else the mean of the per-voxel
-score map, else the size. Picks smaller than ``min_size_fraction`` of the
-class's label volume (what one particle covered in the training label maps, as
-classes.csv records it; else the sphere of the class radius), or than
-``relative_min_size`` of the class's typical pick in the same map, or scoring below
-``min_score``, are dropped.
+score map, else the size. The size limits are multiples of the class's label
+volume V (what one particle covered in the training label maps, as classes.csv
+records it; else the sphere of the class radius); the one limit taken from the map
+itself is bounded by them:
 
-The typical pick is the 90th percentile of the sizes of the class's picks that pass
-the first limit. A network segments the particles it finds whole, so their sizes
-cluster, while background fragments and speckle are smaller by a large factor; a
-limit relative to what this network made of this class in this map follows hollow,
-elongated and small particles and masks bigger or smaller than the nominal sphere,
-where a fixed fraction of the sphere cannot (measured in benchmarks/RESULTS.md,
-"Picking at defaults").
+- picks smaller than ``min_size_fraction`` V (0.2) are dropped;
+- components larger than ``max_size_factor`` V (3) are split into particle-sized
+  pieces, and pieces (or picks) still larger are dropped; components larger than
+  :data:`MAX_CLUSTER_VOLUMES` V (40), more than any cluster of touching particles
+  could fill, are dropped unsplit;
+- picks smaller than ``relative_min_size`` (0.5) of the class's typical pick in
+  the same map are dropped, where the typical pick is the 90th percentile of the
+  sizes of the picks within the two limits above, and this limit never exceeds
+  :data:`RELATIVE_CAP` V (0.75);
+- picks scoring below ``min_score`` are dropped.
+
+A network segments the particles it finds whole, so their sizes cluster, while
+background fragments and speckle are smaller by a large factor; the relative limit
+follows hollow, elongated and small particles and masks bigger or smaller than the
+nominal sphere, where a fixed fraction cannot. Until 2026-12-07 its reference was
+taken from all picks, so a class that ran away over the background (a network that
+called a quarter of a tomogram "barrel") had its typical pick set by background blobs,
+and its real particles were dropped as fragments while the blobs were kept. Bounded
+from above and capped, blobs can neither set the reference nor raise the limit above
+the particles (measured in benchmarks/RESULTS.md, "Size rules that a runaway class
+cannot swamp").
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -31,19 +45,32 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryocaps.classes import ClassTable, ParticleClass
+from cryocaps.classes import (
+    ClassTable,
+    ParticleClass,
+    oversegmentation_message,
+    oversegmented_classes,
+)
 from cryocaps.errors import CryocapsError
 from cryocaps.io.layout import base_tomogram_name, companion_path, tomogram_name
 from cryocaps.io.particles import CANONICAL_COLUMNS
 from cryocaps.io.volumes import TomogramInfo, read_probabilities, read_tomogram
-from cryocaps.picking.methods import PICKERS, Pick
+from cryocaps.picking.methods import MAX_SPLITS, PICKERS, SLAB_VOXELS, Picks, SizeLimits
 
 log = logging.getLogger(__name__)
 
 METHODS = tuple(PICKERS)
 DEFAULT_METHOD = "components"
 DEFAULT_MIN_SIZE_FRACTION = 0.2
+DEFAULT_MAX_SIZE_FACTOR = 3.0
 DEFAULT_RELATIVE_MIN_SIZE = 0.5
+# The relative limit never exceeds this many label volumes, however large the class's picks in
+# the map are: particle-sized picks survive blobs of particle size too (benchmarks/RESULTS.md,
+# "Size rules that a runaway class cannot swamp").
+RELATIVE_CAP = 0.75
+# Components of more label volumes than this are no cluster of touching particles: dropped
+# unsplit (a cost bound too: splitting is the expensive part of picking a wrong map).
+MAX_CLUSTER_VOLUMES = 40.0
 TYPICAL_SIZE_PERCENTILE = 90
 
 
@@ -56,7 +83,9 @@ def pick_particles(
     scores: np.ndarray | None = None,
     method: str = DEFAULT_METHOD,
     min_size_fraction: float = DEFAULT_MIN_SIZE_FRACTION,
+    max_size_factor: float = DEFAULT_MAX_SIZE_FACTOR,
     relative_min_size: float = DEFAULT_RELATIVE_MIN_SIZE,
+    relative_cap: float = RELATIVE_CAP,
     min_score: float | Mapping[str, float] | None = None,
     tomo_name: str = "",
     progress: Callable[[str], None] | None = None,
@@ -75,10 +104,15 @@ def pick_particles(
         are no probabilities
     method : "components", "meanshift" or "peaks"
     min_size_fraction : drop picks with fewer voxels than this fraction of the
-        class's label volume (``ParticleClass.label_volume_voxels``: as recorded by
+        class's label volume V (``ParticleClass.label_volume_voxels``: as recorded by
         make-masks or simulate, else the sphere 4/3 π r³)
+    max_size_factor : split components of more than this many V into particle-sized
+        pieces, and drop pieces (and picks) still larger; see the module docstring
     relative_min_size : drop picks with fewer voxels than this fraction of the class's
-        typical pick in this map (0 keeps them); see the module docstring
+        typical pick in this map, taken from its picks within the two limits above
+        (0 keeps them); see the module docstring
+    relative_cap : the relative limit never exceeds this many V, however large the
+        class's picks in this map are
     min_score : drop picks scoring below this (None keeps all); a mapping gives
         one threshold per class name (classes missing from it keep all), as
         ``evaluate`` tunes them on a validation tomogram
@@ -97,33 +131,48 @@ def pick_particles(
         classes,
         method,
         voxel_size_angstrom,
-        min_size_fraction,
-        relative_min_size,
+        (min_size_fraction, max_size_factor, relative_min_size),
     )
-    rows = []
+    tables = []
     for particle_class in classes:
         class_min_score = (
             min_score.get(particle_class.name) if isinstance(min_score, Mapping) else min_score
         )
-        radius = particle_class.radius_voxels(voxel_size_angstrom)
+        limits = size_limits(
+            particle_class, voxel_size_angstrom, min_size_fraction, max_size_factor
+        )
         weights = _weight_map(particle_class, probabilities, scores)
         mask = label_map == particle_class.label
-        # the size one particle had in the training labels (a template's envelope may be a
-        # tenth of the sphere), else the sphere of the class radius
-        min_size = min_size_fraction * particle_class.label_volume_voxels(voxel_size_angstrom)
-        picks = PICKERS[method](mask, radius, weights, min_size) if mask.any() else []
-        rows += _kept_rows(
-            picks,
-            particle_class.name,
-            tomo_name,
-            max(min_size, relative_min_size * typical_size(picks, min_size)),
-            class_min_score,
-            with_weights=weights is not None,
+        picks = (
+            PICKERS[method](
+                mask, particle_class.radius_voxels(voxel_size_angstrom), weights, limits
+            )
+            if mask.any()
+            else Picks.empty()
         )
+        del mask
+        if picks.split_skipped:
+            log.warning(
+                "%s class %s: %d more components could hold several particles; judged whole "
+                "(at most %d per class are split, with boxes of an eighth of a large map's voxels)",
+                tomo_name or "map",
+                particle_class.name,
+                picks.split_skipped,
+                MAX_SPLITS,
+            )
+        relative = min(
+            relative_min_size * typical_size(picks, limits), relative_cap * limits.label_volume
+        )
+        floor = max(limits.min_size, relative)
+        keep = (picks.sizes >= floor) & (picks.sizes <= limits.max_size)
+        if weights is None:
+            picks.scores = picks.sizes.astype(float)
+        if class_min_score is not None:
+            keep &= picks.scores >= class_min_score
+        tables.append(_table(picks, keep, particle_class.name, tomo_name))
         if progress is not None:
             progress(particle_class.name)
-    table = pd.DataFrame(rows, columns=[*CANONICAL_COLUMNS, "size_voxels"])
-    table = table.astype({"x": float, "y": float, "z": float, "score": float, "size_voxels": float})
+    table = pd.concat(tables, ignore_index=True)
     order = {name: i for i, name in enumerate(classes.names)}
     table = table.sort_values(
         ["class_name", "score"], key=lambda s: s.map(order) if s.name == "class_name" else -s
@@ -131,25 +180,58 @@ def pick_particles(
     return table.reset_index(drop=True)
 
 
+def size_limits(
+    particle_class: ParticleClass,
+    voxel_size_angstrom: float,
+    min_size_fraction: float = DEFAULT_MIN_SIZE_FRACTION,
+    max_size_factor: float = DEFAULT_MAX_SIZE_FACTOR,
+) -> SizeLimits:
+    """The size limits of one class, all multiples of its label volume V (voxels)."""
+    # the size one particle had in the training labels (a template's envelope may be a tenth
+    # of the sphere), else the sphere of the class radius
+    volume = particle_class.label_volume_voxels(voxel_size_angstrom)
+    return SizeLimits(
+        label_volume=volume,
+        min_size=min_size_fraction * volume,
+        max_size=max_size_factor * volume,
+        max_cluster=max(MAX_CLUSTER_VOLUMES, max_size_factor) * volume,
+    )
+
+
+def _table(picks: Picks, keep: np.ndarray, class_name: str, tomo_name: str) -> pd.DataFrame:
+    centres = picks.centres[keep]
+    return pd.DataFrame(
+        {
+            "tomo": tomo_name,
+            "class_name": class_name,
+            "x": centres[:, 2].astype(float),
+            "y": centres[:, 1].astype(float),
+            "z": centres[:, 0].astype(float),
+            "score": picks.scores[keep].astype(float),
+            "size_voxels": picks.sizes[keep].astype(float),
+        },
+        columns=[*CANONICAL_COLUMNS, "size_voxels"],
+    )
+
+
 def _checked_inputs(
-    label_map,
-    probabilities,
-    scores,
-    classes,
-    method,
-    voxel_size_angstrom,
-    min_size_fraction,
-    relative_min_size,
+    label_map, probabilities, scores, classes, method, voxel_size_angstrom, size_options
 ) -> np.ndarray:
     """Refuse unusable inputs; returns the label map as unsigned labels."""
+    min_size_fraction, max_size_factor, relative_min_size = size_options
     if method not in METHODS:
         raise CryocapsError(f"--method {method!r}: use one of {', '.join(METHODS)}")
     if label_map.ndim != 3:
         raise CryocapsError(f"label map must be 3D (Z, Y, X), got shape {label_map.shape}")
     if not voxel_size_angstrom > 0:
         raise CryocapsError(f"voxel size must be > 0 Å, got {voxel_size_angstrom}")
-    if min_size_fraction < 0:
-        raise CryocapsError(f"--min-size-fraction must be >= 0, got {min_size_fraction}")
+    if not 1 <= max_size_factor < math.inf:
+        raise CryocapsError(f"--max-size-factor must be >= 1 and finite, got {max_size_factor}")
+    if not 0 <= min_size_fraction < max_size_factor:
+        raise CryocapsError(
+            f"--min-size-fraction must be >= 0 and below --max-size-factor {max_size_factor:g}, "
+            f"got {min_size_fraction}"
+        )
     if not 0 <= relative_min_size < 1:
         raise CryocapsError(f"--relative-min-size must be in [0, 1), got {relative_min_size}")
     label_map = _as_labels(label_map)
@@ -162,45 +244,16 @@ def _checked_inputs(
     return label_map
 
 
-def typical_size(picks: list[Pick], min_size: float) -> float:
-    """The 90th percentile of the sizes (voxels) of the picks of at least ``min_size``; 0 if none.
+def typical_size(picks: Picks, limits: SizeLimits) -> float:
+    """The 90th percentile of the sizes (voxels) of the picks within the class's size limits
+    (from ``min_size`` to ``max_size``); 0 if none.
 
-    A high percentile rather than the median: fragments may outnumber the particles.
+    A high percentile rather than the median: fragments may outnumber the particles. Picks
+    larger than the upper limit do not count: blobs of a class that runs away over the
+    background must not set the size its particles are judged by.
     """
-    sizes = [pick.size for pick in picks if pick.size >= min_size]
-    return float(np.percentile(sizes, TYPICAL_SIZE_PERCENTILE)) if sizes else 0.0
-
-
-def _kept_rows(
-    picks: list[Pick],
-    class_name: str,
-    tomo_name: str,
-    min_size: float,
-    min_score: float | None,
-    *,
-    with_weights: bool,
-) -> list[dict]:
-    """Table rows of the picks that pass the size and score limits (score = size without
-    weights)."""
-    rows = []
-    for pick in picks:
-        if pick.size < min_size:
-            continue
-        score = pick.score if with_weights else pick.size
-        if min_score is not None and score < min_score:
-            continue
-        rows.append(
-            {
-                "tomo": tomo_name,
-                "class_name": class_name,
-                "x": pick.x,
-                "y": pick.y,
-                "z": pick.z,
-                "score": float(score),
-                "size_voxels": float(pick.size),
-            }
-        )
-    return rows
+    sizes = picks.sizes[(picks.sizes >= limits.min_size) & (picks.sizes <= limits.max_size)]
+    return float(np.percentile(sizes, TYPICAL_SIZE_PERCENTILE)) if len(sizes) else 0.0
 
 
 def _as_labels(label_map: np.ndarray) -> np.ndarray:
@@ -262,6 +315,7 @@ def pick_files(
     *,
     method: str = DEFAULT_METHOD,
     min_size_fraction: float = DEFAULT_MIN_SIZE_FRACTION,
+    max_size_factor: float = DEFAULT_MAX_SIZE_FACTOR,
     relative_min_size: float = DEFAULT_RELATIVE_MIN_SIZE,
     min_score: float | Mapping[str, float] | None = None,
     use_probabilities: bool = True,
@@ -294,7 +348,9 @@ def pick_files(
         if use_probabilities:
             probabilities, scores, companions = _read_companions(path, voxel)
             inputs += companions
-        _check_labels(label_tomogram.data, classes, path, ignored_labels)
+        counts = _check_labels(label_tomogram.data, classes, path, ignored_labels)
+        for found in oversegmented_classes(classes, counts):
+            log.warning(oversegmentation_message(str(path), found))
         try:
             table = pick_particles(
                 label_tomogram.data,
@@ -304,6 +360,7 @@ def pick_files(
                 scores=scores,
                 method=method,
                 min_size_fraction=min_size_fraction,
+                max_size_factor=max_size_factor,
                 relative_min_size=relative_min_size,
                 min_score=min_score,
                 tomo_name=tomo,
@@ -347,13 +404,10 @@ def _read_companions(label_path: Path, voxel_size_angstrom: float):
 
 def _check_labels(
     label_map: np.ndarray, classes: ClassTable, path: Path, ignored: Collection[int]
-) -> None:
-    """Refuse labels the class table does not know (those in ``ignored`` are skipped)."""
-    counts = np.bincount(
-        np.asarray(label_map).view(np.uint8).ravel()
-        if label_map.dtype.itemsize == 1
-        else np.asarray(label_map, dtype=np.int64).ravel().clip(0)
-    )
+) -> np.ndarray:
+    """Refuse labels the class table does not know (those in ``ignored`` are skipped);
+    returns the voxels per label."""
+    counts = _voxels_per_label(np.asarray(label_map))
     known = {0, *(c.label for c in classes), *ignored}
     unknown = [int(label) for label in np.nonzero(counts)[0] if label not in known]
     if unknown:
@@ -362,6 +416,20 @@ def _check_labels(
             f"{classes.source} (labels there: {', '.join(str(c.label) for c in classes)}); "
             "give the classes.csv the map was made with (--classes)"
         )
+    return counts
+
+
+def _voxels_per_label(label_map: np.ndarray) -> np.ndarray:
+    """np.bincount of the labels, slab by slab (bincount makes a 64-bit copy of its input)."""
+    counts = np.zeros(1, dtype=np.int64)
+    step = max(1, SLAB_VOXELS // max(1, label_map[0].size))
+    for start in range(0, label_map.shape[0], step):
+        slab = label_map[start : start + step]
+        slab = slab.view(np.uint8) if slab.dtype.itemsize == 1 else slab.astype(np.int64).clip(0)
+        part = np.bincount(slab.ravel())
+        counts = np.pad(counts, (0, max(0, len(part) - len(counts))))
+        counts[: len(part)] += part
+    return counts
 
 
 def summary_by_class(picks: pd.DataFrame, classes: ClassTable) -> pd.DataFrame:

@@ -139,11 +139,15 @@ def simulate_dataset(
         table = table.with_label_volumes({t.name: t.envelope_volume_angstrom3 for t in templates})
     seeds = np.random.SeedSequence(params.seed).spawn(params.n_tomograms)
     outputs, tables, details = [], [], {}
+    voxels_per_label = np.zeros(table.n_labels, dtype=np.int64)
     for name, seed in zip(tomogram_names(params.n_tomograms), seeds, strict=True):
         started = time.perf_counter()
         result = simulate_tomogram(templates, params, np.random.default_rng(seed), name)
         outputs += _write_tomogram(out_dir, result, params.voxel_size_angstrom, preview, overwrite)
         tables.append(result.particles)
+        voxels_per_label += np.bincount(result.labels.ravel(), minlength=table.n_labels)[
+            : table.n_labels
+        ]
         result.details["seconds"] = time.perf_counter() - started
         details[name] = result.details
         log.info(
@@ -155,6 +159,7 @@ def simulate_dataset(
         if progress is not None:
             progress(f"{name}: {result.details['n_particles']} particles")
     particles = pd.concat(tables, ignore_index=True)
+    table = table.with_label_fractions_from_counts(voxels_per_label)
     outputs += _write_tables(out_dir, particles, table, templates, params, list(details), overwrite)
     return {
         "outputs": [str(p) for p in outputs],
