@@ -211,7 +211,7 @@ def segment_tomogram(
     check_blending(blending)
     tomogram_path = Path(tomogram_path)
     level = input_level(tomogram_path, config, ignore_voxel_size)
-    info = read_info(tomogram_path, level)
+    info = read_info(tomogram_path, level, with_data=True)
     check_voxel_size(tomogram_path, info.voxel_size_angstrom, config, ignore_voxel_size)
     size_multiple = int(getattr(model, "size_multiple", 1))
     patches, overlaps = resolve_window(config, size_multiple, patch_size, overlap)
@@ -412,7 +412,10 @@ def segment_files(
     size_multiple = int(getattr(model, "size_multiple", 1))
     patches, overlaps = resolve_window(config, size_multiple, patch_size, overlap)
     suffix = out_suffix(out_format)
-    infos = {path: read_info(path, input_level(path, config, ignore_voxel_size)) for path in files}
+    infos = {
+        path: read_info(path, input_level(path, config, ignore_voxel_size), with_data=True)
+        for path in files
+    }
     for path, info in infos.items():
         check_voxel_size(path, info.voxel_size_angstrom, config, ignore_voxel_size)
     todo, skipped = _work_to_do(

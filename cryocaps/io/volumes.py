@@ -252,11 +252,15 @@ def read_tomogram(
     return Tomogram(data, voxel, origin, tomogram_name(path), path, _mrc=mrc)
 
 
-def read_info(path: str | os.PathLike, voxel_size_angstrom: float | None = None) -> TomogramInfo:
+def read_info(
+    path: str | os.PathLike, voxel_size_angstrom: float | None = None, with_data: bool = False
+) -> TomogramInfo:
     """Shape (z, y, x), voxel size and origin of an MRC file, reading only its header.
 
     For an OME-Zarr image, those of the scale level at ``voxel_size_angstrom``
-    (None: the finest), from its metadata.
+    (None: the finest), from its metadata. Complex modes are refused; with
+    ``with_data`` (the caller will read the voxels) so is an MRC file shorter than
+    its header says, before anything is computed or written.
     """
     if is_zarr_path(path):
         volume, level = open_zarr_volume(path, voxel_size_angstrom)
@@ -273,16 +277,16 @@ def read_info(path: str | os.PathLike, voxel_size_angstrom: float | None = None)
         shape = (nz, int(header.ny), int(header.nx))
         if min(shape) < 2:
             raise CryocapsError(f"{path}: expected a 3D volume, got shape {shape}")
-        _check_mode_and_size(mrc, path)
+        _check_mode(mrc, path, with_data)
         voxel = _voxel_size(mrc, path, voxel_size_angstrom)
         return TomogramInfo(tomogram_name(path), shape, voxel, _origin(mrc))
     finally:
         mrc.close()
 
 
-def _check_mode_and_size(mrc, path: Path) -> None:
-    """Refuse, from the header alone, complex or unknown modes and a file shorter than its
-    header says (a copy cut short), before anything is computed or written."""
+def _check_mode(mrc, path: Path, with_data: bool) -> None:
+    """Refuse, from the header alone, complex or unknown modes and, ``with_data``, a file
+    shorter than its header says (a copy cut short)."""
     header = mrc.header
     mode = int(header.mode)
     if mode in (3, 4):
@@ -291,7 +295,7 @@ def _check_mode_and_size(mrc, path: Path) -> None:
         dtype = data_dtype_from_header(header)
     except ValueError:
         raise CryocapsError(f"{path}: unknown MRC mode {mode}") from None
-    if mode == 101:  # 4-bit values, two a byte: mrcfile checks those sizes itself
+    if not with_data or mode == 101:  # 4-bit values, two a byte: mrcfile checks those sizes
         return
     voxels = int(header.nx) * int(header.ny) * int(header.nz)
     needed = header.nbytes + int(header.nsymbt) + voxels * dtype.itemsize
