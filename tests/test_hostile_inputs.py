@@ -352,7 +352,11 @@ CASES = [
         "truncated.star",
     ),
     case("evaluate-report-is-a-file", EVAL + " -o {file}", "{file}"),
-    case("evaluate-truth-missing-parent", "evaluate {csv} {out}/x/truth.csv", "truth.csv"),
+    case(
+        "evaluate-truth-missing-parent",
+        "evaluate {csv} {out}/x/truth.csv --classes {classes}",
+        "truth.csv",
+    ),
     case(
         "evaluate-labels-not-in-classes",
         "evaluate --labels-pred {bad}/labels_9/tomo_01.mrc --labels-true {label} "
@@ -587,6 +591,7 @@ def test_bad_input_gives_one_line_and_changes_nothing(hostile, world, tmp_path, 
 
     output = result.output
     assert "Traceback" not in output, output
+    assert "Usage:" not in output, output  # the one line only, not click's usage and hint
     assert result.exit_code == 2, (argv, result.exception, output)
     error_lines = [line for line in output.splitlines() if "Error" in line]
     assert len(error_lines) == 1, output

@@ -573,7 +573,7 @@ def test_cli_missing_or_corrupt_model(tmp_path, tiny_model, run_cli):
         (["--overlap", "16", "--patch-size", "16"], "--overlap 16"),
         (["--patch-size", "18"], "--patch-size 18"),
         (["--shard", "2/2"], "--shard 2/2"),
-        (["--batch-size", "0"], "'--batch-size': 0"),
+        (["--batch-size", "0"], "--batch-size 0"),
         (["--blending", "median"], "--blending 'median'"),
     ],
 )
@@ -589,7 +589,7 @@ def test_cli_bad_options(tmp_path, tiny_model, run_cli, options, fragment):
 def test_segment_writes_the_models_label_volumes_beside_the_maps(tmp_path):
     """classes.csv beside the maps carries what the training labels recorded, for picking."""
     from cryocaps.errors import CryocapsError
-    from cryocaps.inference.segment import write_model_classes
+    from cryocaps.inference.companions import write_model_classes
     from cryocaps.io.class_table import read_classes
 
     records = [

@@ -165,30 +165,22 @@ def command(
     verbose: Verbose = False,
 ) -> None:
     setup_logging(quiet, verbose)
-    from cryocaps.io.class_table import load_class_table_beside
-    from cryocaps.io.files import check_writable
     from cryocaps.io.particles import (
-        PROJECT_FORMATS,
-        format_from_extension,
         write_particles,
     )
-    from cryocaps.io.thresholds import picking_score_kind, read_score_thresholds
     from cryocaps.picking import find_label_maps, pick_files, summary_by_class
     from cryocaps.runinfo import write_run_json
 
     started = time.time()
     _check_options(format, method, thresholds, min_score)
     label_paths = find_label_maps(maps)
-    full_table, classes = load_class_table_beside(label_paths, classes, radius_angstrom)
-    class_table = narrow_classes(full_table, copick_objects)
-    left_out = {c.label for c in full_table} - {c.label for c in class_table}
-    score_kind = picking_score_kind(label_paths, use_probabilities)
-    thresholds = _thresholds_file(thresholds, min_score, label_paths, score_kind)
-    if thresholds is not None:
-        min_score = read_score_thresholds(thresholds, class_table, score_kind)
-    project_output = (format or format_from_extension(output)) in PROJECT_FORMATS
-    if not project_output:  # a copick project exists already; its writer checks its own picks
-        check_writable(output, overwrite)
+    class_table, classes, left_out = _class_table(
+        label_paths, classes, radius_angstrom, copick_objects
+    )
+    thresholds, min_score = _score_limits(
+        label_paths, class_table, thresholds, min_score, use_probabilities
+    )
+    project_output = _check_output(output, format, overwrite)
 
     with progress("Picking", total=len(label_paths)) as advance:
         picks, infos, inputs = pick_files(
@@ -280,6 +272,41 @@ def _thresholds_file(given: str | None, min_score, label_paths, score_kind) -> P
             found,
         )
     return found
+
+
+def _check_output(output, format, overwrite: bool) -> bool:
+    """Refuse an output file that exists (without --overwrite); True for a copick project,
+    which exists already and whose writer checks its own picks."""
+    from cryocaps.io.files import check_writable
+    from cryocaps.io.particles import PROJECT_FORMATS, format_from_extension
+
+    project_output = (format or format_from_extension(output)) in PROJECT_FORMATS
+    if not project_output:
+        check_writable(output, overwrite)
+    return project_output
+
+
+def _class_table(label_paths, classes, radius_angstrom, copick_objects):
+    """The classes to pick (narrowed to --copick-objects), the classes.csv used, and the labels
+    left out on purpose (skipped, not refused)."""
+    from cryocaps.io.class_table import load_class_table_beside
+
+    full_table, classes = load_class_table_beside(label_paths, classes, radius_angstrom)
+    class_table = narrow_classes(full_table, copick_objects)
+    left_out = {c.label for c in full_table} - {c.label for c in class_table}
+    return class_table, classes, left_out
+
+
+def _score_limits(label_paths, class_table, thresholds, min_score, use_probabilities):
+    """The thresholds file used (given, or the companion segment wrote) and the minimum score
+    (per class from that file, else --min-score)."""
+    from cryocaps.io.thresholds import picking_score_kind, read_score_thresholds
+
+    score_kind = picking_score_kind(label_paths, use_probabilities)
+    thresholds = _thresholds_file(thresholds, min_score, label_paths, score_kind)
+    if thresholds is not None:
+        min_score = read_score_thresholds(thresholds, class_table, score_kind)
+    return thresholds, min_score
 
 
 def _check_options(format, method: str, thresholds, min_score) -> None:

@@ -31,15 +31,26 @@ log = logging.getLogger("cryocaps")
 # the value typed.
 
 
+class OutOfRange(typer.BadParameter):
+    """A refused option value, shown as one red line worded like the library's checks:
+    ``Error: --lr inf: not a finite number`` (click's would add the usage and a hint)."""
+
+    def format_message(self) -> str:
+        return self.message
+
+    def show(self, file=None) -> None:
+        console.print(f"[bold red]Error:[/] {_escape(self.format_message())}", soft_wrap=True)
+
+
 def in_range(
     low: float | None = None,
     high: float | None = None,
     *,
     low_open: bool = False,
     high_open: bool = False,
-) -> Callable[[float | None], float | None]:
+) -> Callable:
     """A Typer callback refusing NaN, ±inf and numbers outside ``[low, high]`` (an open end
-    with ``low_open``/``high_open``); the message names the value, click adds the flag."""
+    with ``low_open``/``high_open``), naming the flag and the value."""
     bounds = []
     if low is not None:
         bounds.append(f"{'>' if low_open else '>='} {low}")
@@ -47,15 +58,16 @@ def in_range(
         bounds.append(f"{'<' if high_open else '<='} {high}")
     wanted = " and ".join(bounds)
 
-    def check(value):
+    def check(ctx, param, value):  # untyped: Typer passes context, parameter, value by position
         if value is None:
             return value
+        flag = next((o for o in param.opts if o.startswith("--")), param.opts[0])
         if isinstance(value, float) and not math.isfinite(value):  # ints are all finite
-            raise typer.BadParameter(f"{value} is not a finite number")
+            raise OutOfRange(f"{flag} {value}: not a finite number", ctx=ctx, param=param)
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
         if too_low or too_high:
-            raise typer.BadParameter(f"{value} is not {wanted}")
+            raise OutOfRange(f"{flag} {value}: must be {wanted}", ctx=ctx, param=param)
         return value
 
     return check

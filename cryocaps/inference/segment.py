@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cryocaps.classes import ClassTable, oversegmented_classes
 from cryocaps.errors import CryocapsError
 from cryocaps.inference.blend import (
     DEFAULT_BATCH_SIZE,
@@ -29,14 +28,17 @@ from cryocaps.inference.blend import (
     check_blending,
     sliding_window,
 )
+from cryocaps.inference.companions import (
+    class_coverage,
+    write_model_classes,
+    write_model_thresholds,
+)
 from cryocaps.inference.sinks import MrcMapsSink
 from cryocaps.inference.windows import count_windows, overlap_overhead, plan_windows, resolve_window
-from cryocaps.io.class_table import read_classes, write_classes
 from cryocaps.io.files import check_folder
-from cryocaps.io.layout import CLASS_TABLE_NAME, output_paths, tomogram_name
+from cryocaps.io.layout import output_paths, tomogram_name
 from cryocaps.io.pages import release_pages
-from cryocaps.io.thresholds import SCORE_KINDS, write_companion_thresholds
-from cryocaps.io.volumes import check_same_voxel_size, label_counts, read_info, read_tomogram
+from cryocaps.io.volumes import check_same_voxel_size, read_info, read_tomogram
 from cryocaps.io.zarr_volumes import is_zarr_path, level_voxel_size
 from cryocaps.preprocess import DEFAULT_CLIP_PERCENTILES, apply_normalization, normalization_stats
 from cryocaps.runtime import configure_threads, resolve_device, tune_process_for, use_bf16
@@ -131,46 +133,6 @@ class _SectionReader:
         return np.asarray(self.data, dtype=dtype)
 
 
-def write_model_classes(config: dict, out_dir, overwrite: bool = False) -> Path | None:
-    """Write the model's class table to ``out_dir/classes.csv`` (kept if identical)."""
-    records = config.get("classes")
-    if not records:
-        return None
-    table = ClassTable.from_records(records, "model config")
-    path = Path(out_dir) / CLASS_TABLE_NAME
-    if path.exists() and not overwrite:
-        try:
-            existing = read_classes(path)
-        except CryocapsError:
-            existing = None
-        if existing is None or _class_rows(existing) != _class_rows(table):
-            raise CryocapsError(
-                f"{path} exists with other classes than the model's; pass --overwrite to replace it"
-            )
-        return path
-    return write_classes(table, path, overwrite=True)
-
-
-def write_model_thresholds(config: dict, out_dir, overwrite: bool = False) -> Path | None:
-    """Write the pick-score thresholds tuned during training to ``out_dir/pick_thresholds.csv``.
-
-    The companion file cluster-picks uses by default (both score kinds; see
-    :mod:`cryocaps.io.thresholds`); None when the model has none (trained before 0.2).
-    """
-    thresholds = config.get("pick_thresholds")
-    if not isinstance(thresholds, dict):
-        return None
-    kinds = {kind: thresholds.get(kind) for kind in SCORE_KINDS if thresholds.get(kind)}
-    return write_companion_thresholds(kinds, out_dir, overwrite=overwrite) if kinds else None
-
-
-def _class_rows(table) -> list[tuple]:
-    return [
-        (c.label, c.name, c.radius_angstrom, c.label_volume_angstrom3, c.label_fraction)
-        for c in table
-    ]
-
-
 def _n_outputs(model, config: dict) -> int:
     options = config.get("options", {})
     return int(options.get("n_classes") or getattr(model, "n_classes", 0) or 0)
@@ -228,7 +190,7 @@ def segment_tomogram(
     check_blending(blending)
     tomogram_path = Path(tomogram_path)
     level = input_level(tomogram_path, config, ignore_voxel_size)
-    info = read_info(tomogram_path, level)
+    info = read_info(tomogram_path, level, with_data=True)
     check_voxel_size(tomogram_path, info.voxel_size_angstrom, config, ignore_voxel_size)
     size_multiple = int(getattr(model, "size_multiple", 1))
     patches, overlaps = resolve_window(config, size_multiple, patch_size, overlap)
@@ -281,26 +243,6 @@ def segment_tomogram(
     seconds = {"started": started, "normalized": normalized, "finished": time.perf_counter()}
     summary = _tomogram_summary(tomogram_path, tomogram, paths, plans, seconds, tta=tta, bf16=bf16)
     return summary | class_coverage(paths["labels"], config)
-
-
-def class_coverage(label_path, config: dict) -> dict:
-    """Each class's share of a written label map, and the classes that cover far more than
-    their share of the training labels (``label_fraction`` in the model's class table;
-    :func:`cryocaps.classes.oversegmented_classes`)."""
-    records = config.get("classes")
-    label_map = read_tomogram(label_path, mmap=True, check_finite=False)
-    try:
-        data = label_map.data
-        counts = label_counts(data.view(np.uint8) if data.dtype == np.int8 else data, 256)
-    finally:
-        label_map.close()
-    if not records:
-        return {"class_fractions": {}, "oversegmented": []}
-    table = ClassTable.from_records(records, "model config")
-    return {
-        "class_fractions": {c.name: float(counts[c.label] / counts.sum()) for c in table},
-        "oversegmented": oversegmented_classes(table, counts),
-    }
 
 
 def _tomogram_summary(path, tomogram, paths, plans, times: dict, **settings) -> dict:
@@ -451,7 +393,10 @@ def segment_files(
     size_multiple = int(getattr(model, "size_multiple", 1))
     patches, overlaps = resolve_window(config, size_multiple, patch_size, overlap)
     suffix = out_suffix(out_format)
-    infos = {path: read_info(path, input_level(path, config, ignore_voxel_size)) for path in files}
+    infos = {
+        path: read_info(path, input_level(path, config, ignore_voxel_size), with_data=True)
+        for path in files
+    }
     for path, info in infos.items():
         check_voxel_size(path, info.voxel_size_angstrom, config, ignore_voxel_size)
     todo, skipped = _work_to_do(

@@ -343,7 +343,7 @@ def tomogram_infos(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> li
             infos.extend(_tomograms_star(Path(path)))
         else:
             infos.extend(
-                read_info(f, needs_voxels=False) for f in expand_volume_paths([path], "--tomograms")
+                read_info(f) for f in expand_volume_paths([path], "--tomograms")
             )
     names = [info.name for info in infos]
     duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -57,7 +57,7 @@ def tomogram_geometry(
             )
         else:  # MRC files, .zarr images (their level at that voxel size), folders, copick projects
             files = expand_volume_paths([path], "--tomograms")
-            infos.extend(read_info(f, voxel_size_angstrom, needs_voxels=False) for f in files)
+            infos.extend(read_info(f, voxel_size_angstrom) for f in files)
     if not infos:
         raise CryocapsError("--tomograms: no .mrc/.rec/.map files found")
     return infos

@@ -273,7 +273,7 @@ def _read_header(path: Path, input_voxel_size_angstrom: float | None) -> Tomogra
     from cryocaps.io.volumes import read_info
 
     try:
-        return read_info(path, input_voxel_size_angstrom)
+        return read_info(path, input_voxel_size_angstrom, with_data=True)
     except CryocapsError as error:
         if "voxel size in the MRC header" not in str(error):
             raise
