@@ -342,9 +342,7 @@ def tomogram_infos(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> li
         if Path(path).suffix.lower() == ".star" and Path(path).is_file():
             infos.extend(_tomograms_star(Path(path)))
         else:
-            infos.extend(
-                read_info(f) for f in expand_volume_paths([path], "--tomograms")
-            )
+            infos.extend(read_info(f) for f in expand_volume_paths([path], "--tomograms"))
     names = [info.name for info in infos]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
