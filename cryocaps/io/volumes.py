@@ -13,6 +13,7 @@ import mrcfile
 import numpy as np
 from mrcfile.utils import data_dtype_from_header
 
+from cryocaps.classes import IGNORE_LABEL
 from cryocaps.errors import CryocapsError
 from cryocaps.io.files import atomic_path
 from cryocaps.io.layout import (  # noqa: F401 - the names volumes are known by
@@ -102,6 +103,8 @@ def label_counts(
     """Voxels per label (n_labels,), read slab by slab; refuses values outside 0..n_labels-1.
 
     ``label_map`` : (Z, Y, X) integer (or integral float) array, possibly memory-mapped.
+    Voxels of :data:`~cryocaps.classes.IGNORE_LABEL` (unknown, in partly annotated maps)
+    are allowed and not counted.
     """
     where = f"{flag} {path}" if path is not None else flag
     counts = np.zeros(n_labels, dtype=np.int64)
@@ -110,6 +113,9 @@ def label_counts(
         if block.dtype.kind == "f" and not np.all(block == np.round(block)):
             raise CryocapsError(f"{where}: label map holds non-integer values")
         block = block.astype(np.int64)
+        block = block[block != IGNORE_LABEL]
+        if block.size == 0:
+            continue
         low, high = int(block.min()), int(block.max())
         if low < 0:
             raise CryocapsError(f"{where}: negative label value {low}")
@@ -253,14 +259,18 @@ def read_tomogram(
 
 
 def read_info(
-    path: str | os.PathLike, voxel_size_angstrom: float | None = None, with_data: bool = False
+    path: str | os.PathLike,
+    voxel_size_angstrom: float | None = None,
+    *,
+    with_data: bool = False,
 ) -> TomogramInfo:
     """Shape (z, y, x), voxel size and origin of an MRC file, reading only its header.
 
+    ``with_data`` (the caller will read the voxels): refuse a file shorter than its header
+    says; readers that need only the geometry (make-masks, particle files) leave it False.
+
     For an OME-Zarr image, those of the scale level at ``voxel_size_angstrom``
-    (None: the finest), from its metadata. Complex modes are refused; with
-    ``with_data`` (the caller will read the voxels) so is an MRC file shorter than
-    its header says, before anything is computed or written.
+    (None: the finest), from its metadata.
     """
     if is_zarr_path(path):
         volume, level = open_zarr_volume(path, voxel_size_angstrom)
@@ -277,16 +287,16 @@ def read_info(
         shape = (nz, int(header.ny), int(header.nx))
         if min(shape) < 2:
             raise CryocapsError(f"{path}: expected a 3D volume, got shape {shape}")
-        _check_mode(mrc, path, with_data)
+        _check_mode_and_size(mrc, path, with_data)
         voxel = _voxel_size(mrc, path, voxel_size_angstrom)
         return TomogramInfo(tomogram_name(path), shape, voxel, _origin(mrc))
     finally:
         mrc.close()
 
 
-def _check_mode(mrc, path: Path, with_data: bool) -> None:
-    """Refuse, from the header alone, complex or unknown modes and, ``with_data``, a file
-    shorter than its header says (a copy cut short)."""
+def _check_mode_and_size(mrc, path: Path, check_size: bool = True) -> None:
+    """Refuse, from the header alone, complex or unknown modes and (``check_size``) a file
+    shorter than its header says (a copy cut short), before anything is computed or written."""
     header = mrc.header
     mode = int(header.mode)
     if mode in (3, 4):
@@ -295,7 +305,7 @@ def _check_mode(mrc, path: Path, with_data: bool) -> None:
         dtype = data_dtype_from_header(header)
     except ValueError:
         raise CryocapsError(f"{path}: unknown MRC mode {mode}") from None
-    if not with_data or mode == 101:  # 4-bit values, two a byte: mrcfile checks those sizes
+    if mode == 101 or not check_size:  # 4-bit values, two a byte: mrcfile checks those itself
         return
     voxels = int(header.nx) * int(header.ny) * int(header.nz)
     needed = header.nbytes + int(header.nsymbt) + voxels * dtype.itemsize
@@ -413,8 +423,14 @@ class MrcVolumeWriter:
             if exc_type is None:
                 _update_header_stats_in_slabs(self._mrc)
             self._mrc.close()
-        finally:
+        except BaseException as error:
+            # closing writes the header (a full disk fails here): the file is not complete, so
+            # it must not be renamed into place
+            if exc_type is None:
+                exc_type, exc, tb = type(error), error, error.__traceback__
             self._context.__exit__(exc_type, exc, tb)
+            raise
+        self._context.__exit__(exc_type, exc, tb)
 
 
 def volume_writer(
