@@ -64,7 +64,13 @@ def test_writes_every_output(simulated):
         assert float(mrc.voxel_size.x) == pytest.approx(20.0)
     assert (simulated / "preview_tomo_01.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     classes = pd.read_csv(simulated / "classes.csv")
-    assert list(classes.columns) == ["label", "name", "radius_angstrom", "template"]
+    assert list(classes.columns) == [
+        "label",
+        "name",
+        "radius_angstrom",
+        "template",
+        "label_fraction",
+    ]
     assert list(classes.name) == ["globule", "barrel", "dumbbell", "ribosome"]
     radii = dict(zip(classes.name, classes.radius_angstrom, strict=True))
     assert 25 <= radii["globule"] <= 45  # the small class: ~35 Å
