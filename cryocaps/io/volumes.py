@@ -103,8 +103,7 @@ def label_counts(
     """Voxels per label (n_labels,), read slab by slab; refuses values outside 0..n_labels-1.
 
     ``label_map`` : (Z, Y, X) integer (or integral float) array, possibly memory-mapped.
-    Voxels of :data:`~cryocaps.classes.IGNORE_LABEL` (unknown, in partly annotated maps)
-    are allowed and not counted.
+    Voxels of :data:`~cryocaps.classes.IGNORE_LABEL` (unknown) are allowed and not counted.
     """
     where = f"{flag} {path}" if path is not None else flag
     counts = np.zeros(n_labels, dtype=np.int64)
@@ -112,8 +111,7 @@ def label_counts(
         block = np.asarray(label_map[z : z + slab])
         if block.dtype.kind == "f" and not np.all(block == np.round(block)):
             raise CryocapsError(f"{where}: label map holds non-integer values")
-        block = block.astype(np.int64)
-        block = block[block != IGNORE_LABEL]
+        block = block.astype(np.int64)[block != IGNORE_LABEL]
         if block.size == 0:
             continue
         low, high = int(block.min()), int(block.max())
@@ -259,10 +257,7 @@ def read_tomogram(
 
 
 def read_info(
-    path: str | os.PathLike,
-    voxel_size_angstrom: float | None = None,
-    *,
-    with_data: bool = False,
+    path: str | os.PathLike, voxel_size_angstrom: float | None = None, *, with_data: bool = False
 ) -> TomogramInfo:
     """Shape (z, y, x), voxel size and origin of an MRC file, reading only its header.
 
@@ -295,8 +290,7 @@ def read_info(
 
 
 def _check_mode_and_size(mrc, path: Path, check_size: bool = True) -> None:
-    """Refuse, from the header alone, complex or unknown modes and (``check_size``) a file
-    shorter than its header says (a copy cut short), before anything is computed or written."""
+    """Refuse complex or unknown modes and (``check_size``) a file cut short, from the header."""
     header = mrc.header
     mode = int(header.mode)
     if mode in (3, 4):
@@ -311,9 +305,7 @@ def _check_mode_and_size(mrc, path: Path, check_size: bool = True) -> None:
     needed = header.nbytes + int(header.nsymbt) + voxels * dtype.itemsize
     size = path.stat().st_size
     if size < needed:
-        raise CryocapsError(
-            f"{path}: truncated MRC file ({size} bytes; its header describes {needed})"
-        )
+        raise CryocapsError(f"{path}: truncated MRC file ({size} bytes; header says {needed})")
 
 
 def _read_zarr_tomogram(
