@@ -371,13 +371,15 @@ def background_share(predicted_paths, truth_paths, n_labels: int) -> dict:
     """Per label: voxels predicted that label where the truth is background, over all
     background voxels (``share``), and the fraction of all voxels the label's true particles
     fill (``true_fraction``), summed over the tomograms."""
+    from cryocaps.evaluation import background_counts
+
     on_background = np.zeros(n_labels, dtype=np.int64)
     true_counts = np.zeros(n_labels, dtype=np.int64)
     for predicted_path, truth_path in zip(predicted_paths, truth_paths, strict=True):
         predicted, truth = read_labels(predicted_path), read_labels(truth_path)
         if predicted.shape != truth.shape:
             raise ValueError(f"{predicted_path}: shape {predicted.shape}, truth {truth.shape}")
-        on_background += np.bincount(predicted[truth == 0], minlength=n_labels)[:n_labels]
+        on_background += background_counts(predicted, truth, n_labels)
         true_counts += np.bincount(truth.ravel(), minlength=n_labels)[:n_labels]
     background = int(true_counts[0])
     total = int(true_counts.sum())

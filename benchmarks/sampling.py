@@ -106,15 +106,16 @@ def annotated_particles(data: Path, train_names: list[str], fraction: float, see
 def background_shares(label_map: Path, truth_map: Path, classes) -> dict:
     """Per class: predicted voxels outside true particles / background voxels, and the
     fraction of the tomogram that class's true particles fill."""
+    from cryocaps.evaluation import background_counts
     from cryocaps.io.volumes import read_tomogram
 
     predicted = np.asarray(read_tomogram(label_map, check_finite=False).data).view(np.uint8)
     truth = np.asarray(read_tomogram(truth_map, check_finite=False).data).view(np.uint8)
-    background = truth == 0
-    n_background = int(background.sum())
+    on_background = background_counts(predicted, truth, classes.n_labels)
+    n_background = int(np.count_nonzero(truth == 0))
     return {
         c.name: {
-            "background_share": float((predicted[background] == c.label).sum() / n_background),
+            "background_share": float(on_background[c.label] / n_background),
             "particle_fraction": float((truth == c.label).mean()),
             "predicted_fraction": float((predicted == c.label).mean()),
         }

@@ -35,6 +35,7 @@ from cryocaps.evaluation.report import (
 )
 from cryocaps.evaluation.voxels import (
     VoxelScores,
+    background_counts,
     evaluate_label_files,
     label_map_files,
     voxel_metrics,
@@ -49,6 +50,7 @@ __all__ = [
     "ParticleReport",
     "VoxelReport",
     "VoxelScores",
+    "background_counts",
     "best_score_thresholds",
     "confusion_table",
     "evaluate_files",

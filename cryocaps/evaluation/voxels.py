@@ -116,6 +116,17 @@ class VoxelScores:
         return {"classes": classes, "macro": macro}
 
 
+def background_counts(predicted: np.ndarray, truth: np.ndarray, n_labels: int) -> np.ndarray:
+    """Voxels of each predicted label where the truth is background (0), (n_labels,).
+
+    Divided by the number of background voxels, a class's entry is its share of the
+    background: how far the class runs away over places with no particle. Truth voxels of
+    other values (particles, the ignore label of partial annotations) are not background.
+    """
+    on_background = np.asarray(predicted)[np.asarray(truth) == 0]
+    return np.bincount(on_background.ravel(), minlength=n_labels)[:n_labels]
+
+
 def voxel_metrics(
     label_pred: np.ndarray,
     label_true: np.ndarray,

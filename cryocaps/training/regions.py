@@ -110,6 +110,7 @@ def region_outcome(
     Positions are voxels of the region's context; picks and particles outside its
     box are left out (the margin is context only).
     """
+    from cryocaps.evaluation import background_counts
     from cryocaps.picking import pick_particles
 
     box = region.box_in_context
@@ -135,13 +136,11 @@ def region_outcome(
     annotation = np.asarray(volume.label_map[region.box])
     if annotation.dtype == np.int8:
         annotation = annotation.view(np.uint8)
-    background = annotation == 0
-    counts = np.bincount(labels[box][background].ravel(), minlength=classes.n_labels)
     return {
         "picks": picks,
         "truth": truth,
-        "background_counts": counts[: classes.n_labels],
-        "background_voxels": int(background.sum()),
+        "background_counts": background_counts(labels[box], annotation, classes.n_labels),
+        "background_voxels": int(np.count_nonzero(annotation == 0)),
         "voxel_size_angstrom": volume.voxel_size_angstrom,
         "width": region.context_shape[2],
     }
