@@ -803,15 +803,30 @@ def markdown_section(run: dict | None, plumbing: dict | None) -> str:
         "",
         "Command: `python benchmarks/vs_deepfinder.py --family 5 --annotated-fraction 0.1,0.3,1` "
         "(training alone takes 4 tools × 12 min for each of the 15 draw-fraction pairs, 12 h; "
-        "`--quick` checks the plumbing on one small draw).",
+        "`--quick` checks the plumbing on one small draw). A run stopped part-way goes on "
+        "with the same command and `--resume` (finished tools are kept); `--record-partial` "
+        "adds the draws finished so far to the results, marked unfinished.",
         "",
     ]
     if run is None:
         lines.append("No full run of the family yet.")
     else:
+        if run.get("partial"):
+            title = (
+                f"### Unfinished run, recorded {run['finished']} UTC: {len(run['draws'])} of "
+                f"{run['draws_planned']} draws, {run['settings']['minutes']:g} min of training per "
+                "tool"
+            )
+        else:
+            title = (
+                f"### Run {run['finished']} UTC: {len(run['draws'])} draws, "
+                f"{run['settings']['minutes']:g} min training per tool"
+            )
+        resumed = f" (resumed {', '.join(run['resumed'])} UTC)" if run.get("resumed") else ""
         lines += [
-            f"### Run {run['finished']} UTC: {len(run['draws'])} draws, "
-            f"{run['settings']['minutes']:g} min training per tool",
+            title,
+            "",
+            f"Started {run['started']} UTC{resumed}.",
             "",
             f"Command: `{run['command']}`",
             "",
@@ -890,6 +905,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "particles fit) [default: 64,160,160; 48,96,96 with --quick]",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --family: continue the run whose progress is in --work (partial_results.json, "
+        "written after every tool): tools it finished are kept, the rest run; the settings must "
+        "be the same",
+    )
+    parser.add_argument(
+        "--record-partial",
+        action="store_true",
+        help="with --family: add the unfinished run in --work to the results as it stands "
+        "(marked partial, its finished draws only) and rewrite RESULTS.md; runs nothing",
+    )
+    parser.add_argument(
         "--masks-args",
         default="",
         help="with --family: extra options for `cryocaps make-masks`, one quoted string",
@@ -916,8 +944,14 @@ def check_arguments(args, parser) -> None:
         parser.error(f"--family-shape {shape!r}: three integers Z,Y,X")
 
 
-def run_draw(draw: dict, args, folder: Path, entry: dict, save) -> None:
-    """Simulate one draw and run every tool at every annotated fraction, filling ``entry``."""
+def run_draw(
+    draw: dict, args, folder: Path, entry: dict, save, earlier: dict | None = None
+) -> None:
+    """Simulate one draw and run every tool at every annotated fraction, filling ``entry``.
+
+    ``earlier``: this draw's entry in an interrupted run (``--resume``); the tools it finished
+    are kept as they are, not run again.
+    """
     from cryocaps.errors import CryocapsError
     from cryocaps.io.class_table import read_classes
     from cryocaps.io.particles import read_particles
@@ -951,7 +985,14 @@ def run_draw(draw: dict, args, folder: Path, entry: dict, save) -> None:
         }
         runs = [] if args.no_deepfinder else [("deepfinder", None)]
         runs += [(f"cryocaps-{m}", m) for m in args.models]
+        kept = finished_tools(earlier, key)
         for key_tool, model in runs:
+            if key_tool in kept:
+                tools.update(kept[key_tool])
+                say(
+                    f"draw {draw['seed']} annotated {key} {key_tool}: kept from the interrupted run"
+                )
+                continue
             try:
                 if model is None:
                     tools |= run_deepfinder_tool(
@@ -974,6 +1015,82 @@ def run_draw(draw: dict, args, folder: Path, entry: dict, save) -> None:
             save()
 
 
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+# Options that change nothing a run measures: a resumed run may differ in them.
+RUN_NEUTRAL = ("reuse_data", "reuse_training", "resume", "record_partial", "no_write", "render")
+
+
+def finished_tools(earlier: dict | None, fraction: str) -> dict:
+    """Tool key -> the result entries to keep, of the tools ``earlier`` finished at ``fraction``
+    without an error (DeepFinder's run gives two entries: raw and tuned picks)."""
+    if not earlier or "error" in earlier:
+        return {}
+    tools = earlier.get("fractions", {}).get(fraction, {}).get("tools", {})
+    kept = {k: {k: e} for k, e in tools.items() if "error" not in e}
+    if "deepfinder" in kept and "deepfinder-tuned" in kept:
+        kept["deepfinder"]["deepfinder-tuned"] = kept.pop("deepfinder-tuned")["deepfinder-tuned"]
+    else:
+        kept.pop("deepfinder", None)
+    kept.pop("deepfinder-tuned", None)
+    return kept
+
+
+def draw_finished(entry: dict, args) -> bool:
+    """Every fraction of ``args`` has a result (or an error) for every tool."""
+    if "error" in entry:
+        return True
+    expected = ([] if args.no_deepfinder else ["deepfinder", "deepfinder-tuned"]) + [
+        f"cryocaps-{m}" for m in args.models
+    ]
+    fractions = entry.get("fractions", {})
+    return all(
+        set(expected) <= set(fractions.get(fraction_key(f), {}).get("tools", {}))
+        for f in args.annotated_fraction
+    )
+
+
+def load_partial(path: Path, settings: dict) -> dict:
+    """The interrupted run in ``path``, checked to have been run with these settings."""
+    if not path.exists():
+        raise SystemExit(f"no unfinished family run to continue: {path} does not exist")
+    report = json.loads(path.read_text())
+    now = json.loads(json.dumps(settings, default=str))
+    differ = sorted(
+        k
+        for k in (set(now) | set(report["settings"])) - set(RUN_NEUTRAL)
+        if now.get(k) != report["settings"].get(k)
+    )
+    if differ:
+        raise SystemExit(
+            f"{path} was run with other settings ({', '.join(differ)}); run the same command "
+            "again, or start afresh without --resume"
+        )
+    return report
+
+
+def record_partial(args, settings: dict) -> int:
+    """``--record-partial``: the interrupted run's finished draws, into the results."""
+    report = load_partial(args.work / "partial_results.json", settings)
+    finished = [d for d in report["draws"] if draw_finished(d, args)]
+    if not finished:
+        raise SystemExit(f"the run in {args.work} has not finished a draw yet: nothing to record")
+    report |= {
+        "partial": True,
+        "draws_planned": args.family,
+        "draws": finished,
+        "summary": summarize(finished),
+        "finished": utc_now(),
+        "total_seconds": report.get("elapsed_seconds"),
+    }
+    history = append_run(report, RESULTS_JSON)
+    replace_section(RESULTS_MD, render(history), START_MARK, END_MARK)
+    say(f"recorded {len(finished)} of {args.family} draws as a partial run in {RESULTS_JSON}")
+    return 0
+
+
 def run_family(args) -> int:
     """``vs_deepfinder.py --family N``: every draw, every fraction, every tool; the report."""
     import vs_deepfinder as vs
@@ -994,7 +1111,7 @@ def run_family(args) -> int:
     started = time.time()
     report = {
         "command": shlex.join(["benchmarks/vs_deepfinder.py", *args.argv]),
-        "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "started": utc_now(),
         "settings": {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items()
@@ -1003,15 +1120,24 @@ def run_family(args) -> int:
         | {"structures": structures_label(args.structures)},
         "deepfinder_versions": {},
     }
+    partial = work / "partial_results.json"
+    if args.record_partial:
+        return record_partial(args, report["settings"])
+    earlier = load_partial(partial, report["settings"]) if args.resume else {}
+    before = earlier.get("elapsed_seconds", 0.0)
+    if earlier:
+        report["started"] = earlier["started"]
+        report["resumed"] = [*earlier.get("resumed", []), utc_now()]
+    earlier_draws = {d["draw"]["seed"]: d for d in earlier.get("draws", [])}
     if not args.no_deepfinder:
         report["deepfinder_versions"] = vs.ensure_deepfinder_venv(work)
         say(f"DeepFinder venv ready: {report['deepfinder_versions']}")
     report["machine"] = machine_info()
     report["conv3d_probe"] = {"start": vs.conv3d_probe()}
     report["draws"] = []
-    partial = work / "partial_results.json"
 
     def save() -> None:
+        report["elapsed_seconds"] = before + time.time() - started
         partial.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
     for seed in range(args.seed, args.seed + args.family):
@@ -1019,7 +1145,7 @@ def run_family(args) -> int:
         entry = {"draw": draw}
         report["draws"].append(entry)
         try:
-            run_draw(draw, args, work / f"draw_{seed}", entry, save)
+            run_draw(draw, args, work / f"draw_{seed}", entry, save, earlier_draws.get(seed))
         except (RuntimeError, OSError, ValueError, KeyError, CryocapsError) as error:
             entry["error"] = str(error)
             say(f"draw {seed}: FAILED: {error}")
@@ -1028,8 +1154,8 @@ def run_family(args) -> int:
 
     report["conv3d_probe"]["end"] = vs.conv3d_probe()
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
-    report["finished"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    report["total_seconds"] = time.time() - started
+    report["finished"] = utc_now()
+    report["total_seconds"] = before + time.time() - started
     report["summary"] = summarize(report["draws"])
     (work / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     if args.no_write:  # this run's tables, quick or not

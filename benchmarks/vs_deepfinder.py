@@ -31,7 +31,9 @@ does that). One run:
 fixed ones (``benchmarks/family.py`` says how draws are made), with
 ``--annotated-fraction`` for partial annotations; its results go to
 ``benchmarks/results/family.json`` (runs appended) and the section between
-``<!-- family:start -->`` and ``<!-- family:end -->`` of RESULTS.md.
+``<!-- family:start -->`` and ``<!-- family:end -->`` of RESULTS.md. A family run
+stopped part-way (hours of training on a CPU) goes on with the same command and
+``--resume``; ``--record-partial`` records the draws it finished, marked unfinished.
 
 ``--quick`` checks the plumbing in minutes (2-minute budgets, small tomograms,
 one data set; with ``--family``: one draw of small tomograms, 1.5-minute budgets);

@@ -138,3 +138,83 @@ def test_summary_over_draws_gives_mean_worst_spread_and_ratio_to_full(family):
     assert partial["mean_ratio_to_full"] == pytest.approx(0.5)
     table = "\n".join(family.summary_lines(summary))
     assert "0.70 / 0.50 (0.70)" in table and "0.45 / 0.45 (0.50) (0.50 × full) (1 failed)" in table
+
+
+def _args(**overrides):
+    import argparse
+
+    values = {"no_deepfinder": False, "models": ["unet"], "annotated_fraction": [1.0], "family": 5}
+    return argparse.Namespace(**(values | overrides))
+
+
+def test_a_resumed_draw_keeps_only_the_tools_that_finished(family):
+    ok = _tool(0.8, {"a": {"f1": 0.8}})
+    tools = {"deepfinder": ok, "deepfinder-tuned": ok, "cryocaps-unet": ok,
+             "cryocaps-ucaps": {"tool": "t", "error": "killed"}}  # fmt: skip
+    earlier = {"draw": {"seed": 0}, "fractions": {"1": {"tools": tools}}}
+    kept = family.finished_tools(earlier, "1")
+    assert set(kept) == {"deepfinder", "cryocaps-unet"}
+    assert set(kept["deepfinder"]) == {"deepfinder", "deepfinder-tuned"}  # both entries of its run
+    tools.pop("deepfinder-tuned")  # killed between its two entries: run it again
+    assert set(family.finished_tools(earlier, "1")) == {"cryocaps-unet"}
+    assert family.finished_tools(earlier, "0.3") == {}
+    assert family.finished_tools(earlier | {"error": "simulate failed"}, "1") == {}
+    assert family.finished_tools(None, "1") == {}
+
+
+def test_a_draw_is_finished_when_every_tool_has_a_result_at_every_fraction(family):
+    ok = _tool(0.8, {"a": {"f1": 0.8}})
+    every = {"deepfinder": ok, "deepfinder-tuned": ok, "cryocaps-unet": ok}
+    entry = {"fractions": {"1": {"tools": every}, "0.3": {"tools": {"cryocaps-unet": ok}}}}
+    assert family.draw_finished(entry, _args())
+    assert not family.draw_finished(entry, _args(annotated_fraction=[1.0, 0.3]))
+    assert family.draw_finished(entry, _args(annotated_fraction=[1.0, 0.3], no_deepfinder=True))
+    assert not family.draw_finished(entry, _args(models=["unet", "ucaps"]))
+    assert family.draw_finished({"error": "simulate failed"}, _args())
+
+
+def test_resuming_needs_the_same_settings(family, tmp_path):
+    import json
+
+    settings = {"family": 5, "minutes": 12.0, "family_shape": (64, 160, 160), "resume": False}
+    with pytest.raises(SystemExit, match="does not exist"):
+        family.load_partial(tmp_path / "partial_results.json", settings)
+    saved = {"settings": json.loads(json.dumps(settings)), "draws": [], "started": "x"}
+    (tmp_path / "partial_results.json").write_text(json.dumps(saved))
+    resumed = settings | {"resume": True, "reuse_training": True}  # change nothing measured
+    assert family.load_partial(tmp_path / "partial_results.json", resumed)["started"] == "x"
+    with pytest.raises(SystemExit, match=r"other settings \(minutes\)"):
+        family.load_partial(tmp_path / "partial_results.json", settings | {"minutes": 6.0})
+
+
+def test_record_partial_adds_the_finished_draws_marked_unfinished(family, tmp_path, monkeypatch):
+    import json
+
+    ok = _tool(0.8, {"a": {"precision": 0.8, "recall": 0.8, "f1": 0.8}})
+    every = {"deepfinder": ok, "deepfinder-tuned": ok, "cryocaps-unet": ok}
+    spec = {"name": "a", "kind": "map", "contrast": 1.0}
+    draw = {"seed": 0, "snr": 0.3, "tilt_range_deg": 60, "defocus_um": 3, "blur_angstrom": 1,
+            "crowding": 0.2, "shape": [8, 8, 8], "classes": [spec]}  # fmt: skip
+    settings = {"family": 5, "minutes": 12.0, "quick": False}
+    report = {
+        "command": "benchmarks/vs_deepfinder.py --family 5", "started": "2026-12-07 04:13",
+        "settings": settings, "machine": {}, "elapsed_seconds": 3600.0,
+        "draws": [{"draw": draw, "fractions": {"1": {"tools": every}}},
+                  {"draw": draw | {"seed": 1}, "fractions": {"1": {"tools": {"deepfinder": ok}}}}],
+    }  # fmt: skip
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "partial_results.json").write_text(json.dumps(report))
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text(f"before\n{family.START_MARK}\nOLD SECTION\n{family.END_MARK}\nafter\n")
+    monkeypatch.setattr(family, "RESULTS_JSON", tmp_path / "family.json")
+    monkeypatch.setattr(family, "RESULTS_MD", results_md)
+    monkeypatch.setattr(family, "machine_sentence", lambda machine: "machine")
+    args = _args(work=work, record_partial=True, quick=False)
+    assert family.record_partial(args, settings) == 0
+    (run,) = json.loads((tmp_path / "family.json").read_text())["runs"]
+    assert run["partial"] and run["draws_planned"] == 5 and len(run["draws"]) == 1
+    assert run["summary"]["1"]["cryocaps-unet"]["mean_macro_f1"] == pytest.approx(0.8)
+    text = results_md.read_text()
+    assert "Unfinished run" in text and "1 of 5 draws" in text and "OLD SECTION" not in text
+    assert text.startswith("before\n") and text.endswith("after\n")
