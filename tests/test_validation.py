@@ -152,6 +152,84 @@ def test_background_share_and_scores_of_a_region(dataset, tmp_path):
     assert [row["class_name"] for row in thresholds["probability"]] == ["small", "large"]
 
 
+def test_a_pick_on_unknown_annotation_is_neither_true_nor_false(dataset, tmp_path):
+    """Partial annotations: a 'small' blob on empty background is a false pick, but where the
+    annotation says unknown (a particle nobody annotated, maybe) it is not scored at all."""
+    import dataclasses
+
+    from scipy import ndimage
+
+    from cryocaps.classes import IGNORE_LABEL
+    from cryocaps.training import prepare_data
+    from cryocaps.training.regions import region_outcome, score_outcomes
+
+    data = prepare_data(_config(dataset, tmp_path / "o", patch_size=16))
+    region = data.holdout.regions[0]
+    volume = data.volumes[region.volume]
+    truth = np.asarray(volume.label_map[region.context]).view(np.uint8)
+    # a voxel of the scored box at least 7 voxels from every particle: the blob's centre
+    clear = ndimage.distance_transform_edt(truth == 0) >= 7
+    inside = np.zeros_like(clear)
+    inside[region.box_in_context] = True
+    centre = np.argwhere(clear & inside)[0]
+    zz, yy, xx = np.indices(truth.shape)
+    blob = (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= 9
+    labels = np.where(blob, 1, truth).astype(np.uint8)
+    score = np.where(labels > 0, 0.9, 0.1).astype(np.float16)
+
+    def scored(label_map):
+        changed = dataclasses.replace(volume, label_map=label_map)
+        outcome = region_outcome(labels, score, changed, region, data.val_particles, data.classes)
+        return score_outcomes([outcome], data.classes)[0]
+
+    empty = scored(np.asarray(volume.label_map).view(np.uint8))
+    unknown_map = np.asarray(volume.label_map).view(np.uint8).copy()
+    context_view = unknown_map[region.context]
+    context_view[blob] = IGNORE_LABEL  # the blob's place is not annotated
+    unknown = scored(unknown_map)
+    assert empty["val_picks"] == unknown["val_picks"] + 1
+    assert empty["val_background_share_small"] > 0 and unknown["val_background_share_small"] == 0
+    if (data.val_particles.label == 1).any():
+        assert empty["val_precision_small"] < 1.0 and unknown["val_precision_small"] == 1.0
+
+
+def test_patch_dice_does_not_score_unknown_voxels():
+    """A network that calls everything class 1: where the annotation is unknown, that costs
+    nothing; where it says background, it does."""
+    import contextlib
+
+    import torch
+
+    from cryocaps.classes import IGNORE_LABEL
+    from cryocaps.runtime import Distributed
+    from cryocaps.training.ranks import Ranks
+    from cryocaps.training.sampling import TrainingVolume
+    from cryocaps.training.validation import validate
+
+    class AlwaysOne(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.tensor([0.0, 1.0]))
+
+        def forward(self, images):
+            return self.bias.view(1, 2, 1, 1, 1).expand(len(images), 2, *images.shape[2:])
+
+        def compute_loss(self, images, labels, class_weights):
+            return self.forward(images).sum() * 0, {}
+
+    label_map = np.zeros((8, 8, 8), np.uint8)
+    label_map[:4] = 1  # half the patch class 1, half background
+    stats = {"low": -1.0, "high": 1.0, "mean": 0.0, "std": 1.0}
+    volume = TrainingVolume("t", np.zeros((8, 8, 8), np.float32), label_map, stats, 10.0)
+    run = dict(patch_size=8, batch_size=1, class_weights=None, device="cpu",
+               autocast=contextlib.nullcontext, ranks=Ranks(Distributed()), n_labels=2)  # fmt: skip
+    _, dice = validate(AlwaysOne(), [(0, (0, 0, 0))], [volume], **run)
+    assert dice[1] == pytest.approx(2 / 3)  # 256 right of 512 called
+    label_map[4:] = IGNORE_LABEL  # the rest unknown: not scored
+    _, dice = validate(AlwaysOne(), [(0, (0, 0, 0))], [volume], **run)
+    assert dice[1] == pytest.approx(1.0)
+
+
 @pytest.mark.slow
 def test_a_short_run_records_validation_scores_and_thresholds(dataset, tmp_path):
     from cryocaps.training import train

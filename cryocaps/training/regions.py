@@ -16,6 +16,15 @@ annotation labels background (0), the fraction the segmentation labels c.
 Annotated particles of other classes are not counted in the denominator; a
 class that runs away over the background shows as a large share, whatever the
 patch Dice says.
+
+Partial annotations (``make-masks --unannotated unknown``): a pick whose centre
+lies on an unknown voxel (:data:`~cryocaps.classes.IGNORE_LABEL`) may be a
+particle nobody annotated, so it is left out, neither true nor false, and
+unknown voxels are no background. Precision then means: of the picks where
+the annotation knows what is there (on or near an annotated particle, or on
+background known to be empty), the share that are right. With unannotated
+places painted background (``make-masks``' default), a right pick on an
+unannotated particle counts as false: the precision is a lower bound.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from cryocaps.classes import IGNORE_LABEL
 from cryocaps.training.holdout import HeldOutRegion
 from cryocaps.training.sampling import ParticleSet, TrainingVolume
 
@@ -114,12 +124,16 @@ def region_outcome(
     from cryocaps.picking import pick_particles
 
     box = region.box_in_context
+    annotation = np.asarray(volume.label_map[region.box])
+    if annotation.dtype == np.int8:
+        annotation = annotation.view(np.uint8)
     picks = {}
     for kind, weights in zip(SCORE_KINDS, (score, None), strict=True):
         table = pick_particles(
             labels, classes, volume.voxel_size_angstrom, scores=weights, tomo_name=region.name
         )
-        picks[kind] = table[_inside_table(table, box)]
+        table = table[_inside_table(table, box)]
+        picks[kind] = table[~_on_unknown(table, annotation, box)]
     mine = particles.subset(particles.volume == region.volume)
     offset = np.array([s.start for s in region.context])
     zyx = mine.zyx - offset
@@ -133,9 +147,6 @@ def region_outcome(
         }
     )
     truth = truth[_inside_table(truth, box)]
-    annotation = np.asarray(volume.label_map[region.box])
-    if annotation.dtype == np.int8:
-        annotation = annotation.view(np.uint8)
     return {
         "picks": picks,
         "truth": truth,
@@ -152,6 +163,17 @@ def _inside_table(table: pd.DataFrame, box) -> np.ndarray:
         position = np.rint(table[column].to_numpy(dtype=float))
         inside &= (position >= extent.start) & (position < extent.stop)
     return inside
+
+
+def _on_unknown(table: pd.DataFrame, annotation: np.ndarray, box) -> np.ndarray:
+    """Which rows of ``table`` (positions inside ``box``) sit on an unknown annotation voxel."""
+    if len(table) == 0:
+        return np.zeros(0, dtype=bool)
+    index = tuple(
+        np.rint(table[column].to_numpy(dtype=float)).astype(np.int64) - extent.start
+        for column, extent in zip(("z", "y", "x"), box, strict=True)
+    )
+    return annotation[index] == IGNORE_LABEL
 
 
 HELD_OUT = "held-out"  # the name all regions are scored under, laid side by side along X

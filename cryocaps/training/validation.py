@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from cryocaps.classes import IGNORE_LABEL
 from cryocaps.training.config import VAL_TIME_SHARE
 from cryocaps.training.holdout import context_view, in_context
 from cryocaps.training.ranks import Ranks
@@ -174,7 +175,8 @@ def validate(
     The loss is the model's own (``compute_loss``); the Dice uses the logits
     of the forward pass that loss ran (caught with a forward hook), so each
     patch goes through the network once. ``autocast()`` returns the precision
-    context. Dice is NaN for a label absent from both prediction and truth.
+    context. Dice is NaN for a label absent from both prediction and truth;
+    unknown voxels (:data:`~cryocaps.classes.IGNORE_LABEL`) count in neither.
     """
     import torch
 
@@ -206,8 +208,9 @@ def validate(
                 loss_sum += float(loss) * len(batch)
                 n_patches += len(batch)
                 predicted = logits.argmax(1)
+                known = labels != IGNORE_LABEL  # unknown voxels (partial annotations): no score
                 for label in range(n_labels):
-                    p, t = predicted == label, labels == label
+                    p, t = (predicted == label) & known, labels == label
                     intersection[label] += float((p & t).sum())
                     total[label] += float(p.sum() + t.sum())
     finally:
