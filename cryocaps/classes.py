@@ -157,8 +157,16 @@ class ClassTable:
             self.source,
         )
 
-    def with_label_fractions_from_counts(self, voxels_per_label) -> ClassTable:
-        """:meth:`with_label_fractions` from voxel counts of label maps (index = label)."""
+    def with_label_fractions_from_counts(self, voxels_per_label, unknown: int = 0) -> ClassTable:
+        """:meth:`with_label_fractions` from voxel counts of label maps (index = label).
+
+        ``unknown``: voxels of the maps labelled :data:`IGNORE_LABEL`. Where some are, the
+        annotations are partial and a class's share of a tomogram is not known (its
+        annotated share is too low by the unannotated particles): no fraction is recorded,
+        and any the table had is dropped, so no over-segmentation warning rests on it.
+        """
+        if unknown > 0:
+            return self.with_label_fractions({c.name: None for c in self})
         total = float(sum(voxels_per_label))
         if not total > 0:
             return self

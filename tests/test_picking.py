@@ -569,6 +569,7 @@ def test_label_fraction_round_trips_through_classes_csv_and_the_model(classes, t
     data = SimpleNamespace(
         classes=classes,
         voxel_counts=np.array([900, 50, 0, 50]),
+        unknown_voxels=0,
         volumes=[SimpleNamespace(voxel_size_angstrom=VOXEL)],
     )
     config = model_metadata(SimpleNamespace(patch_size=32), data, {})

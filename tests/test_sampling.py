@@ -120,6 +120,8 @@ def test_make_masks_paints_unknown_beyond_the_shells(partial_project, run_cli, s
     assert counts.sum() == int((label_map != IGNORE_LABEL).sum())
     summary = (root / "out" / "run.json").read_text()
     assert '"unannotated": "unknown"' in summary
+    # a class's share of the tomogram is not known from partial annotations: none recorded
+    assert "label_fraction" not in (root / "out" / "classes.csv").read_text()
 
 
 def test_make_masks_default_has_no_unknown_voxels(partial_project, run_cli):
@@ -131,6 +133,7 @@ def test_make_masks_default_has_no_unknown_voxels(partial_project, run_cli):
     assert result.exit_code == 0, result.output
     label_map = np.asarray(read_tomogram(root / "out" / "tomo_1_labels.mrc").data)
     assert set(np.unique(label_map)) == {0, 1, 2}
+    assert "label_fraction" in (root / "out" / "classes.csv").read_text()
 
 
 @pytest.mark.parametrize(
@@ -315,8 +318,15 @@ def test_training_on_unknown_voxels_with_mining_runs_and_checkpoints_the_places(
         mined_negative_fraction=0.5,
         val_tomograms=["tomo_1"],
     )
+    (tmp_path / "classes.csv").write_text(
+        "label,name,radius_angstrom,label_fraction\n1,blob,30,0.01\n"
+    )  # a fraction from somewhere else: unknown voxels make it meaningless, so it is dropped
     result = train(config)
     assert result["steps_done"] == 6
+    import json
+
+    model_classes = json.loads((tmp_path / "run" / "config.json").read_text())["classes"]
+    assert [c.get("label_fraction") for c in model_classes] == [None]
     assert all(np.isfinite(row["train_loss"]) for row in result["history"])
     sampler_state = load_checkpoint(tmp_path / "run" / LAST_CHECKPOINT)["state"]["sampler_streams"]
     assert "mined" in sampler_state[0]

@@ -104,6 +104,7 @@ def make_masks(
 
     per_class = {c.name: {"label": c.label, "particles": 0, "voxels": 0} for c in classes}
     voxels_per_label = np.zeros(classes.n_labels, dtype=np.int64)
+    unknown_voxels = 0
     per_tomogram = []
     outputs = []
     for plan in plans:
@@ -112,6 +113,7 @@ def make_masks(
             plan, classes, shape, radius_scale, voxel_size, templates, unannotated, overwrite
         )
         voxels_per_label += voxels
+        unknown_voxels += unknown
         labels = plan.particles["label"].to_numpy(dtype=int)
         for c in classes:
             per_class[c.name]["particles"] += int((labels == c.label).sum())
@@ -133,7 +135,7 @@ def make_masks(
     volumes = label_volumes_angstrom3(classes, shape, radius_scale, voxel_size, templates)
     # what picking expects of one particle, and of all of a class in a tomogram
     recorded = classes.with_label_volumes(volumes).with_label_fractions_from_counts(
-        voxels_per_label
+        voxels_per_label, unknown_voxels
     )
     outputs.append(write_used_classes(recorded, out_dir / "classes.csv"))
     return {

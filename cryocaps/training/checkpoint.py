@@ -221,10 +221,12 @@ def model_metadata(config, data, training: dict) -> dict:
     """The saved model's config.json beside its weights (what ``segment`` needs to apply it).
 
     Its class table records each class's share of the training label maps (``label_fraction``),
-    which ``segment`` and ``cluster-picks`` compare with what the model makes of a tomogram.
+    which ``segment`` and ``cluster-picks`` compare with what the model makes of a tomogram
+    (none where the annotations are partial: ``ClassTable.with_label_fractions_from_counts``).
     """
+    classes = data.classes.with_label_fractions_from_counts(data.voxel_counts, data.unknown_voxels)
     return {
-        "classes": data.classes.with_label_fractions_from_counts(data.voxel_counts).to_records(),
+        "classes": classes.to_records(),
         "voxel_size_angstrom": data.volumes[0].voxel_size_angstrom,
         "patch_size": config.patch_size,
         "normalization": {

@@ -175,6 +175,7 @@ class TrainingData:
     holdout: Holdout
     voxel_counts: np.ndarray  # (n_labels,) in the volumes trained on
     inputs: list[Path]
+    unknown_voxels: int = 0  # labelled IGNORE_LABEL in the volumes trained on
     hard_centres: list | None = None  # hard-negative places, computed once by the first sampler
     # regions no training patch may overlap (sampling.ExcludedBox: volume, lower, upper corner)
     excluded_boxes: list = field(default_factory=list)
@@ -247,6 +248,9 @@ def prepare_data(config: TrainConfig) -> TrainingData:
         holdout,
         voxel_counts=np.sum([counts[i] for i in train_volumes], axis=0),
         inputs=[p for pair in pairs for p in pair] + [Path(p) for p in config.coords],
+        unknown_voxels=sum(
+            math.prod(volumes[i].shape) - int(counts[i].sum()) for i in train_volumes
+        ),
     )
 
 
