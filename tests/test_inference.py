@@ -636,3 +636,7 @@ def test_segment_warns_of_a_class_covering_far_more_than_its_training_share(
     warned = [name for name, share in fractions.items() if share > 0]
     assert warned and all(f"class {name} covers" in text for name in warned)
     assert re.search(r"covers \d+\.\d% of the tomogram, \d+\.\dx the \d\.\d\d%", text)
+    # off a terminal (a cluster log) each warning is one line, however long
+    logged = [line for line in cli.output.splitlines() if "covers" in line]
+    assert len(logged) >= len(warned)
+    assert all(line.startswith("WARNING ") and line.endswith("unreliable") for line in logged)

@@ -182,6 +182,28 @@ CoordsPixelSize = Annotated[
 _state = {"verbose": False, "quiet": False}
 
 
+def _log_handler():
+    """Rich's handler on a terminal; elsewhere (cluster logs, pipes) one plain line per record,
+    which rich would wrap and pad at its default 80 columns."""
+    from rich.logging import RichHandler
+
+    class LineHandler(RichHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if self.console.is_terminal:
+                super().emit(record)
+                return
+            try:
+                line = " ".join(self.format(record).split("\n"))
+                self.console.file.write(f"{record.levelname:<8} {line}\n")
+                self.console.file.flush()
+            except Exception:  # noqa: BLE001 - logging must never raise
+                self.handleError(record)
+
+    return LineHandler(
+        console=console, show_time=False, show_path=False, markup=False, rich_tracebacks=False
+    )
+
+
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     """Configure the ``cryocaps`` logger once per process (rich handler on stderr)."""
     from rich.logging import RichHandler
@@ -192,9 +214,7 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     root = logging.getLogger("cryocaps")
     root.setLevel(level)
     if not any(isinstance(h, RichHandler) for h in root.handlers):
-        handler = RichHandler(
-            console=console, show_time=False, show_path=False, markup=False, rich_tracebacks=False
-        )
+        handler = _log_handler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(handler)
         root.propagate = False
