@@ -483,25 +483,33 @@ def _first_spheres(centres: np.ndarray) -> np.ndarray:
     return draw_spheres(SHAPE, centres, [1] * len(centres), [6.0] * len(centres)) > 0
 
 
-def test_a_component_of_a_hundred_label_volumes_is_dropped_unsplit(classes, monkeypatch):
-    from cryocaps.picking import methods
-
-    calls = []
-    split = methods._split_touching
-    monkeypatch.setattr(methods, "_split_touching", lambda *args: calls.append(1) or split(*args))
+def test_a_blob_thicker_than_any_particle_gives_no_picks_but_touching_particles_do(classes):
     label_map = np.zeros(SHAPE, np.uint8)
-    label_map[2:34, 4:60, 4:60] = 1  # the small class (radius 3: 113 voxels): 890 label volumes
+    label_map[2:34, 4:40, 4:40] = 1  # the small class (radius 3: 113 voxels): 370 label volumes
     label_map[10:20, 20:30, 2] = 0  # not a plain box
-    truth_centre = (30, 60, 60)
-    label_map = np.maximum(
-        label_map, draw_spheres(SHAPE, np.array([truth_centre], float), [1], [3.0])
-    )  # a true particle touching it
+    centres = np.array([[18, 43.0, 22.0], [18, 48.6, 22.0]])  # a pair touching the blob
+    label_map = np.maximum(label_map, draw_spheres(SHAPE, centres, [1, 1], [3.0, 3.0]))
+    assert ndimage_count(label_map == 1) == 1
     picks = pick_particles(label_map, classes, VOXEL)
-    assert picks.empty and calls == []
-    # a blob of 5 label volumes of touching particles is split, and each piece judged
-    blob = draw_spheres(SHAPE, np.array([[18, 32, 28], [18, 32, 33.5]]), [1, 1], [3.0, 3.0])
-    picks = pick_particles(blob, classes, VOXEL)
-    assert len(picks) == 2 and len(calls) == 1
+    found = picks[["z", "y", "x"]].to_numpy()
+    assert len(found) == 2  # the blob's inside is deeper than a particle's: no picks from it
+    assert np.linalg.norm(found[:, None] - centres[None], axis=2).min(axis=0).max() < 1.5
+
+
+def test_a_crowded_class_in_one_component_through_the_volume_is_picked_whole(classes):
+    """Touching particles everywhere (a class filling a sixth of the tomogram, as crowded draws
+    of the benchmark family do): one component of hundreds of label volumes, every particle
+    picked."""
+    grid = np.stack(np.meshgrid(*[np.arange(4, n - 3, 5.6) for n in SHAPE], indexing="ij"), -1)
+    centres = grid.reshape(-1, 3)
+    label_map = draw_spheres(SHAPE, centres, [1] * len(centres), [3.0] * len(centres))
+    limits = pick.size_limits(classes.by_name("small"), VOXEL)
+    assert ndimage_count(label_map == 1) == 1
+    assert np.count_nonzero(label_map == 1) > 100 * limits.label_volume
+    truth = pd.DataFrame(centres, columns=["z", "y", "x"]).assign(tomo="t", class_name="small")
+    picks = pick_particles(label_map, classes, VOXEL, tomo_name="t")
+    scores = evaluate_picks(picks, truth, classes, VOXEL)["classes"]["small"]
+    assert scores["recall"] > 0.95 and scores["precision"] > 0.95
 
 
 def test_budget_on_splits_keeps_wrong_maps_fast(classes, monkeypatch):

@@ -12,11 +12,12 @@ of the mask).
     voxel to the centre whose ball it lies deepest inside (the power diagram; for touching
     spheres the border is the neck between them), so touching particles give one pick
     each; pieces closer than one radius (a particle broken up by a noisy segmentation) are
-    merged. Pick = centroid of the voxels. The work is bounded however wrong the map is:
-    statistics of all components at once, slab by slab; components far larger than any
-    cluster of touching particles dropped unsplit; at most :data:`MAX_SPLITS` compact
-    components split per class, with boxes of at most an eighth of the map's voxels (or
-    2^23 voxels in smaller maps).
+    merged; a centre deeper inside than a particle's label could be (:data:`MAX_DEPTH_RADII`)
+    lies in a blob, and its piece is dropped. Pick = centroid of the voxels. The work is
+    bounded however wrong the map is: statistics of all components at once, slab by slab;
+    at most :data:`MAX_SPLITS` compact components split per class, with boxes of at most an
+    eighth of the map's voxels (or 2^23 voxels in smaller maps), each voxel given to one of
+    its nearest centres.
     On synthetic noisy segmentations (touching particles, ragged and fragmented
     blobs, false blobs, class mix-ups) it scored the best macro F1 of the three
     and is the fastest.
@@ -54,7 +55,11 @@ class SizeLimits:
     label_volume: float  # V
     min_size: float  # smaller picks are dropped
     max_size: float  # larger components are split into particle-sized pieces; larger pieces dropped
-    max_cluster: float  # larger components are no cluster of touching particles: dropped unsplit
+
+    @property
+    def label_radius(self) -> float:
+        """Radius of the sphere of volume V, voxels: how deep inside a particle's label one gets."""
+        return (3.0 * self.label_volume / (4.0 * math.pi)) ** (1.0 / 3.0)
 
 
 @dataclass
@@ -87,6 +92,14 @@ class Picks:
 # clusters. A map of tens of thousands of multi-particle blobs is a failed segmentation:
 # splitting them all would take many minutes, and their pieces would be false picks.
 MAX_SPLITS = 2000
+# A particle's label is nowhere deeper than its radius: a split centre deeper than this many
+# label radii (plus a voxel) lies in a blob thicker than any particle, and its piece is dropped.
+# Clusters of touching particles are split however large (a crowded class can fill a sixth of a
+# tomogram with one connected component: benchmarks/RESULTS.md, "A randomized family of sets").
+MAX_DEPTH_RADII = 1.5
+# A piece takes the voxels within its centre's depth plus this many label radii (plus a voxel):
+# a segmented particle is rarely a full ball around its deepest point.
+BALL_SLACK_RADII = 0.5
 SPLIT_BOX_FRACTION = 0.125
 MIN_SPLIT_BOX_VOXELS = 1 << 23
 # A cluster of touching particles is compact: four spheres in a diagonal row fill a tenth of
@@ -102,9 +115,8 @@ def _pick_components(mask: np.ndarray, radius: float, weights, limits: SizeLimit
     if count == 0:
         return Picks.empty()
     sizes = _sizes(labelled, count)
-    # Specks far below the size limit are dropped now (fragments near it may still merge), and so
-    # are components larger than any cluster of touching particles: neither costs any more work.
-    looked_at = (sizes >= 0.25 * limits.min_size) & (sizes <= limits.max_cluster)
+    # Specks far below the size limit are dropped now (fragments near it may still merge).
+    looked_at = sizes >= 0.25 * limits.min_size
     looked_at[0] = False
     # Components big enough to hold two particles get the lowest numbers, smallest first, so
     # that find_objects boxes only those and the split budget goes to the likeliest clusters.
@@ -140,7 +152,13 @@ def _pick_components(mask: np.ndarray, radius: float, weights, limits: SizeLimit
         budget["splits"] -= 1
         budget["voxels"] -= box_voxels
         crop_weights = weights[box] if weights is not None else None
-        split = _split_touching(labelled[box] == index, radius, crop_weights)
+        split = _split_touching(
+            labelled[box] == index,
+            radius,
+            crop_weights,
+            max_depth=MAX_DEPTH_RADII * limits.label_radius + 1,
+            slack=BALL_SLACK_RADII * limits.label_radius + 1,
+        )
         if split is None:
             continue
         was_split[index] = True
@@ -218,21 +236,29 @@ def _merge_fragments(picks: Picks, radius: float) -> Picks:
     return Picks(centres / total[:, None], total, scores / total)
 
 
-def _split_touching(component: np.ndarray, radius: float, weights) -> Picks | None:
+def _split_touching(
+    component: np.ndarray,
+    radius: float,
+    weights,
+    max_depth: float = math.inf,
+    slack: float = math.inf,
+) -> Picks | None:
     """Pieces of one component, one per particle centre it holds (None: it holds one or none).
 
     Centres are maxima of the distance transform at least 0.8 radius apart, deep enough inside
     that ridges of irregular shapes do not count. Each voxel goes to the centre whose ball (radius
     = that centre's depth) it lies deepest inside (the power diagram of the balls): for touching or
     overlapping spheres the borders are the planes through their contact circles, the necks a
-    watershed on the distance finds, at a cost of one pass over the voxels per centre.
+    watershed on the distance finds; voxels farther than ``slack`` outside every ball go to no
+    piece. A centre deeper than ``max_depth`` lies in something
+    thicker than any particle (a blob of background called this class): its piece is dropped,
+    so a blob is not cut into particle-sized false picks, while particles touching it still count.
     """
     padded = np.pad(component, 1)
     distance = ndimage.distance_transform_edt(padded)
     window = 2 * max(1, int(round(0.5 * radius))) + 1
-    peaks = (distance == ndimage.maximum_filter(distance, size=window)) & (
-        distance >= max(1.0, 0.5 * distance.max())
-    )
+    deep_enough = max(1.0, 0.5 * min(distance.max(), max_depth))
+    peaks = (distance == ndimage.maximum_filter(distance, size=window)) & (distance >= deep_enough)
     markers, n_markers = ndimage.label(peaks, structure=STRUCTURE_26)
     if n_markers <= 1:
         return None
@@ -254,6 +280,10 @@ def _split_touching(component: np.ndarray, radius: float, weights) -> Picks | No
     seeds, depth = seeds[kept], depth[kept]
     voxels = np.argwhere(padded)
     owner = _power_cells(voxels.astype(float), seeds, depth)
+    # voxels far outside every centre's ball belong to no particle found: the rest of a blob a
+    # particle touches, not part of that particle's piece
+    reach = ((voxels - seeds[owner]) ** 2).sum(axis=1) <= (depth[owner] + slack) ** 2
+    voxels, owner = voxels[reach], owner[reach]
     sizes = np.bincount(owner, minlength=len(seeds)).astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
         centres = (
@@ -265,12 +295,26 @@ def _split_touching(component: np.ndarray, radius: float, weights) -> Picks | No
         else:
             values = np.asarray(weights, dtype=np.float64)[tuple((voxels - 1).T)]
             scores = np.bincount(owner, values, minlength=len(seeds)) / sizes
-    has_voxels = sizes > 0
-    return Picks(centres[has_voxels] - 1.0, sizes[has_voxels], scores[has_voxels])
+    kept = (sizes > 0) & (depth <= max_depth)
+    return Picks(centres[kept] - 1.0, sizes[kept], scores[kept])
+
+
+# Above this many seeds, each point looks only at its POWER_NEIGHBOURS nearest seeds (the
+# seeds of touching particles are of similar depth, so the nearest seeds hold the best).
+POWER_ALL_SEEDS = 48
+POWER_NEIGHBOURS = 12
 
 
 def _power_cells(points: np.ndarray, seeds: np.ndarray, depth: np.ndarray) -> np.ndarray:
     """Index of the seed minimising |point - seed|² - depth² for every point (chunked)."""
+    if len(seeds) > POWER_ALL_SEEDS:
+        tree, owner = cKDTree(seeds), np.empty(len(points), dtype=np.intp)
+        for start in range(0, len(points), 1 << 17):
+            chunk = points[start : start + (1 << 17)]
+            _, near = tree.query(chunk, k=POWER_NEIGHBOURS)
+            power = ((chunk[:, None, :] - seeds[near]) ** 2).sum(axis=2) - depth[near] ** 2
+            owner[start : start + len(chunk)] = near[np.arange(len(chunk)), power.argmin(axis=1)]
+        return owner
     # |p - s|² - d² = |p|² - 2 p·s + |s|² - d², and |p|² is the same for every seed
     offset = (seeds**2).sum(axis=1) - depth**2
     owner = np.empty(len(points), dtype=np.intp)

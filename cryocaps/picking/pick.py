@@ -13,9 +13,10 @@ itself is bounded by them:
 
 - picks smaller than ``min_size_fraction`` V (0.2) are dropped;
 - components larger than ``max_size_factor`` V (3) are split into particle-sized
-  pieces, and pieces (or picks) still larger are dropped; components larger than
-  :data:`MAX_CLUSTER_VOLUMES` V (40), more than any cluster of touching particles
-  could fill, are dropped unsplit;
+  pieces, and pieces (or picks) still larger are dropped, as are pieces around a centre
+  deeper inside than any particle's label (a blob of background called this class);
+  clusters of touching particles are split however large (in a crowded tomogram one
+  class's particles can form one component through the whole volume);
 - picks smaller than ``relative_min_size`` (0.5) of the class's typical pick in
   the same map are dropped, where the typical pick is the 90th percentile of the
   sizes of the picks within the two limits above, and this limit never exceeds
@@ -68,9 +69,6 @@ DEFAULT_RELATIVE_MIN_SIZE = 0.5
 # the map are: particle-sized picks survive blobs of particle size too (benchmarks/RESULTS.md,
 # "Size rules that a runaway class cannot swamp").
 RELATIVE_CAP = 0.75
-# Components of more label volumes than this are no cluster of touching particles: dropped
-# unsplit (a cost bound too: splitting is the expensive part of picking a wrong map).
-MAX_CLUSTER_VOLUMES = 40.0
 TYPICAL_SIZE_PERCENTILE = 90
 
 
@@ -194,7 +192,6 @@ def size_limits(
         label_volume=volume,
         min_size=min_size_fraction * volume,
         max_size=max_size_factor * volume,
-        max_cluster=max(MAX_CLUSTER_VOLUMES, max_size_factor) * volume,
     )
 
 
