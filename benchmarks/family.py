@@ -912,6 +912,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "be the same",
     )
     parser.add_argument(
+        "--redo",
+        default="",
+        help="with --resume: tools to run again although the run finished them (e.g. after a fix "
+        "to picking; with --reuse-training their models are kept), comma-separated keys such as "
+        "cryocaps-unet,deepfinder",
+    )
+    parser.add_argument(
         "--record-partial",
         action="store_true",
         help="with --family: add the unfinished run in --work to the results as it stands "
@@ -942,6 +949,13 @@ def check_arguments(args, parser) -> None:
         parser.error(f"--family-shape {shape!r}: three integers Z,Y,X")
     if len(args.family_shape) != 3:
         parser.error(f"--family-shape {shape!r}: three integers Z,Y,X")
+    args.redo = [t.strip() for t in args.redo.split(",") if t.strip()]
+    models = args.models.split(",") if isinstance(args.models, str) else args.models
+    tools = ["deepfinder", *(f"cryocaps-{m.strip()}" for m in models)]
+    if args.redo and not args.resume:
+        parser.error("--redo needs --resume (a run without it runs every tool)")
+    if any(t not in tools for t in args.redo):
+        parser.error(f"--redo {','.join(args.redo)}: tools are {','.join(tools)}")
 
 
 def run_draw(
@@ -985,7 +999,7 @@ def run_draw(
         }
         runs = [] if args.no_deepfinder else [("deepfinder", None)]
         runs += [(f"cryocaps-{m}", m) for m in args.models]
-        kept = finished_tools(earlier, key)
+        kept = finished_tools(earlier, key, redo=args.redo)
         for key_tool, model in runs:
             if key_tool in kept:
                 tools.update(kept[key_tool])
@@ -1020,12 +1034,17 @@ def utc_now() -> str:
 
 
 # Options that change nothing a run measures: a resumed run may differ in them.
-RUN_NEUTRAL = ("reuse_data", "reuse_training", "resume", "record_partial", "no_write", "render")
+# The number of draws is one of them: draws are independent, each made from its own seed.
+RUN_NEUTRAL = (
+    "reuse_data", "reuse_training", "resume", "redo", "record_partial", "no_write", "render",
+    "family",
+)  # fmt: skip
 
 
-def finished_tools(earlier: dict | None, fraction: str) -> dict:
+def finished_tools(earlier: dict | None, fraction: str, redo=()) -> dict:
     """Tool key -> the result entries to keep, of the tools ``earlier`` finished at ``fraction``
-    without an error (DeepFinder's run gives two entries: raw and tuned picks)."""
+    without an error and not named in ``redo`` (DeepFinder's run gives two entries: raw and
+    tuned picks)."""
     if not earlier or "error" in earlier:
         return {}
     tools = earlier.get("fractions", {}).get(fraction, {}).get("tools", {})
@@ -1035,7 +1054,7 @@ def finished_tools(earlier: dict | None, fraction: str) -> dict:
     else:
         kept.pop("deepfinder", None)
     kept.pop("deepfinder-tuned", None)
-    return kept
+    return {k: v for k, v in kept.items() if k not in redo}
 
 
 def draw_finished(entry: dict, args) -> bool:
