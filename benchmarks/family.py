@@ -440,9 +440,15 @@ def keep_training(folder: Path, settings: dict, measured: dict) -> None:
     (folder / TRAINED).write_text(json.dumps({"settings": settings} | measured, default=str))
 
 
+# Picking levers scored on every cryocaps tool's test label maps (no training of their own):
+# key suffix -> extra cluster-picks options. The entries are "<tool key>:<suffix>".
+PICK_LEVERS = {"meanshift": ["--method", "meanshift"]}
+
+
 def run_cryocaps_tool(model: str, data, annotations, args, folder: Path, classes, truth) -> dict:
     """``cryocaps train`` (defaults, no validation tomogram) -> ``segment`` the test tomograms
-    -> ``cluster-picks`` at its defaults; scored."""
+    -> ``cluster-picks`` at its defaults; scored. Also the same label maps picked with each of
+    :data:`PICK_LEVERS`. Returns ``{tool key: result, "<tool key>:<lever>": result, ...}``."""
     import vs_deepfinder as vs
 
     from cryocaps.io.particles import read_particles
@@ -477,13 +483,31 @@ def run_cryocaps_tool(model: str, data, annotations, args, folder: Path, classes
     picks = read_particles([picks_csv], classes=classes)
     shares = background_share(label_maps, data["test_truth_labels"], classes.n_labels)
     names = [t.stem for t in data["test"]]
-    return {
-        "tool": " ".join(w for w in ("cryocaps", model, args.train_args) if w),
-        "train": train,
-        "segment": segment,
-        "pick": pick,
-        **score_tool(picks, truth, classes, names, shares),
+    label = " ".join(w for w in ("cryocaps", model, args.train_args) if w)
+    key = f"cryocaps-{model}"
+    results = {
+        key: {
+            "tool": label,
+            "train": train,
+            "segment": segment,
+            "pick": pick,
+            **score_tool(picks, truth, classes, names, shares),
+        }
     }
+    for lever, options in PICK_LEVERS.items():
+        lever_csv = folder / f"picks_{lever}.csv"
+        timed = run_measured(
+            cryocaps_cmd("cluster-picks", *label_maps, "-o", lever_csv, "--classes",
+                         data["classes_csv"], *shlex.split(args.pick_args), *options),
+            logs / f"cluster_picks_{lever}.log",
+        )  # fmt: skip
+        lever_picks = read_particles([lever_csv], classes=classes)
+        results[f"{key}:{lever}"] = {
+            "tool": f"{label} ({shlex.join(options)}, same maps)",
+            "pick": timed,
+            **score_tool(lever_picks, truth, classes, names, shares),
+        }
+    return results
 
 
 def run_deepfinder_tool(data, annotations, args, folder: Path, classes, truth) -> dict:
@@ -797,7 +821,9 @@ def markdown_section(run: dict | None, plumbing: dict | None) -> str:
         "validation tomogram). `--annotated-fraction 0.1,0.3,1` annotates a random share of the "
         "training and validation particles of each class (labels from `make-masks` of that "
         "subset; DeepFinder trains on the same), and scores the test tomograms against all "
-        "their particles. **Background ratio**: the share of the true background a class's "
+        "their particles. Each cryocaps tool's test label maps are also picked with "
+        "`--method meanshift` (a picking lever on the same maps, no training of its own). "
+        "**Background ratio**: the share of the true background a class's "
         "label map takes, divided by the fraction of the tomograms its particles fill; above 3 "
         "the class runs away over the background.",
         "",
@@ -1013,7 +1039,7 @@ def run_draw(
                         data, annotations, args, where / "deepfinder", classes, truth
                     )
                 else:
-                    tools[key_tool] = run_cryocaps_tool(
+                    tools |= run_cryocaps_tool(
                         model, data, annotations, args, where / key_tool, classes, truth
                     )
                 done = tools[key_tool]
@@ -1048,12 +1074,15 @@ def finished_tools(earlier: dict | None, fraction: str, redo=()) -> dict:
     if not earlier or "error" in earlier:
         return {}
     tools = earlier.get("fractions", {}).get(fraction, {}).get("tools", {})
-    kept = {k: {k: e} for k, e in tools.items() if "error" not in e}
+    kept = {k: {k: e} for k, e in tools.items() if "error" not in e and ":" not in k}
     if "deepfinder" in kept and "deepfinder-tuned" in kept:
         kept["deepfinder"]["deepfinder-tuned"] = kept.pop("deepfinder-tuned")["deepfinder-tuned"]
     else:
         kept.pop("deepfinder", None)
     kept.pop("deepfinder-tuned", None)
+    for k, e in tools.items():  # picking levers on a tool's maps go with the tool
+        if ":" in k and k.split(":")[0] in kept:
+            kept[k.split(":")[0]][k] = e
     return {k: v for k, v in kept.items() if k not in redo}
 
 

@@ -150,11 +150,13 @@ def _args(**overrides):
 def test_a_resumed_draw_keeps_only_the_tools_that_finished(family):
     ok = _tool(0.8, {"a": {"f1": 0.8}})
     tools = {"deepfinder": ok, "deepfinder-tuned": ok, "cryocaps-unet": ok,
+             "cryocaps-unet:meanshift": ok, "cryocaps-ucaps:meanshift": ok,
              "cryocaps-ucaps": {"tool": "t", "error": "killed"}}  # fmt: skip
     earlier = {"draw": {"seed": 0}, "fractions": {"1": {"tools": tools}}}
     kept = family.finished_tools(earlier, "1")
     assert set(kept) == {"deepfinder", "cryocaps-unet"}
     assert set(kept["deepfinder"]) == {"deepfinder", "deepfinder-tuned"}  # both entries of its run
+    assert set(kept["cryocaps-unet"]) == {"cryocaps-unet", "cryocaps-unet:meanshift"}  # + levers
     tools.pop("deepfinder-tuned")  # killed between its two entries: run it again
     assert set(family.finished_tools(earlier, "1")) == {"cryocaps-unet"}
     assert family.finished_tools(earlier, "1", redo=["cryocaps-unet"]) == {}
