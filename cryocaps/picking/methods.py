@@ -250,9 +250,9 @@ def _split_touching(
     = that centre's depth) it lies deepest inside (the power diagram of the balls): for touching or
     overlapping spheres the borders are the planes through their contact circles, the necks a
     watershed on the distance finds; voxels farther than ``slack`` outside every ball go to no
-    piece. A centre deeper than ``max_depth`` lies in something
-    thicker than any particle (a blob of background called this class): its piece is dropped,
-    so a blob is not cut into particle-sized false picks, while particles touching it still count.
+    piece. A centre deeper than ``max_depth`` lies in something thicker than any particle (a
+    blob of background called this class): its piece is dropped, so a blob is not cut into
+    particle-sized false picks, while particles touching it still count.
     """
     padded = np.pad(component, 1)
     distance = ndimage.distance_transform_edt(padded)
