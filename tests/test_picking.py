@@ -378,8 +378,11 @@ def test_cluster_picks_cli_defaults_are_the_librarys():
 
     parameters = inspect.signature(cluster_picks.command).parameters
     hints = typing.get_type_hints(cluster_picks.command, include_extras=True)
+    # --method: none given means the model's per-class choice, else the library's default
+    assert parameters["method"].default is None
+    assert cluster_picks.DEFAULT_PICK_METHOD == pick.DEFAULT_METHOD
+    assert f"else {pick.DEFAULT_METHOD}]" in hints["method"].__metadata__[0].help
     for option, constant in [
-        ("method", pick.DEFAULT_METHOD),
         ("min_size_fraction", pick.DEFAULT_MIN_SIZE_FRACTION),
         ("relative_min_size", pick.DEFAULT_RELATIVE_MIN_SIZE),
     ]:
@@ -583,3 +586,17 @@ def test_label_fraction_round_trips_through_classes_csv_and_the_model(classes, t
     config = model_metadata(SimpleNamespace(patch_size=32), data, {})
     model_table = ClassTable.from_records(config["classes"])
     assert [c.label_fraction for c in model_table] == [0.05, None, 0.05]
+
+
+def test_a_method_per_class(classes):
+    truth = _particles(classes, touching=False)
+    label_map = _label_map(truth, classes)
+    mixed = pick_particles(label_map, classes, VOXEL, method={"large": "meanshift"})
+    for name, method in (("small", "components"), ("medium", "components"), ("large", "meanshift")):
+        alone = pick_particles(label_map, classes, VOXEL, method=method)
+        columns = ["class_name", "x", "y", "z"]
+        expected = alone[alone["class_name"] == name][columns].reset_index(drop=True)
+        got = mixed[mixed["class_name"] == name][columns].reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, expected)
+    with pytest.raises(CryocapsError, match="--method 'magic'"):
+        pick_particles(label_map, classes, VOXEL, method={"large": "magic"})

@@ -354,3 +354,71 @@ def test_cluster_picks_uses_the_thresholds_beside_the_maps_by_default(tmp_path, 
     assert sorted(without["score"]) == sorted(sizes)
     given, _ = picks("--min-score", "1")  # an explicit threshold replaces the companion
     assert len(given) == 2
+
+
+def test_validation_chooses_each_classs_picking_method_by_its_best_f1():
+    """Per score kind and class, the method whose best-threshold F1 is higher; ties go to
+    components; a class no method scored falls back to components for the metrics."""
+    from cryocaps.classes import ClassTable, ParticleClass
+    from cryocaps.training.regions import PICK_METHODS, _choose_methods
+
+    classes = ClassTable([ParticleClass(1, "a", 30.0), ParticleClass(2, "b", 50.0),
+                          ParticleClass(3, "c", 50.0)])  # fmt: skip
+
+    def table(f1s: dict) -> pd.DataFrame:
+        rows = [{"class_name": n, "min_score": 0.5, "precision": f, "recall": f, "f1": f,
+                 "f1_keep_all": f, "n_picks": 3} for n, f in f1s.items()]  # fmt: skip
+        return pd.DataFrame(rows).set_index("class_name", drop=False)
+
+    tables = {
+        ("components", "probability"): table({"a": 0.9, "b": 0.2}),
+        ("meanshift", "probability"): table({"a": 0.9, "b": 0.6}),
+        ("components", "size_voxels"): table({"a": 0.5, "b": 0.7}),
+        ("meanshift", "size_voxels"): table({"a": 0.8, "b": float("nan")}),
+    }
+    thresholds, chosen = _choose_methods(tables, classes)
+    assert PICK_METHODS[0] == "components"
+    assert chosen == {"a": "components", "b": "meanshift", "c": "components"}
+    by_kind = {k: {r["class_name"]: r["method"] for r in rows} for k, rows in thresholds.items()}
+    assert by_kind == {"probability": {"a": "components", "b": "meanshift"},
+                       "size_voxels": {"a": "meanshift", "b": "components"}}  # fmt: skip
+    assert (
+        thresholds["probability"][1]["f1"] == 0.6 and thresholds["probability"][1]["n_picks"] == 3
+    )
+
+
+def test_cluster_picks_uses_the_method_training_chose_per_class(tmp_path, run_cli):
+    from cryocaps.io.thresholds import write_companion_thresholds
+
+    label_path, _ = _two_blobs(tmp_path / "seg")
+    row = {"min_score": None, "precision": 1.0, "recall": 1.0, "f1": 1.0, "f1_keep_all": 1.0,
+           "n_picks": 2}  # fmt: skip
+    write_companion_thresholds(
+        {
+            "probability": [{"class_name": "small", "method": "components", **row}],
+            "size_voxels": [{"class_name": "small", "method": "meanshift", **row}],
+        },
+        tmp_path / "seg",
+    )
+    assert "method" in (tmp_path / "seg" / "pick_thresholds.csv").read_text()
+
+    def run(*extra):
+        out = tmp_path / f"picks{len(extra)}.csv"
+        result = run_cli("cluster-picks", label_path, "-o", out, "--overwrite", *extra)
+        return result, out
+
+    result, out = run()
+    assert result.exit_code == 0, result.output
+    assert "picking methods from" in " ".join(result.output.split())
+    run_json = json.loads((out.parent / "run.json").read_text())
+    assert run_json["parameters"]["method"] == {"small": "meanshift"}  # size-scored picks
+    assert len(pd.read_csv(out)) == 2
+    result, out = run("--method", "components")  # an explicit method wins
+    assert result.exit_code == 0, result.output
+    assert json.loads((out.parent / "run.json").read_text())["parameters"]["method"] == "components"
+    # a method nobody knows in the file: one error line naming it, exit 2, nothing written
+    table = (tmp_path / "seg" / "pick_thresholds.csv").read_text()
+    (tmp_path / "seg" / "pick_thresholds.csv").write_text(table.replace("meanshift", "magic"))
+    result, out = run("--format", "csv", "--min-size-fraction", "0.2", "--quiet")
+    assert result.exit_code == 2 and "method 'magic' of small" in result.output
+    assert not out.exists()

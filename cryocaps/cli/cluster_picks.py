@@ -60,6 +60,7 @@ from cryocaps.cli.common import (
 from cryocaps.errors import CryocapsError
 
 METHOD_NAMES = ("components", "meanshift", "peaks")
+DEFAULT_PICK_METHOD = METHOD_NAMES[0]
 
 
 def command(
@@ -82,11 +83,14 @@ def command(
     ],
     format: OutputFormat = None,
     method: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--method", help="Picking method: components, meanshift or peaks. [default: components]"
+            "--method",
+            help="Picking method: components, meanshift or peaks. [default: for each class, the "
+            "method training chose on its held-out region, from the pick_thresholds.csv beside "
+            "the maps (or --thresholds) where it has a method column; else components]",
         ),
-    ] = "components",
+    ] = None,
     classes: ClassesOption = None,
     radius_angstrom: RadiusOption = None,
     min_size_fraction: Annotated[
@@ -177,8 +181,8 @@ def command(
     class_table, classes, left_out = _class_table(
         label_paths, classes, radius_angstrom, copick_objects
     )
-    thresholds, min_score = _score_limits(
-        label_paths, class_table, thresholds, min_score, use_probabilities
+    thresholds, min_score, method = _score_limits(
+        label_paths, class_table, thresholds, min_score, use_probabilities, method
     )
     project_output = _check_output(output, format, overwrite)
 
@@ -297,16 +301,29 @@ def _class_table(label_paths, classes, radius_angstrom, copick_objects):
     return class_table, classes, left_out
 
 
-def _score_limits(label_paths, class_table, thresholds, min_score, use_probabilities):
-    """The thresholds file used (given, or the companion segment wrote) and the minimum score
-    (per class from that file, else --min-score)."""
-    from cryocaps.io.thresholds import picking_score_kind, read_score_thresholds
+def _score_limits(label_paths, class_table, thresholds, min_score, use_probabilities, method):
+    """The thresholds file used (given, or the companion segment wrote), the minimum score
+    (per class from that file, else --min-score) and the picking method (--method, else per
+    class from that file's method column, else components)."""
+    from cryocaps.io.thresholds import (
+        picking_score_kind,
+        read_pick_methods,
+        read_score_thresholds,
+    )
 
     score_kind = picking_score_kind(label_paths, use_probabilities)
     thresholds = _thresholds_file(thresholds, min_score, label_paths, score_kind)
+    chosen = {}
     if thresholds is not None:
         min_score = read_score_thresholds(thresholds, class_table, score_kind)
-    return thresholds, min_score
+        chosen = read_pick_methods(thresholds, class_table, score_kind, METHOD_NAMES)
+    if method is None and chosen:
+        log.info(
+            "picking methods from %s: %s",
+            thresholds,
+            ", ".join(f"{name} {m}" for name, m in chosen.items()),
+        )
+    return thresholds, min_score, method or chosen or DEFAULT_PICK_METHOD
 
 
 def _check_options(format, method: str, thresholds, min_score) -> None:
@@ -315,7 +332,7 @@ def _check_options(format, method: str, thresholds, min_score) -> None:
 
     if format is not None:
         check_format(format)
-    if method not in METHOD_NAMES:
+    if method is not None and method not in METHOD_NAMES:
         raise CryocapsError(f"--method {method!r}: use one of {', '.join(METHOD_NAMES)}")
     if thresholds is not None and thresholds.strip().lower() != "none" and min_score is not None:
         raise CryocapsError("--min-score and --thresholds both set a score threshold; give one")

@@ -37,15 +37,18 @@ THRESHOLD_COLUMNS = [
 ]
 
 SCORE_COLUMN = "score"  # in a companion file: what min_score applies to
+METHOD_COLUMN = "method"  # in a companion file: the picking method training chose per class
 SCORE_KINDS = ("probability", "size_voxels")
 
 __all__ = [
+    "METHOD_COLUMN",
     "SCORE_COLUMN",
     "SCORE_KINDS",
     "THRESHOLDS_NAME",
     "THRESHOLD_COLUMNS",
     "companion_thresholds",
     "picking_score_kind",
+    "read_pick_methods",
     "read_score_thresholds",
     "write_companion_thresholds",
     "write_score_thresholds",
@@ -70,12 +73,14 @@ def write_companion_thresholds(
     Records hold :data:`THRESHOLD_COLUMNS` (``min_score`` None: keep all). An existing
     file with the same rows is kept; one with other rows is refused unless ``overwrite``.
     """
+    with_method = any(METHOD_COLUMN in r for records in kinds.values() for r in records or [])
+    columns = [*THRESHOLD_COLUMNS, *([METHOD_COLUMN] if with_method else [])]
     frames = [
-        pd.DataFrame(records, columns=THRESHOLD_COLUMNS).assign(**{SCORE_COLUMN: kind})
+        pd.DataFrame(records, columns=columns).assign(**{SCORE_COLUMN: kind})
         for kind, records in kinds.items()
         if kind in SCORE_KINDS and records
     ]
-    table = pd.concat(frames, ignore_index=True)[[*THRESHOLD_COLUMNS, SCORE_COLUMN]]
+    table = pd.concat(frames, ignore_index=True)[[*columns, SCORE_COLUMN]]
     text = table.to_csv(index=False, float_format="%.6g")
     path = Path(folder) / THRESHOLDS_NAME
     if path.is_file() and not overwrite:
@@ -163,3 +168,36 @@ def read_score_thresholds(
         elif not np.isnan(value):
             raise CryocapsError(f"--thresholds {path}: min_score {value} of {name} is not finite")
     return thresholds
+
+
+def read_pick_methods(
+    path: str | os.PathLike, classes: ClassTable, score_kind: str | None, methods
+) -> dict[str, str]:
+    """``{class_name: method}`` from a companion ``pick_thresholds.csv`` whose ``method``
+    column says which picking method training chose for each class (on its held-out region),
+    for the rows of ``score_kind``; empty for a file without that column. ``methods``: the
+    method names allowed."""
+    path = Path(path)
+    try:
+        table = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise CryocapsError(f"--thresholds {path}: not a CSV table ({error})") from None
+    if METHOD_COLUMN not in table.columns or SCORE_COLUMN not in table.columns:
+        return {}
+    table = table[table[SCORE_COLUMN].astype(str) == str(score_kind)]
+    chosen = {}
+    for name, method in zip(table["class_name"].astype(str), table[METHOD_COLUMN], strict=True):
+        if name not in classes.names:
+            raise CryocapsError(
+                f"--thresholds {path}: class {name!r} is not in the class table "
+                f"({', '.join(classes.names)})"
+            )
+        if pd.isna(method):
+            continue
+        if str(method) not in methods:
+            raise CryocapsError(
+                f"--thresholds {path}: method {method!r} of {name} is not one of "
+                f"{', '.join(methods)}"
+            )
+        chosen[name] = str(method)
+    return chosen

@@ -79,7 +79,7 @@ def pick_particles(
     probabilities: np.ndarray | None = None,
     *,
     scores: np.ndarray | None = None,
-    method: str = DEFAULT_METHOD,
+    method: str | Mapping[str, str] = DEFAULT_METHOD,
     min_size_fraction: float = DEFAULT_MIN_SIZE_FRACTION,
     max_size_factor: float = DEFAULT_MAX_SIZE_FACTOR,
     relative_min_size: float = DEFAULT_RELATIVE_MIN_SIZE,
@@ -100,7 +100,9 @@ def pick_particles(
         whose maxima are the picks
     scores : optional (Z, Y, X) per-voxel confidence, used for scores when there
         are no probabilities
-    method : "components", "meanshift" or "peaks"
+    method : "components", "meanshift" or "peaks"; a mapping gives one per class name
+        (classes missing from it get :data:`DEFAULT_METHOD`), as training chooses them on
+        its held-out region
     min_size_fraction : drop picks with fewer voxels than this fraction of the
         class's label volume V (``ParticleClass.label_volume_voxels``: as recorded by
         make-masks or simulate, else the sphere 4/3 π r³)
@@ -141,8 +143,13 @@ def pick_particles(
         )
         weights = _weight_map(particle_class, probabilities, scores)
         mask = label_map == particle_class.label
+        class_method = (
+            method.get(particle_class.name, DEFAULT_METHOD)
+            if isinstance(method, Mapping)
+            else method
+        )
         picks = (
-            PICKERS[method](
+            PICKERS[class_method](
                 mask, particle_class.radius_voxels(voxel_size_angstrom), weights, limits
             )
             if mask.any()
@@ -216,8 +223,9 @@ def _checked_inputs(
 ) -> np.ndarray:
     """Refuse unusable inputs; returns the label map as unsigned labels."""
     min_size_fraction, max_size_factor, relative_min_size = size_options
-    if method not in METHODS:
-        raise CryocapsError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    for name in method.values() if isinstance(method, Mapping) else [method]:
+        if name not in METHODS:
+            raise CryocapsError(f"--method {name!r}: use one of {', '.join(METHODS)}")
     if label_map.ndim != 3:
         raise CryocapsError(f"label map must be 3D (Z, Y, X), got shape {label_map.shape}")
     if not voxel_size_angstrom > 0:
@@ -310,7 +318,7 @@ def pick_files(
     label_paths: Sequence[str | os.PathLike],
     classes: ClassTable,
     *,
-    method: str = DEFAULT_METHOD,
+    method: str | Mapping[str, str] = DEFAULT_METHOD,
     min_size_fraction: float = DEFAULT_MIN_SIZE_FRACTION,
     max_size_factor: float = DEFAULT_MAX_SIZE_FACTOR,
     relative_min_size: float = DEFAULT_RELATIVE_MIN_SIZE,

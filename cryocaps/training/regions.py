@@ -41,6 +41,8 @@ from cryocaps.training.holdout import HeldOutRegion
 from cryocaps.training.sampling import ParticleSet, TrainingVolume
 
 SCORE_KINDS = ("probability", "size_voxels")  # what a pick's score is, as cluster-picks gives it
+# The picking methods each class is tried with; the first wins ties.
+PICK_METHODS = ("components", "meanshift")
 
 
 @dataclass
@@ -50,7 +52,8 @@ class RegionScores:
     ``metrics`` has ``val_precision_<c>``, ``val_recall_<c>``, ``val_f1_<c>``,
     ``val_background_share_<c>`` per class, ``val_macro_f1``, ``val_background_share``
     (all classes together) and ``val_picks``; ``thresholds`` maps each of
-    :data:`SCORE_KINDS` to records of :data:`cryocaps.io.thresholds.THRESHOLD_COLUMNS`
+    :data:`SCORE_KINDS` to records of :data:`cryocaps.io.thresholds.THRESHOLD_COLUMNS` and the
+    picking ``method`` chosen for the class (of :data:`PICK_METHODS`)
     (``min_score`` None: keep every pick).
     """
 
@@ -128,12 +131,18 @@ def region_outcome(
     if annotation.dtype == np.int8:
         annotation = annotation.view(np.uint8)
     picks = {}
-    for kind, weights in zip(SCORE_KINDS, (score, None), strict=True):
-        table = pick_particles(
-            labels, classes, volume.voxel_size_angstrom, scores=weights, tomo_name=region.name
-        )
-        table = table[_inside_table(table, box)]
-        picks[kind] = table[~_on_unknown(table, annotation, box)]
+    for method in PICK_METHODS:
+        for kind, weights in zip(SCORE_KINDS, (score, None), strict=True):
+            table = pick_particles(
+                labels,
+                classes,
+                volume.voxel_size_angstrom,
+                scores=weights,
+                method=method,
+                tomo_name=region.name,
+            )
+            table = table[_inside_table(table, box)]
+            picks[method, kind] = table[~_on_unknown(table, annotation, box)]
     mine = particles.subset(particles.volume == region.volume)
     offset = np.array([s.start for s in region.context])
     zyx = mine.zyx - offset
@@ -191,38 +200,73 @@ def score_outcomes(outcomes: list[dict], classes) -> tuple[dict, dict]:
     from cryocaps.evaluation import best_score_thresholds, match_picks, summarize
 
     shift = 0.0
-    truth_parts, pick_parts = [], {kind: [] for kind in SCORE_KINDS}
+    truth_parts, pick_parts = [], {key: [] for key in outcomes[0]["picks"]}
     for outcome in outcomes:
         truth_parts.append(_laid_out(outcome["truth"], shift))
-        for kind in SCORE_KINDS:
-            pick_parts[kind].append(_laid_out(outcome["picks"][kind], shift))
+        for key, parts in pick_parts.items():
+            parts.append(_laid_out(outcome["picks"][key], shift))
         shift += outcome["width"] + REGION_GAP_VOXELS
     truth = pd.concat(truth_parts, ignore_index=True)
     voxel_size = outcomes[0]["voxel_size_angstrom"]  # one voxel size: load_volumes checks it
-    thresholds, summary = {}, None
-    for kind in SCORE_KINDS:
-        picks = pd.concat(pick_parts[kind], ignore_index=True)
-        matching = match_picks(picks, truth, classes, voxel_size)
-        summary = summary or summarize(matching)
-        table = best_score_thresholds(matching)
-        thresholds[kind] = [
-            {k: None if _is_nan(v) else v for k, v in row.items()}
-            for row in table.to_dict(orient="records")
-        ]
+    summaries, tables = {}, {}
+    for key, parts in pick_parts.items():  # key: (method, score kind)
+        matching = match_picks(pd.concat(parts, ignore_index=True), truth, classes, voxel_size)
+        summaries[key] = summarize(matching)
+        tables[key] = best_score_thresholds(matching).set_index("class_name", drop=False)
+    thresholds, chosen = _choose_methods(tables, classes)
     background = np.sum([o["background_counts"] for o in outcomes], axis=0)
     n_background = max(1, sum(o["background_voxels"] for o in outcomes))
-    metrics = {}
+    metrics, f1s = {}, []
     for particle_class in classes:
+        summary = summaries[chosen[particle_class.name], SCORE_KINDS[0]]
         entry = summary["classes"][particle_class.name]
         for key in ("precision", "recall", "f1"):
             value = entry[key]
             metrics[f"val_{key}_{particle_class.name}"] = np.nan if value is None else value
+        if entry["f1"] is not None:
+            f1s.append(entry["f1"])
         share = background[particle_class.label] / n_background
         metrics[f"val_background_share_{particle_class.name}"] = float(share)
-    metrics["val_macro_f1"] = float(summary["macro"]["f1"])
+    metrics["val_macro_f1"] = float(np.mean(f1s)) if f1s else 0.0
     metrics["val_background_share"] = float(background[1:].sum() / n_background)
-    metrics["val_picks"] = int(sum(len(o["picks"][SCORE_KINDS[0]]) for o in outcomes))
+    metrics["val_picks"] = sum(
+        int((o["picks"][chosen[c.name], SCORE_KINDS[0]]["class_name"] == c.name).sum())
+        for o in outcomes
+        for c in classes
+    )
     return metrics, thresholds
+
+
+def _choose_methods(tables: dict, classes) -> tuple[dict, dict]:
+    """Per score kind, each class's threshold record from the picking method whose best-F1
+    threshold scored highest (the first of :data:`PICK_METHODS` on ties), with a ``method``
+    field; and each class's method for the first kind (what the metrics report)."""
+    thresholds, chosen = {}, {}
+    for kind in SCORE_KINDS:
+        records = []
+        for particle_class in classes:
+            best = None
+            for method in PICK_METHODS:
+                table = tables[method, kind]
+                if particle_class.name not in table.index:
+                    continue
+                row = table.loc[[particle_class.name]].to_dict(orient="records")[0]
+                f1 = row.get("f1")
+                f1 = -1.0 if f1 is None or _is_nan(float(f1)) else float(f1)
+                if best is None or f1 > best[0]:
+                    best = (f1, method, row)
+            if best is None:
+                continue
+            _, method, row = best
+            records.append(
+                {k: None if _is_nan(v) else v for k, v in row.items()} | {"method": method}
+            )
+            if kind == SCORE_KINDS[0]:
+                chosen[particle_class.name] = method
+        thresholds[kind] = records
+    for particle_class in classes:
+        chosen.setdefault(particle_class.name, PICK_METHODS[0])
+    return thresholds, chosen
 
 
 def _laid_out(table: pd.DataFrame, shift: float) -> pd.DataFrame:
