@@ -363,7 +363,7 @@ def test_validation_chooses_each_classs_picking_method_by_its_best_f1():
     from cryocaps.training.regions import PICK_METHODS, _choose_methods
 
     classes = ClassTable([ParticleClass(1, "a", 30.0), ParticleClass(2, "b", 50.0),
-                          ParticleClass(3, "c", 50.0)])  # fmt: skip
+                          ParticleClass(3, "c", 50.0), ParticleClass(4, "d", 50.0)])  # fmt: skip
 
     def table(f1s: dict) -> pd.DataFrame:
         rows = [{"class_name": n, "min_score": 0.5, "precision": f, "recall": f, "f1": f,
@@ -371,16 +371,17 @@ def test_validation_chooses_each_classs_picking_method_by_its_best_f1():
         return pd.DataFrame(rows).set_index("class_name", drop=False)
 
     tables = {
-        ("components", "probability"): table({"a": 0.9, "b": 0.2}),
-        ("meanshift", "probability"): table({"a": 0.9, "b": 0.6}),
+        ("components", "probability"): table({"a": 0.9, "b": 0.2, "d": float("nan")}),
+        ("meanshift", "probability"): table({"a": 0.9, "b": 0.6, "d": 0.0}),
         ("components", "size_voxels"): table({"a": 0.5, "b": 0.7}),
         ("meanshift", "size_voxels"): table({"a": 0.8, "b": float("nan")}),
     }
     thresholds, chosen = _choose_methods(tables, classes)
     assert PICK_METHODS[0] == "components"
-    assert chosen == {"a": "components", "b": "meanshift", "c": "components"}
+    # d: no picks by components (NaN) against F1 0 by mean shift is a tie, not a win
+    assert chosen == {"a": "components", "b": "meanshift", "c": "components", "d": "components"}
     by_kind = {k: {r["class_name"]: r["method"] for r in rows} for k, rows in thresholds.items()}
-    assert by_kind == {"probability": {"a": "components", "b": "meanshift"},
+    assert by_kind == {"probability": {"a": "components", "b": "meanshift", "d": "components"},
                        "size_voxels": {"a": "meanshift", "b": "components"}}  # fmt: skip
     assert (
         thresholds["probability"][1]["f1"] == 0.6 and thresholds["probability"][1]["n_picks"] == 3

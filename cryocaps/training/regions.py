@@ -239,8 +239,9 @@ def score_outcomes(outcomes: list[dict], classes) -> tuple[dict, dict]:
 
 def _choose_methods(tables: dict, classes) -> tuple[dict, dict]:
     """Per score kind, each class's threshold record from the picking method whose best-F1
-    threshold scored highest (the first of :data:`PICK_METHODS` on ties), with a ``method``
-    field; and each class's method for the first kind (what the metrics report)."""
+    threshold scored highest (the first of :data:`PICK_METHODS` on ties, a method without
+    picks scoring 0), with a ``method`` field; and each class's method for the first kind
+    (what the metrics report)."""
     thresholds, chosen = {}, {}
     for kind in SCORE_KINDS:
         records = []
@@ -252,7 +253,7 @@ def _choose_methods(tables: dict, classes) -> tuple[dict, dict]:
                     continue
                 row = table.loc[[particle_class.name]].to_dict(orient="records")[0]
                 f1 = row.get("f1")
-                f1 = -1.0 if f1 is None or _is_nan(float(f1)) else float(f1)
+                f1 = 0.0 if f1 is None or _is_nan(float(f1)) else float(f1)  # no picks: 0
                 if best is None or f1 > best[0]:
                     best = (f1, method, row)
             if best is None:
