@@ -600,3 +600,24 @@ def test_a_method_per_class(classes):
         pd.testing.assert_frame_equal(got, expected)
     with pytest.raises(CryocapsError, match="--method 'magic'"):
         pick_particles(label_map, classes, VOXEL, method={"large": "magic"})
+
+
+@pytest.mark.parametrize("method", ["components", "meanshift"])
+def test_picks_scored_by_size_are_those_picked_without_weights(classes, method):
+    """Validation picks once and scores twice: the weights change no pick, only its score."""
+    from cryocaps.picking import scored_by_size
+
+    truth = _particles(classes, touching=True)
+    label_map = _label_map(truth, classes)
+    weights = np.random.default_rng(0).random(label_map.shape).astype(np.float32)
+    weighted = pick_particles(label_map, classes, VOXEL, scores=weights, method=method)
+    plain = pick_particles(label_map, classes, VOXEL, method=method)
+    derived = scored_by_size(weighted, classes)
+    key = ["class_name", "z", "y", "x"]
+    pd.testing.assert_frame_equal(
+        derived.sort_values(key).reset_index(drop=True),
+        plain.sort_values(key).reset_index(drop=True),
+    )
+    assert list(derived["class_name"]) == list(plain["class_name"])  # pick_particles' order
+    assert (np.diff(derived["score"].to_numpy())[derived["class_name"].iloc[1:].to_numpy()
+            == derived["class_name"].iloc[:-1].to_numpy()] <= 0).all()  # fmt: skip

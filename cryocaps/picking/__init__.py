@@ -15,6 +15,7 @@ from cryocaps.picking.pick import (
     find_label_maps,
     pick_files,
     pick_particles,
+    scored_by_size,
     size_limits,
     summary_by_class,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "find_label_maps",
     "pick_files",
     "pick_particles",
+    "scored_by_size",
     "size_limits",
     "sphere_volume_voxels",
     "summary_by_class",

@@ -177,12 +177,24 @@ def pick_particles(
         tables.append(_table(picks, keep, particle_class.name, tomo_name))
         if progress is not None:
             progress(particle_class.name)
-    table = pd.concat(tables, ignore_index=True)
+    return ordered_picks(pd.concat(tables, ignore_index=True), classes)
+
+
+def ordered_picks(table: pd.DataFrame, classes: ClassTable) -> pd.DataFrame:
+    """``table`` in :func:`pick_particles`' order: by class (the table's order), then by
+    descending score."""
     order = {name: i for i, name in enumerate(classes.names)}
     table = table.sort_values(
         ["class_name", "score"], key=lambda s: s.map(order) if s.name == "class_name" else -s
     )
     return table.reset_index(drop=True)
+
+
+def scored_by_size(table: pd.DataFrame, classes: ClassTable) -> pd.DataFrame:
+    """The picks of ``table`` scored as :func:`pick_particles` scores them without a score or
+    probability map: by their size in voxels. Without ``min_score`` the weights change no
+    pick, only its score, so one picking serves both kinds of score."""
+    return ordered_picks(table.assign(score=table["size_voxels"].astype(float)), classes)
 
 
 def size_limits(

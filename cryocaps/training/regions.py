@@ -124,25 +124,27 @@ def region_outcome(
     box are left out (the margin is context only).
     """
     from cryocaps.evaluation import background_counts
-    from cryocaps.picking import pick_particles
+    from cryocaps.picking import pick_particles, scored_by_size
 
     box = region.box_in_context
     annotation = np.asarray(volume.label_map[region.box])
     if annotation.dtype == np.int8:
         annotation = annotation.view(np.uint8)
     picks = {}
-    for method in PICK_METHODS:
-        for kind, weights in zip(SCORE_KINDS, (score, None), strict=True):
-            table = pick_particles(
-                labels,
-                classes,
-                volume.voxel_size_angstrom,
-                scores=weights,
-                method=method,
-                tomo_name=region.name,
-            )
-            table = table[_inside_table(table, box)]
-            picks[method, kind] = table[~_on_unknown(table, annotation, box)]
+    for method in PICK_METHODS:  # picked once; scored by probability and by size
+        table = pick_particles(
+            labels,
+            classes,
+            volume.voxel_size_angstrom,
+            scores=score,
+            method=method,
+            tomo_name=region.name,
+        )
+        table = table[_inside_table(table, box)]
+        table = table[~_on_unknown(table, annotation, box)]
+        by_probability, by_size = SCORE_KINDS
+        picks[method, by_probability] = table
+        picks[method, by_size] = scored_by_size(table, classes)
     mine = particles.subset(particles.volume == region.volume)
     offset = np.array([s.start for s in region.context])
     zyx = mine.zyx - offset
