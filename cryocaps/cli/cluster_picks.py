@@ -305,18 +305,15 @@ def _score_limits(label_paths, class_table, thresholds, min_score, use_probabili
     """The thresholds file used (given, or the companion segment wrote), the minimum score
     (per class from that file, else --min-score) and the picking method (--method, else per
     class from that file's method column, else components)."""
-    from cryocaps.io.thresholds import (
-        picking_score_kind,
-        read_pick_methods,
-        read_score_thresholds,
-    )
+    from cryocaps.io.thresholds import picking_score_kind, read_thresholds_and_methods
 
     score_kind = picking_score_kind(label_paths, use_probabilities)
     thresholds = _thresholds_file(thresholds, min_score, label_paths, score_kind)
     chosen = {}
     if thresholds is not None:
-        min_score = read_score_thresholds(thresholds, class_table, score_kind)
-        chosen = read_pick_methods(thresholds, class_table, score_kind, METHOD_NAMES)
+        min_score, chosen = read_thresholds_and_methods(
+            thresholds, class_table, score_kind, METHOD_NAMES
+        )
     if method is None and chosen:
         log.info(
             "picking methods from %s: %s",

@@ -48,7 +48,7 @@ __all__ = [
     "THRESHOLD_COLUMNS",
     "companion_thresholds",
     "picking_score_kind",
-    "read_pick_methods",
+    "read_thresholds_and_methods",
     "read_score_thresholds",
     "write_companion_thresholds",
     "write_score_thresholds",
@@ -130,6 +130,34 @@ def read_score_thresholds(
     A companion file (with a ``score`` column) gives the rows of ``score_kind``.
     """
     path = Path(path)
+    return _min_scores(path, _threshold_rows(path, classes, score_kind))
+
+
+def read_thresholds_and_methods(
+    path: str | os.PathLike, classes: ClassTable, score_kind: str | None, methods
+) -> tuple[dict[str, float], dict[str, str]]:
+    """:func:`read_score_thresholds` and ``{class_name: method}``: the picking method training
+    chose for each class on its held-out region, from the ``method`` column of a companion
+    file (empty without that column). ``methods``: the method names allowed."""
+    path = Path(path)
+    table = _threshold_rows(path, classes, score_kind)
+    chosen = {}
+    if METHOD_COLUMN in table.columns:
+        for name, method in zip(table["class_name"], table[METHOD_COLUMN], strict=True):
+            if pd.isna(method):
+                continue
+            if str(method) not in methods:
+                raise CryocapsError(
+                    f"--thresholds {path}: method {method!r} of {name} is not one of "
+                    f"{', '.join(methods)}"
+                )
+            chosen[name] = str(method)
+    return _min_scores(path, table), chosen
+
+
+def _threshold_rows(path: Path, classes: ClassTable, score_kind: str | None) -> pd.DataFrame:
+    """The rows of a ``pick_thresholds.csv`` that apply (a companion file: those of
+    ``score_kind``), checked: the columns there, every class in ``classes``."""
     if not path.is_file():
         raise CryocapsError(f"--thresholds {path}: no such file")
     try:
@@ -150,13 +178,20 @@ def read_score_thresholds(
                 "pick them separately"
             )
         table = table[table[SCORE_COLUMN].astype(str) == score_kind]
-    thresholds = {}
-    for name, value in zip(table["class_name"].astype(str), table["min_score"], strict=True):
+    table = table.assign(class_name=table["class_name"].astype(str))
+    for name in table["class_name"]:
         if name not in classes.names:
             raise CryocapsError(
                 f"--thresholds {path}: class {name!r} is not in the class table "
                 f"({', '.join(classes.names)})"
             )
+    return table
+
+
+def _min_scores(path: Path, table: pd.DataFrame) -> dict[str, float]:
+    """``{class_name: min_score}`` of checked rows; classes kept whole (empty) left out."""
+    thresholds = {}
+    for name, value in zip(table["class_name"], table["min_score"], strict=True):
         try:
             value = float(value)
         except (TypeError, ValueError):
@@ -168,36 +203,3 @@ def read_score_thresholds(
         elif not np.isnan(value):
             raise CryocapsError(f"--thresholds {path}: min_score {value} of {name} is not finite")
     return thresholds
-
-
-def read_pick_methods(
-    path: str | os.PathLike, classes: ClassTable, score_kind: str | None, methods
-) -> dict[str, str]:
-    """``{class_name: method}`` from a companion ``pick_thresholds.csv`` whose ``method``
-    column says which picking method training chose for each class (on its held-out region),
-    for the rows of ``score_kind``; empty for a file without that column. ``methods``: the
-    method names allowed."""
-    path = Path(path)
-    try:
-        table = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise CryocapsError(f"--thresholds {path}: not a CSV table ({error})") from None
-    if METHOD_COLUMN not in table.columns or SCORE_COLUMN not in table.columns:
-        return {}
-    table = table[table[SCORE_COLUMN].astype(str) == str(score_kind)]
-    chosen = {}
-    for name, method in zip(table["class_name"].astype(str), table[METHOD_COLUMN], strict=True):
-        if name not in classes.names:
-            raise CryocapsError(
-                f"--thresholds {path}: class {name!r} is not in the class table "
-                f"({', '.join(classes.names)})"
-            )
-        if pd.isna(method):
-            continue
-        if str(method) not in methods:
-            raise CryocapsError(
-                f"--thresholds {path}: method {method!r} of {name} is not one of "
-                f"{', '.join(methods)}"
-            )
-        chosen[name] = str(method)
-    return chosen
