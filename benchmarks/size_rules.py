@@ -144,11 +144,8 @@ def segmented_maps(spec: str):
     classes = read_classes(data / "classes.csv")
     truth = pd.read_csv(data / "particles.csv")
     for label_path in sorted(seg_dir.glob("*_labels.mrc")):
-        tomo = label_path.name.removesuffix("_labels.mrc")
-        label_file = read_tomogram(label_path)
-        key = f"{data.parent.name}/{seg_dir.name}/{tomo}"
-        label_map = np.asarray(label_file.data).view(np.uint8)
-        yield key, label_map, truth, classes, label_file.voxel_size_angstrom, tomo
+        tomo, label_map, voxel = _segmented(label_path)
+        yield f"{data.parent.name}/{seg_dir.name}/{tomo}", label_map, truth, classes, voxel, tomo
 
 
 def vs_deepfinder_maps(work: Path):
@@ -157,11 +154,16 @@ def vs_deepfinder_maps(work: Path):
         classes = read_classes(set_folder / "data" / "classes.csv")
         truth = pd.read_csv(set_folder / "data" / "particles.csv")
         for label_path in sorted(set_folder.glob("cryocaps-*/segment/*/*_labels.mrc")):
-            tomo = label_path.name.removesuffix("_labels.mrc")
-            label_file = read_tomogram(label_path)
+            tomo, label_map, voxel = _segmented(label_path)
             key = f"{work.name}/{set_folder.name}/{label_path.parts[-4]}/{tomo}"
-            label_map = np.asarray(label_file.data).view(np.uint8)
-            yield key, label_map, truth, classes, label_file.voxel_size_angstrom, tomo
+            yield key, label_map, truth, classes, voxel, tomo
+
+
+def _segmented(label_path: Path) -> tuple[str, np.ndarray, float]:
+    """Tomogram name, labels (uint8) and voxel size of a ``<tomo>_labels.mrc`` segment wrote."""
+    label_file = read_tomogram(label_path)
+    tomo = label_path.name.removesuffix("_labels.mrc")
+    return tomo, np.asarray(label_file.data).view(np.uint8), label_file.voxel_size_angstrom
 
 
 def runaway_class(key: str) -> str | None:
