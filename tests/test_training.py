@@ -446,6 +446,55 @@ def test_resume_after_signal_matches_uninterrupted_run(dataset, tmp_path):
     np.testing.assert_allclose(b[columns].to_numpy(), a[columns].to_numpy(), rtol=1e-5)
 
 
+def test_gradient_guard_refuses_non_finite_gradients_and_stops_a_run_of_them():
+    import torch
+
+    from cryocaps.training import TrainState
+    from cryocaps.training.guard import GradientGuard
+
+    state = TrainState(model=torch.nn.Linear(3, 2))
+    guard = GradientGuard(limit=3)
+    for p in state.model.parameters():
+        p.grad = torch.ones_like(p)
+    assert guard.allows_update(state) and state.skipped_steps == 0
+    state.model.bias.grad[1] = float("inf")
+    assert not guard.allows_update(state) and state.skipped_steps == 1
+    state.model.bias.grad[1] = float("nan")
+    assert not guard.allows_update(state) and state.skipped_steps == 2
+    state.model.bias.grad[1] = 0.0
+    assert guard.allows_update(state) and guard.in_a_row == 0  # a good step resets the run
+    state.model.weight.grad[0, 0] = float("nan")
+    assert not guard.allows_update(state) and not guard.allows_update(state)
+    with pytest.raises(CryocapsError, match="3 steps in a row with gradients that are not"):
+        guard.allows_update(state)
+    assert state.skipped_steps == 5
+
+
+def test_training_skips_a_step_whose_gradients_are_not_finite(dataset, tmp_path, monkeypatch):
+    import torch
+
+    from cryocaps.training import loop, train
+
+    made = loop.create_model
+    calls = []
+
+    def poison(grad):  # the 2nd and 4th backward passes give NaN gradients
+        calls.append(1)
+        return grad * float("nan") if len(calls) in (2, 4) else grad
+
+    def poisoned(*args, **kwargs):
+        model = made(*args, **kwargs)
+        next(model.parameters()).register_hook(poison)
+        return model
+
+    monkeypatch.setattr(loop, "create_model", poisoned)
+    result = train(_config(dataset, tmp_path / "run", epochs=2, steps_per_epoch=3))
+    assert len(calls) == 6
+    assert result["steps_done"] == 6 and result["steps_skipped"] == 2
+    weights = torch.load(tmp_path / "run" / "model.pt", map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
 @pytest.mark.slow
 def test_max_minutes_stops_with_a_usable_model(dataset, tmp_path):
     from cryocaps import runtime

@@ -47,6 +47,7 @@ from cryocaps.training.config import (
     ema_decay,
 )
 from cryocaps.training.data import TrainingData, class_weights, prepare_data, training_sampler
+from cryocaps.training.guard import GradientGuard
 from cryocaps.training.mining import MineFalsePositives
 from cryocaps.training.ranks import Ranks
 from cryocaps.training.validation import Validator, mean_dice, region_interval, selection_score
@@ -71,6 +72,7 @@ ADDED_LATER = (
     "best_regions",
     "region_interval",
     "last_region_epoch",
+    "skipped_steps",
 )
 
 
@@ -87,6 +89,7 @@ class TrainState:
     epoch: int = 0  # epochs finished
     step_in_epoch: int = 0  # steps done in the unfinished epoch
     total_steps: int = 0
+    skipped_steps: int | None = 0  # steps whose gradients were not finite (no update)
     epoch_loss_sum: float = 0.0
     epoch_loss_count: int = 0
     epoch_seconds: float = 0.0  # time already spent in the unfinished epoch
@@ -178,6 +181,7 @@ class Trainer:
         self.identity = run_identity(config, model, data)
         self.stopped = "completed"
         self.steps_at_start, self.train_seconds_at_start = 0, 0.0
+        self.guard = GradientGuard()  # no update from gradients that are not finite
 
     def autocast(self):
         return runtime.autocast(self.device, self.bf16)
@@ -267,16 +271,17 @@ class Trainer:
         with self.autocast():
             loss, _parts = self.loss_module(images_t, labels_t, self.class_weights)
         state.scaler.scale(loss).backward()
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-        if state.ema is not None:
-            state.ema.update_parameters(state.model)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise CryocapsError(
                 f"training diverged (loss {loss_value}) at epoch {state.epoch + 1}; "
                 "try a lower --lr"
             )
+        if state.scaler.is_enabled() or self.guard.allows_update(state):  # a scaler checks
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+            if state.ema is not None:
+                state.ema.update_parameters(state.model)
         state.epoch_loss_sum += loss_value
         state.epoch_loss_count += 1
         state.step_in_epoch += 1
@@ -396,6 +401,7 @@ class Trainer:
             "epochs_done": state.epoch,
             "steps_in_partial_epoch": state.step_in_epoch,
             "steps_done": state.total_steps,
+            "steps_skipped": state.skipped_steps or 0,
             "steps_this_run": steps_this_run,
             "seconds": time.time() - self.started,
             "seconds_per_step": run_train_seconds / done_this_run,
