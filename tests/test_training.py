@@ -305,6 +305,7 @@ def test_train_state_saves_and_restores_every_field():
             epoch=value,
             step_in_epoch=value,
             total_steps=value,
+            skipped_steps=value,
             epoch_loss_sum=float(value),
             epoch_loss_count=value,
             epoch_seconds=float(value),
