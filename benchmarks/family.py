@@ -441,8 +441,10 @@ def keep_training(folder: Path, settings: dict, measured: dict) -> None:
 
 
 # Picking levers scored on every cryocaps tool's test label maps (no training of their own):
-# key suffix -> extra cluster-picks options. The entries are "<tool key>:<suffix>".
-PICK_LEVERS = {"meanshift": ["--method", "meanshift"]}
+# key suffix -> extra cluster-picks options. The entries are "<tool key>:<suffix>". The
+# default column picks each class with the method its held-out validation chose; the two
+# fixed methods are what that choice has to beat.
+PICK_LEVERS = {"meanshift": ["--method", "meanshift"], "components": ["--method", "components"]}
 
 
 def run_cryocaps_tool(model: str, data, annotations, args, folder: Path, classes, truth) -> dict:
@@ -821,8 +823,10 @@ def markdown_section(run: dict | None, plumbing: dict | None) -> str:
         "validation tomogram). `--annotated-fraction 0.1,0.3,1` annotates a random share of the "
         "training and validation particles of each class (labels from `make-masks` of that "
         "subset; DeepFinder trains on the same), and scores the test tomograms against all "
-        "their particles. Each cryocaps tool's test label maps are also picked with "
-        "`--method meanshift` (a picking lever on the same maps, no training of its own). "
+        "their particles. cryocaps picks each class with the method (connected components or "
+        "mean shift) its held-out validation chose; its test label maps are also picked with "
+        "each method for every class (`--method meanshift`, `--method components`: picking "
+        "levers on the same maps, no training of their own), which the choice has to beat. "
         "**Background ratio**: the share of the true background a class's "
         "label map takes, divided by the fraction of the tomograms its particles fill; above 3 "
         "the class runs away over the background.",
