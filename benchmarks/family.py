@@ -939,7 +939,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --family: continue the run whose progress is in --work (partial_results.json, "
         "written after every tool): tools it finished are kept, the rest run; the settings must "
-        "be the same",
+        "be the same, except that --annotated-fraction may add fractions",
     )
     parser.add_argument(
         "--redo",
@@ -1112,14 +1112,18 @@ def load_partial(path: Path, settings: dict) -> dict:
     now = json.loads(json.dumps(settings, default=str))
     differ = sorted(
         k
-        for k in (set(now) | set(report["settings"])) - set(RUN_NEUTRAL)
+        for k in (set(now) | set(report["settings"])) - {*RUN_NEUTRAL, "annotated_fraction"}
         if now.get(k) != report["settings"].get(k)
     )
+    fractions_then = report["settings"].get("annotated_fraction") or [1.0]
+    if not set(fractions_then) <= set(now.get("annotated_fraction") or [1.0]):
+        differ.append("annotated_fraction: a resumed run may add fractions, not drop them")
     if differ:
         raise SystemExit(
             f"{path} was run with other settings ({', '.join(differ)}); run the same command "
             "again, or start afresh without --resume"
         )
+    report["settings"]["annotated_fraction"] = now.get("annotated_fraction", fractions_then)
     return report
 
 

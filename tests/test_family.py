@@ -188,6 +188,16 @@ def test_resuming_needs_the_same_settings(family, tmp_path):
     assert family.load_partial(tmp_path / "partial_results.json", resumed)["started"] == "x"
     with pytest.raises(SystemExit, match=r"other settings \(minutes\)"):
         family.load_partial(tmp_path / "partial_results.json", settings | {"minutes": 6.0})
+    # the fully annotated run extended by a fraction (the finished draws run only the new one)
+    saved["settings"]["annotated_fraction"] = [1.0]
+    (tmp_path / "partial_results.json").write_text(json.dumps(saved))
+    extended = resumed | {"annotated_fraction": [1.0, 0.3]}
+    report = family.load_partial(tmp_path / "partial_results.json", extended)
+    assert report["settings"]["annotated_fraction"] == [1.0, 0.3]
+    with pytest.raises(SystemExit, match="may add fractions, not drop them"):
+        family.load_partial(
+            tmp_path / "partial_results.json", resumed | {"annotated_fraction": [0.3]}
+        )
 
 
 def test_record_partial_adds_the_finished_draws_marked_unfinished(family, tmp_path, monkeypatch):
