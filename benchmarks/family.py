@@ -1064,7 +1064,9 @@ def utc_now() -> str:
 
 
 # Options that change nothing a run measures: a resumed run may differ in them.
-# The number of draws is one of them: draws are independent, each made from its own seed.
+# The number of draws is one of them: draws are independent, each made from its own seed; a
+# resumed run with fewer draws keeps the earlier run's other draws as they are (so that
+# `--family 2 --resume --redo TOOL` runs a tool again on the first two draws only).
 RUN_NEUTRAL = (
     "reuse_data", "reuse_training", "resume", "redo", "record_partial", "no_write", "render",
     "family",
@@ -1190,13 +1192,14 @@ def run_family(args) -> int:
         say(f"DeepFinder venv ready: {report['deepfinder_versions']}")
     report["machine"] = machine_info()
     report["conv3d_probe"] = {"start": vs.conv3d_probe()}
-    report["draws"] = []
+    in_range = range(args.seed, args.seed + args.family)
+    report["draws"] = [d for s, d in earlier_draws.items() if s not in in_range]  # kept as they are
 
     def save() -> None:
         report["elapsed_seconds"] = before + time.time() - started
         partial.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
-    for seed in range(args.seed, args.seed + args.family):
+    for seed in in_range:
         draw = draw_set(seed, args.structures)
         entry = {"draw": draw}
         report["draws"].append(entry)
@@ -1208,6 +1211,7 @@ def run_family(args) -> int:
         report["summary"] = summarize(report["draws"])
         save()
 
+    report["draws"].sort(key=lambda d: d["draw"]["seed"])
     report["conv3d_probe"]["end"] = vs.conv3d_probe()
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     report["finished"] = utc_now()

@@ -231,3 +231,50 @@ def test_record_partial_adds_the_finished_draws_marked_unfinished(family, tmp_pa
     text = results_md.read_text()
     assert "Unfinished run" in text and "1 of 5 draws" in text and "OLD SECTION" not in text
     assert text.startswith("before\n") and text.endswith("after\n")
+
+
+def _draw(seed: int) -> dict:
+    spec = {"name": "a", "kind": "map", "contrast": 1.0}
+    return {"seed": seed, "snr": 0.3, "tilt_range_deg": 60, "defocus_um": 3, "blur_angstrom": 1,
+            "crowding": 0.2, "shape": [8, 8, 8], "classes": [spec]}  # fmt: skip
+
+
+def test_a_resumed_run_with_fewer_draws_keeps_the_others(family, tmp_path, monkeypatch):
+    import json
+
+    import _bench
+    import vs_deepfinder
+
+    ok, better = _tool(0.5, {"a": {"f1": 0.5}}), _tool(0.9, {"a": {"f1": 0.9}})
+    work = tmp_path / "work"
+    args = _args(work=work, family=1, seed=0, resume=True, render=None, record_partial=False,
+                 quick=False, no_deepfinder=True, no_write=True, minutes=12.0, argv=[],
+                 structures=tmp_path)  # fmt: skip
+    settings = {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "argv"
+    }
+    settings |= {"family": 3, "resume": False, "structures": "s"}  # the run resumed
+    report = {"command": "c", "started": "s", "settings": settings, "elapsed_seconds": 10.0,
+              "draws": [{"draw": _draw(s), "fractions": {"1": {"tools": {"cryocaps-unet": ok}}}}
+                        for s in range(3)]}  # fmt: skip
+    work.mkdir()
+    (work / "partial_results.json").write_text(json.dumps(report))
+    ran = []
+
+    def run_draw(draw, args, folder, entry, save, earlier=None):  # the tool run again
+        ran.append(draw["seed"])
+        entry["fractions"] = {"1": {"tools": {"cryocaps-unet": better}}}
+        save()
+
+    monkeypatch.setattr(family, "draw_set", lambda seed, structures: _draw(seed))
+    monkeypatch.setattr(family, "run_draw", run_draw)
+    monkeypatch.setattr(family, "structures_label", lambda structures: "s")
+    monkeypatch.setattr(vs_deepfinder, "conv3d_probe", lambda: {})
+    monkeypatch.setattr(_bench, "machine_info", lambda: {})
+    monkeypatch.setattr(family, "machine_sentence", lambda machine: "machine")
+    assert family.run_family(args) == 0
+    assert ran == [0]
+    results = json.loads((work / "results.json").read_text())
+    assert [d["draw"]["seed"] for d in results["draws"]] == [0, 1, 2]
+    macro = [d["fractions"]["1"]["tools"]["cryocaps-unet"]["macro_f1"] for d in results["draws"]]
+    assert macro == [0.9, 0.5, 0.5]
