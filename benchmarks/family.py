@@ -730,6 +730,8 @@ def summary_lines(summary: dict) -> list[str]:
         header + " | largest background ratio | classes P < 0.8 at R ≥ 0.5 |",
         "|---" * (len(fractions) + 3) + "|",
     ]
+    ran = {f: {k: s["n_draws"] + s["n_failed"] for k, s in summary[f].items()} for f in fractions}
+    most = max((n for f in fractions for n in ran[f].values()), default=0)
     for key in tools:
         cells, ratios, imprecise = [], [], []
         name = key
@@ -745,6 +747,8 @@ def summary_lines(summary: dict) -> list[str]:
             )
             if float(f) < 1 and s.get("mean_ratio_to_full") is not None:
                 text += f" ({s['mean_ratio_to_full']:.2f} × full)"
+            if ran[f][key] < most:
+                text += f" ({ran[f][key]} draw{'s' if ran[f][key] != 1 else ''})"
             if s["n_failed"]:
                 text += f" ({s['n_failed']} failed)"
             cells.append(text)
@@ -903,11 +907,70 @@ def append_run(report: dict, path: Path = RESULTS_JSON) -> dict:
     return history
 
 
+# Settings that make a run a lever run (one choice measured against the CLI defaults).
+LEVER_SETTINGS = ("train_args", "pick_args", "masks_args")
+
+
+def lever_of(run: dict) -> str:
+    """What a run changed against the CLI defaults, as options ("" for a run at defaults)."""
+    settings = run["settings"]
+    changed = [
+        f"--{key.replace('_', '-')} '{settings[key]}'"
+        for key in LEVER_SETTINGS
+        if settings.get(key)
+    ]
+    if settings.get("label_shape", "sphere") != "sphere":
+        changed.append(f"--label-shape {settings['label_shape']}")
+    return " ".join(changed)
+
+
 def render(history: dict) -> str:
+    """The family section: the latest full run at defaults (all tools), then each lever run
+    beside that run's scores on the same draws."""
     runs = history.get("runs", [])
     full = [r for r in runs if not r["settings"].get("quick")]
+    main = [r for r in full if not lever_of(r) and not r["settings"].get("no_deepfinder")]
     quick = [r for r in runs if r["settings"].get("quick")]
-    return markdown_section(full[-1] if full else None, quick[-1] if quick else None)
+    section = markdown_section(main[-1] if main else None, quick[-1] if quick else None)
+    levers = [r for r in full if lever_of(r)]
+    if not levers:
+        return section
+    body, end = section.rsplit(END_MARK, 1)
+    return body + "\n".join(lever_lines(levers, main[-1] if main else None)) + "\n" + END_MARK + end
+
+
+def lever_lines(levers: list[dict], main: dict | None) -> list[str]:
+    lines = [
+        "### Lever runs",
+        "",
+        "One choice changed against the CLI defaults, on some of the draws; beside it, the run "
+        "above on the same draws (same data, separate trainings: one run each, so a difference "
+        "of a few hundredths may be noise).",
+        "",
+    ]
+    for run in levers:
+        seeds = [d["draw"]["seed"] for d in run["draws"]]
+        lines += [
+            f"#### `{lever_of(run)}`: run {run['finished']} UTC, draws "
+            f"{', '.join(map(str, seeds))}",
+            "",
+            f"Command: `{run['command']}`",
+            "",
+            *summary_lines(run["summary"]),
+            "",
+        ]
+        same = [d for d in (main or {}).get("draws", []) if d["draw"]["seed"] in seeds]
+        if same:
+            fractions = set(run["summary"])
+            tools = {key for f in fractions for key in run["summary"][f]}
+            reference = {
+                f: {k: v for k, v in tools_of.items() if k in tools}
+                for f, tools_of in summarize(same).items()
+                if f in fractions
+            }
+            lines += [f"At defaults ({main['finished']} UTC), same draws:", ""]
+            lines += [*summary_lines(reference), ""]
+    return lines
 
 
 # --------------------------------------------------------------------------- main

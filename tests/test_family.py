@@ -278,3 +278,34 @@ def test_a_resumed_run_with_fewer_draws_keeps_the_others(family, tmp_path, monke
     assert [d["draw"]["seed"] for d in results["draws"]] == [0, 1, 2]
     macro = [d["fractions"]["1"]["tools"]["cryocaps-unet"]["macro_f1"] for d in results["draws"]]
     assert macro == [0.9, 0.5, 0.5]
+
+
+def test_lever_runs_are_shown_beside_the_default_run_on_the_same_draws(family, monkeypatch):
+    def run(finished, settings, fractions_by_seed):
+        def tools(macro):
+            return {"tools": {"cryocaps-unet": _tool(macro, {"a": {"f1": macro}})}}
+
+        draws = [
+            {"draw": _draw(seed), "fractions": {f: tools(m) for f, m in fractions.items()}}
+            for seed, fractions in fractions_by_seed.items()
+        ]
+        return {"command": f"c {finished}", "started": "s", "finished": finished, "machine": {},
+                "resumed": [], "settings": {"minutes": 12.0} | settings,
+                "draws": draws, "summary": family.summarize(draws)}  # fmt: skip
+
+    at_defaults = run(
+        "T1", {}, {0: {"1": 0.9, "0.3": 0.6}, 1: {"1": 0.8, "0.3": 0.7}, 2: {"1": 0.5}}
+    )
+    lever = run("T2", {"masks_args": "--unannotated unknown", "no_deepfinder": True},
+                {0: {"0.3": 0.85}})  # fmt: skip
+    history = {"runs": [at_defaults, lever]}
+    monkeypatch.setattr(family, "machine_sentence", lambda machine: "machine")
+    text = family.render(history)
+    assert "### Run T1 UTC" in text and "Run T2" not in text  # the lever run is not the main run
+    assert "#### `--masks-args '--unannotated unknown'`: run T2 UTC, draws 0" in text
+    lever_part = text.split("### Lever runs", 1)[1]
+    assert "0.85 / 0.85" in lever_part
+    assert "0.60 / 0.60" in lever_part  # the default run's draw 0 at 30%, not its mean over draws
+    assert text.rstrip().endswith(family.END_MARK)
+    assert "(2 draws)" in text.split("### Lever runs")[0]  # 30% ran on 2 of the 3 draws
+    assert family.lever_of(at_defaults) == ""
