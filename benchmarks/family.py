@@ -959,15 +959,15 @@ def lever_lines(levers: list[dict], main: dict | None) -> list[str]:
             *summary_lines(run["summary"]),
             "",
         ]
-        same = [d for d in (main or {}).get("draws", []) if d["draw"]["seed"] in seeds]
-        if same:
-            fractions = set(run["summary"])
-            tools = {key for f in fractions for key in run["summary"][f]}
-            reference = {
-                f: {k: v for k, v in tools_of.items() if k in tools}
-                for f, tools_of in summarize(same).items()
-                if f in fractions
-            }
+        reference = {}
+        for fraction, tools in run["summary"].items():
+            # the main run's draws this lever ran at this fraction, and only those
+            ran = {d["draw"]["seed"] for d in run["draws"] if fraction in d.get("fractions", {})}
+            same = [d for d in (main or {}).get("draws", []) if d["draw"]["seed"] in ran]
+            scored = summarize(same).get(fraction, {})
+            if any(key in scored for key in tools):
+                reference[fraction] = {k: v for k, v in scored.items() if k in tools}
+        if reference:
             lines += [f"At defaults ({main['finished']} UTC), same draws:", ""]
             lines += [*summary_lines(reference), ""]
     return lines

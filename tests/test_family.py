@@ -297,15 +297,17 @@ def test_lever_runs_are_shown_beside_the_default_run_on_the_same_draws(family, m
         "T1", {}, {0: {"1": 0.9, "0.3": 0.6}, 1: {"1": 0.8, "0.3": 0.7}, 2: {"1": 0.5}}
     )
     lever = run("T2", {"masks_args": "--unannotated unknown", "no_deepfinder": True},
-                {0: {"0.3": 0.85}})  # fmt: skip
+                {0: {"0.3": 0.85}, 1: {"0.3": 0.75, "1": 0.95}})  # fmt: skip
     history = {"runs": [at_defaults, lever]}
     monkeypatch.setattr(family, "machine_sentence", lambda machine: "machine")
     text = family.render(history)
     assert "### Run T1 UTC" in text and "Run T2" not in text  # the lever run is not the main run
-    assert "#### `--masks-args '--unannotated unknown'`: run T2 UTC, draws 0" in text
+    assert "#### `--masks-args '--unannotated unknown'`: run T2 UTC, draws 0, 1" in text
     lever_part = text.split("### Lever runs", 1)[1]
-    assert "0.85 / 0.85" in lever_part
-    assert "0.60 / 0.60" in lever_part  # the default run's draw 0 at 30%, not its mean over draws
+    assert "0.95 / 0.95 (0.95) (1 draw) | 0.80 / 0.75" in lever_part
+    # the default run on the same draws at each fraction: draws 0-1 at 30%, draw 1 only at 100%
+    # (not draw 2, which the lever did not run, nor draw 0, which it ran at 30% only)
+    assert "| 0.80 / 0.80 (0.80) (1 draw) | 0.65 / 0.60 (0.65) (0.77 × full)" in lever_part
     assert text.rstrip().endswith(family.END_MARK)
     assert "(2 draws)" in text.split("### Lever runs")[0]  # 30% ran on 2 of the 3 draws
     assert family.lever_of(at_defaults) == ""
