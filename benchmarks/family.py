@@ -46,6 +46,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -804,8 +805,9 @@ def draw_lines(draw: dict) -> list[str]:
     return lines
 
 
-def markdown_section(run: dict | None, plumbing: dict | None) -> str:
-    """The family section of RESULTS.md: what a draw is, the command, the latest full run."""
+def markdown_section(run: dict | None, plumbing: dict | None, after_run: Sequence[str] = ()) -> str:
+    """The family section of RESULTS.md: what a draw is, the command, the latest full run, and
+    ``after_run`` (e.g. the lever runs' tables)."""
     lines = [
         START_MARK,
         "## A randomized family of sets (`benchmarks/vs_deepfinder.py --family N`)",
@@ -871,6 +873,7 @@ def markdown_section(run: dict | None, plumbing: dict | None) -> str:
         ]
         for draw in run["draws"]:
             lines += draw_lines(draw)
+    lines += list(after_run)
     if plumbing is not None:
         entries = [(k, e) for d in plumbing["draws"] for f in d.get("fractions", {}).values()
                    for k, e in f["tools"].items()]  # fmt: skip
@@ -931,12 +934,12 @@ def render(history: dict) -> str:
     full = [r for r in runs if not r["settings"].get("quick")]
     main = [r for r in full if not lever_of(r) and not r["settings"].get("no_deepfinder")]
     quick = [r for r in runs if r["settings"].get("quick")]
-    section = markdown_section(main[-1] if main else None, quick[-1] if quick else None)
     levers = [r for r in full if lever_of(r)]
-    if not levers:
-        return section
-    body, end = section.rsplit(END_MARK, 1)
-    return body + "\n".join(lever_lines(levers, main[-1] if main else None)) + "\n" + END_MARK + end
+    return markdown_section(
+        main[-1] if main else None,
+        quick[-1] if quick else None,
+        lever_lines(levers, main[-1] if main else None) if levers else (),
+    )
 
 
 def lever_lines(levers: list[dict], main: dict | None) -> list[str]:
