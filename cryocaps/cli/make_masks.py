@@ -2,13 +2,13 @@
 
 Writes OUT_DIR/<tomo>_labels.mrc with the tomogram's shape, voxel size and
 origin (uint8, 0 = background, class labels from the class table, 255 = unknown
-with --unannotated unknown; float16 (C, Z, Y, X) soft targets with --shape
+with --unannotated unknown or candidates; float16 (C, Z, Y, X) soft targets with --shape
 gaussian), OUT_DIR/classes.csv (the
 class table used, for train) and OUT_DIR/run.json. Coordinates may be RELION
 3/4/5 STAR, STOPGAP motivelists, Dynamo .tbl, CSV or a copick config.json (its
 picks, or --copick-user/--copick-session/--copick-objects); particles are matched
 to tomograms by name (a copick run's tomogram by its run). Only the tomograms'
-headers (OME-Zarr: metadata) are read.
+headers (OME-Zarr: metadata) are read, except with --unannotated candidates.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def command(
             "--tomograms",
             "-t",
             help="Tomograms (MRC files, .zarr OME-Zarr images, folders of them, a copick "
-            "config.json[:TYPE@SPACING], or a RELION 5 tomograms.star); only headers are read. "
+            "config.json[:TYPE@SPACING], or a RELION 5 tomograms.star); only headers are read "
+            "(voxels too with --unannotated candidates). "
             "Repeat for several.",
             show_default=False,
         ),
@@ -98,9 +99,12 @@ def command(
         typer.Option(
             "--unannotated",
             help="What the places no annotated particle covers are: background (every particle "
-            "is annotated), or unknown for partial annotations (label 255, which training "
+            "is annotated); unknown for partial annotations (label 255, which training "
             "skips) except a shell one class radius wide around each annotated particle, "
-            "which is background. [default: background]",
+            "which is background; or candidates: unknown only around the places that look "
+            "like the annotated particles (a blob detector thresholded on their own "
+            "responses; reads the tomograms' voxels), background elsewhere. "
+            "[default: background]",
         ),
     ] = "background",
     coords_pixel_size_angstrom: CoordsPixelSize = None,
@@ -121,7 +125,7 @@ def command(
 ) -> None:
     setup_logging(quiet, verbose)
     from cryocaps.io.class_table import load_class_table
-    from cryocaps.masks import make_masks, tomogram_geometry
+    from cryocaps.masks import make_masks, tomogram_files, tomogram_geometry
     from cryocaps.runinfo import write_run_json
 
     started = time.time()
@@ -143,6 +147,7 @@ def command(
             overwrite=overwrite,
             copick=copick_selection(copick_user, copick_session, copick_objects),
             progress=advance,
+            tomogram_files=tomogram_files(tomograms) if unannotated == "candidates" else None,
         )
     parameters = {
         "classes": str(classes_path) if classes_path else None,
@@ -176,6 +181,6 @@ def _print_summary(summary: dict) -> None:
         ["class", "label", "particles", "voxels"],
         [[name, c["label"], c["particles"], c["voxels"]] for name, c in summary["classes"].items()],
     )
-    if summary["unannotated"] == "unknown":
+    if summary["unannotated"] != "background":
         unknown = sum(t["unknown_voxels"] for t in summary["tomograms"])
         console.print(f"Unknown (label 255, skipped in training): {unknown} voxels")

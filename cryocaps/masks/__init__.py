@@ -1,13 +1,15 @@
 """Label maps from particle coordinates: spheres (default), Gaussian soft targets, templates.
 
 Label maps are (Z, Y, X) uint8, 0 = background, class labels from the class
-table, :data:`IGNORE_LABEL` (255) = unknown (``make-masks --unannotated unknown``).
+table, :data:`IGNORE_LABEL` (255) = unknown (``make-masks --unannotated unknown`` or
+``candidates``).
 Gaussian soft targets are (C, Z, Y, X) float16 with C = number of labels
 (channel 0 = background = 1 - the particle channels), like the probability maps
 ``segment`` writes.
 
 - :mod:`~cryocaps.masks.draw`: the painter (nearest centre wins), spheres, Gaussians
 - :mod:`~cryocaps.masks.templates`: density maps rotated by RELION angles, thresholded
+- :mod:`~cryocaps.masks.candidates`: particle-like places nobody annotated
 - :mod:`~cryocaps.masks.plan`: tomogram geometry, voxel sizes, labels, particles per tomogram
 - :mod:`~cryocaps.masks.make`: :func:`make_masks`, the whole command as one call
 """
@@ -34,6 +36,7 @@ from cryocaps.masks.plan import (
     assign_labels,
     check_voxel_sizes,
     plan_masks,
+    tomogram_files,
     tomogram_geometry,
 )
 from cryocaps.masks.templates import (
@@ -67,5 +70,6 @@ __all__ = [
     "read_labelled_particles",
     "relion_sampling_matrices",
     "soft_targets",
+    "tomogram_files",
     "tomogram_geometry",
 ]

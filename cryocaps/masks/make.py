@@ -14,6 +14,7 @@ import pandas as pd
 from cryocaps.classes import IGNORE_LABEL, ClassTable, sphere_volume_voxels
 from cryocaps.errors import CryocapsError
 from cryocaps.io.volumes import TomogramInfo, label_counts
+from cryocaps.masks.candidates import CANDIDATE_RADII, candidate_places
 from cryocaps.masks.draw import (
     GAUSSIAN_SIGMA_PER_RADIUS,
     draw_gaussians,
@@ -30,9 +31,10 @@ from cryocaps.masks.templates import (
 
 SHAPES = ("sphere", "gaussian", "template")
 # What the voxels no annotated particle covers are (--unannotated): background (every
-# particle is annotated), or unknown (IGNORE_LABEL) except a shell around each annotated
-# particle, out to this many class radii beyond its own radius, which is background.
-UNANNOTATED = ("background", "unknown")
+# particle is annotated); unknown (IGNORE_LABEL) except a shell around each annotated
+# particle, out to this many class radii beyond its own radius, which is background; or
+# unknown only at candidates, places that look like the annotated particles (.candidates).
+UNANNOTATED = ("background", "unknown", "candidates")
 UNANNOTATED_SHELL_RADII = 1.0
 _SOFT_TARGET_SLAB_VOXELS = 2**22  # soft targets are written ~4 M voxels (8 MB of float16) at a time
 
@@ -53,12 +55,16 @@ def make_masks(
     overwrite: bool = False,
     copick=None,
     progress: Callable | None = None,
+    tomogram_files: dict[str, Path] | None = None,
 ) -> dict:
     """Draw a label map per tomogram into ``out_dir/<tomo>_labels.mrc``; table in ``classes.csv``.
 
     ``unannotated="unknown"`` (partial annotations) paints IGNORE_LABEL on every voxel
     farther than ``1 + UNANNOTATED_SHELL_RADII`` class radii from every annotated
     particle: only the shell around an annotated particle is known to be background.
+    ``unannotated="candidates"`` paints it only around the places that look like the
+    annotated particles (:mod:`cryocaps.masks.candidates`); it reads the voxels, from
+    ``tomogram_files`` (tomogram name -> MRC file or OME-Zarr image).
 
     ``copick`` (a :class:`~cryocaps.io.copick_project.CopickSelection`) selects the
     picks of a copick ``config.json`` among ``particle_files``.
@@ -77,9 +83,9 @@ def make_masks(
         raise CryocapsError(f"--shape {shape!r}: use one of {', '.join(SHAPES)}")
     if unannotated not in UNANNOTATED:
         raise CryocapsError(f"--unannotated {unannotated!r}: use one of {', '.join(UNANNOTATED)}")
-    if unannotated == "unknown" and shape == "gaussian":
+    if unannotated != "background" and shape == "gaussian":
         raise CryocapsError(
-            "--unannotated unknown needs a label map: use --shape sphere or template "
+            f"--unannotated {unannotated} needs a label map: use --shape sphere or template "
             "(soft targets have no unknown label)"
         )
     if not radius_scale > 0:
@@ -100,6 +106,8 @@ def make_masks(
             for name in used
         }
     plans, report = plan_masks(particles, tomograms, out_dir, strict=strict, overwrite=overwrite)
+    if unannotated == "candidates":
+        _check_files(plans, tomogram_files or {})
     check_writable(out_dir / "classes.csv", overwrite)
 
     per_class = {c.name: {"label": c.label, "particles": 0, "voxels": 0} for c in classes}
@@ -110,7 +118,15 @@ def make_masks(
     for plan in plans:
         started = time.perf_counter()
         voxels, unknown = _draw_and_write(
-            plan, classes, shape, radius_scale, voxel_size, templates, unannotated, overwrite
+            plan,
+            classes,
+            shape,
+            radius_scale,
+            voxel_size,
+            templates,
+            unannotated,
+            overwrite,
+            (tomogram_files or {}).get(plan.info.name),
         )
         voxels_per_label += voxels
         unknown_voxels += unknown
@@ -188,25 +204,34 @@ def draw_mask(
     voxel_size_angstrom: float,
     templates: dict[str, Template],
     unannotated: str = "background",
+    volume: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The label map of one tomogram and, for ``shape="gaussian"``, its blob values.
+
+    ``volume``: the tomogram's voxels (needed by ``unannotated="candidates"`` only).
 
     Returns
     -------
     label_map : (Z, Y, X) uint8, 0 = background, IGNORE_LABEL = unknown (only with
-        ``unannotated="unknown"``: beyond the shells around the annotated particles)
+        ``unannotated="unknown"``: beyond the shells around the annotated particles; with
+        ``"candidates"``: around the places that look like them)
     value_map : (Z, Y, X) float16 Gaussian value of the owning particle, or None
     """
     label_map, value_map = _draw_particles(
         plan, classes, shape, radius_scale, voxel_size_angstrom, templates
     )
+    rows = plan.particles
+    radii_angstrom = np.array([classes.by_name(n).radius_angstrom for n in rows["class_name"]])
+    radii = radii_angstrom * radius_scale / voxel_size_angstrom
+    centres = rows[["z", "y", "x"]].to_numpy(dtype=float)
     if unannotated == "unknown":
-        rows = plan.particles
-        radii_angstrom = np.array([classes.by_name(n).radius_angstrom for n in rows["class_name"]])
-        reach = radii_angstrom * radius_scale * (1 + UNANNOTATED_SHELL_RADII) / voxel_size_angstrom
-        centres = rows[["z", "y", "x"]].to_numpy(dtype=float)
-        known = draw_spheres(plan.info.shape, centres, 1, reach)
+        known = draw_spheres(plan.info.shape, centres, 1, radii * (1 + UNANNOTATED_SHELL_RADII))
         label_map[(label_map == 0) & (known == 0)] = IGNORE_LABEL
+    elif unannotated == "candidates":
+        places, place_radii = candidate_places(volume, centres, radii)
+        if len(places):
+            marked = draw_spheres(plan.info.shape, places, 1, place_radii * CANDIDATE_RADII)
+            label_map[(label_map == 0) & (marked != 0)] = IGNORE_LABEL
     return label_map, value_map
 
 
@@ -242,14 +267,20 @@ def _draw_and_write(
     templates: dict[str, Template],
     unannotated: str,
     overwrite: bool,
+    tomogram_file: Path | None = None,
 ) -> tuple[np.ndarray, int]:
     """Draw and write one tomogram's map; returns its voxel count per label, (n_labels,), and
-    its number of unknown voxels."""
-    from cryocaps.io.volumes import write_volume
+    its number of unknown voxels. ``tomogram_file``: its voxels, read with
+    ``unannotated="candidates"`` only."""
+    from cryocaps.io.volumes import read_tomogram, write_volume
 
+    volume = None
+    if unannotated == "candidates":
+        volume = read_tomogram(tomogram_file, voxel_size_angstrom=voxel_size_angstrom).data
     label_map, value_map = draw_mask(
-        plan, classes, shape, radius_scale, voxel_size_angstrom, templates, unannotated
+        plan, classes, shape, radius_scale, voxel_size_angstrom, templates, unannotated, volume
     )
+    del volume
     if value_map is not None:
         write_soft_targets(
             plan, label_map, value_map, classes.n_labels, voxel_size_angstrom, overwrite
@@ -326,3 +357,14 @@ def write_used_classes(classes: ClassTable, path: Path) -> Path:
         classes.source,
     )
     return write_classes(used_table, path, overwrite=True)
+
+
+def _check_files(plans: Sequence[MaskPlan], files: dict[str, Path]) -> None:
+    """--unannotated candidates reads the voxels: every tomogram drawn needs its file."""
+    missing = [plan.info.name for plan in plans if plan.info.name not in files]
+    if missing:
+        raise CryocapsError(
+            f"--unannotated candidates reads the tomograms' voxels: no MRC or OME-Zarr file for "
+            f"{', '.join(missing[:4])} (give --tomograms as files or folders, not a "
+            "tomograms.star)"
+        )

@@ -63,6 +63,16 @@ def tomogram_geometry(
     return infos
 
 
+def tomogram_files(paths: Sequence[Path]) -> dict[str, Path]:
+    """Tomogram name -> its MRC file or OME-Zarr image, for the volumes among ``paths`` (files,
+    folders, copick projects; a tomograms.star gives none)."""
+    from cryocaps.io.layout import expand_volume_paths
+    from cryocaps.io.volumes import read_info
+
+    volumes = [p for p in paths if not (Path(p).suffix.lower() == ".star" and Path(p).is_file())]
+    return {read_info(f).name: f for f in expand_volume_paths(volumes, "--tomograms")}
+
+
 def check_voxel_sizes(tomograms: Sequence[TomogramInfo]) -> float:
     """The common voxel size of a run's tomograms; refuse a mix."""
     sizes = {info.name: info.voxel_size_angstrom for info in tomograms}
