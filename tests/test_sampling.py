@@ -136,11 +136,53 @@ def test_make_masks_default_has_no_unknown_voxels(partial_project, run_cli):
     assert "label_fraction" in (root / "out" / "classes.csv").read_text()
 
 
+def _balls(tmp_path, sign: float):
+    """A 32x64x64 noisy tomogram with 12 balls (radius 3 voxels, density ``sign``, the
+    unannotated ones 1.2 x as dense as the annotated); the first four annotated (class a,
+    radius 30 Å); returns the centres."""
+    rng = np.random.default_rng(3)
+    centres = np.array(
+        [(z, y, x) for z in (10, 22) for y in (12, 32, 52) for x in (14, 48)], dtype=float
+    )
+    zz, yy, xx = np.indices((32, 64, 64))
+    volume = rng.normal(0, 0.3, (32, 64, 64)).astype(np.float32)
+    for i, (z, y, x) in enumerate(centres):
+        volume[(zz - z) ** 2 + (yy - y) ** 2 + (xx - x) ** 2 <= 9] += sign * (1 if i < 4 else 1.2)
+    write_volume(tmp_path / "tomo_1.mrc", volume, 10.0)
+    picked = pd.DataFrame(centres[:4], columns=["z", "y", "x"]).assign(
+        tomo="tomo_1", class_name="a"
+    )
+    picked.to_csv(tmp_path / "picked.csv", index=False)
+    (tmp_path / "classes.csv").write_text("label,name,radius_angstrom\n1,a,30\n")
+    return centres
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])  # particles denser or darker than the solvent
+def test_make_masks_candidates_marks_the_unannotated_particles_only(tmp_path, run_cli, sign):
+    centres = _balls(tmp_path, sign)
+    result = run_cli(
+        "make-masks", tmp_path / "picked.csv", "--tomograms", tmp_path / "tomo_1.mrc",
+        "-o", tmp_path / "out", "--classes", tmp_path / "classes.csv",
+        "--unannotated", "candidates",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    label_map = np.asarray(read_tomogram(tmp_path / "out" / "tomo_1_labels.mrc").data)
+    label_map = label_map.view(np.uint8)
+    at = label_map[tuple(centres.astype(int).T)]
+    assert np.all(at[:4] == 1)  # annotated: their class
+    assert np.all(at[4:] == IGNORE_LABEL)  # unannotated balls: unknown, not background
+    # the rest is background: unknown only around candidates (a few noise peaks at most)
+    assert (label_map == IGNORE_LABEL).mean() < 0.15
+    assert (label_map == 0).mean() > 0.8
+    assert "Unknown (label 255" in result.output
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--unannotated", "maybe"], "--unannotated 'maybe'"),
         (["--unannotated", "unknown", "--shape", "gaussian"], "--unannotated unknown"),
+        (["--unannotated", "candidates", "--shape", "gaussian"], "--unannotated candidates"),
     ],
 )
 def test_make_masks_refuses_bad_unannotated(partial_project, run_cli, extra, message):
