@@ -277,6 +277,11 @@ def _draw_and_write(
     volume = None
     if unannotated == "candidates":
         volume = read_tomogram(tomogram_file, voxel_size_angstrom=voxel_size_angstrom).data
+        if tuple(volume.shape) != tuple(plan.info.shape):
+            raise CryocapsError(
+                f"{tomogram_file}: shape {tuple(volume.shape)} (z, y, x), but the tomogram "
+                f"{plan.info.name} is {tuple(plan.info.shape)}: give the tomograms themselves"
+            )
     label_map, value_map = draw_mask(
         plan, classes, shape, radius_scale, voxel_size_angstrom, templates, unannotated, volume
     )
@@ -365,6 +370,6 @@ def _check_files(plans: Sequence[MaskPlan], files: dict[str, Path]) -> None:
     if missing:
         raise CryocapsError(
             f"--unannotated candidates reads the tomograms' voxels: no MRC or OME-Zarr file for "
-            f"{', '.join(missing[:4])} (give --tomograms as files or folders, not a "
-            "tomograms.star)"
+            f"{', '.join(missing[:4])} (give --tomograms as files or folders, or a "
+            "tomograms.star whose rlnTomoReconstructedTomogram files exist)"
         )
