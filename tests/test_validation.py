@@ -193,6 +193,58 @@ def test_a_pick_on_unknown_annotation_is_neither_true_nor_false(dataset, tmp_pat
         assert empty["val_precision_small"] < 1.0 and unknown["val_precision_small"] == 1.0
 
 
+def test_partial_annotation_sets_no_score_threshold(dataset, tmp_path):
+    """A false 'small' blob on empty background, scored lower than the particles: on complete
+    annotation a probability threshold between the two scores removes it; where the annotation
+    has unknown voxels (partial), precision is a lower bound and no threshold is set."""
+    import dataclasses
+
+    from scipy import ndimage
+
+    from cryocaps.classes import IGNORE_LABEL
+    from cryocaps.training import prepare_data
+    from cryocaps.training.regions import PARTIAL_THRESHOLDS, region_outcome, score_outcomes
+
+    data = prepare_data(_config(dataset, tmp_path / "o", patch_size=16))
+    if not (data.val_particles.label == 1).any():
+        pytest.skip("no small particle held out")
+    region = data.holdout.regions[0]
+    volume = data.volumes[region.volume]
+    truth = np.asarray(volume.label_map[region.context]).view(np.uint8)
+    clear = ndimage.distance_transform_edt(truth == 0) >= 7
+    inside = np.zeros_like(clear)
+    inside[region.box_in_context] = True
+    centre = np.argwhere(clear & inside)[0]
+    zz, yy, xx = np.indices(truth.shape)
+    blob = (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= 9
+    labels = np.where(blob, 1, truth).astype(np.uint8)
+    score = np.where(blob, 0.6, np.where(truth > 0, 0.9, 0.1)).astype(np.float16)
+
+    def thresholds(label_map):
+        changed = dataclasses.replace(volume, label_map=label_map)
+        outcome = region_outcome(labels, score, changed, region, data.val_particles, data.classes)
+        return score_outcomes([outcome], data.classes)[1]
+
+    complete = thresholds(np.asarray(volume.label_map).view(np.uint8))
+    small = {r["class_name"]: r for r in complete["probability"]}["small"]
+    assert 0.6 < small["min_score"] < 0.9 and "min_score" not in complete
+    partial_map = np.asarray(volume.label_map).view(np.uint8).copy()
+    corners = [
+        tuple(b.start if k & (1 << axis) else b.stop - 1 for axis, b in enumerate(region.box))
+        for k in range(8)
+    ]
+    in_context = np.array(corners) - [s.start for s in region.context]
+    far = corners[int(np.argmax(((in_context - centre) ** 2).sum(1)))]
+    partial_map[far] = IGNORE_LABEL  # one unknown voxel of the scored box, far from the blob
+    partial = thresholds(partial_map)
+    assert partial["min_score"] == PARTIAL_THRESHOLDS
+    for kind in ("probability", "size_voxels"):
+        assert all(r["min_score"] is None for r in partial[kind])
+        assert [r["method"] for r in partial[kind]] == [r["method"] for r in complete[kind]]
+    small = {r["class_name"]: r for r in partial["probability"]}["small"]
+    assert small["f1"] == small["f1_keep_all"] and small["precision"] < 1.0
+
+
 def test_patch_dice_does_not_score_unknown_voxels():
     """A network that calls everything class 1: where the annotation is unknown, that costs
     nothing; where it says background, it does."""

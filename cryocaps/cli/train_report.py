@@ -62,6 +62,9 @@ def print_summary(result: dict, out_dir: Path) -> None:
         "best-F1 thresholds, kept in the model; segment writes them beside its maps); "
         f"validation took {'-' if share is None else f'{share:.0%}'} of the time."
     )
+    note = (result["pick_thresholds"] or {}).get("min_score")
+    if note:
+        console.print(f"Score thresholds {note}; picking methods are still chosen per class.")
     console.print(
         f"{result['steps_done']} steps, {result['seconds_per_step']:.2f} s/step, "
         f"{result['samples_per_second']:.1f} patches/s on {result['device']} "
