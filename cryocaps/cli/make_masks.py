@@ -103,8 +103,9 @@ def command(
             "skips) except a shell one class radius wide around each annotated particle, "
             "which is background; or candidates: unknown only around the places that look "
             "like the annotated particles (a blob detector thresholded on their own "
-            "responses; reads the tomograms' voxels), background elsewhere. "
-            "[default: background]",
+            "responses; reads the tomograms' voxels), background elsewhere. With unknown "
+            "voxels, training sets no score thresholds on its held-out region (precision "
+            "there is a lower bound). [default: background]",
         ),
     ] = "background",
     coords_pixel_size_angstrom: CoordsPixelSize = None,
