@@ -152,28 +152,35 @@ def test_background_share_and_scores_of_a_region(dataset, tmp_path):
     assert [row["class_name"] for row in thresholds["probability"]] == ["small", "large"]
 
 
-def test_a_pick_on_unknown_annotation_is_neither_true_nor_false(dataset, tmp_path):
-    """Partial annotations: a 'small' blob on empty background is a false pick, but where the
-    annotation says unknown (a particle nobody annotated, maybe) it is not scored at all."""
-    import dataclasses
-
+def _false_blob(data):
+    """The first held-out region, its volume and annotation (context), and a 'small' blob
+    (radius 3) centred on a voxel of the scored box at least 7 voxels from every particle:
+    ``(region, volume, truth, centre, blob mask)``."""
     from scipy import ndimage
 
-    from cryocaps.classes import IGNORE_LABEL
-    from cryocaps.training import prepare_data
-    from cryocaps.training.regions import region_outcome, score_outcomes
-
-    data = prepare_data(_config(dataset, tmp_path / "o", patch_size=16))
     region = data.holdout.regions[0]
     volume = data.volumes[region.volume]
     truth = np.asarray(volume.label_map[region.context]).view(np.uint8)
-    # a voxel of the scored box at least 7 voxels from every particle: the blob's centre
     clear = ndimage.distance_transform_edt(truth == 0) >= 7
     inside = np.zeros_like(clear)
     inside[region.box_in_context] = True
     centre = np.argwhere(clear & inside)[0]
     zz, yy, xx = np.indices(truth.shape)
     blob = (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= 9
+    return region, volume, truth, centre, blob
+
+
+def test_a_pick_on_unknown_annotation_is_neither_true_nor_false(dataset, tmp_path):
+    """Partial annotations: a 'small' blob on empty background is a false pick, but where the
+    annotation says unknown (a particle nobody annotated, maybe) it is not scored at all."""
+    import dataclasses
+
+    from cryocaps.classes import IGNORE_LABEL
+    from cryocaps.training import prepare_data
+    from cryocaps.training.regions import region_outcome, score_outcomes
+
+    data = prepare_data(_config(dataset, tmp_path / "o", patch_size=16))
+    region, volume, truth, centre, blob = _false_blob(data)
     labels = np.where(blob, 1, truth).astype(np.uint8)
     score = np.where(labels > 0, 0.9, 0.1).astype(np.float16)
 
@@ -199,8 +206,6 @@ def test_partial_annotation_sets_no_score_threshold(dataset, tmp_path):
     has unknown voxels (partial), precision is a lower bound and no threshold is set."""
     import dataclasses
 
-    from scipy import ndimage
-
     from cryocaps.classes import IGNORE_LABEL
     from cryocaps.training import prepare_data
     from cryocaps.training.regions import PARTIAL_THRESHOLDS, region_outcome, score_outcomes
@@ -208,15 +213,7 @@ def test_partial_annotation_sets_no_score_threshold(dataset, tmp_path):
     data = prepare_data(_config(dataset, tmp_path / "o", patch_size=16))
     if not (data.val_particles.label == 1).any():
         pytest.skip("no small particle held out")
-    region = data.holdout.regions[0]
-    volume = data.volumes[region.volume]
-    truth = np.asarray(volume.label_map[region.context]).view(np.uint8)
-    clear = ndimage.distance_transform_edt(truth == 0) >= 7
-    inside = np.zeros_like(clear)
-    inside[region.box_in_context] = True
-    centre = np.argwhere(clear & inside)[0]
-    zz, yy, xx = np.indices(truth.shape)
-    blob = (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= 9
+    region, volume, truth, centre, blob = _false_blob(data)
     labels = np.where(blob, 1, truth).astype(np.uint8)
     score = np.where(blob, 0.6, np.where(truth > 0, 0.9, 0.1)).astype(np.float16)
 
