@@ -177,6 +177,25 @@ def test_make_masks_candidates_marks_the_unannotated_particles_only(tmp_path, ru
     assert "Unknown (label 255" in result.output
 
 
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")  # writing the bad tomogram
+def test_make_masks_candidates_checks_every_tomogram_before_writing(tmp_path, run_cli):
+    """A NaN tomogram after a good one: one error line naming it, and no map written at all."""
+    _balls(tmp_path, 1.0)
+    bad = np.zeros((32, 64, 64), np.float32)
+    bad[::2] = np.nan  # every other slice: the header-time sample sees it
+    write_volume(tmp_path / "tomo_2.mrc", bad, 10.0)
+    picked = pd.read_csv(tmp_path / "picked.csv")
+    pd.concat([picked, picked.assign(tomo="tomo_2")]).to_csv(tmp_path / "picked.csv", index=False)
+    result = run_cli(
+        "make-masks", tmp_path / "picked.csv", "--tomograms", tmp_path / "tomo_1.mrc",
+        "--tomograms", tmp_path / "tomo_2.mrc", "-o", tmp_path / "out",
+        "--classes", tmp_path / "classes.csv", "--unannotated", "candidates",
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "tomo_2.mrc" in result.output and "Traceback" not in result.output
+    assert not list(tmp_path.glob("out/*_labels.mrc"))
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -107,7 +107,7 @@ def make_masks(
         }
     plans, report = plan_masks(particles, tomograms, out_dir, strict=strict, overwrite=overwrite)
     if unannotated == "candidates":
-        _check_files(plans, tomogram_files or {})
+        _check_files(plans, tomogram_files or {}, voxel_size)
     check_writable(out_dir / "classes.csv", overwrite)
 
     per_class = {c.name: {"label": c.label, "particles": 0, "voxels": 0} for c in classes}
@@ -276,12 +276,12 @@ def _draw_and_write(
 
     volume = None
     if unannotated == "candidates":
-        volume = read_tomogram(tomogram_file, voxel_size_angstrom=voxel_size_angstrom).data
-        if tuple(volume.shape) != tuple(plan.info.shape):
-            raise CryocapsError(
-                f"{tomogram_file}: shape {tuple(volume.shape)} (z, y, x), but the tomogram "
-                f"{plan.info.name} is {tuple(plan.info.shape)}: give the tomograms themselves"
-            )
+        # checked (shape, a finite sample) before the first map; a non-finite voxel the sample
+        # missed is read as 0 rather than stopping with maps half written
+        volume = read_tomogram(
+            tomogram_file, voxel_size_angstrom=voxel_size_angstrom, check_finite=False
+        ).data
+        volume = np.nan_to_num(np.asarray(volume, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     label_map, value_map = draw_mask(
         plan, classes, shape, radius_scale, voxel_size_angstrom, templates, unannotated, volume
     )
@@ -364,8 +364,11 @@ def write_used_classes(classes: ClassTable, path: Path) -> Path:
     return write_classes(used_table, path, overwrite=True)
 
 
-def _check_files(plans: Sequence[MaskPlan], files: dict[str, Path]) -> None:
-    """--unannotated candidates reads the voxels: every tomogram drawn needs its file."""
+def _check_files(plans: Sequence[MaskPlan], files: dict[str, Path], voxel_size: float) -> None:
+    """--unannotated candidates reads the voxels: every tomogram drawn needs its file, of its
+    shape and finite (on a sample), checked before the first map is written."""
+    from cryocaps.io.volumes import read_tomogram
+
     missing = [plan.info.name for plan in plans if plan.info.name not in files]
     if missing:
         raise CryocapsError(
@@ -373,3 +376,14 @@ def _check_files(plans: Sequence[MaskPlan], files: dict[str, Path]) -> None:
             f"{', '.join(missing[:4])} (give --tomograms as files or folders, or a "
             "tomograms.star whose rlnTomoReconstructedTomogram files exist)"
         )
+    for plan in plans:
+        path = files[plan.info.name]
+        tomogram = read_tomogram(path, mmap=True, voxel_size_angstrom=voxel_size)
+        try:
+            if tuple(tomogram.data.shape) != tuple(plan.info.shape):
+                raise CryocapsError(
+                    f"{path}: shape {tuple(tomogram.data.shape)} (z, y, x), but the tomogram "
+                    f"{plan.info.name} is {tuple(plan.info.shape)}: give the tomograms themselves"
+                )
+        finally:
+            tomogram.close()
