@@ -79,19 +79,7 @@ def make_masks(
     """
     from cryocaps.io.files import check_writable
 
-    if shape not in SHAPES:
-        raise CryocapsError(f"--shape {shape!r}: use one of {', '.join(SHAPES)}")
-    if unannotated not in UNANNOTATED:
-        raise CryocapsError(f"--unannotated {unannotated!r}: use one of {', '.join(UNANNOTATED)}")
-    if unannotated != "background" and shape == "gaussian":
-        raise CryocapsError(
-            f"--unannotated {unannotated} needs a label map: use --shape sphere or template "
-            "(soft targets have no unknown label)"
-        )
-    if not radius_scale > 0:
-        raise CryocapsError(f"--radius-scale must be > 0, got {radius_scale}")
-    if not tomograms:
-        raise CryocapsError("--tomograms: no tomograms given")
+    _check_options(shape, unannotated, radius_scale, tomograms)
     voxel_size = check_voxel_sizes(tomograms)
     out_dir = Path(out_dir)
 
@@ -163,6 +151,22 @@ def make_masks(
         "outputs": [str(p) for p in outputs],
         **report,
     }
+
+
+def _check_options(shape: str, unannotated: str, radius_scale: float, tomograms) -> None:
+    if shape not in SHAPES:
+        raise CryocapsError(f"--shape {shape!r}: use one of {', '.join(SHAPES)}")
+    if unannotated not in UNANNOTATED:
+        raise CryocapsError(f"--unannotated {unannotated!r}: use one of {', '.join(UNANNOTATED)}")
+    if unannotated != "background" and shape == "gaussian":
+        raise CryocapsError(
+            f"--unannotated {unannotated} needs a label map: use --shape sphere or template "
+            "(soft targets have no unknown label)"
+        )
+    if not radius_scale > 0:
+        raise CryocapsError(f"--radius-scale must be > 0, got {radius_scale}")
+    if not tomograms:
+        raise CryocapsError("--tomograms: no tomograms given")
 
 
 def read_labelled_particles(
