@@ -28,8 +28,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # Of the annotated particles' responses, the quantile a candidate must reach. Lower finds more
-# unannotated particles and marks more noise unknown: 0.1 marked 45% of a low-SNR simulated
-# tomogram, 0.3 12% (finding 95-98% of the unannotated small particles), 0.5 10% (71-89%).
+# unannotated particles and marks more noise unknown. On a simulated tomogram at SNR 0.35 (the
+# benchmark family's draw 0, 30% annotated): 0.1 gave ~2,900 candidates (for 368 unannotated
+# particles), 0.3 ~640 (a peak within 0.6 radii of 95-98% of the unannotated small particles),
+# 0.5 ~500 (71-89%); at 0.3, painted at CANDIDATE_RADII, 22-30% of each tomogram is unknown.
 CANDIDATE_QUANTILE = 0.3
 CANDIDATE_RADII = 1.25  # painted unknown out to this many class radii around a candidate
 MIN_ANNOTATED = 3  # annotated particles of a radius needed to set its threshold
