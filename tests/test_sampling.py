@@ -177,6 +177,32 @@ def test_make_masks_candidates_marks_the_unannotated_particles_only(tmp_path, ru
     assert "Unknown (label 255" in result.output
 
 
+@pytest.mark.parametrize("named", [True, False])
+def test_make_masks_candidates_reads_the_tomograms_a_tomograms_star_names(tmp_path, run_cli, named):
+    """A RELION 5 tomograms.star: the rlnTomoReconstructedTomogram file (relative to the STAR
+    file) is read for its voxels; without that column, one error line and nothing written."""
+    from cryocaps.io.particles import write_tomograms_star
+    from cryocaps.io.volumes import read_info
+
+    centres = _balls(tmp_path, 1.0)
+    info = read_info(tmp_path / "tomo_1.mrc")
+    star = tmp_path / "star" / "tomograms.star"
+    star.parent.mkdir()
+    write_tomograms_star(star, [info], ["../tomo_1.mrc"] if named else None)
+    result = run_cli(
+        "make-masks", tmp_path / "picked.csv", "--tomograms", star, "-o", tmp_path / "out",
+        "--classes", tmp_path / "classes.csv", "--unannotated", "candidates",
+    )  # fmt: skip
+    if not named:
+        assert result.exit_code == 2 and "rlnTomoReconstructedTomogram" in result.output
+        assert not list(tmp_path.glob("out/*_labels.mrc"))
+        return
+    assert result.exit_code == 0, result.output
+    label_map = np.asarray(read_tomogram(tmp_path / "out" / "tomo_1_labels.mrc").data)
+    at = label_map.view(np.uint8)[tuple(centres.astype(int).T)]
+    assert np.all(at[:4] == 1) and np.all(at[4:] == IGNORE_LABEL)
+
+
 @pytest.mark.filterwarnings("ignore:Data array contains NaN")  # writing the bad tomogram
 def test_make_masks_candidates_checks_every_tomogram_before_writing(tmp_path, run_cli):
     """A NaN tomogram after a good one: one error line naming it, and no map written at all."""

@@ -126,7 +126,8 @@ def command(
 ) -> None:
     setup_logging(quiet, verbose)
     from cryocaps.io.class_table import load_class_table
-    from cryocaps.masks import make_masks, tomogram_files, tomogram_geometry
+    from cryocaps.io.particles import tomogram_files
+    from cryocaps.masks import make_masks, tomogram_geometry
     from cryocaps.runinfo import write_run_json
 
     started = time.time()

@@ -392,8 +392,33 @@ def write_tomograms_star(
     return path
 
 
-def _tomograms_star(path: Path) -> list[TomogramInfo]:
-    from cryocaps.io.formats.context import clean_tomogram_name, require_columns
+def tomogram_files(paths: Sequence[str | os.PathLike]) -> dict[str, Path]:
+    """Tomogram name -> its MRC file or OME-Zarr image, for the tomograms :func:`tomogram_infos`
+    reads from the same ``paths`` whose voxels can be found: every file, folder and copick
+    project, and the ``rlnTomoReconstructedTomogram`` files of a RELION 5 tomograms.star that
+    exist (relative to the STAR file's folder or to the working folder)."""
+    from cryocaps.io.formats.context import clean_tomogram_name
+
+    files: dict[str, Path] = {}
+    for path in paths:
+        if Path(path).suffix.lower() == ".star" and Path(path).is_file():
+            frame = _tomograms_star_frame(Path(path))
+            if "rlnTomoReconstructedTomogram" not in frame.columns:
+                continue
+            for name, text in zip(
+                frame.rlnTomoName, frame.rlnTomoReconstructedTomogram, strict=True
+            ):
+                found = [p for p in (Path(path).parent / str(text), Path(str(text))) if p.exists()]
+                if found:
+                    files[clean_tomogram_name(name)] = found[0]
+        else:
+            files |= {read_info(f).name: f for f in expand_volume_paths([path], "--tomograms")}
+    return files
+
+
+def _tomograms_star_frame(path: Path) -> pd.DataFrame:
+    """The tomogram table of a RELION 5 tomograms.star (its data_global block), checked."""
+    from cryocaps.io.formats.context import require_columns
 
     loops = loop_blocks(read_star(path))
     frame = loops.get("global")
@@ -404,6 +429,13 @@ def _tomograms_star(path: Path) -> list[TomogramInfo]:
             f"{path}: not a RELION 5 tomograms.star: no data_global block with rlnTomoSizeX/Y/Z"
         )
     require_columns(frame, TOMOGRAMS_STAR_COLUMNS, path, "RELION 5 tomograms.star")
+    return frame
+
+
+def _tomograms_star(path: Path) -> list[TomogramInfo]:
+    from cryocaps.io.formats.context import clean_tomogram_name
+
+    frame = _tomograms_star_frame(path)
     infos = []
     for row in frame.itertuples(index=False):
         binning = float(getattr(row, "rlnTomoTomogramBinning", 1.0) or 1.0)

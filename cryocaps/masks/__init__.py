@@ -36,7 +36,6 @@ from cryocaps.masks.plan import (
     assign_labels,
     check_voxel_sizes,
     plan_masks,
-    tomogram_files,
     tomogram_geometry,
 )
 from cryocaps.masks.templates import (
@@ -70,6 +69,5 @@ __all__ = [
     "read_labelled_particles",
     "relion_sampling_matrices",
     "soft_targets",
-    "tomogram_files",
     "tomogram_geometry",
 ]

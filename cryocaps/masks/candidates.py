@@ -69,8 +69,9 @@ def candidate_places(
     tree = cKDTree(annotated_zyx)
     inside = np.clip(np.round(annotated_zyx).astype(int), 0, np.array(image.shape) - 1)
     centres, radii = [empty[0]], [empty[1]]
-    for radius in np.unique(np.round(annotated_radii, 2)):
-        chosen = np.isclose(np.round(annotated_radii, 2), radius)
+    rounded = np.round(annotated_radii, 2)  # one filter per class radius
+    for radius in np.unique(rounded):
+        chosen = rounded == radius
         if chosen.sum() < MIN_ANNOTATED or radius < 1:
             continue
         response = ndimage.gaussian_filter(image, radius / 2) - ndimage.gaussian_filter(

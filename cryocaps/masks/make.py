@@ -221,13 +221,11 @@ def draw_mask(
         ``"candidates"``: around the places that look like them)
     value_map : (Z, Y, X) float16 Gaussian value of the owning particle, or None
     """
-    label_map, value_map = _draw_particles(
-        plan, classes, shape, radius_scale, voxel_size_angstrom, templates
-    )
     rows = plan.particles
+    centres = rows[["z", "y", "x"]].to_numpy(dtype=float)
     radii_angstrom = np.array([classes.by_name(n).radius_angstrom for n in rows["class_name"]])
     radii = radii_angstrom * radius_scale / voxel_size_angstrom
-    centres = rows[["z", "y", "x"]].to_numpy(dtype=float)
+    label_map, value_map = _draw_particles(plan, centres, radii, shape, templates)
     if unannotated == "unknown":
         known = draw_spheres(plan.info.shape, centres, 1, radii * (1 + UNANNOTATED_SHELL_RADII))
         label_map[(label_map == 0) & (known == 0)] = IGNORE_LABEL
@@ -241,18 +239,15 @@ def draw_mask(
 
 def _draw_particles(
     plan: MaskPlan,
-    classes: ClassTable,
+    centres: np.ndarray,
+    radii: np.ndarray,
     shape: str,
-    radius_scale: float,
-    voxel_size_angstrom: float,
     templates: dict[str, Template],
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The particles' shapes (:func:`draw_mask` without unknown voxels)."""
+    """The particles' shapes (:func:`draw_mask` without unknown voxels); ``centres`` (N, 3)
+    z, y, x and ``radii`` (N,) in voxels, one per row of ``plan.particles``."""
     rows = plan.particles
-    centres = rows[["z", "y", "x"]].to_numpy(dtype=float)
     labels = rows["label"].to_numpy(dtype=int)
-    radii_angstrom = np.array([classes.by_name(n).radius_angstrom for n in rows["class_name"]])
-    radii = radii_angstrom * radius_scale / voxel_size_angstrom
     if shape == "sphere":
         return draw_spheres(plan.info.shape, centres, labels, radii), None
     if shape == "gaussian":

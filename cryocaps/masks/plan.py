@@ -63,32 +63,6 @@ def tomogram_geometry(
     return infos
 
 
-def tomogram_files(paths: Sequence[Path]) -> dict[str, Path]:
-    """Tomogram name -> its MRC file or OME-Zarr image, for the volumes among ``paths`` (files,
-    folders, copick projects, and the ``rlnTomoReconstructedTomogram`` files of a RELION 5
-    tomograms.star that exist, relative to the STAR file's folder or to the working folder)."""
-    from cryocaps.io.formats.context import clean_tomogram_name
-    from cryocaps.io.formats.star import loop_blocks, read_star
-    from cryocaps.io.layout import expand_volume_paths
-    from cryocaps.io.volumes import read_info
-
-    stars = [Path(p) for p in paths if Path(p).suffix.lower() == ".star" and Path(p).is_file()]
-    volumes = [p for p in paths if Path(p) not in stars]
-    files = {}
-    for star in stars:
-        for frame in loop_blocks(read_star(star)).values():
-            if {"rlnTomoName", "rlnTomoReconstructedTomogram"} <= set(frame.columns):
-                for name, text in zip(
-                    frame.rlnTomoName, frame.rlnTomoReconstructedTomogram, strict=True
-                ):
-                    found = [p for p in (star.parent / str(text), Path(str(text))) if p.exists()]
-                    if found:
-                        files[clean_tomogram_name(name)] = found[0]
-    if volumes:
-        files |= {read_info(f).name: f for f in expand_volume_paths(volumes, "--tomograms")}
-    return files
-
-
 def check_voxel_sizes(tomograms: Sequence[TomogramInfo]) -> float:
     """The common voxel size of a run's tomograms; refuse a mix."""
     sizes = {info.name: info.voxel_size_angstrom for info in tomograms}
