@@ -323,6 +323,7 @@ def test_train_state_saves_and_restores_every_field():
             annealing=bool(value),
             anneal_from_step=value,
             ema_decay=float(value),
+            unannotated={"epoch": value},
             model=Driven(value),
             optimizer=Driven(value),
             scheduler=Driven(value),

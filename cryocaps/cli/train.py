@@ -285,6 +285,19 @@ def command(
             f"[default: {DEFAULT['mined_negative_fraction']}]",
         ),
     ] = DEFAULT["mined_negative_fraction"],
+    unannotated: Annotated[
+        str,
+        typer.Option(
+            "--unannotated",
+            help="auto: once 40% of the run is done, the network segments and picks each "
+            "training tomogram; a class whose label maps miss many of its picks (annotated share "
+            "estimated below 0.7) is taken as partly annotated, and places it picked where its "
+            "maps say background become unknown for the rest of the run (never taught as "
+            "background, not counted as false in validation, no score thresholds set). keep: "
+            "train on the label maps as they are. The maps on disk are never changed. "
+            f"[default: {DEFAULT['unannotated']}]",
+        ),
+    ] = DEFAULT["unannotated"],
     jitter_voxels: Annotated[
         int | None,
         typer.Option(
@@ -410,6 +423,7 @@ def command(
         background_fraction=background_fraction,
         hard_negative_fraction=hard_negative_fraction,
         mined_negative_fraction=mined_negative_fraction,
+        unannotated=unannotated,
         jitter_voxels=jitter_voxels,
         rot90=rot90,
         mirror=mirror,

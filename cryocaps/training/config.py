@@ -19,6 +19,7 @@ LR_SCHEDULES = ("auto", "none", "cosine", "plateau")
 AUTO_ANNEAL_MIN_STEPS = 500
 AUTO_EMA_DECAY = 0.99  # --ema auto, when the rate anneals
 SELECTION_SCORES = ("f1", "dice", "loss")
+UNANNOTATED_CHOICES = ("auto", "keep")  # train --unannotated
 # --val-every auto: validate the held-out regions as often as keeps them to about this share of
 # the run's time (measured after each region validation; see validation.region_interval)
 VAL_TIME_SHARE = 0.15
@@ -73,6 +74,9 @@ class TrainConfig:
     # measured (benchmarks/RESULTS.md, "Background sampling"): 0.5 lifted U-Net macro F1 from
     # 0.858 to 0.883 and 0.896 in two runs, the small class's precision from 0.73 to 0.92-0.96
     mined_negative_fraction: float = 0.5
+    # "auto": once 40% of the run is done, particles the network finds where a partly annotated
+    # class's label maps say background become unknown (training/unannotated.py); "keep": no
+    unannotated: str = "auto"
     jitter_voxels: int | None = None  # default: patch_size // 4
     rot90: bool = False
     mirror: bool = False
@@ -148,6 +152,10 @@ def check_settings(config: TrainConfig) -> None:
         (
             c.select_by in SELECTION_SCORES,
             f"--select-by {c.select_by!r}: choose {', '.join(SELECTION_SCORES)}",
+        ),
+        (
+            c.unannotated in UNANNOTATED_CHOICES,
+            f"--unannotated {c.unannotated!r}: choose {', '.join(UNANNOTATED_CHOICES)}",
         ),
         (c.val_every is None or c.val_every >= 1, f"--val-every {c.val_every}: must be >= 1"),
         (c.max_val_voxels >= 1, f"--max-val-voxels {c.max_val_voxels}: must be >= 1"),

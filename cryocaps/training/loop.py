@@ -50,6 +50,7 @@ from cryocaps.training.data import TrainingData, class_weights, prepare_data, tr
 from cryocaps.training.guard import GradientGuard
 from cryocaps.training.mining import MineFalsePositives
 from cryocaps.training.ranks import Ranks
+from cryocaps.training.unannotated import LabelUnannotated, unannotated_summary
 from cryocaps.training.validation import Validator, mean_dice, region_interval, selection_score
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ ADDED_LATER = (
     "region_interval",
     "last_region_epoch",
     "skipped_steps",
+    "unannotated",
 )
 
 
@@ -107,6 +109,7 @@ class TrainState:
     annealing: bool | None = None  # --lr-schedule auto: decided to anneal (None: not yet)
     anneal_from_step: int | None = None
     ema_decay: float = 0.0  # of the weight average in ``ema`` (0: none)
+    unannotated: dict | None = None  # --unannotated auto: what the look found (None: not yet)
     model: Any = _driven()
     optimizer: Any = _driven()
     scheduler: Any = _driven()  # only for --lr-schedule plateau
@@ -422,6 +425,7 @@ class Trainer:
             "validation": self.validator.summary(state),
             "best_validation": state.best_regions,
             "pick_thresholds": state.best_thresholds,
+            "unannotated": unannotated_summary(state.unannotated),
             "class_weights": None if self.class_weights is None else self.class_weights.tolist(),
             "history": state.rows,
             "inputs": [str(p) for p in data.inputs],
@@ -444,6 +448,8 @@ def default_hooks(config: TrainConfig, ranks: Ranks, progress: Callable[..., Non
         # a decay given with --ema has averaged from the start; auto starts when annealing does
         average = ema_decay(config, annealing=True)
         hooks.append(loop_hooks.AutoRecipe(config, AUTO_ANNEAL_MIN_STEPS, average))
+    if config.unannotated == "auto":  # before mining and Checkpointing: both see its places
+        hooks.append(LabelUnannotated(config.max_minutes))
     if config.mined_negative_fraction > 0:  # before Checkpointing: checkpoints keep the places
         hooks.append(MineFalsePositives())
     hooks.append(loop_hooks.EarlyStopping(config.patience))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cryocaps.classes import IGNORE_LABEL
 from cryocaps.errors import CryocapsError
 from cryocaps.preprocess import apply_normalization
 
@@ -236,6 +237,16 @@ def hard_negative_places(
     return places
 
 
+def _known(volume: TrainingVolume, centres: np.ndarray) -> np.ndarray:
+    """Which of ``centres`` (N, 3) z, y, x lie on a voxel that is not unknown."""
+    if len(centres) == 0:
+        return np.zeros(0, dtype=bool)
+    labels = np.asarray(volume.label_map[tuple(np.asarray(centres, np.int64).T)])
+    if labels.dtype == np.int8:
+        labels = labels.view(np.uint8)
+    return labels != IGNORE_LABEL
+
+
 def centred_corner(centre, shape, size: int, offset=(0, 0, 0)) -> tuple[int, int, int]:
     """Corner of a ``size``³ patch centred on ``centre`` + ``offset``, moved inside ``shape``."""
     return tuple(
@@ -351,6 +362,21 @@ class PatchSampler:
     def set_mined_places(self, places: np.ndarray) -> None:
         """Centres (N, 4) volume index, z, y, x for the mined share of the background patches."""
         self.mined = np.asarray(places, np.int64).reshape(-1, 4)
+
+    def forget_unknown_places(self) -> None:
+        """Drop the hard-negative and mined places whose voxel is now unknown (label maps
+        changed during the run, :mod:`.unannotated`)."""
+        self._hard = [
+            (index, centres[_known(self.volumes[index], centres)]) for index, centres in self._hard
+        ]
+        self._hard = [(index, centres) for index, centres in self._hard if len(centres)]
+        counts = np.array([len(c) for _, c in self._hard], dtype=np.float64)
+        self._hard_p = counts / counts.sum() if len(counts) else None
+        keep = [
+            _known(self.volumes[int(index)], place[None, 1:])[0]
+            for index, place in zip(self.mined[:, 0], self.mined, strict=True)
+        ]
+        self.mined = self.mined[np.array(keep, dtype=bool)].reshape(-1, 4)
 
     # --- drawing ---------------------------------------------------------------
     def random_corner(self) -> tuple[int, tuple[int, int, int]]:

@@ -1,0 +1,252 @@
+"""Particles nobody annotated, found by the network mid-run and made unknown, not background.
+
+Users annotate some of the particles and want the rest found. ``make-masks``
+paints every place it has no coordinates for background, so in a partly
+annotated tomogram most particles are taught as background: recall falls and
+the held-out region counts the network's right picks on them as false, so
+its score thresholds come out too strict (benchmarks/RESULTS.md, the family at
+30% annotated). ``train`` cannot be told which maps are complete, but it can
+look: once :data:`LOOK_AT` of the run is done, the network (the weights
+validation judges) segments each training tomogram whole with the sliding
+window ``segment`` uses, and ``cluster-picks``' default picking finds its
+particles. A pick whose centre the label map calls background is a particle
+nobody annotated or a false positive. Per class, the annotated share is
+estimated as annotated / (annotated + such picks), the annotated particles
+counted as the class's label voxels over one particle's label volume. On the
+benchmark family the network's picks on its own training tomograms told the
+two cases apart: fully annotated, 0-21 such picks per class against ~400
+annotated particles; 30% annotated, 68-408 per class, 95-100% of them on real
+particles (on the hardest draw a third to a half on a particle of another
+class of the same size, which is why they become unknown, not that class).
+
+A class whose share is below :data:`PARTIAL_SHARE` is partly annotated: a
+sphere of :data:`UNKNOWN_RADII` class radii around each such pick becomes
+unknown (:data:`~cryocaps.classes.IGNORE_LABEL`) where the map said
+background. Nothing is written to the user's label maps: the maps in memory
+change, for the rest of the run. From then on no patch teaches those places
+as background, no hard negative or mined place sits there, and the held-out
+region, which lies in the training tomograms, sees unknown voxels in its
+annotation, so validation neither counts picks there as false nor sets score
+thresholds (:mod:`.regions`). A fully annotated ``--val-tomograms`` tomogram
+is not looked at: it keeps its thresholds. The best model so far was judged
+against the old annotation, so the choice of the best epoch starts again.
+The places are kept in checkpoints, so a resumed run paints them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+
+from cryocaps.classes import IGNORE_LABEL
+from cryocaps.training.holdout import HeldOutRegion
+from cryocaps.training.hooks import Hook
+
+log = logging.getLogger(__name__)
+
+LOOK_AT = 0.4  # of the run (its time budget, else its epochs) done when the network looks
+PARTIAL_SHARE = 0.7  # estimated annotated share under which a class counts as partly annotated
+# A class is judged only when the network finds at least this share of its held-out annotated
+# particles: the annotated ones are a sample of all, so this recall means the same on partial
+# maps; an untrained network's picks are noise whatever the maps hold.
+MIN_RECALL = 0.5
+UNKNOWN_RADII = 1.25  # unknown out to this many class radii around a place (as candidates)
+
+
+def training_volume_indices(data) -> list[int]:
+    """Indices of the volumes training patches come from (not whole --val-tomograms)."""
+    return sorted({int(index) for index, _ in data.holdout.view_sources})
+
+
+def look_for_unannotated(model, data, indices, *, device, bf16, ranks, patch_size) -> dict:
+    """Segment and pick volumes ``indices`` whole; picks on background and annotated counts.
+
+    Returns ``{"places": (N, 5) int array of volume index, z, y, x, label,
+    "annotated": {label: estimated annotated particles}}`` over all ranks.
+    """
+    from cryocaps.picking import pick_particles
+    from cryocaps.training.regions import segment_region
+
+    classes = data.classes
+    places, voxels = [], np.zeros(classes.n_labels, np.int64)
+    for index in ranks.share(indices):
+        volume = data.volumes[index]
+        whole = tuple(slice(0, n) for n in volume.shape)
+        region = HeldOutRegion(volume=index, name=volume.name, box=whole, context=whole)
+        labels, score = segment_region(
+            model, volume, region, device=device, bf16=bf16, config={"patch_size": patch_size}
+        )
+        table = pick_particles(
+            labels, classes, volume.voxel_size_angstrom, scores=score, tomo_name=volume.name
+        )
+        annotation = _as_labels(volume.label_map)
+        voxels += np.bincount(annotation.ravel(), minlength=256)[: classes.n_labels]
+        zyx = np.rint(table[["z", "y", "x"]].to_numpy(float)).astype(np.int64).reshape(-1, 3)
+        zyx = np.clip(zyx, 0, np.array(volume.shape) - 1)
+        on_background = annotation[tuple(zyx.T)] == 0
+        picked = np.array([classes.by_name(name).label for name in table["class_name"]], np.int64)
+        for (z, y, x), label in zip(zyx[on_background], picked[on_background], strict=True):
+            places.append((index, int(z), int(y), int(x), int(label)))
+    gathered = ranks.gather((places, voxels))
+    places = [p for rank_places, _ in gathered for p in rank_places]
+    voxels = np.sum([v for _, v in gathered], axis=0)
+    size = {c.label: c.label_volume_voxels(_voxel_size(data)) for c in classes}
+    annotated = {label: float(voxels[label] / size[label]) for label in size}
+    return {"places": np.array(places, np.int64).reshape(-1, 5), "annotated": annotated}
+
+
+def _voxel_size(data) -> float:
+    return data.volumes[0].voxel_size_angstrom
+
+
+def _as_labels(label_map) -> np.ndarray:
+    annotation = np.asarray(label_map)
+    return annotation.view(np.uint8) if annotation.dtype == np.int8 else annotation
+
+
+def partly_annotated(found: dict, classes, recalls: dict) -> dict:
+    """Per class name: annotated particles, unannotated picks, estimated share, the held-out
+    recall, and whether the class is partly annotated (share below :data:`PARTIAL_SHARE` and
+    recall at least :data:`MIN_RECALL`)."""
+    places = found["places"]
+    report = {}
+    for particle_class in classes:
+        annotated = found["annotated"][particle_class.label]
+        new = int(np.count_nonzero(places[:, 4] == particle_class.label))
+        share = annotated / (annotated + new) if annotated + new > 0 else 1.0
+        recall = recalls.get(particle_class.name)
+        report[particle_class.name] = {
+            "annotated_particles": round(annotated, 1),
+            "unannotated_picks": new,
+            "annotated_share": round(share, 3),
+            "held_out_recall": None if recall is None else round(recall, 3),
+            "partial": bool(share < PARTIAL_SHARE and recall is not None and recall >= MIN_RECALL),
+        }
+    return report
+
+
+def held_out_recalls(rows: list[dict], classes) -> dict:
+    """Each class's recall at the last region validation (none yet: empty)."""
+    for row in reversed(rows):
+        if math.isfinite(row.get("val_macro_f1", math.nan)):
+            recalls = {c.name: row.get(f"val_recall_{c.name}", math.nan) for c in classes}
+            return {name: r for name, r in recalls.items() if math.isfinite(r)}
+    return {}
+
+
+def paint_unknown(data, places: np.ndarray) -> int:
+    """Make a sphere of :data:`UNKNOWN_RADII` class radii around each place (volume index, z, y,
+    x, label) unknown where its volume's label map says background; returns the voxels changed.
+
+    The label maps in memory are replaced by changed copies; the training views and the
+    held-out regions see them (the views are re-cut from the new maps).
+    """
+    classes, changed = data.classes, 0
+    voxel_size = _voxel_size(data)
+    for index in np.unique(places[:, 0]).tolist():
+        volume = data.volumes[index]
+        label_map = np.array(_as_labels(volume.label_map))  # a writable copy
+        before = int(np.count_nonzero(label_map == IGNORE_LABEL))
+        for _, z, y, x, label in places[places[:, 0] == index]:
+            radius = UNKNOWN_RADII * classes.by_label(int(label)).radius_voxels(voxel_size)
+            _paint_sphere(label_map, (z, y, x), radius)
+        changed += int(np.count_nonzero(label_map == IGNORE_LABEL)) - before
+        volume.label_map = label_map
+        for view, (source, offset) in zip(
+            data.holdout.train_views, data.holdout.view_sources, strict=True
+        ):
+            if source == index:
+                box = tuple(slice(o, o + n) for o, n in zip(offset, view.shape, strict=True))
+                view.label_map = label_map[box]
+    return changed
+
+
+def _paint_sphere(label_map: np.ndarray, centre, radius: float) -> None:
+    reach = int(np.ceil(radius))
+    lower = [max(0, int(c) - reach) for c in centre]
+    upper = [min(n, int(c) + reach + 1) for c, n in zip(centre, label_map.shape, strict=True)]
+    axes = np.ogrid[tuple(slice(lo, up) for lo, up in zip(lower, upper, strict=True))]
+    inside = sum((a - c) ** 2 for a, c in zip(axes, centre, strict=True)) <= radius**2
+    block = label_map[tuple(slice(lo, up) for lo, up in zip(lower, upper, strict=True))]
+    block[inside & (block == 0)] = IGNORE_LABEL
+
+
+class LabelUnannotated(Hook):
+    """``train --unannotated auto``: at :data:`LOOK_AT` of the run, make the particles nobody
+    annotated unknown in the partly annotated classes (see module). Its outcome is
+    ``state.unannotated`` (saved in checkpoints; run.json's ``unannotated``)."""
+
+    def __init__(self, max_minutes: float | None):
+        self.budget_seconds = max_minutes * 60 if max_minutes else None
+        self.start = time.time()
+
+    def on_train_begin(self, trainer) -> None:
+        self.start = time.time()
+        outcome = trainer.state.unannotated
+        if outcome and outcome.get("places"):  # a resumed run: the maps are read afresh
+            self._apply(trainer, np.array(outcome["places"], np.int64).reshape(-1, 5))
+
+    def progress(self, trainer) -> float:
+        done = trainer.state.epoch / trainer.config.epochs
+        if self.budget_seconds:
+            done = max(done, (time.time() - self.start) / self.budget_seconds)
+        return done
+
+    def on_epoch_end(self, trainer, row: dict, improved: bool) -> None:
+        state = trainer.state
+        if state.unannotated is not None or trainer.ranks.mean(self.progress(trainer)) < LOOK_AT:
+            return
+        started = time.perf_counter()
+        found = look_for_unannotated(
+            trainer.judged_model,
+            trainer.data,
+            training_volume_indices(trainer.data),
+            device=trainer.device,
+            bf16=trainer.bf16,
+            ranks=trainer.ranks,
+            patch_size=trainer.config.patch_size,
+        )
+        recalls = held_out_recalls(state.rows, trainer.data.classes)
+        report = partly_annotated(found, trainer.data.classes, recalls)
+        partial = [trainer.data.classes.by_name(n).label for n, r in report.items() if r["partial"]]
+        places = found["places"][np.isin(found["places"][:, 4], partial)]
+        changed = self._apply(trainer, places) if len(places) else 0
+        state.unannotated = {
+            "epoch": state.epoch,
+            "classes": report,
+            "places": places.tolist(),
+            "unknown_voxels": changed,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        if partial:
+            # the best so far was judged against the old annotation
+            state.best_score, state.bad_epochs = None, 0
+        shares = ", ".join(
+            f"{name} {r['annotated_share']:.2f} ({r['unannotated_picks']} picks)"
+            for name, r in report.items()
+        )
+        verdict = f"{len(places)} places made unknown" if partial else "every class complete"
+        log.info("annotated share estimated after epoch %d: %s; %s", state.epoch, shares, verdict)
+
+    @staticmethod
+    def _apply(trainer, places: np.ndarray) -> int:
+        from cryocaps.training.holdout import context_view
+
+        changed = paint_unknown(trainer.data, places)
+        trainer.sampler.forget_unknown_places()
+        validator = trainer.validator  # its patches are cut from views of the old maps
+        validator.views = [
+            context_view(trainer.data.volumes[r.volume], r) for r in validator.regions
+        ]
+        return changed
+
+
+def unannotated_summary(outcome: dict | None) -> dict | None:
+    """``state.unannotated`` for run.json: the places counted, not listed."""
+    if outcome is None:
+        return None
+    summary = {k: v for k, v in outcome.items() if k != "places"}
+    return summary | {"places": len(outcome.get("places", []))}
