@@ -1,0 +1,169 @@
+"""train --unannotated auto: particles nobody annotated become unknown, not background."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from test_training import VOXEL, _config
+
+from cryocaps.classes import IGNORE_LABEL
+from cryocaps.io.volumes import write_volume
+
+SHAPE = (24, 48, 48)
+GRID = [(z, y, x) for z in (7, 16) for y in (8, 22, 38) for x in (8, 20, 32, 40)]
+
+
+def _balls(folder: Path, annotated_dark: int) -> tuple[Path, list]:
+    """Two tomograms, each with 8 dark balls ('small', radius 3) and 4 bright ones ('large',
+    radius 4) on faint noise. Every bright ball is annotated, only ``annotated_dark`` dark ones
+    per tomogram. Returns the folder and, per tomogram, the centres of the unannotated balls."""
+    rng = np.random.default_rng(1)
+    (folder / "tomograms").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    zz, yy, xx = np.indices(SHAPE)
+    missing = []
+    for t in range(2):
+        volume = rng.normal(0, 0.05, SHAPE).astype(np.float32)
+        label_map = np.zeros(SHAPE, np.uint8)
+        order = rng.permutation(len(GRID))  # 12 of 24 places; y 38: in the held-out slab
+        missing.append([])
+        for k, index in enumerate(order[:12]):
+            dark = k < 8
+            label, radius, value = (1, 3, -2.0) if dark else (2, 4, 2.0)
+            z, y, x = GRID[index]
+            inside = (zz - z) ** 2 + (yy - y) ** 2 + (xx - x) ** 2 <= radius**2
+            volume[inside] = value
+            if dark and k >= annotated_dark:
+                missing[-1].append((z, y, x))
+            else:
+                label_map[inside] = label
+        write_volume(folder / "tomograms" / f"tomo_{t}.mrc", volume, VOXEL)
+        write_volume(folder / "labels" / f"tomo_{t}_labels.mrc", label_map, VOXEL, dtype="uint8")
+    (folder / "classes.csv").write_text("label,name,radius_angstrom\n1,small,30\n2,large,40\n")
+    return folder, missing
+
+
+class _Sees:
+    """A 'network' that finds every ball: dark voxels are 'small', bright ones 'large'."""
+
+    training = False
+    size_multiple = 1
+
+    def __call__(self, x):
+        import torch
+
+        return torch.cat([torch.zeros_like(x), -8 * x - 8, 8 * x - 8], dim=1)
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def to(self, *args, **kwargs):
+        return self
+
+
+def _look(data):
+    from cryocaps.runtime import Distributed
+    from cryocaps.training.ranks import Ranks
+    from cryocaps.training.unannotated import look_for_unannotated, training_volume_indices
+
+    ranks = Ranks(Distributed(rank=0, world_size=1, local_rank=0, local_world_size=1))
+    indices = training_volume_indices(data)
+    return look_for_unannotated(
+        _Sees(), data, indices, device="cpu", bf16=False, ranks=ranks, patch_size=16
+    )
+
+
+@pytest.mark.parametrize("annotated_dark", [3, 8])
+def test_the_partly_annotated_class_is_told_from_the_complete_one(tmp_path, annotated_dark):
+    """3 of 8 dark balls annotated: 'small' is partial (its 10 unannotated balls picked), 'large'
+    (all annotated) complete. All 8 annotated: both complete. A class whose held-out recall is
+    under 0.5 is never judged partial."""
+    from cryocaps.training import prepare_data
+    from cryocaps.training.unannotated import partly_annotated
+
+    folder, missing = _balls(tmp_path / "data", annotated_dark)
+    data = prepare_data(_config(folder, tmp_path / "o", val_fraction=0.35))
+    found = _look(data)
+    report = partly_annotated(found, data.classes, {"small": 1.0, "large": 1.0})
+    n_missing = sum(len(m) for m in missing)
+    assert report["small"]["unannotated_picks"] == n_missing
+    assert report["large"]["unannotated_picks"] == 0 and not report["large"]["partial"]
+    assert report["small"]["annotated_particles"] == pytest.approx(2 * annotated_dark, rel=0.35)
+    assert report["small"]["partial"] == (annotated_dark == 3)
+    unsure = partly_annotated(found, data.classes, {"small": 0.4, "large": 1.0})
+    assert not unsure["small"]["partial"]
+
+
+def test_unannotated_balls_become_unknown_for_patches_validation_and_negatives(tmp_path):
+    """Painting: every unannotated ball's centre is unknown in the volume, in the training
+    view and in validation's patch views; annotated voxels keep their labels; hard-negative and
+    mined places there are dropped, those on empty background kept; the files are unchanged."""
+    from cryocaps.training import prepare_data
+    from cryocaps.training.data import training_sampler
+    from cryocaps.training.unannotated import paint_unknown
+
+    folder, missing = _balls(tmp_path / "data", 3)
+    config = _config(folder, tmp_path / "o", val_fraction=0.35)
+    data = prepare_data(config)
+    before = [np.array(v.label_map).view(np.uint8) for v in data.volumes]
+    sampler = training_sampler(data, config, [0, 0])
+    found = _look(data)
+    places = found["places"][found["places"][:, 4] == 1]
+    view_index, (source, offset) = 0, data.holdout.view_sources[0]
+    ball = np.array(missing[source][0]) - offset  # an unannotated ball in view 0's coordinates
+    empty = np.argwhere(np.asarray(data.train_views[0].label_map) == 0)[0]
+    sampler.set_mined_places(np.array([[view_index, *ball], [view_index, *empty]]))
+
+    changed = paint_unknown(data, places)
+    sampler.forget_unknown_places()
+
+    assert changed > 0
+    for index, volume in enumerate(data.volumes):
+        now = np.asarray(volume.label_map).view(np.uint8)
+        for centre in missing[index]:
+            assert now[centre] == IGNORE_LABEL
+        annotated = before[index] != 0
+        assert np.array_equal(now[annotated], before[index][annotated])
+        assert set(np.unique(now[~annotated]).tolist()) <= {0, IGNORE_LABEL}
+    assert np.asarray(data.train_views[0].label_map)[tuple(ball)] == IGNORE_LABEL
+    assert [tuple(p) for p in sampler.mined] == [(view_index, *empty)]
+    for index, centres in sampler._hard:
+        labels = np.asarray(data.train_views[index].label_map)[tuple(centres.T)]
+        assert not np.any(labels == IGNORE_LABEL)
+    on_disk = np.asarray(_read_labels(folder / "labels" / "tomo_0_labels.mrc"))
+    assert np.array_equal(on_disk, before[0])
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    from cryocaps.io.volumes import read_tomogram
+
+    return read_tomogram(path, check_finite=False).data.view(np.uint8)
+
+
+def test_a_resumed_run_paints_the_saved_places_again(tmp_path):
+    """The look's places are kept in the train state; a new run (resume) reads the maps afresh
+    and the hook paints the same places before the first step."""
+    from cryocaps.training import prepare_data
+    from cryocaps.training.data import training_sampler
+    from cryocaps.training.unannotated import LabelUnannotated
+
+    folder, missing = _balls(tmp_path / "data", 3)
+    config = _config(folder, tmp_path / "o", val_fraction=0.35)
+    data = prepare_data(config)
+    centre = missing[0][0]
+    saved = {"places": [[0, *centre, 1]]}
+    trainer = SimpleNamespace(
+        data=data,
+        sampler=training_sampler(data, config, [0, 0]),
+        validator=SimpleNamespace(regions=data.holdout.regions, views=[]),
+        state=SimpleNamespace(unannotated=saved),
+    )
+    LabelUnannotated(max_minutes=None).on_train_begin(trainer)
+    assert np.asarray(data.volumes[0].label_map).view(np.uint8)[centre] == IGNORE_LABEL
+    assert len(trainer.validator.views) == len(data.holdout.regions)
