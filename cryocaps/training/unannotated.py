@@ -13,14 +13,18 @@ particles. A pick whose centre the label map calls background is a particle
 nobody annotated or a false positive. Per class, the annotated share is
 estimated as annotated / (annotated + such picks), the annotated particles
 counted as the class's label voxels over one particle's label volume. On the
-benchmark family the network's picks on its own training tomograms told the
-two cases apart: fully annotated, 0-21 such picks per class against ~400
-annotated particles; 30% annotated, 68-408 per class, 95-100% of them on real
-particles (on the hardest draw a third to a half on a particle of another
-class of the same size, which is why they become unknown, not that class).
+benchmark family the trained networks' picks on their own training tomograms
+told the two cases apart: fully annotated (U-Net and 3D-UCaps, draws 0-4), 0-21
+such picks per class against 40-400 annotated particles; 30% annotated (U-Net,
+draws 0-1), 68-408 per class, 90-100% of them on real particles (on the
+hardest draw a third to a half on a particle of another class of the same
+size, which is why they become unknown, not that class).
 
-A class whose share is below :data:`PARTIAL_SHARE` is partly annotated: a
-sphere of :data:`UNKNOWN_RADII` class radii around each such pick becomes
+A class whose share is below :data:`PARTIAL_SHARE`, and whose held-out
+recall at the last region validation is at least :data:`MIN_RECALL` (the
+annotated particles are a sample of all, so recall means the same on partial
+maps; an untrained network's picks say nothing), is partly annotated: a
+sphere of :data:`UNKNOWN_RADII` class radii around each of its picks becomes
 unknown (:data:`~cryocaps.classes.IGNORE_LABEL`) where the map said
 background. Nothing is written to the user's label maps: the maps in memory
 change, for the rest of the run. From then on no patch teaches those places
