@@ -15,7 +15,7 @@ estimated as annotated / (annotated + such picks), the annotated particles
 counted as the class's label voxels over one particle's label volume. On the
 benchmark family the trained networks' picks on their own training tomograms
 told the two cases apart: fully annotated (U-Net and 3D-UCaps, draws 0-4), 0-21
-such picks per class against 40-400 annotated particles; 30% annotated (U-Net,
+such picks per class (tens to ~400 annotated particles each); 30% annotated (U-Net,
 draws 0-1), 68-408 per class, 90-100% of them on real particles (on the
 hardest draw a third to a half on a particle of another class of the same
 size, which is why they become unknown, not that class).
