@@ -62,6 +62,7 @@ def print_summary(result: dict, out_dir: Path) -> None:
         "best-F1 thresholds, kept in the model; segment writes them beside its maps); "
         f"validation took {'-' if share is None else f'{share:.0%}'} of the time."
     )
+    _print_unannotated(console, result.get("unannotated"))
     note = (result["pick_thresholds"] or {}).get("min_score")
     if note:
         console.print(f"Score thresholds {note}; picking methods are still chosen per class.")
@@ -78,3 +79,24 @@ def print_summary(result: dict, out_dir: Path) -> None:
     if result["ema"]:
         schedule += f"; the model is the weights' moving average (EMA {result['ema']:g})"
     console.print(f"Learning rate: {schedule}")
+
+
+def _print_unannotated(console, outcome: dict | None) -> None:
+    """One line on what ``--unannotated auto`` found (nothing when it did not look)."""
+    if not outcome:
+        return
+    partial = {n: r for n, r in outcome["classes"].items() if r["partial"]}
+    if not partial:
+        console.print(
+            f"Annotations judged complete after epoch {outcome['epoch']} (annotated share "
+            "estimated from the network's picks on the training tomograms: "
+            + ", ".join(f"{n} {r['annotated_share']:.2f}" for n, r in outcome["classes"].items())
+            + ")."
+        )
+        return
+    console.print(
+        f"Partly annotated after epoch {outcome['epoch']}: "
+        + ", ".join(f"{n} (share {r['annotated_share']:.2f})" for n, r in partial.items())
+        + f"; {outcome['places']} places the network picked on background became unknown "
+        "for the rest of the run (--unannotated keep: train on the maps as given)."
+    )
