@@ -157,13 +157,32 @@ def test_a_resumed_run_paints_the_saved_places_again(tmp_path):
     config = _config(folder, tmp_path / "o", val_fraction=0.35)
     data = prepare_data(config)
     centre = missing[0][0]
-    saved = {"places": [[0, *centre, 1]]}
+    report = {"small": {"partial": True}, "large": {"partial": False}}
+    saved = {"places": [[0, *centre, 1]], "classes": report}
     trainer = SimpleNamespace(
         data=data,
         sampler=training_sampler(data, config, [0, 0]),
-        validator=SimpleNamespace(regions=data.holdout.regions, views=[]),
+        validator=SimpleNamespace(regions=data.holdout.regions, views=[], partial_classes=None),
         state=SimpleNamespace(unannotated=saved),
     )
     LabelUnannotated(max_minutes=None).on_train_begin(trainer)
     assert np.asarray(data.volumes[0].label_map).view(np.uint8)[centre] == IGNORE_LABEL
     assert len(trainer.validator.views) == len(data.holdout.regions)
+    assert trainer.validator.partial_classes == {"small"}  # 'large' keeps its thresholds
+
+
+def test_saved_label_fractions_of_a_partly_annotated_class_are_scaled_up(tmp_path):
+    """A class judged 30% annotated covers about 1/0.3 of the voxels its maps give it: the
+    model's label fraction (the over-segmentation warning's reference) says so; others keep
+    theirs."""
+    from cryocaps.training import prepare_data
+    from cryocaps.training.checkpoint import model_metadata
+
+    folder, _ = _balls(tmp_path / "data", 3)
+    config = _config(folder, tmp_path / "o", val_fraction=0.35)
+    data = prepare_data(config)
+    plain = {c["name"]: c["label_fraction"] for c in model_metadata(config, data, {})["classes"]}
+    scaled = model_metadata(config, data, {}, {"small": 0.3})["classes"]
+    scaled = {c["name"]: c["label_fraction"] for c in scaled}
+    assert scaled["small"] == pytest.approx(plain["small"] / 0.3, rel=1e-3)
+    assert scaled["large"] == plain["large"]

@@ -242,6 +242,33 @@ def test_partial_annotation_sets_no_score_threshold(dataset, tmp_path):
     assert small["f1"] == small["f1_keep_all"] and small["precision"] < 1.0
 
 
+def test_only_the_partly_annotated_classes_lose_their_thresholds(dataset, tmp_path):
+    """--unannotated auto names the partly annotated classes: with unknown voxels in the held-out
+    annotation, 'large' (named) loses its threshold, 'small' (complete) keeps the one that
+    removes its false blob."""
+    import dataclasses
+
+    from cryocaps.classes import IGNORE_LABEL
+    from cryocaps.training import prepare_data
+    from cryocaps.training.regions import region_outcome, score_outcomes
+
+    data = prepare_data(_config(dataset, tmp_path / "o", patch_size=16))
+    if not (data.val_particles.label == 1).any():
+        pytest.skip("no small particle held out")
+    region, volume, truth, centre, blob = _false_blob(data)
+    labels = np.where(blob, 1, truth).astype(np.uint8)
+    score = np.where(blob, 0.6, np.where(truth > 0, 0.9, 0.1)).astype(np.float16)
+    partial_map = np.asarray(volume.label_map).view(np.uint8).copy()
+    partial_map[tuple(s.start for s in region.box)] = IGNORE_LABEL  # a corner of the box
+    changed = dataclasses.replace(volume, label_map=partial_map)
+    outcome = region_outcome(labels, score, changed, region, data.val_particles, data.classes)
+    thresholds = score_outcomes([outcome], data.classes, partial_classes={"large"})[1]
+    rows = {r["class_name"]: r for r in thresholds["probability"]}
+    assert 0.6 < rows["small"]["min_score"] < 0.9
+    assert rows.get("large", {"min_score": None})["min_score"] is None
+    assert "large" in thresholds["min_score"] and "small" not in thresholds["min_score"]
+
+
 def test_patch_dice_does_not_score_unknown_voxels():
     """A network that calls everything class 1: where the annotation is unknown, that costs
     nothing; where it says background, it does."""

@@ -217,14 +217,25 @@ def check_resumable(checkpoint: dict, where: str, identity: dict) -> None:
         )
 
 
-def model_metadata(config, data, training: dict) -> dict:
+def model_metadata(config, data, training: dict, annotated_shares: dict | None = None) -> dict:
     """The saved model's config.json beside its weights (what ``segment`` needs to apply it).
 
     Its class table records each class's share of the training label maps (``label_fraction``),
     which ``segment`` and ``cluster-picks`` compare with what the model makes of a tomogram
-    (none where the annotations are partial: ``ClassTable.with_label_fractions_from_counts``).
+    (none where the maps hold unknown voxels: ``ClassTable.with_label_fractions_from_counts``).
+    ``annotated_shares``: the estimated annotated share of the classes ``--unannotated auto``
+    found partly annotated; their fractions are divided by it (the annotated voxels are that
+    share of the class's), so the over-segmentation warning does not fire on right maps.
     """
     classes = data.classes.with_label_fractions_from_counts(data.voxel_counts, data.unknown_voxels)
+    if annotated_shares:
+        classes = classes.with_label_fractions(
+            {
+                c.name: round(c.label_fraction / annotated_shares[c.name], 6)
+                for c in classes
+                if c.name in annotated_shares and c.label_fraction and annotated_shares[c.name] > 0
+            }
+        )
     return {
         "classes": classes.to_records(),
         "voxel_size_angstrom": data.volumes[0].voxel_size_angstrom,

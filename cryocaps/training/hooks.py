@@ -254,7 +254,9 @@ class Checkpointing(Hook):
     def _save_model(self, trainer, training: dict) -> None:
         from cryocaps.modelfile import save_model
 
-        metadata = model_metadata(trainer.config, trainer.data, training)
+        found = (trainer.state.unannotated or {}).get("classes", {})
+        shares = {name: r["annotated_share"] for name, r in found.items() if r["partial"]}
+        metadata = model_metadata(trainer.config, trainer.data, training, shares)
         thresholds = trainer.state.best_thresholds
         if thresholds is not None:
             metadata["pick_thresholds"] = {

@@ -206,8 +206,13 @@ HELD_OUT = "held-out"  # the name all regions are scored under, laid side by sid
 REGION_GAP_VOXELS = 1000  # between regions so laid out: far beyond any matching tolerance
 
 
-def score_outcomes(outcomes: list[dict], classes) -> tuple[dict, dict]:
+def score_outcomes(
+    outcomes: list[dict], classes, partial_classes: set[str] | None = None
+) -> tuple[dict, dict]:
     """Metrics and thresholds (see :class:`RegionScores`) from every region's outcome.
+
+    Where a region's annotation holds unknown voxels, no score threshold is set for the
+    classes in ``partial_classes`` (None: for every class).
 
     The regions are scored together as one tomogram: each is shifted along X past
     the previous one by its width and :data:`REGION_GAP_VOXELS`, so no pick can
@@ -232,7 +237,7 @@ def score_outcomes(outcomes: list[dict], classes) -> tuple[dict, dict]:
         tables[key] = best_score_thresholds(matching).set_index("class_name", drop=False)
     thresholds, chosen = _choose_methods(tables, classes)
     if any(o.get("partial") for o in outcomes):
-        thresholds = _keep_every_pick(thresholds, summaries)
+        thresholds = _keep_every_pick(thresholds, summaries, partial_classes)
     background = np.sum([o["background_counts"] for o in outcomes], axis=0)
     n_background = max(1, sum(o["background_voxels"] for o in outcomes))
     metrics, f1s = {}, []
@@ -289,18 +294,25 @@ def _choose_methods(tables: dict, classes) -> tuple[dict, dict]:
     return thresholds, chosen
 
 
-def _keep_every_pick(thresholds: dict, summaries: dict) -> dict:
-    """``thresholds`` with no score threshold (each record's precision, recall and F1 those of
-    every pick of its method) and the reason, :data:`PARTIAL_THRESHOLDS`, under ``min_score``."""
+def _keep_every_pick(thresholds: dict, summaries: dict, only: set[str] | None = None) -> dict:
+    """``thresholds`` with no score threshold for the classes in ``only`` (None: all), each
+    such record's precision, recall and F1 those of every pick of its method, and the reason,
+    :data:`PARTIAL_THRESHOLDS` (naming the classes when not all), under ``min_score``."""
     kept = {}
     for kind in SCORE_KINDS:
         kept[kind] = []
         for row in thresholds.get(kind, []):
+            if only is not None and row["class_name"] not in only:
+                kept[kind].append(row)
+                continue
             entry = summaries[row["method"], kind]["classes"].get(row["class_name"], {})
             every = {k: entry.get(k) for k in ("precision", "recall")}
             kept[kind].append(row | every | {"min_score": None, "f1": row["f1_keep_all"]})
-    log.info("held-out annotation is partial: score thresholds %s", PARTIAL_THRESHOLDS)
-    return kept | {"min_score": PARTIAL_THRESHOLDS}
+    reason = PARTIAL_THRESHOLDS
+    if only is not None:
+        reason = f"{reason} (for {', '.join(sorted(only))}; the others keep theirs)"
+    log.info("held-out annotation is partial: score thresholds %s", reason)
+    return kept | {"min_score": reason}
 
 
 def _laid_out(table: pd.DataFrame, shift: float) -> pd.DataFrame:
@@ -308,12 +320,23 @@ def _laid_out(table: pd.DataFrame, shift: float) -> pd.DataFrame:
 
 
 def validate_regions(
-    model, volumes, regions, particles: ParticleSet, classes, *, device, bf16, ranks, config
+    model,
+    volumes,
+    regions,
+    particles: ParticleSet,
+    classes,
+    *,
+    device,
+    bf16,
+    ranks,
+    config,
+    partial_classes: set[str] | None = None,
 ) -> RegionScores:
     """Segment, pick and score every held-out region (each rank its share; all get the result).
 
     ``particles`` are the validation particles (indexing ``volumes``); ``config``
-    the model's config (its ``patch_size`` sets the window, as in segment).
+    the model's config (its ``patch_size`` sets the window, as in segment);
+    ``partial_classes`` as for :func:`score_outcomes`.
     """
     started = time.perf_counter()
     outcomes = []
@@ -324,5 +347,5 @@ def validate_regions(
         )
         outcomes.append(region_outcome(labels, score, volume, region, particles, classes))
     outcomes = [o for rank_outcomes in ranks.gather(outcomes) for o in rank_outcomes]
-    metrics, thresholds = score_outcomes(outcomes, classes)
+    metrics, thresholds = score_outcomes(outcomes, classes, partial_classes)
     return RegionScores(metrics, thresholds, time.perf_counter() - started)

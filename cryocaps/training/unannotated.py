@@ -192,6 +192,7 @@ class LabelUnannotated(Hook):
         outcome = trainer.state.unannotated
         if outcome and outcome.get("places"):  # a resumed run: the maps are read afresh
             self._apply(trainer, np.array(outcome["places"], np.int64).reshape(-1, 5))
+            self._name_partial(trainer, outcome["classes"])
 
     def progress(self, trainer) -> float:
         done = trainer.state.epoch / trainer.config.epochs
@@ -218,6 +219,8 @@ class LabelUnannotated(Hook):
         partial = [trainer.data.classes.by_name(n).label for n, r in report.items() if r["partial"]]
         places = found["places"][np.isin(found["places"][:, 4], partial)]
         changed = self._apply(trainer, places) if len(places) else 0
+        if len(places):
+            self._name_partial(trainer, report)
         state.unannotated = {
             "epoch": state.epoch,
             "classes": report,
@@ -234,6 +237,14 @@ class LabelUnannotated(Hook):
         )
         verdict = f"{len(places)} places made unknown" if partial else "every class complete"
         log.info("annotated share estimated after epoch %d: %s; %s", state.epoch, shares, verdict)
+
+    @staticmethod
+    def _name_partial(trainer, report: dict) -> None:
+        """Only the partly annotated classes lose their score thresholds - unless the user's
+        maps held unknown voxels already (then every class is partial, as before)."""
+        if not trainer.data.unknown_voxels:
+            partial = {name for name, r in report.items() if r["partial"]}
+            trainer.validator.partial_classes = partial
 
     @staticmethod
     def _apply(trainer, places: np.ndarray) -> int:

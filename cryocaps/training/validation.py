@@ -82,6 +82,9 @@ class Validator:
             max_patches=config.max_val_patches,
             seed=config.seed,
         )
+        # classes without score thresholds where the held-out annotation holds unknown voxels
+        # (None: every class; --unannotated auto names the ones it found partly annotated)
+        self.partial_classes: set[str] | None = None
         self.patch_seconds = 0.0  # the last patch validation's duration
         self.region_seconds = 0.0  # the last region validation's (0: none yet)
 
@@ -151,6 +154,7 @@ class Validator:
             bf16=self.bf16,
             ranks=self.ranks,
             config={"patch_size": self.config.patch_size},
+            partial_classes=self.partial_classes,
         )
         self.region_seconds = self.ranks.mean(scores.seconds)
         return scores
