@@ -170,6 +170,30 @@ def _false_blob(data):
     return region, volume, truth, centre, blob
 
 
+def _scored_false_blob(dataset, tmp_path):
+    """:func:`_false_blob`'s blob as a 'small' label scored 0.6 beside particles scored 0.9:
+    ``(data, region, volume, labels, score, centre)`` (skips without a held-out small one)."""
+    from cryocaps.training import prepare_data
+
+    data = prepare_data(_config(dataset, tmp_path / "o", patch_size=16))
+    if not (data.val_particles.label == 1).any():
+        pytest.skip("no small particle held out")
+    region, volume, truth, centre, blob = _false_blob(data)
+    labels = np.where(blob, 1, truth).astype(np.uint8)
+    score = np.where(blob, 0.6, np.where(truth > 0, 0.9, 0.1)).astype(np.float16)
+    return data, region, volume, labels, score, centre
+
+
+def _far_corner(region, centre) -> tuple[int, int, int]:
+    """The corner voxel of the region's scored box farthest from ``centre`` (context voxels)."""
+    corners = [
+        tuple(b.start if k & (1 << axis) else b.stop - 1 for axis, b in enumerate(region.box))
+        for k in range(8)
+    ]
+    in_context = np.array(corners) - [s.start for s in region.context]
+    return corners[int(np.argmax(((in_context - centre) ** 2).sum(1)))]
+
+
 def test_a_pick_on_unknown_annotation_is_neither_true_nor_false(dataset, tmp_path):
     """Partial annotations: a 'small' blob on empty background is a false pick, but where the
     annotation says unknown (a particle nobody annotated, maybe) it is not scored at all."""
@@ -207,15 +231,9 @@ def test_partial_annotation_sets_no_score_threshold(dataset, tmp_path):
     import dataclasses
 
     from cryocaps.classes import IGNORE_LABEL
-    from cryocaps.training import prepare_data
     from cryocaps.training.regions import PARTIAL_THRESHOLDS, region_outcome, score_outcomes
 
-    data = prepare_data(_config(dataset, tmp_path / "o", patch_size=16))
-    if not (data.val_particles.label == 1).any():
-        pytest.skip("no small particle held out")
-    region, volume, truth, centre, blob = _false_blob(data)
-    labels = np.where(blob, 1, truth).astype(np.uint8)
-    score = np.where(blob, 0.6, np.where(truth > 0, 0.9, 0.1)).astype(np.float16)
+    data, region, volume, labels, score, centre = _scored_false_blob(dataset, tmp_path)
 
     def thresholds(label_map):
         changed = dataclasses.replace(volume, label_map=label_map)
@@ -226,13 +244,7 @@ def test_partial_annotation_sets_no_score_threshold(dataset, tmp_path):
     small = {r["class_name"]: r for r in complete["probability"]}["small"]
     assert 0.6 < small["min_score"] < 0.9 and "min_score" not in complete
     partial_map = np.asarray(volume.label_map).view(np.uint8).copy()
-    corners = [
-        tuple(b.start if k & (1 << axis) else b.stop - 1 for axis, b in enumerate(region.box))
-        for k in range(8)
-    ]
-    in_context = np.array(corners) - [s.start for s in region.context]
-    far = corners[int(np.argmax(((in_context - centre) ** 2).sum(1)))]
-    partial_map[far] = IGNORE_LABEL  # one unknown voxel of the scored box, far from the blob
+    partial_map[_far_corner(region, centre)] = IGNORE_LABEL  # one unknown voxel of the box
     partial = thresholds(partial_map)
     assert partial["min_score"] == PARTIAL_THRESHOLDS
     for kind in ("probability", "size_voxels"):
@@ -249,17 +261,11 @@ def test_only_the_partly_annotated_classes_lose_their_thresholds(dataset, tmp_pa
     import dataclasses
 
     from cryocaps.classes import IGNORE_LABEL
-    from cryocaps.training import prepare_data
     from cryocaps.training.regions import region_outcome, score_outcomes
 
-    data = prepare_data(_config(dataset, tmp_path / "o", patch_size=16))
-    if not (data.val_particles.label == 1).any():
-        pytest.skip("no small particle held out")
-    region, volume, truth, centre, blob = _false_blob(data)
-    labels = np.where(blob, 1, truth).astype(np.uint8)
-    score = np.where(blob, 0.6, np.where(truth > 0, 0.9, 0.1)).astype(np.float16)
+    data, region, volume, labels, score, centre = _scored_false_blob(dataset, tmp_path)
     partial_map = np.asarray(volume.label_map).view(np.uint8).copy()
-    partial_map[tuple(s.start for s in region.box)] = IGNORE_LABEL  # a corner of the box
+    partial_map[_far_corner(region, centre)] = IGNORE_LABEL  # one unknown voxel of the box
     changed = dataclasses.replace(volume, label_map=partial_map)
     outcome = region_outcome(labels, score, changed, region, data.val_particles, data.classes)
     thresholds = score_outcomes([outcome], data.classes, partial_classes={"large"})[1]
