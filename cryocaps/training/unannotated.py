@@ -20,10 +20,11 @@ draws 0-1), 68-408 per class, 90-100% of them on real particles (on the
 hardest draw a third to a half on a particle of another class of the same
 size, which is why they become unknown, not that class).
 
-A class whose share is below :data:`PARTIAL_SHARE`, and whose held-out
-recall at the last region validation is at least :data:`MIN_RECALL` (the
+A class whose share is below :data:`PARTIAL_SHARE` is partly annotated, once
+the network finds particles at all (held-out recall at the last region
+validation at least :data:`MIN_RECALL`, averaged over the classes: the
 annotated particles are a sample of all, so recall means the same on partial
-maps; an untrained network's picks say nothing), is partly annotated: a
+maps; an untrained network's picks say nothing). For such a class a
 sphere of :data:`UNKNOWN_RADII` class radii around each of its picks becomes
 unknown (:data:`~cryocaps.classes.IGNORE_LABEL`) where the map said
 background. Nothing is written to the user's label maps: the maps in memory
@@ -53,9 +54,11 @@ log = logging.getLogger(__name__)
 
 LOOK_AT = 0.4  # of the run (its time budget, else its epochs) done when the network looks
 PARTIAL_SHARE = 0.7  # estimated annotated share under which a class counts as partly annotated
-# A class is judged only when the network finds at least this share of its held-out annotated
-# particles: the annotated ones are a sample of all, so this recall means the same on partial
-# maps; an untrained network's picks are noise whatever the maps hold.
+# Classes are judged only when the network finds at least this share of the held-out annotated
+# particles, on average over the classes (the annotated ones are a sample of all, so recall
+# means the same on partial maps; an untrained network's picks are noise whatever the maps
+# hold). The average, not each class's own: where two classes of one size are confused (the
+# family's draw 0), one of them reads a low recall while its particles are found all the same.
 MIN_RECALL = 0.5
 UNKNOWN_RADII = 1.25  # unknown out to this many class radii around a place (as candidates)
 
@@ -112,10 +115,11 @@ def _as_labels(label_map) -> np.ndarray:
 
 
 def partly_annotated(found: dict, classes, recalls: dict) -> dict:
-    """Per class name: annotated particles, unannotated picks, estimated share, the held-out
-    recall, and whether the class is partly annotated (share below :data:`PARTIAL_SHARE` and
-    recall at least :data:`MIN_RECALL`)."""
+    """Per class name: annotated particles, unannotated picks, estimated share, and whether the
+    class is partly annotated: share below :data:`PARTIAL_SHARE`, with the network finding
+    particles at all (its held-out ``recalls`` at least :data:`MIN_RECALL` on average)."""
     places = found["places"]
+    finds = bool(recalls) and float(np.mean(list(recalls.values()))) >= MIN_RECALL
     report = {}
     for particle_class in classes:
         annotated = found["annotated"][particle_class.label]
@@ -127,7 +131,7 @@ def partly_annotated(found: dict, classes, recalls: dict) -> dict:
             "unannotated_picks": new,
             "annotated_share": round(share, 3),
             "held_out_recall": None if recall is None else round(recall, 3),
-            "partial": bool(share < PARTIAL_SHARE and recall is not None and recall >= MIN_RECALL),
+            "partial": bool(share < PARTIAL_SHARE and finds),
         }
     return report
 
