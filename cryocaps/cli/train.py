@@ -291,8 +291,7 @@ def command(
             "--unannotated",
             help="auto: once 40% of the run is done, the network segments and picks each "
             "training tomogram; a class whose label maps miss many of its picks (annotated share "
-            "estimated below 0.7, once the network finds half the held-out particles) is taken as "
-            "partly annotated, and places it picked where its "
+            "estimated below 0.7) is taken as partly annotated, and places it picked where its "
             "maps say background become unknown for the rest of the run (never taught as "
             "background, not counted as false in validation, no score thresholds set). keep: "
             "train on the label maps as they are. The maps on disk are never changed. "
