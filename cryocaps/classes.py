@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cryocaps.errors import CryocapsError
@@ -29,6 +30,15 @@ MAX_LABEL = 127  # label maps are 8-bit MRC (mode 0)
 # losses skip them. Stored as the byte 0xFF (read back as -1 by readers of signed mode 0,
 # as 255 by ours, which view 8-bit label maps as unsigned).
 IGNORE_LABEL = 255
+
+
+def unsigned_labels(label_map) -> np.ndarray:
+    """A label map as an array whose values are its labels: 8-bit maps come back from MRC
+    mode 0 as int8 (IGNORE_LABEL as -1), so they are viewed as uint8 (no copy)."""
+    array = np.asarray(label_map)
+    return array.view(np.uint8) if array.dtype == np.int8 else array
+
+
 # A class covering more than this many times its share of the training label maps has run away
 # over the background (issue 28: 7-10x on data a network had not seen; correct maps stay near 1x).
 OVERSEGMENTED_FACTOR = 3.0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryocaps.classes import ClassTable
+from cryocaps.classes import ClassTable, unsigned_labels
 from cryocaps.errors import CryocapsError
 from cryocaps.evaluation.particles import _few, fbeta_score
 
@@ -52,7 +52,7 @@ class VoxelScores:
             raise CryocapsError(
                 f"label maps differ in shape: predicted {label_pred.shape}, true {label_true.shape}"
             )
-        pred, true = _labels(label_pred), _labels(label_true)
+        pred, true = unsigned_labels(label_pred), unsigned_labels(label_true)
         if probabilities is not None:
             if probabilities.ndim != 4 or tuple(probabilities.shape[1:]) != pred.shape:
                 raise CryocapsError(
@@ -145,11 +145,6 @@ def voxel_metrics(
     scores = VoxelScores(classes)
     scores.add(label_pred, label_true, probabilities)
     return scores.result()
-
-
-def _labels(array: np.ndarray) -> np.ndarray:
-    array = np.asarray(array)
-    return array.view(np.uint8) if array.dtype == np.int8 else array
 
 
 def _histograms(probability: np.ndarray, positive: np.ndarray, n_bins: int) -> np.ndarray:
@@ -249,7 +244,7 @@ def _check_labels(
     label_map: np.ndarray, classes: ClassTable, ignored: Collection[int], where: str
 ) -> None:
     """Refuse labels that neither ``classes`` nor ``ignored`` list."""
-    labels = _labels(label_map)
+    labels = unsigned_labels(label_map)
     present = (
         np.nonzero(np.bincount(labels.ravel()))[0]
         if labels.dtype == np.uint8

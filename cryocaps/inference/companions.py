@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from cryocaps.classes import ClassTable, oversegmented_classes
+from cryocaps.classes import ClassTable, oversegmented_classes, unsigned_labels
 from cryocaps.errors import CryocapsError
 from cryocaps.io.class_table import read_classes, write_classes
 from cryocaps.io.layout import CLASS_TABLE_NAME
@@ -64,7 +62,7 @@ def class_coverage(label_path, config: dict) -> dict:
     label_map = read_tomogram(label_path, mmap=True, check_finite=False)
     try:
         data = label_map.data
-        counts = label_counts(data.view(np.uint8) if data.dtype == np.int8 else data, 256)
+        counts = label_counts(unsigned_labels(data), 256)
     finally:
         label_map.close()
     if not records:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from cryocaps.classes import IGNORE_LABEL
+from cryocaps.classes import IGNORE_LABEL, unsigned_labels
 from cryocaps.training.holdout import HeldOutRegion
 from cryocaps.training.sampling import ParticleSet, TrainingVolume
 
@@ -141,9 +141,7 @@ def region_outcome(
     from cryocaps.picking import pick_particles, scored_by_size
 
     box = region.box_in_context
-    annotation = np.asarray(volume.label_map[region.box])
-    if annotation.dtype == np.int8:
-        annotation = annotation.view(np.uint8)
+    annotation = unsigned_labels(volume.label_map[region.box])
     picks = {}
     for method in PICK_METHODS:  # picked once; scored by probability and by size
         table = pick_particles(

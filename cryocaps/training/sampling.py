@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cryocaps.classes import IGNORE_LABEL
+from cryocaps.classes import IGNORE_LABEL, unsigned_labels
 from cryocaps.errors import CryocapsError
 from cryocaps.preprocess import apply_normalization
 
@@ -241,9 +241,7 @@ def _known(volume: TrainingVolume, centres: np.ndarray) -> np.ndarray:
     """Which of ``centres`` (N, 3) z, y, x lie on a voxel that is not unknown."""
     if len(centres) == 0:
         return np.zeros(0, dtype=bool)
-    labels = np.asarray(volume.label_map[tuple(np.asarray(centres, np.int64).T)])
-    if labels.dtype == np.int8:
-        labels = labels.view(np.uint8)
+    labels = unsigned_labels(volume.label_map[tuple(np.asarray(centres, np.int64).T)])
     return labels != IGNORE_LABEL
 
 
@@ -372,11 +370,11 @@ class PatchSampler:
         self._hard = [(index, centres) for index, centres in self._hard if len(centres)]
         counts = np.array([len(c) for _, c in self._hard], dtype=np.float64)
         self._hard_p = counts / counts.sum() if len(counts) else None
-        keep = [
-            _known(self.volumes[int(index)], place[None, 1:])[0]
-            for index, place in zip(self.mined[:, 0], self.mined, strict=True)
-        ]
-        self.mined = self.mined[np.array(keep, dtype=bool)].reshape(-1, 4)
+        keep = np.ones(len(self.mined), dtype=bool)
+        for index in np.unique(self.mined[:, 0]).tolist():
+            rows = self.mined[:, 0] == index
+            keep[rows] = _known(self.volumes[index], self.mined[rows, 1:])
+        self.mined = self.mined[keep]
 
     # --- drawing ---------------------------------------------------------------
     def random_corner(self) -> tuple[int, tuple[int, int, int]]:

@@ -43,7 +43,7 @@ import time
 
 import numpy as np
 
-from cryocaps.classes import IGNORE_LABEL
+from cryocaps.classes import IGNORE_LABEL, unsigned_labels
 from cryocaps.training.holdout import HeldOutRegion
 from cryocaps.training.hooks import Hook
 
@@ -67,16 +67,19 @@ def training_volume_indices(data) -> list[int]:
 
 
 def look_for_unannotated(model, data, indices, *, device, bf16, ranks, patch_size) -> dict:
-    """Segment and pick volumes ``indices`` whole; picks on background and annotated counts.
+    """Segment and pick volumes ``indices`` (the training volumes) whole; their picks on
+    background and the annotated particles per class.
 
     Returns ``{"places": (N, 5) int array of volume index, z, y, x, label,
-    "annotated": {label: estimated annotated particles}}`` over all ranks.
+    "annotated": {label: estimated annotated particles}}`` over all ranks; the annotated
+    particles are the training maps' label voxels (``data.voxel_counts``) over one particle's
+    label volume.
     """
     from cryocaps.picking import pick_particles
     from cryocaps.training.regions import segment_region
 
     classes = data.classes
-    places, voxels = [], np.zeros(classes.n_labels, np.int64)
+    places = []
     for index in ranks.share(indices):
         volume = data.volumes[index]
         whole = tuple(slice(0, n) for n in volume.shape)
@@ -87,29 +90,21 @@ def look_for_unannotated(model, data, indices, *, device, bf16, ranks, patch_siz
         table = pick_particles(
             labels, classes, volume.voxel_size_angstrom, scores=score, tomo_name=volume.name
         )
-        annotation = _as_labels(volume.label_map)
-        voxels += np.bincount(annotation.ravel(), minlength=256)[: classes.n_labels]
+        annotation = unsigned_labels(volume.label_map)
         zyx = np.rint(table[["z", "y", "x"]].to_numpy(float)).astype(np.int64).reshape(-1, 3)
         zyx = np.clip(zyx, 0, np.array(volume.shape) - 1)
         on_background = annotation[tuple(zyx.T)] == 0
         picked = np.array([classes.by_name(name).label for name in table["class_name"]], np.int64)
         for (z, y, x), label in zip(zyx[on_background], picked[on_background], strict=True):
             places.append((index, int(z), int(y), int(x), int(label)))
-    gathered = ranks.gather((places, voxels))
-    places = [p for rank_places, _ in gathered for p in rank_places]
-    voxels = np.sum([v for _, v in gathered], axis=0)
+    places = [p for rank_places in ranks.gather(places) for p in rank_places]
     size = {c.label: c.label_volume_voxels(_voxel_size(data)) for c in classes}
-    annotated = {label: float(voxels[label] / size[label]) for label in size}
+    annotated = {label: float(data.voxel_counts[label] / size[label]) for label in size}
     return {"places": np.array(places, np.int64).reshape(-1, 5), "annotated": annotated}
 
 
 def _voxel_size(data) -> float:
     return data.volumes[0].voxel_size_angstrom
-
-
-def _as_labels(label_map) -> np.ndarray:
-    annotation = np.asarray(label_map)
-    return annotation.view(np.uint8) if annotation.dtype == np.int8 else annotation
 
 
 def partly_annotated(found: dict, classes, recalls: dict) -> dict:
@@ -153,7 +148,7 @@ def paint_unknown(data, places: np.ndarray) -> int:
     voxel_size = _voxel_size(data)
     for index in np.unique(places[:, 0]).tolist():
         volume = data.volumes[index]
-        label_map = np.array(_as_labels(volume.label_map))  # a writable copy
+        label_map = np.array(unsigned_labels(volume.label_map))  # a writable copy
         before = int(np.count_nonzero(label_map == IGNORE_LABEL))
         for _, z, y, x, label in places[places[:, 0] == index]:
             radius = UNKNOWN_RADII * classes.by_label(int(label)).radius_voxels(voxel_size)
