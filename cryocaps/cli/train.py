@@ -294,7 +294,8 @@ def command(
             "training tomogram; a class whose label maps miss many of its picks (annotated share "
             "estimated below 0.7) is taken as partly annotated, and places it picked where its "
             "maps say background become unknown for the rest of the run (never taught as "
-            "background, not counted as false in validation, no score thresholds set). keep: "
+            "background, not counted as false in validation, and those classes get no score "
+            "thresholds). keep: "
             "train on the label maps as they are. The maps on disk are never changed. "
             f"[default: {DEFAULT['unannotated']}]",
         ),
