@@ -470,6 +470,31 @@ def test_validation_chooses_each_classs_picking_method_by_its_best_f1():
     )
 
 
+def test_a_class_picked_without_threshold_gets_the_method_whose_every_pick_scores_best():
+    """Components win on best-threshold F1 but keep-all F1 (no threshold) favours mean shift:
+    a class whose threshold is dropped (partial annotation) takes mean shift, the others keep
+    the best-threshold choice."""
+    from cryocaps.classes import ClassTable, ParticleClass
+    from cryocaps.training.regions import _choose_methods
+
+    classes = ClassTable([ParticleClass(1, "ring", 50.0), ParticleClass(2, "ball", 50.0)])
+
+    def table(f1: float, keep_all: float) -> pd.DataFrame:
+        rows = [{"class_name": n, "min_score": 900.0, "precision": f1, "recall": f1, "f1": f1,
+                 "f1_keep_all": keep_all, "n_picks": 9} for n in ("ring", "ball")]  # fmt: skip
+        return pd.DataFrame(rows).set_index("class_name", drop=False)
+
+    tables = {
+        (method, kind): table(*scores)
+        for method, scores in (("components", (0.6, 0.05)), ("meanshift", (0.5, 0.45)))
+        for kind in ("probability", "size_voxels")
+    }
+    assert _choose_methods(tables, classes)[1] == {"ring": "components", "ball": "components"}
+    thresholds, chosen = _choose_methods(tables, classes, {"ring"})
+    assert chosen == {"ring": "meanshift", "ball": "components"}
+    assert {r["class_name"]: r["method"] for r in thresholds["size_voxels"]} == chosen
+
+
 def test_cluster_picks_uses_the_method_training_chose_per_class(tmp_path, run_cli):
     from cryocaps.io.thresholds import write_companion_thresholds
 
