@@ -67,7 +67,16 @@ class _Sees:
         return self
 
 
-def _look(data):
+class _SeesBright(_Sees):
+    """Finds the bright balls only: its 'small' class is never picked."""
+
+    def __call__(self, x):
+        import torch
+
+        return torch.cat([torch.zeros_like(x), torch.full_like(x, -8.0), 8 * x - 8], dim=1)
+
+
+def _look(data, model=None):
     from cryocaps.runtime import Distributed
     from cryocaps.training.ranks import Ranks
     from cryocaps.training.unannotated import look_for_unannotated, training_volume_indices
@@ -75,7 +84,7 @@ def _look(data):
     ranks = Ranks(Distributed(rank=0, world_size=1, local_rank=0, local_world_size=1))
     indices = training_volume_indices(data)
     return look_for_unannotated(
-        _Sees(), data, indices, device="cpu", bf16=False, ranks=ranks, patch_size=16
+        model or _Sees(), data, indices, device="cpu", bf16=False, ranks=ranks, patch_size=16
     )
 
 
@@ -96,6 +105,24 @@ def test_the_partly_annotated_class_is_told_from_the_complete_one(tmp_path, anno
     assert report["small"]["annotated_particles"] == pytest.approx(2 * annotated_dark, rel=0.35)
     assert report["small"]["partial"] == (annotated_dark == 3)
     assert report["small"]["held_out_recall"] == 1.0  # reported beside the estimate
+    # two touching bright balls make one label component, whose centre no pick matches
+    assert report["small"]["training_recall"] == 1.0 and report["large"]["training_recall"] >= 0.75
+
+
+def test_the_look_reports_how_many_of_the_taught_particles_the_network_finds(tmp_path):
+    """Training recall: the training particles (not the held-out ones) a pick of their class
+    matches; a network blind to the dark balls finds none of the 'small' ones."""
+    from cryocaps.training import prepare_data
+    from cryocaps.training.unannotated import partly_annotated
+
+    folder, _ = _balls(tmp_path / "data", 8)
+    data = prepare_data(_config(folder, tmp_path / "o", val_fraction=0.35))
+    found = _look(data, _SeesBright())
+    taught = found["taught"]
+    assert taught[1][1] == int(np.count_nonzero(data.train_particles.label == 1)) > 0
+    assert taught[1][0] == 0 and taught[2][0] >= 0.75 * taught[2][1] > 0
+    report = partly_annotated(found, data.classes, {})
+    assert report["small"]["training_recall"] == 0.0 and report["large"]["training_recall"] >= 0.75
 
 
 def test_unannotated_balls_become_unknown_for_patches_validation_and_negatives(tmp_path):

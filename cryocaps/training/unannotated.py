@@ -71,15 +71,17 @@ def look_for_unannotated(model, data, indices, *, device, bf16, ranks, patch_siz
     background and the annotated particles per class.
 
     Returns ``{"places": (N, 5) int array of volume index, z, y, x, label,
-    "annotated": {label: estimated annotated particles}}`` over all ranks; the annotated
-    particles are the training maps' label voxels (``data.voxel_counts``) over one particle's
-    label volume.
+    "annotated": {label: estimated annotated particles}, "taught": {label: [found, total]}}``
+    over all ranks; the annotated particles are the training maps' label voxels
+    (``data.voxel_counts``) over one particle's label volume; ``taught`` counts the training
+    particles (those patches are cut around, not the held-out ones) that a pick of their
+    class matches (``evaluate``'s matcher and tolerance).
     """
     from cryocaps.picking import pick_particles
     from cryocaps.training.regions import segment_region
 
     classes = data.classes
-    places = []
+    places, taught = [], np.zeros((len(classes) + 1, 2), np.int64)
     for index in ranks.share(indices):
         volume = data.volumes[index]
         whole = tuple(slice(0, n) for n in volume.shape)
@@ -97,10 +99,46 @@ def look_for_unannotated(model, data, indices, *, device, bf16, ranks, patch_siz
         picked = np.array([classes.by_name(name).label for name in table["class_name"]], np.int64)
         for (z, y, x), label in zip(zyx[on_background], picked[on_background], strict=True):
             places.append((index, int(z), int(y), int(x), int(label)))
+        taught += _taught_found(table, data, index)
     places = [p for rank_places in ranks.gather(places) for p in rank_places]
+    taught = np.sum(ranks.gather(taught), axis=0)
     size = {c.label: c.label_volume_voxels(_voxel_size(data)) for c in classes}
     annotated = {label: float(data.voxel_counts[label] / size[label]) for label in size}
-    return {"places": np.array(places, np.int64).reshape(-1, 5), "annotated": annotated}
+    return {
+        "places": np.array(places, np.int64).reshape(-1, 5),
+        "annotated": annotated,
+        "taught": {c.label: taught[c.label].tolist() for c in classes},
+    }
+
+
+def _taught_found(table, data, index: int) -> np.ndarray:
+    """Per label (rows), the training particles of volume ``index`` a pick of their class
+    matches and all of them (columns)."""
+    import pandas as pd
+
+    from cryocaps.evaluation import match_picks
+
+    classes, volume = data.classes, data.volumes[index]
+    particles = data.train_particles
+    centres, labels = [], []
+    for view_index, (source, offset) in enumerate(data.holdout.view_sources):
+        if source == index:
+            mine = particles.volume == view_index
+            centres.append(particles.zyx[mine] + np.asarray(offset))
+            labels.append(particles.label[mine])
+    counts = np.zeros((len(classes) + 1, 2), np.int64)
+    if not centres or not sum(len(c) for c in centres):
+        return counts
+    zyx, labels = np.concatenate(centres), np.concatenate(labels)
+    truth = pd.DataFrame(
+        {"tomo": volume.name, "z": zyx[:, 0], "y": zyx[:, 1], "x": zyx[:, 2]}
+        | {"class_name": [classes.by_label(int(label)).name for label in labels]}
+    )
+    matching = match_picks(table, truth, classes, volume.voxel_size_angstrom)
+    found = (matching.truth["status"] == "tp").to_numpy()
+    np.add.at(counts[:, 0], labels, found.astype(np.int64))
+    np.add.at(counts[:, 1], labels, 1)
+    return counts
 
 
 def _voxel_size(data) -> float:
@@ -108,19 +146,22 @@ def _voxel_size(data) -> float:
 
 
 def partly_annotated(found: dict, classes, recalls: dict) -> dict:
-    """Per class name: annotated particles, unannotated picks, estimated share, the held-out
-    recall at the last region validation (reported, not used: see :data:`PARTIAL_SHARE`), and
-    whether the class is partly annotated (share below :data:`PARTIAL_SHARE`)."""
-    places = found["places"]
+    """Per class name: annotated particles, unannotated picks, the recall of the training
+    particles and the held-out recall at the last region validation (both reported, not used:
+    see :data:`PARTIAL_SHARE`), estimated share, and whether the class is partly annotated
+    (share below :data:`PARTIAL_SHARE`)."""
+    places, found_taught = found["places"], found.get("taught", {})
     report = {}
     for particle_class in classes:
         annotated = found["annotated"][particle_class.label]
         new = int(np.count_nonzero(places[:, 4] == particle_class.label))
         share = annotated / (annotated + new) if annotated + new > 0 else 1.0
         recall = recalls.get(particle_class.name)
+        hits, total = found_taught.get(particle_class.label, (0, 0))
         report[particle_class.name] = {
             "annotated_particles": round(annotated, 1),
             "unannotated_picks": new,
+            "training_recall": round(hits / total, 3) if total else None,
             "annotated_share": round(share, 3),
             "held_out_recall": None if recall is None else round(recall, 3),
             "partial": bool(share < PARTIAL_SHARE),
@@ -228,7 +269,8 @@ class LabelUnannotated(Hook):
             # the best so far was judged against the old annotation
             state.best_score, state.bad_epochs = None, 0
         shares = ", ".join(
-            f"{name} {r['annotated_share']:.2f} ({r['unannotated_picks']} picks)"
+            f"{name} {r['annotated_share']:.2f} ({r['unannotated_picks']} picks, training "
+            f"recall {r['training_recall']})"
             for name, r in report.items()
         )
         verdict = f"{len(places)} places made unknown" if partial else "every class complete"
