@@ -76,7 +76,7 @@ class _SeesBright(_Sees):
         return torch.cat([torch.zeros_like(x), torch.full_like(x, -8.0), 8 * x - 8], dim=1)
 
 
-def _look(data, model=None):
+def _look(data, model=None, methods=None):
     from cryocaps.runtime import Distributed
     from cryocaps.training.ranks import Ranks
     from cryocaps.training.unannotated import look_for_unannotated, training_volume_indices
@@ -84,7 +84,14 @@ def _look(data, model=None):
     ranks = Ranks(Distributed(rank=0, world_size=1, local_rank=0, local_world_size=1))
     indices = training_volume_indices(data)
     return look_for_unannotated(
-        model or _Sees(), data, indices, device="cpu", bf16=False, ranks=ranks, patch_size=16
+        model or _Sees(),
+        data,
+        indices,
+        device="cpu",
+        bf16=False,
+        ranks=ranks,
+        patch_size=16,
+        methods=methods,
     )
 
 
@@ -123,6 +130,31 @@ def test_the_look_reports_how_many_of_the_taught_particles_the_network_finds(tmp
     assert taught[1][0] == 0 and taught[2][0] >= 0.75 * taught[2][1] > 0
     report = partly_annotated(found, data.classes, {})
     assert report["small"]["training_recall"] == 0.0 and report["large"]["training_recall"] >= 0.75
+
+
+def test_the_look_picks_each_class_with_the_method_validation_chose(tmp_path, monkeypatch):
+    import cryocaps.picking as picking
+    from cryocaps.training import prepare_data
+    from cryocaps.training.unannotated import chosen_methods
+
+    thresholds = {"probability": [{"class_name": "small", "method": "meanshift"},
+                                  {"class_name": "large", "method": "components"}],
+                  "size_voxels": [{"class_name": "small", "method": "components"}]}  # fmt: skip
+    assert chosen_methods(thresholds) == {"small": "meanshift", "large": "components"}
+    assert chosen_methods(None) is None and chosen_methods({"probability": []}) is None
+    folder, _ = _balls(tmp_path / "data", 3)
+    data = prepare_data(_config(folder, tmp_path / "o", val_fraction=0.35))
+    seen = []
+    original = picking.pick_particles
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("method"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(picking, "pick_particles", spy)
+    found = _look(data, methods={"small": "meanshift", "large": "components"})
+    assert seen and all(m == {"small": "meanshift", "large": "components"} for m in seen)
+    assert len(found["places"]) == 10  # the unannotated dark balls, one pick each
 
 
 def test_unannotated_balls_become_unknown_for_patches_validation_and_negatives(tmp_path):

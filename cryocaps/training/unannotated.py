@@ -8,7 +8,8 @@ its score thresholds come out too strict (benchmarks/RESULTS.md, the family at
 30% annotated). ``train`` cannot be told which maps are complete, but it can
 look: once :data:`LOOK_AT` of the run is done, the network (the weights
 validation judges) segments each training tomogram whole with the sliding
-window ``segment`` uses, and ``cluster-picks``' default picking finds its
+window ``segment`` uses, and ``cluster-picks``' default picking (each class with
+the method the best held-out validation so far chose, as ``cluster-picks`` does) finds its
 particles. A pick whose centre the label map calls background is a particle
 nobody annotated or a false positive. Per class, the annotated share is
 estimated as annotated / (annotated + such picks), the annotated particles
@@ -66,9 +67,12 @@ def training_volume_indices(data) -> list[int]:
     return sorted({int(index) for index, _ in data.holdout.view_sources})
 
 
-def look_for_unannotated(model, data, indices, *, device, bf16, ranks, patch_size) -> dict:
+def look_for_unannotated(
+    model, data, indices, *, device, bf16, ranks, patch_size, methods=None
+) -> dict:
     """Segment and pick volumes ``indices`` (the training volumes) whole; their picks on
-    background and the annotated particles per class.
+    background and the annotated particles per class. ``methods``: the picking method per class
+    name (:func:`chosen_methods`; None: ``cluster-picks``' default for every class).
 
     Returns ``{"places": (N, 5) int array of volume index, z, y, x, label,
     "annotated": {label: estimated annotated particles}, "taught": {label: [found, total]}}``
@@ -90,7 +94,12 @@ def look_for_unannotated(model, data, indices, *, device, bf16, ranks, patch_siz
             model, volume, region, device=device, bf16=bf16, config={"patch_size": patch_size}
         )
         table = pick_particles(
-            labels, classes, volume.voxel_size_angstrom, scores=score, tomo_name=volume.name
+            labels,
+            classes,
+            volume.voxel_size_angstrom,
+            scores=score,
+            tomo_name=volume.name,
+            **({"method": methods} if methods else {}),
         )
         annotation = unsigned_labels(volume.label_map)
         zyx = np.rint(table[["z", "y", "x"]].to_numpy(float)).astype(np.int64).reshape(-1, 3)
@@ -139,6 +148,14 @@ def _taught_found(table, data, index: int) -> np.ndarray:
     np.add.at(counts[:, 0], labels, found.astype(np.int64))
     np.add.at(counts[:, 1], labels, 1)
     return counts
+
+
+def chosen_methods(thresholds: dict | None) -> dict[str, str] | None:
+    """Per class name, the picking method the best held-out validation so far chose (its
+    records for probability scores, as the look picks); None before any."""
+    records = (thresholds or {}).get("probability") or []
+    methods = {r["class_name"]: r["method"] for r in records if r.get("method")}
+    return methods or None
 
 
 def _voxel_size(data) -> float:
@@ -250,6 +267,7 @@ class LabelUnannotated(Hook):
             bf16=trainer.bf16,
             ranks=trainer.ranks,
             patch_size=trainer.config.patch_size,
+            methods=chosen_methods(state.best_thresholds),
         )
         recalls = held_out_recalls(state.rows, trainer.data.classes)
         report = partly_annotated(found, trainer.data.classes, recalls)
