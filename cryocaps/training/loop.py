@@ -47,6 +47,7 @@ from cryocaps.training.config import (
     ema_decay,
 )
 from cryocaps.training.data import TrainingData, class_weights, prepare_data, training_sampler
+from cryocaps.training.deadstart import DeadNetwork, DeadStartCheck, fresh_start
 from cryocaps.training.guard import GradientGuard
 from cryocaps.training.mining import MineFalsePositives
 from cryocaps.training.ranks import Ranks
@@ -441,6 +442,7 @@ def default_hooks(config: TrainConfig, ranks: Ranks, progress: Callable[..., Non
     hooks.append(loop_hooks.StopOnSignal())
     if config.max_minutes:
         hooks.append(loop_hooks.TimeBudget(config.max_minutes))
+    hooks.append(DeadStartCheck())  # before anything records the epoch
     if config.lr_schedule == "cosine":
         total_steps = config.epochs * config.steps_per_epoch
         hooks.append(loop_hooks.CosineSchedule(config.lr, total_steps, config.max_minutes))
@@ -472,27 +474,27 @@ def train(config: TrainConfig, progress: Callable[..., None] | None = None) -> d
         runtime.configure_threads(config.threads, ranks.dist.local_world_size)
     runtime.tune_process_for("train", device)  # the same large tensors every step: keep them mapped
     check_settings(config)
-    # on every rank, so that all fail together
-    check_run_folder(config.out_dir, config.resume, config.overwrite)
+    check_run_folder(config.out_dir, config.resume, config.overwrite)  # every rank: all fail
     checkpoint = load_checkpoint(config.out_dir / LAST_CHECKPOINT) if config.resume else None
-
-    data = prepare_data(config)
-    runtime.seed_everything(config.seed)
-    model = create_model(config, data.classes.n_labels)
-    if checkpoint is not None:
-        check_resumable(
-            checkpoint,
-            f"--resume {config.out_dir / LAST_CHECKPOINT}",
-            run_identity(config, model, data),
-        )
-    elif config.overwrite and ranks.is_main:
-        clear_run_folder(config.out_dir)
-    model.to(device)
-    trainer = Trainer(config, data, model, device, ranks, started)
-    if checkpoint is not None:
-        trainer.restore(checkpoint)
-    trainer.run(default_hooks(config, ranks, progress))
-    result = trainer.summary()
+    data, restarts = prepare_data(config), []
+    while True:
+        runtime.seed_everything(config.seed)
+        model = create_model(config, data.classes.n_labels)
+        if checkpoint is not None:
+            identity = run_identity(config, model, data)
+            check_resumable(checkpoint, f"--resume {config.out_dir / LAST_CHECKPOINT}", identity)
+        elif (config.overwrite or restarts) and ranks.is_main:
+            clear_run_folder(config.out_dir)
+        trainer = Trainer(config, data, model.to(device), device, ranks, started)
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+        try:
+            trainer.run(default_hooks(config, ranks, progress))
+            break
+        except DeadNetwork as dead:  # never learns: fresh weights, another seed
+            config, checkpoint = fresh_start(config, dead, started, restarts), None
+            ranks.barrier()
+    result = trainer.summary() | {"dead_starts": restarts, "seed_used": config.seed}
     data.close()
     ranks.barrier()
     return result
