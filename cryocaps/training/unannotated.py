@@ -81,7 +81,7 @@ def look_for_unannotated(
     particles (those patches are cut around, not the held-out ones) that a pick of their
     class matches (``evaluate``'s matcher and tolerance).
     """
-    from cryocaps.picking import pick_particles
+    from cryocaps.picking import DEFAULT_METHOD, pick_particles
     from cryocaps.training.regions import segment_region
 
     classes = data.classes
@@ -99,7 +99,7 @@ def look_for_unannotated(
             volume.voxel_size_angstrom,
             scores=score,
             tomo_name=volume.name,
-            **({"method": methods} if methods else {}),
+            method=methods or DEFAULT_METHOD,
         )
         annotation = unsigned_labels(volume.label_map)
         zyx = np.rint(table[["z", "y", "x"]].to_numpy(float)).astype(np.int64).reshape(-1, 3)
@@ -167,7 +167,7 @@ def partly_annotated(found: dict, classes, recalls: dict) -> dict:
     particles and the held-out recall at the last region validation (both reported, not used:
     see :data:`PARTIAL_SHARE`), estimated share, and whether the class is partly annotated
     (share below :data:`PARTIAL_SHARE`)."""
-    places, found_taught = found["places"], found.get("taught", {})
+    places, found_taught = found["places"], found["taught"]
     report = {}
     for particle_class in classes:
         annotated = found["annotated"][particle_class.label]
