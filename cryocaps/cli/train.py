@@ -289,8 +289,8 @@ def command(
         str,
         typer.Option(
             "--unannotated",
-            help="For partly annotated label maps. auto: once 40% of the run is done, the network "
-            "segments and picks each "
+            help="For partly annotated label maps. auto: once 40% of the run and 200 steps are "
+            "done (a shorter run does not look), the network segments and picks each "
             "training tomogram; a class whose label maps miss many of its picks (annotated share "
             "estimated below 0.7) is taken as partly annotated, and places it picked where its "
             "maps say background become unknown for the rest of the run (never taught as "

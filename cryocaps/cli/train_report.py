@@ -85,6 +85,9 @@ def _print_unannotated(console, outcome: dict | None) -> None:
     """One line on what ``--unannotated auto`` found (nothing when it did not look)."""
     if not outcome:
         return
+    if outcome.get("skipped"):
+        console.print(outcome["skipped"] + ".")
+        return
     partial = {n: r for n, r in outcome["classes"].items() if r["partial"]}
     if not partial:
         console.print(
