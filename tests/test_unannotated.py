@@ -243,3 +243,51 @@ def test_saved_label_fractions_of_a_partly_annotated_class_are_scaled_up(tmp_pat
     scaled = {c["name"]: c["label_fraction"] for c in scaled}
     assert scaled["small"] == pytest.approx(plain["small"] / 0.3, rel=1e-3)
     assert scaled["large"] == plain["large"]
+
+
+class _Looked(Exception):
+    pass
+
+
+def _epoch_end(monkeypatch, *, epoch: int, total_steps: int):
+    """LabelUnannotated.on_epoch_end of a 10-epoch run after ``epoch`` epochs and
+    ``total_steps`` steps; raises _Looked when it looks."""
+    from cryocaps.training import unannotated
+
+    def look(*args, **kwargs):
+        raise _Looked
+
+    monkeypatch.setattr(unannotated, "look_for_unannotated", look)
+    monkeypatch.setattr(unannotated, "training_volume_indices", lambda data: [0])
+    state = SimpleNamespace(
+        unannotated=None, epoch=epoch, total_steps=total_steps, best_thresholds=None
+    )
+    trainer = SimpleNamespace(
+        state=state,
+        config=SimpleNamespace(epochs=10, patch_size=16),
+        ranks=SimpleNamespace(mean=lambda value: value),
+        judged_model=None,
+        data=None,
+        device="cpu",
+        bf16=False,
+    )
+    unannotated.LabelUnannotated(max_minutes=None).on_epoch_end(trainer, {}, False)
+    return state
+
+
+def test_a_run_too_short_to_trust_its_picks_does_not_look(monkeypatch):
+    """The demo's case: 40% of a short run done but fewer than MIN_LOOK_STEPS steps - wait;
+    still short at LAST_LOOK_AT - never look, use the maps as given and say so; with the steps
+    taken, look."""
+    from cryocaps.training.unannotated import MIN_LOOK_STEPS
+
+    few = MIN_LOOK_STEPS - 1
+    assert _epoch_end(monkeypatch, epoch=5, total_steps=few).unannotated is None  # wait
+    skipped = _epoch_end(monkeypatch, epoch=8, total_steps=few).unannotated
+    assert skipped["places"] == [] and skipped["classes"] == {}
+    assert f"{few} steps" in skipped["skipped"] and "as given" in skipped["skipped"]
+    assert _epoch_end(monkeypatch, epoch=3, total_steps=MIN_LOOK_STEPS).unannotated is None
+    with pytest.raises(_Looked):
+        _epoch_end(monkeypatch, epoch=5, total_steps=MIN_LOOK_STEPS)
+    with pytest.raises(_Looked):  # steps taken late, still in time
+        _epoch_end(monkeypatch, epoch=7, total_steps=MIN_LOOK_STEPS)

@@ -252,6 +252,7 @@ def test_partial_annotation_sets_no_score_threshold(dataset, tmp_path):
         assert [r["method"] for r in partial[kind]] == [r["method"] for r in complete[kind]]
     small = {r["class_name"]: r for r in partial["probability"]}["small"]
     assert small["f1"] == small["f1_keep_all"] and small["precision"] < 1.0
+    assert 0.6 < small["withheld_min_score"] < 0.9  # recorded, not applied
 
 
 def test_only_the_partly_annotated_classes_lose_their_thresholds(dataset, tmp_path):

@@ -307,7 +307,10 @@ def _choose_methods(
 def _keep_every_pick(thresholds: dict, summaries: dict, only: set[str] | None = None) -> dict:
     """``thresholds`` with no score threshold for the classes in ``only`` (None: all), each
     such record's precision, recall and F1 those of every pick of its method, and the reason,
-    :data:`PARTIAL_THRESHOLDS` (naming the classes when not all), under ``min_score``."""
+    :data:`PARTIAL_THRESHOLDS` (naming the classes when not all), under ``min_score``. The
+    threshold the held-out F1 would have set is kept as ``withheld_min_score`` (with its
+    ``withheld_f1``) in the model's records: not applied, there for a user who knows better
+    and for benchmarks that compare the two."""
     kept = {}
     for kind in SCORE_KINDS:
         kept[kind] = []
@@ -317,7 +320,10 @@ def _keep_every_pick(thresholds: dict, summaries: dict, only: set[str] | None = 
                 continue
             entry = summaries[row["method"], kind]["classes"].get(row["class_name"], {})
             every = {k: entry.get(k) for k in ("precision", "recall")}
-            kept[kind].append(row | every | {"min_score": None, "f1": row["f1_keep_all"]})
+            withheld = {"withheld_min_score": row["min_score"], "withheld_f1": row["f1"]}
+            kept[kind].append(
+                row | every | withheld | {"min_score": None, "f1": row["f1_keep_all"]}
+            )
     reason = PARTIAL_THRESHOLDS
     if only is not None:
         reason = f"{reason} (for {', '.join(sorted(only))}; the others keep theirs)"
