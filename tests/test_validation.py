@@ -79,6 +79,22 @@ def test_no_training_patch_reaches_a_held_out_region_or_its_margin(dataset, tmp_
         )
 
 
+def test_training_particles_are_mapped_back_to_their_volumes_voxels(dataset, tmp_path):
+    """Fold 1/3 cuts training views that start inside their volume (at y 21): each training
+    particle, mapped back, sits at the centre of its own label in the volume's map."""
+    from cryocaps.training import prepare_data
+
+    data = prepare_data(_config(dataset, tmp_path / "o", fold="1/3"))
+    assert any(offset != (0, 0, 0) for _, offset in data.holdout.view_sources)
+    found = 0
+    for index, volume in enumerate(data.volumes):
+        zyx, labels = data.holdout.training_particles_in(index)
+        label_map = np.asarray(volume.label_map).view(np.uint8)
+        assert np.array_equal(label_map[tuple(zyx.T)], labels)
+        found += len(zyx)
+    assert found == len(data.train_particles) > 0
+
+
 def test_slab_is_the_last_fraction_of_the_longer_in_plane_axis(dataset, tmp_path):
     from cryocaps.training import prepare_data
 

@@ -77,6 +77,18 @@ class Holdout:
     val_particles: ParticleSet
     description: str
 
+    def training_particles_in(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The training particles of volume ``index`` in its own voxels: (N, 3) centres and
+        their labels (``train_particles`` index the views; this undoes the views' offsets)."""
+        centres, labels = [np.zeros((0, 3), np.int64)], [np.zeros(0, np.int64)]
+        particles = self.train_particles
+        for view_index, (source, offset) in enumerate(self.view_sources):
+            if source == index:
+                mine = particles.volume == view_index
+                centres.append(particles.zyx[mine] + np.asarray(offset))
+                labels.append(particles.label[mine])
+        return np.concatenate(centres), np.concatenate(labels)
+
 
 def slab_axis(shape) -> int:
     """The axis a slab is held out along: the longer of Y (1) and X (2), Y when equal."""

@@ -136,17 +136,10 @@ def _taught_found(table, data, index: int) -> np.ndarray:
     from cryocaps.evaluation import match_picks
 
     classes, volume = data.classes, data.volumes[index]
-    particles = data.train_particles
-    centres, labels = [], []
-    for view_index, (source, offset) in enumerate(data.holdout.view_sources):
-        if source == index:
-            mine = particles.volume == view_index
-            centres.append(particles.zyx[mine] + np.asarray(offset))
-            labels.append(particles.label[mine])
+    zyx, labels = data.holdout.training_particles_in(index)
     counts = np.zeros((len(classes) + 1, 2), np.int64)
-    if not centres or not sum(len(c) for c in centres):
+    if not len(zyx):
         return counts
-    zyx, labels = np.concatenate(centres), np.concatenate(labels)
     truth = pd.DataFrame(
         {"tomo": volume.name, "z": zyx[:, 0], "y": zyx[:, 1], "x": zyx[:, 2]}
         | {"class_name": [classes.by_label(int(label)).name for label in labels]}
