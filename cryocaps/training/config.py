@@ -77,8 +77,9 @@ class TrainConfig:
     # "auto": once 40% of the run is done, particles the network finds where a partly annotated
     # class's label maps say background become unknown (training/unannotated.py); "keep": no.
     # Default: on the benchmark family's five draws at 30% annotated (U-Net) macro F1 0.75 mean
-    # / 0.49 worst against 0.67 / 0.42 with "keep"; fully annotated maps are judged complete.
-    # Not before 200 steps (unannotated.MIN_LOOK_STEPS): the demo's 100-step run looked weak.
+    # / 0.49 worst against 0.67 / 0.42 with "keep"; every fully annotated run (U-Net draws 0-4,
+    # 3D-UCaps 0 and 3) was judged complete. Not before 200 steps (unannotated.MIN_LOOK_STEPS):
+    # the demo's 100-step run had looked with a weak network (RESULTS.md, README).
     unannotated: str = "auto"
     jitter_voxels: int | None = None  # default: patch_size // 4
     rot90: bool = False
