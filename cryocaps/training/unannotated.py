@@ -6,8 +6,8 @@ annotated tomogram most particles are taught as background: recall falls and
 the held-out region counts the network's right picks on them as false, so
 its score thresholds come out too strict (benchmarks/RESULTS.md, the family at
 30% annotated). ``train`` cannot be told which maps are complete, but it can
-look: once :data:`LOOK_AT` of the run is done, the network (the weights
-validation judges) segments each training tomogram whole with the sliding
+look: once :data:`LOOK_AT` of the run and :data:`MIN_LOOK_STEPS` steps are done, the
+network (the weights validation judges) segments each training tomogram whole with the sliding
 window ``segment`` uses, and ``cluster-picks``' default picking (each class with
 the method the best held-out validation so far chose, as ``cluster-picks`` does) finds its
 particles. A pick whose centre the label map calls background is a particle
@@ -54,8 +54,8 @@ LOOK_AT = 0.4  # of the run (its time budget, else its epochs) done when the net
 # ... and not before this many optimiser steps: a network that has taken fewer picks its own
 # mistakes. The demo's tiny complete set (100 steps in all) looked after 50, still weak (mean
 # patch Dice 0.28), took 33 false picks for unannotated barrels and fell from macro F1 >= 0.3
-# to 0.15; on the benchmark family the 12-minute runs looked after 150-280 (3D-UCaps) and
-# ~1100 (U-Net) steps. A run that has not taken them by LAST_LOOK_AT does not look: it trains
+# to 0.15; on the benchmark family the 12-minute runs looked after 300-400 (3D-UCaps) and
+# 900-1800 (U-Net) steps. A run that has not taken them by LAST_LOOK_AT does not look: it trains
 # on the maps as given, and says so.
 MIN_LOOK_STEPS = 200
 LAST_LOOK_AT = 0.8  # later, too little of the run would be left to learn from the change
