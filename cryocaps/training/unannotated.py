@@ -58,7 +58,9 @@ LOOK_AT = 0.4  # of the run (its time budget, else its epochs) done when the net
 # 900-1800 (U-Net) steps. A run that has not taken them by LAST_LOOK_AT does not look: it trains
 # on the maps as given, and says so.
 MIN_LOOK_STEPS = 200
-LAST_LOOK_AT = 0.8  # later, too little of the run would be left to learn from the change
+# A run still short of MIN_LOOK_STEPS at this share of it stops waiting (too little would be left
+# to learn from the change); one that has taken them by an epoch's end looks then.
+LAST_LOOK_AT = 0.8
 # Estimated annotated share under which a class counts as partly annotated. No test of the
 # network's competence goes with it: on partial maps every held-out score is deflated by the
 # training itself (the network is taught the unannotated particles as background), so a
