@@ -291,3 +291,15 @@ def test_a_run_too_short_to_trust_its_picks_does_not_look(monkeypatch):
         _epoch_end(monkeypatch, epoch=5, total_steps=MIN_LOOK_STEPS)
     with pytest.raises(_Looked):  # steps taken late, still in time
         _epoch_end(monkeypatch, epoch=7, total_steps=MIN_LOOK_STEPS)
+
+
+def test_no_look_past_the_last_chance(monkeypatch):
+    """Epochs long against the run: the first epoch end past LOOK_AT comes after LAST_LOOK_AT
+    (here at 90%) - too late to learn from the change: no look, and the reason says so."""
+    from cryocaps.training.unannotated import LAST_LOOK_AT, MIN_LOOK_STEPS
+
+    with pytest.raises(_Looked):  # at the last chance itself
+        _epoch_end(monkeypatch, epoch=round(LAST_LOOK_AT * 10), total_steps=MIN_LOOK_STEPS)
+    late = _epoch_end(monkeypatch, epoch=9, total_steps=10 * MIN_LOOK_STEPS).unannotated
+    assert late["places"] == [] and late["unknown_voxels"] == 0
+    assert "came at 90%" in late["skipped"] and "as given" in late["skipped"]
