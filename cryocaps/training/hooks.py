@@ -100,6 +100,29 @@ class StopOnSignal(Hook):
         self._previous = {}
 
 
+class RunClock:
+    """A run's wall clock against its ``--max-minutes`` (None: no time limit), for the hooks
+    that act on the share of the run done. Restarted when training begins (a resumed run has
+    its budget anew)."""
+
+    def __init__(self, max_minutes: float | None):
+        self.budget_seconds = max_minutes * 60 if max_minutes else None
+        self.restart()
+
+    def restart(self) -> None:
+        self.start = time.time()
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def share(self, done: float) -> float:
+        """The share of the run done: the larger of ``done`` (by steps or epochs) and the
+        time used of the budget."""
+        if self.budget_seconds:
+            done = max(done, self.elapsed() / self.budget_seconds)
+        return done
+
+
 class TimeBudget(Hook):
     """``--max-minutes``: stop when the time left would not cover one more step and a validation.
 
@@ -108,16 +131,15 @@ class TimeBudget(Hook):
     """
 
     def __init__(self, max_minutes: float):
-        self.budget_seconds = max_minutes * 60
-        self.start = time.time()
+        self.clock = RunClock(max_minutes)
 
     def on_train_begin(self, trainer) -> None:
-        self.start = time.time()
+        self.clock.restart()
 
     def on_step_end(self, trainer, step_seconds: float) -> str | None:
         # the last epoch always validates the whole held-out regions
         needed = step_seconds + trainer.validator.seconds_needed(step_seconds) + 5
-        return "max_minutes" if time.time() - self.start + needed > self.budget_seconds else None
+        return "max_minutes" if self.clock.elapsed() + needed > self.clock.budget_seconds else None
 
 
 class CosineSchedule(Hook):
@@ -136,11 +158,10 @@ class CosineSchedule(Hook):
 
     def __init__(self, lr: float, total_steps: int, max_minutes: float | None):
         self.lr, self.total_steps = lr, total_steps
-        self.budget_seconds = max_minutes * 60 if max_minutes else None
-        self.start = time.time()
+        self.clock = RunClock(max_minutes)
 
     def on_train_begin(self, trainer) -> None:
-        self.start = time.time()
+        self.clock.restart()
         self.apply(trainer)
 
     def on_step_end(self, trainer, step_seconds: float) -> None:
@@ -148,10 +169,7 @@ class CosineSchedule(Hook):
 
     def progress(self, total_steps_done: int) -> float:
         """Fraction of the run done, 0 to 1 (the larger of steps and time)."""
-        done = total_steps_done / self.total_steps
-        if self.budget_seconds:
-            done = max(done, (time.time() - self.start) / self.budget_seconds)
-        return min(done, 1.0)
+        return min(self.clock.share(total_steps_done / self.total_steps), 1.0)
 
     def apply(self, trainer) -> None:
         # the ranks' clocks differ slightly: they must set the same rate (a collective)
@@ -189,10 +207,10 @@ class AutoRecipe(Hook):
         self.min_steps, self.ema_decay = min_steps, ema_decay
 
     def on_train_begin(self, trainer) -> None:
-        self.cosine.start = time.time()
+        self.cosine.clock.restart()
         state = trainer.state
         if state.annealing is None and (
-            self.cosine.budget_seconds is None or self.planned_steps < self.min_steps
+            self.cosine.clock.budget_seconds is None or self.planned_steps < self.min_steps
         ):
             self._decide(trainer, self.planned_steps)
         if state.annealing:
@@ -209,8 +227,9 @@ class AutoRecipe(Hook):
     def projected_steps(self, trainer) -> float:
         """Steps the run will make at this run's pace so far (validation included)."""
         done = trainer.state.total_steps - trainer.steps_at_start
-        elapsed = time.time() - self.cosine.start
-        more = (self.cosine.budget_seconds - elapsed) * done / max(elapsed, 1e-9)
+        clock = self.cosine.clock
+        elapsed = clock.elapsed()
+        more = (clock.budget_seconds - elapsed) * done / max(elapsed, 1e-9)
         projected = min(self.planned_steps, trainer.state.total_steps + max(0.0, more))
         return trainer.ranks.mean(projected)  # every rank must decide alike
 

@@ -47,7 +47,7 @@ import numpy as np
 
 from cryocaps.classes import IGNORE_LABEL, unsigned_labels
 from cryocaps.training.holdout import HeldOutRegion
-from cryocaps.training.hooks import Hook
+from cryocaps.training.hooks import Hook, RunClock
 
 log = logging.getLogger(__name__)
 
@@ -243,21 +243,17 @@ class LabelUnannotated(Hook):
     ``state.unannotated`` (saved in checkpoints; run.json's ``unannotated``)."""
 
     def __init__(self, max_minutes: float | None):
-        self.budget_seconds = max_minutes * 60 if max_minutes else None
-        self.start = time.time()
+        self.clock = RunClock(max_minutes)
 
     def on_train_begin(self, trainer) -> None:
-        self.start = time.time()
+        self.clock.restart()
         outcome = trainer.state.unannotated
         if outcome and outcome.get("places"):  # a resumed run: the maps are read afresh
             self._apply(trainer, np.array(outcome["places"], np.int64).reshape(-1, 5))
             self._name_partial(trainer, outcome["classes"])
 
     def progress(self, trainer) -> float:
-        done = trainer.state.epoch / trainer.config.epochs
-        if self.budget_seconds:
-            done = max(done, (time.time() - self.start) / self.budget_seconds)
-        return done
+        return self.clock.share(trainer.state.epoch / trainer.config.epochs)
 
     def on_epoch_end(self, trainer, row: dict, improved: bool) -> None:
         state = trainer.state
