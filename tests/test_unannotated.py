@@ -16,10 +16,12 @@ SHAPE = (24, 48, 48)
 GRID = [(z, y, x) for z in (7, 16) for y in (8, 22, 38) for x in (8, 20, 32, 40)]
 
 
-def _balls(folder: Path, annotated_dark: int) -> tuple[Path, list]:
+def _balls(folder: Path, annotated_dark: int, blobs: int = 0) -> tuple[Path, list]:
     """Two tomograms, each with 8 dark balls ('small', radius 3) and 4 bright ones ('large',
     radius 4) on faint noise. Every bright ball is annotated, only ``annotated_dark`` dark ones
-    per tomogram. Returns the folder and, per tomogram, the centres of the unannotated balls."""
+    per tomogram. ``blobs``: as many unannotated dark blobs two thirds of a dark ball's size
+    (radius sqrt 6, 81 voxels against 123) per tomogram. Returns the folder and, per tomogram,
+    the centres of the unannotated balls."""
     rng = np.random.default_rng(1)
     (folder / "tomograms").mkdir(parents=True)
     (folder / "labels").mkdir()
@@ -40,6 +42,9 @@ def _balls(folder: Path, annotated_dark: int) -> tuple[Path, list]:
                 missing[-1].append((z, y, x))
             else:
                 label_map[inside] = label
+        for index in order[12 : 12 + blobs]:
+            z, y, x = GRID[index]
+            volume[(zz - z) ** 2 + (yy - y) ** 2 + (xx - x) ** 2 <= 6] = -2.0
         write_volume(folder / "tomograms" / f"tomo_{t}.mrc", volume, VOXEL)
         write_volume(folder / "labels" / f"tomo_{t}_labels.mrc", label_map, VOXEL, dtype="uint8")
     (folder / "classes.csv").write_text("label,name,radius_angstrom\n1,small,30\n2,large,40\n")
@@ -114,6 +119,25 @@ def test_the_partly_annotated_class_is_told_from_the_complete_one(tmp_path, anno
     assert report["small"]["held_out_recall"] == 1.0  # reported beside the estimate
     # two touching bright balls make one label component, whose centre no pick matches
     assert report["small"]["training_recall"] == 1.0 and report["large"]["training_recall"] >= 0.75
+
+
+def test_background_picks_smaller_than_the_taught_particles_picks_are_not_places(tmp_path):
+    """Noise the network paints as a class comes in fragments: dark blobs two thirds of a dark
+    ball's size are picked (the picking's own limits keep them) but are not taken for
+    unannotated particles; the unannotated balls are."""
+    from cryocaps.training import prepare_data
+    from cryocaps.training.unannotated import SMALL_PLACE, partly_annotated
+
+    folder, missing = _balls(tmp_path / "data", 3, blobs=3)
+    data = prepare_data(_config(folder, tmp_path / "o", val_fraction=0.35))
+    found = _look(data)
+    assert found["taught_size"][1] == 123 and 81 < SMALL_PLACE * 123
+    report = partly_annotated(found, data.classes, {})
+    assert report["small"]["small_picks"] == 6  # three blobs in each of the two tomograms
+    assert (
+        report["small"]["unannotated_picks"] == sum(len(m) for m in missing) == len(found["places"])
+    )
+    assert report["small"]["taught_pick_size"] == 123 and report["large"]["small_picks"] == 0
 
 
 def test_the_look_reports_how_many_of_the_taught_particles_the_network_finds(tmp_path):

@@ -20,7 +20,9 @@ on real particles (on the hardest draw a third to a half on a particle of anothe
 same size, which is why they become unknown, not that class); 3D-UCaps at 30% on draw 2, 79%
 (the faint class 63%). Their scores do not tell the false ones apart: the faint class's noise
 picks scored 0.47-0.56 (10th-90th percentile of the pick's mean confidence), its real ones
-0.51-0.58, the annotated ones 0.48-0.59.
+0.51-0.58, the annotated ones 0.48-0.59. Their sizes do better, so a background pick smaller
+than :data:`SMALL_PLACE` of the median size of its class's picks on the taught particles is not
+counted.
 
 A class whose share is below :data:`PARTIAL_SHARE` is partly annotated. For
 such a class a
@@ -71,6 +73,12 @@ LAST_LOOK_AT = 0.8
 # A network that has had 40% of its run picks few places off complete annotations (0-31 per
 # class on the family's draws 0-1, against ~100-400 annotated), far from 0.7.
 PARTIAL_SHARE = 0.7
+# A background pick smaller than this share of the median size of its class's picks on the taught
+# particles is not taken for a particle. At the look on the family's draw 2 at 30% annotated
+# (3D-UCaps and U-Net), the picks on noise were the smaller ones: at 0.8 a third to nine
+# tenths of them (most classes about half) were smaller, of those on unannotated particles of
+# their class 0-12%.
+SMALL_PLACE = 0.8
 UNKNOWN_RADII = 1.25  # unknown out to this many class radii around a place (as candidates)
 
 
@@ -87,54 +95,83 @@ def look_for_unannotated(
     name (:func:`chosen_methods`; None: ``cluster-picks``' default for every class).
 
     Returns ``{"places": (N, 5) int array of volume index, z, y, x, label,
-    "annotated": {label: estimated annotated particles}, "taught": {label: [found, total]}}``
-    over all ranks; the annotated particles are the training maps' label voxels
-    (``data.voxel_counts``) over one particle's label volume; ``taught`` counts the training
-    particles (those patches are cut around, not the held-out ones) that a pick of their
-    class matches (``evaluate``'s matcher and tolerance).
+    "annotated": {label: estimated annotated particles}, "taught": {label: [found, total]},
+    "taught_size": {label: median voxels or None}, "small": {label: picks dropped}}`` over all
+    ranks; the annotated particles are the training maps' label voxels (``data.voxel_counts``)
+    over one particle's label volume; ``taught`` counts the training particles (those patches
+    are cut around, not the held-out ones) that a pick of their class matches (``evaluate``'s
+    matcher and tolerance). A background pick smaller than :data:`SMALL_PLACE` of its class's
+    ``taught_size`` (the median size of the picks on its taught particles) is not a place; no
+    pick is when the network found none of them.
     """
-    from cryocaps.picking import DEFAULT_METHOD, pick_particles
-    from cryocaps.training.regions import segment_region
-
+    found = [
+        _look_at_volume(model, data, index, device, bf16, patch_size, methods)
+        for index in ranks.share(indices)
+    ]
+    found = [one for rank_found in ranks.gather(found) for one in rank_found]
     classes = data.classes
-    places, taught = [], np.zeros((len(classes) + 1, 2), np.int64)
-    for index in ranks.share(indices):
-        volume = data.volumes[index]
-        whole = tuple(slice(0, n) for n in volume.shape)
-        region = HeldOutRegion(volume=index, name=volume.name, box=whole, context=whole)
-        labels, score = segment_region(
-            model, volume, region, device=device, bf16=bf16, config={"patch_size": patch_size}
-        )
-        table = pick_particles(
-            labels,
-            classes,
-            volume.voxel_size_angstrom,
-            scores=score,
-            tomo_name=volume.name,
-            method=methods or DEFAULT_METHOD,
-        )
-        annotation = unsigned_labels(volume.label_map)
-        zyx = np.rint(table[["z", "y", "x"]].to_numpy(float)).astype(np.int64).reshape(-1, 3)
-        zyx = np.clip(zyx, 0, np.array(volume.shape) - 1)
-        on_background = annotation[tuple(zyx.T)] == 0
-        picked = np.array([classes.by_name(name).label for name in table["class_name"]], np.int64)
-        for (z, y, x), label in zip(zyx[on_background], picked[on_background], strict=True):
-            places.append((index, int(z), int(y), int(x), int(label)))
-        taught += _taught_found(table, data, index)
-    places = [p for rank_places in ranks.gather(places) for p in rank_places]
-    taught = np.sum(ranks.gather(taught), axis=0)
+    taught = sum((one["taught"] for one in found), np.zeros((len(classes) + 1, 2), np.int64))
+    places = np.concatenate([one["places"] for one in found] or [np.zeros((0, 6), np.int64)])
+    taught_size, small = {}, {}
+    for label in (c.label for c in classes):
+        sizes = [size for one in found for size in one["taught_sizes"].get(label, [])]
+        taught_size[label] = float(np.median(sizes)) if sizes else None
+        mine = places[:, 4] == label
+        big = places[:, 5] >= SMALL_PLACE * (taught_size[label] or np.inf)
+        small[label] = int(np.count_nonzero(mine & ~big))
+        places = places[~mine | big]
     size = {c.label: c.label_volume_voxels(_voxel_size(data)) for c in classes}
     annotated = {label: float(data.voxel_counts[label] / size[label]) for label in size}
     return {
-        "places": np.array(places, np.int64).reshape(-1, 5),
+        "places": places[:, :5],
         "annotated": annotated,
         "taught": {c.label: taught[c.label].tolist() for c in classes},
+        "taught_size": taught_size,
+        "small": small,
     }
 
 
-def _taught_found(table, data, index: int) -> np.ndarray:
+def _look_at_volume(model, data, index, device, bf16, patch_size, methods) -> dict:
+    """One volume's picks on background (volume index, z, y, x, label, size), its taught
+    particles found per label and the sizes of the picks that found them."""
+    from cryocaps.picking import DEFAULT_METHOD, pick_particles
+    from cryocaps.training.regions import segment_region
+
+    classes, volume = data.classes, data.volumes[index]
+    whole = tuple(slice(0, n) for n in volume.shape)
+    region = HeldOutRegion(volume=index, name=volume.name, box=whole, context=whole)
+    labels, score = segment_region(
+        model, volume, region, device=device, bf16=bf16, config={"patch_size": patch_size}
+    )
+    table = pick_particles(
+        labels,
+        classes,
+        volume.voxel_size_angstrom,
+        scores=score,
+        tomo_name=volume.name,
+        method=methods or DEFAULT_METHOD,
+    )
+    annotation = unsigned_labels(volume.label_map)
+    zyx = np.rint(table[["z", "y", "x"]].to_numpy(float)).astype(np.int64).reshape(-1, 3)
+    zyx = np.clip(zyx, 0, np.array(volume.shape) - 1)
+    on_background = annotation[tuple(zyx.T)] == 0
+    picked = np.array([classes.by_name(name).label for name in table["class_name"]], np.int64)
+    sizes = table["size_voxels"].to_numpy(np.int64)
+    places = np.column_stack([np.full(len(table), index), zyx, picked, sizes])[on_background]
+    taught, found_by = _taught_found(table, data, index)
+    taught_sizes = {}
+    for label, size in zip(picked[found_by], sizes[found_by], strict=True):
+        taught_sizes.setdefault(int(label), []).append(int(size))
+    return {
+        "places": places.astype(np.int64).reshape(-1, 6),
+        "taught": taught,
+        "taught_sizes": taught_sizes,
+    }
+
+
+def _taught_found(table, data, index: int) -> tuple[np.ndarray, np.ndarray]:
     """Per label (rows), the training particles of volume ``index`` a pick of their class
-    matches and all of them (columns)."""
+    matches and all of them (columns); and which picks (rows of ``table``) match one."""
     import pandas as pd
 
     from cryocaps.evaluation import match_picks
@@ -142,8 +179,9 @@ def _taught_found(table, data, index: int) -> np.ndarray:
     classes, volume = data.classes, data.volumes[index]
     zyx, labels = data.holdout.training_particles_in(index)
     counts = np.zeros((len(classes) + 1, 2), np.int64)
-    if not len(zyx):
-        return counts
+    if not len(zyx) or not len(table):
+        np.add.at(counts[:, 1], labels, 1)
+        return counts, np.zeros(len(table), bool)
     truth = pd.DataFrame(
         {"tomo": volume.name, "z": zyx[:, 0], "y": zyx[:, 1], "x": zyx[:, 2]}
         | {"class_name": [classes.by_label(int(label)).name for label in labels]}
@@ -152,7 +190,7 @@ def _taught_found(table, data, index: int) -> np.ndarray:
     found = (matching.truth["status"] == "tp").to_numpy()
     np.add.at(counts[:, 0], labels, found.astype(np.int64))
     np.add.at(counts[:, 1], labels, 1)
-    return counts
+    return counts, (matching.picks["status"] == "tp").to_numpy()
 
 
 def chosen_methods(thresholds: dict | None) -> dict[str, str] | None:
@@ -168,10 +206,11 @@ def _voxel_size(data) -> float:
 
 
 def partly_annotated(found: dict, classes, recalls: dict) -> dict:
-    """Per class name: annotated particles, unannotated picks, the recall of the training
-    particles and the held-out recall at the last region validation (both reported, not used:
-    see :data:`PARTIAL_SHARE`), estimated share, and whether the class is partly annotated
-    (share below :data:`PARTIAL_SHARE`)."""
+    """Per class name: annotated particles, unannotated picks (the places), background picks
+    too small to count (:data:`SMALL_PLACE`) and the median size they were judged by, the
+    recall of the training particles and the held-out recall at the last region validation
+    (both reported, not used: see :data:`PARTIAL_SHARE`), estimated share, and whether the
+    class is partly annotated (share below :data:`PARTIAL_SHARE`)."""
     places, found_taught = found["places"], found["taught"]
     report = {}
     for particle_class in classes:
@@ -183,6 +222,8 @@ def partly_annotated(found: dict, classes, recalls: dict) -> dict:
         report[particle_class.name] = {
             "annotated_particles": round(annotated, 1),
             "unannotated_picks": new,
+            "small_picks": found.get("small", {}).get(particle_class.label, 0),
+            "taught_pick_size": found.get("taught_size", {}).get(particle_class.label),
             "training_recall": round(hits / total, 3) if total else None,
             "annotated_share": round(share, 3),
             "held_out_recall": None if recall is None else round(recall, 3),
@@ -294,8 +335,8 @@ class LabelUnannotated(Hook):
             # the best so far was judged against the old annotation
             state.best_score, state.bad_epochs = None, 0
         shares = ", ".join(
-            f"{name} {r['annotated_share']:.2f} ({r['unannotated_picks']} picks, training "
-            f"recall {r['training_recall']})"
+            f"{name} {r['annotated_share']:.2f} ({r['unannotated_picks']} picks, "
+            f"{r['small_picks']} too small; training recall {r['training_recall']})"
             for name, r in report.items()
         )
         verdict = f"{len(places)} places made unknown" if partial else "every class complete"
