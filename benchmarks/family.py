@@ -924,6 +924,8 @@ def lever_of(run: dict) -> str:
     ]
     if settings.get("label_shape", "sphere") != "sphere":
         changed.append(f"--label-shape {settings['label_shape']}")
+    if "models" in settings and not settings["models"]:
+        changed.append("--models ''")  # DeepFinder alone, e.g. on draws the main run lacks
     return " ".join(changed)
 
 

@@ -311,3 +311,6 @@ def test_lever_runs_are_shown_beside_the_default_run_on_the_same_draws(family, m
     assert text.rstrip().endswith(family.END_MARK)
     assert "(2 draws)" in text.split("### Lever runs")[0]  # 30% ran on 2 of the 3 draws
     assert family.lever_of(at_defaults) == ""
+    deepfinder_alone = run("T3", {"models": []}, {2: {"0.3": 0.4}})
+    text = family.render({"runs": [at_defaults, lever, deepfinder_alone]})
+    assert "### Run T1 UTC" in text and "#### `--models ''`: run T3 UTC, draws 2" in text
