@@ -123,7 +123,30 @@ def machine_info() -> dict:
     info["torch"] = torch.__version__
     info["torch_threads"] = torch.get_num_threads()
     info["cryocaps"] = cryocaps.__version__
+    info["cryocaps_commit"] = git_commit()
     return info
+
+
+def git_commit() -> str | None:
+    """The repository's commit, with "+changes" when its tracked files differ from it (None
+    outside a git checkout): which code a benchmark measured."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if changed else "")
 
 
 def machine_sentence(machine: dict) -> str:
@@ -133,7 +156,9 @@ def machine_sentence(machine: dict) -> str:
         f"Machine: {machine.get('cpu_model', '?')}, "
         f"{machine.get('cpu_count_available', machine['cpu_count'])} CPU cores, "
         f"{machine.get('memory_gib', '?')} GiB, {machine['platform']}; torch {machine['torch']} "
-        f"({machine['torch_threads']} threads), cryocaps {machine['cryocaps']}. "
+        f"({machine['torch_threads']} threads), cryocaps {machine['cryocaps']}"
+        + (f" (commit {machine['cryocaps_commit']})" if machine.get("cryocaps_commit") else "")
+        + ". "
         f"Load average at start {load_start}"
     )
     if "load_average_at_end" in machine:

@@ -957,7 +957,8 @@ def lever_lines(levers: list[dict], main: dict | None) -> list[str]:
         seeds = [d["draw"]["seed"] for d in run["draws"]]
         lines += [
             f"#### `{lever_of(run)}`: run {run['finished']} UTC, draws "
-            f"{', '.join(map(str, seeds))}",
+            f"{', '.join(map(str, seeds))}"
+            + (f", commit {commit}" if (commit := run["machine"].get("cryocaps_commit")) else ""),
             "",
             f"Command: `{run['command']}`",
             "",
