@@ -258,11 +258,11 @@ def test_partial_annotation_sets_no_score_threshold(dataset, tmp_path):
 
     complete = thresholds(np.asarray(volume.label_map).view(np.uint8))
     small = {r["class_name"]: r for r in complete["probability"]}["small"]
-    assert 0.6 < small["min_score"] < 0.9 and "min_score" not in complete
+    assert 0.6 < small["min_score"] < 0.9 and "not_set" not in complete
     partial_map = np.asarray(volume.label_map).view(np.uint8).copy()
     partial_map[_far_corner(region, centre)] = IGNORE_LABEL  # one unknown voxel of the box
     partial = thresholds(partial_map)
-    assert partial["min_score"] == PARTIAL_THRESHOLDS
+    assert partial["not_set"] == PARTIAL_THRESHOLDS
     for kind in ("probability", "size_voxels"):
         assert all(r["min_score"] is None for r in partial[kind])
         assert [r["method"] for r in partial[kind]] == [r["method"] for r in complete[kind]]
@@ -289,7 +289,7 @@ def test_only_the_partly_annotated_classes_lose_their_thresholds(dataset, tmp_pa
     rows = {r["class_name"]: r for r in thresholds["probability"]}
     assert 0.6 < rows["small"]["min_score"] < 0.9
     assert rows.get("large", {"min_score": None})["min_score"] is None
-    assert "large" in thresholds["min_score"] and "small" not in thresholds["min_score"]
+    assert "large" in thresholds["not_set"] and "small" not in thresholds["not_set"]
 
 
 def test_patch_dice_does_not_score_unknown_voxels():

@@ -63,7 +63,7 @@ def print_summary(result: dict, out_dir: Path) -> None:
         f"validation took {'-' if share is None else f'{share:.0%}'} of the time."
     )
     _print_unannotated(console, result.get("unannotated"))
-    note = (result["pick_thresholds"] or {}).get("min_score")
+    note = (result["pick_thresholds"] or {}).get("not_set")
     if note:
         console.print(f"Score thresholds {note}; picking methods are still chosen per class.")
     console.print(

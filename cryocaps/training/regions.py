@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 SCORE_KINDS = ("probability", "size_voxels")  # what a pick's score is, as cluster-picks gives it
 # The picking methods each class is tried with; the first wins ties.
 PICK_METHODS = ("components", "meanshift")
-# Recorded with the thresholds (key "min_score") when a held-out annotation is partial.
+# Recorded with the thresholds (key "not_set") when a held-out annotation is partial.
 PARTIAL_THRESHOLDS = (
     "not set: the held-out annotation is partial (unknown voxels), so its precision is a "
     "lower bound and a threshold set on it would drop the particles nobody annotated"
@@ -307,7 +307,7 @@ def _choose_methods(
 def _keep_every_pick(thresholds: dict, summaries: dict, only: set[str] | None = None) -> dict:
     """``thresholds`` with no score threshold for the classes in ``only`` (None: all), each
     such record's precision, recall and F1 those of every pick of its method, and the reason,
-    :data:`PARTIAL_THRESHOLDS` (naming the classes when not all), under ``min_score``. The
+    :data:`PARTIAL_THRESHOLDS` (naming the classes when not all), under ``not_set``. The
     threshold the held-out F1 would have set is kept as ``withheld_min_score`` (with its
     ``withheld_f1``) in the model's records: not applied, there for a user who knows better
     and for benchmarks that compare the two."""
@@ -328,7 +328,7 @@ def _keep_every_pick(thresholds: dict, summaries: dict, only: set[str] | None = 
     if only is not None:
         reason = f"{reason} (for {', '.join(sorted(only))}; the others keep theirs)"
     log.info("held-out annotation is partial: score thresholds %s", reason)
-    return kept | {"min_score": reason}
+    return kept | {"not_set": reason}
 
 
 def _laid_out(table: pd.DataFrame, shift: float) -> pd.DataFrame:
