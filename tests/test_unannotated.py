@@ -231,17 +231,22 @@ def test_a_resumed_run_paints_the_saved_places_again(tmp_path):
     """The look's places are kept in the train state; a new run (resume) reads the maps afresh
     and the hook paints the same places before the first step."""
     from cryocaps.training import prepare_data
-    from cryocaps.training.data import training_sampler
+    from cryocaps.training.data import class_weights, training_sampler
     from cryocaps.training.unannotated import LabelUnannotated
 
     folder, missing = _balls(tmp_path / "data", 3)
     config = _config(folder, tmp_path / "o", val_fraction=0.35)
     data = prepare_data(config)
     centre = missing[0][0]
-    report = {"small": {"partial": True}, "large": {"partial": False}}
+    report = {
+        "small": {"partial": True, "annotated_share": 0.3},
+        "large": {"partial": False, "annotated_share": 1.0},
+    }
     saved = {"places": [[0, *centre, 1]], "classes": report}
     trainer = SimpleNamespace(
         data=data,
+        config=config,
+        class_weights=class_weights(data, config),
         sampler=training_sampler(data, config, [0, 0]),
         validator=SimpleNamespace(regions=data.holdout.regions, views=[], partial_classes=None),
         state=SimpleNamespace(unannotated=saved),
@@ -250,6 +255,8 @@ def test_a_resumed_run_paints_the_saved_places_again(tmp_path):
     assert np.asarray(data.volumes[0].label_map).view(np.uint8)[centre] == IGNORE_LABEL
     assert len(trainer.validator.views) == len(data.holdout.regions)
     assert trainer.validator.partial_classes == {"small"}  # 'large' keeps its thresholds
+    # the weights as the look left them: measured on the painted maps, 'small' at its share
+    assert np.allclose(trainer.class_weights, class_weights(data, config, shares={1: 0.3}))
 
 
 def test_saved_label_fractions_of_a_partly_annotated_class_are_scaled_up(tmp_path):
@@ -327,3 +334,46 @@ def test_no_look_past_the_last_chance(monkeypatch):
     late = _epoch_end(monkeypatch, epoch=9, total_steps=10 * MIN_LOOK_STEPS).unannotated
     assert late["places"] == [] and late["unknown_voxels"] == 0
     assert "came at 90%" in late["skipped"] and "as given" in late["skipped"]
+
+
+def test_a_partly_annotated_class_is_weighted_as_if_fully_annotated(tmp_path):
+    """Fewer annotated voxels weight a class up against the background (inverse frequency): at
+    a 30% share its weight over the background's is ~1/0.3 of the full one's. After the look the
+    weights are measured again with the class's count divided by its estimated share, for the
+    training loss and validation's alike; a complete class is left as it was."""
+    import torch
+
+    from cryocaps.training import prepare_data
+    from cryocaps.training.data import MIN_SHARE, class_weights
+    from cryocaps.training.unannotated import LabelUnannotated
+
+    folder, _ = _balls(tmp_path / "data", 3)
+    config = _config(folder, tmp_path / "o", val_fraction=0.35)
+    data = prepare_data(config)
+    plain = class_weights(data, config)
+    scaled = class_weights(data, config, shares={1: 0.3})
+    floor = class_weights(data, config, shares={1: 0.01})
+
+    def over_background(weights, label):
+        return float(weights[label] / weights[0])
+
+    assert over_background(scaled, 1) == pytest.approx(0.3 * over_background(plain, 1), rel=1e-5)
+    assert over_background(scaled, 2) == pytest.approx(over_background(plain, 2), rel=1e-5)
+    assert over_background(floor, 1) == pytest.approx(MIN_SHARE * over_background(plain, 1), 1e-5)
+
+    trainer = SimpleNamespace(
+        data=data, config=config, class_weights=plain.clone(),
+        validator=SimpleNamespace(partial_classes=set(), class_weights=plain.clone()),
+    )  # fmt: skip
+    report = {
+        "small": {"partial": True, "annotated_share": 0.3},
+        "large": {"partial": False, "annotated_share": 1.0},
+    }
+    LabelUnannotated._adopt_partial(trainer, report)
+    assert torch.allclose(trainer.class_weights, scaled)
+    assert trainer.validator.class_weights is trainer.class_weights
+    assert trainer.validator.partial_classes == {"small"}
+    unweighted = SimpleNamespace(data=data, config=config, class_weights=None,
+                                 validator=SimpleNamespace(partial_classes=set()))  # fmt: skip
+    LabelUnannotated._adopt_partial(unweighted, report)  # --no-class-weights: stays off
+    assert unweighted.class_weights is None

@@ -47,6 +47,10 @@ from cryocaps.training.sampling import (
 
 log = logging.getLogger(__name__)
 
+# An estimated annotated share below this counts as this (one noisy estimate must not weight a
+# class up fifty-fold).
+MIN_SHARE = 0.1
+
 
 def find_class_table(classes: Path | None, label_paths: list[Path]) -> ClassTable:
     """``--classes``, else a classes.csv beside the label maps or one folder up."""
@@ -323,12 +327,16 @@ def training_sampler(
     )
 
 
-def class_weights(data: TrainingData, config: TrainConfig, n_patches: int = 128):
+def class_weights(
+    data: TrainingData, config: TrainConfig, n_patches: int = 128, shares: dict | None = None
+):
     """Inverse-frequency weights, (n_labels,) tensor, from the labels of patches the sampler draws.
 
     The sampler over-represents particles compared to whole tomograms, so the
     frequencies are measured on a sample of its patches (a separate random
-    stream, so training draws are unaffected).
+    stream, so training draws are unaffected). ``shares``: {label: estimated annotated share}
+    of partly annotated classes, whose counts are divided by it - the frequency the class would
+    have fully annotated, so that annotating less does not weight it up against the background.
     """
     from cryocaps.models.losses import class_weights_from_frequencies
 
@@ -344,4 +352,7 @@ def class_weights(data: TrainingData, config: TrainConfig, n_patches: int = 128)
     present = np.array([0] + [c.label for c in data.classes])
     absent = np.setdiff1d(np.arange(len(counts)), present)
     counts[absent] = counts[0]
+    counts = counts.astype(np.float64)
+    for label, share in (shares or {}).items():
+        counts[label] /= max(share, MIN_SHARE)
     return class_weights_from_frequencies(counts, power=config.class_weight_power)

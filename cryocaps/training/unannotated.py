@@ -291,7 +291,7 @@ class LabelUnannotated(Hook):
         outcome = trainer.state.unannotated
         if outcome and outcome.get("places"):  # a resumed run: the maps are read afresh
             self._apply(trainer, np.array(outcome["places"], np.int64).reshape(-1, 5))
-            self._name_partial(trainer, outcome["classes"])
+            self._adopt_partial(trainer, outcome["classes"])
 
     def progress(self, trainer) -> float:
         return self.clock.share(trainer.state.epoch / trainer.config.epochs)
@@ -323,7 +323,7 @@ class LabelUnannotated(Hook):
         places = found["places"][np.isin(found["places"][:, 4], partial)]
         changed = self._apply(trainer, places) if len(places) else 0
         if len(places):
-            self._name_partial(trainer, report)
+            self._adopt_partial(trainer, report)
         state.unannotated = {
             "epoch": state.epoch,
             "classes": report,
@@ -343,12 +343,27 @@ class LabelUnannotated(Hook):
         log.info("annotated share estimated after epoch %d: %s; %s", state.epoch, shares, verdict)
 
     @staticmethod
-    def _name_partial(trainer, report: dict) -> None:
+    def _adopt_partial(trainer, report: dict) -> None:
         """Only the partly annotated classes lose their score thresholds - unless the user's
-        maps held unknown voxels already (then every class is partial, as before)."""
+        maps held unknown voxels already (then every class is partial, as before). The class
+        weights are measured again, each partly annotated class's count divided by its
+        estimated share (:func:`~cryocaps.training.data.class_weights`)."""
         if not trainer.data.unknown_voxels:
             partial = {name for name, r in report.items() if r["partial"]}
             trainer.validator.partial_classes = partial
+        if trainer.class_weights is not None:
+            from cryocaps.training.data import class_weights
+
+            classes = trainer.data.classes
+            shares = {
+                classes.by_name(name).label: r["annotated_share"]
+                for name, r in report.items()
+                if r["partial"]
+            }
+            weights = class_weights(trainer.data, trainer.config, shares=shares)
+            trainer.class_weights = weights.to(trainer.class_weights.device)
+            trainer.validator.class_weights = trainer.class_weights
+            log.info("class weights with the estimated shares: %s", _rounded(weights))
 
     @staticmethod
     def _apply(trainer, places: np.ndarray) -> int:
@@ -361,6 +376,10 @@ class LabelUnannotated(Hook):
             context_view(trainer.data.volumes[r.volume], r) for r in validator.regions
         ]
         return changed
+
+
+def _rounded(weights) -> str:
+    return ", ".join(f"{w:.3g}" for w in weights.tolist())
 
 
 def too_late(state, progress: float) -> dict:
