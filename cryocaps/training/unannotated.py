@@ -180,8 +180,8 @@ def _taught_found(table, data, index: int) -> tuple[np.ndarray, np.ndarray]:
     classes, volume = data.classes, data.volumes[index]
     zyx, labels = data.holdout.training_particles_in(index)
     counts = np.zeros((len(classes) + 1, 2), np.int64)
+    np.add.at(counts[:, 1], labels, 1)
     if not len(zyx) or not len(table):
-        np.add.at(counts[:, 1], labels, 1)
         return counts, np.zeros(len(table), bool)
     truth = pd.DataFrame(
         {"tomo": volume.name, "z": zyx[:, 0], "y": zyx[:, 1], "x": zyx[:, 2]}
@@ -190,7 +190,6 @@ def _taught_found(table, data, index: int) -> tuple[np.ndarray, np.ndarray]:
     matching = match_picks(table, truth, classes, volume.voxel_size_angstrom)
     found = (matching.truth["status"] == "tp").to_numpy()
     np.add.at(counts[:, 0], labels, found.astype(np.int64))
-    np.add.at(counts[:, 1], labels, 1)
     return counts, (matching.picks["status"] == "tp").to_numpy()
 
 
@@ -223,8 +222,8 @@ def partly_annotated(found: dict, classes, recalls: dict) -> dict:
         report[particle_class.name] = {
             "annotated_particles": round(annotated, 1),
             "unannotated_picks": new,
-            "small_picks": found.get("small", {}).get(particle_class.label, 0),
-            "taught_pick_size": found.get("taught_size", {}).get(particle_class.label),
+            "small_picks": found["small"][particle_class.label],
+            "taught_pick_size": found["taught_size"][particle_class.label],
             "training_recall": round(hits / total, 3) if total else None,
             "annotated_share": round(share, 3),
             "held_out_recall": None if recall is None else round(recall, 3),
